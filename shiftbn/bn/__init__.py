@@ -1,0 +1,29 @@
+"""The BN statistics engine: discovery, exact moments, collection, state swapping, PreciseBN, shift."""
+
+from shiftbn.bn.collect import COLLECT_MODES, collect_stats
+from shiftbn.bn.distributed import all_merge
+from shiftbn.bn.layers import BNLayer, bn_layers
+from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments
+from shiftbn.bn.precise import precise_bn
+from shiftbn.bn.shift import stats_shift
+from shiftbn.bn.state import FrozenBN, ModelSnapshot, freeze_bn, load_stats, use_stats
+
+__all__ = [
+    "COLLECT_MODES",
+    "POOLED",
+    "BNLayer",
+    "BNStats",
+    "FrozenBN",
+    "ModelSnapshot",
+    "Moments",
+    "SourceStats",
+    "all_merge",
+    "batch_moments",
+    "bn_layers",
+    "collect_stats",
+    "freeze_bn",
+    "load_stats",
+    "precise_bn",
+    "stats_shift",
+    "use_stats",
+]

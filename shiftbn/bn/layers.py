@@ -1,0 +1,63 @@
+"""Finding the BatchNorm layers of a model."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.parameter import is_lazy
+
+_OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm)
+
+
+@dataclass(frozen=True)
+class BNLayer:
+    """One BN module: its qualified ``name``, ``depth`` (0 = first registered) and the ``module``."""
+
+    name: str
+    depth: int
+    module: _BatchNorm
+
+    @property
+    def tracks(self) -> bool:
+        """Whether the layer keeps running statistics buffers (``track_running_stats=True``)."""
+        return self.module.running_mean is not None
+
+
+def bn_layers(model: nn.Module) -> list[BNLayer]:
+    """Every BatchNorm1d/2d/3d, SyncBatchNorm and lazy BN module, in registration (depth) order.
+
+    Why: recalibration acts on BN buffers only; other normalization layers (GroupNorm, LayerNorm,
+    InstanceNorm) keep no population statistics, so they are reported with a warning and skipped.
+    Raises ``ValueError`` when the model has no BN layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found, others = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm):
+            found.append(BNLayer(name or "<root>", len(found), m))
+        elif isinstance(m, _OTHER_NORMS):
+            others.append(f"{name} ({type(m).__name__})")
+    if others:
+        warnings.warn(
+            "normalization layers that are not BatchNorm keep no population statistics and are left "
+            f"as they are: {', '.join(others)}",
+            stacklevel=2,
+        )
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layer; shiftbn recalibrates BN statistics only")
+    return found
+
+
+def check_materialized(layers: list[BNLayer]) -> None:
+    """Raise if a lazy BN layer has not seen its first input yet (its buffers do not exist)."""
+    for layer in layers:
+        tensors = list(layer.module.parameters(recurse=False)) + list(layer.module.buffers(recurse=False))
+        if any(is_lazy(t) for t in tensors):
+            raise ValueError(
+                f"lazy BN layer {layer.name!r} is not initialized; run the model once on a batch first"
+            )

@@ -1,0 +1,193 @@
+"""Exact per-channel moments: count, mean and M2 in float64, merged with Chan's parallel formula."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Moments of one BN layer's input per channel.
+
+    ``count``: values per channel (samples x spatial positions); ``mean``, ``m2`` (C,) float64,
+    ``m2`` = sum of squared deviations from the mean. ``var`` is the population variance m2/count.
+    """
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population (biased) variance per channel, float64 (C,)."""
+        return self.m2 / max(self.count, 1)
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def merge(self, other: Moments) -> Moments:
+        """Exact moments of the union of both sets of values (Chan et al. 1979)."""
+        mean, m2, n = _chan(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
+        return Moments(n, mean, m2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": int(self.count), "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Moments:
+        return cls(int(d["count"]), np.asarray(d["mean"], dtype=np.float64), np.asarray(d["m2"], dtype=np.float64))
+
+
+def _chan(na, ma, m2a, nb, mb, m2b):
+    """Chan's merge; works on numpy arrays and torch tensors alike."""
+    n = na + nb
+    if na == 0:
+        return mb, m2b, n
+    if nb == 0:
+        return ma, m2a, n
+    delta = mb - ma
+    return ma + delta * (nb / n), m2a + m2b + delta * delta * (na * nb / n), n
+
+
+def batch_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count, mean (C,) and M2 (C,) of a BN input (N, C, *) over all axes but 1, in float64.
+
+    Two-pass in float64 (``var_mean``), so inputs with a large offset (1e4) stay exact.
+    """
+    dims = [0, *range(2, x.ndim)]
+    count = x.numel() // x.shape[1]
+    var, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=0)
+    return count, mean, var * count
+
+
+class MomentAccumulator:
+    """Streaming float64 moments of one layer on the input's device; merged batch by batch."""
+
+    __slots__ = ("count", "mean", "m2")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self.mean is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        self.mean, self.m2, self.count = _chan(self.count, self.mean, self.m2, count, mean, m2)
+
+    def result(self) -> Moments:
+        return Moments(self.count, self.mean.cpu().numpy().copy(), self.m2.cpu().numpy().copy())
+
+
+def merge_all(items: Iterable[Moments]) -> Moments:
+    """Merge a sequence of ``Moments`` left to right."""
+    it = iter(items)
+    out = next(it)
+    for m in it:
+        out = out.merge(m)
+    return out
+
+
+@dataclass
+class BNStats(Mapping):
+    """Statistics of every BN layer for one set of samples: layer name -> ``Moments``.
+
+    A module called several times per forward has one entry per call site, ``"<name>@<k>"`` for
+    the k-th call (0-based), plus the merged entry under ``"<name>"``. ``num_samples``: samples seen.
+    """
+
+    layers: dict[str, Moments] = field(default_factory=dict)
+    num_samples: int = 0
+
+    def __getitem__(self, name: str) -> Moments:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise KeyError(f"no statistics for layer {name!r}; layers: {list(self.layers)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def merge(self, other: BNStats) -> BNStats:
+        """Exact statistics of both sample sets together (layers present in either)."""
+        names = list(self.layers) + [k for k in other.layers if k not in self.layers]
+        merged = {}
+        for k in names:
+            a, b = self.layers.get(k), other.layers.get(k)
+            merged[k] = a.merge(b) if a is not None and b is not None else (a or b)
+        return BNStats(merged, self.num_samples + other.num_samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_samples": int(self.num_samples), "layers": {k: m.to_dict() for k, m in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BNStats:
+        return cls({k: Moments.from_dict(v) for k, v in d["layers"].items()}, int(d.get("num_samples", 0)))
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy: one row per (layer, channel) with columns ``layer, channel, count, mean, var``."""
+        frames = [
+            pd.DataFrame({"layer": k, "channel": np.arange(m.channels), "count": m.count,
+                          "mean": m.mean, "var": m.var})
+            for k, m in self.layers.items()
+        ]
+        cols = ["layer", "channel", "count", "mean", "var"]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+POOLED = "pooled"
+
+
+@dataclass
+class SourceStats(Mapping):
+    """Per-source statistics: source name -> ``BNStats``; ``pooled()`` merges all sources exactly.
+
+    ``mode``: the collection mode; ``passes``: passes over the data it took (sequential mode).
+    """
+
+    sources: dict[str, BNStats] = field(default_factory=dict)
+    mode: str = "batch"
+    passes: int = 1
+
+    def __getitem__(self, name: str) -> BNStats:
+        key = str(name)
+        if key not in self.sources:
+            raise KeyError(f"no statistics for source {name!r}; sources: {list(self.sources)}")
+        return self.sources[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def pooled(self) -> BNStats:
+        """Exact moments of the union of all sources (each seen in its own batches)."""
+        out = BNStats()
+        for s in self.sources.values():
+            out = out.merge(s)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "sources": {k: v.to_dict() for k, v in self.sources.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SourceStats:
+        return cls({k: BNStats.from_dict(v) for k, v in d["sources"].items()}, d.get("mode", "batch"))
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy: ``source, layer, channel, count, mean, var``."""
+        frames = [v.to_frame().assign(source=k) for k, v in self.sources.items()]
+        df = pd.concat(frames, ignore_index=True)
+        return df[["source", "layer", "channel", "count", "mean", "var"]]

@@ -1,0 +1,38 @@
+"""PreciseBN: population statistics recomputed with the frozen model (Wu & Johnson 2021, Section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from shiftbn.bn.collect import collect_stats
+from shiftbn.bn.moments import BNStats
+from shiftbn.bn.state import load_stats
+
+
+def precise_bn(
+    model: nn.Module,
+    data: Any,
+    *,
+    num_samples: int | None = 4096,
+    batch_size: int = 64,
+    mode: str = "batch",
+    sampler: Iterable[list[int]] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> BNStats:
+    """Recompute population BN statistics over ``num_samples`` samples and write them into the model.
+
+    Why: the EMA in the BN buffers mixes statistics of many past versions of the model; the paper
+    shows 10^3-10^4 samples through the frozen model give better population statistics.
+    Unlike ``torch.optim.swa_utils.update_bn`` (which averages within-batch variances) and fvcore
+    (E[x^2]-E[x]^2 in float32), the pooled variance is exact whatever the batch composition.
+    ``data``: as for ``collect_stats`` (all sources pooled). Writes the BN buffers in place (the only
+    change to the model; flags and momentum are restored) and returns the ``BNStats`` written.
+    """
+    stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
+                          mode=mode, sampler=sampler, seed=seed, progress=progress).pooled()
+    load_stats(model, stats)
+    return stats

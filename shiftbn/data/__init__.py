@@ -1,0 +1,28 @@
+"""Source-tagged datasets, file readers, the lab shift model and the built-in datasets."""
+
+from shiftbn.data.arrays import ArrayDataset
+from shiftbn.data.builtin import DATASETS, blobs_labs, digits_labs, fashion_mnist_labs, load
+from shiftbn.data.files import FileDataset, camelyon17, from_folder, from_frame, load_image
+from shiftbn.data.idx import read_idx, write_idx
+from shiftbn.data.labshift import LabShift, simulate_labs
+from shiftbn.data.tagged import SourceTaggedDataset, Splits
+
+__all__ = [
+    "DATASETS",
+    "ArrayDataset",
+    "FileDataset",
+    "LabShift",
+    "SourceTaggedDataset",
+    "Splits",
+    "blobs_labs",
+    "camelyon17",
+    "digits_labs",
+    "fashion_mnist_labs",
+    "from_folder",
+    "from_frame",
+    "load",
+    "load_image",
+    "read_idx",
+    "simulate_labs",
+    "write_idx",
+]

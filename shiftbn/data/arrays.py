@@ -1,0 +1,26 @@
+"""`ArrayDataset`: in-memory tensors as a map-style dataset with ``targets``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class ArrayDataset(Dataset):
+    """Images or features held in memory: ``x`` (N, ...) float32, ``targets`` (N,) int64.
+
+    Why: the built-in datasets and tests need a dataset that exposes its labels without loading items.
+    """
+
+    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> None:
+        self.x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        self.targets = np.asarray(y, dtype=np.int64).reshape(-1)
+        if len(self.x) != len(self.targets):
+            raise ValueError(f"x has {len(self.x)} samples but y has {len(self.targets)}")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.targets[i])

@@ -1,0 +1,114 @@
+"""Small BN networks for demos and tests: ``SmallCNN``, ``SmallResNet``, ``MLP``, ``SharedHeadNet``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Initialize parameters from ``seed`` without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks, global pooling, a linear classifier. Input (N, C, H, W)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        with _seeded(seed):
+            w = width
+            self.features = nn.Sequential(
+                nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )
+            self.classifier = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.down is None else self.down(x)))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-ish network: stem + 3 stages of basic blocks (9 BN layers). Input (N, C, H, W)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        with _seeded(seed):
+            w = width
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+            self.layer1 = _Block(w, w, 1)
+            self.layer2 = _Block(w, 2 * w, 2)
+            self.layer3 = _Block(2 * w, 4 * w, 2)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+
+class MLP(nn.Module):
+    """Linear-BN1d-ReLU layers then a linear classifier. Input (N, in_features)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 64, depth: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        with _seeded(seed):
+            layers: list[nn.Module] = []
+            d = in_features
+            for _ in range(depth):
+                layers += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU()]
+                d = hidden
+            self.body = nn.Sequential(*layers)
+            self.classifier = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x.flatten(1)))
+
+
+class SharedHeadNet(nn.Module):
+    """A BN module called several times per forward (a head shared across feature levels).
+
+    Input (N, C, H, W); the stem's output and its 2x-pooled version go through the same
+    conv-BN head; logits are the mean of both. The head's BN gets call sites ``head_bn@0``/``@1``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        with _seeded(seed):
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(width), nn.ReLU())
+            self.head_conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
+            self.head_bn = nn.BatchNorm2d(width)
+            self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stem(x)
+        outs = []
+        for level in (f, nn.functional.avg_pool2d(f, 2)):
+            h = torch.relu(self.head_bn(self.head_conv(level)))
+            outs.append(self.classifier(h.mean(dim=(2, 3))))
+        return torch.stack(outs).mean(0)
