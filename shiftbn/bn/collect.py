@@ -179,10 +179,10 @@ def _max_change(old: SourceStats, new: SourceStats) -> float:
 
 def _one_pass(model: nn.Module, layers: list[BNLayer], plan: _Batches, mode: str,
               current: SourceStats | None, progress: bool, desc: str) -> SourceStats:
+    # Every mode runs the model in eval mode. In "batch" mode the pre-hook loads each batch's own
+    # exact statistics into the buffers before BN runs: BN then normalizes with batch statistics
+    # without computing them a second time, and the EMA is never updated.
     model.eval()
-    if mode == "batch":
-        for layer in layers:
-            layer.module.train()
     accs: dict[str, dict[tuple[str, int], MomentAccumulator]] = {}
     n_samples: dict[str, int] = {}
     state: dict[str, Any] = {"source": None, "calls": {}}
@@ -197,6 +197,9 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: _Batches, mode: str
                     f"NaN or Inf in the input of BN layer {name!r} (source {state['source']!r})"
                 )
             accs.setdefault(state["source"], {}).setdefault((name, k), MomentAccumulator()).add(count, mean, m2)
+            if mode == "batch" and module.running_mean is not None:
+                module.running_mean.copy_(mean)
+                module.running_var.copy_(m2 / count)
 
         return hook
 

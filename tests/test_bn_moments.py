@@ -1,0 +1,57 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shiftbn.bn.moments import BNStats, Moments, SourceStats, batch_moments, merge_all
+
+
+def _moments(x: np.ndarray) -> Moments:
+    return Moments(len(x), x.mean(axis=0), ((x - x.mean(axis=0)) ** 2).sum(axis=0))
+
+
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=3, max_size=3), offset=st.sampled_from([0.0, 1e4]),
+       seed=st.integers(0, 100))
+def test_merge_is_exact_and_associative(sizes, offset, seed):
+    rng = np.random.default_rng(seed)
+    parts = [rng.normal(offset, rng.uniform(0.1, 3), size=(n, 4)) for n in sizes]
+    a, b, c = (_moments(p) for p in parts)
+    left, right = a.merge(b).merge(c), a.merge(b.merge(c))
+    ref = _moments(np.concatenate(parts))
+    assert left.count == ref.count == right.count
+    np.testing.assert_allclose(left.mean, right.mean, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(left.var, right.var, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(left.mean, ref.mean, rtol=1e-12)
+    np.testing.assert_allclose(left.var, ref.var, rtol=1e-9)
+
+
+def test_batch_moments_float32_with_large_offset_match_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 3, 5, 5, generator=g) + 1e4).float()
+    count, mean, m2 = batch_moments(x)
+    xd = x.double().numpy().transpose(0, 2, 3, 1).reshape(-1, 3)
+    assert count == 64 * 25 and mean.dtype == torch.float64
+    np.testing.assert_allclose(mean.numpy(), xd.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(m2.numpy() / count, xd.var(0), rtol=1e-9)
+
+
+def test_serialization_roundtrips_and_tidy_frame():
+    rng = np.random.default_rng(0)
+    bn = BNStats({"a": _moments(rng.normal(size=(10, 2))), "b": _moments(rng.normal(size=(7, 3)))}, 10)
+    ss = SourceStats({"lab1": bn, "lab2": bn})
+    back = SourceStats.from_dict(json.loads(json.dumps(ss.to_dict())))
+    assert back["lab2"]["b"].count == 7
+    np.testing.assert_array_equal(back["lab1"]["a"].var, bn["a"].var)
+    df = ss.to_frame()
+    assert list(df.columns) == ["source", "layer", "channel", "count", "mean", "var"]
+    assert len(df) == 2 * (2 + 3)
+    pooled = ss.pooled()
+    assert pooled["a"].count == 20 and pooled.num_samples == 20
+    np.testing.assert_allclose(pooled["a"].var, bn["a"].var, rtol=1e-12)
+    with pytest.raises(KeyError, match="lab1"):
+        ss["lab3"]
+    assert merge_all([bn["a"], bn["a"]]).count == 20

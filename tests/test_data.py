@@ -1,0 +1,245 @@
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+import shiftbn as sb
+from shiftbn.data import (
+    ArrayDataset,
+    LabShift,
+    camelyon17,
+    fashion_mnist_labs,
+    from_folder,
+    from_frame,
+    load,
+    read_idx,
+    simulate_labs,
+    write_idx,
+)
+from shiftbn.data.builtin import FASHION_DEBIAN_ROOT
+
+
+def _tiny(n=12):
+    x = torch.arange(n * 2, dtype=torch.float32).view(n, 2)
+    y = torch.arange(n) % 3
+    return TensorDataset(x, y)
+
+
+def test_items_are_x_y_source_and_names_sorted():
+    ds = sb.SourceTaggedDataset(_tiny(6), ["b", "a", "b", "c", "a", "a"])
+    assert ds.source_names == ("a", "b", "c")
+    assert ds.source_ids.dtype == np.int64
+    assert ds.source_ids.tolist() == [1, 0, 1, 2, 0, 0]
+    x, y, s = ds[3]
+    assert torch.equal(x, torch.tensor([6.0, 7.0])) and int(y) == 0 and s == 2
+    assert ds.source_names[s] == "c"
+
+
+def test_unlabeled_base_gives_minus_one_and_categorical_order():
+    base = [torch.zeros(2) for _ in range(4)]
+    cat = pd.Categorical(["z", "y", "z", "y"], categories=["z", "y"])
+    ds = sb.SourceTaggedDataset(base, cat)
+    assert ds.source_names == ("z", "y")
+    assert ds[1][1] == -1 and ds[1][2] == 1
+    assert ds.labels is None
+    series = pd.Series(["q", "p", "q", "p"])
+    assert sb.SourceTaggedDataset(base, series).source_names == ("p", "q")
+
+
+def test_mixed_type_labels_keep_first_seen_order():
+    ds = sb.SourceTaggedDataset(list(range(3)), [3, "a", 3])
+    assert ds.source_names == ("3", "a")
+
+
+def test_bad_sources_raise():
+    with pytest.raises(ValueError, match="one per sample"):
+        sb.SourceTaggedDataset(_tiny(4), ["a", "b"])
+    with pytest.raises(ValueError, match="missing"):
+        sb.SourceTaggedDataset(_tiny(2), ["a", None])
+    with pytest.raises(TypeError, match="map-style"):
+        sb.SourceTaggedDataset(5, [])
+
+
+def test_subset_and_take_keep_ids_stable():
+    ds = sb.SourceTaggedDataset(_tiny(9), ["a", "b", "c"] * 3, labels=np.arange(9) % 3)
+    sub = ds.subset(["c"])
+    assert sub.source_names == ds.source_names
+    assert set(sub.source_ids.tolist()) == {2}
+    assert sub.sources_present == ["c"]
+    assert [int(sub[i][0][0]) for i in range(len(sub))] == [4, 10, 16]
+    with pytest.raises(ValueError, match="known sources"):
+        ds.subset("nope")
+
+
+def test_from_datasets_counts_and_loader():
+    a = ArrayDataset(np.zeros((3, 2)), [0, 1, 1])
+    b = ArrayDataset(np.ones((2, 2)), [1, 0])
+    ds = sb.SourceTaggedDataset.from_datasets({"lab_b": b, "lab_a": a})
+    assert ds.source_names == ("lab_a", "lab_b")
+    assert ds.labels.tolist() == [0, 1, 1, 1, 0]
+    counts = ds.counts()
+    assert list(counts.columns) == ["source", "label", "n"]
+    assert counts.set_index(["source", "label"])["n"].to_dict() == {
+        ("lab_a", 0): 1, ("lab_a", 1): 2, ("lab_b", 0): 1, ("lab_b", 1): 1}
+    x, y, s = next(iter(DataLoader(ds, batch_size=5)))
+    assert x.shape == (5, 2) and s.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_split_is_disjoint_stratified_and_reproducible():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=300)
+    src = rng.choice(["a", "b"], size=300)
+    ds = sb.SourceTaggedDataset(ArrayDataset(np.arange(300)[:, None], y), src, y)
+    sp = ds.split(fractions=(0.5, 0.25, 0.25), seed=1)
+    ids = [set(int(p[i][0][0]) for i in range(len(p))) for p in (sp.train, sp.calibration, sp.test)]
+    assert sum(len(s) for s in ids) == 300 and len(set.union(*ids)) == 300
+    for part, frac in ((sp.train, 0.5), (sp.calibration, 0.25)):
+        for name in "ab":
+            for k in range(3):
+                n_group = int(((src == name) & (y == k)).sum())
+                got = int(((part.source_ids == ds.source_id(name)) & (part.labels == k)).sum())
+                assert abs(got - frac * n_group) <= 1
+    again = ds.split(fractions=(0.5, 0.25, 0.25), seed=1)
+    assert np.array_equal(again.test.labels, sp.test.labels)
+    with pytest.raises(ValueError, match="summing to 1"):
+        ds.split(fractions=(0.5, 0.5, 0.5))
+
+
+def test_idx_roundtrip_plain_and_gz(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, size=(5, 4, 3), dtype=np.uint8)
+    for name in ("x-idx3-ubyte", "x-idx3-ubyte.gz"):
+        write_idx(tmp_path / name, arr)
+        assert np.array_equal(read_idx(tmp_path / name), arr)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(tmp_path / "bad")
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1, 0, 0, 0, 9]) + b"abc")
+    with pytest.raises(ValueError, match="header declares"):
+        read_idx(tmp_path / "short.gz")
+
+
+def _png(path, value, size=(4, 4), mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.full(size + ((3,) if mode == "RGB" else ()), value, dtype=np.uint8)
+    Image.fromarray(arr, mode=mode).save(path)
+
+
+def test_from_folder_reads_lazily(tmp_path):
+    for src, val in (("site1", 10), ("site2", 200)):
+        for cls in ("benign", "tumor"):
+            for i in range(2):
+                _png(tmp_path / src / cls / f"{i}.png", val)
+    (tmp_path / "site1" / "benign" / "notes.txt").write_text("ignored")
+    ds = from_folder(tmp_path)
+    assert len(ds) == 8 and ds.source_names == ("site1", "site2")
+    assert ds.class_names == ["benign", "tumor"]
+    x, y, s = ds[7]
+    assert x.shape == (1, 4, 4) and y == 1 and s == 1
+    assert torch.allclose(x, torch.full((1, 4, 4), 200 / 255))
+    with pytest.raises(ValueError, match="no images"):
+        from_folder(tmp_path / "site1" / "benign")
+
+
+def test_from_frame_csv_and_parquet(tmp_path):
+    rows = []
+    for i, (src, lab) in enumerate([("a", "cat"), ("b", "dog"), ("a", "dog")]):
+        _png(tmp_path / f"img{i}.png", 50 * i, mode="RGB")
+        rows.append({"file": f"img{i}.png", "diagnosis": lab, "site": src})
+    df = pd.DataFrame(rows)
+    df.to_csv(tmp_path / "m.csv", index=False)
+    ds = from_frame(tmp_path / "m.csv", path="file", label="diagnosis", source="site")
+    assert ds.labels.tolist() == [0, 1, 1] and ds.source_ids.tolist() == [0, 1, 0]
+    assert ds[2][0].shape == (3, 4, 4)
+    pytest.importorskip("pyarrow")
+    df.to_parquet(tmp_path / "m.parquet")
+    ds2 = sb.SourceTaggedDataset.from_frame(tmp_path / "m.parquet", path="file", label="diagnosis", source="site")
+    assert torch.equal(ds2[1][0], ds[1][0])
+    with pytest.raises(ValueError, match="lacks column"):
+        from_frame(df, path="nope")
+
+
+def test_camelyon17_layout(tmp_path):
+    meta = pd.DataFrame({
+        "patient": [4, 4, 17], "node": [4, 4, 1], "x_coord": [3328, 3360, 100], "y_coord": [21792, 21792, 7],
+        "tumor": [1, 0, 1], "slide": [0, 0, 3], "center": [0, 0, 2], "split": [0, 0, 1],
+    })
+    meta.to_csv(tmp_path / "metadata.csv")  # WILDS writes an unnamed index column
+    for p, n, x, y in meta[["patient", "node", "x_coord", "y_coord"]].itertuples(index=False):
+        folder = tmp_path / "patches" / f"patient_{p:03d}_node_{n}"
+        _png(folder / f"patch_patient_{p:03d}_node_{n}_x_{x}_y_{y}.png", 120, mode="RGB")
+    ds = camelyon17(tmp_path)
+    assert ds.source_names == ("center_0", "center_2")
+    assert ds.labels.tolist() == [1, 0, 1] and ds.source_ids.tolist() == [0, 0, 1]
+    assert ds[2][0].shape == (3, 4, 4)
+    assert list(ds.metadata["slide"]) == [0, 0, 3]
+    with pytest.raises(FileNotFoundError, match="WILDS"):
+        camelyon17(tmp_path / "missing")
+
+
+def test_labshift_is_deterministic_and_does_what_it_says():
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(LabShift(gain=2.0, offset=0.5).apply(x), 2 * x + 0.5)
+    assert torch.allclose(LabShift(gamma=2.0).apply(x), x**2)
+    noisy = LabShift(noise_std=0.1, seed=3)
+    assert torch.equal(noisy.apply(x), noisy.apply(x))
+    assert not torch.equal(noisy.apply(x), LabShift(noise_std=0.1, seed=4).apply(x))
+    blurred = LabShift(blur_sigma=1.0).apply(x)
+    assert blurred.std() < x.std() and torch.isclose(blurred.mean(), x.mean(), atol=0.05)
+    rgb = torch.rand(2, 3, 4, 4)
+    swap = ((0, 1, 0), (1, 0, 0), (0, 0, 1))
+    assert torch.allclose(LabShift(color_matrix=swap).apply(rgb), rgb[:, [1, 0, 2]])
+    with pytest.raises(ValueError, match="gamma"):
+        LabShift(gamma=0)
+
+
+def test_simulate_labs_disjoint_with_class_prior():
+    n = 4000
+    y = np.arange(n) % 2
+    x = np.zeros((n, 1, 2, 2), dtype=np.float32)
+    labs = {"skewed": LabShift(offset=1.0, class_prior=(9, 1)), "plain": LabShift()}
+    ds = simulate_labs(x, y, labs, seed=0)
+    assert len(ds) == n and ds.source_names == ("plain", "skewed")
+    skew = ds.subset("skewed")
+    # class 0 goes to 'skewed' with p = 9/10, class 1 with p = 1/2: expect 1800 / 2800 of class 0
+    assert abs(np.mean(skew.labels == 0) - 1800 / 2800) < 0.03
+    assert abs(len(skew) - 2800) < 100
+    assert torch.all(torch.stack([skew[i][0] for i in range(10)]) == 1.0)
+    again = simulate_labs(x, y, labs, seed=0)
+    assert np.array_equal(again.source_ids, ds.source_ids)
+    with pytest.raises(ValueError, match="class_prior"):
+        simulate_labs(x, y, {"a": LabShift(class_prior=(1, 1, 1))})
+
+
+def test_builtin_digits_and_blobs():
+    ds = load("digits-labs")
+    assert len(ds) == 1797 and len(ds.source_names) >= 4
+    x, y, s = ds[0]
+    assert x.shape == (1, 16, 16) and 0 <= y <= 9
+    blobs = load("blobs-labs", n=200)
+    assert blobs[0][0].shape == (16,) and blobs.source_names == ("lab_0", "lab_1", "lab_2", "lab_3")
+    with pytest.raises(ValueError, match="built-in datasets"):
+        load("imagenet")
+
+
+def test_fashion_mnist_missing_names_package_and_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist.*root="):
+        fashion_mnist_labs(root=tmp_path)
+
+
+def test_fashion_mnist_from_written_idx(tmp_path):
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (50, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(50) % 10)
+    ds = fashion_mnist_labs(root=tmp_path, n=40)
+    assert len(ds) == 40 and ds[0][0].shape == (1, 28, 28)
+
+
+@pytest.mark.skipif(not FASHION_DEBIAN_ROOT.exists(), reason="Debian's dataset-fashion-mnist not installed")
+def test_fashion_mnist_from_debian_package():
+    ds = load("fashion-mnist-labs", n=500)
+    assert len(ds) == 500 and ds.source_names == ("lab_a", "lab_b", "lab_c", "lab_d")
