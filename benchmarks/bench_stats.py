@@ -17,13 +17,16 @@ import shiftbn as sb
 from shiftbn.models import SmallResNet
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Best time of each function over ``repeats`` rounds, the functions alternating within a round
+    so that a noisy machine slows them all alike."""
+    best = {k: float("inf") for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
 
 
 def main() -> None:
@@ -54,28 +57,24 @@ def main() -> None:
     def ours_pooled():
         sb.collect_stats(model, xs, by_source=False, mode="batch", progress=False)
 
+    fns = {"plain": plain, "src": ours_by_source, "pool": ours_pooled}
+    try:
+        from fvcore.nn.precise_bn import update_bn_stats
+
+        fns["fv"] = lambda: update_bn_stats(copy.deepcopy(model).train(), xs, num_iters=len(xs))
+        fns["precise"] = lambda: sb.precise_bn(copy.deepcopy(model), xs, num_samples=None, progress=False)
+    except ImportError:
+        print("fvcore not installed: pip install fvcore to compare precise_bn with it")
     plain()  # warm-up
-    t_plain = _best(plain, args.repeats)
-    t_src = _best(ours_by_source, args.repeats)
-    t_pool = _best(ours_pooled, args.repeats)
+    t = _interleaved(fns, args.repeats)
+    t_plain, t_src, t_pool = t["plain"], t["src"], t["pool"]
     print(f"plain train-mode forward      {t_plain:7.3f} s")
     print(f"collect_stats, {args.sources} sources     {t_src:7.3f} s   throughput ratio {t_plain / t_src:5.2f}"
           "  (target >= 0.90)")
     print(f"collect_stats, pooled         {t_pool:7.3f} s   throughput ratio {t_plain / t_pool:5.2f}")
-    try:
-        from fvcore.nn.precise_bn import update_bn_stats
-    except ImportError:
-        print("fvcore not installed: pip install fvcore to compare precise_bn with it")
+    if "fv" not in t:
         return
-
-    def fv():
-        update_bn_stats(copy.deepcopy(model).train(), xs, num_iters=len(xs))
-
-    def ours_precise():
-        sb.precise_bn(copy.deepcopy(model), xs, num_samples=None, progress=False)
-
-    t_fv = _best(fv, args.repeats)
-    t_pr = _best(ours_precise, args.repeats)
+    t_fv, t_pr = t["fv"], t["precise"]
     print(f"fvcore update_bn_stats        {t_fv:7.3f} s")
     print(f"precise_bn                    {t_pr:7.3f} s   time ratio vs fvcore {t_pr / t_fv:5.2f}  (target <= 1.0)")
 

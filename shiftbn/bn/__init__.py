@@ -3,10 +3,10 @@
 from shiftbn.bn.collect import COLLECT_MODES, collect_stats
 from shiftbn.bn.distributed import all_merge
 from shiftbn.bn.layers import BNLayer, bn_layers
-from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments
+from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments, mix_stats
 from shiftbn.bn.precise import precise_bn
 from shiftbn.bn.shift import stats_shift
-from shiftbn.bn.state import FrozenBN, ModelSnapshot, freeze_bn, load_stats, use_stats
+from shiftbn.bn.state import FrozenBN, ModelSnapshot, buffer_stats, freeze_bn, load_stats, preserved, use_stats
 
 __all__ = [
     "COLLECT_MODES",
@@ -20,9 +20,12 @@ __all__ = [
     "all_merge",
     "batch_moments",
     "bn_layers",
+    "buffer_stats",
     "collect_stats",
     "freeze_bn",
     "load_stats",
+    "mix_stats",
+    "preserved",
     "precise_bn",
     "stats_shift",
     "use_stats",

@@ -149,6 +149,23 @@ class BNStats(Mapping):
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
+def mix_stats(a: BNStats, b: BNStats, weight_a: float) -> BNStats:
+    """Per layer, ``weight_a * a + (1 - weight_a) * b`` for means and for variances.
+
+    Why: prior-weighted adaptation (Schneider et al. 2020) mixes source and target statistics.
+    The result holds population moments (count 1), not a sample to be merged further.
+    """
+    if not 0.0 <= weight_a <= 1.0:
+        raise ValueError(f"weight_a must lie in [0, 1], got {weight_a}")
+    out = {}
+    for k, mb in b.layers.items():
+        ma = a.layers.get(k)
+        if ma is None:
+            continue
+        out[k] = Moments(1, weight_a * ma.mean + (1 - weight_a) * mb.mean, weight_a * ma.var + (1 - weight_a) * mb.var)
+    return BNStats(out, b.num_samples)
+
+
 POOLED = "pooled"
 
 

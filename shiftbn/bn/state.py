@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from shiftbn.bn.layers import BNLayer, bn_layers
-from shiftbn.bn.moments import BNStats
+from shiftbn.bn.moments import BNStats, Moments
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -87,6 +87,27 @@ def write_stats(layers: list[BNLayer], stats: BNStats, *, strict: bool = False) 
             else:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
+
+
+def buffer_stats(model: nn.Module) -> BNStats:
+    """The statistics stored in the model's BN buffers (the training EMA), as population moments."""
+    out = {}
+    for layer in bn_layers(model):
+        m = layer.module
+        if m.running_mean is not None:
+            out[layer.name] = Moments(1, m.running_mean.detach().double().cpu().numpy(),
+                                      m.running_var.detach().double().cpu().numpy())
+    return BNStats(out, 0)
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with whatever changes it makes to BN state and flags undone on exit."""
+    snap = ModelSnapshot(model)
+    try:
+        yield model
+    finally:
+        snap.restore()
 
 
 @contextmanager

@@ -1,0 +1,68 @@
+"""Cost of cross_source_matrix vs the forward passes it cannot avoid, done in a bare loop (prints ratio).
+
+Run: python benchmarks/bench_matrix.py [--dataset digits-labs] [--repeats 3]
+For S sources and the default strategies (source, precise, target, stats:*) the unavoidable work is
+S statistics passes over the calibration data plus S*S + 2S evaluation passes (stats:i on j for
+every pair -- target shares stats:j on j -- plus source and precise on every j). Target: <= 1.25.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+import shiftbn as sb
+from shiftbn.adapt import tensor_inputs
+from shiftbn.evaluate import cross_source_matrix
+from shiftbn.models import SmallCNN
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dataset", default="digits-labs")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--width", type=int, default=16)
+    args = ap.parse_args()
+    ds = sb.load(args.dataset)
+    model = SmallCNN(in_channels=ds[0][0].shape[0], width=args.width).eval()
+    sources = ds.sources_present
+    split = ds.split(fractions=(0.0, 0.5, 0.5), seed=0)
+    cal = {s: tensor_inputs(split.calibration.subset(s)) for s in sources}
+    ev = {s: tensor_inputs(split.test.subset(s)) for s in sources}
+    n_eval_passes = len(sources) ** 2 + 2 * len(sources)
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; {args.dataset}: {len(ds)} samples, "
+          f"{len(sources)} sources; SmallCNN width {args.width}; {len(sources)} stats passes + "
+          f"{n_eval_passes} eval passes")
+
+    @torch.no_grad()
+    def bare():
+        model.train()
+        for x in cal.values():
+            for i in range(0, len(x), 64):
+                model(x[i : i + 64])
+        model.eval()
+        for _ in range(len(sources) + 2):
+            for x in ev.values():
+                for i in range(0, len(x), 256):
+                    model(x[i : i + 256])
+
+    def matrix():
+        cross_source_matrix(model, ds, metrics=["accuracy"], calibration=split, progress=False)
+
+    bare()
+    best = {"bare": float("inf"), "matrix": float("inf")}
+    for _ in range(args.repeats):
+        for name, fn in (("bare", bare), ("matrix", matrix)):
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    print(f"bare forward passes   {best['bare']:7.3f} s")
+    ratio = best["matrix"] / best["bare"]
+    print(f"cross_source_matrix   {best['matrix']:7.3f} s   ratio {ratio:5.2f}  (target <= 1.25)")
+
+
+if __name__ == "__main__":
+    main()

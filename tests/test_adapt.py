@@ -1,0 +1,126 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import shiftbn as sb
+from shiftbn.adapt import Strategy, parse_strategy, register_strategy
+from shiftbn.evaluate import cross_source_matrix
+from shiftbn.models import SmallCNN
+from shiftbn.train import train
+from tests.helpers import assert_same_state, state_of
+
+TRAIN = ["lab_a", "lab_b", "lab_c", "lab_d"]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    ds = sb.load("digits-labs")
+    model = SmallCNN(width=8, seed=0)
+    train(model, ds.subset(TRAIN), steps=250, batch_size=32, seed=0, progress=False)
+    model.eval()
+    return model, ds
+
+
+def _acc(table, strategy, source):
+    q = table.query("strategy == @strategy and eval_source == @source and metric == 'accuracy'")
+    return q["value"].item()
+
+
+def test_target_rescues_strongly_shifted_lab_and_prior_moves_toward_source(trained):
+    model, ds = trained
+    specs = ["source", "target", "prior:0", "prior:16", "prior:1000", "prior:1e9"]
+    table = cross_source_matrix(model, ds, specs, ["accuracy"], train_sources=TRAIN, eval_sources=["lab_e"],
+                                progress=False)
+    assert _acc(table, "target", "lab_e") > _acc(table, "source", "lab_e") + 0.2
+    assert _acc(table, "prior:0", "lab_e") == _acc(table, "target", "lab_e")
+    assert _acc(table, "prior:1e+09", "lab_e") == pytest.approx(_acc(table, "source", "lab_e"), abs=0.01)
+    # the mixed statistics move monotonically from the target's toward the model's own
+    stats = sb.collect_stats(model, ds.subset("lab_e"), progress=False)["lab_e"]
+    ema = sb.bn.buffer_stats(model)
+    dists = []
+    for n in (0, 16, 1000, 1e9):
+        mixed = sb.bn.mix_stats(ema, stats, n / (n + stats.num_samples))
+        dists.append(sum(np.abs(mixed[k].mean - ema[k].mean).sum() for k in ema))
+    assert dists == sorted(dists, reverse=True) and dists[-1] < 1e-3 * dists[0]
+
+
+def test_target_matches_independent_adabn_reference(trained):
+    model, ds = trained
+    lab = ds.subset("lab_e")
+    sp = lab.split(fractions=(0.0, 0.5, 0.5), seed=0)
+    cal_x = torch.stack([sp.calibration[i][0] for i in range(len(sp.calibration))])
+    test_x = torch.stack([sp.test[i][0] for i in range(len(sp.test))])
+    # independent AdaBN: reset statistics, forward the target data in train mode, momentum None
+    ref = copy.deepcopy(model)
+    for layer in sb.bn_layers(ref):
+        layer.module.reset_running_stats()
+        layer.module.momentum = None
+    ref.train()
+    with torch.no_grad():
+        ref(cal_x)
+        ref.eval()
+        ref_logits = ref(test_x)
+    table = cross_source_matrix(model, lab, ["target"], ["accuracy"], calibration=(sp.calibration, sp.test),
+                                stats_batch_size=len(cal_x), progress=False)
+    assert table["n"].item() == len(test_x)
+    ours = sb.collect_stats(model, sp.calibration, batch_size=len(cal_x), progress=False)["lab_e"]
+    with sb.use_stats(model, ours), torch.no_grad():
+        our_logits = model(test_x)
+    torch.testing.assert_close(our_logits, ref_logits, rtol=1e-3, atol=1e-3)
+    acc_ref = (ref_logits.argmax(1).numpy() == sp.test.labels).mean()
+    assert table["value"].item() == pytest.approx(acc_ref)
+
+
+def test_model_unchanged_after_every_strategy_and_the_matrix(trained):
+    model, ds = trained
+    model.train()  # a model left in train mode must stay so
+    before = state_of(model)
+    table = cross_source_matrix(
+        model, ds, ["source", "precise", "target", "prior:16", "batch:16", "batch:16:mixed", "per-source",
+                    "tent:3", "stats:*"], ["accuracy", "nll"], train_sources=TRAIN, progress=False)
+    assert_same_state(model, before)
+    model.eval()
+    assert set(table.columns) == {"strategy", "stats_source", "eval_source", "metric", "value", "n"}
+    assert len(table) == (8 + 5) * 5 * 2
+    assert table["value"].between(0, np.inf).all()
+    # logits are shared: target on j equals stats:j on j and per-source
+    for s in ds.source_names:
+        assert _acc(table, "target", s) == _acc(table, f"stats:{s}", s) == _acc(table, "per-source", s)
+    off = table.query("strategy == 'stats:lab_e' and eval_source == 'lab_a' and metric == 'accuracy'")
+    assert off["stats_source"].item() == "lab_e"
+
+
+def test_batch_mixed_differs_from_single_source_batches(trained):
+    model, ds = trained
+    table = cross_source_matrix(model, ds, ["batch:32", "batch:32:mixed"], ["accuracy"], progress=False)
+    assert _acc(table, "batch:32", "lab_e") > _acc(table, "batch:32:mixed", "lab_e") + 0.1
+
+
+def test_custom_strategy_registration(trained):
+    model, ds = trained
+
+    class Ema(Strategy):
+        name = "my-ema"
+
+        def stats_source(self, ctx, eval_source):
+            return "ema"
+
+        def bn_stats(self, ctx, eval_source):
+            return None
+
+    register_strategy("my-ema", lambda arg: Ema())
+    table = cross_source_matrix(model, ds, ["source", "my-ema"], ["accuracy"], progress=False)
+    for s in ds.source_names:
+        assert _acc(table, "source", s) == _acc(table, "my-ema", s)
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("adabn", "unknown strategy"), ("prior:x", "needs a number"), ("batch", "batch size"), ("batch:1", "B >= 2"),
+    ("batch:8:shuffled", "unknown batch option"), ("stats", "source name"), ("source:3", "takes no argument"),
+    ("prior:-1", "N >= 0"),
+])
+def test_bad_strategy_specs(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_strategy(spec)
