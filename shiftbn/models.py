@@ -112,3 +112,23 @@ class SharedHeadNet(nn.Module):
             h = torch.relu(self.head_bn(self.head_conv(level)))
             outs.append(self.classifier(h.mean(dim=(2, 3))))
         return torch.stack(outs).mean(0)
+
+
+MODELS = {"SmallCNN": SmallCNN, "SmallResNet": SmallResNet, "MLP": MLP, "SharedHeadNet": SharedHeadNet}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0, **kwargs) -> nn.Module:
+    """A named model for inputs of ``input_shape`` (one sample, e.g. (1, 16, 16) or (16,)).
+
+    ``name``: one of ``MODELS``; extra keyword arguments (``width``, ``hidden``, ...) go to it.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    if name == "MLP":
+        features = 1
+        for d in input_shape:
+            features *= int(d)
+        return MLP(features, num_classes, seed=seed, **kwargs)
+    if len(input_shape) != 3:
+        raise ValueError(f"{name} needs image inputs (C, H, W), got a sample of shape {tuple(input_shape)}")
+    return MODELS[name](in_channels=int(input_shape[0]), num_classes=num_classes, seed=seed, **kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 import torch
@@ -21,24 +23,35 @@ def train(
     batch_size: int = 32,
     mode: str = "random",
     sources_per_batch: int | None = None,
+    groups: np.ndarray | None = None,
+    ghost_batch: int | None = None,
     lr: float = 0.05,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     seed: int = 0,
+    callback: Callable[[int, nn.Module], None] | None = None,
+    every: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Train ``model`` in place with SGD for ``steps`` steps on batches built by ``SourceBatchSampler``.
+    """Train ``model`` in place with SGD (cosine schedule) for ``steps`` steps; cross-entropy.
 
-    Why: the composition of training batches (``mode``: random | single | mixed) is the variable the
-    batch-composition studies change. Cross-entropy on integer labels; the model is left in train
-    mode. Returns a tidy DataFrame ``step, epoch, loss, accuracy`` (batch accuracy, BN in train mode).
+    Why: the composition of training batches is the variable the batch studies change.
+    ``mode``/``sources_per_batch``: ``SourceBatchSampler`` over the dataset's sources, or over
+    ``groups`` (one int per sample, e.g. labels to build one-class batches). ``ghost_batch``: BN
+    normalizes over sub-batches of this size while SGD uses the whole batch (normalization batch
+    size, paper Section 4). ``callback(step, model)`` runs every ``every`` steps and at the end
+    (the model is in train mode again afterwards). Returns a tidy DataFrame
+    ``step, epoch, loss, accuracy`` (batch accuracy with BN in train mode).
     """
     if ds.labels is None:
         raise ValueError("training needs labels; the dataset has none")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    sampler = SourceBatchSampler(ds.source_ids, batch_size, mode, sources_per_batch=sources_per_batch,
-                                 drop_last=True, seed=seed)
+    if ghost_batch is not None and not 2 <= ghost_batch <= batch_size:
+        raise ValueError(f"ghost_batch must lie in [2, batch_size={batch_size}], got {ghost_batch}")
+    ids = ds.source_ids if groups is None else np.asarray(groups, dtype=np.int64)
+    sampler = SourceBatchSampler(ids, batch_size, mode, sources_per_batch=sources_per_batch, drop_last=True,
+                                 seed=seed)
     loader = DataLoader(ds, batch_sampler=sampler)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -50,28 +63,23 @@ def train(
             sampler.set_epoch(epoch)
             for x, y, _ in loader:
                 x, y = x.to(device), torch.as_tensor(y, device=device)
-                logits = model(x)
+                chunks = range(0, len(x), ghost_batch or len(x))
+                logits = torch.cat([model(x[i : i + (ghost_batch or len(x))]) for i in chunks])
                 loss = nn.functional.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                acc = (logits.argmax(1) == y).float().mean().item()
-                rows.append((step, epoch, loss.item(), acc))
+                rows.append((step, epoch, loss.item(), (logits.argmax(1) == y).float().mean().item()))
                 step += 1
                 bar.update(1)
+                if callback is not None and every and step % every == 0 and step < steps:
+                    callback(step, model)
+                    model.train()
                 if step >= steps:
                     break
             epoch += 1
+    if callback is not None:
+        callback(step, model)
+        model.train()
     return pd.DataFrame(rows, columns=["step", "epoch", "loss", "accuracy"])
-
-
-@torch.no_grad()
-def predict(model: nn.Module, ds, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, K) float32 and labels (N,) of a dataset in order, with the model as it is."""
-    device = next(model.parameters()).device
-    outs, ys = [], []
-    for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
-        outs.append(model(batch[0].to(device)).float().cpu())
-        ys.append(torch.as_tensor(batch[1]))
-    return torch.cat(outs).numpy(), torch.cat(ys).numpy()
