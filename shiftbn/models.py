@@ -90,16 +90,22 @@ class MLP(nn.Module):
 
 
 class SharedHeadNet(nn.Module):
-    """A BN module called several times per forward (a head shared across feature levels).
+    """A BN module shared across domains: one conv-BN head applied to two feature levels.
 
-    Input (N, C, H, W); the stem's output and its 2x-pooled version go through the same
-    conv-BN head; logits are the mean of both. The head's BN gets call sites ``head_bn@0``/``@1``.
+    Input (N, C, H, W); the stem's output and its 2x max-pooled version (two "domains" with different
+    statistics, like FPN levels under a RetinaNet head) go through the same head; logits are the
+    mean of both. ``joint=False``: the head's BN normalizes each level separately (call sites
+    ``head_bn@0``/``@1``); ``joint=True``: both levels in one BN call (shared statistics).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8, seed: int = 0) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8, joint: bool = False,
+                 seed: int = 0) -> None:
         super().__init__()
+        self.joint = joint
         with _seeded(seed):
             self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(width), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, padding=1, bias=False),
                                       nn.BatchNorm2d(width), nn.ReLU())
             self.head_conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
             self.head_bn = nn.BatchNorm2d(width)
@@ -107,11 +113,14 @@ class SharedHeadNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.stem(x)
-        outs = []
-        for level in (f, nn.functional.avg_pool2d(f, 2)):
-            h = torch.relu(self.head_bn(self.head_conv(level)))
-            outs.append(self.classifier(h.mean(dim=(2, 3))))
-        return torch.stack(outs).mean(0)
+        levels = [self.head_conv(f), self.head_conv(nn.functional.max_pool2d(f, 2))]
+        if self.joint:
+            flat = torch.cat([h.flatten(2) for h in levels], dim=2).unsqueeze(-1)
+            parts = torch.split(self.head_bn(flat).squeeze(-1), [h[0, 0].numel() for h in levels], dim=2)
+            normed = [p.reshape(h.shape) for p, h in zip(parts, levels, strict=True)]
+        else:
+            normed = [self.head_bn(h) for h in levels]
+        return torch.stack([self.classifier(torch.relu(h).mean(dim=(2, 3))) for h in normed]).mean(0)
 
 
 MODELS = {"SmallCNN": SmallCNN, "SmallResNet": SmallResNet, "MLP": MLP, "SharedHeadNet": SharedHeadNet}

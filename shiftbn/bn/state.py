@@ -111,21 +111,56 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def use_stats(model: nn.Module, stats: BNStats, *, strict: bool = False) -> Iterator[nn.Module]:
+def use_stats(
+    model: nn.Module, stats: BNStats, *, strict: bool = False, per_site: bool = False
+) -> Iterator[nn.Module]:
     """Evaluate ``model`` with ``stats`` in its BN buffers; everything is restored on exit.
 
     Why: comparing statistics (source, target, per-lab) must never leave the user's model changed.
-    Inside, the whole model is in eval mode. On exit — normal, exception or KeyboardInterrupt —
-    every buffer, ``training`` flag, ``momentum`` and ``track_running_stats`` is restored bit for bit.
+    Inside, the whole model is in eval mode. ``per_site``: a BN module called several times per
+    forward is normalized at its k-th call with the statistics of call site ``"<name>@k"`` (default:
+    the merged statistics at every call). On exit — normal, exception or KeyboardInterrupt — every
+    buffer, ``training`` flag, ``momentum`` and ``track_running_stats`` is restored bit for bit.
     """
     layers = bn_layers(model)
     snap = ModelSnapshot(model, layers)
+    hooks = []
     try:
         model.eval()
         write_stats(layers, stats, strict=strict)
+        if per_site:
+            hooks = _site_hooks(model, layers, stats)
         yield model
     finally:
+        for h in hooks:
+            h.remove()
         snap.restore()
+
+
+def _site_hooks(model: nn.Module, layers: list[BNLayer], stats: BNStats) -> list:
+    """Pre-hooks that load call site k's statistics before the k-th call of a shared BN module."""
+    calls: dict[str, int] = {}
+    hooks = [model.register_forward_pre_hook(lambda module, args: calls.clear())]
+    for layer in layers:
+        if any(k.startswith(layer.name + "@") for k in stats.layers):
+            hooks.append(layer.module.register_forward_pre_hook(_site_loader(layer.name, stats, calls)))
+    return hooks
+
+
+def _site_loader(name: str, stats: BNStats, calls: dict[str, int]):
+    n_sites = sum(k.startswith(name + "@") for k in stats.layers)
+
+    def hook(module, args):
+        k = calls.get(name, 0)
+        calls[name] = k + 1
+        mom = stats.layers.get(f"{name}@{k}")
+        if mom is None:
+            raise ValueError(f"BN layer {name!r} is called more than the {n_sites} call sites its statistics have")
+        with torch.no_grad():
+            module.running_mean.copy_(torch.as_tensor(mom.mean))
+            module.running_var.copy_(torch.as_tensor(mom.var))
+
+    return hook
 
 
 def load_stats(model: nn.Module, stats: BNStats, *, strict: bool = False) -> None:

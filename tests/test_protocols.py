@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import shiftbn as sb
+from shiftbn.protocols import (
+    PROTOCOLS,
+    batch_composition,
+    held_out_sources,
+    load_spec,
+    parse_spec,
+    run_spec,
+)
+from shiftbn.protocols.common import data_fingerprint
+
+ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+SPECS = sorted(ANALYSES.glob("*.toml"))
+
+COLUMNS = {
+    "held_out_sources": {"held_out", "eval_source", "is_held_out", "strategy", "stats_source", "metric", "value",
+                         "n", "seed", "sampler_mode"},
+    "batch_composition": {"train_mode", "batch_size", "strategy", "stats_source", "eval_source", "metric", "value",
+                          "n", "seed"},
+    "ema_vs_precise": {"kind", "batch_size", "momentum", "step", "stats", "num_samples", "metric", "value", "seed"},
+    "normalization_batch_size": {"ghost_batch", "eval", "metric", "value", "seed"},
+    "shared_domains": {"train_norm", "test_stats", "consistent", "metric", "value", "seed"},
+    "leakage_probe": {"composition", "eval", "metric", "value", "seed"},
+}
+
+
+def test_every_protocol_has_a_spec():
+    assert {load_spec(p).protocol for p in SPECS} == set(PROTOCOLS)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_quick_study_schema_determinism_and_no_mutation(path):
+    spec = load_spec(path)
+    ds = spec.load_dataset()
+    before = data_fingerprint(ds)
+    first = PROTOCOLS[spec.protocol](ds, progress=False, **spec.resolved(quick=True))
+    assert set(first.columns) == COLUMNS[spec.protocol]
+    assert len(first) > 0 and first["value"].notna().all()
+    assert set(first["seed"]) == set(spec.resolved(quick=True)["seeds"])
+    again = run_spec(spec, quick=True, progress=False)
+    pd.testing.assert_frame_equal(first, again)
+    after = data_fingerprint(ds)
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+
+
+def test_held_out_target_rescues_the_shifted_lab():
+    ds = sb.load("digits-labs")
+    df = held_out_sources(ds, {"name": "SmallCNN", "width": 8}, held_out=["lab_e"], strategies=["source", "target"],
+                          steps=150, progress=False)
+    held = df.query("is_held_out and metric == 'accuracy'").set_index("strategy")["value"]
+    assert held["target"] > held["source"] + 0.2
+    assert set(df["eval_source"]) == set(ds.source_names)
+
+
+def test_single_source_training_needs_per_source_statistics():
+    ds = sb.load("digits-labs")
+    df = batch_composition(ds, {"name": "SmallCNN", "width": 8}, modes=["single"], strategies=["precise", "per-source"],
+                           steps=150, progress=False)
+    mean = df.groupby("strategy")["value"].mean()
+    assert mean["per-source"] > mean["precise"] + 0.2
+
+
+def test_factory_models_are_built_per_seed():
+    from shiftbn.models import MLP
+
+    ds = sb.load("blobs-labs", n=300)
+    calls = []
+
+    def factory(seed):
+        calls.append(seed)
+        return MLP(16, 3, seed=seed)
+
+    df = held_out_sources(ds, factory, held_out=["lab_3"], strategies=["source"], steps=20, seeds=[0, 1],
+                          progress=False)
+    assert calls == [0, 1] and set(df["seed"]) == {0, 1}
+
+
+def test_spec_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"\[study\]"):
+        parse_spec({})
+    with pytest.raises(ValueError, match="study.protocol must be one of"):
+        parse_spec({"study": {"protocol": "nope", "dataset": "digits-labs"}})
+    with pytest.raises(ValueError, match="unknown parameter.*stepz"):
+        parse_spec({"study": {"protocol": "held_out_sources", "dataset": "digits-labs"}, "params": {"stepz": 3}})
+    with pytest.raises(ValueError, match="dataset is missing"):
+        parse_spec({"study": {"protocol": "held_out_sources"}})
+    with pytest.raises(FileNotFoundError):
+        load_spec("missing.toml")
