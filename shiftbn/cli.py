@@ -1,18 +1,244 @@
-"""The ``shiftbn`` command line."""
+"""The ``shiftbn`` command line: demo, run, stats, matrix, recalibrate."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
+from pathlib import Path
+
+EPILOG = "Errors print one line and exit with status 2. Docs: README.md (CLI reference)."
+
+
+def _add_user_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                   help="import path of a function that returns the model, e.g. mypkg.nets:make_resnet")
+    p.add_argument("--weights", required=True, type=Path,
+                   help="state dict saved with torch.save(model.state_dict()); loaded with weights_only=True")
+    p.add_argument("--data", required=True, type=Path,
+                   help="manifest CSV/Parquet (columns path,label,source) or an image folder root/<source>/<class>/")
+    p.add_argument("--path-col", default="path", help="manifest column with image paths (default: path)")
+    p.add_argument("--label-col", default="label", help="manifest column with labels (default: label)")
+    p.add_argument("--source-col", default="source", help="manifest column with the source/site (default: source)")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to SIZE x SIZE before the model")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size for statistics (default: 64)")
+    p.add_argument("--num-samples", type=int, default=None, help="at most this many samples per source")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="shiftbn", epilog=EPILOG,
+                                 description="How BatchNorm networks trained on several sources behave under domain "
+                                             "shift, and BN recalibration that fixes what can be fixed.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", epilog=EPILOG, help="run the built-in multi-lab demo and write an HTML report",
+                       description="Train a small BN network on a built-in multi-lab dataset (one lab held out), "
+                                   "compute per-lab statistics and the layer shift profile, the cross-source "
+                                   "matrix, the held-out-lab protocol and EMA vs PreciseBN, and write report.html.")
+    d.add_argument("--dataset", default="digits-labs", choices=["digits-labs", "fashion-mnist-labs"])
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
+    d.add_argument("--quick", action="store_true", help="a small run in seconds (for a first look and tests)")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("run", epilog=EPILOG, help="run a study spec from analyses/ (TOML)",
+                       description="Run a study spec cell by cell into a run folder; --resume skips finished cells.")
+    r.add_argument("spec", type=Path, help="study spec, e.g. analyses/held_out.toml")
+    r.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<spec name>)")
+    r.add_argument("--quick", action="store_true", help="use the spec's [quick] settings")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("stats", epilog=EPILOG, help="per-source BN statistics and the layer shift profile",
+                       description="Collect exact per-source BN statistics of your model on your data; writes "
+                                   "stats.json, stats.csv (tidy) and shift.csv into --out.")
+    _add_user_model_args(s)
+    s.add_argument("--mode", default="batch", choices=["batch", "sequential", "eval"])
+    s.add_argument("--out", type=Path, default=Path("runs/stats"))
+
+    m = sub.add_parser("matrix", epilog=EPILOG, help="cross-source evaluation matrix of your model",
+                       description="Evaluate your model on every source under every strategy; writes matrix.csv.")
+    _add_user_model_args(m)
+    m.add_argument("--strategies", nargs="+", default=["source", "precise", "target", "stats:*"],
+                   help="strategy specs (default: source precise target stats:*)")
+    m.add_argument("--metrics", nargs="+", default=["accuracy"], help="metric names (default: accuracy)")
+    m.add_argument("--calibration", type=float, default=0.5, help="calibration fraction per source (default 0.5)")
+    m.add_argument("--out", type=Path, default=Path("runs/matrix"))
+
+    c = sub.add_parser("recalibrate", epilog=EPILOG, help="write a checkpoint with BN statistics for a target site",
+                       description="Recompute BN statistics (AdaBN on the target site's unlabeled data, or "
+                                   "PreciseBN over all data) and write them into a NEW checkpoint; the input "
+                                   "checkpoint is never overwritten.")
+    _add_user_model_args(c)
+    c.add_argument("--target", default=None, help="target source/site name (required for --method adabn)")
+    c.add_argument("--method", default="adabn", choices=["adabn", "precise"])
+    c.add_argument("--output", required=True, type=Path, help="path of the new checkpoint")
+    c.add_argument("--force", action="store_true", help="replace --output if it exists (never the input)")
+    return ap
+
+
+def _import_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model must look like package.module:factory, got {spec!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module_name!r} for --model: {e}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"{module_name} has no callable {attr!r} for --model")
+    return factory
+
+
+def _load_user_model(args):
+    import torch
+
+    factory = _import_factory(args.model)
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{args.model} returned {type(model).__name__}, not a torch.nn.Module")
+    if not args.weights.exists():
+        raise FileNotFoundError(f"--weights file not found: {args.weights}")
+    try:
+        state = torch.load(args.weights, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        raise ValueError(f"{args.weights} is not a state dict loadable with weights_only=True: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{args.weights} holds {type(state).__name__}, expected a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"--weights do not fit the model from --model: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _load_user_data(args):
+    from shiftbn.data.files import from_folder, from_frame, load_image
+
+    loader = load_image
+    if args.image_size:
+        import torch.nn.functional as F
+
+        size = args.image_size
+
+        def loader(path):  # noqa: F811 - resize variant of load_image
+            return F.interpolate(load_image(path).unsqueeze(0), size=(size, size), mode="bilinear",
+                                 align_corners=False)[0]
+
+    if not args.data.exists():
+        raise FileNotFoundError(f"--data not found: {args.data}")
+    if args.data.is_dir():
+        return from_folder(args.data, loader=loader)
+    return from_frame(args.data, path=args.path_col, label=args.label_col, source=args.source_col, loader=loader)
+
+
+def _cmd_demo(args) -> None:
+    from shiftbn.demo import run_demo
+
+    result = run_demo(args.out, dataset=args.dataset, quick=args.quick, resume=args.resume, seed=args.seed,
+                      progress=not args.no_progress)
+    acc = result["matrix"].query("metric == 'accuracy' and not strategy.str.startswith('stats:')")
+    print("\nAccuracy by strategy (rows) and lab (columns):")
+    print(acc.pivot_table(index="strategy", columns="eval_source", values="value", sort=False).round(3).to_string())
+    s = result["summary"].query("metric == 'accuracy'")[["strategy", "mean", "worst_source", "worst", "gap"]]
+    print("\nSummary over labs:")
+    print(s.round(3).to_string(index=False))
+    print(f"\nReport: {result['report']}")
+
+
+def _cmd_run(args) -> None:
+    from shiftbn.protocols import load_spec, run_study
+    from shiftbn.runs import RunFolder
+
+    spec = load_spec(args.spec)
+    out = args.out or Path("runs") / spec.name
+    config = {"spec": str(args.spec), "protocol": spec.protocol, "dataset": spec.dataset, "sources": spec.sources,
+              "quick": args.quick, "params": spec.resolved(args.quick)}
+    run = RunFolder(out, config, resume=args.resume)
+    table = run_study(spec, run, quick=args.quick, progress=not args.no_progress)
+    print(f"{len(table)} result rows in {out / 'results.csv'}")
+
+
+def _cmd_stats(args) -> None:
+    from shiftbn.bn import collect_stats, stats_shift
+    from shiftbn.runs import atomic_write_text
+
+    model, ds = _load_user_model(args), _load_user_data(args)
+    stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
+                          seed=args.seed, progress=not args.no_progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "stats.json", json.dumps(stats.to_dict()))
+    atomic_write_text(args.out / "stats.csv", stats.to_frame().to_csv(index=False))
+    shift = stats_shift(stats, metric="all")
+    atomic_write_text(args.out / "shift.csv", shift.to_csv(index=False))
+    print(shift[shift["metric"] == "w2"].pivot_table(index="layer", columns="source", values="value", sort=False)
+          .round(4).to_string())
+    print(f"\nWrote {args.out / 'stats.json'}, stats.csv and shift.csv")
+
+
+def _cmd_matrix(args) -> None:
+    from shiftbn.evaluate import cross_source_matrix
+    from shiftbn.runs import atomic_write_text
+
+    model, ds = _load_user_model(args), _load_user_data(args)
+    table = cross_source_matrix(model, ds, args.strategies, args.metrics, calibration=args.calibration,
+                                stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
+                                progress=not args.no_progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "matrix.csv", table.to_csv(index=False))
+    for metric, g in table.groupby("metric", sort=False):
+        print(f"\n{metric}:")
+        print(g.pivot_table(index="strategy", columns="eval_source", values="value", sort=False).round(3).to_string())
+    print(f"\nWrote {args.out / 'matrix.csv'}")
+
+
+def _cmd_recalibrate(args) -> None:
+    from shiftbn.bn import collect_stats, load_stats
+    from shiftbn.runs import atomic_save_torch
+
+    if args.output.resolve() == args.weights.resolve():
+        raise ValueError("--output is the input checkpoint; recalibrate never overwrites its input")
+    if args.output.exists() and not args.force:
+        raise FileExistsError(f"{args.output} exists; pass --force to replace it")
+    model, ds = _load_user_model(args), _load_user_data(args)
+    if args.method == "adabn":
+        if args.target is None:
+            raise ValueError(f"--method adabn needs --target, one of {ds.sources_present}")
+        data = ds.subset(args.target)
+        stats = collect_stats(model, data, batch_size=args.batch_size, num_samples=args.num_samples,
+                              seed=args.seed, progress=not args.no_progress)[str(args.target)]
+    else:
+        data = ds if args.target is None else ds.subset(args.target)
+        stats = collect_stats(model, data, by_source=False, batch_size=args.batch_size,
+                              num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress).pooled()
+    load_stats(model, stats)
+    atomic_save_torch(args.output, model.state_dict())
+    where = f"site {args.target!r}" if args.target else "all data"
+    print(f"Wrote {args.output}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")
+
+
+COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "stats": _cmd_stats, "matrix": _cmd_matrix,
+            "recalibrate": _cmd_recalibrate}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="shiftbn", description="BatchNorm under domain shift.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the built-in multi-lab demo and write a report")
-    args = ap.parse_args(argv)
-    if args.command == "demo":
-        print("shiftbn demo: not built yet.")
+    """Entry point of the ``shiftbn`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"shiftbn {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"shiftbn {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

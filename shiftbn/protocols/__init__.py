@@ -5,10 +5,12 @@ from shiftbn.protocols.domains import shared_domains
 from shiftbn.protocols.heldout import held_out_sources
 from shiftbn.protocols.leakage import leakage_probe
 from shiftbn.protocols.population import ema_vs_precise, normalization_batch_size
+from shiftbn.protocols.runner import SPLIT_KEYS, run_study
 from shiftbn.protocols.spec import PROTOCOLS, StudySpec, load_spec, parse_spec, run_spec
 
 __all__ = [
     "PROTOCOLS",
+    "SPLIT_KEYS",
     "StudySpec",
     "batch_composition",
     "ema_vs_precise",
@@ -18,5 +20,6 @@ __all__ = [
     "normalization_batch_size",
     "parse_spec",
     "run_spec",
+    "run_study",
     "shared_domains",
 ]

@@ -1,0 +1,120 @@
+"""``shiftbn demo``: train on the built-in multi-lab data, analyse it, write the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from shiftbn.bn import collect_stats, stats_shift
+from shiftbn.data.builtin import load
+from shiftbn.evaluate import cross_source_matrix, summarize
+from shiftbn.protocols import ema_vs_precise, held_out_sources
+from shiftbn.protocols.common import make_model
+from shiftbn.report import ema_curves, findings, heldout_bars, lab_samples, matrix_heatmap, save, shift_profile
+from shiftbn.report.html import write_report
+from shiftbn.runs import RunFolder, atomic_save_torch, atomic_write_text
+from shiftbn.train import train
+
+DEMO_DATASETS: dict[str, dict[str, Any]] = {
+    "digits-labs": {"held_out": "lab_e", "load": {}},
+    "fashion-mnist-labs": {"held_out": "lab_d", "load": {"n": 6000}},
+}
+
+STRATEGIES = ["source", "precise", "target", "prior:16", "batch:64", "tent:10"]
+
+
+def demo_config(dataset: str = "digits-labs", quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """The resolved configuration of a demo run (what ``config.json`` records)."""
+    if dataset not in DEMO_DATASETS:
+        raise ValueError(f"unknown demo dataset {dataset!r}; choose from {sorted(DEMO_DATASETS)}")
+    base = DEMO_DATASETS[dataset]
+    return {
+        "dataset": dataset, "load": base["load"], "held_out": base["held_out"], "seed": seed, "quick": quick,
+        "model": {"name": "SmallCNN", "width": 8 if quick else 16},
+        "steps": 60 if quick else 400, "batch_size": 32, "fractions": [0.6, 0.2, 0.2],
+        "strategies": STRATEGIES, "heldout_strategies": ["source", "precise", "target", "prior:16"],
+        "heldout_labs": [base["held_out"]] if quick else None, "heldout_steps": 60 if quick else 300,
+        "ema": {"batch_sizes": [64] if quick else [16, 256], "steps": 40 if quick else 150,
+                "every": 20 if quick else 25, "precise_samples": 200 if quick else 1000,
+                "sample_grid": [50, 200] if quick else [30, 100, 300, 1000]},
+    }
+
+
+def run_demo(out: str | Path = "runs/demo", *, dataset: str = "digits-labs", quick: bool = False,
+             resume: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Run the demo into ``out`` (resumable cell by cell) and write ``report.html``.
+
+    Returns the tables (``matrix``, ``summary``, ``heldout``, ``shift``, ``ema``) and ``report`` path.
+    """
+    cfg = demo_config(dataset, quick, seed)
+    run = RunFolder(out, cfg, resume=resume)
+    ds = load(dataset, **cfg["load"])
+    split = ds.split(fractions=tuple(cfg["fractions"]), seed=seed)
+    train_labs = [s for s in ds.sources_present if s != cfg["held_out"]]
+    model = make_model(cfg["model"], ds, seed)
+    ckpt = run.path / "model.pt"
+
+    def do_train() -> pd.DataFrame:
+        log = train(model, split.train.subset(train_labs), steps=cfg["steps"], batch_size=cfg["batch_size"],
+                    seed=seed, progress=progress)
+        atomic_save_torch(ckpt, model.state_dict())
+        return log
+
+    run.cell("train", do_train)
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    model.eval()
+
+    def do_stats() -> pd.DataFrame:
+        stats = collect_stats(model, split.calibration, seed=seed, progress=progress)
+        atomic_write_text(run.path / "stats.json", json.dumps(stats.to_dict()))
+        return stats_shift(stats, metric="all")
+
+    shift = run.cell("shift_profile", do_stats)
+    matrix = run.cell("matrix", lambda: cross_source_matrix(
+        model, ds, cfg["strategies"] + ["stats:*"], ["accuracy", "nll", "ece"],
+        calibration=(split.calibration, split.test), train_sources=train_labs, seed=seed, progress=progress))
+    labs = cfg["heldout_labs"] or ds.sources_present
+    heldout = pd.concat([run.cell(f"heldout__{lab}", lambda lab=lab: held_out_sources(
+        ds, cfg["model"], held_out=[lab], strategies=cfg["heldout_strategies"], steps=cfg["heldout_steps"],
+        batch_size=cfg["batch_size"], seeds=[seed], progress=False)) for lab in labs], ignore_index=True)
+    ema = run.cell("ema", lambda: ema_vs_precise(ds.subset(train_labs), cfg["model"], seeds=[seed],
+                                                 progress=False, **cfg["ema"]))
+    summary = summarize(matrix[~matrix["strategy"].str.startswith("stats:")])
+    run.write_results(matrix, "matrix")
+    run.write_results(heldout, "heldout")
+    report = _write_report(run, ds, cfg, matrix, summary, heldout, shift, ema)
+    return {"matrix": matrix, "summary": summary, "heldout": heldout, "shift": shift, "ema": ema, "report": report}
+
+
+def _write_report(run, ds, cfg, matrix, summary, heldout, shift, ema) -> Path:
+    figs_dir = run.path / "figures"
+    figs_dir.mkdir(exist_ok=True)
+    w2 = shift[shift["metric"] == "w2"]
+    figures = {
+        "Sample images per lab": (lab_samples(ds, seed=cfg["seed"]), "samples.png"),
+        "Cross-source matrix (accuracy)": (matrix_heatmap(matrix), "matrix.png"),
+        "Layer shift profile (W2 to pooled statistics)": (shift_profile(w2), "shift_profile.png"),
+        "Held-out labs": (heldout_bars(heldout), "heldout.png"),
+        "EMA vs PreciseBN": (ema_curves(ema), "ema_vs_precise.png"),
+    }
+    paths = {}
+    for title, (fig, name) in figures.items():
+        save(fig, figs_dir / name)
+        paths[title] = figs_dir / name
+    acc = matrix[matrix["metric"] == "accuracy"]
+    tables = {
+        "Accuracy by strategy and lab": acc[~acc["strategy"].str.startswith("stats:")].pivot_table(
+            index="strategy", columns="eval_source", values="value", sort=False),
+        "Summary over labs": summary.set_index(["strategy", "metric"]),
+        "Held-out labs (accuracy)": heldout[heldout["is_held_out"].astype(bool) & (heldout["metric"] == "accuracy")]
+        .pivot_table(index="held_out", columns="strategy", values="value", sort=False),
+    }
+    meta = {"dataset": cfg["dataset"], "held-out lab in the main model": cfg["held_out"],
+            "model": cfg["model"]["name"], "steps": str(cfg["steps"]), "seed": str(cfg["seed"]),
+            "quick": str(cfg["quick"])}
+    return write_report(run.path / "report.html", title=f"shiftbn report — {cfg['dataset']}",
+                        summary=findings(matrix, heldout, w2), figures=paths, tables=tables, meta=meta)
