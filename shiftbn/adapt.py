@@ -29,7 +29,8 @@ class AdaptContext:
 
     ``stats``: statistics of each source's calibration samples; ``calibration_inputs(j)`` and
     ``eval_inputs(j)``: input tensors (N, ...) of source ``j``; ``train_sources``: the sources the
-    model was trained on (for ``precise``); ``batch_size``: evaluation batch size.
+    model was trained on; ``precise_stats()``: PreciseBN statistics of their calibration data in
+    random (mixed-source) batches, computed on first use; ``batch_size``: evaluation batch size.
     """
 
     model: nn.Module
@@ -39,6 +40,7 @@ class AdaptContext:
     train_sources: list[str]
     batch_size: int = 256
     seed: int = 0
+    precise_stats: Callable[[], BNStats] | None = None
     _cache: dict = field(default_factory=dict)
 
     def source_stats(self, name: str) -> BNStats:
@@ -118,7 +120,8 @@ class SourceEMA(Strategy):
 
 
 class Precise(Strategy):
-    """``precise``: PreciseBN over the training sources' calibration data (exact pooled moments)."""
+    """``precise``: PreciseBN over the training sources' calibration data, in random batches that mix
+    the sources as training batches usually do (exact pooled moments; one more statistics pass)."""
 
     name = "precise"
 
@@ -126,12 +129,11 @@ class Precise(Strategy):
         return "precise"
 
     def bn_stats(self, ctx, eval_source):
+        if ctx.precise_stats is None:
+            raise ValueError("this context has no PreciseBN statistics (precise_stats)")
         key = ("precise",)
         if key not in ctx._cache:
-            pooled = BNStats()
-            for s in ctx.train_sources:
-                pooled = pooled.merge(ctx.source_stats(s))
-            ctx._cache[key] = pooled
+            ctx._cache[key] = ctx.precise_stats()
         return ctx._cache[key]
 
 

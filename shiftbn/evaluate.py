@@ -132,8 +132,9 @@ def cross_source_matrix(
     evaluation samples (``calibration`` fraction, stratified, ``seed``), or both are all samples with
     ``transductive=True``. ``"stats:*"`` expands to one ``stats:<name>`` per source. Statistics of each
     source are collected once (``stats_mode``, ``stats_batch_size``, ``num_samples``) and reused;
-    logits are computed once per (statistics, eval source). ``train_sources`` (default: all) feed
-    ``precise``. ``ci``: add a bootstrap confidence interval at this level (``ci_low``, ``ci_high``).
+    logits are computed once per (statistics, eval source). ``precise`` is PreciseBN over the
+    calibration data of ``train_sources`` (default: all) in random mixed-source batches.
+    ``ci``: add a bootstrap confidence interval at this level (``ci_low``, ``ci_high``).
     Returns a tidy DataFrame: ``strategy, stats_source, eval_source, metric, value, n``.
     The model is not changed.
     """
@@ -165,7 +166,12 @@ def cross_source_matrix(
             cal_cache[s] = tensor_inputs(cal_ds.subset(s))
         return cal_cache[s]
 
-    ctx = AdaptContext(model, stats, cal_inputs, lambda s: eval_x[s], train_sources, batch_size, seed)
+    def precise_stats():
+        return collect_stats(model, cal_ds.subset(train_sources), by_source=False, batch_size=stats_batch_size,
+                             mode=stats_mode, num_samples=num_samples, seed=seed, progress=progress).pooled()
+
+    ctx = AdaptContext(model, stats, cal_inputs, lambda s: eval_x[s], train_sources, batch_size, seed,
+                       precise_stats)
     logits_cache: dict[tuple, np.ndarray] = {}
     rows = []
     cells = [(st, s) for st in strats for s in eval_sources]
