@@ -95,6 +95,7 @@ def normalization_batch_size(
     batch_size: int = 128,
     steps: int = 300,
     frozen_steps: int = 50,
+    frozen_lr: float | None = None,
     precise_samples: int = 2000,
     metrics: Sequence[str] = ("accuracy",),
     lr: float = 0.1,
@@ -107,9 +108,9 @@ def normalization_batch_size(
     Why: paper Section 4 — with tiny normalization batches, the statistics the network was trained
     with differ from population statistics. ``eval``: ``population`` (PreciseBN statistics from
     batches of the ghost size), ``minibatch`` (test batches of the ghost size normalized with their
-    own statistics), ``frozen`` (``frozen_steps`` more SGD steps with ``freeze_bn`` — population
-    statistics in training — then population statistics). Returns tidy rows: ``ghost_batch, eval,
-    metric, value, seed``.
+    own statistics), ``frozen`` (``frozen_steps`` more SGD steps at ``frozen_lr``, default ``lr / 100``,
+    with ``freeze_bn`` — population statistics in training — then population statistics; without BN's
+    feedback larger rates diverge here). Returns tidy rows: ``ghost_batch, eval, metric, value, seed``.
     """
     rows = []
     jobs = [(s, g) for s in as_seeds(seeds) for g in ghost_sizes]
@@ -122,8 +123,8 @@ def normalization_batch_size(
         mini = batch_stats_logits(net, x_test, g, seed).numpy()
         frozen = copy.deepcopy(pop)
         with freeze_bn(frozen):
-            train(frozen, sp.train, steps=frozen_steps, batch_size=batch_size, lr=lr * 0.1, seed=seed + 1,
-                  progress=False)
+            train(frozen, sp.train, steps=frozen_steps, batch_size=batch_size,
+                  lr=lr / 100 if frozen_lr is None else frozen_lr, seed=seed + 1, progress=False)
         results = {"population": _score(pop, x_test, y_test, metrics),
                    "minibatch": {m: metric_value(m, mini, y_test) for m in metrics},
                    "frozen": _score(frozen, x_test, y_test, metrics)}
