@@ -117,6 +117,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     spec = _spec(tmp_path)
     full = _cli("run", str(spec), "--out", str(tmp_path / "full"), "--no-progress")
     assert full.returncode == 0, full.stderr
+    assert (tmp_path / "full" / "figure.png").stat().st_size > 1000
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "shiftbn.cli", "run", str(spec), "--out", str(tmp_path / "cut"),
                              "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -37,7 +37,8 @@ def run_study(spec: StudySpec, run: RunFolder, *, quick: bool = False, progress:
     """Run ``spec`` one (seed, grid value) cell at a time in ``run``; completed cells are reused.
 
     Each cell is the protocol called with one seed and one value of its main grid axis, so the
-    combined table equals one uninterrupted call. Writes and returns ``results.csv``'s table.
+    combined table equals one uninterrupted call. Writes ``results.csv`` and ``figure.png`` and
+    returns the table.
     """
     params = spec.resolved(quick)
     ds = spec.load_dataset()
@@ -52,4 +53,7 @@ def run_study(spec: StudySpec, run: RunFolder, *, quick: bool = False, progress:
                                lambda p=cell_params: PROTOCOLS[spec.protocol](ds, progress=False, **p)))
     table = pd.concat(frames, ignore_index=True)
     run.write_results(table)
+    from shiftbn.report import save, study_figure
+
+    save(study_figure(spec.protocol, table), run.path / "figure.png")
     return table

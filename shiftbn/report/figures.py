@@ -103,3 +103,39 @@ def save(fig: plt.Figure, path) -> None:
     """Write a figure as PNG and close it."""
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def _bars(table: pd.DataFrame, x: str, hue: str, title: str, col: str | None = None,
+          metric: str = "accuracy") -> plt.Figure:
+    data = table[table["metric"] == metric]
+    g = sns.catplot(data=data, x=x, y="value", hue=hue, col=col, kind="bar", errorbar="sd", height=3.4,
+                    aspect=1.3)
+    g.set_axis_labels(x.replace("_", " "), metric)
+    g.figure.suptitle(title, y=1.04)
+    return g.figure
+
+
+def study_figure(protocol: str, table: pd.DataFrame) -> plt.Figure:
+    """The figure of a study's results, by protocol name (bars or curves; error bars: sd over the rows
+    averaged, i.e. over sources and seeds)."""
+    if protocol == "held_out_sources":
+        return heldout_bars(table)
+    if protocol == "ema_vs_precise":
+        return ema_curves(table)
+    if protocol == "batch_composition":
+        return _bars(table, "train_mode", "strategy", "Training batch composition x test statistics", col="batch_size")
+    if protocol == "normalization_batch_size":
+        data = table[table["metric"] == "accuracy"]
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        sns.lineplot(data=data, x="ghost_batch", y="value", hue="eval", marker="o", errorbar="sd", ax=ax)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("normalization (ghost) batch size")
+        ax.set_ylabel("accuracy")
+        ax.set_title("Normalization batch size: population vs mini-batch vs FrozenBN")
+        fig.tight_layout()
+        return fig
+    if protocol == "shared_domains":
+        return _bars(table, "train_norm", "test_stats", "Shared BN across domains: train vs test normalization")
+    if protocol == "leakage_probe":
+        return _bars(table, "composition", "eval", "Batch composition that reveals the label")
+    raise ValueError(f"no figure for protocol {protocol!r}")
