@@ -1,7 +1,8 @@
 """Cost of exact BN statistics: collect_stats vs a plain forward, precise_bn vs fvcore (prints ratios).
 
 Run: python benchmarks/bench_stats.py [--batches 40] [--batch-size 64] [--repeats 3]
-All timings are taken in the same run on the same batches; the best of ``--repeats`` is used.
+All timings are taken in the same run on the same batches, the functions interleaved; ratios are
+printed for the fastest and for the median round (this 2-core VM's timings vary by +-20%).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import statistics
 import time
 
 import torch
@@ -18,15 +20,15 @@ from shiftbn.models import SmallResNet
 
 
 def _interleaved(fns: dict, repeats: int) -> dict:
-    """Best time of each function over ``repeats`` rounds, the functions alternating within a round
+    """All timings of each function over ``repeats`` rounds, the functions alternating within a round
     so that a noisy machine slows them all alike."""
-    best = {k: float("inf") for k in fns}
+    times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -34,8 +36,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--sources", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a 2-core VM two threads make timings vary by +-40%%)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = SmallResNet(in_channels=3, width=16)
     n_bn = len(sb.bn_layers(model))
@@ -66,17 +71,18 @@ def main() -> None:
     except ImportError:
         print("fvcore not installed: pip install fvcore to compare precise_bn with it")
     plain()  # warm-up
-    t = _interleaved(fns, args.repeats)
-    t_plain, t_src, t_pool = t["plain"], t["src"], t["pool"]
-    print(f"plain train-mode forward      {t_plain:7.3f} s")
-    print(f"collect_stats, {args.sources} sources     {t_src:7.3f} s   throughput ratio {t_plain / t_src:5.2f}"
-          "  (target >= 0.90)")
-    print(f"collect_stats, pooled         {t_pool:7.3f} s   throughput ratio {t_plain / t_pool:5.2f}")
-    if "fv" not in t:
-        return
-    t_fv, t_pr = t["fv"], t["precise"]
-    print(f"fvcore update_bn_stats        {t_fv:7.3f} s")
-    print(f"precise_bn                    {t_pr:7.3f} s   time ratio vs fvcore {t_pr / t_fv:5.2f}  (target <= 1.0)")
+    times = _interleaved(fns, args.repeats)
+    for stat, pick in (("min", min), ("median", statistics.median)):
+        t = {k: pick(v) for k, v in times.items()}
+        print(f"-- {stat} over {args.repeats} interleaved rounds")
+        print(f"plain train-mode forward      {t['plain']:7.3f} s")
+        print(f"collect_stats, {args.sources} sources     {t['src']:7.3f} s   throughput ratio "
+              f"{t['plain'] / t['src']:5.2f}  (target >= 0.90)")
+        print(f"collect_stats, pooled         {t['pool']:7.3f} s   throughput ratio {t['plain'] / t['pool']:5.2f}")
+        if "fv" in t:
+            print(f"fvcore update_bn_stats        {t['fv']:7.3f} s")
+            print(f"precise_bn                    {t['precise']:7.3f} s   time ratio vs fvcore "
+                  f"{t['precise'] / t['fv']:5.2f}  (target <= 1.0)")
 
 
 if __name__ == "__main__":
