@@ -30,7 +30,8 @@ class AdaptContext:
     ``stats``: statistics of each source's calibration samples; ``calibration_inputs(j)`` and
     ``eval_inputs(j)``: input tensors (N, ...) of source ``j``; ``train_sources``: the sources the
     model was trained on; ``precise_stats()``: PreciseBN statistics of their calibration data in
-    random (mixed-source) batches, computed on first use; ``batch_size``: evaluation batch size.
+    random (mixed-source) batches, computed on first use; ``eval_sources``: the sources evaluated
+    (default: all with statistics); ``batch_size``: evaluation batch size.
     """
 
     model: nn.Module
@@ -41,6 +42,7 @@ class AdaptContext:
     batch_size: int = 256
     seed: int = 0
     precise_stats: Callable[[], BNStats] | None = None
+    eval_sources: list[str] | None = None
     _cache: dict = field(default_factory=dict)
 
     def source_stats(self, name: str) -> BNStats:
@@ -214,7 +216,7 @@ class BatchStats(Strategy):
             return batch_stats_logits(ctx.model, x, self.batch, ctx.seed)
         key = ("mixed-batch", self.batch)
         if key not in ctx._cache:
-            names = list(ctx.stats)
+            names = list(ctx.stats) if ctx.eval_sources is None else list(ctx.eval_sources)
             xs = [ctx.eval_inputs(s) for s in names]
             out = batch_stats_logits(ctx.model, torch.cat(xs), self.batch, ctx.seed)
             ctx._cache[key] = dict(zip(names, torch.split(out, [len(v) for v in xs]), strict=True))

@@ -19,7 +19,8 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path,
                    help="manifest CSV/Parquet (columns path,label,source) or an image folder root/<source>/<class>/")
     p.add_argument("--path-col", default="path", help="manifest column with image paths (default: path)")
-    p.add_argument("--label-col", default="label", help="manifest column with labels (default: label)")
+    p.add_argument("--label-col", default="label",
+                   help="manifest column with labels (default: label; 'none' for unlabeled data)")
     p.add_argument("--source-col", default="source", help="manifest column with the source/site (default: source)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to SIZE x SIZE before the model")
     p.add_argument("--batch-size", type=int, default=64, help="batch size for statistics (default: 64)")
@@ -135,7 +136,8 @@ def _load_user_data(args):
         raise FileNotFoundError(f"--data not found: {args.data}")
     if args.data.is_dir():
         return from_folder(args.data, loader=loader)
-    return from_frame(args.data, path=args.path_col, label=args.label_col, source=args.source_col, loader=loader)
+    label = None if args.label_col.lower() == "none" else args.label_col
+    return from_frame(args.data, path=args.path_col, label=label, source=args.source_col, loader=loader)
 
 
 def _cmd_demo(args) -> None:

@@ -171,7 +171,7 @@ def cross_source_matrix(
                              mode=stats_mode, num_samples=num_samples, seed=seed, progress=progress).pooled()
 
     ctx = AdaptContext(model, stats, cal_inputs, lambda s: eval_x[s], train_sources, batch_size, seed,
-                       precise_stats)
+                       precise_stats, eval_sources)
     logits_cache: dict[tuple, np.ndarray] = {}
     rows = []
     cells = [(st, s) for st in strats for s in eval_sources]

@@ -96,6 +96,9 @@ def test_batch_mixed_differs_from_single_source_batches(trained):
     model, ds = trained
     table = cross_source_matrix(model, ds, ["batch:32", "batch:32:mixed"], ["accuracy"], progress=False)
     assert _acc(table, "batch:32", "lab_e") > _acc(table, "batch:32:mixed", "lab_e") + 0.1
+    some = cross_source_matrix(model, ds, ["batch:32:mixed"], ["accuracy"], eval_sources=["lab_a", "lab_e"],
+                               progress=False)
+    assert list(some["eval_source"]) == ["lab_a", "lab_e"]
 
 
 def test_custom_strategy_registration(trained):
