@@ -23,10 +23,14 @@ def test_merge_is_exact_and_associative(sizes, offset, seed):
     left, right = a.merge(b).merge(c), a.merge(b.merge(c))
     ref = _moments(np.concatenate(parts))
     assert left.count == ref.count == right.count
+    # Any float64 merge loses ~eps * |mean| / std relative in the variance (the means' rounding
+    # enters the between-part term), so the bounds scale with that condition number: 1e-12 and
+    # 1e-9 for well-conditioned data; hypothesis finds 3 single points at 1e4 with std 0.1 (cond 1e5).
+    cond = max(1.0, float(np.max(np.abs(ref.mean) / np.sqrt(ref.var + 1e-300))))
     np.testing.assert_allclose(left.mean, right.mean, rtol=1e-12, atol=0)
-    np.testing.assert_allclose(left.var, right.var, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(left.var, right.var, rtol=1e-12 * cond, atol=1e-300)
     np.testing.assert_allclose(left.mean, ref.mean, rtol=1e-12)
-    np.testing.assert_allclose(left.var, ref.var, rtol=1e-9)
+    np.testing.assert_allclose(left.var, ref.var, rtol=1e-9 * cond)
 
 
 def test_batch_moments_float32_with_large_offset_match_float64_reference():
