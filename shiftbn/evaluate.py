@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from sklearn import metrics as skm
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -32,6 +31,8 @@ def metric_value(name: str, outputs: np.ndarray, y: np.ndarray) -> float:
     macro), ``ece`` (expected calibration error, 15 bins, torchmetrics). Regression: ``outputs`` (N,)
     or (N, 1): ``mae``, ``r2``.
     """
+    from sklearn import metrics as skm  # imported here: it costs ~1 s at start-up
+
     outputs = np.asarray(outputs)
     y = np.asarray(y)
     regression = outputs.ndim == 1 or outputs.shape[1] == 1

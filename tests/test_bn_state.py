@@ -101,7 +101,7 @@ def test_bn_layers_discovery_order_and_warnings():
     with pytest.warns(UserWarning, match="GroupNorm"):
         layers = sb.bn_layers(model)
     assert [(layer.name, layer.depth) for layer in layers] == [("2", 0), ("3.0", 1), ("4", 2)]
-    with pytest.raises(ValueError, match="no BatchNorm"):
+    with pytest.raises(ValueError, match="no BatchNorm"), pytest.warns(UserWarning, match="LayerNorm"):
         sb.bn_layers(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
     lazy = nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d())
     with pytest.raises(ValueError, match="not initialized"):
