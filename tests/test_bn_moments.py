@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shiftbn.bn.moments import BNStats, Moments, SourceStats, batch_moments, merge_all
+from shiftbn.bn.moments import BNStats, Moments, SourceStats, batch_moments
 
 
 def _moments(x: np.ndarray) -> Moments:
@@ -58,4 +58,3 @@ def test_serialization_roundtrips_and_tidy_frame():
     np.testing.assert_allclose(pooled["a"].var, bn["a"].var, rtol=1e-12)
     with pytest.raises(KeyError, match="lab1"):
         ss["lab3"]
-    assert merge_all([bn["a"], bn["a"]]).count == 20

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,15 +112,6 @@ class MomentAccumulator:
         mean = (n * means).sum(0) / total
         m2 = m2s.sum(0) + (n * (means - mean) ** 2).sum(0)
         return Moments(total, mean, m2)
-
-
-def merge_all(items: Iterable[Moments]) -> Moments:
-    """Merge a sequence of ``Moments`` left to right."""
-    it = iter(items)
-    out = next(it)
-    for m in it:
-        out = out.merge(m)
-    return out
 
 
 @dataclass

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from shiftbn.data.tagged import SourceTaggedDataset
@@ -42,8 +41,3 @@ def as_seeds(seeds: int | Sequence[int]) -> list[int]:
 def data_fingerprint(ds: SourceTaggedDataset) -> tuple:
     """Cheap fingerprint of a dataset's ids and labels, to check protocols do not modify it."""
     return (ds.source_ids.copy(), None if ds.labels is None else ds.labels.copy())
-
-
-def accuracy_of(model: nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1).numpy() == y).mean())
