@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shiftbn.bn.moments import BNStats, Moments, SourceStats, batch_moments
+from shiftbn.bn.moments import BNStats, Moments, SourceStats, Workspace, batch_moments
 
 
 def _moments(x: np.ndarray) -> Moments:
@@ -58,3 +58,16 @@ def test_serialization_roundtrips_and_tidy_frame():
     np.testing.assert_allclose(pooled["a"].var, bn["a"].var, rtol=1e-12)
     with pytest.raises(KeyError, match="lab1"):
         ss["lab3"]
+
+
+def test_batch_moments_any_memory_layout_with_and_without_workspace():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 5, 5, generator=g).to(memory_format=torch.channels_last)
+    ref = x.double().numpy().transpose(0, 2, 3, 1).reshape(-1, 3)
+    ws = Workspace()
+    for _ in range(2):
+        for w in (None, ws):
+            count, mean, m2 = batch_moments(x, w)
+            np.testing.assert_allclose(mean.numpy(), ref.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(m2.numpy() / count, ref.var(0), rtol=1e-12)
+    assert x.is_contiguous(memory_format=torch.channels_last)  # the input is left as it was

@@ -62,12 +62,15 @@ def batch_moments(x: torch.Tensor, workspace: Workspace | None = None) -> tuple[
     Two-pass in float64 on a private copy, so inputs with a large offset (1e4) stay exact. A reused
     ``workspace`` for that copy avoids a fresh allocation (and its page faults) per call.
     """
-    dims = [0, *range(2, x.ndim)]
     count = x.numel() // x.shape[1]
-    xd = workspace.take(x) if workspace is not None else x.detach().to(torch.float64, copy=True)
-    mean = xd.sum(dims) / count
-    xd.sub_(mean.view(1, -1, *([1] * (x.ndim - 2))))
-    return count, mean, xd.square_().sum(dims)
+    if workspace is not None:
+        xd = workspace.take(x)
+    else:
+        xd = x.detach().to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+    xd = xd.view(x.shape[0], x.shape[1], -1)  # contiguous copy: (N, C, L); summing L then N is ~10% faster
+    mean = xd.sum(2).sum(0) / count
+    xd.sub_(mean.view(1, -1, 1))
+    return count, mean, xd.square_().sum(2).sum(0)
 
 
 class Workspace:
