@@ -234,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, KeyError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, KeyError, RuntimeError) as e:
+        # RuntimeError: torch's own complaints about a user's model or data (shapes, dtypes)
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"shiftbn {args.command}: error: {msg}", file=sys.stderr)
+        first = str(msg).strip().splitlines()[0] if str(msg).strip() else type(e).__name__
+        print(f"shiftbn {args.command}: error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"shiftbn {args.command}: interrupted", file=sys.stderr)

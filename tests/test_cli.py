@@ -94,6 +94,19 @@ def test_stats_matrix_recalibrate_on_a_users_model(tmp_path, monkeypatch):
     np.testing.assert_allclose(new["1.running_mean"].numpy(), stats["site_b"]["1"].mean, rtol=1e-5)
     np.testing.assert_allclose(new["1.running_var"].numpy(), stats["site_b"]["1"].var, rtol=1e-5)
     assert main(["recalibrate", *common, "--target", "site_z", "--output", "z.pt"]) == 2
+    # images of the wrong size for the model: torch's error becomes one line, exit 2
+    (proj / "usernet.py").write_text((proj / "usernet.py").read_text() + textwrap.dedent("""
+        def make_big():
+            return nn.Sequential(nn.Flatten(), nn.Linear(100, 4), nn.BatchNorm1d(4))
+    """))
+    import importlib
+
+    import usernet
+
+    importlib.reload(usernet)
+    torch.save(usernet.make_big().state_dict(), proj / "big.pt")
+    assert main(["stats", "--model", "usernet:make_big", "--weights", "big.pt", "--data", "data",
+                 "--no-progress", "--out", "bad"]) == 2
 
 
 def _spec(tmp_path):
