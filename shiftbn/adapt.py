@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shiftbn.bn import BNStats, SourceStats, bn_layers, buffer_stats, mix_stats, preserved, use_stats
+from shiftbn.bn import BNStats, SourceStats, bn_layers, buffer_stats, device_of, mix_stats, preserved, use_stats
 from shiftbn.data.tagged import SourceTaggedDataset
 
 
@@ -51,14 +51,10 @@ class AdaptContext:
         return self.stats[name]
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def forward_batches(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Logits of ``x`` in batches of ``batch_size`` with the model as it is; float32 on CPU."""
-    device = _device(model)
+    device = device_of(model)
     return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
@@ -253,7 +249,7 @@ class Tent(Strategy):
         opt = torch.optim.Adam(params, lr=self.lr)
         cal = ctx.calibration_inputs(eval_source)
         gen = torch.Generator().manual_seed(ctx.seed)
-        device = _device(model)
+        device = device_of(model)
         for _ in range(self.steps):
             idx = torch.randperm(len(cal), generator=gen)[: min(self.batch, len(cal))]
             logp = torch.log_softmax(model(cal[idx].to(device)), dim=1)
@@ -316,7 +312,7 @@ for _prefix, _factory in {
     "prior": lambda a: Prior(_number("prior", float)(a)),
     "batch": _batch,
     "tent": lambda a: Tent(_number("tent", int)(a)),
-    "stats": lambda a: _named(a),
+    "stats": _named,
 }.items():
     register_strategy(_prefix, _factory)
 

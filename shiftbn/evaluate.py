@@ -158,8 +158,9 @@ def cross_source_matrix(
                          "give an explicit split, or use transductive=True")
     stats = collect_stats(model, cal_ds, batch_size=stats_batch_size, mode=stats_mode, num_samples=num_samples,
                           seed=seed, progress=progress)
-    eval_x = {s: tensor_inputs(eval_ds.subset(s)) for s in eval_sources}
-    eval_y = {s: eval_ds.subset(s).labels for s in eval_sources}
+    eval_parts = {s: eval_ds.subset(s) for s in eval_sources}
+    eval_x = {s: tensor_inputs(part) for s, part in eval_parts.items()}
+    eval_y = {s: part.labels for s, part in eval_parts.items()}
     cal_cache: dict[str, torch.Tensor] = {}
 
     def cal_inputs(s: str) -> torch.Tensor:

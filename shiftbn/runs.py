@@ -11,6 +11,7 @@ Layout of a run folder::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -54,18 +55,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_save_torch(path: Path, obj: Any) -> None:
-    """``torch.save`` through a temp file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _umask_mode(tmp)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through a temp file and an atomic rename (``atomic_write_bytes``)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def environment(seed: int | None = None) -> dict[str, Any]:
@@ -148,7 +141,7 @@ class RunFolder:
             import pyarrow  # noqa: F401
         except ImportError:
             return out
-        tmp = self.path / f".{name}.parquet.tmp"
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, self.path / f"{name}.parquet")
+        buf = io.BytesIO()
+        table.to_parquet(buf, index=False)
+        atomic_write_bytes(self.path / f"{name}.parquet", buf.getvalue())
         return out

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from shiftbn.bn.layers import device_of
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.samplers import SourceBatchSampler
 
@@ -55,7 +56,7 @@ def train(
     loader = DataLoader(ds, batch_sampler=sampler)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    device = next(model.parameters()).device
+    device = device_of(model)
     model.train()
     rows, step, epoch = [], 0, 0
     with tqdm(total=steps, desc="train", disable=not progress, leave=False) as bar:

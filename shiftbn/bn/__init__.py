@@ -2,7 +2,7 @@
 
 from shiftbn.bn.collect import COLLECT_MODES, collect_stats
 from shiftbn.bn.distributed import all_merge
-from shiftbn.bn.layers import BNLayer, bn_layers
+from shiftbn.bn.layers import BNLayer, bn_layers, device_of
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments, mix_stats
 from shiftbn.bn.precise import precise_bn
 from shiftbn.bn.shift import stats_shift
@@ -22,6 +22,7 @@ __all__ = [
     "bn_layers",
     "buffer_stats",
     "collect_stats",
+    "device_of",
     "freeze_bn",
     "load_stats",
     "mix_stats",

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from shiftbn.bn.distributed import all_merge
-from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized
+from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
 from shiftbn.bn.moments import POOLED, BNStats, MomentAccumulator, SourceStats, Workspace, batch_moments
 from shiftbn.bn.state import ModelSnapshot, write_stats
 from shiftbn.data.tagged import SourceTaggedDataset
@@ -205,7 +205,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: _Batches, mode: str
         return hook
 
     hooks = [layer.module.register_forward_pre_hook(make_hook(layer.name)) for layer in layers]
-    device = _device_of(model)
+    device = device_of(model)
     try:
         with torch.no_grad():
             for x, src in tqdm(plan, total=plan.total, desc=desc, disable=not progress, leave=False):
@@ -241,11 +241,3 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: _Batches, mode: str
                 result[name] = mom
         out[src] = BNStats(result, n_samples.get(src, 0))
     return SourceStats(out, mode)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shiftbn.adapt import batch_stats_logits, forward_batches, tensor_inputs
-from shiftbn.bn import bn_layers, freeze_bn, precise_bn
+from shiftbn.bn import bn_layers, freeze_bn, precise_bn, preserved
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
 from shiftbn.protocols.common import ModelSpec, as_seeds, make_model
@@ -20,11 +20,9 @@ from shiftbn.train import train
 
 
 def _score(model: nn.Module, x: torch.Tensor, y: np.ndarray, metrics: Sequence[str]) -> dict[str, float]:
-    with torch.no_grad():
-        was = model.training
+    with preserved(model):
         model.eval()
         out = forward_batches(model, x, 512).numpy()
-        model.train(was)
     return {m: metric_value(m, out, y) for m in metrics}
 
 

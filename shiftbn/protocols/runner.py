@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pandas as pd
@@ -28,8 +29,6 @@ def _axis_values(spec: StudySpec, params: dict[str, Any], ds) -> list:
         return list(params[key])
     if key == "held_out":
         return list(ds.sources_present)
-    import inspect
-
     return list(inspect.signature(PROTOCOLS[spec.protocol]).parameters[key].default)
 
 
