@@ -75,7 +75,13 @@ def test_k_sources_per_batch(sizes, k, c, seed, balance):
         assert (counts > 0).sum() == k
         assert set(counts[counts > 0].tolist()) == {c}
     if balance == "proportional":
-        s2 = sb.SourceBatchSampler(ids, k * c, "mixed", sources_per_batch=k, seed=seed)
+        # Keeping partial chunks can make a large source need one chunk more than there are batches
+        # (hypothesis: sizes 28, 30, 30, 45 with k=3, c=2): then the documented error, else coverage.
+        try:
+            s2 = sb.SourceBatchSampler(ids, k * c, "mixed", sources_per_batch=k, seed=seed)
+        except ValueError as e:
+            assert "batches of" in str(e) and "distinct sources" in str(e)
+            return
         flat = np.concatenate(_batches(s2))
         assert np.array_equal(np.sort(flat), np.arange(len(ids)))
 
