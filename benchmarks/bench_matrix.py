@@ -17,7 +17,7 @@ import time
 import torch
 
 import shiftbn as sb
-from shiftbn.adapt import tensor_inputs
+from shiftbn._torch import stack_inputs
 from shiftbn.evaluate import cross_source_matrix
 from shiftbn.models import SmallCNN
 
@@ -35,8 +35,8 @@ def main() -> None:
     model = SmallCNN(in_channels=ds[0][0].shape[0], width=args.width).eval()
     sources = ds.sources_present
     split = ds.split(fractions=(0.0, 0.5, 0.5), seed=0)
-    cal = {s: tensor_inputs(split.calibration.subset(s)) for s in sources}
-    ev = {s: tensor_inputs(split.test.subset(s)) for s in sources}
+    cal = {s: stack_inputs(split.calibration.subset(s)) for s in sources}
+    ev = {s: stack_inputs(split.test.subset(s)) for s in sources}
     n_eval_passes = len(sources) ** 2 + 2 * len(sources)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; {args.dataset}: {len(ds)} samples, "
           f"{len(sources)} sources; SmallCNN width {args.width}; 2 stats passes + "

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from shiftbn.bn.layers import device_of
+from shiftbn._torch import device_of
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.samplers import SourceBatchSampler
 

@@ -82,7 +82,7 @@ def test_model_unchanged_after_every_strategy_and_the_matrix(trained):
                     "tent:3", "stats:*"], ["accuracy", "nll"], train_sources=TRAIN, progress=False)
     assert_same_state(model, before)
     model.eval()
-    assert set(table.columns) == {"strategy", "stats_source", "eval_source", "metric", "value", "n"}
+    assert set(table.columns) == {"strategy", "is_cross_source", "stats_source", "eval_source", "metric", "value", "n"}
     assert len(table) == (8 + 5) * 5 * 2
     assert table["value"].between(0, np.inf).all()
     # logits are shared: target on j equals stats:j on j and per-source

@@ -1,6 +1,6 @@
 """The BN statistics engine: discovery, exact moments, collection, state swapping, PreciseBN, shift."""
 
-from shiftbn.bn.collect import COLLECT_MODES, collect_stats
+from shiftbn.bn.collect import COLLECT_MODES, CollectMode, collect_stats
 from shiftbn.bn.distributed import all_merge
 from shiftbn.bn.layers import BNLayer, bn_layers, device_of
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments, mix_stats
@@ -13,6 +13,7 @@ __all__ = [
     "POOLED",
     "BNLayer",
     "BNStats",
+    "CollectMode",
     "FrozenBN",
     "ModelSnapshot",
     "Moments",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from shiftbn.bn.state import ModelSnapshot, write_stats
 from shiftbn.data.tagged import SourceTaggedDataset
 
 COLLECT_MODES = ("batch", "sequential", "eval")
+CollectMode = Literal["batch", "sequential", "eval"]
 
 
 class _Batches:

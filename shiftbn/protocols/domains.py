@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from shiftbn.adapt import forward_batches, tensor_inputs
+from shiftbn._torch import forward_batches, stack_inputs
 from shiftbn.bn import collect_stats, use_stats
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
@@ -49,7 +49,7 @@ def shared_domains(
     jobs = [(s, t) for s in as_seeds(seeds) for t in train_norms]
     for seed, train_norm in tqdm(jobs, desc="domains", disable=not progress, leave=False):
         sp = ds.split(fractions=fractions, seed=seed)
-        x_test, y_test = tensor_inputs(sp.test), sp.test.labels
+        x_test, y_test = stack_inputs(sp.test), sp.test.labels
         net = make_model({"name": "SharedHeadNet", "width": width, "joint": train_norm == "joint"}, ds, seed)
         train(net, sp.train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False)
         for test in test_stats:

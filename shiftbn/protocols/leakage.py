@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from shiftbn.adapt import batch_stats_logits, forward_batches, tensor_inputs
+from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
 from shiftbn.bn import precise_bn
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.protocols.common import ModelSpec, as_seeds, make_model
@@ -83,7 +83,7 @@ def leakage_probe(
                     mode="random" if groups is None else "single", groups=groups, progress=False)
         pop = copy.deepcopy(net)
         precise_bn(pop, sp.train, num_samples=precise_samples, batch_size=batch_size, seed=seed, progress=False)
-        x_test, y_test = tensor_inputs(sp.test), sp.test.labels
+        x_test, y_test = stack_inputs(sp.test), sp.test.labels
         results = {
             "train_batches": float(log["accuracy"].iloc[-max(1, steps // 4):].mean()),
             "test_same_composition": _same_composition_accuracy(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from shiftbn.adapt import batch_stats_logits, forward_batches, tensor_inputs
+from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
 from shiftbn.bn import bn_layers, freeze_bn, precise_bn, preserved
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
@@ -61,7 +61,7 @@ def ema_vs_precise(
     jobs = [(s, b, m) for s in as_seeds(seeds) for b in batch_sizes for m in momenta]
     for seed, bs, mom in tqdm(jobs, desc="ema-vs-precise", disable=not progress, leave=False):
         sp = ds.split(fractions=fractions, seed=seed)
-        x_test, y_test = tensor_inputs(sp.test), sp.test.labels
+        x_test, y_test = stack_inputs(sp.test), sp.test.labels
         net = make_model(model, ds, seed)
         for layer in bn_layers(net):
             layer.module.momentum = mom
@@ -114,7 +114,7 @@ def normalization_batch_size(
     jobs = [(s, g) for s in as_seeds(seeds) for g in ghost_sizes]
     for seed, g in tqdm(jobs, desc="norm-batch", disable=not progress, leave=False):
         sp = ds.split(fractions=fractions, seed=seed)
-        x_test, y_test = tensor_inputs(sp.test), sp.test.labels
+        x_test, y_test = stack_inputs(sp.test), sp.test.labels
         net = make_model(model, ds, seed)
         train(net, sp.train, steps=steps, batch_size=batch_size, ghost_batch=g, lr=lr, seed=seed, progress=False)
         pop = _precise_copy(net, sp.train, precise_samples, g, seed)

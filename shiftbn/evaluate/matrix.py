@@ -1,0 +1,233 @@
+"""The cross-source matrix in three steps: prepare sources and splits, collect statistics and inputs,
+score every (strategy, eval source) cell."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from shiftbn._torch import stack_inputs
+from shiftbn.adapt import AdaptContext, Strategy, expand_strategies
+from shiftbn.bn import CollectMode, collect_stats
+from shiftbn.data.tagged import SourceTaggedDataset, Splits
+from shiftbn.evaluate.metrics import check_metrics, metric_value
+
+Calibration = float | Splits | tuple[SourceTaggedDataset, SourceTaggedDataset]
+
+
+@dataclass
+class MatrixPlan:
+    """Step 1's result: which data calibrates, which is evaluated, which strategies on which sources."""
+
+    calibration: SourceTaggedDataset
+    evaluation: SourceTaggedDataset
+    strategies: list[Strategy]
+    eval_sources: list[str]
+    train_sources: list[str]
+
+
+def prepare(
+    ds: SourceTaggedDataset,
+    strategies: Sequence[str | Strategy] | str | Strategy,
+    *,
+    calibration: Calibration = 0.5,
+    transductive: bool = False,
+    train_sources: Sequence[str] | None = None,
+    eval_sources: Sequence[str] | None = None,
+    seed: int = 0,
+) -> MatrixPlan:
+    """Split each source into calibration and evaluation samples and check every strategy's needs."""
+    if not isinstance(ds, SourceTaggedDataset):
+        raise TypeError("cross_source_matrix needs a SourceTaggedDataset")
+    if ds.labels is None:
+        raise ValueError("evaluation needs labels; the dataset has none")
+    cal_ds, eval_ds = _calibration_split(ds, calibration, transductive, seed)
+    sources = ds.sources_present
+    evals = list(sources if eval_sources is None else [str(s) for s in eval_sources])
+    trains = list(sources if train_sources is None else [str(s) for s in train_sources])
+    for s in evals + trains:
+        ds.source_id(s)
+    strats = expand_strategies(strategies, sources)
+    needed = set()
+    for st in strats:
+        for j in evals:
+            needed |= st.stats_sources(j) | st.calibration_sources(j)
+        if st.needs_precise:
+            needed |= set(trains)
+    empty = [s for s in needed if not (cal_ds.source_ids == ds.source_id(s)).any()]
+    if empty:
+        raise ValueError(f"source(s) {sorted(empty)} have no calibration samples; raise calibration, "
+                         "give an explicit split, or use transductive=True")
+    return MatrixPlan(cal_ds, eval_ds, strats, evals, trains)
+
+
+def _calibration_split(ds: SourceTaggedDataset, calibration: Calibration, transductive: bool, seed: int):
+    if transductive:
+        return ds, ds
+    if isinstance(calibration, Splits):
+        return calibration.calibration, calibration.test
+    if isinstance(calibration, tuple) and len(calibration) == 2:
+        return calibration
+    if not isinstance(calibration, (int, float)) or not 0 < calibration < 1:
+        raise ValueError(f"calibration must be a fraction in (0, 1), a Splits or a (calibration, eval) pair; "
+                         f"got {calibration!r}")
+    sp = ds.split(fractions=(0.0, float(calibration), 1.0 - float(calibration)), seed=seed)
+    return sp.calibration, sp.test
+
+
+def collect(
+    model: nn.Module,
+    plan: MatrixPlan,
+    *,
+    batch_size: int = 256,
+    stats_batch_size: int = 64,
+    stats_mode: CollectMode = "batch",
+    num_samples: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[AdaptContext, dict[str, np.ndarray]]:
+    """The context strategies see (statistics computed on first use) and each eval source's labels."""
+    eval_parts = {s: plan.evaluation.subset(s) for s in plan.eval_sources}
+    eval_x: dict[str, torch.Tensor] = {}
+    cal = plan.calibration
+
+    def eval_inputs(s: str) -> torch.Tensor:
+        if s not in eval_x:
+            eval_x[s] = stack_inputs(eval_parts[s])
+        return eval_x[s]
+
+    def source_stats():
+        return collect_stats(model, cal, batch_size=stats_batch_size, mode=stats_mode, num_samples=num_samples,
+                             seed=seed, progress=progress)
+
+    def precise_stats():
+        return collect_stats(model, cal.subset(plan.train_sources), by_source=False, batch_size=stats_batch_size,
+                             mode=stats_mode, num_samples=num_samples, seed=seed, progress=progress).pooled()
+
+    ctx = AdaptContext(model=model, source_stats_fn=source_stats,
+                       calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s),
+                                                             lambda: stack_inputs(cal.subset(s))),
+                       eval_inputs=eval_inputs, train_sources=plan.train_sources, eval_sources=plan.eval_sources,
+                       precise_stats_fn=precise_stats, batch_size=batch_size, seed=seed)
+    return ctx, {s: part.labels for s, part in eval_parts.items()}
+
+
+def score(
+    ctx: AdaptContext,
+    plan: MatrixPlan,
+    labels: dict[str, np.ndarray],
+    metrics: Sequence[str],
+    *,
+    ci: float | None = None,
+    n_boot: int = 200,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Outputs of every (strategy, eval source) cell, computed once per cache key, and their metrics."""
+    outputs: dict = {}
+    rows = []
+    cells = [(st, s) for st in plan.strategies for s in plan.eval_sources]
+    for strat, src in tqdm(cells, desc="matrix", disable=not progress, leave=False):
+        key = strat.cache_key(ctx, src)
+        out = outputs.get(key) if key is not None else None
+        if out is None:
+            out = _checked(strat, src, strat.logits(ctx, src, ctx.eval_inputs(src)))
+            if key is not None:
+                outputs[key] = out
+        y = labels[src]
+        for m in metrics:
+            row = {"strategy": strat.name, "is_cross_source": strat.cross_source,
+                   "stats_source": strat.stats_source(ctx, src), "eval_source": src, "metric": m,
+                   "value": metric_value(m, out, y), "n": len(y)}
+            if ci is not None:
+                row["ci_low"], row["ci_high"] = _bootstrap(m, out, y, n_boot, ci, ctx.seed)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _checked(strat: Strategy, src: str, out: torch.Tensor) -> np.ndarray:
+    """Outputs as numpy, refused when any is NaN or infinite (an argmax of NaN would score as class 0)."""
+    out = out.detach().float().cpu()
+    bad = ~torch.isfinite(out.reshape(len(out), -1)).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"strategy {strat.name!r} produced NaN or infinite outputs for {int(bad.sum())} of "
+                         f"{len(out)} samples of source {src!r}; check the model's precision and inputs")
+    return out.numpy()
+
+
+def _bootstrap(name: str, outputs: np.ndarray, y: np.ndarray, n_boot: int, level: float, seed: int):
+    from scipy.stats import bootstrap
+
+    res = bootstrap((np.arange(len(y)),), lambda idx: metric_value(name, outputs[idx], y[idx]),
+                    n_resamples=n_boot, confidence_level=level, method="percentile", vectorized=False,
+                    random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def cross_source_matrix(
+    model: nn.Module,
+    ds: SourceTaggedDataset,
+    strategies: Sequence[str | Strategy] | str | Strategy = ("source", "precise", "target", "stats:*"),
+    metrics: Sequence[str] | str = ("accuracy",),
+    *,
+    calibration: Calibration = 0.5,
+    transductive: bool = False,
+    train_sources: Sequence[str] | None = None,
+    eval_sources: Sequence[str] | None = None,
+    batch_size: int = 256,
+    stats_batch_size: int = 64,
+    stats_mode: CollectMode = "batch",
+    num_samples: int | None = None,
+    ci: float | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Every strategy on every source: how the model does on each lab with which statistics.
+
+    Why: the matrix answers "recalibrate on lab i, evaluate on lab j" and "what rescues the lab it
+    never saw". Statistics of each source are collected once, only when a strategy needs them, and
+    outputs are computed once per (statistics, eval source). The model is not changed.
+
+    Args:
+        model: the network under evaluation.
+        ds: a labeled ``SourceTaggedDataset``.
+        strategies: ``Strategy`` objects (``sb.Source()``, ``sb.Prior(16)``...) or spec strings
+            (``"prior:16"``); ``StatsFromEach()``/``"stats:*"`` expands to one per source.
+        metrics: names from the metric table (``shiftbn.evaluate.METRICS``).
+        calibration: fraction of each source (stratified, ``seed``) used unlabeled for statistics, a
+            ``Splits`` (its calibration and test parts) or a ``(calibration, eval)`` pair.
+        transductive: calibrate and evaluate on all samples.
+        train_sources: the sources the model was trained on (``precise`` pools their calibration
+            data in random mixed batches); default: all.
+        eval_sources: the sources to evaluate (default: all).
+        batch_size: evaluation batch size. ``stats_batch_size``, ``stats_mode``, ``num_samples``:
+            as ``collect_stats``'s ``batch_size``, ``mode``, ``num_samples``.
+        ci: add a percentile bootstrap interval at this level (``ci_low``, ``ci_high``; ``n_boot``
+            resamples).
+    Returns:
+        Tidy DataFrame ``strategy, is_cross_source, stats_source, eval_source, metric, value, n``;
+        ``is_cross_source`` marks the ``stats:<i>`` cells.
+    """
+    metrics = check_metrics(metrics)
+    plan = prepare(ds, strategies, calibration=calibration, transductive=transductive, train_sources=train_sources,
+                   eval_sources=eval_sources, seed=seed)
+    ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size,
+                          stats_mode=stats_mode, num_samples=num_samples, seed=seed, progress=progress)
+    return score(ctx, plan, labels, metrics, ci=ci, n_boot=n_boot, progress=progress)
+
+
+def evaluate(
+    model: nn.Module,
+    ds: SourceTaggedDataset,
+    strategy: str | Strategy = "source",
+    metrics: Sequence[str] | str = ("accuracy",),
+    **kwargs,
+) -> pd.DataFrame:
+    """One strategy on every source: the rows of ``cross_source_matrix`` for that strategy."""
+    return cross_source_matrix(model, ds, [strategy], metrics, **kwargs)
