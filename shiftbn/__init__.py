@@ -4,7 +4,23 @@ The public API; see README.md for a tour. Report figures live in ``shiftbn.repor
 demand, it loads matplotlib).
 """
 
-from shiftbn.adapt import Strategy, parse_strategy, register_strategy
+from shiftbn._version import __version__ as __version__
+from shiftbn.adapt import (
+    AdaptContext,
+    BatchStats,
+    PerSource,
+    Precise,
+    Prior,
+    Source,
+    StatsFrom,
+    StatsFromEach,
+    Strategy,
+    Target,
+    Tent,
+    parse_strategy,
+    recalibrate,
+    register_strategy,
+)
 from shiftbn.bn import (
     BNLayer,
     BNStats,
@@ -22,8 +38,17 @@ from shiftbn.bn import (
     use_stats,
 )
 from shiftbn.data import LabShift, SourceTaggedDataset, Splits, load, simulate_labs
-from shiftbn.evaluate import cross_source_matrix, evaluate, metric_value, summarize
+from shiftbn.evaluate import METRICS, Metric, cross_source_matrix, evaluate, metric_value, register_metric, summarize
 from shiftbn.protocols import (
+    STUDIES,
+    BatchComposition,
+    EmaVsPrecise,
+    HeldOutSources,
+    LeakageProbe,
+    NormalizationBatchSize,
+    SharedDomains,
+    Study,
+    TrainConfig,
     batch_composition,
     ema_vs_precise,
     held_out_sources,
@@ -31,28 +56,47 @@ from shiftbn.protocols import (
     load_spec,
     normalization_batch_size,
     run_spec,
-    run_study,
     shared_domains,
 )
+from shiftbn.runner import run_study
 from shiftbn.runs import RunFolder
 from shiftbn.samplers import EpochBatches, SourceBatchSampler
 from shiftbn.train import train
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "METRICS",
+    "STUDIES",
+    "AdaptContext",
     "BNLayer",
     "BNStats",
+    "BatchComposition",
+    "BatchStats",
+    "EmaVsPrecise",
     "EpochBatches",
     "FrozenBN",
+    "HeldOutSources",
     "LabShift",
+    "LeakageProbe",
+    "Metric",
     "Moments",
+    "NormalizationBatchSize",
+    "PerSource",
+    "Precise",
+    "Prior",
     "RunFolder",
+    "SharedDomains",
+    "Source",
     "SourceBatchSampler",
     "SourceStats",
     "SourceTaggedDataset",
     "Splits",
+    "StatsFrom",
+    "StatsFromEach",
     "Strategy",
+    "Study",
+    "Target",
+    "Tent",
+    "TrainConfig",
     "batch_composition",
     "bn_layers",
     "buffer_stats",
@@ -71,6 +115,8 @@ __all__ = [
     "normalization_batch_size",
     "parse_strategy",
     "precise_bn",
+    "recalibrate",
+    "register_metric",
     "register_strategy",
     "run_spec",
     "run_study",

@@ -71,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, default=Path("runs/matrix"))
 
     c = sub.add_parser("recalibrate", epilog=EPILOG, help="write a checkpoint with BN statistics for a target site",
-                       description="Recompute BN statistics (AdaBN on the target site's unlabeled data, or "
-                                   "PreciseBN over all data) and write them into a NEW checkpoint; the input "
-                                   "checkpoint is never overwritten.")
+                       description="Recompute BN statistics (target: AdaBN on the target site's unlabeled data; "
+                                   "precise: PreciseBN over all data, or the target site's) and write them into a "
+                                   "NEW checkpoint; the input checkpoint is never overwritten. Same as "
+                                   "shiftbn.recalibrate(model, data, target=..., method=...).")
     _add_user_model_args(c)
-    c.add_argument("--target", default=None, help="target source/site name (required for --method adabn)")
-    c.add_argument("--method", default="adabn", choices=["adabn", "precise"])
+    c.add_argument("--target", default=None, help="target source/site name (required for --method target)")
+    c.add_argument("--method", default="target", choices=["target", "precise"],
+                   help="target: the site's own statistics (AdaBN); precise: PreciseBN in random batches "
+                        "(default: target)")
     c.add_argument("--output", required=True, type=Path, help="path of the new checkpoint")
     c.add_argument("--force", action="store_true", help="replace --output if it exists (never the input)")
     return ap
@@ -145,17 +148,18 @@ def _cmd_demo(args) -> None:
 
     result = run_demo(args.out, dataset=args.dataset, quick=args.quick, resume=args.resume, seed=args.seed,
                       progress=not args.no_progress)
-    acc = result["matrix"].query("metric == 'accuracy' and not strategy.str.startswith('stats:')")
+    acc = result.matrix.query("metric == 'accuracy' and not is_cross_source")
     print("\nAccuracy by strategy (rows) and lab (columns):")
     print(acc.pivot_table(index="strategy", columns="eval_source", values="value", sort=False).round(3).to_string())
-    s = result["summary"].query("metric == 'accuracy'")[["strategy", "mean", "worst_source", "worst", "gap"]]
+    s = result.summary.query("metric == 'accuracy'")[["strategy", "mean", "worst_source", "worst", "gap"]]
     print("\nSummary over labs:")
     print(s.round(3).to_string(index=False))
-    print(f"\nReport: {result['report']}")
+    print(f"\nReport: {result.report}")
 
 
 def _cmd_run(args) -> None:
-    from shiftbn.protocols import load_spec, run_study
+    from shiftbn.protocols import load_spec
+    from shiftbn.runner import run_study
     from shiftbn.runs import RunFolder
 
     spec = load_spec(args.spec)
@@ -201,7 +205,7 @@ def _cmd_matrix(args) -> None:
 
 
 def _cmd_recalibrate(args) -> None:
-    from shiftbn.bn import collect_stats, load_stats
+    from shiftbn.adapt import recalibrate
     from shiftbn.runs import atomic_save_torch
 
     if args.output.resolve() == args.weights.resolve():
@@ -209,17 +213,8 @@ def _cmd_recalibrate(args) -> None:
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to replace it")
     model, ds = _load_user_model(args), _load_user_data(args)
-    if args.method == "adabn":
-        if args.target is None:
-            raise ValueError(f"--method adabn needs --target, one of {ds.sources_present}")
-        data = ds.subset(args.target)
-        stats = collect_stats(model, data, batch_size=args.batch_size, num_samples=args.num_samples,
-                              seed=args.seed, progress=not args.no_progress)[str(args.target)]
-    else:
-        data = ds if args.target is None else ds.subset(args.target)
-        stats = collect_stats(model, data, by_source=False, batch_size=args.batch_size,
-                              num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress).pooled()
-    load_stats(model, stats)
+    stats = recalibrate(model, ds, target=args.target, method=args.method, batch_size=args.batch_size,
+                        num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress)
     atomic_save_torch(args.output, model.state_dict())
     where = f"site {args.target!r}" if args.target else "all data"
     print(f"Wrote {args.output}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,26 @@ def demo_config(dataset: str = "digits-labs", quick: bool = False, seed: int = 0
     }
 
 
-def run_demo(out: str | Path = "runs/demo", *, dataset: str = "digits-labs", quick: bool = False,
-             resume: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Run the demo into ``out`` (resumable cell by cell) and write ``report.html``.
+@dataclass
+class DemoResult:
+    """What ``run_demo`` returns: its tidy tables and the report's path.
 
-    Returns the tables (``matrix``, ``summary``, ``heldout``, ``shift``, ``ema``) and ``report`` path.
+    ``matrix``: the cross-source matrix (``cross_source_matrix`` rows); ``summary``: ``summarize``
+    of its strategy rows; ``heldout``: held-out-lab rows; ``shift``: the layer shift profile;
+    ``ema``: EMA vs PreciseBN rows; ``report``: path of ``report.html``.
     """
+
+    matrix: pd.DataFrame
+    summary: pd.DataFrame
+    heldout: pd.DataFrame
+    shift: pd.DataFrame
+    ema: pd.DataFrame
+    report: Path
+
+
+def run_demo(out: str | Path = "runs/demo", *, dataset: str = "digits-labs", quick: bool = False,
+             resume: bool = False, seed: int = 0, progress: bool = True) -> DemoResult:
+    """Run the demo into ``out`` (resumable cell by cell) and write ``report.html``."""
     cfg = demo_config(dataset, quick, seed)
     run = RunFolder(out, cfg, resume=resume)
     ds = load(dataset, **cfg["load"])
@@ -83,11 +98,11 @@ def run_demo(out: str | Path = "runs/demo", *, dataset: str = "digits-labs", qui
         batch_size=cfg["batch_size"], seeds=[seed], progress=False)) for lab in labs], ignore_index=True)
     ema = run.cell("ema", lambda: ema_vs_precise(ds.subset(train_labs), cfg["model"], seeds=[seed],
                                                  progress=False, **cfg["ema"]))
-    summary = summarize(matrix[~matrix["strategy"].str.startswith("stats:")])
+    summary = summarize(matrix[~matrix["is_cross_source"]])
     run.write_results(matrix, "matrix")
     run.write_results(heldout, "heldout")
     report = _write_report(run, ds, cfg, matrix, summary, heldout, shift, ema)
-    return {"matrix": matrix, "summary": summary, "heldout": heldout, "shift": shift, "ema": ema, "report": report}
+    return DemoResult(matrix, summary, heldout, shift, ema, report)
 
 
 def _write_report(run, ds, cfg, matrix, summary, heldout, shift, ema) -> Path:
@@ -107,7 +122,7 @@ def _write_report(run, ds, cfg, matrix, summary, heldout, shift, ema) -> Path:
         paths[title] = figs_dir / name
     acc = matrix[matrix["metric"] == "accuracy"]
     tables = {
-        "Accuracy by strategy and lab": acc[~acc["strategy"].str.startswith("stats:")].pivot_table(
+        "Accuracy by strategy and lab": acc[~acc["is_cross_source"]].pivot_table(
             index="strategy", columns="eval_source", values="value", sort=False),
         "Summary over labs": summary.set_index(["strategy", "metric"]),
         "Held-out labs (accuracy)": heldout[heldout["is_held_out"].astype(bool) & (heldout["metric"] == "accuracy")]

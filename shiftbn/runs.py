@@ -66,10 +66,10 @@ def environment(seed: int | None = None) -> dict[str, Any]:
     import numpy
     import sklearn
 
-    import shiftbn
+    from shiftbn._version import __version__
 
     return {
-        "shiftbn": shiftbn.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+        "shiftbn": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
         "pandas": pd.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "machine": platform.machine(), "device": "cpu",
         "torch_threads": torch.get_num_threads(), "seed": seed, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from torch.utils.data import Sampler
 
 MODES = ("random", "single", "mixed")
 BALANCES = ("proportional", "equal")
+
+SamplerMode = Literal["random", "single", "mixed"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class SourceBatchSampler(Sampler[list[int]]):
         self,
         source_ids: Sequence[int] | np.ndarray,
         batch_size: int,
-        mode: str = "random",
+        mode: SamplerMode = "random",
         sources_per_batch: int | None = None,
         balance: str = "proportional",
         drop_last: bool = False,

@@ -1,25 +1,38 @@
-"""The studies: each protocol returns a tidy DataFrame; ``run_spec`` runs one from a TOML spec."""
+"""The studies, one shape each (``Study``: a training config, a grid axis, a cell function, a figure).
 
-from shiftbn.protocols.composition import batch_composition
-from shiftbn.protocols.domains import shared_domains
-from shiftbn.protocols.heldout import held_out_sources
-from shiftbn.protocols.leakage import leakage_probe
-from shiftbn.protocols.population import ema_vs_precise, normalization_batch_size
-from shiftbn.protocols.runner import SPLIT_KEYS, run_study
+Each study is a dataclass registered under its ``name``; the function forms (``held_out_sources``
+...) take flat parameters; ``run_spec`` runs one from a TOML spec.
+"""
+
+from shiftbn.protocols.base import STUDIES, FigureSpec, Study, TrainConfig, make_study
+from shiftbn.protocols.composition import BatchComposition, batch_composition
+from shiftbn.protocols.domains import SharedDomains, shared_domains
+from shiftbn.protocols.heldout import HeldOutSources, held_out_sources
+from shiftbn.protocols.leakage import LeakageProbe, leakage_probe
+from shiftbn.protocols.population import EmaVsPrecise, NormalizationBatchSize, ema_vs_precise, normalization_batch_size
 from shiftbn.protocols.spec import PROTOCOLS, StudySpec, load_spec, parse_spec, run_spec
 
 __all__ = [
     "PROTOCOLS",
-    "SPLIT_KEYS",
+    "STUDIES",
+    "BatchComposition",
+    "EmaVsPrecise",
+    "FigureSpec",
+    "HeldOutSources",
+    "LeakageProbe",
+    "NormalizationBatchSize",
+    "SharedDomains",
+    "Study",
     "StudySpec",
+    "TrainConfig",
     "batch_composition",
     "ema_vs_precise",
     "held_out_sources",
     "leakage_probe",
     "load_spec",
+    "make_study",
     "normalization_batch_size",
     "parse_spec",
     "run_spec",
-    "run_study",
     "shared_domains",
 ]

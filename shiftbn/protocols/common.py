@@ -1,8 +1,8 @@
-"""Pieces every protocol shares: building a model for a dataset, training it, seeds."""
+"""Pieces every study shares: building and training a model for a dataset, seeds, fingerprints."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -10,9 +10,8 @@ from torch import nn
 
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.models import build_model
+from shiftbn.protocols.base import ModelSpec, TrainConfig
 from shiftbn.train import train
-
-ModelSpec = str | dict | Callable[[int], nn.Module]
 
 
 def make_model(spec: ModelSpec, ds: SourceTaggedDataset, seed: int) -> nn.Module:
@@ -27,10 +26,12 @@ def make_model(spec: ModelSpec, ds: SourceTaggedDataset, seed: int) -> nn.Module
     return build_model(name, tuple(ds[0][0].shape), num_classes, seed=seed, **spec)
 
 
-def fit(spec: ModelSpec, ds: SourceTaggedDataset, seed: int, **train_kwargs: Any) -> nn.Module:
-    """Build and train a model on ``ds`` (see ``shiftbn.train.train``); returned in eval mode."""
-    model = make_model(spec, ds, seed)
-    train(model, ds, seed=seed, **train_kwargs)
+def fit(cfg: TrainConfig, ds: SourceTaggedDataset, seed: int, **train_kwargs: Any) -> nn.Module:
+    """Build ``cfg.model`` and train it on ``ds`` with ``cfg``'s steps, batch size and learning rate
+    (``train_kwargs`` override them, see ``shiftbn.train.train``); returned in eval mode."""
+    model = make_model(cfg.model, ds, seed)
+    kwargs = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "progress": False, **train_kwargs}
+    train(model, ds, seed=seed, **kwargs)
     return model.eval()
 
 

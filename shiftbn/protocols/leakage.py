@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
 from shiftbn.bn import precise_bn
 from shiftbn.data.tagged import SourceTaggedDataset
-from shiftbn.protocols.common import ModelSpec, as_seeds, make_model
+from shiftbn.protocols.base import FigureSpec, Study, TrainConfig, make_study
+from shiftbn.protocols.common import make_model
 from shiftbn.train import train
 
+Composition = Literal["random", "skewed", "one-class"]
 COMPOSITIONS = ("random", "skewed", "one-class")
 
 
@@ -44,20 +47,8 @@ def _same_composition_accuracy(net, x, y, groups, batch_size, seed) -> float:
     return correct / len(y)
 
 
-def leakage_probe(
-    ds: SourceTaggedDataset,
-    model: ModelSpec = "SmallCNN",
-    *,
-    compositions: Sequence[str] = COMPOSITIONS,
-    skew: float = 0.9,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float = 0.05,
-    precise_samples: int = 2000,
-    fractions: tuple[float, float, float] = (0.7, 0.0, 0.3),
-    seeds: int | Sequence[int] = 0,
-    progress: bool = True,
-) -> pd.DataFrame:
+@dataclass(kw_only=True)
+class LeakageProbe(Study):
     """Train with batches whose composition does or does not reveal the label; compare the accuracy
     seen with batch statistics and with population statistics.
 
@@ -67,29 +58,40 @@ def leakage_probe(
     ``eval``: ``train_batches`` (mean batch accuracy over the last quarter of training, BN in train
     mode), ``test_same_composition`` (test batches built the same way, normalized by themselves),
     ``test_population`` (PreciseBN statistics from random batches: what deployment delivers).
-    Returns tidy rows: ``composition, eval, metric, value, seed``.
+    Rows: ``composition, eval, metric, value, seed``.
     """
-    for c in compositions:
-        if c not in COMPOSITIONS:
-            raise ValueError(f"unknown composition {c!r}; use {COMPOSITIONS}")
-    rows = []
-    jobs = [(s, c) for s in as_seeds(seeds) for c in compositions]
-    for seed, comp in tqdm(jobs, desc="leakage", disable=not progress, leave=False):
+
+    name = "leakage_probe"
+    axis = "compositions"
+    figure = FigureSpec("bars", x="composition", hue="eval", title="Batch composition that reveals the label")
+    default_train = TrainConfig(fractions=(0.7, 0.0, 0.3))
+
+    compositions: Sequence[Composition] = COMPOSITIONS
+    skew: float = 0.9
+    precise_samples: int = 2000
+
+    def cell(self, ds: SourceTaggedDataset, seed: int, value: str) -> pd.DataFrame:
+        cfg, comp = self.train, value
         rng = np.random.default_rng(seed)
-        sp = ds.split(fractions=fractions, seed=seed)
-        net = make_model(model, ds, seed)
-        groups = _groups(sp.train.labels, comp, skew, rng)
-        log = train(net, sp.train, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        sp = ds.split(fractions=cfg.fractions, seed=seed)
+        net = make_model(cfg.model, ds, seed)
+        groups = _groups(sp.train.labels, comp, self.skew, rng)
+        log = train(net, sp.train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
                     mode="random" if groups is None else "single", groups=groups, progress=False)
         pop = copy.deepcopy(net)
-        precise_bn(pop, sp.train, num_samples=precise_samples, batch_size=batch_size, seed=seed, progress=False)
+        precise_bn(pop, sp.train, num_samples=self.precise_samples, batch_size=cfg.batch_size, seed=seed,
+                   progress=False)
         x_test, y_test = stack_inputs(sp.test), sp.test.labels
         results = {
-            "train_batches": float(log["accuracy"].iloc[-max(1, steps // 4):].mean()),
+            "train_batches": float(log["accuracy"].iloc[-max(1, cfg.steps // 4):].mean()),
             "test_same_composition": _same_composition_accuracy(
-                net, x_test, y_test, _groups(y_test, comp, skew, rng), batch_size, seed),
+                net, x_test, y_test, _groups(y_test, comp, self.skew, rng), cfg.batch_size, seed),
             "test_population": float((forward_batches(pop.eval(), x_test, 512).argmax(1).numpy() == y_test).mean()),
         }
-        for ev, v in results.items():
-            rows.append({"composition": comp, "eval": ev, "metric": "accuracy", "value": v, "seed": seed})
-    return pd.DataFrame(rows)
+        return pd.DataFrame([{"composition": comp, "eval": ev, "metric": "accuracy", "value": v, "seed": seed}
+                             for ev, v in results.items()])
+
+
+def leakage_probe(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
+    """Run ``LeakageProbe`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
+    return make_study(LeakageProbe.name, {"model": model, **params}).run(ds, progress)

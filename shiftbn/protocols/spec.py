@@ -1,10 +1,9 @@
-"""Study specs: a TOML file naming a dataset, a protocol and its parameters, with a ``quick`` setting."""
+"""Study specs: a TOML file naming a dataset, a study and its parameters, with a ``quick`` setting."""
 
 from __future__ import annotations
 
-import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,31 +12,44 @@ import pandas as pd
 
 from shiftbn.data.builtin import load
 from shiftbn.data.tagged import SourceTaggedDataset
-from shiftbn.protocols.composition import batch_composition
-from shiftbn.protocols.domains import shared_domains
-from shiftbn.protocols.heldout import held_out_sources
-from shiftbn.protocols.leakage import leakage_probe
-from shiftbn.protocols.population import ema_vs_precise, normalization_batch_size
+from shiftbn.protocols.base import STUDIES, Study, make_study
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROTOCOLS = {
-    "held_out_sources": held_out_sources,
-    "batch_composition": batch_composition,
-    "ema_vs_precise": ema_vs_precise,
-    "normalization_batch_size": normalization_batch_size,
-    "shared_domains": shared_domains,
-    "leakage_probe": leakage_probe,
-}
+_STUDY_KEYS = {"protocol", "dataset", "sources", "name", "description"}
+
+
+class _Protocols(Mapping):
+    """``PROTOCOLS[name](ds, progress=..., **flat_params)``: every registered study as a function."""
+
+    def __getitem__(self, name: str):
+        if name not in STUDIES:
+            raise KeyError(name)
+
+        def run(ds: SourceTaggedDataset, progress: bool = True, **params: Any) -> pd.DataFrame:
+            return make_study(name, params).run(ds, progress)
+
+        run.__name__ = name
+        run.__doc__ = STUDIES[name].__doc__
+        return run
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(STUDIES)
+
+    def __len__(self) -> int:
+        return len(STUDIES)
+
+
+PROTOCOLS: Mapping = _Protocols()
 
 
 @dataclass
 class StudySpec:
     """A parsed study: ``protocol`` name, ``dataset`` (name or table of builder arguments),
-    optional ``sources`` subset, ``params`` for the protocol and ``quick`` overrides."""
+    optional ``sources`` subset, ``params`` for the study and ``quick`` overrides."""
 
     protocol: str
     dataset: str | dict
@@ -48,8 +60,12 @@ class StudySpec:
     description: str = ""
 
     def resolved(self, quick: bool = False) -> dict[str, Any]:
-        """The parameters the protocol will receive (``quick`` overrides applied)."""
+        """The flat parameters the study receives (``quick`` overrides applied)."""
         return {**self.params, **(self.quick if quick else {})}
+
+    def build(self, quick: bool = False) -> Study:
+        """The validated ``Study`` object."""
+        return make_study(self.protocol, self.resolved(quick), where="quick" if quick else "params")
 
     def load_dataset(self) -> SourceTaggedDataset:
         spec = {"name": self.dataset} if isinstance(self.dataset, str) else dict(self.dataset)
@@ -65,20 +81,30 @@ def parse_spec(data: Mapping[str, Any], name: str = "study") -> StudySpec:
     unknown = set(data) - {"study", "params", "quick"}
     if unknown:
         raise ValueError(f"unknown table(s) {sorted(unknown)} in the spec; use [study], [params], [quick]")
+    bad_keys = set(study) - _STUDY_KEYS
+    if bad_keys:
+        raise ValueError(f"[study] has unknown key(s) {sorted(bad_keys)}; accepted: {sorted(_STUDY_KEYS)}")
     protocol = study.get("protocol")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"study.protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    if protocol not in STUDIES:
+        raise ValueError(f"study.protocol must be one of {sorted(STUDIES)}, got {protocol!r}")
     if "dataset" not in study:
         raise ValueError("study.dataset is missing (e.g. dataset = \"digits-labs\")")
-    accepted = set(inspect.signature(PROTOCOLS[protocol]).parameters) - {"ds", "progress"}
+    dataset = study["dataset"]
+    if not (isinstance(dataset, str) or (isinstance(dataset, Mapping) and isinstance(dataset.get("name"), str))):
+        raise ValueError(f"study.dataset must be a name or a table with a name, got {dataset!r}")
+    sources = study.get("sources")
+    if sources is not None and (not isinstance(sources, list) or not sources
+                                or not all(isinstance(s, str) for s in sources)):
+        raise ValueError(f"study.sources must be a non-empty list of source names, got {sources!r}")
     for table in ("params", "quick"):
-        bad = set(data.get(table, {})) - accepted
-        if bad:
-            raise ValueError(f"[{table}] has unknown parameter(s) {sorted(bad)} for {protocol}; "
-                             f"accepted: {sorted(accepted)}")
-    return StudySpec(protocol=protocol, dataset=study["dataset"], params=dict(data.get("params", {})),
-                     quick=dict(data.get("quick", {})), sources=study.get("sources"),
-                     name=study.get("name", name), description=study.get("description", ""))
+        if not isinstance(data.get(table, {}), Mapping):
+            raise ValueError(f"[{table}] must be a table of parameters")
+    spec = StudySpec(protocol=protocol, dataset=dataset if isinstance(dataset, str) else dict(dataset),
+                     params=dict(data.get("params", {})), quick=dict(data.get("quick", {})), sources=sources,
+                     name=str(study.get("name", name)), description=str(study.get("description", "")))
+    spec.build(quick=False)
+    spec.build(quick=True)
+    return spec
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -88,13 +114,13 @@ def load_spec(path: str | Path) -> StudySpec:
         raise FileNotFoundError(f"study spec not found: {path}")
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid TOML: {e}") from None
     return parse_spec(data, name=path.stem)
 
 
 def run_spec(spec: StudySpec | str | Path, quick: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Run a study and return its tidy results (each protocol's DataFrame)."""
+    """Run a study and return its tidy results."""
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec)
-    return PROTOCOLS[spec.protocol](spec.load_dataset(), progress=progress, **spec.resolved(quick))
+    return spec.build(quick).run(spec.load_dataset(), progress)

@@ -1,25 +1,25 @@
-"""seaborn figures of shiftbn's tidy results; each function returns a matplotlib Figure."""
+"""seaborn figures of shiftbn's tidy results; each function returns a matplotlib Figure.
 
-from __future__ import annotations
+No backend is chosen at import: figures are only written to files, and matplotlib falls back to
+its file-only Agg backend where no display exists.
+"""
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
 
-matplotlib.use("Agg")  # headless: figures are only ever written to files
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-import torch  # noqa: E402
-
-from shiftbn.data.tagged import SourceTaggedDataset  # noqa: E402
+from shiftbn.data.tagged import SourceTaggedDataset
+from shiftbn.evaluate import get_metric
+from shiftbn.protocols import EmaVsPrecise, FigureSpec, HeldOutSources
 
 
 def matrix_heatmap(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
     """Annotated heatmaps: strategy x eval source, and (when present) stats source x eval source."""
     t = table[table["metric"] == metric]
-    main = t[~t["strategy"].str.startswith("stats:")]
-    cross = t[t["strategy"].str.startswith("stats:")]
+    cross_rows = t["is_cross_source"].astype(bool)
+    main, cross = t[~cross_rows], t[cross_rows]
     panels = [p for p in (main, cross) if len(p)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.5 * max(len(main["strategy"].unique()),
                                                                                       4) + 2), squeeze=False)
@@ -28,7 +28,7 @@ def matrix_heatmap(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
             continue
         grid = part.pivot_table(index=title, columns="eval_source", values="value", sort=False)
         sns.heatmap(grid, annot=True, fmt=".2f", cmap="viridis", ax=ax, cbar=False, vmin=0, vmax=1 if
-                    metric in ("accuracy", "balanced_accuracy", "macro_f1", "auroc") else None)
+                    get_metric(metric).bounded else None)
         ax.set_title(f"{metric}: {'strategy' if title == 'strategy' else 'statistics of source i'} x eval source")
         ax.set_ylabel(title.replace("_", " "))
         ax.set_xlabel("eval source")
@@ -52,25 +52,12 @@ def shift_profile(shift: pd.DataFrame) -> plt.Figure:
 
 def ema_curves(curves: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
     """Accuracy with EMA vs PreciseBN statistics over training steps, one panel per batch size."""
-    data = curves[(curves["kind"] == "curve") & (curves["metric"] == metric)]
-    g = sns.relplot(data=data, x="step", y="value", hue="stats", col="batch_size", kind="line", marker="o",
-                    height=3.2, aspect=1.2, errorbar="sd")
-    g.set_axis_labels("training step", metric)
-    g.figure.suptitle("EMA vs PreciseBN during training", y=1.04)
-    return g.figure
+    return study_figure(EmaVsPrecise.figure, curves, metric)
 
 
 def heldout_bars(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
     """Accuracy on each held-out lab, by strategy."""
-    data = table[table["is_held_out"].astype(bool) & (table["metric"] == metric)]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    sns.barplot(data=data, x="held_out", y="value", hue="strategy", ax=ax, errorbar="sd")
-    ax.set_xlabel("held-out lab (never seen in training)")
-    ax.set_ylabel(metric)
-    ax.set_title("Held-out lab performance by recalibration strategy")
-    ax.legend(fontsize=8, ncols=2)
-    fig.tight_layout()
-    return fig
+    return study_figure(HeldOutSources.figure, table, metric)
 
 
 def lab_samples(ds: SourceTaggedDataset, per_lab: int = 6, seed: int = 0) -> plt.Figure:
@@ -105,37 +92,24 @@ def save(fig: plt.Figure, path) -> None:
     plt.close(fig)
 
 
-def _bars(table: pd.DataFrame, x: str, hue: str, title: str, col: str | None = None,
-          metric: str = "accuracy") -> plt.Figure:
-    data = table[table["metric"] == metric]
-    g = sns.catplot(data=data, x=x, y="value", hue=hue, col=col, kind="bar", errorbar="sd", height=3.4,
-                    aspect=1.3)
-    g.set_axis_labels(x.replace("_", " "), metric)
-    g.figure.suptitle(title, y=1.04)
+def study_figure(spec: FigureSpec, table: pd.DataFrame, metric: str | None = None) -> plt.Figure:
+    """A study's figure as its ``FigureSpec`` declares it (error bars: sd over the rows averaged, i.e.
+    over sources and seeds). ``metric``: default the table's first metric."""
+    data = table
+    for col, value in spec.where:
+        data = data[data[col].astype(type(value)) == value]
+    metric = metric or str(data["metric"].iloc[0])
+    data = data[data["metric"] == metric]
+    if spec.kind == "bars":
+        g = sns.catplot(data=data, x=spec.x, y="value", hue=spec.hue, col=spec.col, kind="bar", errorbar="sd",
+                        height=3.4, aspect=1.3)
+    else:
+        g = sns.relplot(data=data, x=spec.x, y="value", hue=spec.hue, col=spec.col, kind="line", marker="o",
+                        errorbar="sd", height=3.4, aspect=1.3)
+        if spec.log2_x:
+            g.set(xscale="log")
+            for ax in g.axes.flat:
+                ax.set_xscale("log", base=2)
+    g.set_axis_labels(spec.xlabel or spec.x.replace("_", " "), metric)
+    g.figure.suptitle(spec.title, y=1.04)
     return g.figure
-
-
-def study_figure(protocol: str, table: pd.DataFrame) -> plt.Figure:
-    """The figure of a study's results, by protocol name (bars or curves; error bars: sd over the rows
-    averaged, i.e. over sources and seeds)."""
-    if protocol == "held_out_sources":
-        return heldout_bars(table)
-    if protocol == "ema_vs_precise":
-        return ema_curves(table)
-    if protocol == "batch_composition":
-        return _bars(table, "train_mode", "strategy", "Training batch composition x test statistics", col="batch_size")
-    if protocol == "normalization_batch_size":
-        data = table[table["metric"] == "accuracy"]
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        sns.lineplot(data=data, x="ghost_batch", y="value", hue="eval", marker="o", errorbar="sd", ax=ax)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("normalization (ghost) batch size")
-        ax.set_ylabel("accuracy")
-        ax.set_title("Normalization batch size: population vs mini-batch vs FrozenBN")
-        fig.tight_layout()
-        return fig
-    if protocol == "shared_domains":
-        return _bars(table, "train_norm", "test_stats", "Shared BN across domains: train vs test normalization")
-    if protocol == "leakage_probe":
-        return _bars(table, "composition", "eval", "Batch composition that reveals the label")
-    raise ValueError(f"no figure for protocol {protocol!r}")

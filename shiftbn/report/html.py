@@ -21,8 +21,9 @@ def findings(matrix: pd.DataFrame, heldout: pd.DataFrame | None, shift: pd.DataF
     m = matrix[matrix["metric"] == metric]
     src = m[m["strategy"] == "source"].set_index("eval_source")["value"]
     worst = src.idxmin()
-    per_strategy = m[~m["strategy"].str.startswith("stats:")].groupby("strategy")["value"]
-    on_worst = m[(m["eval_source"] == worst) & ~m["strategy"].str.startswith("stats:")]
+    main = m[~m["is_cross_source"].astype(bool)]
+    per_strategy = main.groupby("strategy")["value"]
+    on_worst = main[main["eval_source"] == worst]
     best_row = on_worst.loc[on_worst["value"].idxmax()]
     first = (f"With the statistics stored in the model (its training EMA), the worst lab is {worst} at "
              f"{src[worst]:.1%} {metric}, against {src.drop(worst).mean():.1%} on average elsewhere. "
