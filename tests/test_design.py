@@ -1,0 +1,272 @@
+"""The design step's contracts: imports point one way, strings live at the boundary, and a new
+strategy, metric or study is one class or one table entry."""
+
+import ast
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import shiftbn as sb
+from shiftbn.evaluate import METRICS, Metric, register_metric
+from shiftbn.models import MLP
+from shiftbn.protocols import STUDIES, FigureSpec, Study, make_study, parse_spec
+from shiftbn.protocols.common import fit
+
+PKG = Path(sb.__file__).resolve().parent
+
+# Bottom to top; a module may import only from its own layer or below.
+LAYERS = [
+    ("shiftbn._torch", "shiftbn._io", "shiftbn._version"),
+    ("shiftbn.data", "shiftbn.samplers"),
+    ("shiftbn.bn",),
+    ("shiftbn.adapt", "shiftbn.train", "shiftbn.models"),
+    ("shiftbn.evaluate",),
+    ("shiftbn.protocols",),
+    ("shiftbn.runs", "shiftbn.runner", "shiftbn.report"),
+    ("shiftbn.demo", "shiftbn.cli", "shiftbn.__main__"),
+]
+
+
+def _layer(module: str) -> int:
+    for i, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return i
+    raise AssertionError(f"module {module} is in no layer of the design; add it to LAYERS")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every shiftbn module a file imports, at top level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("shiftbn"):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("shiftbn")}
+    return out
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def test_imports_point_one_way():
+    upward = []
+    for path in sorted(PKG.rglob("*.py")):
+        name = _module_name(path)
+        if name == "shiftbn":
+            continue  # the package root exports everything
+        for imported in _imports(path):
+            if imported == "shiftbn":
+                upward.append(f"{name} imports the package root")
+            elif _layer(imported) > _layer(name):
+                upward.append(f"{name} (layer {_layer(name)}) imports {imported} (layer {_layer(imported)})")
+    assert not upward, "\n".join(upward)
+
+
+def test_layer_walk_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from shiftbn.report import save\n")
+    assert "shiftbn.report" in _imports(bad) and _layer("shiftbn.report") > _layer("shiftbn.bn")
+
+
+def test_no_strings_parsed_back_out_of_results():
+    pattern = re.compile(r'startswith\("stats:"\)|split\("\|"\)|split\("@"\)')
+    hits = [f"{p}:{i}" for p in PKG.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert not hits, hits
+
+
+@pytest.fixture(scope="module")
+def trained():
+    ds = sb.load("blobs-labs", n=240)
+    sp = ds.split(fractions=(0.5, 0.25, 0.25), seed=0)
+    model = fit(sb.TrainConfig(model=lambda seed: MLP(16, 3, seed=seed), steps=30), sp.train, seed=0)
+    return model, ds
+
+
+def test_strategy_objects_equal_their_spec_strings(trained):
+    model, ds = trained
+    objs = sb.cross_source_matrix(model, ds, [sb.Source(), sb.Prior(16), sb.Target(), sb.StatsFromEach()],
+                                  progress=False)
+    strs = sb.cross_source_matrix(model, ds, ["source", "prior:16", "target", "stats:*"], progress=False)
+    pd.testing.assert_frame_equal(objs, strs)
+    assert set(objs.loc[objs["is_cross_source"], "strategy"]) == {f"stats:{s}" for s in ds.sources_present}
+    assert not objs.loc[~objs["is_cross_source"], "strategy"].str.startswith("stats:").any()
+
+
+def test_a_new_strategy_is_one_class_and_caches_through_the_memo(trained):
+    model, ds = trained
+    calls = []
+
+    class HalfPrior(sb.Strategy):
+        """Source and target statistics mixed half and half (a user's own strategy)."""
+
+        name = "half-prior"
+
+        def stats_source(self, ctx, eval_source):
+            return f"half:{eval_source}"
+
+        def stats_sources(self, eval_source):
+            return {eval_source}
+
+        def bn_stats(self, ctx, eval_source):
+            def mix():
+                calls.append(eval_source)
+                return sb.mix_stats(sb.buffer_stats(ctx.model), ctx.source_stats(eval_source), 0.5)
+
+            return ctx.memo(("half", eval_source), mix)
+
+    table = sb.cross_source_matrix(model, ds, [HalfPrior(), "source"], ["accuracy", "nll"], progress=False)
+    assert sorted(calls) == sorted(ds.sources_present)  # once per source, though two metrics
+    assert set(table["strategy"]) == {"half-prior", "source"}
+    assert not table["is_cross_source"].any()
+
+
+def test_source_alone_runs_no_statistics_pass(trained, monkeypatch):
+    model, ds = trained
+    matrix = importlib.import_module("shiftbn.evaluate.matrix")  # sb.evaluate is the function
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a statistics pass ran")
+
+    monkeypatch.setattr(matrix, "collect_stats", boom)
+    table = sb.cross_source_matrix(model, ds, ["source", "batch:16"], progress=False)
+    assert len(table) == 2 * len(ds.sources_present)
+
+
+def test_a_new_metric_is_one_table_entry(trained):
+    model, ds = trained
+    register_metric(Metric("error_rate", lambda out, y: float((out.argmax(1) != y).mean()), higher_is_better=False,
+                           bounded=True, task="classification"))
+    try:
+        table = sb.cross_source_matrix(model, ds, ["source"], ["accuracy", "error_rate"], progress=False)
+        wide = table.pivot_table(index="eval_source", columns="metric", values="value")
+        np.testing.assert_allclose(wide["error_rate"], 1 - wide["accuracy"], atol=1e-12)
+        summary = sb.summarize(table).set_index("metric")
+        # lower is better for the new metric: its worst source is the one with the highest value
+        assert summary.loc["error_rate", "worst"] == wide["error_rate"].max()
+        assert summary.loc["accuracy", "worst"] == wide["accuracy"].min()
+    finally:
+        METRICS.pop("error_rate")
+
+
+def test_metric_table_drives_direction_and_bounds():
+    assert not METRICS["nll"].higher_is_better and not METRICS["ece"].higher_is_better
+    assert METRICS["accuracy"].bounded and not METRICS["nll"].bounded
+    assert {m.task for m in METRICS.values()} == {"classification", "regression"}
+
+
+def test_a_new_study_is_one_class(tmp_path):
+    @dataclass(kw_only=True)
+    class SourceVsTarget(Study):
+        """Accuracy gain of AdaBN over the EMA per source (a user's own study)."""
+
+        name = "source_vs_target_test"
+        axis = "widths"
+        figure = FigureSpec("bars", x="width", hue="strategy", title="source vs target")
+
+        widths: tuple[int, ...] = (4,)
+
+        def cell(self, ds, seed, value):
+            sp = ds.split(fractions=self.train.fractions, seed=seed)
+            model = fit(sb.TrainConfig(model={"name": "MLP", "hidden": value}, steps=self.train.steps), sp.train, seed)
+            table = sb.cross_source_matrix(model, ds, ["source", "target"], calibration=(sp.calibration, sp.test),
+                                           progress=False)
+            return table.assign(width=value, seed=seed)
+
+    try:
+        spec = parse_spec({"study": {"protocol": "source_vs_target_test", "dataset": {"name": "blobs-labs", "n": 150}},
+                           "params": {"widths": [4, 8], "steps": 10, "seeds": [0, 1]}})
+        run = sb.RunFolder(tmp_path / "run", {"spec": "test"})
+        table = sb.run_study(spec, run, progress=False)
+        assert (tmp_path / "run" / "figure.png").stat().st_size > 1000
+        assert set(table["width"]) == {4, 8} and set(table["seed"]) == {0, 1}
+        with pytest.raises(ValueError, match=r"\[params\] widths"):
+            make_study("source_vs_target_test", {"widths": "wide"})
+    finally:
+        STUDIES.pop("source_vs_target_test")
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"held_out": "lab_0"}, r"\[params\] held_out"),
+    ({"seeds": []}, "seeds must hold at least one seed"),
+    ({"steps": "many"}, r"\[params\] steps"),
+    ({"sourcse": ["lab_a"]}, "unknown parameter.*sourcse"),
+])
+def test_spec_values_are_validated_with_the_key_named(params, match):
+    with pytest.raises(ValueError, match=match):
+        parse_spec({"study": {"protocol": "held_out_sources", "dataset": "digits-labs"}, "params": params})
+
+
+def test_unknown_study_keys_are_refused():
+    with pytest.raises(ValueError, match=r"\[study\] has unknown key.*sourcse"):
+        parse_spec({"study": {"protocol": "held_out_sources", "dataset": "digits-labs", "sourcse": ["lab_a"]}})
+
+
+def test_recalibrate_verb_matches_collect_and_load(trained):
+    model, ds = trained
+    a, b = [type(model)(16, 3) for _ in range(2)]
+    a.load_state_dict(model.state_dict())
+    b.load_state_dict(model.state_dict())
+    stats = sb.recalibrate(a, ds, target="lab_1", progress=False)
+    ref = sb.collect_stats(b, ds.subset("lab_1"), progress=False)["lab_1"]
+    sb.load_stats(b, ref)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    assert stats.num_samples == len(ds.indices_of("lab_1"))
+    with pytest.raises(ValueError, match="needs target="):
+        sb.recalibrate(a, ds, method="target")
+    with pytest.raises(ValueError, match="unknown method 'adabn'"):
+        sb.recalibrate(a, ds, target="lab_1", method="adabn")
+
+
+def test_nan_outputs_are_refused_naming_strategy_and_source(trained):
+    model, ds = trained
+
+    class Broken(sb.Strategy):
+        name = "broken"
+
+        def stats_source(self, ctx, eval_source):
+            return "ema"
+
+        def logits(self, ctx, eval_source, x):
+            out = torch.zeros(len(x), 3)
+            out[0, 0] = float("nan")
+            return out
+
+    with pytest.raises(ValueError, match=r"'broken' produced NaN or infinite outputs for 1 of \d+ samples of source"):
+        sb.cross_source_matrix(model, ds, [Broken()], progress=False)
+
+
+@pytest.mark.parametrize("spec", ["prior:nan", "prior:inf", "tent:inf", "batch:nan"])
+def test_non_finite_strategy_numbers_are_refused_at_parse_time(spec):
+    with pytest.raises(ValueError, match="finite|needs a number"):
+        sb.parse_strategy(spec)
+
+
+def test_tent_on_a_half_precision_model_gives_finite_outputs(trained):
+    model, ds = trained
+    half = type(model)(16, 3)
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+
+    class Float32Out(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x.to(torch.bfloat16)).float()
+
+    table = sb.cross_source_matrix(Float32Out(half), ds, ["tent:5"], progress=False)
+    assert table["value"].notna().all()
