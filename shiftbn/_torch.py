@@ -6,13 +6,15 @@ copy of that loop (and of the prediction-time BN forward) keeps them consistent.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -24,11 +26,59 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+Inputs = torch.Tensor | Dataset
+"""Model inputs: a tensor (N, ...) or a map-style dataset whose items are ``x`` or ``(x, ...)``."""
+
+
+def _input_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) > 0:
+        return batch[0]
+    raise TypeError(f"a batch must be a tensor x or a tuple (x, ...); got {type(batch).__name__}")
+
+
+def iter_inputs(data: Inputs, batches: Sequence[Sequence[int] | torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The inputs of each index batch of ``data``, one batch in memory at a time.
+
+    A tensor is indexed directly; a dataset is read through a ``DataLoader`` with the batches as
+    its batch sampler (only the first element of each item is kept).
+    """
+    if isinstance(data, torch.Tensor):
+        for idx in batches:
+            yield data[torch.as_tensor(idx, dtype=torch.long)]
+        return
+    plan = [[int(i) for i in idx] for idx in batches]
+    for batch in DataLoader(data, batch_sampler=plan):
+        yield _input_of(batch)
+
+
+def take_inputs(data: Inputs, idx: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The inputs at positions ``idx`` of ``data`` as one batch."""
+    return next(iter_inputs(data, [idx]))
+
+
+def concat_inputs(parts: Sequence[Inputs]) -> Inputs:
+    """Several inputs end to end: tensors concatenated, datasets chained (nothing is read)."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(list(parts))
+    return ConcatDataset([TensorDataset(p) if isinstance(p, torch.Tensor) else p for p in parts])
+
+
+def _chunks(n: int, batch_size: int) -> list[range]:
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
 @torch.no_grad()
-def forward_batches(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Outputs of ``model`` on ``x`` (N, ...) in batches of ``batch_size``, as it is; float32 (N, K) on CPU."""
+def forward_batches(model: nn.Module, data: Inputs, batch_size: int) -> torch.Tensor:
+    """Outputs of ``model`` on ``data`` in order, batches of ``batch_size``, as the model is; float32 (N, K) on CPU.
+
+    Only the outputs are kept: inputs are read one batch at a time.
+    """
+    if len(data) == 0:
+        raise ValueError("no inputs to evaluate: the data is empty")
     device = device_of(model)
-    return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x.to(device)).float().cpu() for x in iter_inputs(data, _chunks(len(data), batch_size))])
 
 
 @contextmanager
@@ -53,29 +103,34 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def batch_stats_logits(model: nn.Module, x: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int) -> torch.Tensor:
     """Outputs with every BN layer normalizing each batch by its own statistics (prediction-time BN).
 
-    Samples of ``x`` (N, ...) are shuffled with ``seed`` into near-equal batches of at most
+    Samples of ``data`` (N of them) are shuffled with ``seed`` into near-equal batches of at most
     ``batch_size`` (never one sample alone when avoidable); outputs (N, K) float32 come back in the
     original order. The model is left as it was (flags restored, buffers never written).
     """
-    if len(x) < 2:
+    n = len(data)
+    if n < 2:
         raise ValueError("prediction-time batch statistics need at least 2 samples")
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
-    chunks = torch.tensor_split(order, max(1, -(-len(x) // batch_size)))
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
+    device = device_of(model)
+    out: torch.Tensor | None = None
     with _batch_statistics(model):
-        parts = [forward_batches(model, x[idx], len(idx)) for idx in chunks]
-    out = torch.empty((len(x), *parts[0].shape[1:]))
-    for idx, p in zip(chunks, parts, strict=True):
-        out[idx] = p
+        for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
+            part = model(x.to(device)).float().cpu()
+            if out is None:
+                out = torch.empty((n, *part.shape[1:]))
+            out[idx] = part
     return out
 
 
-def stack_inputs(ds: torch.utils.data.Dataset, batch_size: int = 512) -> torch.Tensor:
-    """All inputs (first item element) of a map-style dataset stacked into one tensor (N, ...), in order."""
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-    parts = [b[0] if isinstance(b, (tuple, list)) else b for b in loader]
-    if not parts:
+def stack_inputs(ds: Dataset, batch_size: int = 512) -> torch.Tensor:
+    """All inputs (first item element) of a map-style dataset stacked into one tensor (N, ...), in order.
+
+    O(dataset) memory: for small data and tests; analysis verbs stream with ``iter_inputs``.
+    """
+    if len(ds) == 0:
         raise ValueError("dataset is empty")
-    return torch.cat(parts)
+    return torch.cat(list(iter_inputs(ds, _chunks(len(ds), batch_size))))

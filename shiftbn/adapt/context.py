@@ -6,9 +6,9 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import torch
 from torch import nn
 
+from shiftbn._torch import Inputs
 from shiftbn.bn import BNStats, SourceStats
 
 T = TypeVar("T")
@@ -22,8 +22,9 @@ class AdaptContext:
         model: the model under evaluation (strategies never leave it changed).
         source_stats_fn: computes per-source statistics of every source's calibration samples; called
             at most once, on the first ``source_stats`` call (no pass when no strategy needs it).
-        calibration_inputs: ``f(source) -> (N, ...)`` unlabeled calibration inputs of a source.
-        eval_inputs: ``f(source) -> (N, ...)`` evaluation inputs of a source.
+        calibration_inputs: ``f(source) -> Inputs``: a source's unlabeled calibration inputs (a tensor
+            (N, ...) or a dataset that strategies read batch by batch).
+        eval_inputs: ``f(source) -> Inputs``: a source's evaluation inputs.
         train_sources: the sources the model was trained on.
         eval_sources: the sources being evaluated.
         precise_stats_fn: PreciseBN statistics of the training sources' calibration data, or None.
@@ -35,8 +36,8 @@ class AdaptContext:
 
     model: nn.Module
     source_stats_fn: Callable[[], SourceStats]
-    calibration_inputs: Callable[[str], torch.Tensor]
-    eval_inputs: Callable[[str], torch.Tensor]
+    calibration_inputs: Callable[[str], Inputs]
+    eval_inputs: Callable[[str], Inputs]
     train_sources: Sequence[str]
     eval_sources: Sequence[str]
     precise_stats_fn: Callable[[], BNStats] | None = None

@@ -18,7 +18,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from shiftbn._torch import batch_stats_logits, device_of, forward_batches
+from shiftbn._torch import Inputs, batch_stats_logits, concat_inputs, device_of, forward_batches, take_inputs
 from shiftbn.adapt.context import AdaptContext
 from shiftbn.bn import BNStats, bn_layers, buffer_stats, mix_stats, preserved, use_stats
 
@@ -56,8 +56,9 @@ class Strategy:
     def bn_stats(self, ctx: AdaptContext, eval_source: str) -> BNStats | None:
         raise NotImplementedError
 
-    def logits(self, ctx: AdaptContext, eval_source: str, x: torch.Tensor) -> torch.Tensor:
-        """Outputs (N, K) float32 for the inputs ``x`` (N, ...) of ``eval_source``."""
+    def logits(self, ctx: AdaptContext, eval_source: str, x: Inputs) -> torch.Tensor:
+        """Outputs (N, K) float32 for the inputs ``x`` of ``eval_source`` (a tensor (N, ...) or a dataset
+        read batch by batch)."""
         stats = self.bn_stats(ctx, eval_source)
         if stats is None:
             with preserved(ctx.model):
@@ -203,7 +204,7 @@ class BatchStats(Strategy):
     def _mixed(self, ctx: AdaptContext) -> dict[str, torch.Tensor]:
         names = list(ctx.eval_sources)
         xs = [ctx.eval_inputs(s) for s in names]
-        out = batch_stats_logits(ctx.model, torch.cat(xs), self.batch, ctx.seed)
+        out = batch_stats_logits(ctx.model, concat_inputs(xs), self.batch, ctx.seed)
         return dict(zip(names, torch.split(out, [len(v) for v in xs]), strict=True))
 
 
@@ -248,7 +249,7 @@ class Tent(Strategy):
         device = device_of(model)
         for _ in range(self.steps):
             idx = torch.randperm(len(cal), generator=gen)[: min(self.batch, len(cal))]
-            logp = torch.log_softmax(model(cal[idx].to(device)).float(), dim=1)
+            logp = torch.log_softmax(model(take_inputs(cal, idx).to(device)).float(), dim=1)
             loss = -(logp.exp() * logp).sum(1).mean()
             for p in params:
                 p.grad = None

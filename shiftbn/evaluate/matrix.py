@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from shiftbn._torch import stack_inputs
 from shiftbn.adapt import AdaptContext, Strategy, expand_strategies
 from shiftbn.bn import CollectMode, collect_stats
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
@@ -92,15 +91,13 @@ def collect(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[AdaptContext, dict[str, np.ndarray]]:
-    """The context strategies see (statistics computed on first use) and each eval source's labels."""
-    eval_parts = {s: plan.evaluation.subset(s) for s in plan.eval_sources}
-    eval_x: dict[str, torch.Tensor] = {}
-    cal = plan.calibration
+    """The context strategies see (statistics computed on first use) and each eval source's labels.
 
-    def eval_inputs(s: str) -> torch.Tensor:
-        if s not in eval_x:
-            eval_x[s] = stack_inputs(eval_parts[s])
-        return eval_x[s]
+    Inputs are handed to strategies as dataset views, read batch by batch: memory is O(batch), plus
+    the outputs kept for scoring (N x K per cell), never the inputs.
+    """
+    eval_parts = {s: plan.evaluation.subset(s) for s in plan.eval_sources}
+    cal = plan.calibration
 
     def source_stats():
         return collect_stats(model, cal, batch_size=stats_batch_size, mode=stats_mode, num_samples=num_samples,
@@ -111,10 +108,9 @@ def collect(
                              mode=stats_mode, num_samples=num_samples, seed=seed, progress=progress).pooled()
 
     ctx = AdaptContext(model=model, source_stats_fn=source_stats,
-                       calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s),
-                                                             lambda: stack_inputs(cal.subset(s))),
-                       eval_inputs=eval_inputs, train_sources=plan.train_sources, eval_sources=plan.eval_sources,
-                       precise_stats_fn=precise_stats, batch_size=batch_size, seed=seed)
+                       calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s), lambda: cal.subset(s)),
+                       eval_inputs=eval_parts.__getitem__, train_sources=plan.train_sources,
+                       eval_sources=plan.eval_sources, precise_stats_fn=precise_stats, batch_size=batch_size, seed=seed)
     return ctx, {s: part.labels for s, part in eval_parts.items()}
 
 

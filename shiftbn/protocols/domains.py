@@ -9,7 +9,7 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from shiftbn._torch import forward_batches, stack_inputs
+from shiftbn._torch import forward_batches
 from shiftbn.bn import collect_stats, use_stats
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
@@ -48,7 +48,6 @@ class SharedDomains(Study):
     def cell(self, ds: SourceTaggedDataset, seed: int, value: str) -> pd.DataFrame:
         cfg = self.train
         sp = ds.split(fractions=cfg.fractions, seed=seed)
-        x_test, y_test = stack_inputs(sp.test), sp.test.labels
         net = make_model({"name": "SharedHeadNet", "width": self.width, "joint": value == "joint"}, ds, seed)
         train(net, sp.train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, progress=False)
         rows = []
@@ -57,10 +56,10 @@ class SharedDomains(Study):
             stats = collect_stats(net, sp.train, by_source=False, batch_size=cfg.batch_size,
                                   num_samples=self.precise_samples, seed=seed, progress=False).pooled()
             with use_stats(net, stats, per_site=test == "per-domain"), torch.no_grad():
-                out = forward_batches(net, x_test, 512).numpy()
+                out = forward_batches(net, sp.test, 512).numpy()
             for m in self.metrics:
                 rows.append({"train_norm": value, "test_stats": test, "consistent": value == test,
-                             "metric": m, "value": metric_value(m, out, y_test), "seed": seed})
+                             "metric": m, "value": metric_value(m, out, sp.test.labels), "seed": seed})
         net.joint = value == "joint"
         return pd.DataFrame(rows)
 

@@ -9,9 +9,8 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import torch
 
-from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
+from shiftbn._torch import batch_stats_logits, forward_batches
 from shiftbn.bn import precise_bn
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.protocols.base import FigureSpec, Study, TrainConfig, make_study
@@ -34,15 +33,16 @@ def _groups(labels: np.ndarray, composition: str, skew: float, rng: np.random.Ge
     return np.where(flip, 1 - half, half)
 
 
-def _same_composition_accuracy(net, x, y, groups, batch_size, seed) -> float:
+def _same_composition_accuracy(net, test: SourceTaggedDataset, groups, batch_size, seed) -> float:
+    y = test.labels
     if groups is None:
-        logits = batch_stats_logits(net, x, batch_size, seed)
+        logits = batch_stats_logits(net, test, batch_size, seed)
         return float((logits.argmax(1).numpy() == y).mean())
     correct = 0
     for g in np.unique(groups):
         idx = np.flatnonzero(groups == g)
         if len(idx) >= 2:
-            logits = batch_stats_logits(net, x[torch.from_numpy(idx)], batch_size, seed)
+            logits = batch_stats_logits(net, test.take(idx), batch_size, seed)
             correct += int((logits.argmax(1).numpy() == y[idx]).sum())
     return correct / len(y)
 
@@ -81,12 +81,12 @@ class LeakageProbe(Study):
         pop = copy.deepcopy(net)
         precise_bn(pop, sp.train, num_samples=self.precise_samples, batch_size=cfg.batch_size, seed=seed,
                    progress=False)
-        x_test, y_test = stack_inputs(sp.test), sp.test.labels
+        y_test = sp.test.labels
         results = {
             "train_batches": float(log["accuracy"].iloc[-max(1, cfg.steps // 4):].mean()),
             "test_same_composition": _same_composition_accuracy(
-                net, x_test, y_test, _groups(y_test, comp, self.skew, rng), cfg.batch_size, seed),
-            "test_population": float((forward_batches(pop.eval(), x_test, 512).argmax(1).numpy() == y_test).mean()),
+                net, sp.test, _groups(y_test, comp, self.skew, rng), cfg.batch_size, seed),
+            "test_population": float((forward_batches(pop.eval(), sp.test, 512).argmax(1).numpy() == y_test).mean()),
         }
         return pd.DataFrame([{"composition": comp, "eval": ev, "metric": "accuracy", "value": v, "seed": seed}
                              for ev, v in results.items()])

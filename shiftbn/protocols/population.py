@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
-from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
+from shiftbn._torch import batch_stats_logits, forward_batches
 from shiftbn.bn import bn_layers, freeze_bn, precise_bn, preserved
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
@@ -22,11 +21,11 @@ from shiftbn.train import train
 _HELD_TEST = (0.7, 0.0, 0.3)
 
 
-def _score(model: nn.Module, x: torch.Tensor, y: np.ndarray, metrics: Sequence[str]) -> dict[str, float]:
+def _score(model: nn.Module, test: SourceTaggedDataset, metrics: Sequence[str]) -> dict[str, float]:
     with preserved(model):
         model.eval()
-        out = forward_batches(model, x, 512).numpy()
-    return {m: metric_value(m, out, y) for m in metrics}
+        out = forward_batches(model, test, 512).numpy()
+    return {m: metric_value(m, out, test.labels) for m in metrics}
 
 
 def _precise_copy(model: nn.Module, data: SourceTaggedDataset, n: int, batch_size: int, seed: int) -> nn.Module:
@@ -68,7 +67,6 @@ class EmaVsPrecise(Study):
 
     def _run(self, ds: SourceTaggedDataset, seed: int, bs: int, mom: float) -> list[dict]:
         sp = ds.split(fractions=self.train.fractions, seed=seed)
-        x_test, y_test = stack_inputs(sp.test), sp.test.labels
         net = make_model(self.train.model, ds, seed)
         for layer in bn_layers(net):
             layer.module.momentum = mom
@@ -77,7 +75,7 @@ class EmaVsPrecise(Study):
 
         def probe(step: int, m: nn.Module) -> None:
             for stats, scored in (("ema", m), ("precise", _precise_copy(m, sp.train, self.precise_samples, bs, step))):
-                for k, v in _score(scored, x_test, y_test, self.metrics).items():
+                for k, v in _score(scored, sp.test, self.metrics).items():
                     rows.append({**base, "step": step, "stats": stats,
                                  "num_samples": self.precise_samples if stats == "precise" else np.nan,
                                  "metric": k, "value": v})
@@ -86,7 +84,7 @@ class EmaVsPrecise(Study):
               callback=probe, every=self.every, progress=False)
         for n in self.sample_grid:
             scored = _precise_copy(net, sp.train, n, bs, seed)
-            for k, v in _score(scored, x_test, y_test, self.metrics).items():
+            for k, v in _score(scored, sp.test, self.metrics).items():
                 rows.append({**base, "kind": "samples", "step": self.train.steps, "stats": "precise",
                              "num_samples": n, "metric": k, "value": v})
         return rows
@@ -121,19 +119,18 @@ class NormalizationBatchSize(Study):
     def cell(self, ds: SourceTaggedDataset, seed: int, value: int) -> pd.DataFrame:
         g, cfg = int(value), self.train
         sp = ds.split(fractions=cfg.fractions, seed=seed)
-        x_test, y_test = stack_inputs(sp.test), sp.test.labels
         net = make_model(cfg.model, ds, seed)
         train(net, sp.train, steps=cfg.steps, batch_size=cfg.batch_size, ghost_batch=g, lr=cfg.lr, seed=seed,
               progress=False)
         pop = _precise_copy(net, sp.train, self.precise_samples, g, seed)
-        mini = batch_stats_logits(net, x_test, g, seed).numpy()
+        mini = batch_stats_logits(net, sp.test, g, seed).numpy()
         frozen = copy.deepcopy(pop)
         with freeze_bn(frozen):
             train(frozen, sp.train, steps=self.frozen_steps, batch_size=cfg.batch_size,
                   lr=cfg.lr / 100 if self.frozen_lr is None else self.frozen_lr, seed=seed + 1, progress=False)
-        results = {"population": _score(pop, x_test, y_test, self.metrics),
-                   "minibatch": {m: metric_value(m, mini, y_test) for m in self.metrics},
-                   "frozen": _score(frozen, x_test, y_test, self.metrics)}
+        results = {"population": _score(pop, sp.test, self.metrics),
+                   "minibatch": {m: metric_value(m, mini, sp.test.labels) for m in self.metrics},
+                   "frozen": _score(frozen, sp.test, self.metrics)}
         rows = [{"ghost_batch": g, "eval": ev, "metric": m, "value": v, "seed": seed}
                 for ev, scores in results.items() for m, v in scores.items()]
         return pd.DataFrame(rows)
