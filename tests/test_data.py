@@ -359,3 +359,98 @@ def test_manifest_labels_nan_or_fractional_raise_naming_the_file(tmp_path):
     m2 = _manifest(tmp_path, {"path": ["a.png", "b.png"], "label": [0, 1.5], "source": ["s"] * 2}, "m2.csv")
     with pytest.raises(ValueError, match=r"m2\.csv, column 'label': label\(s\) \[1\.5\] at row 1"):
         from_frame(m2)
+
+
+# --- files that cannot be read name themselves (issue 14, 16, 9, 21) -----------------------------
+
+def test_undecodable_images_raise_naming_the_file(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "good.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    data = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    for name in ("empty.png", "text.jpg", "cut.png"):
+        with pytest.raises(ValueError, match=rf"cannot decode image .*{name}: .*remove it from the manifest"):
+            sb.data.load_image(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="image file not found: .*gone.png"):
+        sb.data.load_image(tmp_path / "gone.png")
+
+
+def test_image_shape_mismatch_names_the_file(tmp_path):
+    _png(tmp_path / "s" / "c" / "a.png", 1, size=(4, 4))
+    _png(tmp_path / "s" / "c" / "b.png", 1, size=(4, 4), mode="RGB")
+    _png(tmp_path / "s" / "c" / "c.png", 1, size=(6, 6))
+    ds = from_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"b\.png has shape \(3, 4, 4\).*a\.png has \(1, 4, 4\).*one channels"):
+        next(iter(DataLoader(ds, batch_size=3)))
+    with pytest.raises(ValueError, match=r"c\.png has shape \(1, 6, 6\).*one size; resize"):
+        ds[2]
+
+
+def test_manifest_paths_outside_its_folder_are_refused(tmp_path):
+    _png(tmp_path / "outside.png", 3)
+    home = tmp_path / "data"
+    m = _manifest(home, {"path": ["in.png", "sub/../in.png", "../outside.png", "../../../../etc/passwd",
+                                  str(tmp_path / "outside.png")], "label": [0] * 5, "source": list("aabbc")})
+    with pytest.raises(ValueError, match=r"3 path\(s\) point outside .*data.*'\.\./outside\.png'.*rows 2, 3, 4 "
+                                         r"\(0-based\).*allow_outside=True \(CLI: --allow-outside\)"):
+        from_frame(m, duplicates="drop")
+    with pytest.raises(ValueError, match="point outside"):
+        from_frame(pd.read_csv(m), root=home)
+    ok = from_frame(pd.read_csv(m).iloc[[0, 2]], root=home, allow_outside=True)
+    assert ok.base.paths == [str(home / "in.png"), str(tmp_path / "outside.png")]
+    assert torch.equal(ok[1][0], ok[0][0] * 0 + 3 / 255)
+
+
+def test_duplicate_manifest_rows_are_refused_or_dropped(tmp_path):
+    rows = {"path": ["a.png", "b.png", "./a.png", "c.png", "b.png"], "label": [0, 1, 0, 1, 1],
+            "source": list("xyxyy")}
+    m = _manifest(tmp_path, rows)
+    with pytest.raises(ValueError, match=r"lists 2 file\(s\) more than once \(2 extra row\(s\)\), e\.g\. .*a\.png "
+                                         r"at rows 0, 2 \(0-based\).*a leak.*duplicates='drop'"):
+        from_frame(m)
+    with pytest.warns(UserWarning, match=r"2 file\(s\) more than once.*kept each file's first row"):
+        ds = from_frame(m, duplicates="drop")
+    assert [p.rsplit("/", 1)[-1] for p in ds.base.paths] == ["a.png", "b.png", "c.png"] and len(ds.metadata) == 3
+    sp = ds.split(fractions=(0.0, 0.5, 0.5))
+    assert not set(sp.calibration.base.dataset.paths[i] for i in sp.calibration.base.indices) & set(
+        sp.test.base.dataset.paths[i] for i in sp.test.base.indices)
+    clash = _manifest(tmp_path, {**rows, "label": [0, 1, 1, 1, 1]}, "clash.csv")
+    with pytest.raises(ValueError, match="different labels or sources"):
+        from_frame(clash, duplicates="drop")
+    with pytest.raises(ValueError, match="duplicates must be one of"):
+        from_frame(m, duplicates="keep")
+
+
+def test_unreadable_manifests_name_the_file(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match=r"manifest .*empty\.csv is empty"):
+        from_frame(tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text("path,label,source\n")
+    with pytest.raises(ValueError, match=r"manifest .*header\.csv has no rows"):
+        from_frame(tmp_path / "header.csv")
+    (tmp_path / "latin.csv").write_bytes("path,label,source\nr\u00e9sum\u00e9.png,0,a\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"manifest .*latin\.csv is not UTF-8 text.*save it as UTF-8"):
+        from_frame(tmp_path / "latin.csv")
+
+
+def test_from_folder_warns_about_what_it_skips(tmp_path):
+    _png(tmp_path / "site1" / "benign" / "0.png", 5)
+    (tmp_path / "site1" / "stray.png").write_bytes(b"")
+    (tmp_path / "site1" / "benign" / "nested").mkdir()
+    (tmp_path / "site1" / "benign" / ".DS_Store").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"skipped 2 entry\(ies\).*site1/benign/nested, site1/stray\.png"):
+        ds = from_folder(tmp_path)
+    assert len(ds) == 1
+
+
+def test_truncated_gz_idx_names_the_file(tmp_path):
+    write_idx(tmp_path / "x-idx3-ubyte.gz", np.zeros((50, 8, 8), dtype=np.uint8))
+    data = (tmp_path / "x-idx3-ubyte.gz").read_bytes()
+    (tmp_path / "cut-idx3-ubyte.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut-idx3-ubyte\.gz.*truncated or corrupt"):
+        read_idx(tmp_path / "cut-idx3-ubyte.gz")
+    (tmp_path / "plain-idx3-ubyte.gz").write_bytes(b"\x00\x00\x08\x01")  # not gzip at all
+    with pytest.raises(ValueError, match=r"plain-idx3-ubyte\.gz"):
+        read_idx(tmp_path / "plain-idx3-ubyte.gz")
