@@ -23,6 +23,8 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
                    help="manifest column with labels (default: label; 'none' for unlabeled data)")
     p.add_argument("--source-col", default="source", help="manifest column with the source/site (default: source)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to SIZE x SIZE before the model")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="let manifest paths point outside the manifest's folder (refused by default)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size for statistics (default: 64)")
     p.add_argument("--num-samples", type=int, default=None, help="at most this many samples per source")
     p.add_argument("--seed", type=int, default=0)
@@ -126,6 +128,9 @@ def _load_user_data(args):
     from shiftbn.data.files import from_folder, from_frame, load_image
 
     loader = load_image
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be a positive number of pixels, got {args.image_size}; "
+                         "leave it out to keep the images' own size")
     if args.image_size:
         import torch.nn.functional as F
 
@@ -140,7 +145,8 @@ def _load_user_data(args):
     if args.data.is_dir():
         return from_folder(args.data, loader=loader)
     label = None if args.label_col.lower() == "none" else args.label_col
-    return from_frame(args.data, path=args.path_col, label=label, source=args.source_col, loader=loader)
+    return from_frame(args.data, path=args.path_col, label=label, source=args.source_col, loader=loader,
+                      allow_outside=args.allow_outside)
 
 
 def _cmd_demo(args) -> None:

@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 from torch.utils.data import Sampler
 
+from shiftbn.data._checks import as_count
+
 MODES = ("random", "single", "mixed")
 BALANCES = ("proportional", "equal")
 
@@ -80,23 +82,20 @@ class SourceBatchSampler(Sampler[list[int]]):
             raise ValueError("source_ids is empty; the sampler needs at least one sample")
         if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:
             raise ValueError("source_ids must be non-negative integers (use SourceTaggedDataset.source_ids)")
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        batch_size = as_count(batch_size, "batch_size")
+        num_replicas = as_count(num_replicas, "num_replicas")
+        rank = as_count(rank, "rank", minimum=0)
+        if sources_per_batch is not None:
+            sources_per_batch = as_count(sources_per_batch, "sources_per_batch")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         if balance not in BALANCES:
             raise ValueError(f"unknown balance {balance!r}; choose one of {BALANCES}")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
+        if not rank < num_replicas:
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
         self.source_ids = ids.astype(np.int64)
-        # Radix sort (numpy's stable sort of 16-bit keys) when ids fit: O(N) grouping.
-        keys = self.source_ids.astype(np.uint16) if ids.max() < 2**16 else self.source_ids
-        order = np.argsort(keys, kind="stable")
-        counts = np.bincount(self.source_ids)
-        present = np.flatnonzero(counts)
-        self._sources = present
-        self._groups = np.split(order, np.cumsum(counts[present])[:-1])
-        n_sources = len(present)
+        self._sources, self._groups = _group(self.source_ids)
+        n_sources = len(self._sources)
         if sources_per_batch is not None:
             if mode != "mixed":
                 raise ValueError("sources_per_batch applies to mode='mixed' only")
@@ -110,7 +109,7 @@ class SourceBatchSampler(Sampler[list[int]]):
                     f"batch_size={batch_size} is not a multiple of sources_per_batch={sources_per_batch}; "
                     "each source fills batch_size // sources_per_batch slots"
                 )
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
         self.mode = mode
         self.sources_per_batch = sources_per_batch
         self.balance = balance
@@ -161,6 +160,24 @@ class SourceBatchSampler(Sampler[list[int]]):
 
 
 # --- epoch construction (pure functions over index arrays) ---------------------------------------
+
+def _group(ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The source ids present (sorted) and, per source, its positions in increasing order.
+
+    Small ids (below 2**16 or the sample count): a stable radix sort of 16-bit keys and a bincount,
+    O(N). Large, sparse ids (e.g. 10**12) are compacted with ``np.unique`` first, so no array is
+    sized by the largest id.
+    """
+    if ids.max() < max(2**16, len(ids)):
+        keys = ids.astype(np.uint16) if ids.max() < 2**16 else ids
+        counts = np.bincount(ids)
+        present = np.flatnonzero(counts)
+        counts = counts[present]
+    else:
+        present, keys, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    order = np.argsort(keys, kind="stable")
+    return present, np.split(order, np.cumsum(counts)[:-1])
+
 
 def _streams(groups: list[np.ndarray], balance: str, rng: np.random.Generator) -> list[np.ndarray]:
     """Per source, the positions it contributes this epoch, in random order."""

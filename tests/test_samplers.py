@@ -163,3 +163,26 @@ def test_bad_arguments_say_what_to_change(kwargs, msg):
     ids = _ids([30, 10])
     with pytest.raises(ValueError, match=msg):
         sb.SourceBatchSampler(ids, **kwargs)
+
+
+def test_sparse_huge_source_ids_are_compacted_not_allocated():
+    ids = np.array([10**12, 0, 10**12, 5, 0, 10**12])
+    s = sb.SourceBatchSampler(ids, 2, "single", seed=0)
+    batches = _batches(s)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(6))
+    assert all(len(np.unique(ids[b])) == 1 for b in batches)
+    with pytest.raises(ValueError, match=r"source id 5 has 1 samples for 3 batches"):
+        sb.SourceBatchSampler(ids, 2, "mixed")
+
+
+def test_numpy_integer_sizes_are_accepted_and_stored_as_int():
+    ids = _ids([12, 12])
+    s = sb.SourceBatchSampler(ids, np.int64(4), "mixed", sources_per_batch=np.int64(2), num_replicas=np.int32(2),
+                              rank=np.int64(1), drop_last=True)
+    assert type(s.batch_size) is int and type(s.sources_per_batch) is int and s.num_replicas == 2
+    assert all(len(b) == 4 for b in s)
+    for bad in (4.0, True, "4"):
+        with pytest.raises(TypeError, match=r"batch_size must be an integer >= 1, got"):
+            sb.SourceBatchSampler(ids, bad)
+    with pytest.raises(TypeError, match="sources_per_batch must be an integer"):
+        sb.SourceBatchSampler(ids, 4, "mixed", sources_per_batch=2.0)

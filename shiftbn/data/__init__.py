@@ -2,8 +2,9 @@
 
 from shiftbn.data.arrays import ArrayDataset
 from shiftbn.data.builtin import DATASETS, blobs_labs, digits_labs, fashion_mnist_labs, load
-from shiftbn.data.files import FileDataset, camelyon17, from_folder, from_frame, load_image
+from shiftbn.data.files import camelyon17, from_folder, from_frame
 from shiftbn.data.idx import read_idx, write_idx
+from shiftbn.data.images import FileDataset, load_image
 from shiftbn.data.labshift import LabShift, simulate_labs
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
 

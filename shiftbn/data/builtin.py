@@ -28,6 +28,10 @@ DIGITS_LABS: dict[str, LabShift] = {
     "lab_e": LabShift(gain=2.5, offset=0.8, seed=5),
 }
 
+DIGITS_CLASSES = tuple(str(k) for k in range(10))
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+
 FASHION_LABS: dict[str, LabShift] = {
     "lab_a": LabShift(seed=1),
     "lab_b": LabShift(gain=0.6, offset=0.15, noise_std=0.03, seed=2),
@@ -39,14 +43,15 @@ FASHION_LABS: dict[str, LabShift] = {
 def digits_labs(size: int = 16, seed: int = 0) -> SourceTaggedDataset:
     """scikit-learn's 1,797 bundled 8x8 digits, upsampled to ``size``x``size``, split over 5 labs.
 
-    Items: x (1, size, size) float32, y in 0..9. Labs: see ``DIGITS_LABS`` and datasets/digits-labs.md.
+    Items: x (1, size, size) float32, y in 0..9 (``class_names`` "0".."9").
+    Labs: see ``DIGITS_LABS`` and datasets/digits-labs.md.
     """
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return simulate_labs(x, d.target, DIGITS_LABS, seed=seed)
+    return simulate_labs(x, d.target, DIGITS_LABS, seed=seed, class_names=DIGITS_CLASSES)
 
 
 def fashion_mnist_labs(
@@ -54,6 +59,7 @@ def fashion_mnist_labs(
 ) -> SourceTaggedDataset:
     """Fashion-MNIST (28x28 grey clothing, 10 classes) split over 4 labs; ``n`` samples drawn with ``seed``.
 
+    ``class_names``: Fashion-MNIST's ten names ("T-shirt/top" .. "Ankle boot", ``FASHION_CLASSES``).
     Data: the IDX files of Debian's ``dataset-fashion-mnist`` package, or a folder given as ``root``.
     """
     folder = Path(root) if root is not None else FASHION_DEBIAN_ROOT
@@ -64,7 +70,7 @@ def fashion_mnist_labs(
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(y_all), size=min(n, len(y_all)), replace=False))
     x = torch.as_tensor(x_all[pick], dtype=torch.float32).unsqueeze(1) / 255.0
-    return simulate_labs(x, y_all[pick], FASHION_LABS, seed=seed)
+    return simulate_labs(x, y_all[pick], FASHION_LABS, seed=seed, class_names=FASHION_CLASSES)
 
 
 def _find(folder: Path, stem: str) -> Path:

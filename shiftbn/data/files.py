@@ -2,59 +2,117 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
 
+from shiftbn.data._checks import encode_labels, rows
+from shiftbn.data.images import IMAGE_SUFFIXES, FileDataset, load_image
 from shiftbn.data.tagged import SourceTaggedDataset
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+__all__ = ["IMAGE_SUFFIXES", "FileDataset", "camelyon17", "from_folder", "from_frame", "load_image"]
+
+DUPLICATES = ("error", "drop")
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """Decode one image file into a float32 tensor (C, H, W) in [0, 1]."""
+def _read_csv(path: Path, what: str, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose failures name the file and the fix."""
     try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - pillow is a dependency
-        raise ImportError("reading images needs Pillow: pip install pillow") from e
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"))
-    t = torch.from_numpy(arr.astype(np.float32) / 255.0)
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
-
-
-class FileDataset(Dataset):
-    """Items are ``(loader(path), label)``; files are decoded lazily, one per ``__getitem__``."""
-
-    def __init__(self, paths: list[str], labels: np.ndarray, loader: Callable[[str], Any] = load_image):
-        self.paths = paths
-        self.targets = np.asarray(labels, dtype=np.int64)
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        return self.loader(self.paths[i]), int(self.targets[i])
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{what} {path} is empty; it needs a header line and one row per image") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8, "
+                         f"e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.csv") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder, not a CSV file; an image tree is read by from_folder") from None
+    except pd.errors.ParserError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(f"{what} {path} is not a readable CSV ({reason}); fix the file") from None
 
 
 def _read_table(frame: pd.DataFrame | str | Path) -> tuple[pd.DataFrame, Path | None]:
+    """The manifest table and the file it came from (None for a DataFrame); empty tables refused."""
     if isinstance(frame, pd.DataFrame):
-        return frame, None
-    path = Path(frame)
-    if not path.exists():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    if path.suffix == ".parquet":
-        try:
-            return pd.read_parquet(path), path.parent
-        except ImportError as e:
-            raise ImportError("reading Parquet needs pyarrow: pip install 'shiftbn[parquet]'") from e
-    return pd.read_csv(path), path.parent
+        df, path = frame, None
+    else:
+        path = Path(frame)
+        if not path.exists():
+            raise FileNotFoundError(f"manifest not found: {path}")
+        df = _read_parquet(path) if path.suffix == ".parquet" else _read_csv(path, "manifest")
+    if len(df) == 0:
+        raise ValueError(f"manifest {path or '(DataFrame)'} has no rows; list one image per row")
+    return df, path
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except ImportError as e:
+        raise ImportError("reading Parquet needs pyarrow: pip install 'shiftbn[parquet]'") from e
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"manifest {path} is not a readable Parquet file ({e}); write it again") from None
+
+
+def _resolve_paths(values: pd.Series, home: Path | None, allow_outside: bool, where: str) -> list[str]:
+    """Absolute, normalised paths; relative ones resolve against ``home`` (else the working folder).
+
+    Why: a manifest must not reach files outside its folder (``../../etc/passwd``). The check is
+    lexical (``os.path.normpath``), so symlinks inside ``home`` that lead elsewhere are allowed.
+    """
+    missing = values.isna().to_numpy()
+    if missing.any():
+        raise ValueError(f"{where}: empty path at {rows(missing)}; give every row an image path")
+    top = os.path.abspath(home if home is not None else os.getcwd())
+    out = [os.path.normpath(os.path.join(top, p)) for p in values.astype(str)]
+    if home is not None and not allow_outside:
+        outside = np.array([not _inside(p, top) for p in out])
+        if outside.any():
+            shown = [str(v) for v in values[outside].head(3)]
+            raise ValueError(
+                f"{where}: {int(outside.sum())} path(s) point outside {top}, e.g. {shown} at {rows(outside)}; "
+                "move the files under that folder, pass root=<a folder that holds them>, or pass "
+                "allow_outside=True (CLI: --allow-outside) if you trust this manifest"
+            )
+    return out
+
+
+def _inside(path: str, top: str) -> bool:
+    try:
+        return os.path.commonpath([path, top]) == top
+    except ValueError:  # different drives (Windows)
+        return False
+
+
+def _keep_first(paths: list[str], labels: np.ndarray, sources: pd.Series, duplicates: str, where: str) -> np.ndarray:
+    """Row mask without repeats of one file (by resolved path); refuses or drops them per ``duplicates``.
+
+    Why: a file listed twice can land in both the calibration and the test split, a leak.
+    """
+    key = pd.Series(paths)
+    repeat = key.duplicated(keep="first").to_numpy()
+    if not repeat.any():
+        return ~repeat
+    files = key[repeat].unique()
+    examples = "; ".join(f"{f} at {rows(key.to_numpy() == f, limit=3)}" for f in files[:3])
+    count = f"{len(files)} file(s) more than once ({int(repeat.sum())} extra row(s)), e.g. {examples}"
+    if duplicates == "error":
+        raise ValueError(
+            f"{where} lists {count}: a repeated file can land in both the calibration and the test split (a leak); "
+            "remove the repeated rows, or pass duplicates='drop' to keep each file's first row"
+        )
+    table = pd.DataFrame({"path": paths, "label": labels, "source": sources.astype(str).to_numpy()})
+    conflict = table.groupby("path")[["label", "source"]].nunique().max(axis=1) > 1
+    if conflict.any():
+        raise ValueError(f"{where}: file(s) {list(conflict[conflict].index[:3])} are listed with different labels "
+                         "or sources; fix the manifest (duplicates='drop' cannot choose between them)")
+    warnings.warn(f"{where} lists {count}; dropped the repeats and kept each file's first row", stacklevel=3)
+    return ~repeat
 
 
 def from_frame(
@@ -65,52 +123,98 @@ def from_frame(
     source: str = "source",
     loader: Callable[[str], Any] = load_image,
     root: str | Path | None = None,
+    allow_outside: bool = False,
+    duplicates: str = "error",
 ) -> SourceTaggedDataset:
     """A dataset from a manifest table (DataFrame, CSV or Parquet file) with path, label, source columns.
 
-    Relative paths resolve against ``root`` (default: the manifest's folder). Labels that are not
-    integers are encoded in sorted order; ``label=None`` makes an unlabeled dataset.
+    Why: the common layout of multi-site data (one row per image: file, label, site).
+    Relative paths resolve against ``root`` (default: the manifest file's folder; for a DataFrame
+    without ``root``, the working folder). With a manifest file or ``root``, paths that lead outside
+    that folder are refused unless ``allow_outside=True``. A file listed twice is refused
+    (``duplicates="error"``) or kept once with a warning (``duplicates="drop"``; rows that disagree on
+    label or source still raise). Labels: class ids (ints or whole floats; -1 = unlabeled) or
+    names, encoded in sorted order into ``ds.class_names``; missing or fractional labels raise
+    naming their rows. ``label=None`` makes an unlabeled dataset. The other columns become
+    ``ds.metadata`` (one row per sample).
     """
-    df, here = _read_table(frame)
+    if duplicates not in DUPLICATES:
+        raise ValueError(f"duplicates must be one of {DUPLICATES}, got {duplicates!r}")
+    df, file = _read_table(frame)
+    where = f"manifest {file}" if file is not None else "manifest"
     missing = [c for c in (path, label, source) if c is not None and c not in df.columns]
     if missing:
-        raise ValueError(f"manifest lacks column(s) {missing}; it has {list(df.columns)}")
-    base = Path(root) if root is not None else here
-    paths = [str(p if Path(p).is_absolute() or base is None else base / p) for p in df[path].astype(str)]
+        raise ValueError(f"{where} lacks column(s) {missing}; it has {list(df.columns)}")
+    home = Path(root) if root is not None else (file.parent if file is not None else None)
+    paths = _resolve_paths(df[path], home, allow_outside, where)
     if label is None:
-        labels = np.full(len(df), -1, dtype=np.int64)
-    elif pd.api.types.is_integer_dtype(df[label]):
-        labels = df[label].to_numpy(np.int64)
+        labels, class_names = np.full(len(df), -1, dtype=np.int64), None
     else:
-        labels = pd.Categorical(df[label]).codes.astype(np.int64)
-    return SourceTaggedDataset(FileDataset(paths, labels, loader), df[source].to_numpy(), labels)
+        labels, class_names = encode_labels(df[label], len(df), where=f"{where}, column {label!r}")
+    no_source = df[source].isna().to_numpy()
+    if no_source.any():
+        raise ValueError(f"{where}, column {source!r}: missing source at {rows(no_source)}; give every row a source")
+    keep = np.flatnonzero(_keep_first(paths, labels, df[source], duplicates, where))
+    meta = df.drop(columns=[c for c in (path, label, source) if c is not None]).iloc[keep]
+    files = FileDataset([paths[i] for i in keep], labels[keep], loader)
+    return SourceTaggedDataset(files, df[source].to_numpy()[keep], labels[keep], class_names=class_names,
+                               metadata=meta)
 
 
 def from_folder(root: str | Path, loader: Callable[[str], Any] = load_image) -> SourceTaggedDataset:
     """A dataset from an image tree ``root/<source>/<class>/<file>``; classes sorted by name.
 
-    Class ids are shared across sources (the union of class folder names, sorted).
+    Class ids are shared across sources (the union of class folder names, sorted) and named in
+    ``ds.class_names``. Anything else in the tree (a file directly under ``root/<source>/``, a
+    non-image file or a sub-folder in a class folder) is skipped with one warning naming it;
+    hidden entries (``.DS_Store``) are skipped silently.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    rows = [
-        (str(f), src.name, cls.name)
-        for src in sorted(p for p in root.iterdir() if p.is_dir())
-        for cls in sorted(p for p in src.iterdir() if p.is_dir())
-        for f in sorted(cls.iterdir())
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not rows:
+    found, skipped = _walk(root)
+    if skipped:
+        shown = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(
+            f"from_folder skipped {len(skipped)} entry(ies) under {root} that are not images in "
+            f"root/<source>/<class>/: {shown}{more} (image suffixes: {', '.join(IMAGE_SUFFIXES)})",
+            stacklevel=2,
+        )
+    if not found:
         raise ValueError(f"no images found under {root}; expected root/<source>/<class>/<image file>")
-    df = pd.DataFrame(rows, columns=["path", "source", "label"])
+    df = pd.DataFrame(found, columns=["path", "source", "label"])
     classes = sorted(df["label"].unique())
     labels = df["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
-    ds = SourceTaggedDataset(FileDataset(df["path"].tolist(), labels, loader), df["source"].to_numpy(), labels)
-    ds.class_names = classes
-    return ds
+    return SourceTaggedDataset(FileDataset(df["path"].tolist(), labels, loader), df["source"].to_numpy(), labels,
+                               class_names=classes)
 
 
+def _walk(root: Path) -> tuple[list[tuple[str, str, str]], list[Path]]:
+    """Rows (path, source, class) of the images in ``root/<source>/<class>/``, and what else was there."""
+    found: list[tuple[str, str, str]] = []
+    skipped: list[Path] = []
+    for src in _visible(root):
+        if not src.is_dir():
+            skipped.append(src)
+            continue
+        for cls in _visible(src):
+            if not cls.is_dir():
+                skipped.append(cls)
+                continue
+            for f in _visible(cls):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append((str(f), src.name, cls.name))
+                else:
+                    skipped.append(f)
+    return found, skipped
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+CAMELYON_CLASSES = ("normal", "tumor")
 CAMELYON_COLUMNS = ["patient", "node", "x_coord", "y_coord", "tumor", "slide", "center", "split"]
 
 
@@ -118,8 +222,8 @@ def camelyon17(root: str | Path, loader: Callable[[str], Any] = load_image) -> S
     """The WILDS Camelyon17 on-disk layout: ``root/metadata.csv`` and ``root/patches/...`` PNGs.
 
     Why: the hospital (``center``, 5 of them) is the textbook medical-imaging domain shift.
-    Source = ``center`` (named ``center_<k>``), label = ``tumor`` (0/1). Extra columns are kept on
-    ``ds.metadata`` (a DataFrame, one row per sample).
+    Source = ``center`` (named ``center_<k>``), label = ``tumor`` (0/1, ``class_names`` ("normal",
+    "tumor")). All metadata columns are kept on ``ds.metadata`` (a DataFrame, one row per sample).
     """
     root = Path(root)
     meta_path = root / "metadata.csv"
@@ -128,7 +232,7 @@ def camelyon17(root: str | Path, loader: Callable[[str], Any] = load_image) -> S
             f"{meta_path} not found; download Camelyon17 with WILDS (wilds.get_dataset('camelyon17', "
             "download=True)) and pass its camelyon17_v1.0 folder as root"
         )
-    meta = pd.read_csv(meta_path, index_col=0) if _has_index_column(meta_path) else pd.read_csv(meta_path)
+    meta = _read_csv(meta_path, "metadata file", index_col=0 if _has_index_column(meta_path) else None)
     missing = [c for c in CAMELYON_COLUMNS if c not in meta.columns]
     if missing:
         raise ValueError(f"{meta_path} lacks column(s) {missing}")
@@ -136,11 +240,10 @@ def camelyon17(root: str | Path, loader: Callable[[str], Any] = load_image) -> S
         str(root / "patches" / f"patient_{p:03d}_node_{n}" / f"patch_patient_{p:03d}_node_{n}_x_{x}_y_{y}.png")
         for p, n, x, y in meta[["patient", "node", "x_coord", "y_coord"]].itertuples(index=False)
     ]
-    labels = meta["tumor"].to_numpy(np.int64)
+    labels, names = encode_labels(meta["tumor"], len(meta), CAMELYON_CLASSES, where=f"{meta_path}, column 'tumor'")
     sources = pd.Categorical([f"center_{c}" for c in meta["center"]])
-    ds = SourceTaggedDataset(FileDataset(paths, labels, loader), sources, labels)
-    ds.metadata = meta.reset_index(drop=True)
-    return ds
+    return SourceTaggedDataset(FileDataset(paths, labels, loader), sources, labels, class_names=names,
+                               metadata=meta.reset_index(drop=True))
 
 
 def _has_index_column(path: Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"IDX file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    data = _read_bytes(path)
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     code, ndim = data[2], data[3]
@@ -34,6 +33,18 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(data) - offset != expected:
         raise ValueError(f"{path}: header declares {shape} but the file holds {len(data) - offset} bytes")
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped for ``.gz``; a broken gzip stream names the file."""
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (EOFError, OSError, zlib.error) as e:  # BadGzipFile is an OSError
+        msg = f"{path}: cannot decompress ({e}); the file is truncated or corrupt, download it again"
+        raise ValueError(msg) from None
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
-UNLABELED = -1
+from shiftbn.data._checks import UNLABELED, encode_labels, rows
 
 
 def _source_order(values: Sequence[Hashable] | np.ndarray | pd.Series) -> tuple[list[str], np.ndarray]:
@@ -28,8 +28,9 @@ def _source_order(values: Sequence[Hashable] | np.ndarray | pd.Series) -> tuple[
     arr = np.asarray(values, dtype=object) if not isinstance(values, np.ndarray) else values
     if arr.ndim != 1:
         raise ValueError(f"sources must be one label per sample (1-D), got shape {arr.shape}")
-    if pd.isna(pd.Series(arr)).any():
-        raise ValueError("sources contain missing values; give every sample a source label")
+    missing = np.asarray(pd.isna(pd.Series(arr)), dtype=bool)
+    if missing.any():
+        raise ValueError(f"sources contain missing values at {rows(missing)}; give every sample a source label")
     try:
         uniques, codes = np.unique(arr, return_inverse=True)
     except TypeError:  # labels of mixed types cannot be sorted: keep first-seen order
@@ -45,11 +46,17 @@ def _check_unique(names: list[str]) -> list[str]:
     return names
 
 
-def _infer_labels(base: Dataset) -> np.ndarray | None:
+def _infer_labels(base: Dataset) -> tuple[object, str] | None:
+    """Labels a dataset exposes without loading items: ``targets``/``labels``, or a ``TensorDataset``'s
+    second tensor when it is 1-D with an integer dtype (float targets may be regression values)."""
     for attr in ("targets", "labels"):
         lab = getattr(base, attr, None)
         if lab is not None:
-            return np.asarray(lab).reshape(-1)
+            return lab, f"base.{attr}"
+    if isinstance(base, TensorDataset) and len(base.tensors) >= 2:
+        y = base.tensors[1]
+        if y.ndim == 1 and not y.is_floating_point() and not y.is_complex():
+            return y, "base.tensors[1]"
     return None
 
 
@@ -62,7 +69,14 @@ class SourceTaggedDataset(Dataset):
     strings in **sorted order** (a Categorical keeps its category order; labels of mixed types
     that cannot be sorted keep first-seen order). ``ds.source_names[s]`` is the name of id ``s``;
     the name -> id map is carried unchanged by ``subset`` and ``split``, so ids stay stable.
-    ``labels`` (one int per sample) is taken from ``base.targets``/``base.labels`` when not given.
+
+    ``labels`` (one class id per sample, -1 = unlabeled) is taken from ``base.targets``/``base.labels``
+    or a ``TensorDataset``'s 1-D integer second tensor when not given. Whole-number floats are
+    accepted; NaN or fractional labels raise naming their rows. String labels are encoded in sorted
+    order and their names become ``class_names`` (items' ``y`` still come from ``base``).
+    ``class_names`` (tuple of str or None) names the class ids; ``metadata`` (a DataFrame with one
+    row per sample, or None) carries per-sample columns (e.g. a manifest's other columns). Views
+    (``take``, ``subset``, ``split``) keep both, and keep the subclass and its other attributes.
     """
 
     def __init__(
@@ -72,6 +86,8 @@ class SourceTaggedDataset(Dataset):
         labels: Sequence[int] | np.ndarray | None = None,
         *,
         source_names: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None,
+        metadata: pd.DataFrame | None = None,
     ) -> None:
         if not hasattr(base, "__getitem__") or not hasattr(base, "__len__"):
             raise TypeError(f"base must be a map-style dataset with __len__/__getitem__, got {type(base).__name__}")
@@ -80,32 +96,39 @@ class SourceTaggedDataset(Dataset):
             names, ids = _source_order(sources)
         else:
             names = [str(s) for s in source_names]
-            ids = np.asarray(sources, dtype=np.int64).reshape(-1)
-            if ids.size and (ids.min() < 0 or ids.max() >= len(names)):
-                raise ValueError("source ids fall outside source_names")
+            ids = _source_ids(sources, len(names))
         if len(ids) != n:
             raise ValueError(f"got {len(ids)} source labels for a dataset of {n} samples; give one per sample")
         self.base = base
         self.source_names: tuple[str, ...] = tuple(names)
         self.source_ids: np.ndarray = ids
-        lab = _infer_labels(base) if labels is None else np.asarray(labels).reshape(-1)
-        if lab is not None and len(lab) != n:
-            raise ValueError(f"got {len(lab)} labels for a dataset of {n} samples")
-        self.labels: np.ndarray | None = None if lab is None else lab.astype(np.int64)
+        found = _infer_labels(base) if labels is None else (labels, "labels")
+        self.labels: np.ndarray | None = None
+        self.class_names: tuple[str, ...] | None = None
+        if found is not None:
+            self.labels, self.class_names = encode_labels(found[0], n, class_names, where=found[1])
+        elif class_names is not None:
+            self.class_names = encode_labels([], 0, class_names)[1]
+        self.metadata: pd.DataFrame | None = _check_metadata(metadata, n)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def from_datasets(cls, datasets: Mapping[str, Dataset]) -> SourceTaggedDataset:
-        """One dataset per source, e.g. ``{"lab_a": d1, "lab_b": d2}``; source order = sorted names."""
+    def from_datasets(
+        cls, datasets: Mapping[str, Dataset], *, class_names: Sequence[str] | None = None
+    ) -> SourceTaggedDataset:
+        """One dataset per source, e.g. ``{"lab_a": d1, "lab_b": d2}``; source order = sorted names.
+
+        Labels are read from every part (see the class docstring) when all parts expose them.
+        """
         if not datasets:
             raise ValueError("from_datasets needs at least one {name: dataset} entry")
         names = sorted(str(k) for k in datasets)
         by_name = {str(k): v for k, v in datasets.items()}
         parts = [by_name[k] for k in names]
         sources = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(parts)])
-        labels = [_infer_labels(d) for d in parts]
-        lab = None if any(v is None for v in labels) else np.concatenate(labels)
-        return cls(ConcatDataset(parts), sources, lab, source_names=names)
+        found = [_infer_labels(d) for d in parts]
+        lab = None if any(f is None for f in found) else np.concatenate([np.asarray(f[0]).reshape(-1) for f in found])
+        return cls(ConcatDataset(parts), sources, lab, source_names=names, class_names=class_names)
 
     @classmethod
     def from_frame(cls, frame, **kwargs) -> SourceTaggedDataset:
@@ -167,15 +190,24 @@ class SourceTaggedDataset(Dataset):
 
     # --- views ---------------------------------------------------------------------------------
     def take(self, indices: Sequence[int] | np.ndarray) -> SourceTaggedDataset:
-        """A view on the samples at ``indices`` (positions in this dataset); ids are kept."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        """A view on the samples at ``indices`` (integer positions in this dataset); ids are kept.
+
+        The view has this dataset's class and attributes; ``source_ids``, ``labels`` and ``metadata``
+        rows follow ``indices``. Other per-sample attributes of a subclass are shared, not re-indexed.
+        """
+        idx = np.asarray(indices).reshape(-1)
+        if idx.size and not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"indices must be integer positions, got dtype {idx.dtype}; "
+                            "for a boolean mask use np.flatnonzero(mask)")
+        idx = idx.astype(np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"indices must lie in [0, {len(self)})")
-        sub = SourceTaggedDataset.__new__(SourceTaggedDataset)
+        sub = type(self).__new__(type(self))
+        sub.__dict__.update(self.__dict__)
         sub.base = torch.utils.data.Subset(self.base, idx.tolist())
-        sub.source_names = self.source_names
         sub.source_ids = self.source_ids[idx]
         sub.labels = None if self.labels is None else self.labels[idx]
+        sub.metadata = None if self.metadata is None else self.metadata.iloc[idx].reset_index(drop=True)
         return sub
 
     def subset(self, sources: Sequence[Hashable] | Hashable) -> SourceTaggedDataset:
@@ -201,9 +233,8 @@ class SourceTaggedDataset(Dataset):
         if fr.shape != (3,) or (fr < 0).any() or not np.isclose(fr.sum(), 1.0):
             raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
         rng = np.random.default_rng(seed)
-        groups = self.source_ids if self.labels is None else self.source_ids * (self.labels.max() + 2) + (
-            self.labels + 1
-        )
+        keys = self.source_ids if self.labels is None else np.stack([self.source_ids, self.labels], axis=1)
+        groups = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
         parts: list[list[np.ndarray]] = [[], [], []]
         for g in np.unique(groups):
             members = rng.permutation(np.flatnonzero(groups == g))
@@ -214,7 +245,31 @@ class SourceTaggedDataset(Dataset):
         return Splits(train=train, calibration=cal, test=test)
 
     def __repr__(self) -> str:
-        return f"SourceTaggedDataset(n={len(self)}, sources={list(self.sources_present)})"
+        return f"{type(self).__name__}(n={len(self)}, sources={list(self.sources_present)})"
+
+
+def _source_ids(sources: Sequence[int] | np.ndarray, n_names: int) -> np.ndarray:
+    """Integer source ids given with ``source_names``: each must index a name."""
+    arr = np.asarray(sources).reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"with source_names, sources must be integer ids 0..{n_names - 1}, got dtype {arr.dtype}")
+    ids = arr.astype(np.int64)
+    bad = (ids < 0) | (ids >= n_names)
+    if bad.any():
+        raise ValueError(f"source ids {ids[bad][:5].tolist()} at {rows(bad)} fall outside the {n_names} "
+                         f"source_names; give ids 0..{n_names - 1} or leave source_names out to use labels")
+    return ids
+
+
+def _check_metadata(metadata: pd.DataFrame | None, n: int) -> pd.DataFrame | None:
+    """One row per sample, indexed 0..n-1."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, pd.DataFrame):
+        raise TypeError(f"metadata must be a pandas DataFrame (one row per sample), got {type(metadata).__name__}")
+    if len(metadata) != n:
+        raise ValueError(f"metadata has {len(metadata)} rows for a dataset of {n} samples; give one row per sample")
+    return metadata.reset_index(drop=True)
 
 
 @dataclass

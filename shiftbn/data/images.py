@@ -1,0 +1,79 @@
+"""Image files as tensors: ``load_image`` and the lazy ``FileDataset``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Decode one image file into a float32 tensor (C, H, W) in [0, 1].
+
+    Why: a missing, empty, truncated or non-image file must name itself, not surface as PIL's traceback.
+    Raises FileNotFoundError for a missing file and ValueError for one that cannot be decoded.
+    """
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - pillow is a dependency
+        raise ImportError("reading images needs Pillow: pip install pillow") from e
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}; fix its path or remove it from the manifest") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # UnidentifiedImageError (not an image, 0 bytes) and "image file is truncated" are OSErrors
+        raise ValueError(f"cannot decode image {path}: {e}; remove it from the manifest/folder") from e
+    t = torch.from_numpy(arr.astype(np.float32) / 255.0)
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+class FileDataset(Dataset):
+    """Items are ``(loader(path), label)``; files are decoded lazily, one per ``__getitem__``.
+
+    Why: batches need one image size; a file that differs is named here instead of failing later
+    in ``torch.stack`` without a name. The first tensor item's shape is recorded (per process) and
+    every later tensor item is compared with it (``check_shapes=False`` for variable-size loaders).
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        labels: np.ndarray,
+        loader: Callable[[str], Any] = load_image,
+        *,
+        check_shapes: bool = True,
+    ) -> None:
+        self.paths = paths
+        self.targets = np.asarray(labels, dtype=np.int64)
+        self.loader = loader
+        self.check_shapes = check_shapes
+        self._first: tuple[str, tuple[int, ...]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        x = self.loader(self.paths[i])
+        if self.check_shapes and isinstance(x, torch.Tensor):
+            self._check_shape(self.paths[i], tuple(x.shape))
+        return x, int(self.targets[i])
+
+    def _check_shape(self, path: str, shape: tuple[int, ...]) -> None:
+        if self._first is None:
+            self._first = (path, shape)
+        elif shape != self._first[1]:
+            first_path, first_shape = self._first
+            what = "channels" if shape[1:] == first_shape[1:] and len(shape) == 3 else "size"
+            raise ValueError(
+                f"image {path} has shape {shape} (C, H, W) but {first_path} has {first_shape}: images in one "
+                f"dataset need one {what}; resize them (CLI: --image-size), convert them to one colour mode, or "
+                "pass a loader that does"
+            )
