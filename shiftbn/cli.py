@@ -168,8 +168,8 @@ def _cmd_run(args) -> None:
 
 
 def _cmd_stats(args) -> None:
+    from shiftbn._io import atomic_write_text
     from shiftbn.bn import collect_stats, stats_shift
-    from shiftbn.runs import atomic_write_text
 
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
