@@ -7,6 +7,7 @@ standard library (torch lazily, for ``atomic_save_torch``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -154,10 +155,8 @@ class FolderLock:
         self.release()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # never raise from a finalizer
             self.release()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
-            pass
 
 
 def _read_pid(path: Path) -> int | None:

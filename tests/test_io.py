@@ -66,7 +66,8 @@ def test_lock_is_shared_within_a_process_and_released_with_the_last_share(tmp_pa
     b.acquire()
     a.release()
     code = (f"import importlib.util; s = importlib.util.spec_from_file_location('m', {str(IO_FILE)!r}); "
-            f"m = importlib.util.module_from_spec(s); s.loader.exec_module(m); m.FolderLock({str(tmp_path)!r}).acquire()")
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            f"m.FolderLock({str(tmp_path)!r}).acquire()")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 1  # b still holds it
     b.release()
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
