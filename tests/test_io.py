@@ -14,6 +14,7 @@ IO_FILE = Path(_io.__file__)
 
 def _holder(folder: Path) -> subprocess.Popen:
     """Another process that takes the folder lock (loading _io.py alone: fast) and waits."""
+    folder.mkdir(parents=True, exist_ok=True)
     code = textwrap.dedent(f"""
         import importlib.util, sys, time
         spec = importlib.util.spec_from_file_location("shiftbn_io_alone", {str(IO_FILE)!r})
@@ -55,6 +56,7 @@ def test_lock_held_by_another_process_names_its_pid_and_dies_with_it(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close()
     with FolderLock(tmp_path) as lock:  # a dead holder's lock does not block
         assert lock.locked
     assert not lock.locked
