@@ -93,7 +93,10 @@ def bad_manifests(draw) -> str:
     rows = [[draw(_cell) for _ in cols] for _ in range(n)]
     if kind == "paths":
         for row in rows:
-            row[0] = draw(st.sampled_from(["missing.png", "", "data", "w.pt", "fuzznet.py", "data/site_a/neg"]))
+            # relative to the manifest's folder (out/): missing files, folders, files that are not images
+            row[:3] = [draw(st.sampled_from(["missing.png", "..", "../data", "../w.pt", "../fuzznet.py",
+                                             "../data/site_a/neg"])),
+                       draw(st.sampled_from(["0", "1", "neg"])), draw(st.sampled_from(["site_a", "site_b"]))]
     quote = lambda v: '"' + v.replace('"', '""') + '"'  # noqa: E731
     return "\n".join(",".join(quote(v) for v in r) for r in [cols, *rows]) + "\n"
 
