@@ -189,8 +189,8 @@ class RunFolder:
         diff = _first_difference(meta.get("numerics", {}), self.numerics)
         if diff is not None:
             raise ValueError(f"{self.path} was computed with different numerics: {diff[0]} was {diff[1]!r}, now "
-                             f"{diff[2]!r}; resume under the same settings (e.g. torch.set_num_threads) or choose "
-                             "another --out")
+                             f"{diff[2]!r}; resume under the same settings (threads: OMP_NUM_THREADS or "
+                             "torch.set_num_threads) or choose another --out")
 
     def close(self) -> None:
         """Release the folder's lock; the folder stays as it is. Safe to call twice."""
