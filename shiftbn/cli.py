@@ -170,10 +170,15 @@ def _load_user_model(args):
     return model.eval()
 
 
-def _out_folder(path: Path) -> Path:
-    """``path`` as an existing folder for outputs, or a one-line error naming it."""
+def _check_out(path: Path) -> None:
+    """Refuse an ``--out`` that exists but is not a folder (before any slow work)."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {path} exists and is a file, not a folder; choose another --out")
+
+
+def _out_folder(path: Path) -> Path:
+    """``path`` as an existing folder for outputs, or a one-line error naming it."""
+    _check_out(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -233,8 +238,7 @@ def _cmd_stats(args) -> None:
     from shiftbn._io import atomic_write_text
     from shiftbn.bn import collect_stats, stats_shift
 
-    if args.out.exists() and not args.out.is_dir():
-        _out_folder(args.out)  # fail before the slow part
+    _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
                           seed=args.seed, progress=not args.no_progress)
