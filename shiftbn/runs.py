@@ -168,7 +168,7 @@ class RunFolder:
             atomic_write_text(self.path / "run.json", json.dumps({"format": FORMAT, "numerics": self.numerics},
                                                                  indent=2, sort_keys=True))
             atomic_write_text(saved, json.dumps(self.config, indent=2, sort_keys=True))  # last: the run exists
-        (self.path / "cells").mkdir(exist_ok=True)  # after the checks: a refused folder is left as it was
+        (self.path / "cells").mkdir(exist_ok=True)  # after the checks: a refused folder gains only run.lock
         atomic_write_text(self.path / "environment.json",
                           json.dumps(environment(self.config.get("seed"), self.device), indent=2))
 
