@@ -294,3 +294,20 @@ def test_a_malicious_pickle_is_refused_without_unsafe_advice(tmp_path, monkeypat
     err = _one_line_error(capsys, main(["stats", "--model", "usernet:make", "--weights", "evil.pt", "--data", "data",
                                         "--no-progress", "--out", "o"]))
     assert "non-tensor Python objects" in err and "False" not in err and not (proj / "pwned").exists()
+
+
+def test_resume_under_another_thread_count_is_refused_naming_both(tmp_path, capsys):
+    spec = tmp_path / "nodata.toml"  # the run folder is made, then loading the dataset fails: fast
+    spec.write_text('[study]\nprotocol = "held_out_sources"\ndataset = "no-such-dataset"\n')
+    out = tmp_path / "r"
+    assert main(["run", str(spec), "--out", str(out), "--no-progress"]) == 2
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        err = _one_line_error(capsys, main(["run", str(spec), "--out", str(out), "--resume", "--no-progress"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert f"torch_threads was {threads}, now {threads + 1}" in err and "OMP_NUM_THREADS" in err
+    err = _one_line_error(capsys, main(["run", str(spec), "--out", str(out), "--resume", "--no-progress"]))
+    assert "numerics" not in err and "no-such-dataset" in err
