@@ -166,3 +166,18 @@ def test_out_that_is_a_file_is_refused_clearly(tmp_path):
         RunFolder(tmp_path / "f", {})
     with pytest.raises(FileExistsError, match="a parent is a file"):
         RunFolder(tmp_path / "f" / "sub", {})
+
+
+def test_starting_while_another_process_starts_the_same_folder_is_refused(tmp_path):
+    from shiftbn.runs import LockedError
+    from tests.test_io import _holder
+
+    proc = _holder(tmp_path / "r")  # the other process holds the lock but has not written config.json yet
+    try:
+        with pytest.raises(LockedError, match=f"process {proc.pid}"):
+            RunFolder(tmp_path / "r", {"a": 1})
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["run.lock"]  # nothing written
