@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +15,8 @@ EPILOG = "Errors print one line and exit with status 2. Docs: README.md (CLI ref
 
 def _add_user_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                   help="import path of a function that returns the model, e.g. mypkg.nets:make_resnet")
+                   help="import path of a function that returns the model, e.g. mypkg.nets:make_resnet; the working "
+                        "folder is searched last, only for this module")
     p.add_argument("--weights", required=True, type=Path,
                    help="state dict saved with torch.save(model.state_dict()); loaded with weights_only=True")
     p.add_argument("--data", required=True, type=Path,
@@ -88,40 +91,104 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _import_factory(spec: str):
+    """The callable named by ``--model MODULE:FACTORY``."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--model must look like package.module:factory, got {spec!r}")
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import {module_name!r} for --model: {e}") from None
+    module = _import_user_module(module_name)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"{module_name} has no callable {attr!r} for --model")
     return factory
 
 
+def _import_user_module(name: str):
+    """Import ``name``; the working folder is searched last, and only for this import.
+
+    Why: putting the working folder first let any stray ``PIL/`` or ``json.py`` there shadow the
+    libraries shiftbn imports later.
+    """
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package is missing
+        found = False
+    cwd = str(Path.cwd())
+    appended = not found and cwd not in sys.path
+    if appended:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {name!r} for --model: {e}") from None
+    except Exception as e:  # the user's module itself failed while importing
+        raise ValueError(f"importing {name!r} for --model raised {_describe(e)}") from e
+    finally:
+        if appended and sys.path and sys.path[-1] == cwd:
+            sys.path.pop()
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: first line of the message`` (just the type when the message is empty)."""
+    first = _first_line(e)
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _first_line(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    text = str(msg).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _load_user_model(args):
+    import pickle
+
     import torch
 
     factory = _import_factory(args.model)
-    model = factory()
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001 - any failure of the user's factory is reported as one line
+        raise ValueError(f"--model {args.model}: the factory raised {_describe(e)}") from e
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{args.model} returned {type(model).__name__}, not a torch.nn.Module")
     if not args.weights.exists():
         raise FileNotFoundError(f"--weights file not found: {args.weights}")
+    if not args.weights.is_file():
+        raise ValueError(f"--weights {args.weights} is not a file")
+    resave = "re-save a plain state dict with torch.save(model.state_dict(), path)"
     try:
         state = torch.load(args.weights, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-        raise ValueError(f"{args.weights} is not a state dict loadable with weights_only=True: {e}") from None
+    except pickle.UnpicklingError as e:
+        # never relay torch's hint to load with weights_only=False: unpickling can run any code
+        if "GLOBAL" not in str(e):  # not a refused class or function: the pickle stream itself is bad
+            raise ValueError(f"{args.weights} is not a readable torch checkpoint (corrupt pickle); {resave}") from None
+        raise ValueError(f"{args.weights} holds non-tensor Python objects (a pickled model or custom classes), "
+                         f"which are not loaded because unpickling them can run code; {resave}") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+        raise ValueError(f"{args.weights} is not a readable torch checkpoint ({type(e).__name__}); {resave}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{args.weights} holds {type(state).__name__}, expected a state dict")
+        raise ValueError(f"{args.weights} holds {type(state).__name__}, expected a state dict; {resave}")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"--weights do not fit the model from --model: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def _check_out(path: Path) -> None:
+    """Refuse an ``--out`` that exists but is not a folder (before any slow work)."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {path} exists and is a file, not a folder; choose another --out")
+
+
+def _out_folder(path: Path) -> Path:
+    """``path`` as an existing folder for outputs, or a one-line error naming it."""
+    _check_out(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise FileExistsError(f"--out {path}: a parent folder is a file; choose another --out") from None
+    return path
 
 
 def _load_user_data(args):
@@ -172,19 +239,20 @@ def _cmd_run(args) -> None:
     out = args.out or Path("runs") / spec.name
     config = {"spec": str(args.spec), "protocol": spec.protocol, "dataset": spec.dataset, "sources": spec.sources,
               "quick": args.quick, "params": spec.resolved(args.quick)}
-    run = RunFolder(out, config, resume=args.resume)
-    table = run_study(spec, run, quick=args.quick, progress=not args.no_progress)
+    with RunFolder(out, config, resume=args.resume) as run:
+        table = run_study(spec, run, quick=args.quick, progress=not args.no_progress)
     print(f"{len(table)} result rows in {out / 'results.csv'}")
 
 
 def _cmd_stats(args) -> None:
+    from shiftbn._io import atomic_write_text
     from shiftbn.bn import collect_stats, stats_shift
-    from shiftbn.runs import atomic_write_text
 
+    _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
                           seed=args.seed, progress=not args.no_progress)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _out_folder(args.out)
     atomic_write_text(args.out / "stats.json", json.dumps(stats.to_dict()))
     atomic_write_text(args.out / "stats.csv", stats.to_frame().to_csv(index=False))
     shift = stats_shift(stats, metric="all")
@@ -230,22 +298,58 @@ COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "stats": _cmd_stats, "matrix": _
             "recalibrate": _cmd_recalibrate}
 
 
+# Errors a user can fix from the message alone (ours, the OS's, torch's about shapes and dtypes).
+_EXPECTED = (ValueError, TypeError, OSError, ImportError, KeyError, RuntimeError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``shiftbn`` console script; returns the exit status."""
+    """Entry point of the ``shiftbn`` console script; returns the exit status.
+
+    Every error prints one line and returns 2; an unexpected one also names where it was raised
+    and how to see the traceback (``SHIFTBN_DEBUG=1`` re-raises every error).
+    """
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("SHIFTBN_DEBUG", "") not in ("", "0")
     try:
         COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, KeyError, RuntimeError) as e:
-        # RuntimeError: torch's own complaints about a user's model or data (shapes, dtypes)
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        first = str(msg).strip().splitlines()[0] if str(msg).strip() else type(e).__name__
-        print(f"shiftbn {args.command}: error: {first}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"shiftbn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the boundary: a user's model may raise anything
+        if debug:
+            raise
+        print(f"shiftbn {args.command}: error: {_error_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 
+def _error_line(e: BaseException) -> str:
+    """The message of an error a user can act on; for one raised in the user's code or of an unexpected
+    type, also where it was raised and how to see the traceback."""
+    frames = _frames(e)
+    user = [f for f in frames if not _is_library(f.filename)]
+    if isinstance(e, _EXPECTED) and not (frames and frames[-1] in user):
+        return _first_line(e) or type(e).__name__
+    frame = (user or frames)[-1]
+    where = f"{frame.name} ({Path(frame.filename).name}:{frame.lineno})"
+    return f"{_describe(e)} (raised in {where}); run with SHIFTBN_DEBUG=1 for the traceback"
+
+
+def _frames(e: BaseException) -> list:
+    import traceback
+
+    return list(traceback.extract_tb(e.__traceback__))
+
+
+def _is_library(filename: str) -> bool:
+    """Whether a traceback file belongs to shiftbn, an installed package or the standard library."""
+    path = str(Path(filename).resolve())
+    roots = (str(Path(__file__).resolve().parent), sys.prefix, sys.base_prefix,
+             str(Path(importlib.__file__).resolve().parents[1]))
+    return path.startswith(roots) or filename.startswith("<")
+
+
 if __name__ == "__main__":
+    if not sys.flags.safe_path and sys.path and sys.path[0] in ("", str(Path.cwd())):
+        del sys.path[0]  # python -m put the working folder first; --model searches it last, for its module only
     sys.exit(main())

@@ -53,6 +53,8 @@ def train(
     ids = ds.source_ids if groups is None else np.asarray(groups, dtype=np.int64)
     sampler = SourceBatchSampler(ids, batch_size, mode, sources_per_batch=sources_per_batch, drop_last=True,
                                  seed=seed)
+    if len(sampler) == 0:
+        raise ValueError(_no_batch_message(ids, batch_size, mode))
     loader = DataLoader(ds, batch_sampler=sampler)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -62,6 +64,7 @@ def train(
     with tqdm(total=steps, desc="train", disable=not progress, leave=False) as bar:
         while step < steps:
             sampler.set_epoch(epoch)
+            before = step
             for x, y, _ in loader:
                 x, y = x.to(device), torch.as_tensor(y, device=device)
                 chunks = range(0, len(x), ghost_batch or len(x))
@@ -79,8 +82,17 @@ def train(
                     model.train()
                 if step >= steps:
                     break
+            if step == before:  # an epoch without a batch would repeat forever
+                raise ValueError(f"epoch {epoch}: " + _no_batch_message(ids, batch_size, mode))
             epoch += 1
     if callback is not None:
         callback(step, model)
         model.train()
     return pd.DataFrame(rows, columns=["step", "epoch", "loss", "accuracy"])
+
+
+def _no_batch_message(ids: np.ndarray, batch_size: int, mode: str) -> str:
+    """Why no training batch exists and what to change: names the split size and the batch size."""
+    return (f"the training split has {len(ids)} samples but batch_size={batch_size}: mode {mode!r} drops "
+            f"incomplete batches, so there is no training batch; use batch_size <= {max(len(ids), 1)} or more "
+            "training data")

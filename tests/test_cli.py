@@ -154,3 +154,160 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     assert len(computed) == len(set(computed)) == 4  # no finished cell computed twice
     skipped = {e["cell"] for e in log if e["status"] == "skipped"}
     assert len(skipped) == len(done_before)
+
+
+def _add_user_code(proj, code):
+    import importlib
+
+    import usernet
+
+    (proj / "usernet.py").write_text((proj / "usernet.py").read_text() + textwrap.dedent(code))
+    importlib.reload(usernet)
+
+
+def _one_line_error(capsys, status):
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+BROKEN = """
+    class Broken(nn.Module):
+        def __init__(self, exc):
+            super().__init__()
+            self.exc = exc
+            self.bn = nn.BatchNorm2d(1)
+
+        def forward(self, x):
+            raise self.exc("inside forward")
+
+    def bad_factory():
+        return 1 / 0
+
+    def quiet_assert():
+        assert False
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    def broken_assert():
+        return Broken(AssertionError)
+
+    def broken_index():
+        return Broken(IndexError)
+
+    def broken_not_impl():
+        return Broken(NotImplementedError)
+"""
+
+
+def test_user_code_that_raises_anything_is_one_line_naming_where(tmp_path, monkeypatch, capsys):
+    proj = _user_project(tmp_path)
+    monkeypatch.chdir(proj)
+    _add_user_code(proj, BROKEN)
+    import usernet
+
+    torch.save(usernet.broken_assert().state_dict(), proj / "broken.pt")
+    common = ["--data", "data", "--batch-size", "4", "--no-progress", "--out", "o"]
+    err = _one_line_error(capsys, main(["stats", "--model", "usernet:bad_factory", "--weights", "w.pt", *common]))
+    assert "--model usernet:bad_factory: the factory raised ZeroDivisionError: division by zero" in err
+    err = _one_line_error(capsys, main(["stats", "--model", "usernet:quiet_assert", "--weights", "w.pt", *common]))
+    assert "the factory raised AssertionError" in err
+    for factory, exc in [("broken_assert", "AssertionError"), ("broken_index", "IndexError"),
+                         ("broken_not_impl", "NotImplementedError")]:
+        err = _one_line_error(capsys, main(["matrix", "--model", f"usernet:{factory}", "--weights", "broken.pt",
+                                            "--strategies", "source", *common]))
+        assert f"{exc}: inside forward (raised in forward (usernet.py:" in err and "SHIFTBN_DEBUG=1" in err
+    assert main(["stats", "--model", "usernet:interrupt", "--weights", "w.pt", *common]) == 130
+    monkeypatch.setenv("SHIFTBN_DEBUG", "1")
+    with pytest.raises(IndexError, match="inside forward"):
+        main(["stats", "--model", "usernet:broken_index", "--weights", "broken.pt", *common])
+
+
+def test_a_folder_named_like_a_library_in_cwd_is_never_imported(tmp_path):
+    proj = _user_project(tmp_path)
+    marker = proj / "pwned"
+    (proj / "PIL").mkdir()
+    (proj / "PIL" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    try:
+        res = _cli("stats", "--model", "usernet:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4",
+                   "--no-progress", "--out", "st", cwd=proj, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert not marker.exists()
+        assert (proj / "st" / "stats.json").exists()  # the user's own module still came from cwd
+    finally:
+        (proj / "PIL" / "__init__.py").unlink()
+
+
+def test_a_checkpoint_with_pickled_objects_is_refused_without_unsafe_advice(tmp_path, monkeypatch, capsys):
+    proj = _user_project(tmp_path)
+    monkeypatch.chdir(proj)
+    import usernet
+
+    torch.save(usernet.make(), proj / "full.pt")  # a whole pickled model, not a state dict
+    (proj / "junk.pt").write_bytes(b"not a checkpoint")
+    common = ["--model", "usernet:make", "--data", "data", "--no-progress", "--out", "o"]
+    err = _one_line_error(capsys, main(["stats", "--weights", "full.pt", *common]))
+    assert "non-tensor Python objects" in err and "torch.save(model.state_dict(), path)" in err
+    assert "False" not in err and "weights_only" not in err
+    err = _one_line_error(capsys, main(["stats", "--weights", "junk.pt", *common]))
+    assert "not a readable torch checkpoint" in err and "False" not in err
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    proj = _user_project(tmp_path)
+    monkeypatch.chdir(proj)
+    (proj / "taken").write_text("x")
+    err = _one_line_error(capsys, main(["stats", "--model", "usernet:make", "--weights", "w.pt", "--data", "data",
+                                        "--no-progress", "--out", "taken"]))
+    assert "--out taken exists and is a file" in err and "Errno" not in err
+    err = _one_line_error(capsys, main(["run", str(_spec(tmp_path)), "--out", "taken", "--no-progress"]))
+    assert "taken exists and is not a folder" in err and "Errno" not in err
+
+
+def test_resume_while_a_run_is_live_is_refused_naming_the_pid(tmp_path, capsys):
+    from tests.test_io import _holder
+
+    proc = _holder(tmp_path / "live")
+    try:
+        err = _one_line_error(capsys, main(["run", str(_spec(tmp_path)), "--out", str(tmp_path / "live"),
+                                            "--resume", "--no-progress"]))
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert f"in use by process {proc.pid}" in err
+
+
+def test_a_malicious_pickle_is_refused_without_unsafe_advice(tmp_path, monkeypatch, capsys):
+    proj = _user_project(tmp_path)
+    monkeypatch.chdir(proj)
+    _add_user_code(proj, """
+        class Evil:
+            def __reduce__(self):
+                return (open, ("pwned", "w"))
+    """)
+    import usernet
+
+    torch.save({"x": usernet.Evil()}, proj / "evil.pt")
+    err = _one_line_error(capsys, main(["stats", "--model", "usernet:make", "--weights", "evil.pt", "--data", "data",
+                                        "--no-progress", "--out", "o"]))
+    assert "non-tensor Python objects" in err and "False" not in err and not (proj / "pwned").exists()
+
+
+def test_resume_under_another_thread_count_is_refused_naming_both(tmp_path, capsys):
+    spec = tmp_path / "nodata.toml"  # the run folder is made, then loading the dataset fails: fast
+    spec.write_text('[study]\nprotocol = "held_out_sources"\ndataset = "no-such-dataset"\n')
+    out = tmp_path / "r"
+    assert main(["run", str(spec), "--out", str(out), "--no-progress"]) == 2
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        err = _one_line_error(capsys, main(["run", str(spec), "--out", str(out), "--resume", "--no-progress"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert f"torch_threads was {threads}, now {threads + 1}" in err and "OMP_NUM_THREADS" in err
+    err = _one_line_error(capsys, main(["run", str(spec), "--out", str(out), "--resume", "--no-progress"]))
+    assert "numerics" not in err and "no-such-dataset" in err
