@@ -263,15 +263,15 @@ def _cmd_stats(args) -> None:
 
 
 def _cmd_matrix(args) -> None:
+    from shiftbn._io import atomic_write_text
     from shiftbn.evaluate import cross_source_matrix
-    from shiftbn.runs import atomic_write_text
 
+    _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     table = cross_source_matrix(model, ds, args.strategies, args.metrics, calibration=args.calibration,
                                 stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
                                 progress=not args.no_progress)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "matrix.csv", table.to_csv(index=False))
+    atomic_write_text(_out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
     for metric, g in table.groupby("metric", sort=False):
         print(f"\n{metric}:")
         print(g.pivot_table(index="strategy", columns="eval_source", values="value", sort=False).round(3).to_string())
@@ -279,8 +279,8 @@ def _cmd_matrix(args) -> None:
 
 
 def _cmd_recalibrate(args) -> None:
+    from shiftbn._io import atomic_save_torch
     from shiftbn.adapt import recalibrate
-    from shiftbn.runs import atomic_save_torch
 
     if args.output.resolve() == args.weights.resolve():
         raise ValueError("--output is the input checkpoint; recalibrate never overwrites its input")

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from shiftbn._io import atomic_save_torch, atomic_write_text
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.builtin import load
 from shiftbn.evaluate import cross_source_matrix, summarize
@@ -17,7 +18,7 @@ from shiftbn.protocols import ema_vs_precise, held_out_sources
 from shiftbn.protocols.common import make_model
 from shiftbn.report import ema_curves, findings, heldout_bars, lab_samples, matrix_heatmap, save, shift_profile
 from shiftbn.report.html import write_report
-from shiftbn.runs import RunFolder, atomic_save_torch, atomic_write_text
+from shiftbn.runs import RunFolder
 from shiftbn.train import train
 
 DEMO_DATASETS: dict[str, dict[str, Any]] = {
@@ -66,8 +67,13 @@ def run_demo(out: str | Path = "runs/demo", *, dataset: str = "digits-labs", qui
              resume: bool = False, seed: int = 0, progress: bool = True) -> DemoResult:
     """Run the demo into ``out`` (resumable cell by cell) and write ``report.html``."""
     cfg = demo_config(dataset, quick, seed)
-    run = RunFolder(out, cfg, resume=resume)
-    ds = load(dataset, **cfg["load"])
+    with RunFolder(out, cfg, resume=resume) as run:
+        return _demo(run, cfg, progress)
+
+
+def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
+    seed = cfg["seed"]
+    ds = load(cfg["dataset"], **cfg["load"])
     split = ds.split(fractions=tuple(cfg["fractions"]), seed=seed)
     train_labs = [s for s in ds.sources_present if s != cfg["held_out"]]
     model = make_model(cfg["model"], ds, seed)

@@ -73,7 +73,7 @@ def write_report(path: str | Path, *, title: str, summary: list[str], figures: d
         body += [f"<h2>{html.escape(name)}</h2>", table.to_html(float_format=lambda v: f"{v:.3f}", border=0)]
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{css}</style></head><body>{''.join(body)}</body></html>")
-    from shiftbn.runs import atomic_write_text
+    from shiftbn._io import atomic_write_text
 
     atomic_write_text(path, doc)
     return path
