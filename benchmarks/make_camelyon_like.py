@@ -63,7 +63,7 @@ def _hospital_styles(hospitals: int, seed: int) -> list[dict]:
     return styles
 
 
-def _plan(n: int, hospitals: int, seed: int) -> pd.DataFrame:
+def _plan(n: int, hospitals: int, size: int, seed: int) -> pd.DataFrame:
     """One row per patch: hospital, label and WILDS metadata (patient, node, coordinates, slide, split)."""
     rng = np.random.default_rng([seed, 0])
     # Unequal hospital sizes, as in the real data.
@@ -77,7 +77,7 @@ def _plan(n: int, hospitals: int, seed: int) -> pd.DataFrame:
     node = slide_in_h % 5
     i = np.arange(n)
     # Coordinates unique per patch (so unique per slide), on a patch-size grid like WILDS's.
-    x_coord, y_coord = (i % 1024) * 96, (i // 1024) * 96
+    x_coord, y_coord = (i % 1024) * size, (i // 1024) * size
     # split 1 = in-distribution validation (10 %), as WILDS marks it; 0 = train.
     split = (rng.random(n) < 0.1).astype(np.int64)
     return pd.DataFrame({"patient": patient, "node": node, "x_coord": x_coord, "y_coord": y_coord,
@@ -157,7 +157,7 @@ def _work(job: tuple) -> int:
 def generate(out: Path, n: int, size: int, hospitals: int, seed: int, workers: int) -> None:
     """Write the dataset under ``out`` (see the module docstring); ``params.json`` is written last."""
     styles = _hospital_styles(hospitals, seed)
-    meta = _plan(n, hospitals, seed)
+    meta = _plan(n, hospitals, size, seed)
     width = max(6, len(str(n - 1)))
     names = [f"patch_{i:0{width}d}.png" for i in range(n)]
     rel = [f"patches/hospital_{c}/{f}" for c, f in zip(meta["center"], names, strict=True)]
