@@ -3,9 +3,20 @@
 from shiftbn.bn.collect import COLLECT_MODES, collect_stats
 from shiftbn.bn.distributed import all_merge
 from shiftbn.bn.layers import BNLayer, bn_layers, device_of
-from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments, mix_stats
+from shiftbn.bn.lock import model_lock
+from shiftbn.bn.moments import (
+    POOLED,
+    BNStats,
+    Moments,
+    Population,
+    PopulationStats,
+    SourceStats,
+    batch_moments,
+    mix_stats,
+)
 from shiftbn.bn.precise import precise_bn
 from shiftbn.bn.shift import stats_shift
+from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import FrozenBN, ModelSnapshot, buffer_stats, freeze_bn, load_stats, preserved, use_stats
 
 __all__ = [
@@ -16,6 +27,8 @@ __all__ = [
     "FrozenBN",
     "ModelSnapshot",
     "Moments",
+    "Population",
+    "PopulationStats",
     "SourceStats",
     "all_merge",
     "batch_moments",
@@ -26,8 +39,11 @@ __all__ = [
     "freeze_bn",
     "load_stats",
     "mix_stats",
-    "preserved",
+    "model_lock",
     "precise_bn",
+    "preserved",
+    "site_key",
+    "split_site",
     "stats_shift",
     "use_stats",
 ]

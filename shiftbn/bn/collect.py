@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from shiftbn.bn.distributed import all_merge
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
 from shiftbn.bn.moments import POOLED, BNStats, MomentAccumulator, SourceStats, Workspace, batch_moments
+from shiftbn.bn.sites import site_key
 from shiftbn.bn.state import ModelSnapshot, write_stats
 from shiftbn.data.tagged import SourceTaggedDataset
 
@@ -235,7 +236,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: _Batches, mode: str
         for name, k in sites:
             mom = per[(name, k)].result()
             if name in reused:
-                result[f"{name}@{k}"] = mom
+                result[site_key(name, k)] = mom
                 result[name] = result[name].merge(mom) if name in result else mom
             else:
                 result[name] = mom

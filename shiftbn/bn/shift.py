@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from shiftbn.bn.moments import POOLED, BNStats, SourceStats
+from shiftbn.bn.sites import split_site
 
 METRICS = ("w2", "kl", "smd")
 _EPS = 1e-5  # BN's default eps: keeps ratios finite for dead channels
@@ -52,7 +53,7 @@ def stats_shift(
     depth: dict[str, int] = {}
     for bn in stats.values():
         for layer in bn.layers:
-            depth.setdefault(layer.split("@")[0], len(depth))
+            depth.setdefault(split_site(layer)[0], len(depth))
     rows = []
     for src, bn in stats.items():
         for ref_name, ref in refs.items():
@@ -62,6 +63,6 @@ def stats_shift(
                 if layer not in ref.layers:
                     continue
                 for m in metrics:
-                    rows.append((layer, depth[layer.split("@")[0]], src, ref_name, m,
+                    rows.append((layer, depth[split_site(layer)[0]], src, ref_name, m,
                                  _distance(m, mom, ref.layers[layer])))
     return pd.DataFrame(rows, columns=["layer", "depth", "source", "reference", "metric", "value"])
