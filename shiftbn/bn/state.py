@@ -74,14 +74,10 @@ def _checked_arrays(key: str, entry: object, channels: int) -> tuple[np.ndarray,
     return mean, var
 
 
-def write_stats(layers: list[BNLayer], stats: AnyStats, *, strict: bool = False) -> None:
-    """Write each layer's population mean and variance from ``stats`` into its BN buffers.
+def prepare_writes(layers: list[BNLayer], stats: AnyStats, *, strict: bool = False) -> list:
+    """Validate ``stats`` against ``layers`` and convert them to buffer tensors; writes nothing.
 
-    All-or-nothing: every layer's entry is validated first (channel count, finite mean and var,
-    var >= 0: else ``ValueError`` naming the layer), then written. Layers without statistics (never
-    called) keep their buffers unless ``strict``, which raises. Layers built with
-    ``track_running_stats=False`` get buffers and start tracking. The variance written is the
-    population variance (as fvcore's PreciseBN does), cast to the buffer dtype.
+    Returns ``(module, mean, var)`` per layer with statistics, for ``apply_writes``.
     """
     _check_stats_type(stats, "write_stats")
     missing = [layer.name for layer in layers if layer.name not in stats.layers]
@@ -104,16 +100,33 @@ def write_stats(layers: list[BNLayer], stats: AnyStats, *, strict: bool = False)
         dtype = m.running_mean.dtype if m.running_mean is not None else torch.float32
         plan.append((m, torch.as_tensor(mean, dtype=dtype, device=device),
                      torch.as_tensor(var, dtype=dtype, device=device)))
+    return plan
+
+
+def apply_writes(plan: list) -> None:
+    """Copy prepared ``(module, mean, var)`` into the BN buffers (created for untracked layers)."""
     with torch.no_grad():
         for m, mean, var in plan:
             if m.running_mean is None:
-                m._buffers["running_mean"] = mean
-                m._buffers["running_var"] = var
+                m._buffers["running_mean"] = mean.clone()
+                m._buffers["running_var"] = var.clone()
                 m._buffers["num_batches_tracked"] = torch.tensor(0, dtype=torch.long, device=mean.device)
                 m.track_running_stats = True
             else:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
+
+
+def write_stats(layers: list[BNLayer], stats: AnyStats, *, strict: bool = False) -> None:
+    """Write each layer's population mean and variance from ``stats`` into its BN buffers.
+
+    All-or-nothing: every layer's entry is validated first (channel count, finite mean and var,
+    var >= 0: else ``ValueError`` naming the layer), then written. Layers without statistics (never
+    called) keep their buffers unless ``strict``, which raises. Layers built with
+    ``track_running_stats=False`` get buffers and start tracking. The variance written is the
+    population variance (as fvcore's PreciseBN does), cast to the buffer dtype.
+    """
+    apply_writes(prepare_writes(layers, stats, strict=strict))
 
 
 def untracked(layers: list[BNLayer]) -> list[str]:
