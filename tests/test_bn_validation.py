@@ -40,9 +40,9 @@ def test_write_stats_refuses_broadcasting_and_negative_variances():
     short_var = BNStats({"1": Moments(10, np.zeros(4), np.ones(1))})  # would broadcast into 4 channels
     with pytest.raises(ValueError, match=r"'1'.*mean has 4 channels but var has 1"):
         sb.load_stats(model, short_var)
-    with pytest.raises(ValueError, match=r"'1'.*>= 0"):
-        with sb.use_stats(model, BNStats({"1": Moments(10, np.zeros(4), -np.ones(4))})):
-            pass
+    negative = BNStats({"1": Moments(10, np.zeros(4), -np.ones(4))})
+    with pytest.raises(ValueError, match=r"'1'.*>= 0"), sb.use_stats(model, negative):
+        pass
     with pytest.raises(TypeError, match="SourceStats"):
         sb.load_stats(model, SourceStats({"a": BNStats({"1": Moments(10, np.zeros(4), np.ones(4))})}))
     assert_same_state(model, before)
