@@ -120,9 +120,9 @@ def _plan(data: Any, batch_size: int, by_source: bool, cap: int | None,
 def _count(value: Any, what: str, minimum: int) -> int:
     """``value`` as an int (numpy integers accepted), else ``TypeError``/``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{what} must be an integer >= {minimum}, got {value} ({type(value).__name__})")
     if value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value}")
     return int(value)
 
 
@@ -246,9 +246,9 @@ def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress
     exact: a chain of L layers is done after L passes and pass L + 1 confirms it. Modules called more
     than once (cycles through a shared module) then iterate until the change is below ``tol``
     (relative, in normalized units; raised to 64 eps of the buffers' dtype, the precision they are
-    stored with). Default ``max_passes``: 2 L + 2.
+    stored with). Default ``max_passes``: L + 32 (L to build the frontier, room for such loops).
     """
-    limit = 2 * len(layers) + 2 if max_passes is None else max_passes
+    limit = len(layers) + 32 if max_passes is None else max_passes
     tol = max(tol, 64 * max(float(torch.finfo(_buffer_dtype(layer)).eps) for layer in layers))
     eps = {layer.name: float(layer.module.eps) for layer in layers}
     order = list(order) + [layer.name for layer in layers if layer.name not in order]
@@ -262,10 +262,14 @@ def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress
         stats = new
         if len(frontier) == len(order) and worst[0] <= tol:
             return stats
-    warnings.warn(
-        f"sequential statistics did not converge in {limit} passes: layer {worst[1]!r} (source {worst[2]!r}) "
-        f"still changed by {worst[0]:.2e} (relative, normalized units) > tol {tol:.1e}; raise max_passes "
-        "or tol", stacklevel=3)
+    if len(frontier) < len(order):
+        detail = (f"layer {order[len(frontier)]!r} and the {len(order) - len(frontier) - 1} BN module(s) called "
+                  f"after it never ran with stored statistics ({len(order)} modules need {len(order) + 1} passes)")
+    else:
+        detail = (f"layer {worst[1]!r} (source {worst[2]!r}) still changed by {worst[0]:.2e} (relative, "
+                  f"normalized units) > tol {tol:.1e}")
+    warnings.warn(f"sequential statistics did not converge in {limit} passes: {detail}; raise max_passes or tol",
+                  stacklevel=3)
     return stats
 
 
