@@ -78,3 +78,15 @@ def test_buffer_stats_names_layers_without_running_statistics():
                           nn.BatchNorm1d(2))
     with pytest.raises(ValueError, match=r"\['1'\].*track_running_stats=False.*collect_stats"):
         buffer_stats(model)
+
+
+def test_population_stats_from_dict_is_validated():
+    good = {"num_samples": None, "layers": {"1": {"mean": [0.0, 1.0], "var": [1.0, 2.0]}}}
+    assert PopulationStats.from_dict(good)["1"].channels == 2
+    bad = {"layers": {"1": {"mean": [0.0, 1.0], "var": [1.0]}}}
+    with pytest.raises(ValueError, match=r"layer '1'.*mean has 2 channels but var has 1"):
+        PopulationStats.from_dict(bad)
+    with pytest.raises(ValueError, match=r"layer '1'.*var must be >= 0"):
+        PopulationStats.from_dict({"layers": {"1": {"mean": [0.0], "var": [-1.0]}}})
+    with pytest.raises(ValueError, match="num_samples"):
+        PopulationStats.from_dict({**good, "num_samples": -3})

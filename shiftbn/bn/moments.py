@@ -300,10 +300,15 @@ class PopulationStats(Mapping):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PopulationStats:
+        """Read ``to_dict`` output; every layer validated as in ``Population.from_dict``."""
         layers = d.get("layers") if isinstance(d, Mapping) else None
         if not isinstance(layers, Mapping):
             raise ValueError(f"population statistics need a 'layers' mapping, got {_brief(d)}")
-        return cls({k: Population.from_dict(v, f"layer {k!r}") for k, v in layers.items()}, d.get("num_samples"))
+        n = d.get("num_samples")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0):
+            raise ValueError(f"num_samples must be an integer >= 0 or None, got {n!r}")
+        return cls({k: Population.from_dict(v, f"layer {k!r}") for k, v in layers.items()},
+                   None if n is None else int(n))
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy: one row per (layer, channel) with columns ``layer, channel, mean, var``."""
