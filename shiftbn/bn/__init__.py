@@ -4,16 +4,8 @@ from shiftbn.bn.collect import COLLECT_MODES, collect_stats
 from shiftbn.bn.distributed import all_merge
 from shiftbn.bn.layers import BNLayer, bn_layers, device_of
 from shiftbn.bn.lock import model_lock
-from shiftbn.bn.moments import (
-    POOLED,
-    BNStats,
-    Moments,
-    Population,
-    PopulationStats,
-    SourceStats,
-    batch_moments,
-    mix_stats,
-)
+from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments
+from shiftbn.bn.population import Population, PopulationStats, mix_stats
 from shiftbn.bn.precise import precise_bn
 from shiftbn.bn.shift import stats_shift
 from shiftbn.bn.sites import site_key, split_site

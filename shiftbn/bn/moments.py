@@ -38,7 +38,7 @@ class Moments:
         if not isinstance(other, Moments):
             raise TypeError(
                 f"only Moments merge with Moments, got {type(other).__name__}; population parameters "
-                "(PopulationStats: buffer_stats, mix_stats) are no sample and cannot be merged"
+                "(Population, from buffer_stats or mix_stats) are no sample and cannot be merged"
             )
         mean, m2, n = _chan(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
         return Moments(n, mean, m2)
@@ -54,26 +54,28 @@ class Moments:
         1-D arrays of one length with ``m2 >= 0``: a file must not broadcast or load NaN silently.
         """
         if not isinstance(d, Mapping) or not {"count", "mean", "m2"} <= set(d):
-            raise ValueError(f"{where}: expected a mapping with keys count, mean, m2; got {_brief(d)}")
+            raise ValueError(f"{where}: expected a mapping with keys count, mean, m2; got {brief_repr(d)}")
         count = d["count"]
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
             raise ValueError(f"{where}: count must be a positive integer, got {count!r}")
-        mean = _vector(d["mean"], f"{where}: mean")
-        m2 = _vector(d["m2"], f"{where}: m2")
+        mean = as_vector(d["mean"], f"{where}: mean")
+        m2 = as_vector(d["m2"], f"{where}: m2")
         check_moments(mean, m2, where, name="m2")
         return cls(int(count), mean, m2)
 
 
-def _brief(x: Any) -> str:
+def brief_repr(x: Any) -> str:
+    """``repr(x)`` cut to 80 characters, for error messages."""
     text = repr(x)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _vector(values: Any, what: str) -> np.ndarray:
+def as_vector(values: Any, what: str) -> np.ndarray:
+    """``values`` as a float64 array, else ``ValueError`` naming ``what``."""
     try:
         return np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a list of numbers, got {_brief(values)}") from None
+        raise ValueError(f"{what} must be a list of numbers, got {brief_repr(values)}") from None
 
 
 def check_moments(mean: np.ndarray, second: np.ndarray, where: str, *, name: str = "var",
@@ -215,7 +217,7 @@ class BNStats(Mapping):
         prefix for messages, e.g. the source)."""
         layers = d.get("layers") if isinstance(d, Mapping) else None
         if not isinstance(layers, Mapping):
-            raise ValueError(f"{where}BN statistics need a 'layers' mapping, got {_brief(d)}")
+            raise ValueError(f"{where}BN statistics need a 'layers' mapping, got {brief_repr(d)}")
         n = d.get("num_samples", 0)
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise ValueError(f"{where}num_samples must be an integer >= 0, got {n!r}")
@@ -233,112 +235,14 @@ class BNStats(Mapping):
 
 
 def _require_sample(stats: Any, verb: str) -> None:
-    if isinstance(stats, PopulationStats):
-        raise TypeError(
-            f"{verb} merges sample moments, but got PopulationStats (population parameters from "
-            "buffer_stats or mix_stats: no sample count, a merge would be silently wrong); merge the "
-            "BNStats they came from, or load the PopulationStats with use_stats/load_stats"
-        )
+    """``TypeError`` unless ``stats`` are sample moments (``BNStats``): population parameters
+    (``PopulationStats``) have no count, so merging them would be silently wrong."""
     if not isinstance(stats, BNStats):
-        raise TypeError(f"{verb} needs BNStats, got {type(stats).__name__}")
-
-
-@dataclass(frozen=True)
-class Population:
-    """Population parameters of one BN layer: per-channel ``mean`` and ``var`` (C,) float64.
-
-    Unlike ``Moments`` there is no count behind them (an EMA, a prior-weighted mix): nothing to merge.
-    """
-
-    mean: np.ndarray
-    var: np.ndarray
-
-    @property
-    def channels(self) -> int:
-        return len(self.mean)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean.tolist(), "var": self.var.tolist()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "population") -> Population:
-        """Read ``to_dict`` output; finite 1-D ``mean``, ``var >= 0`` of one length, else ``ValueError``."""
-        if not isinstance(d, Mapping) or not {"mean", "var"} <= set(d):
-            raise ValueError(f"{where}: expected a mapping with keys mean, var; got {_brief(d)}")
-        mean, var = _vector(d["mean"], f"{where}: mean"), _vector(d["var"], f"{where}: var")
-        check_moments(mean, var, where)
-        return cls(mean, var)
-
-
-@dataclass
-class PopulationStats(Mapping):
-    """Population BN parameters per layer: layer name -> ``Population`` (``.mean``, ``.var``).
-
-    Why: the EMA in the buffers (``buffer_stats``) and prior-weighted mixes (``mix_stats``) are
-    parameters, not moments of a sample; this type has no ``merge`` and ``BNStats.merge`` refuses it,
-    so they cannot be pooled as if they were one sample. ``num_samples``: samples behind the
-    statistics where that is meaningful, else ``None``. Loadable with ``use_stats``/``load_stats``.
-    """
-
-    layers: dict[str, Population] = field(default_factory=dict)
-    num_samples: int | None = None
-
-    def __getitem__(self, name: str) -> Population:
-        try:
-            return self.layers[name]
-        except KeyError:
-            raise KeyError(f"no statistics for layer {name!r}; layers: {list(self.layers)}") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "layers": {k: p.to_dict() for k, p in self.layers.items()}}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PopulationStats:
-        """Read ``to_dict`` output; every layer validated as in ``Population.from_dict``."""
-        layers = d.get("layers") if isinstance(d, Mapping) else None
-        if not isinstance(layers, Mapping):
-            raise ValueError(f"population statistics need a 'layers' mapping, got {_brief(d)}")
-        n = d.get("num_samples")
-        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0):
-            raise ValueError(f"num_samples must be an integer >= 0 or None, got {n!r}")
-        return cls({k: Population.from_dict(v, f"layer {k!r}") for k, v in layers.items()},
-                   None if n is None else int(n))
-
-    def to_frame(self) -> pd.DataFrame:
-        """Tidy: one row per (layer, channel) with columns ``layer, channel, mean, var``."""
-        frames = [pd.DataFrame({"layer": k, "channel": np.arange(p.channels), "mean": p.mean, "var": p.var})
-                  for k, p in self.layers.items()]
-        cols = ["layer", "channel", "mean", "var"]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
-
-
-def mix_stats(a: BNStats | PopulationStats, b: BNStats | PopulationStats, weight_a: float) -> PopulationStats:
-    """Per layer, ``weight_a * a + (1 - weight_a) * b`` for means and for variances.
-
-    Why: prior-weighted adaptation (Schneider et al. 2020) mixes source and target statistics.
-    Layers present in both; ``a``, ``b``: ``BNStats`` or ``PopulationStats``. The result holds
-    population parameters (``PopulationStats``, ``num_samples`` None), not a sample to merge further.
-    """
-    for what, s in (("a", a), ("b", b)):
-        if not isinstance(s, (BNStats, PopulationStats)):
-            raise TypeError(f"mix_stats: {what} must be BNStats or PopulationStats, got {type(s).__name__}")
-    if isinstance(weight_a, bool) or not isinstance(weight_a, numbers.Real) or not 0.0 <= weight_a <= 1.0:
-        raise ValueError(f"weight_a must lie in [0, 1], got {weight_a}")
-    out = {}
-    for k, mb in b.layers.items():
-        ma = a.layers.get(k)
-        if ma is None:
-            continue
-        if ma.channels != mb.channels:
-            raise ValueError(f"mix_stats: layer {k!r} has {ma.channels} channels in a but {mb.channels} in b")
-        out[k] = Population(weight_a * ma.mean + (1 - weight_a) * mb.mean, weight_a * ma.var + (1 - weight_a) * mb.var)
-    return PopulationStats(out)
+        raise TypeError(
+            f"{verb} merges sample moments (BNStats), got {type(stats).__name__}; population parameters "
+            "(PopulationStats from buffer_stats or mix_stats) have no sample count and cannot be merged: "
+            "merge the BNStats they came from, or load them with use_stats/load_stats"
+        )
 
 
 POOLED = "pooled"
@@ -374,8 +278,7 @@ class SourceStats(Mapping):
         """
         out = BNStats()
         for name, s in self.sources.items():
-            if not isinstance(s, BNStats):
-                _require_sample(s, f"SourceStats.pooled (source {name!r})")
+            _require_sample(s, f"SourceStats.pooled (source {name!r})")
             out = out.merge(s)
         return out
 
@@ -387,7 +290,7 @@ class SourceStats(Mapping):
         """Read ``to_dict`` output; every source's layers validated (messages name source and layer)."""
         sources = d.get("sources") if isinstance(d, Mapping) else None
         if not isinstance(sources, Mapping):
-            raise ValueError(f"per-source statistics need a 'sources' mapping, got {_brief(d)}")
+            raise ValueError(f"per-source statistics need a 'sources' mapping, got {brief_repr(d)}")
         return cls({k: BNStats.from_dict(v, f"source {k!r}: ") for k, v in sources.items()}, d.get("mode", "batch"))
 
     def to_frame(self) -> pd.DataFrame:

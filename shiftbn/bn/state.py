@@ -12,7 +12,8 @@ from torch.nn.parameter import is_lazy
 
 from shiftbn.bn.layers import BNLayer, bn_layers
 from shiftbn.bn.lock import model_lock
-from shiftbn.bn.moments import BNStats, Population, PopulationStats, SourceStats, check_moments
+from shiftbn.bn.moments import BNStats, SourceStats, check_moments
+from shiftbn.bn.population import Population, PopulationStats
 from shiftbn.bn.sites import site_key, split_site
 
 AnyStats = BNStats | PopulationStats
