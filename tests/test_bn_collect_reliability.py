@@ -179,3 +179,16 @@ def test_sequential_non_convergence_names_the_layer():
         assert 3 < stats.passes < 1 + 32
     finally:
         torch.set_num_threads(threads)
+
+
+def test_preserved_restores_buffers_replaced_added_or_resized():
+    model = _Counting()
+    before = state_of(model)
+    running_max = model.running_max
+    with sb.bn.preserved(model):
+        model.running_max.resize_(7).fill_(1.0)
+        model.calls = torch.ones((), dtype=torch.long)  # a new tensor object under the same name
+        model.register_buffer("extra", torch.ones(2))
+        model.net[1].running_var.mul_(3.0)
+    assert_same_state(model, before)
+    assert model.running_max is running_max and not hasattr(model, "extra")

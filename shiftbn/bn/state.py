@@ -51,8 +51,12 @@ class ModelSnapshot:
                     del m._buffers[k]
                 for k, t in bufs.items():
                     m._buffers[k] = t
-                    if copies[k] is not None:
+                    if copies[k] is None:
+                        continue
+                    if t.shape == copies[k].shape:
                         t.copy_(copies[k])
+                    else:  # resized in place by the block: take the saved tensor's storage back
+                        t.set_(copies[k])
                 m._non_persistent_buffers_set.clear()
                 m._non_persistent_buffers_set.update(non_persistent)
 
