@@ -3,9 +3,12 @@
 from shiftbn.bn.collect import COLLECT_MODES, CollectMode, collect_stats
 from shiftbn.bn.distributed import all_merge
 from shiftbn.bn.layers import BNLayer, bn_layers, device_of
-from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments, mix_stats
+from shiftbn.bn.lock import model_lock
+from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments
+from shiftbn.bn.population import Population, PopulationStats, mix_stats
 from shiftbn.bn.precise import precise_bn
 from shiftbn.bn.shift import stats_shift
+from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import FrozenBN, ModelSnapshot, buffer_stats, freeze_bn, load_stats, preserved, use_stats
 
 __all__ = [
@@ -17,6 +20,8 @@ __all__ = [
     "FrozenBN",
     "ModelSnapshot",
     "Moments",
+    "Population",
+    "PopulationStats",
     "SourceStats",
     "all_merge",
     "batch_moments",
@@ -27,8 +32,11 @@ __all__ = [
     "freeze_bn",
     "load_stats",
     "mix_stats",
-    "preserved",
+    "model_lock",
     "precise_bn",
+    "preserved",
+    "site_key",
+    "split_site",
     "stats_shift",
     "use_stats",
 ]

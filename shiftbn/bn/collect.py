@@ -2,99 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from shiftbn.bn.distributed import all_merge
+from shiftbn.bn.distributed import RankSync
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
-from shiftbn.bn.moments import POOLED, BNStats, MomentAccumulator, SourceStats, Workspace, batch_moments
-from shiftbn.bn.state import ModelSnapshot, write_stats
-from shiftbn.data.tagged import SourceTaggedDataset
+from shiftbn.bn.lock import model_lock
+from shiftbn.bn.moments import BNStats, MomentAccumulator, SourceStats, Workspace, batch_moments
+from shiftbn.bn.plan import Batches, as_count, plan_batches, rank_share
+from shiftbn.bn.sites import site_key, split_site
+from shiftbn.bn.state import ModelSnapshot, apply_writes, prepare_writes, untracked
 
 COLLECT_MODES = ("batch", "sequential", "eval")
 CollectMode = Literal["batch", "sequential", "eval"]
-
-
-class _Batches:
-    """A re-iterable plan of input batches, each tagged with its source name."""
-
-    def __init__(self, loader: Iterable[Any], names: list[str] | None, by_source: bool,
-                 cap: int | None, total: int | None) -> None:
-        self.loader, self.names, self.by_source, self.cap, self.total = loader, names, by_source, cap, total
-
-    def __iter__(self) -> Iterator[tuple[Any, str]]:
-        seen: dict[str, int] = {}
-        for batch in self.loader:
-            x, s = _split_batch(batch)
-            src = self._source_of(s) if self.by_source else POOLED
-            if self.cap is not None:  # iterables: keep the first `cap` samples per source
-                room = self.cap - seen.get(src, 0)
-                if room <= 0:
-                    continue
-                if len(x) > room:
-                    x = x[:room]
-                seen[src] = seen.get(src, 0) + len(x)
-            yield x, src
-
-    def _source_of(self, s: Any) -> str:
-        if s is None:
-            return POOLED
-        ids = torch.as_tensor(s).reshape(-1).unique()
-        if len(ids) != 1:
-            raise ValueError(
-                "by_source=True needs single-source batches (statistics of a source are those seen in "
-                "batches of that source alone); pass a SourceTaggedDataset, a single-source sampler, "
-                "or by_source=False"
-            )
-        i = int(ids[0])
-        return self.names[i] if self.names is not None else str(i)
-
-
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)):
-        return batch[0], batch[2] if len(batch) >= 3 else None
-    raise TypeError(f"a batch must be a tensor x or a tuple (x, y[, source]); got {type(batch).__name__}")
-
-
-def _plan(data: Any, batch_size: int, by_source: bool, num_samples: int | None,
-          sampler: Iterable[list[int]] | None, seed: int, num_workers: int) -> _Batches:
-    rng = np.random.default_rng(seed)
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        tagged = isinstance(data, SourceTaggedDataset)
-        if sampler is not None:
-            batches = [list(b) for b in sampler]
-        else:
-            if tagged and by_source:
-                groups = [np.flatnonzero(data.source_ids == i) for i in np.unique(data.source_ids)]
-            else:
-                groups = [np.arange(len(data))]
-            batches = []
-            for g in groups:
-                g = rng.permutation(g)
-                if num_samples is not None:
-                    g = g[:num_samples]
-                # near-equal chunks (sizes differ by one) so no tail batch of a single sample
-                batches += [c.tolist() for c in np.array_split(g, max(1, -(-len(g) // batch_size)))]
-        names = list(data.source_names) if tagged else None
-        loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers)
-        return _Batches(loader, names, by_source and tagged, None, len(batches))
-    if isinstance(data, Iterator):
-        raise TypeError("data is a one-shot iterator; pass a re-iterable (a DataLoader, a list of batches)")
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a Dataset or an iterable of batches, got {type(data).__name__}")
-    base = getattr(data, "dataset", None)
-    names = list(base.source_names) if isinstance(base, SourceTaggedDataset) else None
-    total = len(data) if hasattr(data, "__len__") else None
-    return _Batches(data, names, by_source, num_samples, total)
 
 
 def collect_stats(
@@ -104,7 +32,7 @@ def collect_stats(
     batch_size: int = 64,
     by_source: bool = True,
     num_samples: int | None = None,
-    mode: str = "batch",
+    mode: CollectMode = "batch",
     sampler: Iterable[list[int]] | None = None,
     seed: int = 0,
     max_passes: int | None = None,
@@ -119,126 +47,240 @@ def collect_stats(
     ``data``: a ``SourceTaggedDataset`` (batches of ``batch_size`` from one source each, one pass in
     total), a plain Dataset (one pooled source), or a re-iterable of batches ``x``/``(x, y)``/
     ``(x, y, s)`` (``s`` ids must be equal within a batch when ``by_source``).
-    ``num_samples``: at most this many samples per source (a seeded random subset; the first ones
-    for iterables). ``mode``: ``"batch"`` (BN normalizes with batch statistics, as PreciseBN),
-    ``"sequential"`` (inference-consistent fixpoint, see README), ``"eval"`` (stored statistics).
-    Modules other than BN run in eval mode. The model is restored bit for bit afterwards.
+    ``num_samples``: at most this many samples per source: a seeded random subset of a Dataset, else
+    the first ones (also of a ``sampler``'s batches). Under ``torch.distributed`` the cap is global:
+    rank r keeps at most ``num_samples // W`` (+1 for r < ``num_samples % W``) per source, so a rank
+    holding fewer samples of a source than its share leaves the total below the cap. Each rank must
+    get its own shard of the data (identical data on every rank is refused).
+    ``mode``: ``"batch"`` (BN normalizes with batch statistics, as PreciseBN), ``"sequential"``
+    (inference-consistent fixpoint, see ``_fixpoint``), ``"eval"`` (stored statistics; refused for BN
+    layers without running statistics). Modules other than BN run in eval mode. Every buffer, flag
+    and momentum of the model is restored bit for bit afterwards; the model's lock is held
+    throughout. An error on any rank is raised on every rank.
     Returns ``SourceStats`` (names: the dataset's source names, or ``"pooled"``).
     """
+    with model_lock(model):
+        sync = RankSync()
+        layers, plan = sync.check(lambda: _prepare(model, data, batch_size, by_source, num_samples, mode,
+                                                   sampler, seed, max_passes, num_workers, sync))
+        snap = ModelSnapshot(model, layers)
+        try:
+            first = "batch" if mode == "sequential" else mode
+            stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
+                                                        f"stats ({first})"))
+            _check_sharded(infos, sync.world)
+            if not stats.sources:
+                raise ValueError("no data reached the BN layers: data is empty"
+                                 + (f" on all {sync.world} ranks" if sync.world > 1 else ""))
+            if mode == "sequential":
+                order = next((i["order"] for i in infos if i["order"]), [])
+                stats = _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress)
+            stats = _ordered(stats, plan.names)
+            stats.mode = mode
+            return stats
+        finally:
+            snap.restore()
+
+
+def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, seed, max_passes, num_workers,
+             sync: RankSync) -> tuple[list[BNLayer], Batches]:
+    """Validate the arguments and plan this rank's batches."""
     if mode not in COLLECT_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {COLLECT_MODES}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
+    batch_size = as_count(batch_size, "batch_size", 1)
+    if num_samples is not None:
+        num_samples = as_count(num_samples, "num_samples", 1)
+    if max_passes is not None:
+        as_count(max_passes, "max_passes", 1)
     layers = bn_layers(model)
     check_materialized(layers)
-    plan = _plan(data, batch_size, by_source, num_samples, sampler, seed, num_workers)
-    snap = ModelSnapshot(model, layers)
-    try:
-        first = "batch" if mode == "sequential" else mode
-        stats = all_merge(_one_pass(model, layers, plan, first, None, progress, f"stats ({first})"))
-        if mode == "sequential":
-            stats = _fixpoint(model, layers, plan, stats, max_passes, tol, progress)
-        stats.mode = mode
-        return stats
-    finally:
-        snap.restore()
+    if mode == "eval" and untracked(layers):
+        raise ValueError(
+            f"mode='eval' observes the model with its stored statistics, but BN layer(s) {untracked(layers)} "
+            "keep none (track_running_stats=False) and would normalize with batch statistics; use "
+            "mode='batch' or 'sequential', or load statistics first (load_stats, precise_bn)"
+        )
+    cap = rank_share(num_samples, sync.world, sync.rank)
+    return layers, plan_batches(data, batch_size, by_source, cap, sampler, seed, num_workers,
+                         min_batch=1 if mode == "eval" else 2)
 
 
-def _fixpoint(model, layers, plan, stats, max_passes, tol, progress) -> SourceStats:
-    """Iterate eval-mode passes until the statistics reproduce themselves.
+def _fingerprint(x: Any) -> str | None:
+    """A cheap digest of a batch's first MiB of bytes (to spot identical data on every rank)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    raw = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8)[: 1 << 20]
+    return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).hexdigest()
 
-    After pass p every layer with at most p BN layers upstream is exact, so a network whose BN
-    layers are L deep converges in at most L passes plus one that confirms it.
+
+def _check_sharded(infos: list[dict], world: int) -> None:
+    """Refuse the same unsharded data on every rank: each rank would count every sample again."""
+    if world == 1:
+        return
+    counts = {i["samples"] for i in infos}
+    prints = {i["fingerprint"] for i in infos}
+    if len(counts) == 1 and counts != {0} and len(prints) == 1 and None not in prints:
+        raise ValueError(
+            f"every one of the {world} ranks got the same {counts.pop()} samples (identical first batch): the "
+            f"data is not sharded, and merging would count each sample {world} times; give each rank its "
+            "own shard, e.g. sampler=SourceBatchSampler(..., num_replicas=world_size, rank=rank) or a "
+            "DataLoader with a DistributedSampler"
+        )
+
+
+def _ordered(stats: SourceStats, names: list[str] | None) -> SourceStats:
+    """Sources in the dataset's order (else by name), whichever rank saw them first."""
+    rank = {n: i for i, n in enumerate(names or [])}
+    keys = sorted(stats.sources, key=lambda s: (rank.get(s, len(rank)), s))
+    return SourceStats({k: stats.sources[k] for k in keys}, stats.mode, stats.passes)
+
+
+def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress) -> SourceStats:
+    """Passes until the statistics reproduce themselves when every BN layer uses its stored ones.
+
+    How: pass 1 was batch mode. In pass p >= 2 the first p - 1 BN modules in call order (``order``)
+    use their stored statistics and the rest normalize with batch statistics (as in batch mode), so no
+    layer ever normalizes with statistics that are stale for its input (they blow up with depth).
+    Module j's input depends only on modules called before it, so after pass j + 1 its statistics are
+    exact: a chain of L layers is done after L passes and pass L + 1 confirms it. Modules called more
+    than once (cycles through a shared module) then iterate until the change is below ``tol``
+    (relative, in normalized units; raised to 64 eps of the buffers' dtype, the precision they are
+    stored with). Default ``max_passes``: L + 32 (L to build the frontier, room for such loops).
     """
-    limit = len(layers) + 1 if max_passes is None else max_passes
-    for p in range(1, limit + 1):
-        new = all_merge(_one_pass(model, layers, plan, "eval", stats, progress, f"stats (sequential {p})"))
-        change = _max_change(stats, new)
+    limit = len(layers) + 32 if max_passes is None else max_passes
+    tol = max(tol, 64 * max(float(torch.finfo(_buffer_dtype(layer)).eps) for layer in layers))
+    eps = {layer.name: float(layer.module.eps) for layer in layers}
+    order = list(order) + [layer.name for layer in layers if layer.name not in order]
+    worst = (float("inf"), "?", "?")
+    for p in range(2, limit + 2):
+        frontier = set(order[: p - 1])
+        new, _ = sync.merge(partial(_one_pass, model, layers, plan, "eval", stats, frontier, progress,
+                                    f"stats (sequential {p})"))
+        new.passes = p
+        worst = _max_change(stats, new, eps)
         stats = new
-        stats.passes = p + 1
-        if change <= tol:
+        if len(frontier) == len(order) and worst[0] <= tol:
             return stats
-    warnings.warn(f"sequential statistics did not converge in {limit} passes (last change {change:.2e})",
+    if len(frontier) < len(order):
+        detail = (f"layer {order[len(frontier)]!r} and the {len(order) - len(frontier) - 1} BN module(s) called "
+                  f"after it never ran with stored statistics ({len(order)} modules need {len(order) + 1} passes)")
+    else:
+        detail = (f"layer {worst[1]!r} (source {worst[2]!r}) still changed by {worst[0]:.2e} (relative, "
+                  f"normalized units) > tol {tol:.1e}")
+    warnings.warn(f"sequential statistics did not converge in {limit} passes: {detail}; raise max_passes or tol",
                   stacklevel=3)
     return stats
 
 
-def _max_change(old: SourceStats, new: SourceStats) -> float:
-    worst = 0.0
+def _buffer_dtype(layer: BNLayer) -> torch.dtype:
+    m = layer.module
+    return m.running_mean.dtype if m.running_mean is not None else torch.float32
+
+
+def _max_change(old: SourceStats, new: SourceStats, eps: dict[str, float]) -> tuple[float, str, str]:
+    """Largest change (value, layer, source) of a mean or variance, in units of the normalizer.
+
+    |d mean| / sqrt(var + eps) and |d var| / (var + eps): the change as BN's output would see it.
+    """
+    worst = (0.0, "", "")
     for src, bn in new.items():
         for name, m in bn.layers.items():
-            o = old[src].layers.get(name)
+            o = old.sources[src].layers.get(name) if src in old.sources else None
             if o is None:
-                return float("inf")
-            scale = np.sqrt(m.var) + 1e-12
-            worst = max(worst, float(np.max(np.abs(m.mean - o.mean) / scale)),
-                        float(np.max(np.abs(m.var - o.var) / (m.var + 1e-12))))
+                return float("inf"), name, src
+            e = eps.get(split_site(name)[0], 1e-5)
+            scale = m.var + e
+            change = max(float(np.max(np.abs(m.mean - o.mean) / np.sqrt(scale))),
+                         float(np.max(np.abs(m.var - o.var) / scale)))
+            if change > worst[0] or not np.isfinite(change):
+                worst = (change, name, src)
     return worst
 
 
-def _one_pass(model: nn.Module, layers: list[BNLayer], plan: _Batches, mode: str,
-              current: SourceStats | None, progress: bool, desc: str) -> SourceStats:
-    # Every mode runs the model in eval mode. In "batch" mode the pre-hook loads each batch's own
-    # exact statistics into the buffers before BN runs: BN then normalizes with batch statistics
-    # without computing them a second time, and the EMA is never updated.
+def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
+              current: SourceStats | None, frontier: set[str] | None, progress: bool,
+              desc: str) -> tuple[SourceStats, dict[str, Any]]:
+    """One pass over ``plan``: this rank's statistics, and an info dict (samples seen, fingerprint of
+    the first batch, BN modules in first-call order).
+
+    Every mode runs the model in eval mode. In "batch" mode the pre-hook loads each batch's own exact
+    statistics into the buffers before BN runs: BN then normalizes with batch statistics without
+    computing them a second time, and the EMA is never updated. In "eval" mode with ``current``, the
+    modules in ``frontier`` (all when ``None``) use ``current``'s statistics, the others batch mode.
+    """
     model.eval()
     accs: dict[str, dict[tuple[str, int], MomentAccumulator]] = {}
     n_samples: dict[str, int] = {}
     state: dict[str, Any] = {"source": None, "calls": {}}
+    order: dict[str, None] = {}
     workspace = Workspace()
 
-    def make_hook(name: str):
+    def make_hook(name: str, batch_stats: bool):
         def hook(module, args):
             k = state["calls"].get(name, 0)
             state["calls"][name] = k + 1
+            order.setdefault(name)
             count, mean, m2 = batch_moments(args[0], workspace)
             if not torch.isfinite(mean.sum() + m2.sum()):  # one check (and sync) per call
                 raise FloatingPointError(
                     f"NaN or Inf in the input of BN layer {name!r} (source {state['source']!r})"
                 )
             accs.setdefault(state["source"], {}).setdefault((name, k), MomentAccumulator()).add(count, mean, m2)
-            if mode == "batch" and module.running_mean is not None:
+            if batch_stats and module.running_mean is not None:
                 module.running_mean.copy_(mean)
                 module.running_var.copy_(m2 / count)
 
         return hook
 
-    hooks = [layer.module.register_forward_pre_hook(make_hook(layer.name)) for layer in layers]
+    def uses_batch(name: str) -> bool:
+        return mode == "batch" or (frontier is not None and name not in frontier)
+
+    hooks = [layer.module.register_forward_pre_hook(make_hook(layer.name, uses_batch(layer.name)))
+             for layer in layers]
     device = device_of(model)
+    writes: dict[str, list] = {}
+    fingerprint = None
     try:
         with torch.no_grad():
             for x, src in tqdm(plan, total=plan.total, desc=desc, disable=not progress, leave=False):
+                if len(x) == 0:
+                    raise ValueError(f"an empty batch (0 samples, source {src!r}) reached collect_stats; "
+                                     "drop empty batches from the data")
                 if mode == "batch" and len(x) < 2:
                     raise ValueError(
                         f"a batch of one sample (source {src!r}) cannot be normalized in mode='batch'; "
                         "use larger batches or drop that sample"
                     )
+                if not n_samples:
+                    fingerprint = _fingerprint(x)
                 if current is not None:
-                    write_stats(layers, current[src])
+                    if src not in writes:
+                        writes[src] = prepare_writes(layers, current[src])
+                    apply_writes(writes[src])
                 state["source"], state["calls"] = src, {}
                 model(x.to(device) if isinstance(x, torch.Tensor) else x)
                 n_samples[src] = n_samples.get(src, 0) + len(x)
     finally:
         for h in hooks:
             h.remove()
-    if not accs:
-        raise ValueError("no data reached the BN layers: data is empty")
-    order = {layer.name: layer.depth for layer in layers}
-    rank = {n: i for i, n in enumerate(plan.names or [])}
+    info = {"samples": sum(n_samples.values()), "fingerprint": fingerprint, "order": list(order)}
+    return SourceStats(_results(accs, n_samples, layers), mode), info
+
+
+def _results(accs: dict, n_samples: dict[str, int], layers: list[BNLayer]) -> dict[str, BNStats]:
+    """Per source: merged moments per layer, plus ``site_key`` entries for modules called repeatedly."""
+    depth = {layer.name: layer.depth for layer in layers}
     out = {}
-    for src in sorted(accs, key=lambda s: (rank.get(s, len(rank)), s)):
-        per = accs[src]
-        sites = sorted(per, key=lambda nk: (order[nk[0]], nk[1]))
+    for src, per in accs.items():
+        sites = sorted(per, key=lambda nk: (depth[nk[0]], nk[1]))
         reused = {name for name, k in sites if k > 0}
         result: dict = {}
         for name, k in sites:
             mom = per[(name, k)].result()
             if name in reused:
-                result[f"{name}@{k}"] = mom
+                result[site_key(name, k)] = mom
                 result[name] = result[name].merge(mom) if name in result else mom
             else:
                 result[name] = mom
         out[src] = BNStats(result, n_samples.get(src, 0))
-    return SourceStats(out, mode)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,11 @@ class Moments:
 
     def merge(self, other: Moments) -> Moments:
         """Exact moments of the union of both sets of values (Chan et al. 1979)."""
+        if not isinstance(other, Moments):
+            raise TypeError(
+                f"only Moments merge with Moments, got {type(other).__name__}; population parameters "
+                "(Population, from buffer_stats or mix_stats) are no sample and cannot be merged"
+            )
         mean, m2, n = _chan(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
         return Moments(n, mean, m2)
 
@@ -41,8 +47,56 @@ class Moments:
         return {"count": int(self.count), "mean": self.mean.tolist(), "m2": self.m2.tolist()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Moments:
-        return cls(int(d["count"]), np.asarray(d["mean"], dtype=np.float64), np.asarray(d["m2"], dtype=np.float64))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "moments") -> Moments:
+        """Read ``to_dict`` output, validated (``where`` names the layer in error messages).
+
+        Raises ``ValueError`` unless ``count`` is a positive integer and ``mean``, ``m2`` are finite
+        1-D arrays of one length with ``m2 >= 0``: a file must not broadcast or load NaN silently.
+        """
+        if not isinstance(d, Mapping) or not {"count", "mean", "m2"} <= set(d):
+            raise ValueError(f"{where}: expected a mapping with keys count, mean, m2; got {brief_repr(d)}")
+        count = d["count"]
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+            raise ValueError(f"{where}: count must be a positive integer, got {count!r}")
+        mean = as_vector(d["mean"], f"{where}: mean")
+        m2 = as_vector(d["m2"], f"{where}: m2")
+        check_moments(mean, m2, where, name="m2")
+        return cls(int(count), mean, m2)
+
+
+def brief_repr(x: Any) -> str:
+    """``repr(x)`` cut to 80 characters, for error messages."""
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def as_vector(values: Any, what: str) -> np.ndarray:
+    """``values`` as a float64 array, else ``ValueError`` naming ``what``."""
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a list of numbers, got {brief_repr(values)}") from None
+
+
+def check_moments(mean: np.ndarray, second: np.ndarray, where: str, *, name: str = "var",
+                  channels: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``mean`` and ``second`` (var or m2, called ``name``) are finite 1-D
+    arrays of one length (``channels`` when given) with ``second >= 0``; ``where`` names the layer.
+    """
+    for what, a in (("mean", mean), (name, second)):
+        if a.ndim != 1 or len(a) == 0:
+            raise ValueError(f"{where}: {what} must be a non-empty 1-D array (one value per channel), "
+                             f"got shape {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{where}: {what} holds NaN or Inf at channel(s) "
+                             f"{np.flatnonzero(~np.isfinite(a))[:8].tolist()}")
+    if len(mean) != len(second):
+        raise ValueError(f"{where}: mean has {len(mean)} channels but {name} has {len(second)}")
+    if channels is not None and len(mean) != channels:
+        raise ValueError(f"{where}: the layer has {channels} channels but its statistics have {len(mean)}")
+    if np.any(second < 0):
+        raise ValueError(f"{where}: {name} must be >= 0, negative at channel(s) "
+                         f"{np.flatnonzero(second < 0)[:8].tolist()}")
 
 
 def _chan(na, ma, m2a, nb, mb, m2b):
@@ -122,7 +176,8 @@ class BNStats(Mapping):
     """Statistics of every BN layer for one set of samples: layer name -> ``Moments``.
 
     A module called several times per forward has one entry per call site, ``"<name>@<k>"`` for
-    the k-th call (0-based), plus the merged entry under ``"<name>"``. ``num_samples``: samples seen.
+    the k-th call (0-based, see ``site_key``), plus the merged entry under ``"<name>"``.
+    ``num_samples``: samples seen.
     """
 
     layers: dict[str, Moments] = field(default_factory=dict)
@@ -141,7 +196,11 @@ class BNStats(Mapping):
         return len(self.layers)
 
     def merge(self, other: BNStats) -> BNStats:
-        """Exact statistics of both sample sets together (layers present in either)."""
+        """Exact statistics of both sample sets together (layers present in either).
+
+        Raises ``TypeError`` for anything but ``BNStats`` (``PopulationStats`` holds no sample).
+        """
+        _require_sample(other, "BNStats.merge")
         names = list(self.layers) + [k for k in other.layers if k not in self.layers]
         merged = {}
         for k in names:
@@ -153,8 +212,16 @@ class BNStats(Mapping):
         return {"num_samples": int(self.num_samples), "layers": {k: m.to_dict() for k, m in self.layers.items()}}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> BNStats:
-        return cls({k: Moments.from_dict(v) for k, v in d["layers"].items()}, int(d.get("num_samples", 0)))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> BNStats:
+        """Read ``to_dict`` output; every layer validated as in ``Moments.from_dict`` (``where``: a
+        prefix for messages, e.g. the source)."""
+        layers = d.get("layers") if isinstance(d, Mapping) else None
+        if not isinstance(layers, Mapping):
+            raise ValueError(f"{where}BN statistics need a 'layers' mapping, got {brief_repr(d)}")
+        n = d.get("num_samples", 0)
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"{where}num_samples must be an integer >= 0, got {n!r}")
+        return cls({k: Moments.from_dict(v, f"{where}layer {k!r}") for k, v in layers.items()}, int(n))
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy: one row per (layer, channel) with columns ``layer, channel, count, mean, var``."""
@@ -167,21 +234,15 @@ class BNStats(Mapping):
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
-def mix_stats(a: BNStats, b: BNStats, weight_a: float) -> BNStats:
-    """Per layer, ``weight_a * a + (1 - weight_a) * b`` for means and for variances.
-
-    Why: prior-weighted adaptation (Schneider et al. 2020) mixes source and target statistics.
-    The result holds population moments (count 1), not a sample to be merged further.
-    """
-    if not 0.0 <= weight_a <= 1.0:
-        raise ValueError(f"weight_a must lie in [0, 1], got {weight_a}")
-    out = {}
-    for k, mb in b.layers.items():
-        ma = a.layers.get(k)
-        if ma is None:
-            continue
-        out[k] = Moments(1, weight_a * ma.mean + (1 - weight_a) * mb.mean, weight_a * ma.var + (1 - weight_a) * mb.var)
-    return BNStats(out, b.num_samples)
+def _require_sample(stats: Any, verb: str) -> None:
+    """``TypeError`` unless ``stats`` are sample moments (``BNStats``): population parameters
+    (``PopulationStats``) have no count, so merging them would be silently wrong."""
+    if not isinstance(stats, BNStats):
+        raise TypeError(
+            f"{verb} merges sample moments (BNStats), got {type(stats).__name__}; population parameters "
+            "(PopulationStats from buffer_stats or mix_stats) have no sample count and cannot be merged: "
+            "merge the BNStats they came from, or load them with use_stats/load_stats"
+        )
 
 
 POOLED = "pooled"
@@ -211,9 +272,13 @@ class SourceStats(Mapping):
         return len(self.sources)
 
     def pooled(self) -> BNStats:
-        """Exact moments of the union of all sources (each seen in its own batches)."""
+        """Exact moments of the union of all sources (each seen in its own batches).
+
+        Raises ``TypeError`` when a source holds ``PopulationStats`` (no sample to pool).
+        """
         out = BNStats()
-        for s in self.sources.values():
+        for name, s in self.sources.items():
+            _require_sample(s, f"SourceStats.pooled (source {name!r})")
             out = out.merge(s)
         return out
 
@@ -222,7 +287,11 @@ class SourceStats(Mapping):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SourceStats:
-        return cls({k: BNStats.from_dict(v) for k, v in d["sources"].items()}, d.get("mode", "batch"))
+        """Read ``to_dict`` output; every source's layers validated (messages name source and layer)."""
+        sources = d.get("sources") if isinstance(d, Mapping) else None
+        if not isinstance(sources, Mapping):
+            raise ValueError(f"per-source statistics need a 'sources' mapping, got {brief_repr(d)}")
+        return cls({k: BNStats.from_dict(v, f"source {k!r}: ") for k, v in sources.items()}, d.get("mode", "batch"))
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy: ``source, layer, channel, count, mean, var``."""

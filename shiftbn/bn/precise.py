@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from shiftbn.bn.collect import collect_stats
+from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats
 from shiftbn.bn.state import load_stats
 
@@ -31,8 +32,10 @@ def precise_bn(
     (E[x^2]-E[x]^2 in float32), the pooled variance is exact whatever the batch composition.
     ``data``: as for ``collect_stats`` (all sources pooled). Writes the BN buffers in place (the only
     change to the model; flags and momentum are restored) and returns the ``BNStats`` written.
+    Holds the model's lock (``model_lock``) from collection to writing.
     """
-    stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
-                          mode=mode, sampler=sampler, seed=seed, progress=progress).pooled()
-    load_stats(model, stats)
+    with model_lock(model):
+        stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
+                              mode=mode, sampler=sampler, seed=seed, progress=progress).pooled()
+        load_stats(model, stats)
     return stats

@@ -5,57 +5,86 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from shiftbn.bn.layers import BNLayer, bn_layers
-from shiftbn.bn.moments import BNStats, Moments
+from shiftbn.bn.lock import model_lock
+from shiftbn.bn.moments import BNStats, SourceStats, check_moments
+from shiftbn.bn.population import Population, PopulationStats
+from shiftbn.bn.sites import site_key, split_site
 
-_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+AnyStats = BNStats | PopulationStats
 
 
 class ModelSnapshot:
-    """Everything BN-related that shiftbn may touch, saved so it can be restored bit for bit.
+    """Everything shiftbn may touch, saved so it can be restored bit for bit.
 
-    Saved: the ``training`` flag of every module; for each BN layer its ``momentum``,
-    ``track_running_stats`` and the buffer objects with copies of their values.
+    Saved: the ``training`` flag of every module; every module's buffers (the tensor objects, copies
+    of their values, which names exist and which are non-persistent: a forward may update a custom
+    buffer too); for each BN layer its ``momentum`` and ``track_running_stats``.
     """
 
     def __init__(self, model: nn.Module, layers: list[BNLayer] | None = None) -> None:
         self.model = model
         self.layers = bn_layers(model) if layers is None else layers
         self.training = [(m, m.training) for m in model.modules()]
-        self.bn = []
-        for layer in self.layers:
-            m = layer.module
-            bufs = {k: m._buffers.get(k) for k in _BUFFERS if k in m._buffers}
-            copies = {k: None if t is None else t.detach().clone() for k, t in bufs.items()}
-            self.bn.append((m, m.momentum, m.track_running_stats, bufs, copies))
+        self.buffers = []
+        for m in model.modules():
+            bufs = dict(m._buffers)
+            copies = {k: None if t is None or is_lazy(t) else t.detach().clone() for k, t in bufs.items()}
+            self.buffers.append((m, bufs, copies, set(m._non_persistent_buffers_set)))
+        self.bn = [(layer.module, layer.module.momentum, layer.module.track_running_stats) for layer in self.layers]
 
     def restore(self) -> None:
         """Put every saved flag, hyper-parameter and buffer back (same tensor objects, same bits)."""
         for m, flag in self.training:
             m.training = flag
-        for m, momentum, track, bufs, copies in self.bn:
+        for m, momentum, track in self.bn:
             m.momentum = momentum
             m.track_running_stats = track
-            for k in list(m._buffers):
-                if k in _BUFFERS and k not in bufs:
+        with torch.no_grad():
+            for m, bufs, copies, non_persistent in self.buffers:
+                for k in [k for k in m._buffers if k not in bufs]:
                     del m._buffers[k]
-            for k, t in bufs.items():
-                m._buffers[k] = t
-                if t is not None:
-                    with torch.no_grad():
+                for k, t in bufs.items():
+                    m._buffers[k] = t
+                    if copies[k] is None:
+                        continue
+                    if t.shape == copies[k].shape:
                         t.copy_(copies[k])
+                    else:  # resized in place by the block: take the saved tensor's storage back
+                        t.set_(copies[k])
+                m._non_persistent_buffers_set.clear()
+                m._non_persistent_buffers_set.update(non_persistent)
 
 
-def write_stats(layers: list[BNLayer], stats: BNStats, *, strict: bool = False) -> None:
-    """Write each layer's population mean and variance from ``stats`` into its BN buffers.
+def _check_stats_type(stats: object, verb: str) -> None:
+    if isinstance(stats, SourceStats):
+        raise TypeError(f"{verb} takes the statistics of one set of samples, got SourceStats; pick one "
+                        "source (stats['name']) or stats.pooled()")
+    if not isinstance(stats, (BNStats, PopulationStats)):
+        raise TypeError(f"{verb} needs BNStats or PopulationStats, got {type(stats).__name__}")
 
-    Layers without statistics (never called) keep their buffers unless ``strict``, which raises.
-    Layers built with ``track_running_stats=False`` get buffers and start tracking. The variance
-    written is the population variance (as fvcore's PreciseBN does), cast to the buffer dtype.
+
+def _checked_arrays(key: str, entry: object, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validated float64 (mean, var) of one statistics entry (``Moments`` or ``Population``)."""
+    if not isinstance(entry, Population) and getattr(entry, "count", 1) < 1:
+        raise ValueError(f"layer {key!r}: statistics from count {entry.count} (no sample) cannot be loaded")
+    mean = np.asarray(entry.mean, dtype=np.float64)
+    var = np.asarray(entry.var, dtype=np.float64)
+    check_moments(mean, var, f"layer {key!r}", channels=channels)
+    return mean, var
+
+
+def prepare_writes(layers: list[BNLayer], stats: AnyStats, *, strict: bool = False) -> list:
+    """Validate ``stats`` against ``layers`` and convert them to buffer tensors; writes nothing.
+
+    Returns ``(module, mean, var)`` per layer with statistics, for ``apply_writes``.
     """
+    _check_stats_type(stats, "write_stats")
     missing = [layer.name for layer in layers if layer.name not in stats.layers]
     if len(missing) == len(layers):
         raise ValueError(
@@ -64,108 +93,172 @@ def write_stats(layers: list[BNLayer], stats: BNStats, *, strict: bool = False) 
         )
     if missing and strict:
         raise ValueError(f"statistics lack BN layer(s) {missing}; were they collected on this model?")
+    plan = []
     for layer in layers:
-        mom = stats.layers.get(layer.name)
-        if mom is None:
+        entry = stats.layers.get(layer.name)
+        if entry is None:
             continue
         m = layer.module
-        if mom.channels != m.num_features:
-            raise ValueError(
-                f"layer {layer.name!r} has {m.num_features} channels but its statistics have {mom.channels}"
-            )
+        mean, var = _checked_arrays(layer.name, entry, m.num_features)
         ref = m.weight if m.weight is not None else next(iter(m.buffers()), None)
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = m.running_mean.dtype if m.running_mean is not None else torch.float32
-        mean = torch.as_tensor(mom.mean, dtype=dtype, device=device)
-        var = torch.as_tensor(mom.var, dtype=dtype, device=device)
-        with torch.no_grad():
+        plan.append((m, torch.as_tensor(mean, dtype=dtype, device=device),
+                     torch.as_tensor(var, dtype=dtype, device=device)))
+    return plan
+
+
+def apply_writes(plan: list) -> None:
+    """Copy prepared ``(module, mean, var)`` into the BN buffers (created for untracked layers)."""
+    with torch.no_grad():
+        for m, mean, var in plan:
             if m.running_mean is None:
-                m._buffers["running_mean"] = mean
-                m._buffers["running_var"] = var
-                m._buffers["num_batches_tracked"] = torch.tensor(0, dtype=torch.long, device=device)
+                m._buffers["running_mean"] = mean.clone()
+                m._buffers["running_var"] = var.clone()
+                m._buffers["num_batches_tracked"] = torch.tensor(0, dtype=torch.long, device=mean.device)
                 m.track_running_stats = True
             else:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
 
 
-def buffer_stats(model: nn.Module) -> BNStats:
-    """The statistics stored in the model's BN buffers (the training EMA), as population moments."""
-    out = {}
-    for layer in bn_layers(model):
-        m = layer.module
-        if m.running_mean is not None:
-            out[layer.name] = Moments(1, m.running_mean.detach().double().cpu().numpy(),
-                                      m.running_var.detach().double().cpu().numpy())
-    return BNStats(out, 0)
+def write_stats(layers: list[BNLayer], stats: AnyStats, *, strict: bool = False) -> None:
+    """Write each layer's population mean and variance from ``stats`` into its BN buffers.
+
+    All-or-nothing: every layer's entry is validated first (channel count, finite mean and var,
+    var >= 0: else ``ValueError`` naming the layer), then written. Layers without statistics (never
+    called) keep their buffers unless ``strict``, which raises. Layers built with
+    ``track_running_stats=False`` get buffers and start tracking. The variance written is the
+    population variance (as fvcore's PreciseBN does), cast to the buffer dtype.
+    """
+    apply_writes(prepare_writes(layers, stats, strict=strict))
+
+
+def untracked(layers: list[BNLayer]) -> list[str]:
+    """Names of the BN layers without running statistics (``track_running_stats=False``, no buffers)."""
+    return [layer.name for layer in layers if layer.module.running_mean is None]
+
+
+def buffer_stats(model: nn.Module) -> PopulationStats:
+    """The statistics stored in the model's BN buffers (the training EMA), as ``PopulationStats``.
+
+    Raises ``ValueError`` naming the BN layers that keep no running statistics
+    (``track_running_stats=False``): they have no stored statistics to report.
+    """
+    layers = bn_layers(model)
+    missing = untracked(layers)
+    if missing:
+        raise ValueError(
+            f"BN layer(s) {missing} keep no running statistics (track_running_stats=False), so the model "
+            "has no stored statistics for them; compute some first with collect_stats (then use_stats) "
+            "or precise_bn"
+        )
+    return PopulationStats({
+        layer.name: Population(layer.module.running_mean.detach().double().cpu().numpy(),
+                               layer.module.running_var.detach().double().cpu().numpy())
+        for layer in layers
+    })
 
 
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the block with whatever changes it makes to BN state and flags undone on exit."""
-    snap = ModelSnapshot(model)
-    try:
-        yield model
-    finally:
-        snap.restore()
+    """Run the block with whatever changes it makes to flags and buffers undone on exit.
+
+    Holds the model's lock (``model_lock``) for the block.
+    """
+    with model_lock(model):
+        snap = ModelSnapshot(model)
+        try:
+            yield model
+        finally:
+            snap.restore()
 
 
 @contextmanager
 def use_stats(
-    model: nn.Module, stats: BNStats, *, strict: bool = False, per_site: bool = False
+    model: nn.Module, stats: AnyStats, *, strict: bool = False, per_site: bool = False
 ) -> Iterator[nn.Module]:
-    """Evaluate ``model`` with ``stats`` in its BN buffers; everything is restored on exit.
+    """Evaluate ``model`` with ``stats`` (``BNStats`` or ``PopulationStats``) in its BN buffers.
 
     Why: comparing statistics (source, target, per-lab) must never leave the user's model changed.
     Inside, the whole model is in eval mode. ``per_site``: a BN module called several times per
     forward is normalized at its k-th call with the statistics of call site ``"<name>@k"`` (default:
     the merged statistics at every call). On exit — normal, exception or KeyboardInterrupt — every
     buffer, ``training`` flag, ``momentum`` and ``track_running_stats`` is restored bit for bit.
+    Holds the model's lock (``model_lock``) for the block.
     """
-    layers = bn_layers(model)
-    snap = ModelSnapshot(model, layers)
-    hooks = []
-    try:
-        model.eval()
-        write_stats(layers, stats, strict=strict)
-        if per_site:
-            hooks = _site_hooks(model, layers, stats)
-        yield model
-    finally:
-        for h in hooks:
-            h.remove()
-        snap.restore()
+    with model_lock(model):
+        layers = bn_layers(model)
+        snap = ModelSnapshot(model, layers)
+        hooks = []
+        try:
+            model.eval()
+            write_stats(layers, stats, strict=strict)
+            if per_site:
+                hooks = _site_hooks(model, layers, stats)
+            yield model
+        finally:
+            for h in hooks:
+                h.remove()
+            snap.restore()
 
 
-def _site_hooks(model: nn.Module, layers: list[BNLayer], stats: BNStats) -> list:
-    """Pre-hooks that load call site k's statistics before the k-th call of a shared BN module."""
+def _sites(stats: AnyStats) -> dict[str, list[str]]:
+    """Layer name -> its call-site keys in ``stats``, in call order."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for key in stats.layers:
+        name, k = split_site(key)
+        if k is not None:
+            out.setdefault(name, []).append((k, key))
+    return {name: [key for _, key in sorted(v)] for name, v in out.items()}
+
+
+def _site_hooks(model: nn.Module, layers: list[BNLayer], stats: AnyStats) -> list:
+    """Pre-hooks that load call site k's statistics before the k-th call of a shared BN module.
+
+    Every site's statistics are validated and converted before any hook is installed.
+    """
+    sites = _sites(stats)
     calls: dict[str, int] = {}
+    loads = {}
+    for layer in layers:
+        for key in sites.get(layer.name, []):
+            m = layer.module
+            if m.running_mean is None:
+                raise ValueError(f"per_site: layer {layer.name!r} has call-site statistics but no merged "
+                                 f"entry {layer.name!r} and no running statistics to load them into")
+            mean, var = _checked_arrays(key, stats.layers[key], m.num_features)
+            loads[key] = (torch.as_tensor(mean, dtype=m.running_mean.dtype, device=m.running_mean.device),
+                          torch.as_tensor(var, dtype=m.running_var.dtype, device=m.running_var.device))
     hooks = [model.register_forward_pre_hook(lambda module, args: calls.clear())]
     for layer in layers:
-        if any(k.startswith(layer.name + "@") for k in stats.layers):
-            hooks.append(layer.module.register_forward_pre_hook(_site_loader(layer.name, stats, calls)))
+        if layer.name in sites:
+            hooks.append(layer.module.register_forward_pre_hook(
+                _site_loader(layer.name, len(sites[layer.name]), loads, calls)))
     return hooks
 
 
-def _site_loader(name: str, stats: BNStats, calls: dict[str, int]):
-    n_sites = sum(k.startswith(name + "@") for k in stats.layers)
-
+def _site_loader(name: str, n_sites: int, loads: dict, calls: dict[str, int]):
     def hook(module, args):
         k = calls.get(name, 0)
         calls[name] = k + 1
-        mom = stats.layers.get(f"{name}@{k}")
-        if mom is None:
+        tensors = loads.get(site_key(name, k))
+        if tensors is None:
             raise ValueError(f"BN layer {name!r} is called more than the {n_sites} call sites its statistics have")
         with torch.no_grad():
-            module.running_mean.copy_(torch.as_tensor(mom.mean))
-            module.running_var.copy_(torch.as_tensor(mom.var))
+            module.running_mean.copy_(tensors[0])
+            module.running_var.copy_(tensors[1])
 
     return hook
 
 
-def load_stats(model: nn.Module, stats: BNStats, *, strict: bool = False) -> None:
-    """Permanently write ``stats`` into the model's BN buffers (mean, population variance)."""
-    write_stats(bn_layers(model), stats, strict=strict)
+def load_stats(model: nn.Module, stats: AnyStats, *, strict: bool = False) -> None:
+    """Permanently write ``stats`` (``BNStats`` or ``PopulationStats``) into the BN buffers.
+
+    All-or-nothing: every layer is validated before any buffer is written (see ``write_stats``).
+    """
+    with model_lock(model):
+        write_stats(bn_layers(model), stats, strict=strict)
 
 
 class FrozenBN:
@@ -175,21 +268,33 @@ class FrozenBN:
     population statistics in the last part of training (Section 4). Active from construction; it
     survives ``model.train()`` calls (a pre-hook keeps BN in eval mode); ``release()`` or leaving the
     ``with`` block restores each BN layer's ``training`` flag. Affine parameters still train.
+    Raises ``ValueError`` naming BN layers with ``track_running_stats=False``: in eval mode they
+    would still normalize with batch statistics (load statistics first: ``load_stats``/``precise_bn``).
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = bn_layers(model)
-        self._flags = [(layer.module, layer.module.training) for layer in self.layers]
-        self._hooks = [layer.module.register_forward_pre_hook(_force_eval) for layer in self.layers]
-        for layer in self.layers:
-            layer.module.train(False)
+        self._model = model
+        with model_lock(model):
+            self.layers = bn_layers(model)
+            missing = untracked(self.layers)
+            if missing:
+                raise ValueError(
+                    f"freeze_bn: BN layer(s) {missing} keep no running statistics (track_running_stats="
+                    "False), so they would keep normalizing with batch statistics; give them population "
+                    "statistics first with precise_bn or load_stats"
+                )
+            self._flags = [(layer.module, layer.module.training) for layer in self.layers]
+            self._hooks = [layer.module.register_forward_pre_hook(_force_eval) for layer in self.layers]
+            for layer in self.layers:
+                layer.module.train(False)
 
     def release(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        for m, flag in self._flags:
-            m.training = flag
+        with model_lock(self._model):
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            for m, flag in self._flags:
+                m.training = flag
 
     def __enter__(self) -> FrozenBN:
         return self

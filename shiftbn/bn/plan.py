@@ -1,0 +1,114 @@
+"""Planning the input batches of ``collect_stats``: source tags, per-source caps, rank shares."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from shiftbn.bn.moments import POOLED
+from shiftbn.data.tagged import SourceTaggedDataset
+
+
+class Batches:
+    """A re-iterable plan of input batches, each tagged with its source name.
+
+    ``cap``: keep the first ``cap`` samples per source (cutting the batch that reaches it; a cut
+    that would leave fewer than ``min_batch`` samples drops them instead).
+    """
+
+    def __init__(self, loader: Iterable[Any], names: list[str] | None, by_source: bool,
+                 cap: int | None, total: int | None, min_batch: int = 1) -> None:
+        self.loader, self.names, self.by_source, self.cap, self.total = loader, names, by_source, cap, total
+        self.min_batch = min_batch
+
+    def __iter__(self) -> Iterator[tuple[Any, str]]:
+        seen: dict[str, int] = {}
+        for batch in self.loader:
+            x, s = _split_batch(batch)
+            src = self._source_of(s) if self.by_source else POOLED
+            if self.cap is not None:
+                room = self.cap - seen.get(src, 0)
+                if room <= 0:
+                    continue
+                if len(x) > room:
+                    if room < self.min_batch:
+                        seen[src] = self.cap
+                        continue
+                    x = x[:room]
+                seen[src] = seen.get(src, 0) + len(x)
+            yield x, src
+
+    def _source_of(self, s: Any) -> str:
+        if s is None:
+            return POOLED
+        ids = torch.as_tensor(s).reshape(-1).unique()
+        if len(ids) != 1:
+            raise ValueError(
+                "by_source=True needs single-source batches (statistics of a source are those seen in "
+                "batches of that source alone); pass a SourceTaggedDataset, a single-source sampler, "
+                "or by_source=False"
+            )
+        i = int(ids[0])
+        return self.names[i] if self.names is not None else str(i)
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[2] if len(batch) >= 3 else None
+    raise TypeError(f"a batch must be a tensor x or a tuple (x, y[, source]); got {type(batch).__name__}")
+
+
+def rank_share(num_samples: int | None, world: int, rank: int) -> int | None:
+    """Rank ``rank``'s part of a per-source cap split over ``world`` ranks (parts differ by one)."""
+    if num_samples is None or world == 1:
+        return num_samples
+    return num_samples // world + (1 if rank < num_samples % world else 0)
+
+
+def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
+          sampler: Iterable[list[int]] | None, seed: int, num_workers: int, min_batch: int) -> Batches:
+    rng = np.random.default_rng(seed)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        tagged = isinstance(data, SourceTaggedDataset)
+        names = list(data.source_names) if tagged else None
+        if sampler is not None:  # the sampler's batches, the cap applied to them as they stream
+            batches = [list(b) for b in sampler]
+            loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers)
+            return Batches(loader, names, by_source and tagged, cap, len(batches), min_batch)
+        if tagged and by_source:
+            groups = [np.flatnonzero(data.source_ids == i) for i in np.unique(data.source_ids)]
+        else:
+            groups = [np.arange(len(data))]
+        batches = []
+        for g in groups:
+            g = rng.permutation(g)
+            if cap is not None:
+                g = g[:cap]
+            if len(g):  # near-equal chunks (sizes differ by one) so no tail batch of a single sample
+                batches += [c.tolist() for c in np.array_split(g, -(-len(g) // batch_size))]
+        loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers)
+        return Batches(loader, names, by_source and tagged, None, len(batches))
+    if isinstance(data, Iterator):
+        raise TypeError("data is a one-shot iterator; pass a re-iterable (a DataLoader, a list of batches)")
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data must be a Dataset or an iterable of batches, got {type(data).__name__}")
+    base = getattr(data, "dataset", None)
+    names = list(base.source_names) if isinstance(base, SourceTaggedDataset) else None
+    total = len(data) if hasattr(data, "__len__") else None
+    return Batches(data, names, by_source, cap, total, min_batch)
+
+
+def as_count(value: Any, what: str, minimum: int) -> int:
+    """``value`` as an int (numpy integers accepted), else ``TypeError``/``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer >= {minimum}, got {value} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value}")
+    return int(value)
