@@ -142,6 +142,7 @@ class RunFolder:
         self.config = json.loads(json.dumps(config, default=str))
         self.device = str(torch.device(device))
         self.numerics = numerics(self.device)
+        self._computed: set[str] | None = None
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path} exists and is not a folder; choose another --out")
         try:
@@ -226,6 +227,9 @@ class RunFolder:
         self._check_open()
         table, why = self._read(key)
         if table is not None:
+            if key not in self._logged_computed():
+                # killed after the cell's atomic write and before its log line: the cell is whole
+                self._log(key, "computed", 0.0, "log line recovered: the run stopped before logging this cell")
             self._log(key, "skipped", 0.0)
             return table
         note = "" if why == "missing" else f"recomputed: {why}"
@@ -244,12 +248,29 @@ class RunFolder:
             raise RuntimeError(f"cell {key!r} does not read back ({why}); its table cannot round-trip CSV")
         return table
 
+    def _logged_computed(self) -> set[str]:
+        """Keys with a "computed" line in ``log.jsonl`` (read once, then kept up to date)."""
+        if self._computed is None:
+            self._computed = set()
+            path = self.path / "log.jsonl"
+            lines = path.read_text().splitlines() if path.exists() else []
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if isinstance(entry, dict) and entry.get("status") == "computed":
+                    self._computed.add(entry.get("cell"))
+        return self._computed
+
     def _log(self, key: str, status: str, seconds: float, note: str = "") -> None:
         entry = {"cell": key, "status": status, "seconds": round(seconds, 3)}
         if note:
             entry["note"] = note
         with open(self.path / "log.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
+        if status == "computed":
+            self._logged_computed().add(key)
 
     def write_results(self, table: pd.DataFrame, name: str = "results") -> Path:
         """Write the combined tidy table as CSV (and Parquet when pyarrow is installed)."""

@@ -181,3 +181,15 @@ def test_starting_while_another_process_starts_the_same_folder_is_refused(tmp_pa
         proc.wait()
         proc.stdout.close()
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["run.lock"]  # nothing written
+
+
+def test_a_cell_written_but_not_logged_is_logged_as_recovered_on_resume(tmp_path):
+    with RunFolder(tmp_path / "r", {"a": 1}) as run:
+        run.cell("c", lambda: pd.DataFrame({"x": [1]}))
+    log_path = tmp_path / "r" / "log.jsonl"
+    log_path.write_text("")  # as if killed after the cell's atomic write, before its log line
+    with RunFolder(tmp_path / "r", {"a": 1}, resume=True) as run:
+        run.cell("c", lambda: pytest.fail("a whole cell must not be recomputed"))
+    log = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert [e["status"] for e in log] == ["computed", "skipped"]
+    assert "recovered" in log[0]["note"]

@@ -174,7 +174,12 @@ class Prior(Strategy):
     def bn_stats(self, ctx, eval_source):
         target = ctx.source_stats(eval_source)
         n = target.num_samples
-        return mix_stats(buffer_stats(ctx.model), target, self.n / (self.n + n) if self.n + n > 0 else 0.0)
+        try:
+            source = buffer_stats(ctx.model)
+        except ValueError as e:
+            raise ValueError(f"strategy {self.name!r} mixes the model's running statistics with the target's, "
+                             f"but {e}") from None
+        return mix_stats(source, target, self.n / (self.n + n) if self.n + n > 0 else 0.0)
 
 
 class BatchStats(Strategy):
