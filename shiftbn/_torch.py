@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
+from shiftbn._lock import model_lock
+
 
 def device_of(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model with neither."""
@@ -86,20 +88,22 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
     """Every BN module normalizes with the statistics of its current batch and updates no buffer.
 
     BN in training mode with ``track_running_stats`` off uses batch statistics and leaves the
-    running buffers alone; every other module is in eval mode. All flags are restored on exit.
+    running buffers alone; every other module is in eval mode. All flags are restored on exit; the
+    model's lock is held throughout.
     """
-    flags = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
-    try:
-        model.eval()
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                m.training, m.track_running_stats = True, False
-        yield
-    finally:
-        for m, training, track in flags:
-            m.training = training
-            if track is not None:
-                m.track_running_stats = track
+    with model_lock(model):
+        flags = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+        try:
+            model.eval()
+            for m in model.modules():
+                if isinstance(m, _BatchNorm):
+                    m.training, m.track_running_stats = True, False
+            yield
+        finally:
+            for m, training, track in flags:
+                m.training = training
+                if track is not None:
+                    m.track_running_stats = track
 
 
 @torch.no_grad()

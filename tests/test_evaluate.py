@@ -92,3 +92,35 @@ def test_transductive_ci_evaluate_and_summary():
     assert summary.loc["accuracy", "worst_source"] == "b" and summary.loc["accuracy", "gap"] == pytest.approx(0.4)
     assert summary.loc["nll", "worst_source"] == "b" and summary.loc["nll", "best_source"] == "a"
     assert summary.loc["accuracy", "mean"] == pytest.approx(0.7)
+
+
+def test_two_threads_running_the_matrix_on_one_model_get_serial_results():
+    import threading
+
+    from shiftbn.models import MLP
+    from tests.helpers import assert_same_state, state_of
+
+    ds = sb.load("blobs-labs", n=160)
+    model = MLP(16, 3, hidden=16)
+    sb.train(model, ds, steps=5, batch_size=16, progress=False)
+    model.eval()
+    strategies = ["source", "target", "batch:8", "tent:2"]
+    serial = cross_source_matrix(model, ds, strategies, progress=False)
+    before = state_of(model)
+    results, errors = [], []
+
+    def work():
+        try:
+            results.extend(cross_source_matrix(model, ds, strategies, progress=False) for _ in range(3))
+        except Exception as exc:  # a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 6, errors
+    for table in results:
+        pd.testing.assert_frame_equal(table, serial)
+    assert_same_state(model, before)

@@ -18,6 +18,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from shiftbn._lock import model_lock
 from shiftbn._torch import Inputs, batch_stats_logits, concat_inputs, device_of, forward_batches, take_inputs
 from shiftbn.adapt.context import AdaptContext
 from shiftbn.bn import BNStats, bn_layers, buffer_stats, mix_stats, preserved, use_stats
@@ -237,7 +238,8 @@ class Tent(Strategy):
         return {eval_source}
 
     def logits(self, ctx, eval_source, x):
-        model = copy.deepcopy(ctx.model)
+        with model_lock(ctx.model):  # never copy buffers another thread has swapped
+            model = copy.deepcopy(ctx.model)
         layers = bn_layers(model)
         params = [p for layer in layers for p in layer.module.parameters(recurse=False)]
         if not params:

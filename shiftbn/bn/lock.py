@@ -1,36 +1,5 @@
-"""One re-entrant lock per model, so that verbs swapping BN state never interleave across threads."""
+"""The per-model lock (defined in the bottom layer, ``shiftbn._lock``, so every layer can take it)."""
 
-from __future__ import annotations
+from shiftbn._lock import model_lock
 
-import threading
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-from torch import nn
-
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_GUARD = threading.Lock()
-
-
-def _lock_of(model: nn.Module) -> threading.RLock:
-    with _GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
-
-
-@contextmanager
-def model_lock(model: nn.Module) -> Iterator[nn.Module]:
-    """Hold ``model``'s re-entrant lock for the block (verbs nest freely in one thread).
-
-    Why: ``collect_stats``, ``use_stats``, ``preserved``, ``precise_bn``, ``load_stats`` and
-    ``freeze_bn`` install hooks or swap buffers; two threads doing so on one model would record each
-    other's forwards and restore each other's state. Each verb takes this lock, so they run one at a
-    time per model. Forwards run outside any verb are not covered.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    with _lock_of(model):
-        yield model
+__all__ = ["model_lock"]
