@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from shiftbn.bn.distributed import RankSync
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
 from shiftbn.bn.lock import model_lock
-from shiftbn.bn.moments import BNStats, MomentAccumulator, SourceStats, Workspace, batch_moments
+from shiftbn.bn.moments import BNStats, SourceStats, Workspace
 from shiftbn.bn.plan import Batches, as_count, plan_batches, rank_share
+from shiftbn.bn.reduce import RunningMoments
 from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import ModelSnapshot, apply_writes, prepare_writes, untracked
 
@@ -38,6 +39,7 @@ def collect_stats(
     max_passes: int | None = None,
     tol: float = 1e-6,
     num_workers: int = 0,
+    fused: bool | None = None,
     progress: bool = True,
 ) -> SourceStats:
     """Exact per-channel mean and population variance of every BN layer's input, per source.
@@ -57,6 +59,10 @@ def collect_stats(
     layers without running statistics). Modules other than BN run in eval mode. Every buffer, flag
     and momentum of the model is restored bit for bit afterwards; the model's lock is held
     throughout. An error on any rank is raised on every rank.
+    Memory is O(layers x channels x sources) whatever the number of samples: each batch's exact
+    moments are merged at once. ``fused``: take each batch's moments from one fused float64 kernel
+    (``torch.compile``; exact to ~1e-14, several times faster on CPU, a one-time compile of ~10 s);
+    ``None`` (default) uses it for passes of at least 200 batches; ``False`` never.
     Returns ``SourceStats`` (names: the dataset's source names, or ``"pooled"``).
     """
     with model_lock(model):
@@ -66,15 +72,16 @@ def collect_stats(
         snap = ModelSnapshot(model, layers)
         try:
             first = "batch" if mode == "sequential" else mode
+            fuse = _use_fused(fused, plan)
             stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
-                                                        f"stats ({first})"))
+                                                        f"stats ({first})", fuse))
             _check_sharded(infos, sync.world)
             if not stats.sources:
                 raise ValueError("no data reached the BN layers: data is empty"
                                  + (f" on all {sync.world} ranks" if sync.world > 1 else ""))
             if mode == "sequential":
                 order = next((i["order"] for i in infos if i["order"]), [])
-                stats = _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress)
+                stats = _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fuse)
             stats = _ordered(stats, plan.names)
             stats.mode = mode
             return stats
@@ -103,6 +110,16 @@ def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, see
     cap = rank_share(num_samples, sync.world, sync.rank)
     return layers, plan_batches(data, batch_size, by_source, cap, sampler, seed, num_workers,
                          min_batch=1 if mode == "eval" else 2)
+
+
+FUSED_MIN_BATCHES = 200
+
+
+def _use_fused(fused: bool | None, plan: Batches) -> bool:
+    """Whether to take batch moments from the fused kernel: always, never, or for long passes."""
+    if fused is not None:
+        return bool(fused)
+    return plan.total is not None and plan.total >= FUSED_MIN_BATCHES
 
 
 def _fingerprint(x: Any) -> str | None:
@@ -135,7 +152,7 @@ def _ordered(stats: SourceStats, names: list[str] | None) -> SourceStats:
     return SourceStats({k: stats.sources[k] for k in keys}, stats.mode, stats.passes)
 
 
-def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress) -> SourceStats:
+def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fused) -> SourceStats:
     """Passes until the statistics reproduce themselves when every BN layer uses its stored ones.
 
     How: pass 1 was batch mode. In pass p >= 2 the first p - 1 BN modules in call order (``order``)
@@ -155,7 +172,7 @@ def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress
     for p in range(2, limit + 2):
         frontier = set(order[: p - 1])
         new, _ = sync.merge(partial(_one_pass, model, layers, plan, "eval", stats, frontier, progress,
-                                    f"stats (sequential {p})"))
+                                    f"stats (sequential {p})", fused))
         new.passes = p
         worst = _max_change(stats, new, eps)
         stats = new
@@ -199,7 +216,7 @@ def _max_change(old: SourceStats, new: SourceStats, eps: dict[str, float]) -> tu
 
 def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
               current: SourceStats | None, frontier: set[str] | None, progress: bool,
-              desc: str) -> tuple[SourceStats, dict[str, Any]]:
+              desc: str, fused: bool = False) -> tuple[SourceStats, dict[str, Any]]:
     """One pass over ``plan``: this rank's statistics, and an info dict (samples seen, fingerprint of
     the first batch, BN modules in first-call order).
 
@@ -209,7 +226,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     modules in ``frontier`` (all when ``None``) use ``current``'s statistics, the others batch mode.
     """
     model.eval()
-    accs: dict[str, dict[tuple[str, int], MomentAccumulator]] = {}
+    accs: dict[str, dict[tuple[str, int], RunningMoments]] = {}
     n_samples: dict[str, int] = {}
     state: dict[str, Any] = {"source": None, "calls": {}}
     order: dict[str, None] = {}
@@ -220,15 +237,11 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
             k = state["calls"].get(name, 0)
             state["calls"][name] = k + 1
             order.setdefault(name)
-            count, mean, m2 = batch_moments(args[0], workspace)
-            if not torch.isfinite(mean.sum() + m2.sum()):  # one check (and sync) per call
-                raise FloatingPointError(
-                    f"NaN or Inf in the input of BN layer {name!r} (source {state['source']!r})"
-                )
-            accs.setdefault(state["source"], {}).setdefault((name, k), MomentAccumulator()).add(count, mean, m2)
+            acc = accs.setdefault(state["source"], {}).setdefault((name, k), RunningMoments())
+            _, mean, var = acc.add(args[0], workspace, fused)
             if batch_stats and module.running_mean is not None:
                 module.running_mean.copy_(mean)
-                module.running_var.copy_(m2 / count)
+                module.running_var.copy_(var)
 
         return hook
 
@@ -263,8 +276,20 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     finally:
         for h in hooks:
             h.remove()
+    _check_finite(accs, layers)
     info = {"samples": sum(n_samples.values()), "fingerprint": fingerprint, "order": list(order)}
     return SourceStats(_results(accs, n_samples, layers), mode), info
+
+
+def _check_finite(accs: dict, layers: list[BNLayer]) -> None:
+    """One NaN/Inf check per pass: name the shallowest layer (and its source) whose input held one."""
+    depth = {layer.name: layer.depth for layer in layers}
+    bad = [(depth[name], k, name, src) for src, per in accs.items() for (name, k), acc in per.items()
+           if not acc.finite()]
+    if bad:
+        _, _, name, src = min(bad, key=lambda b: (b[0], b[1]))
+        raise FloatingPointError(f"NaN or Inf in the input of BN layer {name!r} (source {src!r}); check the data "
+                                 "and the layers before it")
 
 
 def _results(accs: dict, n_samples: dict[str, int], layers: list[BNLayer]) -> dict[str, BNStats]:

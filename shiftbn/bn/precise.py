@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from shiftbn.bn.collect import collect_stats
+from shiftbn.bn.collect import CollectMode, collect_stats
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats
 from shiftbn.bn.state import load_stats
@@ -19,9 +19,10 @@ def precise_bn(
     *,
     num_samples: int | None = 4096,
     batch_size: int = 64,
-    mode: str = "batch",
+    mode: CollectMode = "batch",
     sampler: Iterable[list[int]] | None = None,
     seed: int = 0,
+    fused: bool | None = None,
     progress: bool = True,
 ) -> BNStats:
     """Recompute population BN statistics over ``num_samples`` samples and write them into the model.
@@ -36,6 +37,6 @@ def precise_bn(
     """
     with model_lock(model):
         stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
-                              mode=mode, sampler=sampler, seed=seed, progress=progress).pooled()
+                              mode=mode, sampler=sampler, seed=seed, fused=fused, progress=progress).pooled()
         load_stats(model, stats)
     return stats
