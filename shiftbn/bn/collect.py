@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from collections.abc import Iterable
@@ -163,16 +164,25 @@ def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress
     than once (cycles through a shared module) then iterate until the change is below ``tol``
     (relative, in normalized units; raised to 64 eps of the buffers' dtype, the precision they are
     stored with). Default ``max_passes``: L + 32 (L to build the frontier, room for such loops).
+    When every module is called once per forward, pass p only has to measure module p - 1: it
+    records that module's input and stops each forward there, so building the frontier costs about
+    (L - 1) / 2 forwards and the whole fixpoint about (L + 3) / 2 (the first and last passes are full).
     """
     limit = len(layers) + 32 if max_passes is None else max_passes
     tol = max(tol, 64 * max(float(torch.finfo(_buffer_dtype(layer)).eps) for layer in layers))
     eps = {layer.name: float(layer.module.eps) for layer in layers}
     order = list(order) + [layer.name for layer in layers if layer.name not in order]
     worst = (float("inf"), "?", "?")
+    once = not any(split_site(key)[1] is not None for bn in stats.values() for key in bn.layers)
     for p in range(2, limit + 2):
         frontier = set(order[: p - 1])
+        measure = order[p - 1] if once and p - 1 < len(order) else None
         new, _ = sync.merge(partial(_one_pass, model, layers, plan, "eval", stats, frontier, progress,
-                                    f"stats (sequential {p})", fused))
+                                    f"stats (sequential {p})", fused, measure))
+        if measure is not None:  # a truncated pass: only that module's statistics are new
+            new = SourceStats({src: BNStats({**bn.layers, **(new.sources[src].layers if src in new.sources
+                                                            else {})}, bn.num_samples)
+                               for src, bn in stats.items()}, stats.mode)
         new.passes = p
         worst = _max_change(stats, new, eps)
         stats = new
@@ -214,9 +224,13 @@ def _max_change(old: SourceStats, new: SourceStats, eps: dict[str, float]) -> tu
     return worst
 
 
+class _StopForwardSignal(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised in a pre-hook once the layer a truncated pass measures has seen its input."""
+
+
 def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
               current: SourceStats | None, frontier: set[str] | None, progress: bool,
-              desc: str, fused: bool = False) -> tuple[SourceStats, dict[str, Any]]:
+              desc: str, fused: bool = False, measure: str | None = None) -> tuple[SourceStats, dict[str, Any]]:
     """One pass over ``plan``: this rank's statistics, and an info dict (samples seen, fingerprint of
     the first batch, BN modules in first-call order).
 
@@ -224,6 +238,8 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     statistics into the buffers before BN runs: BN then normalizes with batch statistics without
     computing them a second time, and the EMA is never updated. In "eval" mode with ``current``, the
     modules in ``frontier`` (all when ``None``) use ``current``'s statistics, the others batch mode.
+    ``measure``: a truncated pass that records only that module's input and stops each forward there
+    (every module before it must be in ``frontier`` and called once per forward).
     """
     model.eval()
     accs: dict[str, dict[tuple[str, int], RunningMoments]] = {}
@@ -237,8 +253,12 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
             k = state["calls"].get(name, 0)
             state["calls"][name] = k + 1
             order.setdefault(name)
+            if measure is not None and name != measure:
+                return  # a truncated pass: this module uses its stored statistics
             acc = accs.setdefault(state["source"], {}).setdefault((name, k), RunningMoments())
             _, mean, var = acc.add(args[0], workspace, fused)
+            if measure is not None:
+                raise _StopForwardSignal
             if batch_stats and module.running_mean is not None:
                 module.running_mean.copy_(mean)
                 module.running_var.copy_(var)
@@ -271,7 +291,8 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
                         writes[src] = prepare_writes(layers, current[src])
                     apply_writes(writes[src])
                 state["source"], state["calls"] = src, {}
-                model(x.to(device) if isinstance(x, torch.Tensor) else x)
+                with contextlib.suppress(_StopForwardSignal):
+                    model(x.to(device) if isinstance(x, torch.Tensor) else x)
                 n_samples[src] = n_samples.get(src, 0) + len(x)
     finally:
         for h in hooks:
