@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from shiftbn._torch import autocast, check_device
 from shiftbn.bn.distributed import RankSync
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
 from shiftbn.bn.lock import model_lock
@@ -41,6 +42,8 @@ def collect_stats(
     tol: float = 1e-6,
     num_workers: int = 0,
     fused: bool | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
     progress: bool = True,
 ) -> SourceStats:
     """Exact per-channel mean and population variance of every BN layer's input, per source.
@@ -64,25 +67,30 @@ def collect_stats(
     moments are merged at once. ``fused``: take each batch's moments from one fused float64 kernel
     (``torch.compile``; exact to ~1e-14, several times faster on CPU, a one-time compile of ~10 s);
     ``None`` (default) uses it for passes of at least 200 batches; ``False`` never.
+    ``device``: where inputs go; must be the model's device (default: the model's; the model is
+    never moved). ``amp``: forwards under autocast; statistics are still accumulated in float64 from
+    the tensor each BN layer actually receives.
     Returns ``SourceStats`` (names: the dataset's source names, or ``"pooled"``).
     """
     with model_lock(model):
         sync = RankSync()
         layers, plan = sync.check(lambda: _prepare(model, data, batch_size, by_source, num_samples, mode,
-                                                   sampler, seed, max_passes, num_workers, sync))
+                                                   sampler, seed, max_passes, num_workers, sync, device))
         snap = ModelSnapshot(model, layers)
         try:
             first = "batch" if mode == "sequential" else mode
             fuse = _use_fused(fused, plan)
+            precision = partial(autocast, device_of(model), amp)
             stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
-                                                        f"stats ({first})", fuse))
+                                                        f"stats ({first})", fuse, precision=precision))
             _check_sharded(infos, sync.world)
             if not stats.sources:
                 raise ValueError("no data reached the BN layers: data is empty"
                                  + (f" on all {sync.world} ranks" if sync.world > 1 else ""))
             if mode == "sequential":
                 order = next((i["order"] for i in infos if i["order"]), [])
-                stats = _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fuse)
+                stats = _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fuse,
+                                  precision)
             stats = _ordered(stats, plan.names)
             stats.mode = mode
             return stats
@@ -91,8 +99,9 @@ def collect_stats(
 
 
 def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, seed, max_passes, num_workers,
-             sync: RankSync) -> tuple[list[BNLayer], Batches]:
+             sync: RankSync, device) -> tuple[list[BNLayer], Batches]:
     """Validate the arguments and plan this rank's batches."""
+    check_device(model, device)
     if mode not in COLLECT_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {COLLECT_MODES}")
     batch_size = as_count(batch_size, "batch_size", 1)
@@ -153,7 +162,8 @@ def _ordered(stats: SourceStats, names: list[str] | None) -> SourceStats:
     return SourceStats({k: stats.sources[k] for k in keys}, stats.mode, stats.passes)
 
 
-def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fused) -> SourceStats:
+def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fused,
+              precision) -> SourceStats:
     """Passes until the statistics reproduce themselves when every BN layer uses its stored ones.
 
     How: pass 1 was batch mode. In pass p >= 2 the first p - 1 BN modules in call order (``order``)
@@ -178,7 +188,7 @@ def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress
         frontier = set(order[: p - 1])
         measure = order[p - 1] if once and p - 1 < len(order) else None
         new, _ = sync.merge(partial(_one_pass, model, layers, plan, "eval", stats, frontier, progress,
-                                    f"stats (sequential {p})", fused, measure))
+                                    f"stats (sequential {p})", fused, measure, precision))
         if measure is not None:  # a truncated pass: only that module's statistics are new
             new = SourceStats({src: BNStats({**bn.layers, **(new.sources[src].layers if src in new.sources
                                                             else {})}, bn.num_samples)
@@ -230,7 +240,8 @@ class _StopForwardSignal(Exception):  # noqa: N818 - a control-flow signal, not 
 
 def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
               current: SourceStats | None, frontier: set[str] | None, progress: bool,
-              desc: str, fused: bool = False, measure: str | None = None) -> tuple[SourceStats, dict[str, Any]]:
+              desc: str, fused: bool = False, measure: str | None = None,
+              precision=contextlib.nullcontext) -> tuple[SourceStats, dict[str, Any]]:
     """One pass over ``plan``: this rank's statistics, and an info dict (samples seen, fingerprint of
     the first batch, BN modules in first-call order).
 
@@ -291,7 +302,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
                         writes[src] = prepare_writes(layers, current[src])
                     apply_writes(writes[src])
                 state["source"], state["calls"] = src, {}
-                with contextlib.suppress(_StopForwardSignal):
+                with contextlib.suppress(_StopForwardSignal), precision():
                     model(x.to(device) if isinstance(x, torch.Tensor) else x)
                 n_samples[src] = n_samples.get(src, 0) + len(x)
     finally:
