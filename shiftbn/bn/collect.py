@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 import warnings
 from collections.abc import Iterable
 from functools import partial
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from shiftbn._log import bars_wanted
 from shiftbn._torch import autocast, check_device
 from shiftbn.bn.distributed import RankSync
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
@@ -286,7 +288,10 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     fingerprint = None
     try:
         with torch.no_grad():
-            for x, src in tqdm(plan, total=plan.total, desc=desc, disable=not progress, leave=False):
+            bar = tqdm(plan, total=plan.total, desc=desc, disable=not bars_wanted(progress), unit="batch",
+                       mininterval=1.0)
+            started = time.perf_counter()
+            for x, src in bar:
                 if len(x) == 0:
                     raise ValueError(f"an empty batch (0 samples, source {src!r}) reached collect_stats; "
                                      "drop empty batches from the data")
@@ -305,6 +310,9 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
                 with contextlib.suppress(_StopForwardSignal), precision():
                     model(x.to(device) if isinstance(x, torch.Tensor) else x)
                 n_samples[src] = n_samples.get(src, 0) + len(x)
+                if not bar.disable:
+                    bar.set_postfix_str(f"{sum(n_samples.values()) / (time.perf_counter() - started):,.0f} samples/s",
+                                        refresh=False)
     finally:
         for h in hooks:
             h.remove()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from shiftbn._log import bars_wanted
 from shiftbn._torch import check_device
 from shiftbn.adapt import AdaptContext, Strategy, expand_strategies
 from shiftbn.bn import CollectMode, collect_stats
@@ -130,7 +131,7 @@ def score(
     outputs: dict = {}
     rows = []
     cells = [(st, s) for st in plan.strategies for s in plan.eval_sources]
-    for strat, src in tqdm(cells, desc="matrix", disable=not progress, leave=False):
+    for strat, src in tqdm(cells, desc="matrix cells", disable=not bars_wanted(progress), unit="cell"):
         key = strat.cache_key(ctx, src)
         out = outputs.get(key) if key is not None else None
         if out is None:
