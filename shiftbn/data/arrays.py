@@ -24,3 +24,11 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.x[i], int(self.targets[i])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """``[self[i] for i in indices]`` in one vectorised step (a DataLoader calls it per batch).
+
+        Items are views of one gathered tensor (x: (...), y: int), equal to per-item ones bit for bit.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return list(zip(self.x.index_select(0, idx).unbind(0), self.targets[idx.numpy()].tolist(), strict=True))
