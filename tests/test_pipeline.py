@@ -135,7 +135,7 @@ def test_labels_from_monai_records_and_hf_columns_without_reading_items():
     class Monai(DictItems):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            self.data = [{"img": f"p{i}.png", "y": int(v)} for i, v in enumerate(y)]
+            self.data = [{"img": f"p{i}.png", "y": int(v)} for i, v in enumerate(self.y)]
 
     class HF(DictItems):
         column_names = ["img", "y", "site"]
@@ -143,10 +143,14 @@ def test_labels_from_monai_records_and_hf_columns_without_reading_items():
         def __getitem__(self, i):
             return list(self.y) if i == "y" else super().__getitem__(i)
 
+    keys = ItemKeys(input="img", label="y")
     for cls in (Monai, HF):
         base = cls(x, y, site)
-        ds = sb.SourceTaggedDataset(base, site, keys=ItemKeys(input="img", label="y"))
+        ds = sb.SourceTaggedDataset(base, site, keys=keys)
         assert ds.labels.tolist() == y.tolist() and base.reads == 0
+    parts = sb.SourceTaggedDataset.from_datasets({"h1": Monai(x[:4], y[:4], site[:4]), "h0": HF(x, y, site)}, keys=keys)
+    assert parts.labels.tolist() == y.tolist() + y[:4].tolist() and parts.keys == keys
+    assert torch.equal(parts[len(y)][0], x[0])
     masks = Monai(x, y, site)
     masks.data = [{"img": "p.png", "y": "mask.png"}] * len(y)  # a segmentation mask path is not a class label
     assert sb.SourceTaggedDataset(masks, site, keys=ItemKeys(input="img", label="y")).labels is None
@@ -184,6 +188,7 @@ def test_dict_batch_errors_name_the_keys():
     with pytest.raises(ValueError, match=r"no source key 'source'.*ItemKeys\(source=...\).*by_source=False"):
         _split_batch({"image": x, "site": torch.zeros(4)}, by_source=True)
     assert _split_batch({"image": x})[1] is None  # pooled when sources are not asked for
+    assert _split_batch({"image": x}, ItemKeys(source=None), by_source=True)[1] is None  # pooled on purpose
     with pytest.raises(ValueError, match="holds no inputs"):
         _split_batch(())
     with pytest.raises(TypeError, match="a batch must be a tensor"):

@@ -63,13 +63,14 @@ def _split_batch(batch: Any, keys: ItemKeys = DEFAULT_KEYS, by_source: bool = Fa
     """Inputs and source ids (or None) of a batch: a tensor ``x``, a tuple ``(x, y[, s])`` or a dict.
 
     A dict is read at ``keys`` (``keys.input``, ``keys.source``); when ``by_source`` a dict batch without
-    the source key is refused rather than silently pooled (the key name is the likely mistake).
+    the source key is refused rather than silently pooled (the key name is the likely mistake);
+    ``ItemKeys(source=None)`` pools dict batches on purpose.
     """
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, (tuple, list, Mapping)):
         x, _, s = parts_of(batch, keys, "batch")
-        if isinstance(batch, Mapping) and by_source and s is ABSENT:
+        if isinstance(batch, Mapping) and by_source and s is ABSENT and keys.source is not None:
             raise ValueError(
                 f"by_source=True reads each batch's source ids, but the dict batch has keys "
                 f"{sorted(map(str, batch))} and no source key {keys.source!r}; pass keys=ItemKeys(source=...) "

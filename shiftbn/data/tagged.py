@@ -69,7 +69,7 @@ def _infer_labels(base: Dataset, keys: ItemKeys = DEFAULT_KEYS) -> tuple[object,
         return None
     columns = getattr(base, "column_names", None)
     if isinstance(columns, (list, tuple)) and keys.label in columns:
-        return base[keys.label], f"base[{keys.label!r}]"
+        return list(base[keys.label]), f"base[{keys.label!r}]"
     records = getattr(base, "data", None)
     if _numeric_records(records, len(base), keys.label):
         return [r[keys.label] for r in records], f"base.data[i][{keys.label!r}]"
@@ -166,11 +166,16 @@ class SourceTaggedDataset(Dataset):
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def from_datasets(
-        cls, datasets: Mapping[str, Dataset], *, class_names: Sequence[str] | None = None
+        cls,
+        datasets: Mapping[str, Dataset],
+        *,
+        class_names: Sequence[str] | None = None,
+        keys: ItemKeys | None = None,
     ) -> SourceTaggedDataset:
         """One dataset per source, e.g. ``{"lab_a": d1, "lab_b": d2}``; source order = sorted names.
 
-        Labels are read from every part (see the class docstring) when all parts expose them.
+        Labels are read from every part (see the class docstring) when all parts expose them;
+        ``keys`` names the fields of dict items (``ItemKeys``).
         """
         if not datasets:
             raise ValueError("from_datasets needs at least one {name: dataset} entry")
@@ -178,9 +183,11 @@ class SourceTaggedDataset(Dataset):
         by_name = {str(k): v for k, v in datasets.items()}
         parts = [by_name[k] for k in names]
         sources = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(parts)])
-        found = [_infer_labels(d) for d in parts]  # default keys; build with cls(...) for other dict keys
+        if keys is not None and not isinstance(keys, ItemKeys):
+            raise TypeError(f"keys must be an ItemKeys, e.g. ItemKeys(input='image', label='label'), got {keys!r}")
+        found = [_infer_labels(d, keys or DEFAULT_KEYS) for d in parts]
         lab = None if any(f is None for f in found) else np.concatenate([np.asarray(f[0]).reshape(-1) for f in found])
-        return cls(ConcatDataset(parts), sources, lab, source_names=names, class_names=class_names)
+        return cls(ConcatDataset(parts), sources, lab, source_names=names, class_names=class_names, keys=keys)
 
     @classmethod
     def from_frame(cls, frame, **kwargs) -> SourceTaggedDataset:
