@@ -248,7 +248,7 @@ def _bases(x: torch.Tensor, y: np.ndarray) -> dict[str, Dataset]:
 
 
 @pytest.mark.parametrize("name", ["array", "tensor", "tensor_x_only", "subset", "concat", "plain"])
-def test_getitems_batches_equal_per_item_bit_for_bit(name):
+def test_getitems_batches_equal_per_item_bit_for_bit(name, monkeypatch):
     x, y, site = _images()
     base = _bases(x, y)[name]
     ds = sb.SourceTaggedDataset(base, np.resize(site, len(base)))
@@ -262,6 +262,16 @@ def test_getitems_batches_equal_per_item_bit_for_bit(name):
         for f, s in zip(fast, slow, strict=True):
             assert type(f[1]) is type(s[1]) and f[2] == s[2]
             assert torch.equal(torch.as_tensor(f[0]), torch.as_tensor(s[0]))
+    if name != "plain":  # views keep the vectorised path: no per-item read of an in-memory base
+        with monkeypatch.context() as m:
+            for cls in (TensorDataset, ArrayDataset):
+                m.setattr(cls, "__getitem__", _refuse)
+            for view in (ds, ds.take([5, 3, 20, 3, 0]), ds.subset("b")):
+                assert len(view.__getitems__(list(range(len(view))))) == len(view)
+
+
+def _refuse(self, i):
+    raise AssertionError("per-item read on the vectorised path")
 
 
 def test_array_dataset_getitems_equals_getitem():
