@@ -244,10 +244,10 @@ def _bases(x: torch.Tensor, y: np.ndarray) -> dict[str, Dataset]:
     return {"array": arr, "tensor": ten, "tensor_x_only": TensorDataset(x),
             "subset": Subset(ten, list(range(len(y) - 1, -1, -1))),
             "concat": ConcatDataset([Subset(arr, list(range(10))), Subset(ten, range(10, 24)), Triples(x, y)]),
-            "plain": Triples(x, y)}
+            "bfloat16": TensorDataset(x.bfloat16(), torch.as_tensor(y)), "plain": Triples(x, y)}
 
 
-@pytest.mark.parametrize("name", ["array", "tensor", "tensor_x_only", "subset", "concat", "plain"])
+@pytest.mark.parametrize("name", ["array", "tensor", "tensor_x_only", "subset", "concat", "bfloat16", "plain"])
 def test_getitems_batches_equal_per_item_bit_for_bit(name, monkeypatch):
     x, y, site = _images()
     base = _bases(x, y)[name]

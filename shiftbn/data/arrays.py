@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from shiftbn.data.items import rows_of
+
 
 class ArrayDataset(Dataset):
     """Images or features held in memory: ``x`` (N, ...) float32, ``targets`` (N,) int64.
@@ -30,5 +32,5 @@ class ArrayDataset(Dataset):
 
         Items are views of one gathered tensor (x: (...), y: int), equal to per-item ones bit for bit.
         """
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return list(zip(self.x.index_select(0, idx).unbind(0), self.targets[idx.numpy()].tolist(), strict=True))
+        idx = np.asarray(indices, dtype=np.int64)
+        return list(zip(rows_of(self.x, idx).unbind(0), self.targets[idx].tolist(), strict=True))

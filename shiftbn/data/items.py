@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
@@ -87,14 +88,28 @@ def gather(base: Any, indices: list[int]) -> list[Any] | None:
         found = gather(base.dataset, mapped)
         return found if found is not None else [base.dataset[i] for i in mapped]
     if isinstance(base, TensorDataset):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return list(zip(*(t.index_select(0, idx).unbind(0) for t in base.tensors), strict=True))
+        idx = np.asarray(indices, dtype=np.int64)
+        return list(zip(*(rows_of(t, idx).unbind(0) for t in base.tensors), strict=True))
     if isinstance(base, ConcatDataset):
         return _gather_concat(base, indices)
     fetch = getattr(base, "__getitems__", None)
     if callable(fetch):
         return list(fetch(indices))
     return None
+
+
+def rows_of(t: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """``t[idx]`` (rows ``idx`` (B,) int64 of ``t`` (N, ...)) as one new tensor, bit for bit.
+
+    Why numpy for CPU tensors: torch's gather kernels split a batch-sized copy over threads, and on a
+    busy machine waiting for those threads cost ~10 ms a batch (measured), more than per-item reads.
+    """
+    if t.device.type == "cpu" and not t.requires_grad:
+        try:
+            return torch.from_numpy(t.numpy()[idx])
+        except (TypeError, RuntimeError):  # dtypes numpy lacks (bfloat16), conjugate/negative views
+            pass
+    return t.index_select(0, torch.as_tensor(idx, device=t.device))
 
 
 def _gather_concat(base: ConcatDataset, indices: list[int]) -> list[Any]:
