@@ -158,7 +158,11 @@ def test_labels_from_monai_records_and_hf_columns_without_reading_items():
 
 def test_no_label_accessor_means_unlabeled_and_float_labels_are_refused():
     x, y, site = _images()
-    assert sb.SourceTaggedDataset(Bare(x), site).labels is None
+    bare = sb.SourceTaggedDataset(Bare(x), site)
+    assert bare.labels is None
+    with pytest.raises(ValueError, match=r"evaluation needs labels.*labels=.*metadata column.*callable"):
+        bare.require_labels("evaluation")
+    assert sb.SourceTaggedDataset(Bare(x), site, y).require_labels().tolist() == y.tolist()
     with pytest.raises(ValueError, match="not whole numbers"):
         sb.SourceTaggedDataset(Bare(x), site, lambda i: 0.5 * i)
 

@@ -242,6 +242,20 @@ class SourceTaggedDataset(Dataset):
         present = np.unique(self.source_ids)
         return [self.source_names[i] for i in present]
 
+    def require_labels(self, what: str = "evaluation") -> np.ndarray:
+        """The class ids (N,) int64, or ValueError saying how to give labels to an unlabeled dataset.
+
+        Why: labels are never found by decoding every image (see the class docstring); a dataset built
+        without a label accessor is unlabeled, and ``what`` (e.g. "evaluation") must say how to fix that.
+        """
+        if self.labels is None:
+            raise ValueError(
+                f"{what} needs labels, but this dataset has none (its base exposes no targets/labels); pass "
+                "them to SourceTaggedDataset(base, sources, labels=...) as one class id per sample, the name "
+                "of a metadata column, or a label-only callable f(i) -> class id"
+            )
+        return self.labels
+
     def source_id(self, name: Hashable) -> int:
         """The int id of source ``name`` (ValueError naming the known sources if absent)."""
         try:
