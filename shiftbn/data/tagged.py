@@ -87,7 +87,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-def _given_labels(labels: LabelsArg, base: Dataset, metadata: pd.DataFrame | None, n: int) -> tuple[object, str]:
+def _given_labels(labels: LabelsArg, metadata: pd.DataFrame | None, n: int) -> tuple[object, str]:
     """Explicit labels: a sequence, a ``metadata`` column name, or a label-only callable ``f(i)``."""
     if isinstance(labels, str):
         if metadata is None or labels not in metadata.columns:
@@ -107,7 +107,8 @@ class SourceTaggedDataset(Dataset):
     ``base[i]`` may return ``x`` (then ``y`` is -1), ``(x, y)``, ``(x, y, source)`` (the base's own
     source is ignored: the tag comes from ``sources``) or a dict such as MONAI and Hugging Face yield,
     ``{"image": x, "label": y, ...}``, read at ``keys`` (an ``ItemKeys``; default input ``"image"``,
-    label ``"label"``; a dict without the label key gives -1). ``sources`` holds one hashable
+    label ``"label"``). An item without a label gets ``labels[i]``, or -1 when the dataset is
+    unlabeled. ``sources`` holds one hashable
     label per sample (list, numpy array, pandas Series or Categorical); names are stored as
     strings in **sorted order** (a Categorical keeps its category order; labels of mixed types
     that cannot be sorted keep first-seen order). ``ds.source_names[s]`` is the name of id ``s``;
@@ -154,7 +155,7 @@ class SourceTaggedDataset(Dataset):
         self.source_names: tuple[str, ...] = tuple(names)
         self.source_ids: np.ndarray = ids
         metadata = _check_metadata(metadata, n)
-        found = _infer_labels(base, self.keys) if labels is None else _given_labels(labels, base, metadata, n)
+        found = _infer_labels(base, self.keys) if labels is None else _given_labels(labels, metadata, n)
         self.labels: np.ndarray | None = None
         self.class_names: tuple[str, ...] | None = None
         if found is not None:
@@ -221,18 +222,21 @@ class SourceTaggedDataset(Dataset):
         items = gather(self.base, idx)
         if items is None:
             items = [self.base[i] for i in idx]
-        if all(type(item) is tuple and len(item) >= 2 for item in items):  # the common case, no per-item calls
+        if all(type(item) is tuple and len(item) >= 2 and item[1] is not None for item in items):  # no per-item calls
             sids = self.source_ids[np.asarray(idx, dtype=np.int64)].tolist()
-            return [(it[0], UNLABELED if it[1] is None else it[1], s) for it, s in zip(items, sids, strict=True)]
+            return [(it[0], it[1], s) for it, s in zip(items, sids, strict=True)]
         return [self._tagged(item, i) for item, i in zip(items, idx, strict=True)]
 
     def _tagged(self, item: Any, i: int) -> tuple[Any, Any, int]:
-        """``(x, y, source_id)`` of base item ``item`` at position ``i``."""
+        """``(x, y, source_id)`` of base item ``item`` at position ``i``; ``labels[i]`` when it has no ``y``."""
+        y: Any = ABSENT
         if isinstance(item, (tuple, list, Mapping)):
             x, y, _ = parts_of(item, getattr(self, "keys", DEFAULT_KEYS), "item of base")
-            y = UNLABELED if y is ABSENT else y
         else:
-            x, y = item, UNLABELED
+            x = item
+        if y is ABSENT:
+            labels = getattr(self, "labels", None)
+            y = UNLABELED if labels is None else int(labels[i])
         return x, y, int(self.source_ids[i])
 
     # --- metadata ------------------------------------------------------------------------------
