@@ -7,7 +7,7 @@ copy of that loop (and of the prediction-time BN forward) keeps them consistent.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,26 +58,43 @@ Inputs = torch.Tensor | Dataset
 """Model inputs: a tensor (N, ...) or a map-style dataset whose items are ``x`` or ``(x, ...)``."""
 
 
-def _input_of(batch: Any) -> torch.Tensor:
+def _input_of(batch: Any, input_key: str = "image") -> torch.Tensor:
+    """The inputs of a batch: a tensor ``x``, the first element of a tuple, or ``batch[input_key]`` of a dict.
+
+    Why: MONAI and Hugging Face pipelines collate dict items into dict batches (``{"image": x, ...}``).
+    """
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and len(batch) > 0:
         return batch[0]
-    raise TypeError(f"a batch must be a tensor x or a tuple (x, ...); got {type(batch).__name__}")
+    if isinstance(batch, Mapping):
+        if input_key in batch:
+            return batch[input_key]
+        raise ValueError(f"a dict batch has keys {sorted(map(str, batch))} but no input key {input_key!r}; "
+                         "wrap the dataset in SourceTaggedDataset(base, sources, keys=ItemKeys(input=...)) "
+                         "naming the key of the inputs")
+    if isinstance(batch, (tuple, list)):
+        raise ValueError(f"an empty {type(batch).__name__} batch holds no inputs; items must be x, (x, ...) "
+                         f"or a dict with key {input_key!r}")
+    raise TypeError(f"a batch must be a tensor x, a tuple (x, ...) or a dict with key {input_key!r}; "
+                    f"got {type(batch).__name__}")
 
 
-def iter_inputs(data: Inputs, batches: Sequence[Sequence[int] | torch.Tensor]) -> Iterator[torch.Tensor]:
+def iter_inputs(
+    data: Inputs, batches: Sequence[Sequence[int] | torch.Tensor], num_workers: int = 0
+) -> Iterator[torch.Tensor]:
     """The inputs of each index batch of ``data``, one batch in memory at a time.
 
     A tensor is indexed directly; a dataset is read through a ``DataLoader`` with the batches as
-    its batch sampler (only the first element of each item is kept).
+    its batch sampler and ``num_workers`` worker processes (only the inputs of each item are kept:
+    the first element of a tuple, ``"image"`` of a dict).
     """
     if isinstance(data, torch.Tensor):
         for idx in batches:
             yield data[torch.as_tensor(idx, dtype=torch.long)]
         return
     plan = [[int(i) for i in idx] for idx in batches]
-    for batch in DataLoader(data, batch_sampler=plan):
+    for batch in DataLoader(data, batch_sampler=plan, num_workers=num_workers):
         yield _input_of(batch)
 
 
