@@ -186,6 +186,7 @@ def test_collect_stats_dict_batches_equal_tuple_batches():
     assert [s for _, s in got] == [s for _, s in want] == ["0", "0", "1", "1"]
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, want, strict=True))
     assert list(ref) == ["0", "1"]
+    _assert_stats_close(ref, sb.collect_stats(_net(), dicts, keys=keys, progress=False), atol=0)
 
 
 def test_dict_batch_errors_name_the_keys():

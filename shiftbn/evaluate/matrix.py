@@ -46,8 +46,7 @@ def prepare(
     """Split each source into calibration and evaluation samples and check every strategy's needs."""
     if not isinstance(ds, SourceTaggedDataset):
         raise TypeError("cross_source_matrix needs a SourceTaggedDataset")
-    if ds.labels is None:
-        raise ValueError("evaluation needs labels; the dataset has none")
+    ds.require_labels("evaluation")
     cal_ds, eval_ds = _calibration_split(ds, calibration, transductive, seed)
     sources = ds.sources_present
     evals = list(sources if eval_sources is None else [str(s) for s in eval_sources])
