@@ -16,8 +16,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
 
 from shiftbn._lock import model_lock
+from shiftbn._log import bars_wanted
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -115,18 +117,28 @@ def _chunks(n: int, batch_size: int) -> list[range]:
 
 
 @torch.no_grad()
-def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: bool = False) -> torch.Tensor:
+def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: bool = False,
+                    progress: bool = False, desc: str = "forward") -> torch.Tensor:
     """Outputs of ``model`` on ``data`` in order, batches of ``batch_size``, as the model is; float32 (N, K) on CPU.
 
     Only the outputs are kept: inputs are read one batch at a time, moved to the model's device.
-    ``amp``: run the forward under autocast.
+    ``amp``: run the forward under autocast. ``progress``: a bar with samples/s and ETA (on a terminal).
     """
     if len(data) == 0:
         raise ValueError("no inputs to evaluate: the data is empty")
     device = device_of(model)
-    with autocast(device, amp):
-        return torch.cat([model(x.to(device)).float().cpu()
-                          for x in iter_inputs(data, _chunks(len(data), batch_size))])
+    outs = []
+    with autocast(device, amp), _bar(len(data), desc, progress) as bar:
+        for x in iter_inputs(data, _chunks(len(data), batch_size)):
+            outs.append(model(x.to(device)).float().cpu())
+            bar.update(len(x))
+    return torch.cat(outs)
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    """One progress line for a pass over ``total`` samples (rate and ETA), drawn only on a terminal."""
+    return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, mininterval=1.0,
+                disable=not bars_wanted(progress))
 
 
 @contextmanager
@@ -154,7 +166,7 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int, *,
-                       amp: bool = False) -> torch.Tensor:
+                       amp: bool = False, progress: bool = False, desc: str = "batch statistics") -> torch.Tensor:
     """Outputs with every BN layer normalizing each batch by its own statistics (prediction-time BN).
 
     Samples of ``data`` (N of them) are shuffled with ``seed`` into near-equal batches of at most
@@ -168,12 +180,13 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
     device = device_of(model)
     out: torch.Tensor | None = None
-    with _batch_statistics(model), autocast(device, amp):
+    with _batch_statistics(model), autocast(device, amp), _bar(n, desc, progress) as bar:
         for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
             part = model(x.to(device)).float().cpu()
             if out is None:
                 out = torch.empty((n, *part.shape[1:]))
             out[idx] = part
+            bar.update(len(x))
     return out
 
 

@@ -112,7 +112,8 @@ def collect(
     ctx = AdaptContext(model=model, source_stats_fn=source_stats,
                        calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s), lambda: cal.subset(s)),
                        eval_inputs=eval_parts.__getitem__, train_sources=plan.train_sources,
-                       eval_sources=plan.eval_sources, precise_stats_fn=precise_stats, batch_size=batch_size, seed=seed)
+                       eval_sources=plan.eval_sources, precise_stats_fn=precise_stats, batch_size=batch_size,
+                       seed=seed, amp=amp, progress=progress)
     return ctx, {s: part.labels for s, part in eval_parts.items()}
 
 
