@@ -61,7 +61,7 @@ def train(
     device = device_of(model)
     model.train()
     rows, step, epoch = [], 0, 0
-    with tqdm(total=steps, desc="train", disable=not progress, leave=False) as bar:
+    with tqdm(total=steps, desc="train", disable=not progress, leave=True) as bar:
         while step < steps:
             sampler.set_epoch(epoch)
             before = step

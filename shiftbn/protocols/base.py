@@ -111,7 +111,7 @@ class Study:
     def run(self, ds: SourceTaggedDataset, progress: bool = True) -> pd.DataFrame:
         """All cells, concatenated (what a resumed run folder ends with, too)."""
         cells = list(self.cells(ds))
-        frames = [self.cell(ds, s, v) for s, v in tqdm(cells, desc=self.name, disable=not progress, leave=False)]
+        frames = [self.cell(ds, s, v) for s, v in tqdm(cells, desc=self.name, disable=not progress, leave=True)]
         return pd.concat(frames, ignore_index=True)
 
     def params(self) -> dict[str, Any]:
