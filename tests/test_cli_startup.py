@@ -26,7 +26,8 @@ def test_importing_the_cli_loads_no_heavy_library():
     res, _ = _python("-c", code)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
-    res, _ = _python("-c", f"import shiftbn, sys; print(shiftbn.__version__, [m for m in {HEAVY!r} if m in sys.modules])")
+    code = f"import shiftbn, sys; print(shiftbn.__version__, [m for m in {HEAVY!r} if m in sys.modules])"
+    res, _ = _python("-c", code)
     assert res.stdout.split() == [sb.__version__, "[]"]
 
 
