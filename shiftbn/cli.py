@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from shiftbn import _log
+import shiftbn._log as _log
 from shiftbn._names import GRAMMAR, METRIC_NAMES
 from shiftbn._version import __version__
 
