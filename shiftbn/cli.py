@@ -387,9 +387,7 @@ def _load_user_data(args):
         if len(bad):
             unreadable = set(bad["path"])
             ds = ds.take([i for i, p in enumerate(ds.base.paths) if p not in unreadable])
-            args.skipped = bad
-            print(f"shiftbn: skipped {len(bad)} unreadable image file(s), e.g. {bad['path'].iloc[0]}; the list goes "
-                  "to skipped.csv", file=sys.stderr)
+            args.skipped = bad  # main() reports them once the command succeeded: a failure stays one line
     return ds
 
 
@@ -524,7 +522,18 @@ def main(argv: list[str] | None = None) -> int:
         _log.set_quiet(was_quiet)
         if threads_before is not None:
             _set_threads(threads_before)
+    _note_skipped(args)
     return 0
+
+
+def _note_skipped(args) -> None:
+    """One stderr line about unreadable image files the command skipped (after it succeeded)."""
+    bad = getattr(args, "skipped", None)
+    if bad is None or not len(bad):
+        return
+    listed = f"; listed in {args.out / 'skipped.csv'}" if getattr(args, "out", None) else ""
+    print(f"shiftbn {args.command}: skipped {len(bad)} unreadable image file(s), e.g. {bad['path'].iloc[0]}{listed}",
+          file=sys.stderr)
 
 
 def _set_threads(n: int | None) -> int | None:
