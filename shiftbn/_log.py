@@ -2,7 +2,7 @@
 
 Why: long runs must say which phase runs (``[3/6] held-out protocol: lab_c``); bars belong on a
 terminal, and a log file (stdout or stderr not a TTY) gets plain lines instead of carriage-return
-spam. ``set_quiet(True)`` silences both. Bottom layer: imports only the standard library and tqdm.
+spam. ``set_quiet(True)`` silences both. Bottom layer: imports only the standard library.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ def set_quiet(quiet: bool) -> None:
 
 
 def quiet() -> bool:
+    """Whether phase lines and bars are silenced."""
     return bool(_state["quiet"])
+
+
+def restart_clock() -> None:
+    """Count the elapsed time of phase lines from now (a command's start)."""
+    _state["start"] = time.monotonic()
 
 
 def bars_wanted(progress: bool = True) -> bool:

@@ -10,7 +10,96 @@ import os
 import sys
 from pathlib import Path
 
+import shiftbn._log as _log
+from shiftbn._names import GRAMMAR, METRIC_NAMES
+from shiftbn._version import __version__
+
+# Only the standard library and torch-free shiftbn modules above: ``--help`` and argument errors
+# answer before torch is imported (the commands import what they need).
+
 EPILOG = "Errors print one line and exit with status 2. Docs: README.md (CLI reference)."
+
+
+def _listing(items: list[str], sep: str, width: int = 76) -> str:
+    """``items`` joined by ``sep`` into indented lines of at most ``width`` characters, never split inside one."""
+    lines, line = [], ""
+    for item in items:
+        piece = item if not line else line + sep + item
+        if line and len(piece) > width - 2:
+            lines.append(line + sep.rstrip())
+            line = item
+        else:
+            line = piece
+    return "\n".join("  " + x for x in [*lines, line])
+
+
+MATRIX_EPILOG = (f"strategies (--strategies SPEC ...):\n{_listing(GRAMMAR.split(' | '), ' | ')}\n"
+                 f"metrics (--metrics NAME ...):\n{_listing(list(METRIC_NAMES), ', ')}\n\n{EPILOG}\n")
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless the text already names it); a description
+    or epilog with line breaks keeps them (the strategy grammar), others are wrapped."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.required or "default" in text or default is argparse.SUPPRESS
+                or isinstance(default, bool) or action.nargs == 0):
+            return text
+        if default is None:
+            shown = "none"
+        elif isinstance(default, (list, tuple)):
+            shown = " ".join(map(str, default)) or "none"
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults; sub-commands get the same class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs a whole number of threads, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs at least 1 thread, got {value}")
+    return value
+
+
+_SEED_HELP = "seed of every random choice: subsets, random batches, calibration splits"
+
+
+def _user_model_command(p: argparse.ArgumentParser) -> None:
+    """The options of stats, matrix and recalibrate: the user's model and data, then the run options."""
+    _add_user_model_args(p)
+    for action in p._actions:  # --seed is declared with the model options; give it a help text if it has none
+        if "--seed" in action.option_strings and not action.help:
+            action.help = _SEED_HELP
+    _add_run_args(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options of every command that computes: threads, quiet, progress bars."""
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch threads for this run, set before any work and recorded in environment.json; "
+                        "numbers can differ in the last digits between thread counts, and a --resume under "
+                        "another count is refused (default: torch's own: the physical cores, or "
+                        "$OMP_NUM_THREADS; running P processes side by side, give each cores/P)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no phase lines and no progress bars on stderr (results and errors still print)")
 
 
 def _add_user_model_args(p: argparse.ArgumentParser) -> None:
@@ -54,21 +143,25 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="shiftbn", epilog=EPILOG,
+    ap = _Parser(prog="shiftbn", epilog=EPILOG,
                                  description="How BatchNorm networks trained on several sources behave under domain "
                                              "shift, and BN recalibration that fixes what can be fixed.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ap.add_argument("--version", action="version", version=f"shiftbn {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")  # bare `shiftbn` prints this help (main)
 
     d = sub.add_parser("demo", epilog=EPILOG, help="run the built-in multi-lab demo and write an HTML report",
                        description="Train a small BN network on a built-in multi-lab dataset (one lab held out), "
                                    "compute per-lab statistics and the layer shift profile, the cross-source "
                                    "matrix, the held-out-lab protocol and EMA vs PreciseBN, and write report.html.")
-    d.add_argument("--dataset", default="digits-labs", choices=["digits-labs", "fashion-mnist-labs"])
+    d.add_argument("--dataset", default="digits-labs", choices=["digits-labs", "fashion-mnist-labs"],
+                   help="built-in multi-lab dataset")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     d.add_argument("--quick", action="store_true", help="a small run in seconds (for a first look and tests)")
     d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the data split, the model's initialization and "
+                                                       "training, and every random batch")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_args(d)
 
     r = sub.add_parser("run", epilog=EPILOG, help="run a study spec from analyses/ (TOML)",
                        description="Run a study spec cell by cell into a run folder; --resume skips finished cells.")
@@ -77,33 +170,39 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="use the spec's [quick] settings")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_args(r)
 
     s = sub.add_parser("stats", epilog=EPILOG, help="per-source BN statistics and the layer shift profile",
                        description="Collect exact per-source BN statistics of your model on your data; writes "
                                    "stats.json, stats.csv (tidy) and shift.csv into --out.")
-    _add_user_model_args(s)
-    s.add_argument("--mode", default="batch", choices=["batch", "sequential", "eval"])
-    s.add_argument("--out", type=Path, default=Path("runs/stats"))
+    _user_model_command(s)
+    s.add_argument("--mode", default="batch", choices=["batch", "sequential", "eval"],
+                   help="batch: BN normalizes with each batch's own statistics (as in training, PreciseBN); "
+                        "sequential: the statistics each layer sees when every earlier layer uses the collected "
+                        "ones (inference-consistent); eval: with the model's stored running statistics")
+    s.add_argument("--out", type=Path, default=Path("runs/stats"),
+                   help="folder for stats.json, stats.csv and shift.csv")
 
-    m = sub.add_parser("matrix", epilog=EPILOG, help="cross-source evaluation matrix of your model",
+    m = sub.add_parser("matrix", epilog=MATRIX_EPILOG, help="cross-source evaluation matrix of your model",
                        description="Evaluate your model on every source under every strategy; writes matrix.csv.")
-    _add_user_model_args(m)
+    _user_model_command(m)
     m.add_argument("--strategies", nargs="+", default=["source", "precise", "target", "stats:*"],
-                   help="strategy specs (default: source precise target stats:*)")
-    m.add_argument("--metrics", nargs="+", default=["accuracy"], help="metric names (default: accuracy)")
-    m.add_argument("--calibration", type=float, default=0.5, help="calibration fraction per source (default 0.5)")
-    m.add_argument("--out", type=Path, default=Path("runs/matrix"))
+                   metavar="SPEC", help="strategy specs, grammar below (default: source precise target stats:*)")
+    m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
+                   help="metric names, listed below (default: accuracy)")
+    m.add_argument("--calibration", type=float, default=0.5, help="calibration fraction per source (default: 0.5)")
+    m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
 
     c = sub.add_parser("recalibrate", epilog=EPILOG, help="write a checkpoint with BN statistics for a target site",
                        description="Recompute BN statistics (target: AdaBN on the target site's unlabeled data; "
                                    "precise: PreciseBN over all data, or the target site's) and write them into a "
                                    "NEW checkpoint; the input checkpoint is never overwritten. Same as "
                                    "shiftbn.recalibrate(model, data, target=..., method=...).")
-    _add_user_model_args(c)
+    _user_model_command(c)
     c.add_argument("--target", default=None, help="target source/site name (required for --method target)")
     c.add_argument("--method", default="target", choices=["target", "precise"],
-                   help="target: the site's own statistics (AdaBN); precise: PreciseBN in random batches "
-                        "(default: target)")
+                   help="target: the site's own statistics (AdaBN); precise: PreciseBN in random batches over "
+                        "all data, or over --target's when given (default: target)")
     c.add_argument("--output", required=True, type=Path, help="path of the new checkpoint")
     c.add_argument("--force", action="store_true", help="replace --output if it exists (never the input)")
     return ap
@@ -288,9 +387,7 @@ def _load_user_data(args):
         if len(bad):
             unreadable = set(bad["path"])
             ds = ds.take([i for i, p in enumerate(ds.base.paths) if p not in unreadable])
-            args.skipped = bad
-            print(f"shiftbn: skipped {len(bad)} unreadable image file(s), e.g. {bad['path'].iloc[0]}; the list goes "
-                  "to skipped.csv", file=sys.stderr)
+            args.skipped = bad  # main() reports them once the command succeeded: a failure stays one line
     return ds
 
 
@@ -302,11 +399,16 @@ def _write_skipped(args, folder: Path) -> None:
         atomic_write_text(folder / "skipped.csv", args.skipped.to_csv(index=False))
 
 
+def _progress(args) -> bool:
+    """Whether the library may draw progress bars: asked for, not --quiet, and stderr is a terminal."""
+    return _log.bars_wanted(not args.no_progress)
+
+
 def _cmd_demo(args) -> None:
     from shiftbn.demo import run_demo
 
     result = run_demo(args.out, dataset=args.dataset, quick=args.quick, resume=args.resume, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=_progress(args))
     acc = result.matrix.query("metric == 'accuracy' and not is_cross_source")
     print("\nAccuracy by strategy (rows) and lab (columns):")
     print(acc.pivot_table(index="strategy", columns="eval_source", values="value", sort=False).round(3).to_string())
@@ -326,7 +428,7 @@ def _cmd_run(args) -> None:
     config = {"spec": str(args.spec), "protocol": spec.protocol, "dataset": spec.dataset, "sources": spec.sources,
               "quick": args.quick, "params": spec.resolved(args.quick)}
     with RunFolder(out, config, resume=args.resume) as run:
-        table = run_study(spec, run, quick=args.quick, progress=not args.no_progress)
+        table = run_study(spec, run, quick=args.quick, progress=_progress(args))
     print(f"{len(table)} result rows in {out / 'results.csv'}")
 
 
@@ -337,7 +439,7 @@ def _cmd_stats(args) -> None:
     _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
-                          seed=args.seed, progress=not args.no_progress, amp=args.amp)
+                          seed=args.seed, progress=_progress(args), amp=args.amp)
     _out_folder(args.out)
     _write_skipped(args, args.out)
     atomic_write_text(args.out / "stats.json", json.dumps(stats.to_dict()))
@@ -357,7 +459,7 @@ def _cmd_matrix(args) -> None:
     model, ds = _load_user_model(args), _load_user_data(args)
     table = cross_source_matrix(model, ds, args.strategies, args.metrics, calibration=args.calibration,
                                 stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                                progress=not args.no_progress, amp=args.amp)
+                                progress=_progress(args), amp=args.amp)
     atomic_write_text(_out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
     _write_skipped(args, args.out)
     for metric, g in table.groupby("metric", sort=False):
@@ -376,7 +478,7 @@ def _cmd_recalibrate(args) -> None:
         raise FileExistsError(f"{args.output} exists; pass --force to replace it")
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = recalibrate(model, ds, target=args.target, method=args.method, batch_size=args.batch_size,
-                        num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress, amp=args.amp)
+                        num_samples=args.num_samples, seed=args.seed, progress=_progress(args), amp=args.amp)
     atomic_save_torch(args.output, model.state_dict())
     where = f"site {args.target!r}" if args.target else "all data"
     print(f"Wrote {args.output}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")
@@ -396,9 +498,17 @@ def main(argv: list[str] | None = None) -> int:
     Every error prints one line and returns 2; an unexpected one also names where it was raised
     and how to see the traceback (``SHIFTBN_DEBUG=1`` re-raises every error).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `shiftbn`: the overview, not an error
+        parser.print_help()
+        return 0
     debug = os.environ.get("SHIFTBN_DEBUG", "") not in ("", "0")
+    was_quiet, threads_before = _log.quiet(), None
+    _log.set_quiet(was_quiet or getattr(args, "quiet", False))
+    _log.restart_clock()
     try:
+        threads_before = _set_threads(getattr(args, "threads", None))
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"shiftbn {args.command}: interrupted", file=sys.stderr)
@@ -408,7 +518,37 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"shiftbn {args.command}: error: {_error_line(e)}", file=sys.stderr)
         return 2
+    finally:  # main() called in-process (tests, notebooks) leaves the process as it found it
+        _log.set_quiet(was_quiet)
+        if threads_before is not None:
+            _set_threads(threads_before)
+    _note_skipped(args)
     return 0
+
+
+def _note_skipped(args) -> None:
+    """One stderr line about unreadable image files the command skipped (after it succeeded)."""
+    bad = getattr(args, "skipped", None)
+    if bad is None or not len(bad):
+        return
+    listed = f"; listed in {args.out / 'skipped.csv'}" if getattr(args, "out", None) else ""
+    print(f"shiftbn {args.command}: skipped {len(bad)} unreadable image file(s), e.g. {bad['path'].iloc[0]}{listed}",
+          file=sys.stderr)
+
+
+def _set_threads(n: int | None) -> int | None:
+    """``torch.set_num_threads(n)`` before any work; returns the previous count (None when ``n`` is None).
+
+    Why not a default count: torch's own (the physical cores, or ``$OMP_NUM_THREADS``) is already
+    one per core, and a count the caller chose (an embedding process, a test) must stand.
+    """
+    if n is None:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
 
 
 def _error_line(e: BaseException) -> str:
@@ -437,7 +577,13 @@ def _is_library(filename: str) -> bool:
     return path.startswith(roots) or filename.startswith("<")
 
 
-if __name__ == "__main__":
+def run_as_script() -> None:
+    """``python -m shiftbn`` / ``python -m shiftbn.cli``: drop the working folder python put first on
+    ``sys.path`` (``--model`` searches it last, for its own module only), run ``main``, exit."""
     if not sys.flags.safe_path and sys.path and sys.path[0] in ("", str(Path.cwd())):
-        del sys.path[0]  # python -m put the working folder first; --model searches it last, for its module only
+        del sys.path[0]
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run_as_script()

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from shiftbn._io import atomic_save_torch, atomic_write_text
+from shiftbn._log import phase
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.builtin import load
 from shiftbn.evaluate import cross_source_matrix, summarize
@@ -76,6 +77,12 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     ds = load(cfg["dataset"], **cfg["load"])
     split = ds.split(fractions=tuple(cfg["fractions"]), seed=seed)
     train_labs = [s for s in ds.sources_present if s != cfg["held_out"]]
+    labs = cfg["heldout_labs"] or ds.sources_present
+    n = 5 + len(labs)
+
+    def announce(i: int, key: str, text: str) -> None:
+        phase(i, n, text + (" (finished before: read back)" if run.done(key) else ""))
+
     model = make_model(cfg["model"], ds, seed)
     ckpt = run.path / "model.pt"
 
@@ -85,6 +92,7 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
         atomic_save_torch(ckpt, model.state_dict())
         return log
 
+    announce(1, "train", f"training {cfg['model']['name']} on {', '.join(train_labs)} ({cfg['steps']} steps)")
     run.cell("train", do_train)
     model.load_state_dict(torch.load(ckpt, weights_only=True))
     model.eval()
@@ -94,19 +102,27 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
         atomic_write_text(run.path / "stats.json", json.dumps(stats.to_dict()))
         return stats_shift(stats, metric="all")
 
+    announce(2, "shift_profile", "per-lab BN statistics and the layer shift profile")
     shift = run.cell("shift_profile", do_stats)
+    announce(3, "matrix", f"cross-source matrix: {len(cfg['strategies']) + 1} strategies x "
+                          f"{len(ds.sources_present)} labs")
     matrix = run.cell("matrix", lambda: cross_source_matrix(
         model, ds, cfg["strategies"] + ["stats:*"], ["accuracy", "nll", "ece"],
         calibration=(split.calibration, split.test), train_sources=train_labs, seed=seed, progress=progress))
-    labs = cfg["heldout_labs"] or ds.sources_present
-    heldout = pd.concat([run.cell(f"heldout__{lab}", lambda lab=lab: held_out_sources(
-        ds, cfg["model"], held_out=[lab], strategies=cfg["heldout_strategies"], steps=cfg["heldout_steps"],
-        batch_size=cfg["batch_size"], seeds=[seed], progress=False)) for lab in labs], ignore_index=True)
+    frames = []
+    for i, lab in enumerate(labs):
+        announce(4 + i, f"heldout__{lab}", f"held-out protocol: {lab}")
+        frames.append(run.cell(f"heldout__{lab}", lambda lab=lab: held_out_sources(
+            ds, cfg["model"], held_out=[lab], strategies=cfg["heldout_strategies"], steps=cfg["heldout_steps"],
+            batch_size=cfg["batch_size"], seeds=[seed], progress=progress)))
+    heldout = pd.concat(frames, ignore_index=True)
+    announce(n - 1, "ema", "EMA vs PreciseBN")
     ema = run.cell("ema", lambda: ema_vs_precise(ds.subset(train_labs), cfg["model"], seeds=[seed],
-                                                 progress=False, **cfg["ema"]))
+                                                 progress=progress, **cfg["ema"]))
     summary = summarize(matrix[~matrix["is_cross_source"]])
     run.write_results(matrix, "matrix")
     run.write_results(heldout, "heldout")
+    phase(n, n, "figures and report.html")
     report = _write_report(run, ds, cfg, matrix, summary, heldout, shift, ema)
     return DemoResult(matrix, summary, heldout, shift, ema, report)
 

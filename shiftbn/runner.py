@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 from tqdm.auto import tqdm
 
+from shiftbn._log import bars_wanted
 from shiftbn.protocols import StudySpec
 from shiftbn.runs import RunFolder
 
@@ -19,7 +20,7 @@ def run_study(spec: StudySpec, run: RunFolder, *, quick: bool = False, progress:
     study = spec.build(quick)
     ds = spec.load_dataset()
     frames = []
-    for seed, value in tqdm(list(study.cells(ds)), desc=spec.name, disable=not progress):
+    for seed, value in tqdm(list(study.cells(ds)), desc=spec.name, disable=not bars_wanted(progress)):
         frames.append(run.cell(f"seed={seed}__{study.axis}={value}",
                                lambda s=seed, v=value: study.cell(ds, s, v)))
     table = pd.concat(frames, ignore_index=True)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from shiftbn._log import bars_wanted
 from shiftbn._torch import device_of
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.samplers import SourceBatchSampler
@@ -61,7 +62,7 @@ def train(
     device = device_of(model)
     model.train()
     rows, step, epoch = [], 0, 0
-    with tqdm(total=steps, desc="train", disable=not progress, leave=False) as bar:
+    with tqdm(total=steps, desc="train", disable=not bars_wanted(progress)) as bar:
         while step < steps:
             sampler.set_epoch(epoch)
             before = step

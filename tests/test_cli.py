@@ -378,3 +378,85 @@ def test_real_folders_corrupt_grayscale_and_odd_size_files(tmp_path, monkeypatch
     assert table.groupby("eval_source")["n"].first().sum() > 0 and len(table) == 6
     assert main(["matrix", *common, "--normalize", "0.5", "x", "--out", "bad"]) == 2
     assert "--normalize STD takes numbers" in capsys.readouterr().err
+
+
+def _subparsers(parser):
+    return {a.dest: a for a in parser._actions}["command"].choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parser = build_parser()
+    for cmd, sub in _subparsers(parser).items():
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{cmd} {action.option_strings[0]} has no help text"
+            shown = sub._get_formatter()._get_help_string(action)
+            if not action.required and action.nargs != 0:
+                assert "default" in shown, f"{cmd} {action.option_strings[0]}: no default in {shown!r}"
+    sub = _subparsers(parser)
+    for cmd in ("demo", "run", "stats", "matrix", "recalibrate"):
+        text = " ".join(sub[cmd].format_help().split())
+        assert "--threads N" in text and "--quiet" in text
+    assert "(default: runs/demo)" in sub["demo"].format_help()
+    matrix = " ".join(sub["matrix"].format_help().split())
+    from shiftbn._names import GRAMMAR, METRIC_NAMES
+
+    assert "batch:B[:mixed] (B >= 2)" in matrix and "stats:*" in matrix and GRAMMAR.split(" | ")[0] in matrix
+    assert all(name in matrix for name in METRIC_NAMES)
+
+
+def test_bare_shiftbn_prints_the_help_and_version_prints_the_version(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: shiftbn") and "recalibrate" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"shiftbn {sb.__version__}"
+
+
+def test_threads_and_quiet_hold_during_the_command_and_are_restored(monkeypatch):
+    from shiftbn import _log, cli
+
+    seen = {}
+
+    def fake(args):
+        seen.update(threads=torch.get_num_threads(), quiet=_log.quiet(), progress=cli._progress(args))
+
+    monkeypatch.setitem(cli.COMMANDS, "demo", fake)
+    before = torch.get_num_threads()
+    assert main(["demo", "--threads", "1", "--quiet"]) == 0
+    assert seen == {"threads": 1, "quiet": True, "progress": False}
+    assert torch.get_num_threads() == before and not _log.quiet()
+    assert main(["demo"]) == 0  # stderr is not a terminal here: no bars even without --no-progress
+    assert seen == {"threads": before, "quiet": False, "progress": False}
+
+
+def test_threads_are_recorded_and_a_resume_under_another_count_is_refused(tmp_path, capsys):
+    spec = tmp_path / "nodata.toml"  # the run folder is made, then loading the dataset fails: fast
+    spec.write_text('[study]\nprotocol = "held_out_sources"\ndataset = "no-such-dataset"\n')
+    out = tmp_path / "r"
+    assert main(["run", str(spec), "--out", str(out), "--threads", "1", "--no-progress"]) == 2
+    assert json.loads((out / "environment.json").read_text())["torch_threads"] == 1
+    assert json.loads((out / "run.json").read_text())["numerics"]["torch_threads"] == 1
+    capsys.readouterr()
+    assert main(["run", str(spec), "--out", str(out), "--resume", "--threads", "1", "--no-progress"]) == 2
+    assert "no-such-dataset" in capsys.readouterr().err  # same count: the resume itself is accepted
+    threads = torch.get_num_threads()
+    if threads != 1:
+        err = _one_line_error(capsys, main(["run", str(spec), "--out", str(out), "--resume", "--no-progress"]))
+        assert f"torch_threads was 1, now {threads}" in err
+
+
+def test_demo_through_a_pipe_prints_one_line_per_phase_and_no_bars(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # bars asked for: only the pipe stops them
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-m", "shiftbn", "demo", "--quick", "--out", str(tmp_path / "d")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and "\r" not in res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert [line.split("]")[0] for line in lines] == [f"[{i}/6" for i in range(1, 7)], res.stderr
+    assert "training SmallCNN on lab_a, lab_b, lab_c, lab_d" in lines[0]
+    assert "held-out protocol: lab_e" in lines[3] and "EMA vs PreciseBN" in lines[4]
+    assert "Report:" in res.stdout

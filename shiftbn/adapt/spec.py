@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+from shiftbn._names import GRAMMAR as GRAMMAR  # re-exported: the grammar lives in a torch-free module
 from shiftbn.adapt.strategies import (
     BatchStats,
     PerSource,
@@ -71,9 +72,6 @@ _BUILT_IN: dict[str, StrategyFactory] = {
     "stats": _stats,
 }
 _REGISTRY: dict[str, StrategyFactory] = dict(_BUILT_IN)
-
-GRAMMAR = ("source | precise | target | per-source | prior:N (N >= 0) | batch:B[:mixed] (B >= 2) | "
-           "tent:S (S >= 0 steps) | stats:<source> | stats:*")
 
 
 def register_strategy(prefix: str, factory: StrategyFactory) -> None:

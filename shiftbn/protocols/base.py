@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import pandas as pd
 from tqdm.auto import tqdm
 
+from shiftbn._log import bars_wanted
 from shiftbn.data.tagged import SourceTaggedDataset
 
 ModelSpec = str | dict | Callable[[int], Any]
@@ -111,7 +112,7 @@ class Study:
     def run(self, ds: SourceTaggedDataset, progress: bool = True) -> pd.DataFrame:
         """All cells, concatenated (what a resumed run folder ends with, too)."""
         cells = list(self.cells(ds))
-        frames = [self.cell(ds, s, v) for s, v in tqdm(cells, desc=self.name, disable=not progress, leave=False)]
+        frames = [self.cell(ds, s, v) for s, v in tqdm(cells, desc=self.name, disable=not bars_wanted(progress))]
         return pd.concat(frames, ignore_index=True)
 
     def params(self) -> dict[str, Any]:
