@@ -40,7 +40,17 @@ from shiftbn.bn import (
     use_stats,
 )
 from shiftbn.data import LabShift, SourceTaggedDataset, Splits, load, simulate_labs
-from shiftbn.evaluate import METRICS, Metric, cross_source_matrix, evaluate, metric_value, register_metric, summarize
+from shiftbn.evaluate import (
+    METRICS,
+    Metric,
+    bootstrap_interval,
+    cross_source_matrix,
+    evaluate,
+    metric_value,
+    paired_difference,
+    register_metric,
+    summarize,
+)
 from shiftbn.protocols import (
     STUDIES,
     BatchComposition,
@@ -101,6 +111,7 @@ __all__ = [
     "Tent",
     "TrainConfig",
     "batch_composition",
+    "bootstrap_interval",
     "bn_layers",
     "buffer_stats",
     "collect_stats",
@@ -117,6 +128,7 @@ __all__ = [
     "mix_stats",
     "model_lock",
     "normalization_batch_size",
+    "paired_difference",
     "parse_strategy",
     "precise_bn",
     "recalibrate",
