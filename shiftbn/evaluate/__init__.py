@@ -1,5 +1,6 @@
 """Metrics (one table), the cross-source matrix (prepare -> collect -> score) and summaries."""
 
+from shiftbn.evaluate.compare import paired_table, pooled_table
 from shiftbn.evaluate.matrix import MatrixPlan, collect, cross_source_matrix, evaluate, prepare, score
 from shiftbn.evaluate.metrics import METRICS, Metric, check_metrics, get_metric, metric_value, register_metric
 from shiftbn.evaluate.summary import summarize
@@ -24,6 +25,8 @@ __all__ = [
     "get_metric",
     "metric_value",
     "paired_difference",
+    "paired_table",
+    "pooled_table",
     "prepare",
     "register_metric",
     "resample_indices",
