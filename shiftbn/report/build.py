@@ -6,6 +6,7 @@ each recalibration does per site, with honest intervals, and how calibration and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from shiftbn._io import atomic_write_text
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import collect, paired_table, pooled_table, prepare, score, summarize
@@ -164,6 +166,33 @@ def _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_bo
     return tables
 
 
+def matrix_with_outputs(model: nn.Module, ds: SourceTaggedDataset, strategies: Sequence[str],
+                        metrics: Sequence[str] = ("accuracy", "nll", "ece"), *, calibration=0.5,
+                        train_sources: Sequence[str] | None = None, ci: float | None = 0.95, n_boot: int = 1000,
+                        batch_size: int = 256, stats_batch_size: int = 64, num_samples: int | None = None,
+                        seed: int = 0, amp: bool = False, progress: bool = True) -> tuple[pd.DataFrame, Outputs]:
+    """``cross_source_matrix`` (same arguments, same numbers) plus the outputs of every non-cross-source
+    cell, for paired comparisons and calibration. Returns ``(matrix, Outputs)``."""
+    plan = prepare(ds, list(strategies), calibration=calibration, train_sources=train_sources, seed=seed)
+    ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size,
+                          num_samples=num_samples, seed=seed, amp=amp, progress=progress)
+    kept: dict = {}
+    matrix = score(ctx, plan, labels, list(metrics), ci=ci, n_boot=n_boot, progress=progress, keep_outputs=kept)
+    names = [st.name for st in plan.strategies if not st.cross_source]
+    kept = {key: v for key, v in kept.items() if key[0] in names}
+    return matrix, Outputs(kept, labels, ds.class_names, names)
+
+
+def comparison_tables(outputs: Outputs, *, n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``paired_table`` (each strategy minus source, per site) and ``pooled_table`` (stratified over sites)."""
+    sites = list(outputs.labels)
+    return (paired_table(outputs.outputs, outputs.labels, outputs.strategies, sites, n_boot=n_boot, level=level,
+                         seed=seed),
+            pooled_table(outputs.outputs, outputs.labels, outputs.strategies, sites, n_boot=n_boot, level=level,
+                         seed=seed))
+
+
 def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, held_out: Sequence[str] | None = None,
                  strategies: Sequence[str] = REPORT_STRATEGIES, calibration: float = 0.5, ci: float | None = 0.95,
                  n_boot: int = 1000, batch_size: int = 256, stats_batch_size: int = 64,
@@ -187,23 +216,19 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     trains = [s for s in ds.sources_present if s not in held]
     if not trains:
         raise ValueError(f"--held-out names every site ({held}); leave at least one site the model was trained on")
-    plan = prepare(ds, list(strategies), calibration=calibration, train_sources=trains, seed=seed)
-    stats = collect_stats(model, plan.calibration, batch_size=stats_batch_size, num_samples=num_samples, seed=seed,
-                          amp=amp, progress=progress)
+    stats = collect_stats(model, prepare(ds, ["source"], calibration=calibration, seed=seed).calibration,
+                          batch_size=stats_batch_size, num_samples=num_samples, seed=seed, amp=amp, progress=progress)
     shift = stats_shift(stats, metric="all")
-    ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size,
-                          num_samples=num_samples, seed=seed, amp=amp, progress=progress)
-    kept: dict = {}
-    matrix = score(ctx, plan, labels, ["accuracy", "nll", "ece"], ci=ci, n_boot=n_boot, progress=progress,
-                   keep_outputs=kept)
+    matrix, kept = matrix_with_outputs(model, ds, strategies, calibration=calibration, train_sources=trains, ci=ci,
+                                       n_boot=n_boot, batch_size=batch_size, stats_batch_size=stats_batch_size,
+                                       num_samples=num_samples, seed=seed, amp=amp, progress=progress)
     level = ci if ci is not None else 0.95
-    names = [st.name for st in plan.strategies if not st.cross_source]
-    sites = plan.eval_sources
     comparisons = pooled = None
     if ci is not None:
-        comparisons = paired_table(kept, labels, names, sites, n_boot=n_boot, level=level, seed=seed)
-        pooled = pooled_table(kept, labels, names, sites, n_boot=n_boot, level=level, seed=seed)
-    k = next(iter(kept.values())).shape[1]
+        comparisons, pooled = comparison_tables(kept, n_boot=n_boot, level=level, seed=seed)
+    names, labels = kept.strategies, kept.labels
+    k = next(iter(kept.outputs.values())).shape[1]
+    atomic_write_text(out / "stats.json", json.dumps(stats.to_dict()))
     for name, table in (("matrix", matrix), ("comparisons", comparisons), ("pooled", pooled), ("shift", shift)):
         if table is not None:
             table.to_csv(out / f"{name}.csv", index=False)
@@ -214,5 +239,4 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
             "bootstrap": f"{n_boot} resamples, {level:.0%}" if ci is not None else "off", "seed": str(seed)}
     return render_report(out, title=title or f"shiftbn report — {Path(out).name}", meta=meta, matrix=matrix,
                          shift=shift, samples=ds if images else None, held_out=held, comparisons=comparisons,
-                         pooled=pooled, outputs=Outputs(kept, labels, ds.class_names, names), num_classes=k,
-                         level=level, n_boot=n_boot, seed=seed)
+                         pooled=pooled, outputs=kept, num_classes=k, level=level, n_boot=n_boot, seed=seed)

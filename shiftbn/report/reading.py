@@ -109,7 +109,8 @@ def findings(matrix: pd.DataFrame, heldout: pd.DataFrame | None = None, shift: p
     first += " " + _worst_site_text(main, comparisons, worst, metric, level)
     first += _pooled_text(pooled, level)
     parts = [first]
-    held = _held_out_text(main, comparisons, held_out, metric, level) + _retrained_text(heldout, metric, level)
+    held = " ".join(t for t in (_held_out_text(main, comparisons, held_out, metric, level),
+                                _retrained_text(heldout, metric, level)) if t)
     if held:
         parts.append(held + _shift_text(shift, worst))
     elif shift is not None and len(shift):
@@ -129,8 +130,8 @@ def _worst_site_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, worst
         return ""
     best = c.loc[c["diff"].idxmax()]
     if supports_difference(best["ci_low"], best["ci_high"]) and best["diff"] > 0:
-        return (f"On {worst}, the best strategy is {best['strategy']} "
-                f"({_diff_text(best['diff'], best['ci_low'], best['ci_high'], level)} against the source statistics).")
+        return (f"On {worst}, the largest gain over the source statistics is {best['strategy']}'s "
+                f"({_diff_text(best['diff'], best['ci_low'], best['ci_high'], level)}).")
     return (f"On {worst}, no strategy beats the source statistics beyond noise: the best, {best['strategy']}, is "
             f"{_diff_text(best['diff'], best['ci_low'], best['ci_high'], level)}.")
 
@@ -138,13 +139,27 @@ def _worst_site_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, worst
 def _pooled_text(pooled: pd.DataFrame | None, level: float) -> str:
     if pooled is None or not len(pooled) or "diff" not in pooled:
         return ""
-    top = pooled.loc[pooled["value"].idxmax()]
-    text = (f" Pooled over sites (resampled within each site), {top['strategy']} scores highest at "
-            f"{_pct(top['value'])} ({_ci(top['ci_low'], top['ci_high'], level)}, n={int(top['n'])})")
-    if top["strategy"] == "source":
-        return text + "."
-    diff = _diff_text(top["diff"], top["diff_low"], top["diff_high"], level)
-    return text + f"; against the source statistics that is {diff}."
+    others = pooled[pooled["strategy"] != "source"]
+    better = others[[supports_difference(lo, hi) and d > 0 for d, lo, hi in
+                     zip(others["diff"], others["diff_low"], others["diff_high"], strict=True)]]
+    worse = others[[supports_difference(lo, hi) and d < 0 for d, lo, hi in
+                    zip(others["diff"], others["diff_low"], others["diff_high"], strict=True)]]
+    noise = others[~others["strategy"].isin(set(better["strategy"]) | set(worse["strategy"]))]
+
+    def listed(rows: pd.DataFrame) -> str:
+        return ", ".join(f"{r.strategy} ({100 * r.diff:+.1f} points, {100 * r.diff_low:+.1f} to "
+                         f"{100 * r.diff_high:+.1f})" for r in rows.sort_values("diff", ascending=False).itertuples())
+
+    n = int(pooled["n"].iloc[0])
+    text = f" Pooled over sites (n={n}, resampled within each site, {level:.0%} paired intervals against source): "
+    parts = []
+    if len(better):
+        parts.append(f"better than the source statistics beyond noise: {listed(better)}")
+    if len(worse):
+        parts.append(f"worse beyond noise: {listed(worse)}")
+    if len(noise):
+        parts.append(f"within noise of it (interval of the difference includes 0): {listed(noise)}")
+    return text + "; ".join(parts) + ". Differences among the other strategies themselves are not tested here."
 
 
 def _held_out_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, held_out: Sequence[str], metric: str,
