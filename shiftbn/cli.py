@@ -384,7 +384,8 @@ def _cmd_report(args) -> None:
 
     matrix = pd.read_csv(args.out / "matrix.csv")
     acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"]]
-    print("Accuracy by strategy (rows) and site (columns)" + ("" if args.no_ci else f", [{args.ci:.0%} interval]:"))
+    level = "" if args.no_ci else f", [{args.ci:.0%} interval]"
+    print(f"Accuracy by strategy (rows) and site (columns){level}:")
     print(interval_cells(acc, "strategy", "eval_source").to_string(index=False))
     print(f"\nReport: {report}")
 
