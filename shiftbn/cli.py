@@ -205,7 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "all data, or over --target's when given (default: target)")
     c.add_argument("--output", required=True, type=Path, help="path of the new checkpoint")
     c.add_argument("--force", action="store_true", help="replace --output if it exists (never the input)")
+    _add_report_parser(sub)
     return ap
+
+
+def _add_report_parser(sub) -> None:
+    """``shiftbn report``: the demo's HTML report for the user's model and data."""
+    p = sub.add_parser("report", epilog=EPILOG, help="the demo's HTML report for your model and data",
+                       description="Per-site BN statistics and the layer shift profile, the cross-source matrix with "
+                                   "bootstrap intervals, paired strategy comparisons, the held-out-site view, per-site "
+                                   "calibration and confusion, and a generated reading; writes report.html, "
+                                   "matrix.csv, comparisons.csv, pooled.csv, shift.csv and stats.json into --out. "
+                                   "Nothing is trained.")
+    _add_user_model_args(p)
+    p.add_argument("--held-out", nargs="+", default=[], metavar="SITE",
+                   help="sites the model was trained WITHOUT (marked in the matrix; their rows are the held-out view)")
+    p.add_argument("--strategies", nargs="+", default=["source", "precise", "target", "prior:16", "stats:*"],
+                   help="strategy specs (default: source precise target prior:16 stats:*)")
+    p.add_argument("--calibration", type=float, default=0.5,
+                   help="fraction of each site used unlabeled for statistics; the rest is evaluated (default 0.5)")
+    p.add_argument("--ci", type=float, default=0.95, metavar="LEVEL",
+                   help="bootstrap interval level, resampled within each site (default 0.95)")
+    p.add_argument("--no-ci", action="store_true", help="no intervals (faster; the reading then claims no difference)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--out", type=Path, default=Path("runs/report"), help="output folder (default: runs/report)")
 
 
 def _import_factory(spec: str):
@@ -484,8 +507,31 @@ def _cmd_recalibrate(args) -> None:
     print(f"Wrote {args.output}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")
 
 
+def _cmd_report(args) -> None:
+    from shiftbn.report import build_report
+
+    if not args.no_ci and not 0 < args.ci < 1:
+        raise ValueError(f"--ci must be a level in (0, 1), e.g. 0.95; got {args.ci}")
+    _check_out(args.out)
+    model, ds = _load_user_model(args), _load_user_data(args)
+    report = build_report(model, ds, _out_folder(args.out), held_out=args.held_out, strategies=args.strategies,
+                          calibration=args.calibration, ci=None if args.no_ci else args.ci, n_boot=args.n_boot,
+                          stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
+                          amp=args.amp, progress=not args.no_progress)
+    import pandas as pd
+
+    from shiftbn.report import interval_cells
+
+    matrix = pd.read_csv(args.out / "matrix.csv")
+    acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"]]
+    level = "" if args.no_ci else f", [{args.ci:.0%} interval]"
+    print(f"Accuracy by strategy (rows) and site (columns){level}:")
+    print(interval_cells(acc, "strategy", "eval_source").to_string(index=False))
+    print(f"\nReport: {report}")
+
+
 COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "stats": _cmd_stats, "matrix": _cmd_matrix,
-            "recalibrate": _cmd_recalibrate}
+            "recalibrate": _cmd_recalibrate, "report": _cmd_report}
 
 
 # Errors a user can fix from the message alone (ours, the OS's, torch's about shapes and dtypes).

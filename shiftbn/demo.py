@@ -14,11 +14,11 @@ from shiftbn._io import atomic_save_torch, atomic_write_text
 from shiftbn._log import phase
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.builtin import load
-from shiftbn.evaluate import cross_source_matrix, summarize
+from shiftbn.evaluate import summarize
 from shiftbn.protocols import ema_vs_precise, held_out_sources
 from shiftbn.protocols.common import make_model
-from shiftbn.report import ema_curves, findings, heldout_bars, lab_samples, matrix_heatmap, save, shift_profile
-from shiftbn.report.html import write_report
+from shiftbn.report import Outputs, render_report
+from shiftbn.report.build import comparison_tables, matrix_with_outputs
 from shiftbn.runs import RunFolder
 from shiftbn.train import train
 
@@ -28,6 +28,7 @@ DEMO_DATASETS: dict[str, dict[str, Any]] = {
 }
 
 STRATEGIES = ["source", "precise", "target", "prior:16", "batch:64", "tent:10"]
+CI, N_BOOT = 0.95, 1000  # the report's intervals: percentile bootstrap within each lab
 
 
 def demo_config(dataset: str = "digits-labs", quick: bool = False, seed: int = 0) -> dict[str, Any]:
@@ -105,10 +106,20 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     announce(2, "shift_profile", "per-lab BN statistics and the layer shift profile")
     shift = run.cell("shift_profile", do_stats)
     announce(3, "matrix", f"cross-source matrix: {len(cfg['strategies']) + 1} strategies x "
-                          f"{len(ds.sources_present)} labs")
-    matrix = run.cell("matrix", lambda: cross_source_matrix(
-        model, ds, cfg["strategies"] + ["stats:*"], ["accuracy", "nll", "ece"],
-        calibration=(split.calibration, split.test), train_sources=train_labs, seed=seed, progress=progress))
+                          f"{len(ds.sources_present)} labs, with paired bootstrap comparisons")
+    kept: dict = {}
+
+    def outputs() -> Outputs:
+        if "outputs" not in kept:
+            kept["matrix"], kept["outputs"] = matrix_with_outputs(
+                model, ds, cfg["strategies"] + ["stats:*"], ["accuracy", "nll", "ece"],
+                calibration=(split.calibration, split.test), train_sources=train_labs, ci=CI, n_boot=N_BOOT,
+                seed=seed, progress=progress)
+        return kept["outputs"]
+
+    matrix = run.cell("matrix", lambda: (outputs(), kept["matrix"])[1])
+    comparisons = run.cell("comparisons", lambda: comparison_tables(outputs(), n_boot=N_BOOT, level=CI, seed=seed)[0])
+    pooled = run.cell("pooled", lambda: comparison_tables(outputs(), n_boot=N_BOOT, level=CI, seed=seed)[1])
     frames = []
     for i, lab in enumerate(labs):
         announce(4 + i, f"heldout__{lab}", f"held-out protocol: {lab}")
@@ -123,35 +134,35 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     run.write_results(matrix, "matrix")
     run.write_results(heldout, "heldout")
     phase(n, n, "figures and report.html")
-    report = _write_report(run, ds, cfg, matrix, summary, heldout, shift, ema)
+    report = _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled)
     return DemoResult(matrix, summary, heldout, shift, ema, report)
 
 
-def _write_report(run, ds, cfg, matrix, summary, heldout, shift, ema) -> Path:
-    figs_dir = run.path / "figures"
-    figs_dir.mkdir(exist_ok=True)
-    w2 = shift[shift["metric"] == "w2"]
-    figures = {
-        "Sample images per lab": (lab_samples(ds, seed=cfg["seed"]), "samples.png"),
-        "Cross-source matrix (accuracy)": (matrix_heatmap(matrix), "matrix.png"),
-        "Layer shift profile (W2 to pooled statistics)": (shift_profile(w2), "shift_profile.png"),
-        "Held-out labs": (heldout_bars(heldout), "heldout.png"),
-        "EMA vs PreciseBN": (ema_curves(ema), "ema_vs_precise.png"),
-    }
-    paths = {}
-    for title, (fig, name) in figures.items():
-        save(fig, figs_dir / name)
-        paths[title] = figs_dir / name
-    acc = matrix[matrix["metric"] == "accuracy"]
-    tables = {
-        "Accuracy by strategy and lab": acc[~acc["is_cross_source"]].pivot_table(
-            index="strategy", columns="eval_source", values="value", sort=False),
-        "Summary over labs": summary.set_index(["strategy", "metric"]),
-        "Held-out labs (accuracy)": heldout[heldout["is_held_out"].astype(bool) & (heldout["metric"] == "accuracy")]
-        .pivot_table(index="held_out", columns="strategy", values="value", sort=False),
-    }
-    meta = {"dataset": cfg["dataset"], "held-out lab in the main model": cfg["held_out"],
+def _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled) -> Path:
+    lab = cfg["held_out"]
+    meta = {"dataset": cfg["dataset"], "held-out lab in the main model": lab,
             "model": cfg["model"]["name"], "steps": str(cfg["steps"]), "seed": str(cfg["seed"]),
-            "quick": str(cfg["quick"])}
-    return write_report(run.path / "report.html", title=f"shiftbn report — {cfg['dataset']}",
-                        summary=findings(matrix, heldout, w2), figures=paths, tables=tables, meta=meta)
+            "quick": str(cfg["quick"]), "bootstrap": f"{N_BOOT} resamples, {CI:.0%}"}
+    return render_report(run.path, title=f"shiftbn report — {cfg['dataset']}", meta=meta, matrix=matrix, shift=shift,
+                         samples=ds, held_out=[lab], heldout=heldout, ema=ema, comparisons=comparisons,
+                         pooled=pooled, num_classes=_num_classes(ds), level=CI, n_boot=N_BOOT, seed=cfg["seed"],
+                         notes={"Held-out labs": _two_numbers(matrix, heldout, lab, cfg)})
+
+
+def _num_classes(ds) -> int:
+    return len(ds.class_names) if ds.class_names is not None else int(ds.labels.max()) + 1
+
+
+def _two_numbers(matrix: pd.DataFrame, heldout: pd.DataFrame, lab: str, cfg: dict) -> str:
+    """Why the matrix and this section give different numbers for the main held-out lab under source."""
+    in_matrix = matrix.query("strategy == 'source' and metric == 'accuracy' and eval_source == @lab")["value"]
+    here = heldout.query("held_out == @lab and is_held_out and strategy == 'source' and metric == 'accuracy'")
+    text = ("Each bar comes from a separate model retrained without that lab "
+            f"({cfg['heldout_steps']} steps, seed {cfg['seed']}); it is evaluated on the lab's test split. ")
+    if len(in_matrix) and len(here):
+        text += (f"So {lab} under source reads {in_matrix.iloc[0]:.1%} in the cross-source matrix (the main model, "
+                 f"{cfg['steps']} steps, also trained without {lab}) and {here['value'].iloc[0]:.1%} here (n="
+                 f"{int(here['n'].iloc[0])}): two training runs, not two measurements of one model. Their gap shows "
+                 "training noise (steps, initialization, batch order), which the bootstrap intervals, computed over "
+                 "evaluation samples of one model, do not include.")
+    return text

@@ -18,6 +18,7 @@ from shiftbn.adapt import AdaptContext, Strategy, expand_strategies
 from shiftbn.bn import CollectMode, collect_stats
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
 from shiftbn.evaluate.metrics import check_metrics, metric_value
+from shiftbn.evaluate.uncertainty import bootstrap_interval
 
 Calibration = float | Splits | tuple[SourceTaggedDataset, SourceTaggedDataset]
 
@@ -126,8 +127,14 @@ def score(
     ci: float | None = None,
     n_boot: int = 200,
     progress: bool = True,
+    keep_outputs: dict | None = None,
 ) -> pd.DataFrame:
-    """Outputs of every (strategy, eval source) cell, computed once per cache key, and their metrics."""
+    """Outputs of every (strategy, eval source) cell, computed once per cache key, and their metrics.
+
+    ``ci``: add a percentile bootstrap interval (``ci_low``, ``ci_high``) resampled within the cell's
+    eval source. ``keep_outputs``: a dict filled with ``(strategy name, eval source) -> outputs``
+    (N x K numpy, in the order of ``labels[eval source]``), for paired comparisons and calibration.
+    """
     outputs: dict = {}
     rows = []
     cells = [(st, s) for st in plan.strategies for s in plan.eval_sources]
@@ -139,12 +146,14 @@ def score(
             if key is not None:
                 outputs[key] = out
         y = labels[src]
+        if keep_outputs is not None:
+            keep_outputs[(strat.name, src)] = out
         for m in metrics:
             row = {"strategy": strat.name, "is_cross_source": strat.cross_source,
                    "stats_source": strat.stats_source(ctx, src), "eval_source": src, "metric": m,
                    "value": metric_value(m, out, y), "n": len(y)}
             if ci is not None:
-                row["ci_low"], row["ci_high"] = _bootstrap(m, out, y, n_boot, ci, ctx.seed)
+                _, row["ci_low"], row["ci_high"] = bootstrap_interval(out, y, m, n_boot=n_boot, level=ci, seed=ctx.seed)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -157,15 +166,6 @@ def _checked(strat: Strategy, src: str, out: torch.Tensor) -> np.ndarray:
         raise ValueError(f"strategy {strat.name!r} produced NaN or infinite outputs for {int(bad.sum())} of "
                          f"{len(out)} samples of source {src!r}; check the model's precision and inputs")
     return out.numpy()
-
-
-def _bootstrap(name: str, outputs: np.ndarray, y: np.ndarray, n_boot: int, level: float, seed: int):
-    from scipy.stats import bootstrap
-
-    res = bootstrap((np.arange(len(y)),), lambda idx: metric_value(name, outputs[idx], y[idx]),
-                    n_resamples=n_boot, confidence_level=level, method="percentile", vectorized=False,
-                    random_state=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def cross_source_matrix(
@@ -210,7 +210,7 @@ def cross_source_matrix(
         batch_size: evaluation batch size. ``stats_batch_size``, ``stats_mode``, ``num_samples``:
             as ``collect_stats``'s ``batch_size``, ``mode``, ``num_samples``.
         ci: add a percentile bootstrap interval at this level (``ci_low``, ``ci_high``; ``n_boot``
-            resamples).
+            resamples), stratified by construction: each cell resamples its own eval source's samples.
         device: where inputs go; must be the model's device (default: the model's). The model is
             never moved.
         amp: forwards under autocast (float16 on CUDA, bfloat16 on CPU); BN statistics are still

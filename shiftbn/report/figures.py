@@ -4,32 +4,54 @@ No backend is chosen at import: figures are only written to files, and matplotli
 its file-only Agg backend where no display exists.
 """
 
+from collections.abc import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
+from matplotlib.patches import Rectangle
 
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import get_metric
 from shiftbn.protocols import EmaVsPrecise, FigureSpec, HeldOutSources
 
 
-def matrix_heatmap(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
-    """Annotated heatmaps: strategy x eval source, and (when present) stats source x eval source."""
+def matrix_heatmap(table: pd.DataFrame, metric: str = "accuracy", held_out: Sequence[str] = ()) -> plt.Figure:
+    """Annotated heatmaps with a colour bar: strategy x eval source, and (when present) stats source x
+    eval source. Cells show the interval below the value when the table has ``ci_low``/``ci_high``;
+    ``held_out`` sources (never seen in training) are outlined and labelled."""
     t = table[table["metric"] == metric]
     cross_rows = t["is_cross_source"].astype(bool)
     main, cross = t[~cross_rows], t[cross_rows]
-    panels = [p for p in (main, cross) if len(p)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.5 * max(len(main["strategy"].unique()),
-                                                                                      4) + 2), squeeze=False)
-    for ax, (part, title) in zip(axes[0], ((main, "strategy"), (cross, "stats_source")), strict=False):
-        if not len(part):
-            continue
+    panels = [(p, title) for p, title in ((main, "strategy"), (cross, "stats_source")) if len(p)]
+    with_ci = {"ci_low", "ci_high"} <= set(t.columns) and t["ci_low"].notna().any()
+    rows = max(len(main["strategy"].unique()), 4)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), (0.75 if with_ci else 0.5) * rows + 2.2),
+                             squeeze=False)
+    held = {str(h) for h in held_out}
+    for ax, (part, title) in zip(axes[0], panels, strict=True):
         grid = part.pivot_table(index=title, columns="eval_source", values="value", sort=False)
-        sns.heatmap(grid, annot=True, fmt=".2f", cmap="viridis", ax=ax, cbar=False, vmin=0, vmax=1 if
-                    get_metric(metric).bounded else None)
-        ax.set_title(f"{metric}: {'strategy' if title == 'strategy' else 'statistics of source i'} x eval source")
+        annot = grid.map(lambda v: f"{v:.2f}")
+        if with_ci:
+            lo = part.pivot_table(index=title, columns="eval_source", values="ci_low", sort=False)
+            hi = part.pivot_table(index=title, columns="eval_source", values="ci_high", sort=False)
+            annot = grid.map(lambda v: f"{v:.2f}") + "\n[" + lo.map(lambda v: f"{v:.2f}") + ", " + \
+                hi.map(lambda v: f"{v:.2f}") + "]"
+        bounded = get_metric(metric).bounded
+        sns.heatmap(grid, annot=annot.to_numpy(), fmt="", cmap="viridis", ax=ax, cbar=True, vmin=0 if bounded else None,
+                    vmax=1 if bounded else None, annot_kws={"fontsize": 7 if with_ci else 9},
+                    cbar_kws={"label": metric, "shrink": 0.85})
+        for c, col in enumerate(grid.columns):
+            if str(col) in held:
+                ax.add_patch(Rectangle((c, 0), 1, len(grid), fill=False, edgecolor="#e4572e", lw=2.5, clip_on=False))
+        ax.set_xticklabels([f"{c}\n(held out)" if str(c) in held else str(c) for c in grid.columns], rotation=0)
+        for label in ax.get_xticklabels():
+            if label.get_text().endswith("(held out)"):
+                label.set_color("#e4572e")
+        what = "strategy" if title == "strategy" else "statistics of source i"
+        ax.set_title(f"{metric}: {what} x eval source" + (" (cell: value, [95% CI])" if with_ci else ""), fontsize=10)
         ax.set_ylabel(title.replace("_", " "))
         ax.set_xlabel("eval source")
     fig.tight_layout()
@@ -46,6 +68,8 @@ def shift_profile(shift: pd.DataFrame) -> plt.Figure:
     ax.set_xlabel("BN layer (depth order)")
     ax.set_ylabel(f"{metric} distance to {shift['reference'].iloc[0] if len(shift) else ''}")
     ax.set_title("Layer shift profile: where each lab's shift shows")
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="source")
     fig.tight_layout()
     return fig
 
@@ -61,27 +85,31 @@ def heldout_bars(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
 
 
 def lab_samples(ds: SourceTaggedDataset, per_lab: int = 6, seed: int = 0) -> plt.Figure:
-    """A grid of sample images, one row per lab, all on one intensity scale so shifts are visible."""
+    """A grid of sample images, one row per lab, each lab scaled to its own 1st-99th percentile range.
+
+    Why: one common scale left labs with a low gain near-black; the per-lab ranges are printed at each
+    row, so intensity shifts between labs stay readable from the numbers.
+    """
     rng = np.random.default_rng(seed)
     labs = ds.sources_present
     shown = {}
     for lab in labs:
         members = ds.indices_of(lab)
         idx = rng.choice(members, size=min(per_lab, len(members)), replace=False)
-        shown[lab] = [torch.as_tensor(ds[int(i)][0]) for i in idx]
-    everything = torch.cat([x.flatten() for xs in shown.values() for x in xs])
-    vmin, vmax = float(everything.min()), float(everything.quantile(0.99)) if everything.numel() < 2**24 else 1.0
-    fig, axes = plt.subplots(len(labs), per_lab, figsize=(per_lab * 1.1, len(labs) * 1.15), squeeze=False)
+        shown[lab] = [torch.as_tensor(ds[int(i)][0]).float() for i in idx]
+    fig, axes = plt.subplots(len(labs), per_lab, figsize=(per_lab * 1.1, len(labs) * 1.25), squeeze=False)
     for r, lab in enumerate(labs):
+        values = torch.cat([x.flatten() for x in shown[lab]])[: 2**24]
+        vmin, vmax = (float(v) for v in torch.quantile(values, torch.tensor([0.01, 0.99])))
         for c in range(per_lab):
             ax = axes[r, c]
             ax.axis("off")
             if c < len(shown[lab]):
-                x = shown[lab][c]
-                img = x[0] if x.shape[0] == 1 else ((x - vmin) / max(vmax - vmin, 1e-8)).permute(1, 2, 0).clamp(0, 1)
-                ax.imshow(img.numpy(), cmap="gray", vmin=vmin, vmax=vmax)
-        axes[r, 0].set_title(lab, fontsize=8, loc="left")
-    fig.suptitle(f"Sample images per lab (common grey scale {vmin:.2f} to {vmax:.2f})", fontsize=10)
+                x = ((shown[lab][c] - vmin) / max(vmax - vmin, 1e-8)).clamp(0, 1)
+                img = x[0] if x.shape[0] == 1 else x[:3].permute(1, 2, 0)
+                ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[r, 0].set_title(f"{lab}: {vmin:.2f} to {vmax:.2f}", fontsize=8, loc="left")
+    fig.suptitle("Sample images per lab (each lab scaled to its own 1st-99th percentile)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -111,5 +139,8 @@ def study_figure(spec: FigureSpec, table: pd.DataFrame, metric: str | None = Non
             for ax in g.axes.flat:
                 ax.set_xscale("log", base=2)
     g.set_axis_labels(spec.xlabel or spec.x.replace("_", " "), metric)
+    if g.legend is not None:
+        sns.move_legend(g, "upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(6, len(g.legend.texts)),
+                        frameon=False, title=None)
     g.figure.suptitle(spec.title, y=1.04)
     return g.figure

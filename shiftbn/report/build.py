@@ -1,0 +1,242 @@
+"""The report for any model and data (``build_report``) and the one writer the demo shares (``render_report``).
+
+Why: users ask the demo's questions of their own model: which sites shift it, in which layers, what
+each recalibration does per site, with honest intervals, and how calibration and classes fare.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from shiftbn._io import atomic_write_text
+from shiftbn.bn import collect_stats, stats_shift
+from shiftbn.data.tagged import SourceTaggedDataset
+from shiftbn.evaluate import collect, paired_table, pooled_table, prepare, score, summarize
+from shiftbn.report.calibration import calibration_table, confusion_figure, per_class_table, reliability_diagrams
+from shiftbn.report.figures import ema_curves, heldout_bars, lab_samples, matrix_heatmap, save, shift_profile
+from shiftbn.report.html import write_report
+from shiftbn.report.reading import findings
+
+REPORT_STRATEGIES = ("source", "precise", "target", "prior:16", "stats:*")
+
+
+@dataclass
+class Outputs:
+    """Model outputs kept for paired comparisons and calibration: ``(strategy, site) -> (N, K)`` logits,
+    each site's labels (same order) and the class names."""
+
+    outputs: dict[tuple[str, str], np.ndarray]
+    labels: dict[str, np.ndarray]
+    class_names: Sequence[str] | None = None
+    strategies: list[str] = field(default_factory=list)
+
+
+def interval_cells(table: pd.DataFrame, index: str, columns: str, *, digits: int = 3) -> pd.DataFrame:
+    """A pivot of ``value`` with each cell as ``value [low, high]`` (when present) and ``n`` in the column names."""
+    fmt = f"{{:.{digits}f}}"
+    t = table.copy()
+    t["cell"] = t["value"].map(fmt.format)
+    if {"ci_low", "ci_high"} <= set(t.columns):
+        t["cell"] += " [" + t["ci_low"].map(fmt.format) + ", " + t["ci_high"].map(fmt.format) + "]"
+    grid = t.pivot_table(index=index, columns=columns, values="cell", aggfunc="first", sort=False)
+    ns = t.groupby(columns, sort=False)["n"].first()
+    grid.columns = [f"{c} (n={int(ns[c])})" for c in grid.columns]
+    grid.columns.name = None
+    return grid.reset_index()
+
+
+def _pivot_text(c: pd.DataFrame, index: str, columns: str) -> pd.DataFrame:
+    grid = c.pivot_table(index=index, columns=columns, values="cell", aggfunc="first", sort=False)
+    ns = c.groupby(columns, sort=False)["n"].first()
+    grid.columns = [f"{col} (n={int(ns[col])})" for col in grid.columns]
+    return grid.reset_index()
+
+
+def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matrix: pd.DataFrame,
+                  shift: pd.DataFrame, samples: SourceTaggedDataset | None = None, held_out: Sequence[str] = (),
+                  heldout: pd.DataFrame | None = None, ema: pd.DataFrame | None = None,
+                  comparisons: pd.DataFrame | None = None, pooled: pd.DataFrame | None = None,
+                  outputs: Outputs | None = None, num_classes: int | None = None, level: float = 0.95,
+                  n_boot: int = 1000, seed: int = 0, notes: dict[str, str] | None = None) -> Path:
+    """Write ``out_dir/report.html`` (figures also as ``out_dir/figures/*.png``) from tidy tables.
+
+    The demo and ``build_report`` both call this. ``matrix``: ``cross_source_matrix`` rows (with
+    ``ci_low``/``ci_high``: intervals shown); ``shift``: ``stats_shift`` rows; ``samples``: data for the
+    sample-image grid (images only); ``held_out``: sites the model never saw (marked in the matrix);
+    ``heldout``: ``held_out_sources`` rows (retrained models; the demo); ``ema``: EMA vs PreciseBN rows;
+    ``comparisons``/``pooled``: ``paired_table``/``pooled_table`` rows; ``outputs``: kept outputs, for
+    per-site calibration and confusion; ``notes``: extra captions by section name.
+    """
+    out_dir = Path(out_dir)
+    figs_dir = out_dir / "figures"
+    figs_dir.mkdir(parents=True, exist_ok=True)
+    w2 = shift[shift["metric"] == "w2"] if "metric" in shift else shift
+    figures: dict = {}
+    captions = dict(notes or {})
+    if samples is not None:
+        figures["Sample images per lab"] = (lab_samples(samples, seed=seed), "samples.png")
+        captions.setdefault("Sample images per lab", "Each lab's row is scaled to that lab's own 1st-99th percentile "
+                            "of intensities (printed at the row), so no lab renders near-black; compare the printed "
+                            "ranges, not the grey levels, across labs.")
+    figures["Cross-source matrix (accuracy)"] = (matrix_heatmap(matrix, held_out=held_out), "matrix.png")
+    captions.setdefault("Cross-source matrix (accuracy)", _matrix_caption(matrix, held_out, level))
+    figures["Layer shift profile (W2 to pooled statistics)"] = (shift_profile(w2), "shift_profile.png")
+    if heldout is not None:
+        figures["Held-out labs"] = (heldout_bars(heldout), "heldout.png")
+    if ema is not None:
+        figures["EMA vs PreciseBN"] = (ema_curves(ema), "ema_vs_precise.png")
+    if outputs is not None:
+        sites = [s for s in outputs.labels]
+        figures["Calibration per site"] = (reliability_diagrams(outputs.outputs, outputs.labels, sites),
+                                           "reliability.png")
+        figures["Confusion per site"] = (confusion_figure(outputs.outputs, outputs.labels, sites, "source",
+                                                          class_names=outputs.class_names), "confusion.png")
+    paths = {}
+    for name, (fig, file) in figures.items():
+        save(fig, figs_dir / file)
+        paths[name] = figs_dir / file
+    tables = _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed)
+    captions.update(_table_captions(level))
+    reading = findings(matrix, heldout, w2, comparisons=comparisons, pooled=pooled, num_classes=num_classes,
+                       held_out=held_out, level=level)
+    return write_report(out_dir / "report.html", title=title, summary=reading, figures=paths, tables=tables,
+                        meta=meta, captions=captions)
+
+
+def _matrix_caption(matrix: pd.DataFrame, held_out: Sequence[str], level: float) -> str:
+    text = ("Rows: strategy (left) or the source whose statistics are used (right); columns: the site evaluated. ")
+    if "ci_low" in matrix:
+        text += (f"Each cell: value and {level:.0%} bootstrap interval over that site's evaluation samples "
+                 "(resampled within the site; sample counts in the tables below). ")
+    if held_out:
+        text += f"Outlined in red: {', '.join(held_out)}, never seen in training (the held-out view)."
+    return text
+
+
+def _table_captions(level: float) -> dict[str, str]:
+    return {
+        "Accuracy by strategy and lab": f"Cells: accuracy [{level:.0%} bootstrap interval]; n = evaluation samples.",
+        "Summary over labs": ("Pooled over sites, resampled within each site (stratified bootstrap); diff: paired "
+                              "difference to the source statistics."),
+        "Paired differences to the source statistics": (
+            f"Strategy minus source on each site, same resampled samples for both (paired {level:.0%} interval); "
+            "~0 marks an interval that includes 0 (no supported difference)."),
+        "Calibration (ECE) per site": ("ECE (15 bins) with the model's own statistics (before) and the site's own "
+                                       "statistics (after, target/AdaBN); change = after - before, paired interval."),
+        "Per-class recall per site": "Recall of each class (sklearn confusion_matrix); n = samples of that class at "
+                                     "that site.",
+    }
+
+
+def _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed) -> dict[str, pd.DataFrame]:
+    acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"].astype(bool)]
+    tables = {"Accuracy by strategy and lab": interval_cells(acc, "strategy", "eval_source")}
+    if pooled is not None and len(pooled):
+        tables["Summary over labs"] = pooled.drop(columns=["metric", "level"], errors="ignore")
+    else:
+        tables["Summary over labs"] = summarize(matrix[~matrix["is_cross_source"].astype(bool)])
+    if comparisons is not None and len(comparisons):
+        c = comparisons.copy()
+        c["cell"] = (c["diff"].map("{:+.3f}".format) + " [" + c["ci_low"].map("{:+.3f}".format) + ", "
+                     + c["ci_high"].map("{:+.3f}".format) + "]")
+        c.loc[(c["ci_low"] <= 0) & (c["ci_high"] >= 0), "cell"] += " ~0"
+        tables["Paired differences to the source statistics"] = _pivot_text(c, "strategy", "eval_source")
+    if held_out:
+        rows = acc[acc["eval_source"].isin(list(held_out))]
+        tables["Held-out sites (accuracy)"] = interval_cells(rows, "strategy", "eval_source")
+    if heldout is not None and len(heldout):
+        h = heldout[heldout["is_held_out"].astype(bool) & (heldout["metric"] == "accuracy")]
+        tables["Held-out labs (accuracy)"] = h.pivot_table(index="held_out", columns="strategy", values="value",
+                                                           sort=False).assign(n=h.groupby("held_out")["n"].first())
+    if outputs is not None:
+        sites = list(outputs.labels)
+        tables["Calibration (ECE) per site"] = calibration_table(outputs.outputs, outputs.labels, sites, n_boot=n_boot,
+                                                                 level=level, seed=seed)
+        pc = per_class_table(outputs.outputs, outputs.labels, sites, ["source", "target"], outputs.class_names)
+        if len(pc):
+            tables["Per-class recall per site"] = pc.pivot_table(index=["site", "class", "n"], columns="strategy",
+                                                                 values="recall", sort=False).reset_index()
+    return tables
+
+
+def matrix_with_outputs(model: nn.Module, ds: SourceTaggedDataset, strategies: Sequence[str],
+                        metrics: Sequence[str] = ("accuracy", "nll", "ece"), *, calibration=0.5,
+                        train_sources: Sequence[str] | None = None, ci: float | None = 0.95, n_boot: int = 1000,
+                        batch_size: int = 256, stats_batch_size: int = 64, num_samples: int | None = None,
+                        seed: int = 0, amp: bool = False, progress: bool = True) -> tuple[pd.DataFrame, Outputs]:
+    """``cross_source_matrix`` (same arguments, same numbers) plus the outputs of every non-cross-source
+    cell, for paired comparisons and calibration. Returns ``(matrix, Outputs)``."""
+    plan = prepare(ds, list(strategies), calibration=calibration, train_sources=train_sources, seed=seed)
+    ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size,
+                          num_samples=num_samples, seed=seed, amp=amp, progress=progress)
+    kept: dict = {}
+    matrix = score(ctx, plan, labels, list(metrics), ci=ci, n_boot=n_boot, progress=progress, keep_outputs=kept)
+    names = [st.name for st in plan.strategies if not st.cross_source]
+    kept = {key: v for key, v in kept.items() if key[0] in names}
+    return matrix, Outputs(kept, labels, ds.class_names, names)
+
+
+def comparison_tables(outputs: Outputs, *, n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``paired_table`` (each strategy minus source, per site) and ``pooled_table`` (stratified over sites)."""
+    sites = list(outputs.labels)
+    return (paired_table(outputs.outputs, outputs.labels, outputs.strategies, sites, n_boot=n_boot, level=level,
+                         seed=seed),
+            pooled_table(outputs.outputs, outputs.labels, outputs.strategies, sites, n_boot=n_boot, level=level,
+                         seed=seed))
+
+
+def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, held_out: Sequence[str] | None = None,
+                 strategies: Sequence[str] = REPORT_STRATEGIES, calibration: float = 0.5, ci: float | None = 0.95,
+                 n_boot: int = 1000, batch_size: int = 256, stats_batch_size: int = 64,
+                 num_samples: int | None = None, seed: int = 0, amp: bool = False, progress: bool = True,
+                 title: str | None = None) -> Path:
+    """Write the demo's report for your model and data into ``out`` (``report.html``, figures, CSVs).
+
+    Why: the same questions as the demo, asked of a trained model: per-site BN statistics and the layer
+    shift profile, the cross-source matrix with bootstrap intervals (``ci``; None: none), paired
+    intervals of every strategy against the source statistics, per-site calibration and confusion, and
+    a reading that claims only differences its intervals support. No training happens: ``held_out``
+    names sites the model was trained without (their matrix rows are the held-out view); ``precise``
+    pools the other sites. ``calibration``: fraction of each site used unlabeled for statistics (the
+    rest is evaluated). Returns the path of ``report.html``. The model is not changed.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    held = [str(h) for h in (held_out or [])]
+    for h in held:
+        ds.source_id(h)
+    trains = [s for s in ds.sources_present if s not in held]
+    if not trains:
+        raise ValueError(f"--held-out names every site ({held}); leave at least one site the model was trained on")
+    stats = collect_stats(model, prepare(ds, ["source"], calibration=calibration, seed=seed).calibration,
+                          batch_size=stats_batch_size, num_samples=num_samples, seed=seed, amp=amp, progress=progress)
+    shift = stats_shift(stats, metric="all")
+    matrix, kept = matrix_with_outputs(model, ds, strategies, calibration=calibration, train_sources=trains, ci=ci,
+                                       n_boot=n_boot, batch_size=batch_size, stats_batch_size=stats_batch_size,
+                                       num_samples=num_samples, seed=seed, amp=amp, progress=progress)
+    level = ci if ci is not None else 0.95
+    comparisons = pooled = None
+    if ci is not None:
+        comparisons, pooled = comparison_tables(kept, n_boot=n_boot, level=level, seed=seed)
+    names, labels = kept.strategies, kept.labels
+    k = next(iter(kept.outputs.values())).shape[1]
+    atomic_write_text(out / "stats.json", json.dumps(stats.to_dict()))
+    for name, table in (("matrix", matrix), ("comparisons", comparisons), ("pooled", pooled), ("shift", shift)):
+        if table is not None:
+            table.to_csv(out / f"{name}.csv", index=False)
+    x0 = ds[0][0]
+    images = hasattr(x0, "ndim") and x0.ndim >= 2
+    meta = {"sites": ", ".join(ds.sources_present), "held out (never trained on)": ", ".join(held) or "none",
+            "strategies": " ".join(names), "evaluation samples": str(sum(len(v) for v in labels.values())),
+            "bootstrap": f"{n_boot} resamples, {level:.0%}" if ci is not None else "off", "seed": str(seed)}
+    return render_report(out, title=title or f"shiftbn report — {Path(out).name}", meta=meta, matrix=matrix,
+                         shift=shift, samples=ds if images else None, held_out=held, comparisons=comparisons,
+                         pooled=pooled, outputs=kept, num_classes=k, level=level, n_boot=n_boot, seed=seed)

@@ -1,0 +1,214 @@
+"""The report's plain-language reading, generated from the numbers and their intervals.
+
+Why: a sentence such as "target beats source on lab_e" is only written when the paired interval of
+the difference excludes 0; otherwise the reading says the difference is within noise. A model whose
+accuracy is within noise of chance gets no strategy ranking at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from shiftbn.evaluate import supports_difference
+
+_Z = {0.8: 1.2816, 0.9: 1.6449, 0.95: 1.96, 0.99: 2.5758}
+
+
+def _pct(v: float) -> str:
+    return f"{v:.1%}"
+
+
+def _ci(low: float, high: float, level: float, pct: bool = True) -> str:
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return ""
+    fmt = _pct if pct else (lambda v: f"{v:.3f}")
+    return f"{level:.0%} CI {fmt(low)} to {fmt(high)}"
+
+
+def _cell_note(row: pd.Series, level: float) -> str:
+    """``(95% CI a to b, n=N)`` for a matrix row (just ``(n=N)`` without an interval)."""
+    parts = []
+    if "ci_low" in row and pd.notna(row.get("ci_low")):
+        parts.append(_ci(row["ci_low"], row["ci_high"], level))
+    if "n" in row and pd.notna(row.get("n")):
+        parts.append(f"n={int(row['n'])}")
+    return f" ({', '.join(p for p in parts if p)})" if parts else ""
+
+
+def _diff_text(diff: float, low: float, high: float, level: float) -> str:
+    points = f"{100 * diff:+.1f} points"
+    if supports_difference(low, high):
+        return f"{points}, {level:.0%} paired interval {100 * low:+.1f} to {100 * high:+.1f}"
+    return (f"{points}, within noise ({level:.0%} interval of the difference, {100 * low:+.1f} to "
+            f"{100 * high:+.1f}, includes 0)")
+
+
+def _normal_diff(a: float, b: float, na: int, nb: int, level: float) -> tuple[float, float]:
+    """An approximate unpaired interval of a - b for two proportions (used where outputs were not kept)."""
+    z = _Z.get(round(level, 2), 1.96)
+    se = np.sqrt(a * (1 - a) / max(na, 1) + b * (1 - b) / max(nb, 1))
+    return a - b - z * se, a - b + z * se
+
+
+def _chance(pooled: pd.DataFrame | None, src_rows: pd.DataFrame, num_classes: int | None,
+            level: float) -> tuple[bool, str]:
+    """Whether the source accuracy pooled over sites is within noise of 1/K, and the sentence saying so."""
+    if not num_classes:
+        return False, ""
+    chance = 1.0 / num_classes
+    if pooled is not None and len(pooled) and "source" in set(pooled["strategy"]):
+        r = pooled.set_index("strategy").loc["source"]
+        value, low, high, n = r["value"], r["ci_low"], r["ci_high"], int(r["n"])
+    else:
+        n = int(src_rows["n"].sum())
+        value = float((src_rows["value"] * src_rows["n"]).sum() / max(n, 1))
+        z = _Z.get(round(level, 2), 1.96)
+        half = z * np.sqrt(value * (1 - value) / max(n, 1))
+        low, high = value - half, value + half
+    if low > chance:
+        return False, ""
+    return True, (f"The model's accuracy with its own statistics, pooled over sites, is {_pct(value)} "
+                  f"({_ci(low, high, level)}, n={n}): within noise of chance level (1/{num_classes} = "
+                  f"{_pct(chance)}). Strategy differences of a model at chance are noise, so no strategy is "
+                  "ranked here; train longer (the --quick demo trains for seconds) or check the labels.")
+
+
+def findings(matrix: pd.DataFrame, heldout: pd.DataFrame | None = None, shift: pd.DataFrame | None = None,
+             metric: str = "accuracy", *, comparisons: pd.DataFrame | None = None,
+             pooled: pd.DataFrame | None = None, num_classes: int | None = None, held_out: Sequence[str] = (),
+             level: float = 0.95) -> list[str]:
+    """Paragraphs of plain language from the numbers: worst site, what helps there, held-out sites, and
+    where in the network the shift shows; every claimed difference has a supporting interval.
+
+    ``matrix``: ``cross_source_matrix`` rows (``ci_low``/``ci_high`` used when present);
+    ``heldout``: rows of ``held_out_sources`` (models retrained without each site), or None;
+    ``shift``: one metric of ``stats_shift``; ``comparisons``: ``paired_table`` rows (strategy minus
+    source per site); ``pooled``: ``pooled_table`` rows; ``num_classes``: K, for the chance check;
+    ``held_out``: sites the model never saw in training (their matrix rows are the held-out view).
+    """
+    m = matrix[matrix["metric"] == metric]
+    main = m[~m["is_cross_source"].astype(bool)]
+    src_rows = main[main["strategy"] == "source"].set_index("eval_source")
+    src = src_rows["value"]
+    worst = src.idxmin()
+    first = (f"With the statistics stored in the model (its training EMA), the worst lab is {worst} at "
+             f"{_pct(src[worst])} {metric}{_cell_note(src_rows.loc[worst], level)}, against "
+             f"{_pct(src.drop(worst).mean()) if len(src) > 1 else 'n/a'} on average elsewhere.")
+    at_chance, chance_text = _chance(pooled, src_rows.reset_index(), num_classes if metric == "accuracy" else None,
+                                     level)
+    if at_chance:
+        return [first, chance_text]
+    if num_classes and metric == "accuracy" and "ci_low" in src_rows:
+        noisy = [s for s in src.index if src_rows.loc[s, "ci_low"] <= 1.0 / num_classes]
+        if noisy:
+            first += (f" On {', '.join(noisy)} the model's accuracy with its own statistics is within noise of "
+                      f"chance (1/{num_classes}).")
+    first += " " + _worst_site_text(main, comparisons, worst, metric, level)
+    first += _pooled_text(pooled, level)
+    parts = [first]
+    held = " ".join(t for t in (_held_out_text(main, comparisons, held_out, metric, level),
+                                _retrained_text(heldout, metric, level)) if t)
+    if held:
+        parts.append(held + _shift_text(shift, worst))
+    elif shift is not None and len(shift):
+        parts.append(_shift_text(shift, worst).strip())
+    return parts
+
+
+def _worst_site_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, worst: str, metric: str,
+                     level: float) -> str:
+    if comparisons is None or not len(comparisons):
+        on = main[main["eval_source"] == worst]
+        best = on.loc[on["value"].idxmax()]
+        return (f"On {worst}, the highest {metric} is {best['strategy']}'s ({_pct(best['value'])}); no paired "
+                "interval was computed, so no difference is claimed.")
+    c = comparisons[comparisons["eval_source"] == worst]
+    if not len(c):
+        return ""
+    best = c.loc[c["diff"].idxmax()]
+    if supports_difference(best["ci_low"], best["ci_high"]) and best["diff"] > 0:
+        return (f"On {worst}, the largest gain over the source statistics is {best['strategy']}'s "
+                f"({_diff_text(best['diff'], best['ci_low'], best['ci_high'], level)}).")
+    return (f"On {worst}, no strategy beats the source statistics beyond noise: the best, {best['strategy']}, is "
+            f"{_diff_text(best['diff'], best['ci_low'], best['ci_high'], level)}.")
+
+
+def _pooled_text(pooled: pd.DataFrame | None, level: float) -> str:
+    if pooled is None or not len(pooled) or "diff" not in pooled:
+        return ""
+    others = pooled[pooled["strategy"] != "source"]
+    better = others[[supports_difference(lo, hi) and d > 0 for d, lo, hi in
+                     zip(others["diff"], others["diff_low"], others["diff_high"], strict=True)]]
+    worse = others[[supports_difference(lo, hi) and d < 0 for d, lo, hi in
+                    zip(others["diff"], others["diff_low"], others["diff_high"], strict=True)]]
+    noise = others[~others["strategy"].isin(set(better["strategy"]) | set(worse["strategy"]))]
+
+    def listed(rows: pd.DataFrame) -> str:
+        return ", ".join(f"{r.strategy} ({100 * r.diff:+.1f} points, {100 * r.diff_low:+.1f} to "
+                         f"{100 * r.diff_high:+.1f})" for r in rows.sort_values("diff", ascending=False).itertuples())
+
+    n = int(pooled["n"].iloc[0])
+    text = f" Pooled over sites (n={n}, resampled within each site, {level:.0%} paired intervals against source): "
+    parts = []
+    if len(better):
+        parts.append(f"better than the source statistics beyond noise: {listed(better)}")
+    if len(worse):
+        parts.append(f"worse beyond noise: {listed(worse)}")
+    if len(noise):
+        parts.append(f"within noise of it (interval of the difference includes 0): {listed(noise)}")
+    return text + "; ".join(parts) + ". Differences among the other strategies themselves are not tested here."
+
+
+def _held_out_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, held_out: Sequence[str], metric: str,
+                   level: float) -> str:
+    texts = []
+    for h in held_out:
+        rows = main[main["eval_source"] == h].set_index("strategy")
+        if "source" not in rows.index:
+            continue
+        value = _pct(rows.loc["source", "value"])
+        text = f"{h} was never seen in training: with the model's own statistics it scores {value}"
+        c = None if comparisons is None else comparisons[(comparisons["eval_source"] == h)
+                                                           & (comparisons["strategy"] == "target")]
+        if c is not None and len(c) and "target" in rows.index:
+            r = c.iloc[0]
+            text += (f", with its own statistics (target/AdaBN) {_pct(rows.loc['target', 'value'])} "
+                     f"({_diff_text(r['diff'], r['ci_low'], r['ci_high'], level)})")
+        texts.append(text + ".")
+    return " ".join(texts)
+
+
+def _retrained_text(heldout: pd.DataFrame | None, metric: str, level: float) -> str:
+    if heldout is None or not len(heldout):
+        return ""
+    h = heldout[heldout["is_held_out"].astype(bool) & (heldout["metric"] == metric)]
+    by = h.groupby(["held_out", "strategy"])[["value", "n"]].mean().unstack()
+    text = "When a lab is held out of training and seen only at test (a model retrained without it), "
+    if ("value", "source") in by and ("value", "target") in by:
+        gain = by[("value", "target")] - by[("value", "source")]
+        top = gain.idxmax()
+        s, t = by.loc[top, ("value", "source")], by.loc[top, ("value", "target")]
+        n = int(by.loc[top, ("n", "target")])
+        low, high = _normal_diff(t, s, n, n, level)
+        verdict = _diff_text(t - s, low, high, level).replace("paired interval", "approximate unpaired interval")
+        text += (f"recomputing BN statistics on its unlabeled data (target/AdaBN) takes {top} from {_pct(s)} to "
+                 f"{_pct(t)} (n={n}; {verdict})")
+        if len(gain) > 1:
+            text += f"; {100 * gain.mean():+.1f} points on average over {len(gain)} held-out labs"
+        text += ". "
+    return text
+
+
+def _shift_text(shift: pd.DataFrame | None, worst: str) -> str:
+    if shift is None or not len(shift):
+        return ""
+    s = shift[shift["source"] == worst]
+    if not len(s):
+        return ""
+    top = s.loc[s["value"].idxmax()]
+    return (f" The shift profile places {worst}'s largest statistics shift at layer {top['layer']} "
+            f"(depth {int(top['depth'])}); a shift that enters early, as an intensity change does, is the kind BN "
+            "recalibration can undo.")
