@@ -217,7 +217,7 @@ def _add_report_parser(sub) -> None:
                                    "calibration and confusion, and a generated reading; writes report.html, "
                                    "matrix.csv, comparisons.csv, pooled.csv, shift.csv and stats.json into --out. "
                                    "Nothing is trained.")
-    _add_user_model_args(p)
+    _user_model_command(p)
     p.add_argument("--held-out", nargs="+", default=[], metavar="SITE",
                    help="sites the model was trained WITHOUT (marked in the matrix; their rows are the held-out view)")
     p.add_argument("--strategies", nargs="+", default=["source", "precise", "target", "prior:16", "stats:*"],
@@ -518,6 +518,7 @@ def _cmd_report(args) -> None:
                           calibration=args.calibration, ci=None if args.no_ci else args.ci, n_boot=args.n_boot,
                           stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
                           amp=args.amp, progress=not args.no_progress)
+    _write_skipped(args, args.out)
     import pandas as pd
 
     from shiftbn.report import interval_cells

@@ -214,3 +214,46 @@ def test_report_renders_in_headless_chromium(user_report, tmp_path):
     assert res.returncode == 0 and shot.stat().st_size > 10_000
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (3000, 1200) and pixels.std() > 10  # something was drawn, not a blank page
+
+
+def test_report_on_three_sites_with_a_corrupt_a_grayscale_and_an_odd_size_file(tmp_path, monkeypatch):
+    """Issue 13's acceptance: the user's report on a messy folder, with intervals and the skipped file."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+    from torch import nn
+
+    from shiftbn.cli import main
+
+    (tmp_path / "netmod.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef make():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(4, 2))\n")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2))
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    rng = np.random.default_rng(0)
+    for k, site in enumerate(("site_a", "site_b", "site_c")):
+        for cls in ("neg", "pos"):
+            folder = tmp_path / "data" / site / cls
+            folder.mkdir(parents=True)
+            for i in range(8):
+                arr = np.clip(rng.normal(60 + 50 * k + 30 * (cls == "pos"), 25, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr, mode="RGB").save(folder / f"{i}.png")
+    (tmp_path / "data" / "site_a" / "neg" / "broken.png").write_bytes(b"not an image")
+    Image.fromarray(np.full((8, 8), 90, np.uint8), mode="L").save(tmp_path / "data" / "site_b" / "pos" / "gray.png")
+    odd = np.full((11, 13, 3), 90, np.uint8)
+    Image.fromarray(odd, mode="RGB").save(tmp_path / "data" / "site_c" / "neg" / "odd.png")
+    monkeypatch.chdir(tmp_path)
+    args = ["report", "--model", "netmod:make", "--weights", "w.pt", "--data", "data", "--channels", "3",
+            "--image-size", "8", "--strategies", "source", "target", "--n-boot", "200", "--batch-size", "4",
+            "--no-progress", "--quiet", "--out", "rep"]
+    assert main(args) == 0
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "interval" in html
+    matrix = pd.read_csv(tmp_path / "rep" / "matrix.csv")
+    assert {"ci_low", "ci_high", "n"} <= set(matrix.columns) and (matrix["ci_low"] <= matrix["value"]).all()
+    skipped = pd.read_csv(tmp_path / "rep" / "skipped.csv")
+    assert [p.rsplit("/", 1)[-1] for p in skipped["path"]] == ["broken.png"]
