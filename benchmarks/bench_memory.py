@@ -10,7 +10,7 @@ peak RSS (``ru_maxrss``); the data is synthesized on the fly, so only the librar
 - ``cross_source_matrix`` (source, precise, target, stats:*) with a SmallCNN on a map-style dataset
   whose items are generated from their index (3x32x32, 4 sources), N and 10N samples.
 
-Run: python benchmarks/bench_memory.py [--batches 300] [--samples 2000]
+Run: python benchmarks/bench_memory.py [--batches 300] [--samples 4000]
 Target: RSS(10N) / RSS(N) <= 1.2.
 """
 
@@ -103,7 +103,8 @@ def _measure(kind: str, n: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=300, help="N for the statistics passes (batches of 8)")
-    ap.add_argument("--samples", type=int, default=2000, help="N for the matrix (samples)")
+    ap.add_argument("--samples", type=int, default=4000,
+                    help="N for the matrix (samples; 4,000 fills its evaluation batches of 256 per source)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
