@@ -7,7 +7,8 @@ PreciseBN pass over it (mixed batches of 64), and one evaluation pass per distin
 source) pair: S*S for stats:i on j (target shares stats:j on j) + S each for source, precise,
 prior:16 and batch:64 (batches of 64), i.e. S*S + 4S passes over one source's evaluation samples.
 The bare loop runs a plain eval-mode ``no_grad`` forward over the same number of samples in the same
-batch sizes, on pre-stacked tensors. Target: <= 1.15.
+batch sizes, on pre-stacked tensors. Target: <= 1.15. Wall and CPU time (1 torch thread), fastest and
+median of interleaved rounds.
 
 Data: ``--dataset synthetic`` (default): S sources of ``--per-source`` 3x32x32 images (a per-source
 offset and scale, 10 classes) held in memory, half calibration, half evaluation; or a built-in
@@ -20,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from _timing import PICKS, interleaved, pick
 from torch.utils.data import TensorDataset
 
 import shiftbn as sb
@@ -77,17 +77,12 @@ def run(ds: sb.SourceTaggedDataset, repeats: int, width: int) -> None:
 
     bare()
     matrix()
-    times = {"bare": [], "matrix": []}
-    for _ in range(repeats):
-        for name, fn in (("bare", bare), ("matrix", matrix)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    for stat, pick in (("min", min), ("median", statistics.median)):
-        t = {k: pick(v) for k, v in times.items()}
-        print(f"{stat:6s} over {repeats} interleaved rounds: bare {t['bare']:7.3f} s, cross_source_matrix "
-              f"{t['matrix']:7.3f} s, ratio {t['matrix'] / t['bare']:5.3f}  (target <= 1.15)")
-
+    times = interleaved({"bare": bare, "matrix": matrix}, repeats)
+    for clock in ("wall", "cpu"):
+        for stat, _ in PICKS:
+            t = pick(times, clock, stat)
+            print(f"{clock} {stat:6s} over {repeats} interleaved rounds: bare {t['bare']:7.3f} s, "
+                  f"cross_source_matrix {t['matrix']:7.3f} s, ratio {t['matrix'] / t['bare']:5.3f}  (target <= 1.15)")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

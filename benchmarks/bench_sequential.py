@@ -4,7 +4,7 @@ Why: sequential statistics need one pass per BN layer (pass p fixes layer p - 1)
 to run the network up to the layer it is fixing, so on a chain where each layer costs alike a
 truncated schedule costs about (L + 3) / 2 forward passes instead of L + 2. The figure printed is
 time(sequential) / time(one eval-mode ``no_grad`` forward over the same batches), with the number of
-passes collect_stats reports.
+passes collect_stats reports; wall and CPU time (1 torch thread), fastest and median round.
 
 Model: a chain of L x (Conv2d(C, C, 3, padding=1), BatchNorm2d(C), ReLU), then a linear head;
 ``--batches`` in-memory batches of ``--batch-size`` x C x ``--size`` x ``--size``.
@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from _timing import PICKS, interleaved, pick
 from torch import nn
 
 import shiftbn as sb
@@ -70,19 +69,15 @@ def main() -> None:
     fns = {"floor": floor, "eager": sequential(False), "fused": sequential(True)}
     for fn in fns.values():  # warm-up (and the fused kernel's compile) outside the timings
         fn()
-    times = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    for stat, pick in (("min", min), ("median", statistics.median)):
-        t = {k: pick(v) for k, v in times.items()}
-        print(f"-- {stat} over {args.repeats} interleaved rounds: one eval-mode forward {t['floor']:.3f} s")
-        for path, fused in (("eager", False), ("fused", True)):
-            print(f"sequential, {path}: {t[path]:7.3f} s = {t[path] / t['floor']:5.2f} forward-equivalents "
-                  f"({passes[fused]} passes reported; target <= (L+3)/2 = {target:g})")
-
+    times = interleaved(fns, args.repeats)
+    for clock in ("wall", "cpu"):
+        for stat, _ in PICKS:
+            t = pick(times, clock, stat)
+            print(f"-- {clock} time, {stat} over {args.repeats} interleaved rounds: one eval-mode forward "
+                  f"{t['floor']:.3f} s")
+            for path, fused in (("eager", False), ("fused", True)):
+                print(f"sequential, {path}: {t[path]:7.3f} s = {t[path] / t['floor']:5.2f} forward-equivalents "
+                      f"({passes[fused]} passes reported; target <= (L+3)/2 = {target:g})")
 
 if __name__ == "__main__":
     main()

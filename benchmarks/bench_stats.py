@@ -10,8 +10,9 @@ Run: python benchmarks/bench_stats.py [--model resnet18|smallresnet] [--batches 
      [--repeats R] [--threads 1]
 Defaults: resnet18(num_classes=2), 40 batches of 32x3x96x96; smallresnet (width 16), 20 of 64x3x32x32.
 All timings come from one run, the functions interleaved round by round; printed are the fastest
-and the median round. Throughput ratio = floor time / our time (higher is better); precise_bn's
-time ratio = ours / fvcore (lower is better).
+and the median round, of the wall time and of the process's CPU time (1 torch thread: CPU time is
+what other processes on a shared machine disturb least). Throughput ratio = floor time / our time
+(higher is better); precise_bn's time ratio = ours / fvcore (lower is better).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
+from _timing import PICKS, interleaved, pick
 from torch import nn
 
 import shiftbn as sb
@@ -31,18 +31,6 @@ from shiftbn.models import SmallResNet, resnet18
 
 SHAPES = {"resnet18": (40, 32, 96), "smallresnet": (20, 64, 32)}
 TARGETS = {"resnet18": 0.95, "smallresnet": 0.85}
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """All timings of each function over ``repeats`` rounds, the functions alternating within a round
-    so that a noisy machine slows them all alike."""
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def exactness(offset: float = 1e4, batches: int = 20, shape: tuple = (32, 64, 24, 24)) -> dict[str, float]:
@@ -108,19 +96,20 @@ def main() -> None:
         fn()
     times = interleaved(fns, args.repeats)
     target = TARGETS[args.model]
-    for stat, pick in (("min", min), ("median", statistics.median)):
-        t = {k: pick(v) for k, v in times.items()}
-        print(f"-- {stat} over {args.repeats} interleaved rounds")
-        print(f"floor: eval-mode no_grad forward   {t['floor']:7.3f} s")
-        for path in ("eager", "fused"):
-            print(f"collect_stats batch, {path:5s}       {t[path]:7.3f} s   throughput ratio "
-                  f"{t['floor'] / t[path]:5.3f}  (target >= {target})")
-        if "fvcore" in t:
-            print(f"fvcore update_bn_stats             {t['fvcore']:7.3f} s")
+    for clock in ("wall", "cpu"):
+        for stat, _ in PICKS:
+            t = pick(times, clock, stat)
+            print(f"-- {clock} time, {stat} over {args.repeats} interleaved rounds")
+            print(f"floor: eval-mode no_grad forward   {t['floor']:7.3f} s")
             for path in ("eager", "fused"):
-                tp = t[f"precise_{path}"]
-                print(f"precise_bn, {path:5s}                {tp:7.3f} s   time ratio vs fvcore "
-                      f"{tp / t['fvcore']:5.3f}  (target <= 1.0)")
+                print(f"collect_stats batch, {path:5s}       {t[path]:7.3f} s   throughput ratio "
+                      f"{t['floor'] / t[path]:5.3f}  (target >= {target})")
+            if "fvcore" in t:
+                print(f"fvcore update_bn_stats             {t['fvcore']:7.3f} s")
+                for path in ("eager", "fused"):
+                    tp = t[f"precise_{path}"]
+                    print(f"precise_bn, {path:5s}                {tp:7.3f} s   time ratio vs fvcore "
+                          f"{tp / t['fvcore']:5.3f}  (target <= 1.0)")
     err = exactness()
     print("exactness vs numpy float64, offset 1e4 (max relative error): "
           + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
