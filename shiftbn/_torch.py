@@ -6,6 +6,7 @@ copy of that loop (and of the prediction-time BN forward) keeps them consistent.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +27,31 @@ def device_of(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def check_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """The device inputs go to: the model's own; ``device`` must name it (a clear error otherwise).
+
+    Why: analysis never moves a user's model; inputs follow the model.
+    """
+    have = device_of(model)
+    if device is None:
+        return have
+    try:
+        want = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+    if want.type != have.type or (want.index is not None and (have.index or 0) != want.index):
+        raise ValueError(f"the model is on {have} but device={str(want)!r}; move the model first "
+                         f"(model.to({str(want)!r})) or leave device unset to use the model's device")
+    return have
+
+
+def autocast(device: torch.device, amp: bool):
+    """Mixed precision for inference when ``amp`` (float16 on CUDA, bfloat16 elsewhere), else nothing."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
 Inputs = torch.Tensor | Dataset
@@ -72,15 +98,18 @@ def _chunks(n: int, batch_size: int) -> list[range]:
 
 
 @torch.no_grad()
-def forward_batches(model: nn.Module, data: Inputs, batch_size: int) -> torch.Tensor:
+def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: bool = False) -> torch.Tensor:
     """Outputs of ``model`` on ``data`` in order, batches of ``batch_size``, as the model is; float32 (N, K) on CPU.
 
-    Only the outputs are kept: inputs are read one batch at a time.
+    Only the outputs are kept: inputs are read one batch at a time, moved to the model's device.
+    ``amp``: run the forward under autocast.
     """
     if len(data) == 0:
         raise ValueError("no inputs to evaluate: the data is empty")
     device = device_of(model)
-    return torch.cat([model(x.to(device)).float().cpu() for x in iter_inputs(data, _chunks(len(data), batch_size))])
+    with autocast(device, amp):
+        return torch.cat([model(x.to(device)).float().cpu()
+                          for x in iter_inputs(data, _chunks(len(data), batch_size))])
 
 
 @contextmanager
@@ -107,7 +136,8 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int) -> torch.Tensor:
+def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int, *,
+                       amp: bool = False) -> torch.Tensor:
     """Outputs with every BN layer normalizing each batch by its own statistics (prediction-time BN).
 
     Samples of ``data`` (N of them) are shuffled with ``seed`` into near-equal batches of at most
@@ -121,7 +151,7 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
     device = device_of(model)
     out: torch.Tensor | None = None
-    with _batch_statistics(model):
+    with _batch_statistics(model), autocast(device, amp):
         for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
             part = model(x.to(device)).float().cpu()
             if out is None:

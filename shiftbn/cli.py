@@ -17,8 +17,19 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
                    help="import path of a function that returns the model, e.g. mypkg.nets:make_resnet; the working "
                         "folder is searched last, only for this module")
+    p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="keyword arguments for the factory, e.g. num_classes=2 pretrained=false (values read as "
+                        "JSON: numbers, true/false, null; anything else is a string)")
     p.add_argument("--weights", required=True, type=Path,
                    help="state dict saved with torch.save(model.state_dict()); loaded with weights_only=True")
+    p.add_argument("--state-key", default=None, metavar="KEY",
+                   help="take the state dict from this key of the checkpoint (Lightning: state_dict)")
+    p.add_argument("--strip-prefix", default=None, metavar="PREFIX",
+                   help="remove this prefix from the state dict's keys (Lightning: model.)")
+    p.add_argument("--device", default="cpu", help="device for the model and inputs: cpu, cuda, cuda:1, mps "
+                                                    "(default: cpu)")
+    p.add_argument("--amp", action="store_true", help="run forwards under autocast (mixed precision); BN statistics "
+                                                     "stay exact in float64")
     p.add_argument("--data", required=True, type=Path,
                    help="manifest CSV/Parquet (columns path,label,source) or an image folder root/<source>/<class>/")
     p.add_argument("--path-col", default="path", help="manifest column with image paths (default: path)")
@@ -145,8 +156,9 @@ def _load_user_model(args):
     import torch
 
     factory = _import_factory(args.model)
+    kwargs = _model_kwargs(args.model_kwargs)
     try:
-        model = factory()
+        model = factory(**kwargs)
     except Exception as e:  # noqa: BLE001 - any failure of the user's factory is reported as one line
         raise ValueError(f"--model {args.model}: the factory raised {_describe(e)}") from e
     if not isinstance(model, torch.nn.Module):
@@ -168,11 +180,49 @@ def _load_user_model(args):
         raise ValueError(f"{args.weights} is not a readable torch checkpoint ({type(e).__name__}); {resave}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{args.weights} holds {type(state).__name__}, expected a state dict; {resave}")
+    state = _state_dict_of(state, args.weights, args.state_key, args.strip_prefix)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"--weights do not fit the model from --model: {str(e).splitlines()[0]}") from None
+    try:
+        device = torch.device(args.device)
+        model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def _model_kwargs(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings as factory keyword arguments (values parsed as JSON where they are JSON)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-kwargs takes KEY=VALUE pairs, got {item!r} (e.g. num_classes=2)")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _state_dict_of(state: dict, path: Path, key: str | None, prefix: str | None) -> dict:
+    """The tensors to load: ``state[key]`` when given, with ``prefix`` stripped from the keys."""
+    if key is not None:
+        if key not in state or not isinstance(state[key], dict):
+            raise ValueError(f"--state-key {key!r}: {path} has no dict under that key; its keys: {sorted(state)[:10]}")
+        state = state[key]
+    elif state and not any(hasattr(v, "shape") for v in state.values()):
+        hint = " (Lightning: --state-key state_dict --strip-prefix model.)" if "state_dict" in state else ""
+        raise ValueError(f"{path} holds no tensors at its top level (keys {sorted(state)[:10]}); name the key of the "
+                         f"state dict with --state-key{hint}")
+    if prefix is not None:
+        if not any(k.startswith(prefix) for k in state):
+            raise ValueError(f"--strip-prefix {prefix!r}: no key of the state dict starts with it "
+                             f"(first keys: {list(state)[:3]})")
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return state
 
 
 def _check_out(path: Path) -> None:
@@ -251,7 +301,7 @@ def _cmd_stats(args) -> None:
     _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
-                          seed=args.seed, progress=not args.no_progress)
+                          seed=args.seed, progress=not args.no_progress, amp=args.amp)
     _out_folder(args.out)
     atomic_write_text(args.out / "stats.json", json.dumps(stats.to_dict()))
     atomic_write_text(args.out / "stats.csv", stats.to_frame().to_csv(index=False))
@@ -270,7 +320,7 @@ def _cmd_matrix(args) -> None:
     model, ds = _load_user_model(args), _load_user_data(args)
     table = cross_source_matrix(model, ds, args.strategies, args.metrics, calibration=args.calibration,
                                 stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, amp=args.amp)
     atomic_write_text(_out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
     for metric, g in table.groupby("metric", sort=False):
         print(f"\n{metric}:")
@@ -288,7 +338,7 @@ def _cmd_recalibrate(args) -> None:
         raise FileExistsError(f"{args.output} exists; pass --force to replace it")
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = recalibrate(model, ds, target=args.target, method=args.method, batch_size=args.batch_size,
-                        num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress)
+                        num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress, amp=args.amp)
     atomic_save_torch(args.output, model.state_dict())
     where = f"site {args.target!r}" if args.target else "all data"
     print(f"Wrote {args.output}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")

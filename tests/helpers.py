@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def _as_rows(x: torch.Tensor) -> np.ndarray:
-    a = x.detach().numpy().astype(np.float64)
+    a = x.detach().double().numpy()  # exact for every float dtype (bfloat16 has no numpy type)
     return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
 
 

@@ -180,3 +180,26 @@ def test_model_in_train_mode_with_momentum_none_is_restored():
     before = state_of(model)
     sb.collect_stats(model, _batches((2, 6, 6)), mode="sequential", progress=False)
     assert_same_state(model, before)
+
+
+def test_sequential_passes_are_truncated_to_about_half_the_layers():
+    torch.manual_seed(0)
+    depth = 8
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU()]
+    model = nn.Sequential(*layers).eval()
+    executed = []
+    hooks = [m.register_forward_hook(lambda *a: executed.append(1)) for m in model if isinstance(m, nn.BatchNorm1d)]
+    batches = [torch.randn(16, 6) * 3 + 2 for _ in range(4)]
+    stats = sb.collect_stats(model, batches, by_source=False, mode="sequential", progress=False)["pooled"]
+    for h in hooks:
+        h.remove()
+    forward_equivalents = len(executed) / (depth * len(batches))
+    assert forward_equivalents <= (depth + 3) / 2
+    # the fixpoint: with its statistics stored, every layer's input has exactly those statistics
+    with sb.use_stats(model, stats):
+        again = sb.collect_stats(model, batches, by_source=False, mode="eval", progress=False)["pooled"]
+    for name, m in stats.layers.items():
+        np.testing.assert_allclose(again[name].mean, m.mean, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(again[name].var, m.var, rtol=1e-6, atol=1e-9)

@@ -311,3 +311,26 @@ def test_resume_under_another_thread_count_is_refused_naming_both(tmp_path, caps
     assert f"torch_threads was {threads}, now {threads + 1}" in err and "OMP_NUM_THREADS" in err
     err = _one_line_error(capsys, main(["run", str(spec), "--out", str(out), "--resume", "--no-progress"]))
     assert "numerics" not in err and "no-such-dataset" in err
+
+
+def test_reference_model_with_kwargs_and_a_lightning_checkpoint(tmp_path, monkeypatch, capsys):
+    proj = _user_project(tmp_path)
+    monkeypatch.chdir(proj)
+    from shiftbn.models import resnet18
+
+    net = resnet18(num_classes=2, in_channels=1)
+    lightning = {"epoch": 3, "global_step": 120, "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}
+    torch.save(lightning, proj / "last.ckpt")
+    base = ["matrix", "--model", "shiftbn.models:resnet18", "--model-kwargs", "num_classes=2", "in_channels=1",
+            "--weights", "last.ckpt", "--data", "data", "--batch-size", "4", "--strategies", "source", "--no-progress",
+            "--out", "mx"]
+    assert main(base) == 2
+    assert "--state-key state_dict --strip-prefix model." in capsys.readouterr().err
+    assert main([*base, "--state-key", "state_dict"]) == 2  # keys still carry the prefix
+    assert main([*base, "--state-key", "state_dict", "--strip-prefix", "net."]) == 2
+    assert "no key of the state dict starts with it" in capsys.readouterr().err
+    assert main([*base, "--state-key", "state_dict", "--strip-prefix", "model."]) == 0
+    assert len(pd.read_csv(proj / "mx" / "matrix.csv")) == 2
+    bad = [a if a != "in_channels=1" else "in_channels" for a in base]
+    assert main([*bad, "--state-key", "state_dict", "--strip-prefix", "model."]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -22,7 +22,7 @@ PKG = Path(sb.__file__).resolve().parent
 
 # Bottom to top; a module may import only from its own layer or below.
 LAYERS = [
-    ("shiftbn._torch", "shiftbn._io", "shiftbn._lock", "shiftbn._version"),
+    ("shiftbn._torch", "shiftbn._io", "shiftbn._lock", "shiftbn._log", "shiftbn._version"),
     ("shiftbn.data", "shiftbn.samplers"),
     ("shiftbn.bn",),
     ("shiftbn.adapt", "shiftbn.train", "shiftbn.models"),
@@ -270,3 +270,16 @@ def test_tent_on_a_half_precision_model_gives_finite_outputs(trained):
 
     table = sb.cross_source_matrix(Float32Out(half), ds, ["tent:5"], progress=False)
     assert table["value"].notna().all()
+
+
+def test_phase_lines_are_plain_and_quiet_silences_them(capsys):
+    from shiftbn import _log
+
+    _log.phase(2, 5, "cross-source matrix")
+    assert capsys.readouterr().err.startswith("[2/5] cross-source matrix (")
+    _log.set_quiet(True)
+    try:
+        _log.phase(3, 5, "held-out protocol")
+        assert capsys.readouterr().err == "" and not _log.bars_wanted()
+    finally:
+        _log.set_quiet(False)

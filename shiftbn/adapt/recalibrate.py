@@ -21,6 +21,7 @@ def recalibrate(
     batch_size: int = 64,
     num_samples: int | None = None,
     seed: int = 0,
+    amp: bool = False,
     progress: bool = True,
 ) -> BNStats:
     """Recompute BN statistics and write them into ``model``'s buffers (in place); returns them.
@@ -35,7 +36,8 @@ def recalibrate(
             ``"precise"`` it restricts the data to that site (default: all sources pooled).
         method: ``"target"`` (AdaBN: the site's own statistics, seen in single-site batches) or
             ``"precise"`` (PreciseBN over the data in random batches).
-        batch_size, num_samples, seed, progress: as for ``collect_stats`` (``num_samples`` per source).
+        batch_size, num_samples, seed, amp, progress: as for ``collect_stats`` (``num_samples`` per
+            source).
     """
     if method not in ("target", "precise"):
         raise ValueError(f"unknown method {method!r}; use 'target' (AdaBN on one site) or 'precise' (PreciseBN)")
@@ -45,10 +47,10 @@ def recalibrate(
         if target is None:
             raise ValueError(f"method='target' needs target=, one of {data.sources_present}")
         stats = collect_stats(model, data.subset(target), batch_size=batch_size, num_samples=num_samples,
-                              seed=seed, progress=progress)[str(target)]
+                              seed=seed, amp=amp, progress=progress)[str(target)]
     else:
         subset = data if target is None else data.subset(target)
         stats = collect_stats(model, subset, by_source=False, batch_size=batch_size, num_samples=num_samples,
-                              seed=seed, progress=progress).pooled()
+                              seed=seed, amp=amp, progress=progress).pooled()
     load_stats(model, stats)
     return stats

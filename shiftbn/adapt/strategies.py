@@ -19,7 +19,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from shiftbn._lock import model_lock
-from shiftbn._torch import Inputs, batch_stats_logits, concat_inputs, device_of, forward_batches, take_inputs
+from shiftbn._torch import Inputs, autocast, batch_stats_logits, concat_inputs, device_of, forward_batches, take_inputs
 from shiftbn.adapt.context import AdaptContext
 from shiftbn.bn import BNStats, bn_layers, buffer_stats, mix_stats, preserved, use_stats
 
@@ -64,9 +64,9 @@ class Strategy:
         if stats is None:
             with preserved(ctx.model):
                 ctx.model.eval()
-                return forward_batches(ctx.model, x, ctx.batch_size)
+                return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp)
         with use_stats(ctx.model, stats):
-            return forward_batches(ctx.model, x, ctx.batch_size)
+            return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp)
 
     def __repr__(self) -> str:
         return f"<strategy {self.name}>"
@@ -204,13 +204,13 @@ class BatchStats(Strategy):
 
     def logits(self, ctx, eval_source, x):
         if not self.mixed:
-            return batch_stats_logits(ctx.model, x, self.batch, ctx.seed)
+            return batch_stats_logits(ctx.model, x, self.batch, ctx.seed, amp=ctx.amp)
         return ctx.memo(("shiftbn", "mixed-batch", self.batch), lambda: self._mixed(ctx))[eval_source]
 
     def _mixed(self, ctx: AdaptContext) -> dict[str, torch.Tensor]:
         names = list(ctx.eval_sources)
         xs = [ctx.eval_inputs(s) for s in names]
-        out = batch_stats_logits(ctx.model, concat_inputs(xs), self.batch, ctx.seed)
+        out = batch_stats_logits(ctx.model, concat_inputs(xs), self.batch, ctx.seed, amp=ctx.amp)
         return dict(zip(names, torch.split(out, [len(v) for v in xs]), strict=True))
 
 
@@ -256,7 +256,9 @@ class Tent(Strategy):
         device = device_of(model)
         for _ in range(self.steps):
             idx = torch.randperm(len(cal), generator=gen)[: min(self.batch, len(cal))]
-            logp = torch.log_softmax(model(take_inputs(cal, idx).to(device)).float(), dim=1)
+            with autocast(device, ctx.amp):
+                out = model(take_inputs(cal, idx).to(device))
+            logp = torch.log_softmax(out.float(), dim=1)
             loss = -(logp.exp() * logp).sum(1).mean()
             for p in params:
                 p.grad = None
@@ -267,4 +269,4 @@ class Tent(Strategy):
             with torch.no_grad():
                 for p, m in zip(params, masters, strict=True):
                     p.copy_(m)
-        return batch_stats_logits(model, x, self.batch, ctx.seed)
+        return batch_stats_logits(model, x, self.batch, ctx.seed, amp=ctx.amp)

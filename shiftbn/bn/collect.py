@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import time
 import warnings
 from collections.abc import Iterable
 from functools import partial
@@ -13,6 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from shiftbn._log import bars_wanted
+from shiftbn._torch import autocast, check_device
 from shiftbn.bn.distributed import RankSync
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
 from shiftbn.bn.lock import model_lock
@@ -40,6 +44,8 @@ def collect_stats(
     tol: float = 1e-6,
     num_workers: int = 0,
     fused: bool | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
     progress: bool = True,
 ) -> SourceStats:
     """Exact per-channel mean and population variance of every BN layer's input, per source.
@@ -63,25 +69,30 @@ def collect_stats(
     moments are merged at once. ``fused``: take each batch's moments from one fused float64 kernel
     (``torch.compile``; exact to ~1e-14, several times faster on CPU, a one-time compile of ~10 s);
     ``None`` (default) uses it for passes of at least 200 batches; ``False`` never.
+    ``device``: where inputs go; must be the model's device (default: the model's; the model is
+    never moved). ``amp``: forwards under autocast; statistics are still accumulated in float64 from
+    the tensor each BN layer actually receives.
     Returns ``SourceStats`` (names: the dataset's source names, or ``"pooled"``).
     """
     with model_lock(model):
         sync = RankSync()
         layers, plan = sync.check(lambda: _prepare(model, data, batch_size, by_source, num_samples, mode,
-                                                   sampler, seed, max_passes, num_workers, sync))
+                                                   sampler, seed, max_passes, num_workers, sync, device))
         snap = ModelSnapshot(model, layers)
         try:
             first = "batch" if mode == "sequential" else mode
             fuse = _use_fused(fused, plan)
+            precision = partial(autocast, device_of(model), amp)
             stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
-                                                        f"stats ({first})", fuse))
+                                                        f"stats ({first})", fuse, precision=precision))
             _check_sharded(infos, sync.world)
             if not stats.sources:
                 raise ValueError("no data reached the BN layers: data is empty"
                                  + (f" on all {sync.world} ranks" if sync.world > 1 else ""))
             if mode == "sequential":
                 order = next((i["order"] for i in infos if i["order"]), [])
-                stats = _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fuse)
+                stats = _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fuse,
+                                  precision)
             stats = _ordered(stats, plan.names)
             stats.mode = mode
             return stats
@@ -90,8 +101,9 @@ def collect_stats(
 
 
 def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, seed, max_passes, num_workers,
-             sync: RankSync) -> tuple[list[BNLayer], Batches]:
+             sync: RankSync, device) -> tuple[list[BNLayer], Batches]:
     """Validate the arguments and plan this rank's batches."""
+    check_device(model, device)
     if mode not in COLLECT_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {COLLECT_MODES}")
     batch_size = as_count(batch_size, "batch_size", 1)
@@ -152,7 +164,8 @@ def _ordered(stats: SourceStats, names: list[str] | None) -> SourceStats:
     return SourceStats({k: stats.sources[k] for k in keys}, stats.mode, stats.passes)
 
 
-def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fused) -> SourceStats:
+def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fused,
+              precision) -> SourceStats:
     """Passes until the statistics reproduce themselves when every BN layer uses its stored ones.
 
     How: pass 1 was batch mode. In pass p >= 2 the first p - 1 BN modules in call order (``order``)
@@ -163,16 +176,25 @@ def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress
     than once (cycles through a shared module) then iterate until the change is below ``tol``
     (relative, in normalized units; raised to 64 eps of the buffers' dtype, the precision they are
     stored with). Default ``max_passes``: L + 32 (L to build the frontier, room for such loops).
+    When every module is called once per forward, pass p only has to measure module p - 1: it
+    records that module's input and stops each forward there, so building the frontier costs about
+    (L - 1) / 2 forwards and the whole fixpoint about (L + 3) / 2 (the first and last passes are full).
     """
     limit = len(layers) + 32 if max_passes is None else max_passes
     tol = max(tol, 64 * max(float(torch.finfo(_buffer_dtype(layer)).eps) for layer in layers))
     eps = {layer.name: float(layer.module.eps) for layer in layers}
     order = list(order) + [layer.name for layer in layers if layer.name not in order]
     worst = (float("inf"), "?", "?")
+    once = not any(split_site(key)[1] is not None for bn in stats.values() for key in bn.layers)
     for p in range(2, limit + 2):
         frontier = set(order[: p - 1])
+        measure = order[p - 1] if once and p - 1 < len(order) else None
         new, _ = sync.merge(partial(_one_pass, model, layers, plan, "eval", stats, frontier, progress,
-                                    f"stats (sequential {p})", fused))
+                                    f"stats (sequential {p})", fused, measure, precision))
+        if measure is not None:  # a truncated pass: only that module's statistics are new
+            new = SourceStats({src: BNStats({**bn.layers, **(new.sources[src].layers if src in new.sources
+                                                            else {})}, bn.num_samples)
+                               for src, bn in stats.items()}, stats.mode)
         new.passes = p
         worst = _max_change(stats, new, eps)
         stats = new
@@ -214,9 +236,14 @@ def _max_change(old: SourceStats, new: SourceStats, eps: dict[str, float]) -> tu
     return worst
 
 
+class _StopForwardSignal(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised in a pre-hook once the layer a truncated pass measures has seen its input."""
+
+
 def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
               current: SourceStats | None, frontier: set[str] | None, progress: bool,
-              desc: str, fused: bool = False) -> tuple[SourceStats, dict[str, Any]]:
+              desc: str, fused: bool = False, measure: str | None = None,
+              precision=contextlib.nullcontext) -> tuple[SourceStats, dict[str, Any]]:
     """One pass over ``plan``: this rank's statistics, and an info dict (samples seen, fingerprint of
     the first batch, BN modules in first-call order).
 
@@ -224,6 +251,8 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     statistics into the buffers before BN runs: BN then normalizes with batch statistics without
     computing them a second time, and the EMA is never updated. In "eval" mode with ``current``, the
     modules in ``frontier`` (all when ``None``) use ``current``'s statistics, the others batch mode.
+    ``measure``: a truncated pass that records only that module's input and stops each forward there
+    (every module before it must be in ``frontier`` and called once per forward).
     """
     model.eval()
     accs: dict[str, dict[tuple[str, int], RunningMoments]] = {}
@@ -237,8 +266,12 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
             k = state["calls"].get(name, 0)
             state["calls"][name] = k + 1
             order.setdefault(name)
+            if measure is not None and name != measure:
+                return  # a truncated pass: this module uses its stored statistics
             acc = accs.setdefault(state["source"], {}).setdefault((name, k), RunningMoments())
             _, mean, var = acc.add(args[0], workspace, fused)
+            if measure is not None:
+                raise _StopForwardSignal
             if batch_stats and module.running_mean is not None:
                 module.running_mean.copy_(mean)
                 module.running_var.copy_(var)
@@ -255,7 +288,10 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     fingerprint = None
     try:
         with torch.no_grad():
-            for x, src in tqdm(plan, total=plan.total, desc=desc, disable=not progress, leave=False):
+            bar = tqdm(plan, total=plan.total, desc=desc, disable=not bars_wanted(progress), unit="batch",
+                       mininterval=1.0)
+            started = time.perf_counter()
+            for x, src in bar:
                 if len(x) == 0:
                     raise ValueError(f"an empty batch (0 samples, source {src!r}) reached collect_stats; "
                                      "drop empty batches from the data")
@@ -271,8 +307,12 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
                         writes[src] = prepare_writes(layers, current[src])
                     apply_writes(writes[src])
                 state["source"], state["calls"] = src, {}
-                model(x.to(device) if isinstance(x, torch.Tensor) else x)
+                with contextlib.suppress(_StopForwardSignal), precision():
+                    model(x.to(device) if isinstance(x, torch.Tensor) else x)
                 n_samples[src] = n_samples.get(src, 0) + len(x)
+                if not bar.disable:
+                    bar.set_postfix_str(f"{sum(n_samples.values()) / (time.perf_counter() - started):,.0f} samples/s",
+                                        refresh=False)
     finally:
         for h in hooks:
             h.remove()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.parameter import is_lazy
+
+from shiftbn._torch import device_of as device_of  # re-exported: one helper for every layer
 
 _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm)
 
@@ -63,11 +64,3 @@ def check_materialized(layers: list[BNLayer]) -> None:
                 f"lazy BN layer {layer.name!r} is not initialized; run the model once on a batch first"
             )
 
-
-def device_of(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from shiftbn._log import bars_wanted
+from shiftbn._torch import check_device
 from shiftbn.adapt import AdaptContext, Strategy, expand_strategies
 from shiftbn.bn import CollectMode, collect_stats
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
@@ -89,6 +91,7 @@ def collect(
     stats_mode: CollectMode = "batch",
     num_samples: int | None = None,
     seed: int = 0,
+    amp: bool = False,
     progress: bool = True,
 ) -> tuple[AdaptContext, dict[str, np.ndarray]]:
     """The context strategies see (statistics computed on first use) and each eval source's labels.
@@ -101,11 +104,11 @@ def collect(
 
     def source_stats():
         return collect_stats(model, cal, batch_size=stats_batch_size, mode=stats_mode, num_samples=num_samples,
-                             seed=seed, progress=progress)
+                             seed=seed, amp=amp, progress=progress)
 
     def precise_stats():
         return collect_stats(model, cal.subset(plan.train_sources), by_source=False, batch_size=stats_batch_size,
-                             mode=stats_mode, num_samples=num_samples, seed=seed, progress=progress).pooled()
+                             mode=stats_mode, num_samples=num_samples, seed=seed, amp=amp, progress=progress).pooled()
 
     ctx = AdaptContext(model=model, source_stats_fn=source_stats,
                        calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s), lambda: cal.subset(s)),
@@ -128,7 +131,7 @@ def score(
     outputs: dict = {}
     rows = []
     cells = [(st, s) for st in plan.strategies for s in plan.eval_sources]
-    for strat, src in tqdm(cells, desc="matrix", disable=not progress, leave=False):
+    for strat, src in tqdm(cells, desc="matrix cells", disable=not bars_wanted(progress), unit="cell"):
         key = strat.cache_key(ctx, src)
         out = outputs.get(key) if key is not None else None
         if out is None:
@@ -182,6 +185,8 @@ def cross_source_matrix(
     ci: float | None = None,
     n_boot: int = 200,
     seed: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Every strategy on every source: how the model does on each lab with which statistics.
@@ -206,15 +211,20 @@ def cross_source_matrix(
             as ``collect_stats``'s ``batch_size``, ``mode``, ``num_samples``.
         ci: add a percentile bootstrap interval at this level (``ci_low``, ``ci_high``; ``n_boot``
             resamples).
+        device: where inputs go; must be the model's device (default: the model's). The model is
+            never moved.
+        amp: forwards under autocast (float16 on CUDA, bfloat16 on CPU); BN statistics are still
+            accumulated in float64 from the tensor each BN layer receives.
     Returns:
         Tidy DataFrame ``strategy, is_cross_source, stats_source, eval_source, metric, value, n``;
         ``is_cross_source`` marks the ``stats:<i>`` cells.
     """
     metrics = check_metrics(metrics)
+    check_device(model, device)
     plan = prepare(ds, strategies, calibration=calibration, transductive=transductive, train_sources=train_sources,
                    eval_sources=eval_sources, seed=seed)
     ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size,
-                          stats_mode=stats_mode, num_samples=num_samples, seed=seed, progress=progress)
+                          stats_mode=stats_mode, num_samples=num_samples, seed=seed, amp=amp, progress=progress)
     return score(ctx, plan, labels, metrics, ci=ci, n_boot=n_boot, progress=progress)
 
 
