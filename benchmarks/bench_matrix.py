@@ -14,7 +14,7 @@ Data: ``--dataset synthetic`` (default): S sources of ``--per-source`` 3x32x32 i
 offset and scale, 10 classes) held in memory, half calibration, half evaluation; or a built-in
 dataset name (e.g. digits-labs). Model: SmallCNN (width 16), untrained.
 
-Run: python benchmarks/bench_matrix.py [--sources 5 20] [--per-source 400] [--repeats 3] [--threads 1]
+Run: python benchmarks/bench_matrix.py [--sources 5 20] [--per-source 300] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="synthetic")
     ap.add_argument("--sources", type=int, nargs="+", default=[5, 20], help="S values (synthetic data)")
-    ap.add_argument("--per-source", type=int, default=400, help="samples per source (synthetic data)")
+    ap.add_argument("--per-source", type=int, default=300, help="samples per source (synthetic data)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a 2-core VM two threads make timings vary by +-40%%)")
     ap.add_argument("--repeats", type=int, default=3)
