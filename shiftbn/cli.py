@@ -37,6 +37,14 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
                    help="manifest column with labels (default: label; 'none' for unlabeled data)")
     p.add_argument("--source-col", default="source", help="manifest column with the source/site (default: source)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to SIZE x SIZE before the model")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="convert every image to 1 (grayscale) or 3 (RGB) channels (default: as stored)")
+    p.add_argument("--normalize", nargs=2, default=None, metavar=("MEAN", "STD"),
+                   help="normalize as (x - MEAN) / STD after scaling to [0, 1]; one number or one per channel, "
+                        "comma-separated (ImageNet: 0.485,0.456,0.406 0.229,0.224,0.225)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse unreadable image files instead of skipping them (skipped files are listed in "
+                        "skipped.csv in the output folder)")
     p.add_argument("--allow-outside", action="store_true",
                    help="let manifest paths point outside the manifest's folder (refused by default)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size for statistics (default: 64)")
@@ -241,29 +249,57 @@ def _out_folder(path: Path) -> Path:
     return path
 
 
-def _load_user_data(args):
-    from shiftbn.data.files import from_folder, from_frame, load_image
+def _numbers(flag: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes numbers, one or comma-separated per channel, got {text!r}") from None
 
-    loader = load_image
+
+def _load_user_data(args):
+    """The user's data as a ``SourceTaggedDataset``; unreadable image files are skipped (listed in
+    ``args.skipped``) or, with ``--strict``, refused naming the first one."""
+    from shiftbn.data.files import camelyon17, from_folder, from_frame
+    from shiftbn.data.images import FileDataset
+    from shiftbn.data.loaders import ImageLoader, find_unreadable
+
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be a positive number of pixels, got {args.image_size}; "
                          "leave it out to keep the images' own size")
-    if args.image_size:
-        import torch.nn.functional as F
-
-        size = args.image_size
-
-        def loader(path):  # noqa: F811 - resize variant of load_image
-            return F.interpolate(load_image(path).unsqueeze(0), size=(size, size), mode="bilinear",
-                                 align_corners=False)[0]
-
+    mean, std = (None, None) if args.normalize is None else (_numbers("--normalize MEAN", args.normalize[0]),
+                                                             _numbers("--normalize STD", args.normalize[1]))
+    loader = ImageLoader(channels=args.channels, size=args.image_size, mean=mean, std=std)
     if not args.data.exists():
         raise FileNotFoundError(f"--data not found: {args.data}")
-    if args.data.is_dir():
-        return from_folder(args.data, loader=loader)
-    label = None if args.label_col.lower() == "none" else args.label_col
-    return from_frame(args.data, path=args.path_col, label=label, source=args.source_col, loader=loader,
-                      allow_outside=args.allow_outside)
+    if args.data.is_dir() and (args.data / "metadata.csv").is_file():
+        ds = camelyon17(args.data, loader=loader)  # the WILDS Camelyon17 layout
+    elif args.data.is_dir():
+        ds = from_folder(args.data, loader=loader)
+    else:
+        label = None if args.label_col.lower() == "none" else args.label_col
+        ds = from_frame(args.data, path=args.path_col, label=label, source=args.source_col, loader=loader,
+                        allow_outside=args.allow_outside)
+    args.skipped = None
+    if isinstance(ds.base, FileDataset):
+        bad = find_unreadable(ds.base.paths)
+        if len(bad) and args.strict:
+            raise ValueError(f"unreadable image file {bad['path'].iloc[0]} ({bad['error'].iloc[0]}) and "
+                             f"{len(bad) - 1} more; remove them or drop --strict to skip them")
+        if len(bad):
+            unreadable = set(bad["path"])
+            ds = ds.take([i for i, p in enumerate(ds.base.paths) if p not in unreadable])
+            args.skipped = bad
+            print(f"shiftbn: skipped {len(bad)} unreadable image file(s), e.g. {bad['path'].iloc[0]}; the list goes "
+                  "to skipped.csv", file=sys.stderr)
+    return ds
+
+
+def _write_skipped(args, folder: Path) -> None:
+    """Write the skipped files (if any) as ``skipped.csv`` into ``folder``."""
+    from shiftbn._io import atomic_write_text
+
+    if getattr(args, "skipped", None) is not None:
+        atomic_write_text(folder / "skipped.csv", args.skipped.to_csv(index=False))
 
 
 def _cmd_demo(args) -> None:
@@ -303,6 +339,7 @@ def _cmd_stats(args) -> None:
     stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
                           seed=args.seed, progress=not args.no_progress, amp=args.amp)
     _out_folder(args.out)
+    _write_skipped(args, args.out)
     atomic_write_text(args.out / "stats.json", json.dumps(stats.to_dict()))
     atomic_write_text(args.out / "stats.csv", stats.to_frame().to_csv(index=False))
     shift = stats_shift(stats, metric="all")
@@ -322,6 +359,7 @@ def _cmd_matrix(args) -> None:
                                 stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
                                 progress=not args.no_progress, amp=args.amp)
     atomic_write_text(_out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
+    _write_skipped(args, args.out)
     for metric, g in table.groupby("metric", sort=False):
         print(f"\n{metric}:")
         print(g.pivot_table(index="strategy", columns="eval_source", values="value", sort=False).round(3).to_string())

@@ -18,21 +18,26 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def _three_blocks(cin: int, w: int, conv: type, bn: type, pool: type, gap: type) -> nn.Sequential:
+    """Three conv-BN-ReLU blocks (widths w, 2w, 2w; a 2x pooling after the second), global pooling."""
+    return nn.Sequential(
+        conv(cin, w, 3, padding=1, bias=False), bn(w), nn.ReLU(),
+        conv(w, 2 * w, 3, padding=1, bias=False), bn(2 * w), nn.ReLU(),
+        pool(2),
+        conv(2 * w, 2 * w, 3, padding=1, bias=False), bn(2 * w), nn.ReLU(),
+        gap(1), nn.Flatten(),
+    )
+
+
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU blocks, global pooling, a linear classifier. Input (N, C, H, W)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, seed: int = 0) -> None:
         super().__init__()
         with _seeded(seed):
-            w = width
-            self.features = nn.Sequential(
-                nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            )
-            self.classifier = nn.Linear(2 * w, num_classes)
+            self.features = _three_blocks(in_channels, width, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d,
+                                          nn.AdaptiveAvgPool2d)
+            self.classifier = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -136,15 +141,9 @@ class SmallCNN3d(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8, seed: int = 0) -> None:
         super().__init__()
         with _seeded(seed):
-            w = width
-            self.features = nn.Sequential(
-                nn.Conv3d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm3d(w), nn.ReLU(),
-                nn.Conv3d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm3d(2 * w), nn.ReLU(),
-                nn.MaxPool3d(2),
-                nn.Conv3d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm3d(2 * w), nn.ReLU(),
-                nn.AdaptiveAvgPool3d(1), nn.Flatten(),
-            )
-            self.classifier = nn.Linear(2 * w, num_classes)
+            self.features = _three_blocks(in_channels, width, nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d,
+                                          nn.AdaptiveAvgPool3d)
+            self.classifier = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

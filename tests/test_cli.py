@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,3 +335,46 @@ def test_reference_model_with_kwargs_and_a_lightning_checkpoint(tmp_path, monkey
     bad = [a if a != "in_channels=1" else "in_channels" for a in base]
     assert main([*bad, "--state-key", "state_dict", "--strip-prefix", "model."]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_real_folders_corrupt_grayscale_and_odd_size_files(tmp_path, monkeypatch, capsys):
+    proj = _user_project(tmp_path)
+    monkeypatch.chdir(proj)
+    (proj / "usernet.py").write_text((proj / "usernet.py").read_text() + textwrap.dedent("""
+        def make_rgb():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    """))
+    import importlib
+
+    import usernet
+
+    importlib.reload(usernet)
+    torch.save(usernet.make_rgb().state_dict(), proj / "rgb.pt")
+    rng = np.random.default_rng(1)
+    data = proj / "rgb_data"
+    for site in ("site_a", "site_b", "site_c"):
+        for cls in ("neg", "pos"):
+            folder = data / site / cls
+            folder.mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), mode="RGB").save(folder / f"{i}.png")
+    (data / "site_a" / "neg" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L").save(data / "site_b" / "pos" / "g.png")
+    big = rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)
+    Image.fromarray(big, mode="RGB").save(data / "site_c" / "neg" / "big.png")
+    common = ["--model", "usernet:make_rgb", "--weights", "rgb.pt", "--data", "rgb_data", "--batch-size", "4",
+              "--no-progress", "--strategies", "source", "target"]
+    assert main(["matrix", *common, "--out", "plain"]) == 2  # the grayscale or the odd size, named
+    assert re.search(r"g\.png|big\.png", capsys.readouterr().err)
+    assert main(["matrix", *common, "--strict", "--channels", "3", "--image-size", "8", "--out", "strict"]) == 2
+    assert "corrupt.png" in capsys.readouterr().err
+    assert main(["matrix", *common, "--channels", "3", "--image-size", "8", "--normalize", "0.5", "0.25,0.25,0.25",
+                 "--out", "mx"]) == 0
+    skipped = pd.read_csv(proj / "mx" / "skipped.csv")
+    assert list(skipped["path"].map(lambda p: Path(p).name)) == ["corrupt.png"]
+    table = pd.read_csv(proj / "mx" / "matrix.csv")
+    assert table.groupby("eval_source")["n"].first().sum() > 0 and len(table) == 6
+    assert main(["matrix", *common, "--normalize", "0.5", "x", "--out", "bad"]) == 2
+    assert "--normalize STD takes numbers" in capsys.readouterr().err

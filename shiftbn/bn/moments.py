@@ -171,19 +171,13 @@ class MomentAccumulator:
         return Moments(total, mean, m2)
 
 
-@dataclass
-class BNStats(Mapping):
-    """Statistics of every BN layer for one set of samples: layer name -> ``Moments``.
+class LayerMap(Mapping):
+    """A read-only mapping over a ``layers`` dict (layer name -> per-layer statistics), with errors
+    that list the layers there are."""
 
-    A module called several times per forward has one entry per call site, ``"<name>@<k>"`` for
-    the k-th call (0-based, see ``site_key``), plus the merged entry under ``"<name>"``.
-    ``num_samples``: samples seen.
-    """
+    layers: dict
 
-    layers: dict[str, Moments] = field(default_factory=dict)
-    num_samples: int = 0
-
-    def __getitem__(self, name: str) -> Moments:
+    def __getitem__(self, name: str):
         try:
             return self.layers[name]
         except KeyError:
@@ -194,6 +188,19 @@ class BNStats(Mapping):
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+@dataclass
+class BNStats(LayerMap):
+    """Statistics of every BN layer for one set of samples: layer name -> ``Moments``.
+
+    A module called several times per forward has one entry per call site, ``"<name>@<k>"`` for
+    the k-th call (0-based, see ``site_key``), plus the merged entry under ``"<name>"``.
+    ``num_samples``: samples seen.
+    """
+
+    layers: dict[str, Moments] = field(default_factory=dict)
+    num_samples: int = 0
 
     def merge(self, other: BNStats) -> BNStats:
         """Exact statistics of both sample sets together (layers present in either).

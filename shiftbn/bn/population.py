@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from shiftbn.bn.moments import BNStats, as_vector, brief_repr, check_moments
+from shiftbn.bn.moments import BNStats, LayerMap, as_vector, brief_repr, check_moments
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Population:
 
 
 @dataclass
-class PopulationStats(Mapping):
+class PopulationStats(LayerMap):
     """Population BN parameters per layer: layer name -> ``Population`` (``.mean``, ``.var``).
 
     Why: the EMA in the buffers (``buffer_stats``) and prior-weighted mixes (``mix_stats``) are
@@ -52,18 +52,6 @@ class PopulationStats(Mapping):
 
     layers: dict[str, Population] = field(default_factory=dict)
     num_samples: int | None = None
-
-    def __getitem__(self, name: str) -> Population:
-        try:
-            return self.layers[name]
-        except KeyError:
-            raise KeyError(f"no statistics for layer {name!r}; layers: {list(self.layers)}") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         return {"num_samples": self.num_samples, "layers": {k: p.to_dict() for k, p in self.layers.items()}}

@@ -13,9 +13,11 @@ from torch.utils.data import Dataset
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
 
-def load_image(path: str | Path) -> torch.Tensor:
+def load_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
     """Decode one image file into a float32 tensor (C, H, W) in [0, 1].
 
+    ``channels``: 1 converts to grayscale, 3 to RGB (Pillow's conversions); ``None`` keeps one
+    channel for grayscale files and three for colour ones.
     Why: a missing, empty, truncated or non-image file must name itself, not surface as PIL's traceback.
     Raises FileNotFoundError for a missing file and ValueError for one that cannot be decoded.
     """
@@ -25,7 +27,8 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise ImportError("reading images needs Pillow: pip install pillow") from e
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"))
+            gray = im.mode in ("1", "L", "I", "I;16", "F") if channels is None else channels == 1
+            arr = np.asarray(im.convert("L" if gray else "RGB"))
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}; fix its path or remove it from the manifest") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
