@@ -39,7 +39,7 @@ from shiftbn.bn import (
     stats_shift,
     use_stats,
 )
-from shiftbn.data import LabShift, SourceTaggedDataset, Splits, load, simulate_labs
+from shiftbn.data import ItemKeys, LabShift, SourceTaggedDataset, Splits, load, simulate_labs
 from shiftbn.evaluate import METRICS, Metric, cross_source_matrix, evaluate, metric_value, register_metric, summarize
 from shiftbn.protocols import (
     STUDIES,
@@ -77,6 +77,7 @@ __all__ = [
     "EpochBatches",
     "FrozenBN",
     "HeldOutSources",
+    "ItemKeys",
     "LabShift",
     "LeakageProbe",
     "Metric",

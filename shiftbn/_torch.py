@@ -7,7 +7,7 @@ copy of that loop (and of the prediction-time BN forward) keeps them consistent.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,8 +16,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
 
 from shiftbn._lock import model_lock
+from shiftbn._log import bars_wanted
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -58,26 +60,43 @@ Inputs = torch.Tensor | Dataset
 """Model inputs: a tensor (N, ...) or a map-style dataset whose items are ``x`` or ``(x, ...)``."""
 
 
-def _input_of(batch: Any) -> torch.Tensor:
+def _input_of(batch: Any, input_key: str = "image") -> torch.Tensor:
+    """The inputs of a batch: a tensor ``x``, the first element of a tuple, or ``batch[input_key]`` of a dict.
+
+    Why: MONAI and Hugging Face pipelines collate dict items into dict batches (``{"image": x, ...}``).
+    """
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and len(batch) > 0:
         return batch[0]
-    raise TypeError(f"a batch must be a tensor x or a tuple (x, ...); got {type(batch).__name__}")
+    if isinstance(batch, Mapping):
+        if input_key in batch:
+            return batch[input_key]
+        raise ValueError(f"a dict batch has keys {sorted(map(str, batch))} but no input key {input_key!r}; "
+                         "wrap the dataset in SourceTaggedDataset(base, sources, keys=ItemKeys(input=...)) "
+                         "naming the key of the inputs")
+    if isinstance(batch, (tuple, list)):
+        raise ValueError(f"an empty {type(batch).__name__} batch holds no inputs; items must be x, (x, ...) "
+                         f"or a dict with key {input_key!r}")
+    raise TypeError(f"a batch must be a tensor x, a tuple (x, ...) or a dict with key {input_key!r}; "
+                    f"got {type(batch).__name__}")
 
 
-def iter_inputs(data: Inputs, batches: Sequence[Sequence[int] | torch.Tensor]) -> Iterator[torch.Tensor]:
+def iter_inputs(
+    data: Inputs, batches: Sequence[Sequence[int] | torch.Tensor], num_workers: int = 0
+) -> Iterator[torch.Tensor]:
     """The inputs of each index batch of ``data``, one batch in memory at a time.
 
     A tensor is indexed directly; a dataset is read through a ``DataLoader`` with the batches as
-    its batch sampler (only the first element of each item is kept).
+    its batch sampler and ``num_workers`` worker processes (only the inputs of each item are kept:
+    the first element of a tuple, ``"image"`` of a dict).
     """
     if isinstance(data, torch.Tensor):
         for idx in batches:
             yield data[torch.as_tensor(idx, dtype=torch.long)]
         return
     plan = [[int(i) for i in idx] for idx in batches]
-    for batch in DataLoader(data, batch_sampler=plan):
+    for batch in DataLoader(data, batch_sampler=plan, num_workers=num_workers):
         yield _input_of(batch)
 
 
@@ -98,18 +117,28 @@ def _chunks(n: int, batch_size: int) -> list[range]:
 
 
 @torch.no_grad()
-def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: bool = False) -> torch.Tensor:
+def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: bool = False,
+                    progress: bool = False, desc: str = "forward") -> torch.Tensor:
     """Outputs of ``model`` on ``data`` in order, batches of ``batch_size``, as the model is; float32 (N, K) on CPU.
 
     Only the outputs are kept: inputs are read one batch at a time, moved to the model's device.
-    ``amp``: run the forward under autocast.
+    ``amp``: run the forward under autocast. ``progress``: a bar with samples/s and ETA (on a terminal).
     """
     if len(data) == 0:
         raise ValueError("no inputs to evaluate: the data is empty")
     device = device_of(model)
-    with autocast(device, amp):
-        return torch.cat([model(x.to(device)).float().cpu()
-                          for x in iter_inputs(data, _chunks(len(data), batch_size))])
+    outs = []
+    with autocast(device, amp), _bar(len(data), desc, progress) as bar:
+        for x in iter_inputs(data, _chunks(len(data), batch_size)):
+            outs.append(model(x.to(device)).float().cpu())
+            bar.update(len(x))
+    return torch.cat(outs)
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    """One progress line for a pass over ``total`` samples (rate and ETA), drawn only on a terminal."""
+    return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, mininterval=1.0,
+                disable=not bars_wanted(progress))
 
 
 @contextmanager
@@ -137,7 +166,7 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int, *,
-                       amp: bool = False) -> torch.Tensor:
+                       amp: bool = False, progress: bool = False, desc: str = "batch statistics") -> torch.Tensor:
     """Outputs with every BN layer normalizing each batch by its own statistics (prediction-time BN).
 
     Samples of ``data`` (N of them) are shuffled with ``seed`` into near-equal batches of at most
@@ -151,12 +180,13 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
     device = device_of(model)
     out: torch.Tensor | None = None
-    with _batch_statistics(model), autocast(device, amp):
+    with _batch_statistics(model), autocast(device, amp), _bar(n, desc, progress) as bar:
         for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
             part = model(x.to(device)).float().cpu()
             if out is None:
                 out = torch.empty((n, *part.shape[1:]))
             out[idx] = part
+            bar.update(len(x))
     return out
 
 

@@ -180,6 +180,9 @@ def test_camelyon17_layout(tmp_path):
     assert ds.class_names == ("normal", "tumor")
     with pytest.raises(FileNotFoundError, match="WILDS"):
         camelyon17(tmp_path / "missing")
+    meta.drop(columns=["tumor"]).to_csv(tmp_path / "metadata.csv")  # the unlabeled companion's layout
+    unlabeled = camelyon17(tmp_path)
+    assert (unlabeled.labels == -1).all() and unlabeled.source_names == ("center_0", "center_2")
 
 
 def test_labshift_is_deterministic_and_does_what_it_says():

@@ -124,3 +124,17 @@ def test_two_threads_running_the_matrix_on_one_model_get_serial_results():
     for table in results:
         pd.testing.assert_frame_equal(table, serial)
     assert_same_state(model, before)
+
+
+def test_amp_reaches_every_forward_of_the_matrix():
+    from shiftbn.models import MLP
+
+    ds = sb.load("blobs-labs", n=120)
+    model = MLP(16, 3, hidden=8).eval()
+    seen = []
+    hook = model.register_forward_hook(lambda m, a, out: seen.append(torch.is_autocast_enabled("cpu")))
+    cross_source_matrix(model, ds, ["source", "target", "batch:8"], amp=True, progress=False)
+    hook.remove()
+    assert seen and all(seen)
+    with pytest.raises(ValueError, match="model is on cpu"):
+        cross_source_matrix(model, ds, ["source"], device="meta", progress=False)

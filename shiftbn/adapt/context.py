@@ -30,6 +30,7 @@ class AdaptContext:
         precise_stats_fn: PreciseBN statistics of the training sources' calibration data, or None.
         batch_size: evaluation batch size; ``seed``: seed of every random choice a strategy makes.
         amp: run forwards under autocast (mixed precision); outputs are float32 either way.
+        progress: strategies show a bar per evaluation pass (samples/s, ETA) on a terminal.
 
     ``memo(key, compute)`` caches any value for the lifetime of the context (one matrix call), so
     user strategies registered with ``register_strategy`` can share work as built-in ones do.
@@ -45,6 +46,7 @@ class AdaptContext:
     batch_size: int = 256
     seed: int = 0
     amp: bool = False
+    progress: bool = False
     _memo: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:

@@ -64,9 +64,11 @@ class Strategy:
         if stats is None:
             with preserved(ctx.model):
                 ctx.model.eval()
-                return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp)
+                return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress,
+                                       desc=f"{self.name} on {eval_source}")
         with use_stats(ctx.model, stats):
-            return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp)
+            return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress,
+                                       desc=f"{self.name} on {eval_source}")
 
     def __repr__(self) -> str:
         return f"<strategy {self.name}>"
@@ -204,7 +206,8 @@ class BatchStats(Strategy):
 
     def logits(self, ctx, eval_source, x):
         if not self.mixed:
-            return batch_stats_logits(ctx.model, x, self.batch, ctx.seed, amp=ctx.amp)
+            return batch_stats_logits(ctx.model, x, self.batch, ctx.seed, amp=ctx.amp, progress=ctx.progress,
+                                      desc=f"{self.name} on {eval_source}")
         return ctx.memo(("shiftbn", "mixed-batch", self.batch), lambda: self._mixed(ctx))[eval_source]
 
     def _mixed(self, ctx: AdaptContext) -> dict[str, torch.Tensor]:
@@ -269,4 +272,5 @@ class Tent(Strategy):
             with torch.no_grad():
                 for p, m in zip(params, masters, strict=True):
                     p.copy_(m)
-        return batch_stats_logits(model, x, self.batch, ctx.seed, amp=ctx.amp)
+        return batch_stats_logits(model, x, self.batch, ctx.seed, amp=ctx.amp, progress=ctx.progress,
+                                  desc=f"{self.name} on {eval_source}")

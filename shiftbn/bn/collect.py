@@ -25,6 +25,7 @@ from shiftbn.bn.plan import Batches, as_count, plan_batches, rank_share
 from shiftbn.bn.reduce import RunningMoments
 from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import ModelSnapshot, apply_writes, prepare_writes, untracked
+from shiftbn.data.items import ItemKeys
 
 COLLECT_MODES = ("batch", "sequential", "eval")
 CollectMode = Literal["batch", "sequential", "eval"]
@@ -43,6 +44,9 @@ def collect_stats(
     max_passes: int | None = None,
     tol: float = 1e-6,
     num_workers: int = 0,
+    keys: ItemKeys | None = None,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
     fused: bool | None = None,
     device: str | torch.device | None = None,
     amp: bool = False,
@@ -60,6 +64,8 @@ def collect_stats(
     rank r keeps at most ``num_samples // W`` (+1 for r < ``num_samples % W``) per source, so a rank
     holding fewer samples of a source than its share leaves the total below the cap. Each rank must
     get its own shard of the data (identical data on every rank is refused).
+    ``keys``: field names of dict batches (``ItemKeys(input="image", source="site")``; MONAI and
+    Hugging Face style); ``num_workers``, ``pin_memory``, ``persistent_workers``: the DataLoader's.
     ``mode``: ``"batch"`` (BN normalizes with batch statistics, as PreciseBN), ``"sequential"``
     (inference-consistent fixpoint, see ``_fixpoint``), ``"eval"`` (stored statistics; refused for BN
     layers without running statistics). Modules other than BN run in eval mode. Every buffer, flag
@@ -77,7 +83,9 @@ def collect_stats(
     with model_lock(model):
         sync = RankSync()
         layers, plan = sync.check(lambda: _prepare(model, data, batch_size, by_source, num_samples, mode,
-                                                   sampler, seed, max_passes, num_workers, sync, device))
+                                                   sampler, seed, max_passes, num_workers, sync, device,
+                                                   {"keys": keys, "pin_memory": pin_memory,
+                                                    "persistent_workers": persistent_workers}))
         snap = ModelSnapshot(model, layers)
         try:
             first = "batch" if mode == "sequential" else mode
@@ -101,7 +109,7 @@ def collect_stats(
 
 
 def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, seed, max_passes, num_workers,
-             sync: RankSync, device) -> tuple[list[BNLayer], Batches]:
+             sync: RankSync, device, loading: dict) -> tuple[list[BNLayer], Batches]:
     """Validate the arguments and plan this rank's batches."""
     check_device(model, device)
     if mode not in COLLECT_MODES:
@@ -121,7 +129,7 @@ def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, see
         )
     cap = rank_share(num_samples, sync.world, sync.rank)
     return layers, plan_batches(data, batch_size, by_source, cap, sampler, seed, num_workers,
-                         min_batch=1 if mode == "eval" else 2)
+                         min_batch=1 if mode == "eval" else 2, **loading)
 
 
 FUSED_MIN_BATCHES = 200

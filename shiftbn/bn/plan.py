@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from shiftbn.bn.moments import POOLED
+from shiftbn.data.items import ABSENT, DEFAULT_KEYS, ItemKeys, parts_of
 from shiftbn.data.tagged import SourceTaggedDataset
 
 
@@ -18,18 +19,19 @@ class Batches:
     """A re-iterable plan of input batches, each tagged with its source name.
 
     ``cap``: keep the first ``cap`` samples per source (cutting the batch that reaches it; a cut
-    that would leave fewer than ``min_batch`` samples drops them instead).
+    that would leave fewer than ``min_batch`` samples drops them instead). ``keys``: how dict
+    batches are read (``ItemKeys``).
     """
 
     def __init__(self, loader: Iterable[Any], names: list[str] | None, by_source: bool,
-                 cap: int | None, total: int | None, min_batch: int = 1) -> None:
+                 cap: int | None, total: int | None, min_batch: int = 1, keys: ItemKeys = DEFAULT_KEYS) -> None:
         self.loader, self.names, self.by_source, self.cap, self.total = loader, names, by_source, cap, total
-        self.min_batch = min_batch
+        self.min_batch, self.keys = min_batch, keys
 
     def __iter__(self) -> Iterator[tuple[Any, str]]:
         seen: dict[str, int] = {}
         for batch in self.loader:
-            x, s = _split_batch(batch)
+            x, s = _split_batch(batch, self.keys, self.by_source)
             src = self._source_of(s) if self.by_source else POOLED
             if self.cap is not None:
                 room = self.cap - seen.get(src, 0)
@@ -57,12 +59,26 @@ class Batches:
         return self.names[i] if self.names is not None else str(i)
 
 
-def _split_batch(batch: Any) -> tuple[Any, Any]:
+def _split_batch(batch: Any, keys: ItemKeys = DEFAULT_KEYS, by_source: bool = False) -> tuple[Any, Any]:
+    """Inputs and source ids (or None) of a batch: a tensor ``x``, a tuple ``(x, y[, s])`` or a dict.
+
+    A dict is read at ``keys`` (``keys.input``, ``keys.source``); when ``by_source`` a dict batch without
+    the source key is refused rather than silently pooled (the key name is the likely mistake);
+    ``ItemKeys(source=None)`` pools dict batches on purpose.
+    """
     if isinstance(batch, torch.Tensor):
         return batch, None
-    if isinstance(batch, (tuple, list)):
-        return batch[0], batch[2] if len(batch) >= 3 else None
-    raise TypeError(f"a batch must be a tensor x or a tuple (x, y[, source]); got {type(batch).__name__}")
+    if isinstance(batch, (tuple, list, Mapping)):
+        x, _, s = parts_of(batch, keys, "batch")
+        if isinstance(batch, Mapping) and by_source and s is ABSENT and keys.source is not None:
+            raise ValueError(
+                f"by_source=True reads each batch's source ids, but the dict batch has keys "
+                f"{sorted(map(str, batch))} and no source key {keys.source!r}; pass keys=ItemKeys(source=...) "
+                "naming it, or by_source=False for pooled statistics"
+            )
+        return x, None if s is ABSENT else s
+    raise TypeError(f"a batch must be a tensor x, a tuple (x, y[, source]) or a dict with key {keys.input!r}; "
+                    f"got {type(batch).__name__}")
 
 
 def rank_share(num_samples: int | None, world: int, rank: int) -> int | None:
@@ -73,15 +89,23 @@ def rank_share(num_samples: int | None, world: int, rank: int) -> int | None:
 
 
 def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
-          sampler: Iterable[list[int]] | None, seed: int, num_workers: int, min_batch: int) -> Batches:
+          sampler: Iterable[list[int]] | None, seed: int, num_workers: int, min_batch: int, *,
+          keys: ItemKeys | None = None, pin_memory: bool = False, persistent_workers: bool = False) -> Batches:
+    """The batches ``collect_stats`` reads: from a Dataset (planned here, read by a DataLoader with
+    ``num_workers``/``pin_memory``/``persistent_workers``) or a user's re-iterable of batches.
+
+    ``keys`` (``ItemKeys``, default input ``"image"``, source ``"source"``) says how dict batches are read.
+    """
+    keys = _check_keys(keys)
+    opts = _loader_options(num_workers, pin_memory, persistent_workers)
     rng = np.random.default_rng(seed)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         tagged = isinstance(data, SourceTaggedDataset)
         names = list(data.source_names) if tagged else None
         if sampler is not None:  # the sampler's batches, the cap applied to them as they stream
             batches = [list(b) for b in sampler]
-            loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers)
-            return Batches(loader, names, by_source and tagged, cap, len(batches), min_batch)
+            loader = DataLoader(data, batch_sampler=batches, **opts)
+            return Batches(loader, names, by_source and tagged, cap, len(batches), min_batch, keys)
         if tagged and by_source:
             groups = [np.flatnonzero(data.source_ids == i) for i in np.unique(data.source_ids)]
         else:
@@ -93,8 +117,8 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
                 g = g[:cap]
             if len(g):  # near-equal chunks (sizes differ by one) so no tail batch of a single sample
                 batches += [c.tolist() for c in np.array_split(g, -(-len(g) // batch_size))]
-        loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers)
-        return Batches(loader, names, by_source and tagged, None, len(batches))
+        loader = DataLoader(data, batch_sampler=batches, **opts)
+        return Batches(loader, names, by_source and tagged, None, len(batches), keys=keys)
     if isinstance(data, Iterator):
         raise TypeError("data is a one-shot iterator; pass a re-iterable (a DataLoader, a list of batches)")
     if not isinstance(data, Iterable):
@@ -102,7 +126,24 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
     base = getattr(data, "dataset", None)
     names = list(base.source_names) if isinstance(base, SourceTaggedDataset) else None
     total = len(data) if hasattr(data, "__len__") else None
-    return Batches(data, names, by_source, cap, total, min_batch)
+    return Batches(data, names, by_source, cap, total, min_batch, keys)
+
+
+def _check_keys(keys: ItemKeys | None) -> ItemKeys:
+    if keys is None:
+        return DEFAULT_KEYS
+    if not isinstance(keys, ItemKeys):
+        raise TypeError(f"keys must be an ItemKeys, e.g. ItemKeys(input='image', source='site'), got {keys!r}")
+    return keys
+
+
+def _loader_options(num_workers: int, pin_memory: bool, persistent_workers: bool) -> dict[str, Any]:
+    """DataLoader keywords, checked here so a bad combination names the argument, not DataLoader internals."""
+    num_workers = as_count(num_workers, "num_workers", 0)
+    if persistent_workers and num_workers == 0:
+        raise ValueError("persistent_workers=True keeps worker processes alive between passes and needs "
+                         "num_workers > 0; set num_workers or leave persistent_workers=False")
+    return {"num_workers": num_workers, "pin_memory": bool(pin_memory), "persistent_workers": bool(persistent_workers)}
 
 
 def as_count(value: Any, what: str, minimum: int) -> int:

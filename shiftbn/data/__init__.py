@@ -5,6 +5,7 @@ from shiftbn.data.builtin import DATASETS, blobs_labs, digits_labs, fashion_mnis
 from shiftbn.data.files import camelyon17, from_folder, from_frame
 from shiftbn.data.idx import read_idx, write_idx
 from shiftbn.data.images import FileDataset, load_image
+from shiftbn.data.items import ItemKeys
 from shiftbn.data.labshift import LabShift, simulate_labs
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
 
@@ -12,6 +13,7 @@ __all__ = [
     "DATASETS",
     "ArrayDataset",
     "FileDataset",
+    "ItemKeys",
     "LabShift",
     "SourceTaggedDataset",
     "Splits",

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from shiftbn.data.items import rows_of
+
 
 class ArrayDataset(Dataset):
     """Images or features held in memory: ``x`` (N, ...) float32, ``targets`` (N,) int64.
@@ -24,3 +26,11 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.x[i], int(self.targets[i])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """``[self[i] for i in indices]`` in one vectorised step (a DataLoader calls it per batch).
+
+        Items are views of one gathered tensor (x: (...), y: int), equal to per-item ones bit for bit.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        return list(zip(rows_of(self.x, idx).unbind(0), self.targets[idx].tolist(), strict=True))

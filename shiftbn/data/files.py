@@ -224,6 +224,8 @@ def camelyon17(root: str | Path, loader: Callable[[str], Any] = load_image) -> S
     Why: the hospital (``center``, 5 of them) is the textbook medical-imaging domain shift.
     Source = ``center`` (named ``center_<k>``), label = ``tumor`` (0/1, ``class_names`` ("normal",
     "tumor")). All metadata columns are kept on ``ds.metadata`` (a DataFrame, one row per sample).
+    The unlabeled companion (WILDS ``camelyon17_unlabeled_v1.0``: no ``tumor`` column, or -1
+    throughout) gives an unlabeled dataset, for statistics and label-free adaptation.
     """
     root = Path(root)
     meta_path = root / "metadata.csv"
@@ -233,14 +235,18 @@ def camelyon17(root: str | Path, loader: Callable[[str], Any] = load_image) -> S
             "download=True)) and pass its camelyon17_v1.0 folder as root"
         )
     meta = _read_csv(meta_path, "metadata file", index_col=0 if _has_index_column(meta_path) else None)
-    missing = [c for c in CAMELYON_COLUMNS if c not in meta.columns]
+    missing = [c for c in CAMELYON_COLUMNS if c not in meta.columns and c != "tumor"]
     if missing:
         raise ValueError(f"{meta_path} lacks column(s) {missing}")
     paths = [
         str(root / "patches" / f"patient_{p:03d}_node_{n}" / f"patch_patient_{p:03d}_node_{n}_x_{x}_y_{y}.png")
         for p, n, x, y in meta[["patient", "node", "x_coord", "y_coord"]].itertuples(index=False)
     ]
-    labels, names = encode_labels(meta["tumor"], len(meta), CAMELYON_CLASSES, where=f"{meta_path}, column 'tumor'")
+    if "tumor" in meta.columns:
+        labels, names = encode_labels(meta["tumor"], len(meta), CAMELYON_CLASSES,
+                                      where=f"{meta_path}, column 'tumor'")
+    else:
+        labels, names = np.full(len(meta), -1, dtype=np.int64), CAMELYON_CLASSES
     sources = pd.Categorical([f"center_{c}" for c in meta["center"]])
     return SourceTaggedDataset(FileDataset(paths, labels, loader), sources, labels, class_names=names,
                                metadata=meta.reset_index(drop=True))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,9 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 from shiftbn.data._checks import UNLABELED, encode_labels, rows
+from shiftbn.data.items import ABSENT, DEFAULT_KEYS, ItemKeys, gather, parts_of
+
+LabelsArg = Sequence[int] | np.ndarray | pd.Series | str | Callable[[int], Any] | None
 
 
 def _source_order(values: Sequence[Hashable] | np.ndarray | pd.Series) -> tuple[list[str], np.ndarray]:
@@ -46,32 +49,77 @@ def _check_unique(names: list[str]) -> list[str]:
     return names
 
 
-def _infer_labels(base: Dataset) -> tuple[object, str] | None:
-    """Labels a dataset exposes without loading items: ``targets``/``labels``, or a ``TensorDataset``'s
-    second tensor when it is 1-D with an integer dtype (float targets may be regression values)."""
+def _infer_labels(base: Dataset, keys: ItemKeys = DEFAULT_KEYS) -> tuple[object, str] | None:
+    """Labels a dataset exposes without loading items (never by decoding an image).
+
+    In order: ``base.targets``/``base.labels``; a ``TensorDataset``'s second tensor when it is 1-D
+    with an integer dtype (float targets may be regression values); a Hugging Face-style column
+    ``base[keys.label]`` when ``keys.label`` is in ``base.column_names``; a MONAI-style ``base.data``
+    list of dicts whose ``keys.label`` values are all numbers (a path there is a mask, not a class).
+    """
     for attr in ("targets", "labels"):
         lab = getattr(base, attr, None)
-        if lab is not None:
+        if lab is not None and not callable(lab):
             return lab, f"base.{attr}"
     if isinstance(base, TensorDataset) and len(base.tensors) >= 2:
         y = base.tensors[1]
         if y.ndim == 1 and not y.is_floating_point() and not y.is_complex():
             return y, "base.tensors[1]"
+    if keys.label is None:
+        return None
+    columns = getattr(base, "column_names", None)
+    if isinstance(columns, (list, tuple)) and keys.label in columns:
+        return list(base[keys.label]), f"base[{keys.label!r}]"
+    records = getattr(base, "data", None)
+    if _numeric_records(records, len(base), keys.label):
+        return [r[keys.label] for r in records], f"base.data[i][{keys.label!r}]"
     return None
+
+
+def _numeric_records(records: Any, n: int, key: str) -> bool:
+    """Whether ``records`` is a non-empty list of ``n`` dicts whose ``key`` values are all numbers."""
+    if not isinstance(records, Sequence) or isinstance(records, (str, bytes)) or len(records) != n or n == 0:
+        return False
+    return all(isinstance(r, Mapping) and _is_number(r.get(key)) for r in records)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _given_labels(labels: LabelsArg, metadata: pd.DataFrame | None, n: int) -> tuple[object, str]:
+    """Explicit labels: a sequence, a ``metadata`` column name, or a label-only callable ``f(i)``."""
+    if isinstance(labels, str):
+        if metadata is None or labels not in metadata.columns:
+            has = [] if metadata is None else list(metadata.columns)
+            raise ValueError(f"labels={labels!r} names a metadata column, but metadata has columns {has}; pass "
+                             "metadata=<DataFrame with that column> or the labels themselves")
+        return metadata[labels], f"metadata column {labels!r}"
+    if callable(labels):
+        return [labels(i) for i in range(n)], "labels(i)"
+    return labels, "labels"
 
 
 class SourceTaggedDataset(Dataset):
     """A map-style dataset whose items are ``(x, y, source_id)``.
 
     Why: every shiftbn analysis needs to know which lab, hospital or scanner a sample came from.
-    ``base[i]`` may return ``(x, y)`` or ``x`` (then ``y`` is -1). ``sources`` holds one hashable
+    ``base[i]`` may return ``x`` (then ``y`` is -1), ``(x, y)``, ``(x, y, source)`` (the base's own
+    source is ignored: the tag comes from ``sources``) or a dict such as MONAI and Hugging Face yield,
+    ``{"image": x, "label": y, ...}``, read at ``keys`` (an ``ItemKeys``; default input ``"image"``,
+    label ``"label"``). An item without a label gets ``labels[i]``, or -1 when the dataset is
+    unlabeled. ``sources`` holds one hashable
     label per sample (list, numpy array, pandas Series or Categorical); names are stored as
     strings in **sorted order** (a Categorical keeps its category order; labels of mixed types
     that cannot be sorted keep first-seen order). ``ds.source_names[s]`` is the name of id ``s``;
     the name -> id map is carried unchanged by ``subset`` and ``split``, so ids stay stable.
 
-    ``labels`` (one class id per sample, -1 = unlabeled) is taken from ``base.targets``/``base.labels``
-    or a ``TensorDataset``'s 1-D integer second tensor when not given. Whole-number floats are
+    ``labels`` (one class id per sample, -1 = unlabeled): a sequence; the name of a ``metadata``
+    column; or a cheap label-only callable ``f(i)`` (e.g. reading a table, never decoding an image).
+    When not given, they are read without loading items (see ``_infer_labels``): ``base.targets``/
+    ``base.labels``, a ``TensorDataset``'s 1-D integer second tensor, a Hugging Face label column or
+    MONAI ``base.data`` records. When none is available ``ds.labels`` is None: the dataset is
+    unlabeled (statistics work; evaluation refuses until labels are given). Whole-number floats are
     accepted; NaN or fractional labels raise naming their rows. String labels are encoded in sorted
     order and their names become ``class_names`` (items' ``y`` still come from ``base``).
     ``class_names`` (tuple of str or None) names the class ids; ``metadata`` (a DataFrame with one
@@ -83,14 +131,18 @@ class SourceTaggedDataset(Dataset):
         self,
         base: Dataset,
         sources: Sequence[Hashable] | np.ndarray | pd.Series,
-        labels: Sequence[int] | np.ndarray | None = None,
+        labels: LabelsArg = None,
         *,
         source_names: Sequence[str] | None = None,
         class_names: Sequence[str] | None = None,
         metadata: pd.DataFrame | None = None,
+        keys: ItemKeys | None = None,
     ) -> None:
         if not hasattr(base, "__getitem__") or not hasattr(base, "__len__"):
             raise TypeError(f"base must be a map-style dataset with __len__/__getitem__, got {type(base).__name__}")
+        if keys is not None and not isinstance(keys, ItemKeys):
+            raise TypeError(f"keys must be an ItemKeys, e.g. ItemKeys(input='image', label='label'), got {keys!r}")
+        self.keys: ItemKeys = keys if keys is not None else DEFAULT_KEYS
         n = len(base)
         if source_names is None:
             names, ids = _source_order(sources)
@@ -102,23 +154,29 @@ class SourceTaggedDataset(Dataset):
         self.base = base
         self.source_names: tuple[str, ...] = tuple(names)
         self.source_ids: np.ndarray = ids
-        found = _infer_labels(base) if labels is None else (labels, "labels")
+        metadata = _check_metadata(metadata, n)
+        found = _infer_labels(base, self.keys) if labels is None else _given_labels(labels, metadata, n)
         self.labels: np.ndarray | None = None
         self.class_names: tuple[str, ...] | None = None
         if found is not None:
             self.labels, self.class_names = encode_labels(found[0], n, class_names, where=found[1])
         elif class_names is not None:
             self.class_names = encode_labels([], 0, class_names)[1]
-        self.metadata: pd.DataFrame | None = _check_metadata(metadata, n)
+        self.metadata: pd.DataFrame | None = metadata
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def from_datasets(
-        cls, datasets: Mapping[str, Dataset], *, class_names: Sequence[str] | None = None
+        cls,
+        datasets: Mapping[str, Dataset],
+        *,
+        class_names: Sequence[str] | None = None,
+        keys: ItemKeys | None = None,
     ) -> SourceTaggedDataset:
         """One dataset per source, e.g. ``{"lab_a": d1, "lab_b": d2}``; source order = sorted names.
 
-        Labels are read from every part (see the class docstring) when all parts expose them.
+        Labels are read from every part (see the class docstring) when all parts expose them;
+        ``keys`` names the fields of dict items (``ItemKeys``).
         """
         if not datasets:
             raise ValueError("from_datasets needs at least one {name: dataset} entry")
@@ -126,9 +184,11 @@ class SourceTaggedDataset(Dataset):
         by_name = {str(k): v for k, v in datasets.items()}
         parts = [by_name[k] for k in names]
         sources = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(parts)])
-        found = [_infer_labels(d) for d in parts]
+        if keys is not None and not isinstance(keys, ItemKeys):
+            raise TypeError(f"keys must be an ItemKeys, e.g. ItemKeys(input='image', label='label'), got {keys!r}")
+        found = [_infer_labels(d, keys or DEFAULT_KEYS) for d in parts]
         lab = None if any(f is None for f in found) else np.concatenate([np.asarray(f[0]).reshape(-1) for f in found])
-        return cls(ConcatDataset(parts), sources, lab, source_names=names, class_names=class_names)
+        return cls(ConcatDataset(parts), sources, lab, source_names=names, class_names=class_names, keys=keys)
 
     @classmethod
     def from_frame(cls, frame, **kwargs) -> SourceTaggedDataset:
@@ -149,14 +209,34 @@ class SourceTaggedDataset(Dataset):
         return len(self.source_ids)
 
     def __getitem__(self, i: int) -> tuple[Any, Any, int]:
-        item = self.base[int(i)]
-        if isinstance(item, (tuple, list)):
-            if len(item) < 2:
-                x, y = item[0], UNLABELED
-            else:
-                x, y = item[0], item[1]
+        return self._tagged(self.base[int(i)], int(i))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any, int]]:
+        """The items at ``indices`` at once (PyTorch's DataLoader calls this for a whole batch).
+
+        Why: per-item ``__getitem__`` costs a Python call per sample; in-memory bases (``TensorDataset``,
+        ``ArrayDataset``, ``Subset``/``ConcatDataset`` of them, any base with ``__getitems__``) are
+        indexed in one vectorised step. Items equal ``[self[i] for i in indices]`` bit for bit.
+        """
+        idx = [int(i) for i in indices]
+        items = gather(self.base, idx)
+        if items is None:
+            items = [self.base[i] for i in idx]
+        if all(type(item) is tuple and len(item) >= 2 and item[1] is not None for item in items):  # no per-item calls
+            sids = self.source_ids[np.asarray(idx, dtype=np.int64)].tolist()
+            return [(it[0], it[1], s) for it, s in zip(items, sids, strict=True)]
+        return [self._tagged(item, i) for item, i in zip(items, idx, strict=True)]
+
+    def _tagged(self, item: Any, i: int) -> tuple[Any, Any, int]:
+        """``(x, y, source_id)`` of base item ``item`` at position ``i``; ``labels[i]`` when it has no ``y``."""
+        y: Any = ABSENT
+        if isinstance(item, (tuple, list, Mapping)):
+            x, y, _ = parts_of(item, getattr(self, "keys", DEFAULT_KEYS), "item of base")
         else:
-            x, y = item, UNLABELED
+            x = item
+        if y is ABSENT:
+            labels = getattr(self, "labels", None)
+            y = UNLABELED if labels is None else int(labels[i])
         return x, y, int(self.source_ids[i])
 
     # --- metadata ------------------------------------------------------------------------------
@@ -165,6 +245,20 @@ class SourceTaggedDataset(Dataset):
         """Names of the sources that hold at least one sample, in id order."""
         present = np.unique(self.source_ids)
         return [self.source_names[i] for i in present]
+
+    def require_labels(self, what: str = "evaluation") -> np.ndarray:
+        """The class ids (N,) int64, or ValueError saying how to give labels to an unlabeled dataset.
+
+        Why: labels are never found by decoding every image (see the class docstring); a dataset built
+        without a label accessor is unlabeled, and ``what`` (e.g. "evaluation") must say how to fix that.
+        """
+        if self.labels is None:
+            raise ValueError(
+                f"{what} needs labels, but this dataset has none (its base exposes no targets/labels); pass "
+                "them to SourceTaggedDataset(base, sources, labels=...) as one class id per sample, the name "
+                "of a metadata column, or a label-only callable f(i) -> class id"
+            )
+        return self.labels
 
     def source_id(self, name: Hashable) -> int:
         """The int id of source ``name`` (ValueError naming the known sources if absent)."""

@@ -46,8 +46,7 @@ def prepare(
     """Split each source into calibration and evaluation samples and check every strategy's needs."""
     if not isinstance(ds, SourceTaggedDataset):
         raise TypeError("cross_source_matrix needs a SourceTaggedDataset")
-    if ds.labels is None:
-        raise ValueError("evaluation needs labels; the dataset has none")
+    ds.require_labels("evaluation")
     cal_ds, eval_ds = _calibration_split(ds, calibration, transductive, seed)
     sources = ds.sources_present
     evals = list(sources if eval_sources is None else [str(s) for s in eval_sources])
@@ -113,7 +112,8 @@ def collect(
     ctx = AdaptContext(model=model, source_stats_fn=source_stats,
                        calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s), lambda: cal.subset(s)),
                        eval_inputs=eval_parts.__getitem__, train_sources=plan.train_sources,
-                       eval_sources=plan.eval_sources, precise_stats_fn=precise_stats, batch_size=batch_size, seed=seed)
+                       eval_sources=plan.eval_sources, precise_stats_fn=precise_stats, batch_size=batch_size,
+                       seed=seed, amp=amp, progress=progress)
     return ctx, {s: part.labels for s, part in eval_parts.items()}
 
 
