@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_stats.py --model smallresnet
 	$(BIN)/python benchmarks/bench_sequential.py
 	$(BIN)/python benchmarks/bench_matrix.py
+	$(BIN)/python benchmarks/bench_getitems.py
 	$(BIN)/python benchmarks/bench_memory.py
 
 # Needs the generated data (benchmarks/make_camelyon_like.py, ~100k PNGs under /tmp); N=all rows by default.
