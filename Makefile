@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench bench-camelyon clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,10 +24,20 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check shiftbn tests benchmarks
 
+# Timings: 1 torch thread, functions interleaved round by round, fastest and median round printed.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_samplers.py
-	$(BIN)/python benchmarks/bench_stats.py
+	$(BIN)/python benchmarks/bench_stats.py --model resnet18
+	$(BIN)/python benchmarks/bench_stats.py --model smallresnet
+	$(BIN)/python benchmarks/bench_sequential.py
 	$(BIN)/python benchmarks/bench_matrix.py
+	$(BIN)/python benchmarks/bench_getitems.py
+	$(BIN)/python benchmarks/bench_memory.py
+
+# Needs the generated data (benchmarks/make_camelyon_like.py, ~100k PNGs under /tmp); N=all rows by default.
+CAMELYON_N ?=
+bench-camelyon: $(STAMP)
+	$(BIN)/python benchmarks/bench_camelyon.py $(if $(CAMELYON_N),--n $(CAMELYON_N))
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

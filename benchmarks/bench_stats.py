@@ -1,8 +1,18 @@
-"""Cost of exact BN statistics: collect_stats vs a plain forward, precise_bn vs fvcore (prints ratios).
+"""Cost of exact BN statistics: collect_stats vs an eval-mode forward, precise_bn vs fvcore (prints ratios).
 
-Run: python benchmarks/bench_stats.py [--batches 40] [--batch-size 64] [--repeats 3]
-All timings are taken in the same run on the same batches, the functions interleaved; ratios are
-printed for the fastest and for the median round (this 2-core VM's timings vary by +-20%).
+Why: collect_stats must cost about one inference pass (the floor: a plain ``torch.no_grad`` eval-mode
+forward of the same model over the same in-memory batches), and precise_bn no more than fvcore's
+``update_bn_stats``. Both reduction paths are timed: eager (``fused=False``, the two-pass float64
+copy) and fused (``fused=True``, the ``torch.compile``d float64 kernel; compiled in a warm-up call
+before timing). Their exactness is checked against numpy float64 on inputs offset by 1e4.
+
+Run: python benchmarks/bench_stats.py [--model resnet18|smallresnet] [--batches N] [--batch-size B]
+     [--repeats R] [--threads 1]
+Defaults: resnet18(num_classes=2), 40 batches of 32x3x96x96; smallresnet (width 16), 20 of 64x3x32x32.
+All timings come from one run, the functions interleaved round by round; printed are the fastest
+and the median round, of the wall time and of the process's CPU time (1 torch thread: CPU time is
+what other processes on a shared machine disturb least). Throughput ratio = floor time / our time
+(higher is better); precise_bn's time ratio = ours / fvcore (lower is better).
 """
 
 from __future__ import annotations
@@ -10,79 +20,99 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
-import time
 
+import numpy as np
 import torch
+from _timing import PICKS, interleaved, pick
+from torch import nn
 
 import shiftbn as sb
-from shiftbn.models import SmallResNet
+from shiftbn.models import SmallResNet, resnet18
+
+SHAPES = {"resnet18": (40, 32, 96), "smallresnet": (20, 64, 32)}
+TARGETS = {"resnet18": 0.95, "smallresnet": 0.85}
 
 
-def _interleaved(fns: dict, repeats: int) -> dict:
-    """All timings of each function over ``repeats`` rounds, the functions alternating within a round
-    so that a noisy machine slows them all alike."""
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
+def exactness(offset: float = 1e4, batches: int = 20, shape: tuple = (32, 64, 24, 24)) -> dict[str, float]:
+    """Max relative error of the mean and variance of a BN input offset by ``offset``, per path, vs numpy
+    float64 over the same float32 values (a lone BatchNorm2d sees the data directly)."""
+    g = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(shape, generator=g) * (1 + k % 3) + offset) for k in range(batches)]
+    ref = np.concatenate([x.numpy().astype(np.float64) for x in xs]).transpose(1, 0, 2, 3).reshape(shape[1], -1)
+    mean_ref, var_ref = ref.mean(1), ref.var(1)
+    model = nn.Sequential(nn.BatchNorm2d(shape[1]))
+    out = {}
+    for name, fused in (("eager", False), ("fused", True)):
+        m = sb.collect_stats(model, xs, by_source=False, mode="batch", fused=fused, progress=False).pooled()
+        layer = m.layers["0"]
+        out[f"{name}_mean"] = float(np.max(np.abs(layer.mean - mean_ref) / np.abs(mean_ref)))
+        out[f"{name}_var"] = float(np.max(np.abs(layer.var - var_ref) / var_ref))
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--batches", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--sources", type=int, default=4)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(SHAPES), default="resnet18")
+    ap.add_argument("--batches", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--sources", type=int, default=4, help="source ids cycled over the batches (default 4)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a 2-core VM two threads make timings vary by +-40%%)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = SmallResNet(in_channels=3, width=16)
-    n_bn = len(sb.bn_layers(model))
-    batches = [(torch.randn(args.batch_size, 3, 32, 32) + k % args.sources, torch.zeros(args.batch_size),
-                torch.full((args.batch_size,), k % args.sources)) for k in range(args.batches)]
+    n_batches, bs, size = SHAPES[args.model]
+    n_batches, bs = args.batches or n_batches, args.batch_size or bs
+    model = resnet18(num_classes=2) if args.model == "resnet18" else SmallResNet(in_channels=3, width=16)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(bs, 3, size, size, generator=g) + k % args.sources, torch.zeros(bs),
+                torch.full((bs,), k % args.sources)) for k in range(n_batches)]
     xs = [b[0] for b in batches]
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"SmallResNet with {n_bn} BN layers, {args.batches} batches of {args.batch_size}x3x32x32")
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
+          f"{args.model} with {len(sb.bn_layers(model))} BN layers, {n_batches} batches of {bs}x3x{size}x{size}, "
+          f"{args.sources} sources; {args.repeats} interleaved rounds")
 
-    def plain():
-        m = model.train()
+    def floor():
+        m = model.eval()
         with torch.no_grad():
             for x in xs:
                 m(x)
 
-    def ours_by_source():
-        sb.collect_stats(model, batches, mode="batch", progress=False)
-
-    def ours_pooled():
-        sb.collect_stats(model, xs, by_source=False, mode="batch", progress=False)
-
-    fns = {"plain": plain, "src": ours_by_source, "pool": ours_pooled}
+    fns = {"floor": floor,
+           "eager": lambda: sb.collect_stats(model, batches, mode="batch", fused=False, progress=False),
+           "fused": lambda: sb.collect_stats(model, batches, mode="batch", fused=True, progress=False)}
     try:
         from fvcore.nn.precise_bn import update_bn_stats
 
-        fns["fv"] = lambda: update_bn_stats(copy.deepcopy(model).train(), xs, num_iters=len(xs))
-        fns["precise"] = lambda: sb.precise_bn(copy.deepcopy(model), xs, num_samples=None, progress=False)
+        fns["fvcore"] = lambda: update_bn_stats(copy.deepcopy(model).train(), xs, num_iters=len(xs))
+        fns["precise_eager"] = lambda: sb.precise_bn(copy.deepcopy(model), xs, num_samples=None, fused=False,
+                                                     progress=False)
+        fns["precise_fused"] = lambda: sb.precise_bn(copy.deepcopy(model), xs, num_samples=None, fused=True,
+                                                     progress=False)
     except ImportError:
         print("fvcore not installed: pip install fvcore to compare precise_bn with it")
-    plain()  # warm-up
-    times = _interleaved(fns, args.repeats)
-    for stat, pick in (("min", min), ("median", statistics.median)):
-        t = {k: pick(v) for k, v in times.items()}
-        print(f"-- {stat} over {args.repeats} interleaved rounds")
-        print(f"plain train-mode forward      {t['plain']:7.3f} s")
-        print(f"collect_stats, {args.sources} sources     {t['src']:7.3f} s   throughput ratio "
-              f"{t['plain'] / t['src']:5.2f}  (target >= 0.90)")
-        print(f"collect_stats, pooled         {t['pool']:7.3f} s   throughput ratio {t['plain'] / t['pool']:5.2f}")
-        if "fv" in t:
-            print(f"fvcore update_bn_stats        {t['fv']:7.3f} s")
-            print(f"precise_bn                    {t['precise']:7.3f} s   time ratio vs fvcore "
-                  f"{t['precise'] / t['fv']:5.2f}  (target <= 1.0)")
+    for fn in fns.values():  # warm-up, and the fused kernel's one-time compile, outside the timings
+        fn()
+    times = interleaved(fns, args.repeats)
+    target = TARGETS[args.model]
+    for clock in ("wall", "cpu"):
+        for stat, _ in PICKS:
+            t = pick(times, clock, stat)
+            print(f"-- {clock} time, {stat} over {args.repeats} interleaved rounds")
+            print(f"floor: eval-mode no_grad forward   {t['floor']:7.3f} s")
+            for path in ("eager", "fused"):
+                print(f"collect_stats batch, {path:5s}       {t[path]:7.3f} s   throughput ratio "
+                      f"{t['floor'] / t[path]:5.3f}  (target >= {target})")
+            if "fvcore" in t:
+                print(f"fvcore update_bn_stats             {t['fvcore']:7.3f} s")
+                for path in ("eager", "fused"):
+                    tp = t[f"precise_{path}"]
+                    print(f"precise_bn, {path:5s}                {tp:7.3f} s   time ratio vs fvcore "
+                          f"{tp / t['fvcore']:5.3f}  (target <= 1.0)")
+    err = exactness()
+    print("exactness vs numpy float64, offset 1e4 (max relative error): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
 
 
 if __name__ == "__main__":

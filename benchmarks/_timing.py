@@ -1,0 +1,34 @@
+"""Interleaved timings shared by the benchmark scripts: wall and CPU time of each function per round.
+
+Why: on a shared 2-core machine other processes slow a function down at random; alternating the
+functions within each round makes the slowdowns hit them alike, and the process's CPU time (with one
+torch thread) is far less sensitive to other processes than the wall time, so both are kept.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """``{name: {"wall": [...], "cpu": [...]}}`` in seconds over ``repeats`` rounds, the functions
+    called in turn within each round."""
+    times = {k: {"wall": [], "cpu": []} for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            times[k]["wall"].append(time.perf_counter() - t0)
+            times[k]["cpu"].append(time.process_time() - c0)
+    return times
+
+
+PICKS = (("min", min), ("median", statistics.median))
+
+
+def pick(times: dict[str, dict[str, list[float]]], clock: str, stat: str) -> dict[str, float]:
+    """One number per function: the fastest (``"min"``) or median round of ``clock`` ("wall"/"cpu")."""
+    f = dict(PICKS)[stat]
+    return {k: f(v[clock]) for k, v in times.items()}
