@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metric names, listed below (default: accuracy)")
     m.add_argument("--calibration", type=float, default=0.5, help="calibration fraction per source (default: 0.5)")
     m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
+    m.add_argument("--ci", type=float, default=0.95, metavar="LEVEL",
+                   help="bootstrap interval level of every cell, resampled within its site (default: 0.95)")
+    m.add_argument("--no-ci", action="store_true", help="no intervals (faster)")
+    m.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
 
     c = sub.add_parser("recalibrate", epilog=EPILOG, help="write a checkpoint with BN statistics for a target site",
                        description="Recompute BN statistics (target: AdaBN on the target site's unlabeled data; "
@@ -432,9 +436,12 @@ def _cmd_demo(args) -> None:
 
     result = run_demo(args.out, dataset=args.dataset, quick=args.quick, resume=args.resume, seed=args.seed,
                       progress=_progress(args))
+    from shiftbn.report import interval_cells
+
     acc = result.matrix.query("metric == 'accuracy' and not is_cross_source")
-    print("\nAccuracy by strategy (rows) and lab (columns):")
-    print(acc.pivot_table(index="strategy", columns="eval_source", values="value", sort=False).round(3).to_string())
+    level = " [95% interval]" if "ci_low" in acc.columns else ""
+    print(f"\nAccuracy by strategy (rows) and lab (columns){level}:")
+    print(interval_cells(acc, "strategy", "eval_source").to_string(index=False))
     s = result.summary.query("metric == 'accuracy'")[["strategy", "mean", "worst_source", "worst", "gap"]]
     print("\nSummary over labs:")
     print(s.round(3).to_string(index=False))
@@ -477,17 +484,24 @@ def _cmd_stats(args) -> None:
 def _cmd_matrix(args) -> None:
     from shiftbn._io import atomic_write_text
     from shiftbn.evaluate import cross_source_matrix
+    from shiftbn.report import interval_cells
 
+    if not args.no_ci and not 0 < args.ci < 1:
+        raise ValueError(f"--ci must be a level in (0, 1), e.g. 0.95; got {args.ci}")
+    if args.n_boot < 10:
+        raise ValueError(f"--n-boot must be at least 10, got {args.n_boot}")
     _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     table = cross_source_matrix(model, ds, args.strategies, args.metrics, calibration=args.calibration,
                                 stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                                progress=_progress(args), amp=args.amp)
+                                ci=None if args.no_ci else args.ci, n_boot=args.n_boot, progress=_progress(args),
+                                amp=args.amp)
     atomic_write_text(_out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
     _write_skipped(args, args.out)
+    level = "" if args.no_ci else f" [{args.ci:.0%} interval]"
     for metric, g in table.groupby("metric", sort=False):
-        print(f"\n{metric}:")
-        print(g.pivot_table(index="strategy", columns="eval_source", values="value", sort=False).round(3).to_string())
+        print(f"\n{metric}{level}:")
+        print(interval_cells(g, "strategy", "eval_source").to_string(index=False))
     print(f"\nWrote {args.out / 'matrix.csv'}")
 
 

@@ -460,3 +460,18 @@ def test_demo_through_a_pipe_prints_one_line_per_phase_and_no_bars(tmp_path):
     assert "training SmallCNN on lab_a, lab_b, lab_c, lab_d" in lines[0]
     assert "held-out protocol: lab_e" in lines[3] and "EMA vs PreciseBN" in lines[4]
     assert "Report:" in res.stdout
+
+
+def test_matrix_prints_intervals_and_counts_by_default(tmp_path, monkeypatch, capsys):
+    proj = _user_project(tmp_path)
+    monkeypatch.chdir(proj)
+    common = ["matrix", "--model", "usernet:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4",
+              "--no-progress", "--strategies", "source", "target", "--n-boot", "50"]
+    assert main([*common, "--out", "mx"]) == 0
+    out = capsys.readouterr().out
+    assert "[95% interval]" in out and "(n=" in out and re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", out)
+    assert {"ci_low", "ci_high"} <= set(pd.read_csv(proj / "mx" / "matrix.csv").columns)
+    assert main([*common, "--no-ci", "--out", "plain"]) == 0
+    assert "interval" not in capsys.readouterr().out
+    assert "ci_low" not in pd.read_csv(proj / "plain" / "matrix.csv").columns
+    assert main([*common, "--ci", "2", "--out", "bad"]) == 2
