@@ -138,13 +138,18 @@ def score(
     outputs: dict = {}
     rows = []
     cells = [(st, s) for st in plan.strategies for s in plan.eval_sources]
-    for strat, src in tqdm(cells, desc="matrix cells", disable=not bars_wanted(progress), unit="cell"):
-        key = strat.cache_key(ctx, src)
+    keys = [st.cache_key(ctx, s) for st, s in cells]
+    last_use = {key: i for i, key in enumerate(keys) if key is not None}  # shared outputs live until then
+    for i, (strat, src) in enumerate(tqdm(cells, desc="matrix cells", disable=not bars_wanted(progress),
+                                          unit="cell")):
+        key = keys[i]
         out = outputs.get(key) if key is not None else None
         if out is None:
             out = _checked(strat, src, strat.logits(ctx, src, ctx.eval_inputs(src)))
-            if key is not None:
+            if key is not None and last_use[key] > i:
                 outputs[key] = out
+        if key is not None and last_use[key] == i:
+            outputs.pop(key, None)
         y = labels[src]
         if keep_outputs is not None:
             keep_outputs[(strat.name, src)] = out
