@@ -1,7 +1,8 @@
 """Bottom-layer inference helpers every module may import: device, batched forwards, input stacking.
 
 Why: evaluation, strategies, protocols and training all run a model over a tensor in batches; one
-copy of that loop (and of the prediction-time BN forward) keeps them consistent. Imports only torch.
+copy of that loop (and of the prediction-time BN forward) keeps them consistent. Imports torch,
+numpy, tqdm and the bottom-layer ``_lock``/``_log`` only.
 """
 
 from __future__ import annotations

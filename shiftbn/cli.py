@@ -526,6 +526,8 @@ def _cmd_report(args) -> None:
 
     if not args.no_ci and not 0 < args.ci < 1:
         raise ValueError(f"--ci must be a level in (0, 1), e.g. 0.95; got {args.ci}")
+    if args.n_boot < 10:
+        raise ValueError(f"--n-boot must be at least 10, got {args.n_boot}")
     _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     report = build_report(model, ds, _out_folder(args.out), held_out=args.held_out, strategies=args.strategies,

@@ -220,3 +220,34 @@ def test_matrix_intervals_resample_within_each_eval_source():
     idx = np.random.default_rng(0).integers(0, len(labels[first]), size=(20, len(labels[first])))
     by_hand = [metric_value("ece", kept[("source", first)][i], labels[first][i]) for i in idx]
     assert (ece_reps.low, ece_reps.high) == pytest.approx(tuple(np.quantile(by_hand, [0.025, 0.975])), abs=1e-5)
+
+
+def test_sources_named_like_statistics_labels_never_share_outputs():
+    from shiftbn.models import MLP
+
+    base = sb.load("blobs-labs", n=160)
+    names = np.where(base.source_ids == 0, "ema", np.where(base.source_ids == 1, "precise", "c"))
+    ds = sb.SourceTaggedDataset(base.base, names, base.labels)
+    model = MLP(16, 3, hidden=8)
+    sb.train(model, ds, steps=5, batch_size=16, progress=False)
+    model.eval()
+    table = cross_source_matrix(model, ds, ["source", "stats:ema", "precise", "stats:precise"], ["nll"],
+                                progress=False)
+    v = table.set_index(["strategy", "eval_source"])["value"]
+    for j in ds.sources_present:
+        assert v[("source", j)] != v[("stats:ema", j)]
+        assert v[("precise", j)] != v[("stats:precise", j)]
+
+
+def test_a_given_calibration_set_is_checked_by_source_name():
+    from shiftbn.models import MLP
+
+    ds = sb.load("blobs-labs", n=160)
+    model = MLP(16, 3, hidden=8).eval()
+    sp = ds.split(fractions=(0.0, 0.5, 0.5), seed=0)
+    cal = sp.calibration.subset("lab_1")
+    table = cross_source_matrix(model, ds, ["target"], calibration=(cal, sp.test), eval_sources=["lab_1"],
+                                progress=False)
+    assert list(table["eval_source"]) == ["lab_1"]
+    with pytest.raises(ValueError, match=r"\['lab_0'\] have no calibration samples"):
+        cross_source_matrix(model, ds, ["target"], calibration=(cal, sp.test), eval_sources=["lab_0"], progress=False)

@@ -257,3 +257,15 @@ def test_report_on_three_sites_with_a_corrupt_a_grayscale_and_an_odd_size_file(t
     assert {"ci_low", "ci_high", "n"} <= set(matrix.columns) and (matrix["ci_low"] <= matrix["value"]).all()
     skipped = pd.read_csv(tmp_path / "rep" / "skipped.csv")
     assert [p.rsplit("/", 1)[-1] for p in skipped["path"]] == ["broken.png"]
+
+
+def test_report_refuses_only_cross_source_strategies(tmp_path):
+    import pytest
+
+    import shiftbn as sb
+    from shiftbn.models import MLP
+    from shiftbn.report import build_report
+
+    ds = sb.load("blobs-labs", n=80)
+    with pytest.raises(ValueError, match="at least one strategy that is not stats:<site>"):
+        build_report(MLP(16, 3, hidden=8).eval(), ds, tmp_path, strategies=["stats:*"], ci=None, progress=False)

@@ -39,8 +39,13 @@ class Strategy:
         raise NotImplementedError
 
     def cache_key(self, ctx: AdaptContext, eval_source: str) -> Hashable | None:
-        """Strategies with equal keys on a source give equal outputs there; ``None``: never shared."""
-        return ("stats", self.stats_source(ctx, eval_source), eval_source)
+        """Strategies with equal keys on a source give equal outputs there; ``None``: never shared.
+
+        Default: the statistics of the named source (``target`` on j, ``stats:j`` and ``per-source``
+        share); the model's own statistics and PreciseBN have keys of their own, so a source called
+        ``ema`` or ``precise`` never shares their outputs.
+        """
+        return ("source-stats", self.stats_source(ctx, eval_source), eval_source)
 
     def stats_sources(self, eval_source: str) -> set[str]:
         """Sources whose calibration statistics this strategy reads when evaluating ``eval_source``."""
@@ -82,6 +87,9 @@ class Source(Strategy):
     def stats_source(self, ctx, eval_source):
         return "ema"
 
+    def cache_key(self, ctx, eval_source):
+        return ("ema", eval_source)
+
     def bn_stats(self, ctx, eval_source):
         return None
 
@@ -95,6 +103,9 @@ class Precise(Strategy):
 
     def stats_source(self, ctx, eval_source):
         return "precise"
+
+    def cache_key(self, ctx, eval_source):
+        return ("precise", eval_source)
 
     def bn_stats(self, ctx, eval_source):
         return ctx.precise_stats()
@@ -220,7 +231,7 @@ class BatchStats(Strategy):
 class Tent(Strategy):
     """``tent:S`` (Wang et al. 2021): S steps of entropy minimization of BN's affine parameters on the
     target's unlabeled calibration data (Adam, lr 1e-3, batch statistics), on a copy of the model;
-    then prediction with batch statistics in batches of the calibration batch size. Adam and its
+    then prediction with batch statistics in batches of ``batch`` (default 64). Adam and its
     state run on float32 copies of the parameters, so half-precision models adapt without NaN."""
 
     def __init__(self, steps: int, lr: float = 1e-3, batch: int = 64) -> None:

@@ -210,11 +210,13 @@ def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress
             return stats
     if len(frontier) < len(order):
         detail = (f"layer {order[len(frontier)]!r} and the {len(order) - len(frontier) - 1} BN module(s) called "
-                  f"after it never ran with stored statistics ({len(order)} modules need {len(order) + 1} passes)")
+                  f"after it never ran with stored statistics ({len(order)} modules need max_passes >= "
+                  f"{len(order)})")
     else:
         detail = (f"layer {worst[1]!r} (source {worst[2]!r}) still changed by {worst[0]:.2e} (relative, "
                   f"normalized units) > tol {tol:.1e}")
-    warnings.warn(f"sequential statistics did not converge in {limit} passes: {detail}; raise max_passes or tol",
+    warnings.warn(f"sequential statistics did not converge in {limit} passes: {detail}; raise max_passes "
+                  "(passes after the first, batch-mode one) or tol",
                   stacklevel=3)
     return stats
 

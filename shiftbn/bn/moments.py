@@ -143,34 +143,6 @@ class Workspace:
         return view
 
 
-class MomentAccumulator:
-    """Streaming float64 moments of one layer: per-batch results are kept on the input's device and
-    merged once at the end with the exact parallel formula (no per-batch merge work in the hot path).
-    """
-
-    __slots__ = ("counts", "means", "m2s")
-
-    def __init__(self) -> None:
-        self.counts: list[int] = []
-        self.means: list[torch.Tensor] = []
-        self.m2s: list[torch.Tensor] = []
-
-    def add(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        self.counts.append(count)
-        self.means.append(mean)
-        self.m2s.append(m2)
-
-    def result(self) -> Moments:
-        """M2 = sum of batch M2 + sum of n_b (mean_b - mean)^2, all in float64."""
-        means = torch.stack(self.means).cpu().numpy()
-        m2s = torch.stack(self.m2s).cpu().numpy()
-        n = np.asarray(self.counts, dtype=np.float64)[:, None]
-        total = int(n.sum())
-        mean = (n * means).sum(0) / total
-        m2 = m2s.sum(0) + (n * (means - mean) ** 2).sum(0)
-        return Moments(total, mean, m2)
-
-
 class LayerMap(Mapping):
     """A read-only mapping over a ``layers`` dict (layer name -> per-layer statistics), with errors
     that list the layers there are."""

@@ -18,6 +18,7 @@ from shiftbn.bn.moments import Moments, Workspace, batch_moments
 
 _compiled = None
 _compile_failed = False
+_compiled_ok = False
 _compile_lock = threading.Lock()
 
 
@@ -29,7 +30,7 @@ def _fused_sums_impl(x3: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tenso
 def fused_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-channel sums of (x - shift) and its square over every axis but 1 (float64, one fused read),
     or ``None`` where ``torch.compile`` cannot build the kernel (then a warning says so, once)."""
-    global _compiled, _compile_failed
+    global _compiled, _compile_failed, _compiled_ok
     if _compile_failed:
         return None
     x3 = x.detach().reshape(x.shape[0], x.shape[1], -1)
@@ -37,8 +38,12 @@ def fused_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torc
         with _compile_lock:
             if _compiled is None:
                 _compiled = torch.compile(_fused_sums_impl, dynamic=True)
-        return _compiled(x3, shift)
-    except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the exact eager reduction
+        sums = _compiled(x3, shift)
+        _compiled_ok = True
+        return sums
+    except Exception as e:  # noqa: BLE001 - a compiler that never worked here: fall back to the eager reduction
+        if _compiled_ok:
+            raise  # the kernel ran before: this error is the data's or the device's, not the compiler's
         _compile_failed = True
         warnings.warn(f"fused BN reduction unavailable ({type(e).__name__}: {str(e)[:120]}); using the eager "
                       "float64 reduction (same results, slower)", RuntimeWarning, stacklevel=2)

@@ -61,7 +61,8 @@ def prepare(
             needed |= st.stats_sources(j) | st.calibration_sources(j)
         if st.needs_precise:
             needed |= set(trains)
-    empty = [s for s in needed if not (cal_ds.source_ids == ds.source_id(s)).any()]
+    present = set(cal_ds.sources_present)  # by name: a given calibration set numbers its own sources
+    empty = [s for s in needed if s not in present]
     if empty:
         raise ValueError(f"source(s) {sorted(empty)} have no calibration samples; raise calibration, "
                          "give an explicit split, or use transductive=True")

@@ -16,6 +16,7 @@ import pandas as pd
 from torch import nn
 
 from shiftbn._io import atomic_write_text
+from shiftbn.adapt import parse_strategy
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import collect, paired_table, pooled_table, prepare, score, summarize
@@ -219,6 +220,8 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     stats = collect_stats(model, prepare(ds, ["source"], calibration=calibration, seed=seed).calibration,
                           batch_size=stats_batch_size, num_samples=num_samples, seed=seed, amp=amp, progress=progress)
     shift = stats_shift(stats, metric="all")
+    if all(parse_strategy(s).cross_source for s in ([strategies] if isinstance(strategies, str) else strategies)):
+        raise ValueError("the report needs at least one strategy that is not stats:<site> (e.g. source, target)")
     matrix, kept = matrix_with_outputs(model, ds, strategies, calibration=calibration, train_sources=trains, ci=ci,
                                        n_boot=n_boot, batch_size=batch_size, stats_batch_size=stats_batch_size,
                                        num_samples=num_samples, seed=seed, amp=amp, progress=progress)
