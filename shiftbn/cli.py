@@ -192,10 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metric names, listed below (default: accuracy)")
     m.add_argument("--calibration", type=float, default=0.5, help="calibration fraction per source (default: 0.5)")
     m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
-    m.add_argument("--ci", type=float, default=0.95, metavar="LEVEL",
-                   help="bootstrap interval level of every cell, resampled within its site (default: 0.95)")
-    m.add_argument("--no-ci", action="store_true", help="no intervals (faster)")
-    m.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    _add_ci_args(m, "no intervals (faster)")
 
     c = sub.add_parser("recalibrate", epilog=EPILOG, help="write a checkpoint with BN statistics for a target site",
                        description="Recompute BN statistics (target: AdaBN on the target site's unlabeled data; "
@@ -213,6 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_ci_args(p: argparse.ArgumentParser, no_ci_help: str) -> None:
+    """--ci, --no-ci and --n-boot, shared by the commands that print intervals."""
+    p.add_argument("--ci", type=float, default=0.95, metavar="LEVEL",
+                   help="bootstrap interval level of every cell, resampled within its site (default: 0.95)")
+    p.add_argument("--no-ci", action="store_true", help=no_ci_help)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+
+
+def _ci_level(args) -> float | None:
+    """The interval level the command asked for (None with --no-ci), or a one-line error naming the flag."""
+    if args.n_boot < 10:
+        raise ValueError(f"--n-boot must be at least 10, got {args.n_boot}")
+    if args.no_ci:
+        return None
+    if not 0 < args.ci < 1:
+        raise ValueError(f"--ci must be a level in (0, 1), e.g. 0.95; got {args.ci}")
+    return args.ci
+
+
 def _add_report_parser(sub) -> None:
     """``shiftbn report``: the demo's HTML report for the user's model and data."""
     p = sub.add_parser("report", epilog=EPILOG, help="the demo's HTML report for your model and data",
@@ -228,10 +244,7 @@ def _add_report_parser(sub) -> None:
                    help="strategy specs (default: source precise target prior:16 stats:*)")
     p.add_argument("--calibration", type=float, default=0.5,
                    help="fraction of each site used unlabeled for statistics; the rest is evaluated (default 0.5)")
-    p.add_argument("--ci", type=float, default=0.95, metavar="LEVEL",
-                   help="bootstrap interval level, resampled within each site (default 0.95)")
-    p.add_argument("--no-ci", action="store_true", help="no intervals (faster; the reading then claims no difference)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    _add_ci_args(p, "no intervals (faster; the reading then claims no difference)")
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="output folder (default: runs/report)")
 
 
@@ -486,21 +499,17 @@ def _cmd_matrix(args) -> None:
     from shiftbn.evaluate import cross_source_matrix
     from shiftbn.report import interval_cells
 
-    if not args.no_ci and not 0 < args.ci < 1:
-        raise ValueError(f"--ci must be a level in (0, 1), e.g. 0.95; got {args.ci}")
-    if args.n_boot < 10:
-        raise ValueError(f"--n-boot must be at least 10, got {args.n_boot}")
+    level = _ci_level(args)
     _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     table = cross_source_matrix(model, ds, args.strategies, args.metrics, calibration=args.calibration,
                                 stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                                ci=None if args.no_ci else args.ci, n_boot=args.n_boot, progress=_progress(args),
+                                ci=level, n_boot=args.n_boot, progress=_progress(args),
                                 amp=args.amp)
     atomic_write_text(_out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
     _write_skipped(args, args.out)
-    level = "" if args.no_ci else f" [{args.ci:.0%} interval]"
     for metric, g in table.groupby("metric", sort=False):
-        print(f"\n{metric}{level}:")
+        print(f"\n{metric}{'' if level is None else f' [{level:.0%} interval]'}:")
         print(interval_cells(g, "strategy", "eval_source").to_string(index=False))
     print(f"\nWrote {args.out / 'matrix.csv'}")
 
@@ -524,16 +533,13 @@ def _cmd_recalibrate(args) -> None:
 def _cmd_report(args) -> None:
     from shiftbn.report import build_report
 
-    if not args.no_ci and not 0 < args.ci < 1:
-        raise ValueError(f"--ci must be a level in (0, 1), e.g. 0.95; got {args.ci}")
-    if args.n_boot < 10:
-        raise ValueError(f"--n-boot must be at least 10, got {args.n_boot}")
+    level = _ci_level(args)
     _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     report = build_report(model, ds, _out_folder(args.out), held_out=args.held_out, strategies=args.strategies,
-                          calibration=args.calibration, ci=None if args.no_ci else args.ci, n_boot=args.n_boot,
+                          calibration=args.calibration, ci=level, n_boot=args.n_boot,
                           stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                          amp=args.amp, progress=not args.no_progress)
+                          amp=args.amp, progress=_progress(args))
     _write_skipped(args, args.out)
     import pandas as pd
 
@@ -541,8 +547,7 @@ def _cmd_report(args) -> None:
 
     matrix = pd.read_csv(args.out / "matrix.csv")
     acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"]]
-    level = "" if args.no_ci else f", [{args.ci:.0%} interval]"
-    print(f"Accuracy by strategy (rows) and site (columns){level}:")
+    print(f"Accuracy by strategy (rows) and site (columns){'' if level is None else f', [{level:.0%} interval]'}:")
     print(interval_cells(acc, "strategy", "eval_source").to_string(index=False))
     print(f"\nReport: {report}")
 
