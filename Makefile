@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench bench-camelyon clean
+.PHONY: test test-slow demo lint bench bench-camelyon clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/ruff check shiftbn tests benchmarks
 	$(BIN)/python -m pytest
+
+# Slow tests (marked @pytest.mark.slow): full-size studies and long end-to-end runs.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 demo: $(STAMP)
 	$(BIN)/shiftbn demo
