@@ -165,28 +165,46 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
                     m.track_running_stats = track
 
 
+def batch_chunks(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """The prediction-time batches of ``batch_stats_logits``: positions 0..n-1 shuffled with ``seed``
+    into near-equal batches of at most ``batch_size`` (never one sample alone when avoidable)."""
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    return list(torch.tensor_split(order, max(1, -(-n // batch_size))))
+
+
 @torch.no_grad()
 def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int, *,
-                       amp: bool = False, progress: bool = False, desc: str = "batch statistics") -> torch.Tensor:
+                       amp: bool = False, progress: bool = False, desc: str = "batch statistics",
+                       part: tuple[int, int] | None = None) -> torch.Tensor:
     """Outputs with every BN layer normalizing each batch by its own statistics (prediction-time BN).
 
-    Samples of ``data`` (N of them) are shuffled with ``seed`` into near-equal batches of at most
-    ``batch_size`` (never one sample alone when avoidable); outputs (N, K) float32 come back in the
-    original order. The model is left as it was (flags restored, buffers never written).
+    Samples of ``data`` (N of them) are shuffled with ``seed`` into the batches ``batch_chunks``
+    makes; outputs (N, K) float32 come back in the original order. The model is left as it was
+    (flags restored, buffers never written). ``part=(world, rank)``: run only batches ``rank,
+    rank + world, ...`` (each batch whole) and return their outputs in the order of
+    ``torch.cat(batch_chunks(...)[rank::world])`` (possibly none: (0, ...) when K is unknown, shape (0,)).
     """
     n = len(data)
     if n < 2:
         raise ValueError("prediction-time batch statistics need at least 2 samples")
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
+    chunks = batch_chunks(n, batch_size, seed)
+    if part is not None:
+        chunks = chunks[part[1]::part[0]]
+        if not chunks:
+            return torch.empty(0)
     device = device_of(model)
     out: torch.Tensor | None = None
-    with _batch_statistics(model), autocast(device, amp), _bar(n, desc, progress) as bar:
+    pos = 0
+    with _batch_statistics(model), autocast(device, amp), _bar(sum(map(len, chunks)), desc, progress) as bar:
         for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
-            part = model(x.to(device)).float().cpu()
+            part_out = model(x.to(device)).float().cpu()
             if out is None:
-                out = torch.empty((n, *part.shape[1:]))
-            out[idx] = part
+                out = torch.empty((n if part is None else sum(map(len, chunks)), *part_out.shape[1:]))
+            if part is None:
+                out[idx] = part_out
+            else:
+                out[pos:pos + len(idx)] = part_out
+                pos += len(idx)
             bar.update(len(x))
     return out
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from shiftbn._log import bars_wanted
 from shiftbn._torch import autocast, check_device
-from shiftbn.bn.distributed import RankSync
+from shiftbn.bn.distributed import RankSync, plan_shard
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, Workspace
@@ -62,8 +62,10 @@ def collect_stats(
     ``num_samples``: at most this many samples per source: a seeded random subset of a Dataset, else
     the first ones (also of a ``sampler``'s batches). Under ``torch.distributed`` the cap is global:
     rank r keeps at most ``num_samples // W`` (+1 for r < ``num_samples % W``) per source, so a rank
-    holding fewer samples of a source than its share leaves the total below the cap. Each rank must
-    get its own shard of the data (identical data on every rank is refused).
+    holding fewer samples of a source than its share leaves the total below the cap. A Dataset that is
+    the same on every rank is sharded here by whole batches (the plan of one process, the cap applied
+    before sharding: the result equals one process's); other data must be each rank's own shard
+    (a DataLoader with a ``DistributedSampler``; identical batches on every rank are refused).
     ``keys``: field names of dict batches (``ItemKeys(input="image", source="site")``; MONAI and
     Hugging Face style); ``num_workers``, ``pin_memory``, ``persistent_workers``: the DataLoader's.
     ``mode``: ``"batch"`` (BN normalizes with batch statistics, as PreciseBN), ``"sequential"``
@@ -82,10 +84,11 @@ def collect_stats(
     """
     with model_lock(model):
         sync = RankSync()
+        shard, sampler = plan_shard(data, sampler, sync)
         layers, plan = sync.check(lambda: _prepare(model, data, batch_size, by_source, num_samples, mode,
                                                    sampler, seed, max_passes, num_workers, sync, device,
                                                    {"keys": keys, "pin_memory": pin_memory,
-                                                    "persistent_workers": persistent_workers}))
+                                                    "persistent_workers": persistent_workers, "shard": shard}))
         snap = ModelSnapshot(model, layers)
         try:
             first = "batch" if mode == "sequential" else mode
@@ -127,7 +130,8 @@ def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, see
             "keep none (track_running_stats=False) and would normalize with batch statistics; use "
             "mode='batch' or 'sequential', or load statistics first (load_stats, precise_bn)"
         )
-    cap = rank_share(num_samples, sync.world, sync.rank)
+    # a Dataset the same on every rank is planned as by one process (global cap), then shared out
+    cap = num_samples if loading["shard"] and sampler is None else rank_share(num_samples, sync.world, sync.rank)
     return layers, plan_batches(data, batch_size, by_source, cap, sampler, seed, num_workers,
                          min_batch=1 if mode == "eval" else 2, **loading)
 

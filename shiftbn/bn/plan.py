@@ -90,9 +90,13 @@ def rank_share(num_samples: int | None, world: int, rank: int) -> int | None:
 
 def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
           sampler: Iterable[list[int]] | None, seed: int, num_workers: int, min_batch: int, *,
-          keys: ItemKeys | None = None, pin_memory: bool = False, persistent_workers: bool = False) -> Batches:
+          keys: ItemKeys | None = None, pin_memory: bool = False, persistent_workers: bool = False,
+          shard: tuple[int, int] | None = None) -> Batches:
     """The batches ``collect_stats`` reads: from a Dataset (planned here, read by a DataLoader with
     ``num_workers``/``pin_memory``/``persistent_workers``) or a user's re-iterable of batches.
+
+    ``shard=(world, rank)``: keep whole batches ``rank, rank + world, ...`` of a Dataset's plan (the
+    data is the same on every rank; see ``distributed.plan_shard``).
 
     ``keys`` (``ItemKeys``, default input ``"image"``, source ``"source"``) says how dict batches are read.
     """
@@ -103,7 +107,7 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
         tagged = isinstance(data, SourceTaggedDataset)
         names = list(data.source_names) if tagged else None
         if sampler is not None:  # the sampler's batches, the cap applied to them as they stream
-            batches = [list(b) for b in sampler]
+            batches = _share([list(b) for b in sampler], shard)
             loader = DataLoader(data, batch_sampler=batches, **opts)
             return Batches(loader, names, by_source and tagged, cap, len(batches), min_batch, keys)
         if tagged and by_source:
@@ -117,6 +121,7 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
                 g = g[:cap]
             if len(g):  # near-equal chunks (sizes differ by one) so no tail batch of a single sample
                 batches += [c.tolist() for c in np.array_split(g, -(-len(g) // batch_size))]
+        batches = _share(batches, shard)
         loader = DataLoader(data, batch_sampler=batches, **opts)
         return Batches(loader, names, by_source and tagged, None, len(batches), keys=keys)
     if isinstance(data, Iterator):
@@ -127,6 +132,11 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
     names = list(base.source_names) if isinstance(base, SourceTaggedDataset) else None
     total = len(data) if hasattr(data, "__len__") else None
     return Batches(data, names, by_source, cap, total, min_batch, keys)
+
+
+def _share(batches: list[list[int]], shard: tuple[int, int] | None) -> list[list[int]]:
+    """This rank's whole batches of a plan every rank made alike (all of them without ``shard``)."""
+    return batches if shard is None else batches[shard[1]::shard[0]]
 
 
 def _check_keys(keys: ItemKeys | None) -> ItemKeys:

@@ -16,7 +16,9 @@ from shiftbn._log import bars_wanted
 from shiftbn._torch import check_device
 from shiftbn.adapt import AdaptContext, Strategy, expand_strategies
 from shiftbn.bn import CollectMode, collect_stats
+from shiftbn.bn.distributed import world_and_rank
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
+from shiftbn.evaluate import spread
 from shiftbn.evaluate.metrics import check_metrics, metric_value
 from shiftbn.evaluate.uncertainty import bootstrap_interval
 
@@ -141,12 +143,21 @@ def score(
     cells = [(st, s) for st in plan.strategies for s in plan.eval_sources]
     keys = [st.cache_key(ctx, s) for st, s in cells]
     last_use = {key: i for i, key in enumerate(keys) if key is not None}  # shared outputs live until then
+    world = world_and_rank()[0]
+    if world > 1:
+        spread.prefetch(ctx, plan.strategies, plan.eval_sources)
+    ahead: dict[int, torch.Tensor] = {}  # distributed: a strategy's cells computed by all ranks at once
     for i, (strat, src) in enumerate(tqdm(cells, desc="matrix cells", disable=not bars_wanted(progress),
                                           unit="cell")):
         key = keys[i]
         out = outputs.get(key) if key is not None else None
+        if out is None and world > 1 and i not in ahead:
+            todo = [m for m in range(i, len(cells)) if cells[m][0] is strat and (keys[m] is None or keys[m] not in outputs)]
+            got = spread.strategy_outputs(ctx, strat, [cells[m][1] for m in todo])
+            ahead.update({m: got[cells[m][1]] for m in todo})
         if out is None:
-            out = _checked(strat, src, strat.logits(ctx, src, ctx.eval_inputs(src)))
+            raw = ahead.pop(i) if i in ahead else strat.logits(ctx, src, ctx.eval_inputs(src))
+            out = _checked(strat, src, raw)
             if key is not None and last_use[key] > i:
                 outputs[key] = out
         if key is not None and last_use[key] == i:

@@ -1,0 +1,142 @@
+"""Matrix cells under ``torch.distributed``: each cell's outputs computed by the ranks together.
+
+Why: evaluation is most of a matrix's time; spread over W ranks it takes about 1/W. How a cell is
+shared depends on what its outputs depend on, so every rank ends with the outputs one process
+computes (the same batches, bit for bit):
+
+* fixed statistics (``source``, ``precise``, ``target``, ``prior:N``, ``stats:*``, ``per-source``
+  and any strategy that only defines ``bn_stats``): whole evaluation batches of ``batch_size`` are
+  dealt round-robin to the ranks; the statistics themselves were merged exactly beforehand;
+* ``batch:B``: its seeded prediction-time batches are dealt to the ranks, each batch whole;
+* ``tent:S``: adapts and predicts on one rank per source, sources spread over ranks;
+  ``batch:B:mixed``: on one rank (its batches mix every source);
+* any other strategy (its own ``logits``): computed on every rank, as in one process.
+
+Each rank's rows travel in one ``all_gather`` per strategy: (N x K) float32 per cell in total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from shiftbn._torch import Inputs, batch_chunks, batch_stats_logits, forward_batches
+from shiftbn.adapt import AdaptContext, BatchStats, Strategy, Tent
+from shiftbn.bn import preserved, use_stats
+from shiftbn.bn.distributed import RankSync
+from shiftbn.data.tagged import SourceTaggedDataset
+
+SAMPLES, BATCHES, OWNER, EVERY = "samples", "batches", "owner", "every"
+
+
+def how(strat: Strategy) -> str:
+    """How a strategy's cells are shared over ranks (see the module docstring)."""
+    if isinstance(strat, Tent):
+        return OWNER
+    if isinstance(strat, BatchStats):
+        return OWNER if strat.mixed else BATCHES
+    if type(strat).logits is Strategy.logits:
+        return SAMPLES
+    return EVERY
+
+
+def prefetch(ctx: AdaptContext, strategies: Sequence[Strategy], eval_sources: Sequence[str]) -> None:
+    """Compute, on every rank together, the statistics the strategies declare they read.
+
+    Why: statistics are collective passes (sharded, merged exactly); done first, the cells that
+    follow need no collective until their outputs are gathered.
+    """
+    if any(st.stats_sources(j) for st in strategies for j in eval_sources):
+        ctx.stats  # noqa: B018 - computed and memoized on first access
+    if any(st.needs_precise for st in strategies):
+        ctx.precise_stats()
+
+
+def _rows(x: Inputs, idx: np.ndarray) -> Inputs:
+    """The samples of ``x`` at ``idx`` (a view of a dataset; nothing is read)."""
+    if isinstance(x, torch.Tensor):
+        return x[torch.as_tensor(idx, dtype=torch.long)]
+    if isinstance(x, SourceTaggedDataset):
+        return x.take(idx)
+    return Subset(x, idx.tolist())
+
+
+def _dealt(n_chunks: int, world: int, rank: int, turn: int) -> list[int]:
+    """Chunks of this rank when chunk c goes to rank (c + turn) % world."""
+    return [c for c in range(n_chunks) if (c + turn) % world == rank]
+
+
+def strategy_outputs(ctx: AdaptContext, strat: Strategy, sources: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Outputs (N_j, K) of ``strat`` on each eval source in ``sources``, computed by all ranks together.
+
+    Every rank returns the same outputs, in the order of ``ctx.eval_inputs(j)``. An error on any rank
+    is raised on every rank.
+    """
+    sync = RankSync()
+    world, rank = sync.world, sync.rank
+    mode = how(strat)
+    if mode == EVERY:  # may run collectives of its own: every rank runs it whole, errors shared
+        return {j: sync.check(lambda j=j: strat.logits(ctx, j, ctx.eval_inputs(j))) for j in sources}
+    stats = sync.check(lambda: {j: strat.bn_stats(ctx, j) for j in sources}) if mode == SAMPLES else {}
+    sizes = {j: len(ctx.eval_inputs(j)) for j in sources}
+    order = list(ctx.eval_sources)
+
+    def local() -> dict[str, Any]:
+        mine: dict[str, Any] = {}
+        turn = 0
+        for j in sources:
+            x, n = ctx.eval_inputs(j), sizes[j]
+            if mode == SAMPLES:
+                if n == 0:
+                    raise ValueError("no inputs to evaluate: the data is empty")
+                starts = list(range(0, n, ctx.batch_size))
+                idx = np.concatenate([np.arange(starts[c], min(starts[c] + ctx.batch_size, n), dtype=np.int64)
+                                      for c in _dealt(len(starts), world, rank, turn)] or [np.zeros(0, np.int64)])
+                turn += len(starts)
+                if len(idx):
+                    mine[j] = (idx, _fixed_stats_logits(ctx, strat, j, stats[j], _rows(x, idx)).numpy())
+            elif mode == BATCHES:
+                chunks = batch_chunks(n, strat.batch, ctx.seed) if n >= 2 else []
+                shift = turn % world
+                turn += len(chunks)
+                part = ((world, (rank - shift) % world))
+                out = batch_stats_logits(ctx.model, x, strat.batch, ctx.seed, amp=ctx.amp, progress=ctx.progress,
+                                         desc=f"{strat.name} on {j}", part=part)
+                if len(out):
+                    idx = torch.cat(chunks[part[1]::world]).numpy()
+                    mine[j] = (idx, out.numpy())
+            else:
+                owner = (order.index(j) if isinstance(strat, Tent) and j in order else 0) % world
+                if owner == rank:
+                    out = strat.logits(ctx, j, x).detach().float().cpu()
+                    mine[j] = (np.arange(len(out)), out.numpy())
+        return mine
+
+    gathered = sync.gather(local)
+    result = {}
+    for j in sources:
+        parts = [g[j] for g in gathered if j in g]
+        if not parts:
+            raise ValueError(f"strategy {strat.name!r} produced no outputs for source {j!r} on any rank")
+        k_shape = parts[0][1].shape[1:]
+        out = np.empty((sum(len(i) for i, _ in parts), *k_shape), dtype=np.float32)
+        for idx, rows in parts:
+            out[idx] = rows
+        result[j] = torch.from_numpy(out)
+    return result
+
+
+def _fixed_stats_logits(ctx: AdaptContext, strat: Strategy, j: str, stats: Any, x: Inputs) -> torch.Tensor:
+    """What ``Strategy.logits`` computes, with the statistics already in hand (no collective here)."""
+    if stats is None:
+        with preserved(ctx.model):
+            ctx.model.eval()
+            return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress,
+                                   desc=f"{strat.name} on {j}")
+    with use_stats(ctx.model, stats):
+        return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress,
+                               desc=f"{strat.name} on {j}")
