@@ -152,7 +152,8 @@ def score(
         key = keys[i]
         out = outputs.get(key) if key is not None else None
         if out is None and world > 1 and i not in ahead:
-            todo = [m for m in range(i, len(cells)) if cells[m][0] is strat and (keys[m] is None or keys[m] not in outputs)]
+            todo = [m for m in range(i, len(cells))
+                    if cells[m][0] is strat and (keys[m] is None or keys[m] not in outputs)]
             got = spread.strategy_outputs(ctx, strat, [cells[m][1] for m in todo])
             ahead.update({m: got[cells[m][1]] for m in todo})
         if out is None:
