@@ -232,17 +232,25 @@ class RunFolder:
                 self._log(key, "computed", 0.0, "log line recovered: the run stopped before logging this cell")
             self._log(key, "skipped", 0.0)
             return table
-        note = "" if why == "missing" else f"recomputed: {why}"
+        t0 = time.perf_counter()
+        return self.store(key, compute(), time.perf_counter() - t0, why)
+
+    def store(self, key: str, table: pd.DataFrame, seconds: float, why: str | None = None) -> pd.DataFrame:
+        """Write a cell computed elsewhere (another rank) atomically and log it; returns the table as read
+        back. ``seconds``: its compute time; ``why``: why the stored cell was not trusted (``_read``'s
+        reason; looked up when ``None``)."""
+        self._check_open()
+        if why is None:
+            why = self._read(key)[1]
+        note = "" if why in ("", "missing") else f"recomputed: {why}"
         if note:
             warnings.warn(f"cell {key!r} in {self.path} is damaged ({why}); recomputing it", RuntimeWarning,
-                          stacklevel=2)
-        t0 = time.perf_counter()
-        table = compute()
+                          stacklevel=3)
         if not isinstance(table, pd.DataFrame):
             raise TypeError(f"cell {key!r} must produce a DataFrame, got {type(table).__name__}")
         data = _encode_cell(key, table)
         atomic_write_bytes(self.cell_path(key), data)
-        self._log(key, "computed", time.perf_counter() - t0, note)
+        self._log(key, "computed", seconds, note)
         table, why = _decode_cell(data, key)  # the same dtypes whether computed now or read back on resume
         if table is None:
             raise RuntimeError(f"cell {key!r} does not read back ({why}); its table cannot round-trip CSV")
