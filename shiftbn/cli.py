@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import shiftbn._log as _log
+import shiftbn.cli_dist as _dist
 from shiftbn._names import GRAMMAR, METRIC_NAMES
 from shiftbn._version import __version__
 
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="How BatchNorm networks trained on several sources behave under domain "
                                              "shift, and BN recalibration that fixes what can be fixed.")
     ap.add_argument("--version", action="version", version=f"shiftbn {__version__}")
+    _dist.add_args(ap)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")  # bare `shiftbn` prints this help (main)
 
     d = sub.add_parser("demo", epilog=EPILOG, help="run the built-in multi-lab demo and write an HTML report",
@@ -470,8 +472,14 @@ def _cmd_run(args) -> None:
     out = args.out or Path("runs") / spec.name
     config = {"spec": str(args.spec), "protocol": spec.protocol, "dataset": spec.dataset, "sources": spec.sources,
               "quick": args.quick, "params": spec.resolved(args.quick)}
-    with RunFolder(out, config, resume=args.resume) as run:
+    from shiftbn.bn.distributed import RankSync
+
+    run = RankSync().check(lambda: RunFolder(out, config, resume=args.resume) if _dist.writer() else None)
+    try:  # under torchrun rank 0 alone holds the folder; the cells are spread over the ranks
         table = run_study(spec, run, quick=args.quick, progress=_progress(args))
+    finally:
+        if run is not None:
+            run.close()
     print(f"{len(table)} result rows in {out / 'results.csv'}")
 
 
@@ -483,12 +491,13 @@ def _cmd_stats(args) -> None:
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
                           seed=args.seed, progress=_progress(args), amp=args.amp)
-    _out_folder(args.out)
-    _write_skipped(args, args.out)
-    atomic_write_text(args.out / "stats.json", json.dumps(stats.to_dict()))
-    atomic_write_text(args.out / "stats.csv", stats.to_frame().to_csv(index=False))
     shift = stats_shift(stats, metric="all")
-    atomic_write_text(args.out / "shift.csv", shift.to_csv(index=False))
+    if _dist.writer():
+        _out_folder(args.out)
+        _write_skipped(args, args.out)
+        atomic_write_text(args.out / "stats.json", json.dumps(stats.to_dict()))
+        atomic_write_text(args.out / "stats.csv", stats.to_frame().to_csv(index=False))
+        atomic_write_text(args.out / "shift.csv", shift.to_csv(index=False))
     print(shift[shift["metric"] == "w2"].pivot_table(index="layer", columns="source", values="value", sort=False)
           .round(4).to_string())
     print(f"\nWrote {args.out / 'stats.json'}, stats.csv and shift.csv")
@@ -506,8 +515,9 @@ def _cmd_matrix(args) -> None:
                                 stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
                                 ci=level, n_boot=args.n_boot, progress=_progress(args),
                                 amp=args.amp)
-    atomic_write_text(_out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
-    _write_skipped(args, args.out)
+    if _dist.writer():
+        atomic_write_text(_out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
+        _write_skipped(args, args.out)
     for metric, g in table.groupby("metric", sort=False):
         print(f"\n{metric}{'' if level is None else f' [{level:.0%} interval]'}:")
         print(interval_cells(g, "strategy", "eval_source").to_string(index=False))
@@ -525,7 +535,8 @@ def _cmd_recalibrate(args) -> None:
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = recalibrate(model, ds, target=args.target, method=args.method, batch_size=args.batch_size,
                         num_samples=args.num_samples, seed=args.seed, progress=_progress(args), amp=args.amp)
-    atomic_save_torch(args.output, model.state_dict())
+    if _dist.writer():
+        atomic_save_torch(args.output, model.state_dict())
     where = f"site {args.target!r}" if args.target else "all data"
     print(f"Wrote {args.output}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")
 
@@ -577,14 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     _log.restart_clock()
     try:
         threads_before = _set_threads(getattr(args, "threads", None))
-        COMMANDS[args.command](args)
+        with _dist.session(args):
+            COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"shiftbn {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the boundary: a user's model may raise anything
         if debug:
             raise
-        print(f"shiftbn {args.command}: error: {_error_line(e)}", file=sys.stderr)
+        if _dist.should_print(e):
+            print(f"shiftbn {args.command}: {_dist.prefix(e)}error: {_error_line(e)}", file=sys.stderr)
         return 2
     finally:  # main() called in-process (tests, notebooks) leaves the process as it found it
         _log.set_quiet(was_quiet)
