@@ -200,7 +200,9 @@ class BatchStats(Strategy):
     """``batch:B``: prediction-time BN, the target evaluated in batches of B with their own statistics.
 
     ``batch:B:mixed`` draws each batch from all evaluated sources together, to show why batch
-    composition matters at test time.
+    composition matters at test time. Under ``torch.distributed`` the matrix deals the seeded batches
+    to the ranks, each batch whole on one rank (``batch:B:mixed``: all on one rank), so the outputs
+    equal one process's.
     """
 
     def __init__(self, batch: int, mixed: bool = False) -> None:
@@ -232,7 +234,10 @@ class Tent(Strategy):
     """``tent:S`` (Wang et al. 2021): S steps of entropy minimization of BN's affine parameters on the
     target's unlabeled calibration data (Adam, lr 1e-3, batch statistics), on a copy of the model;
     then prediction with batch statistics in batches of ``batch`` (default 64). Adam and its
-    state run on float32 copies of the parameters, so half-precision models adapt without NaN."""
+    state run on float32 copies of the parameters, so half-precision models adapt without NaN.
+    Under ``torch.distributed`` the matrix adapts and predicts each source on one rank (the source's
+    position among the eval sources, modulo the world size), sources spread over ranks; outputs
+    are gathered, and equal one process's."""
 
     def __init__(self, steps: int, lr: float = 1e-3, batch: int = 64) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

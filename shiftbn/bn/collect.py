@@ -63,9 +63,11 @@ def collect_stats(
     the first ones (also of a ``sampler``'s batches). Under ``torch.distributed`` the cap is global:
     rank r keeps at most ``num_samples // W`` (+1 for r < ``num_samples % W``) per source, so a rank
     holding fewer samples of a source than its share leaves the total below the cap. A Dataset that is
-    the same on every rank is sharded here by whole batches (the plan of one process, the cap applied
-    before sharding: the result equals one process's); other data must be each rank's own shard
-    (a DataLoader with a ``DistributedSampler``; identical batches on every rank are refused).
+    the same on every rank (and ``sampler``'s batches, if given) is sharded here: rank r takes whole
+    batches r, r + W, ... of the plan one process makes (without a sampler the cap applies before
+    sharding, so the result equals one process's); a per-rank Dataset or sampler, or an iterable of
+    batches (a DataLoader with a ``DistributedSampler``), is each rank's own shard (identical batches
+    on every rank are refused).
     ``keys``: field names of dict batches (``ItemKeys(input="image", source="site")``; MONAI and
     Hugging Face style); ``num_workers``, ``pin_memory``, ``persistent_workers``: the DataLoader's.
     ``mode``: ``"batch"`` (BN normalizes with batch statistics, as PreciseBN), ``"sequential"``

@@ -34,6 +34,10 @@ def precise_bn(
     ``data``: as for ``collect_stats`` (all sources pooled). Writes the BN buffers in place (the only
     change to the model; flags and momentum are restored) and returns the ``BNStats`` written.
     Holds the model's lock (``model_lock``) from collection to writing.
+    Under ``torch.distributed`` (a DDP script): ``precise_bn(ddp_model.module, loader)`` with the
+    training loader (its ``DistributedSampler`` gives each rank its shard) merges every rank's moments
+    exactly, so every rank writes the same statistics, those of one process over all the batches
+    (``num_samples`` is then a global cap). A Dataset given on every rank is sharded here.
     """
     with model_lock(model):
         stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
