@@ -15,6 +15,7 @@ from tests.distributed_helpers import (
     tiny_data,
     tiny_model,
 )
+from tests.test_matrix_labels import items_only
 
 STRATEGIES = ["source", "precise", "target", "prior:4", "stats:*", "per-source", "batch:4", "batch:4:mixed", "tent:2"]
 MATRIX = {"strategies": STRATEGIES, "metrics": ["accuracy", "nll"], "batch_size": 5, "stats_batch_size": 6,
@@ -33,6 +34,8 @@ def _verbs(rank, world, out_dir):
     res["stats"] = outcome(lambda: sb.collect_stats(tiny_model(), ds, batch_size=8, progress=False).to_dict())
     res["sequential"] = outcome(lambda: sb.collect_stats(tiny_model(), ds, batch_size=8, mode="sequential",
                                                          progress=False).to_dict())
+    # batches of 16: lab_c is one batch, held by rank 1 alone (absent on rank 0)
+    res["absent"] = outcome(lambda: sb.collect_stats(tiny_model(), ds, batch_size=16, progress=False).to_dict())
     res["capped"] = outcome(lambda: sb.collect_stats(tiny_model(), ds, batch_size=4, num_samples=13,
                                                      progress=False).to_dict())
     # 6 samples in one batch: rank 1 gets no data at all and still takes part
@@ -50,6 +53,8 @@ def _verbs(rank, world, out_dir):
     res["recal_precise"] = outcome(lambda: sb.recalibrate(model, ds, method="precise", batch_size=8,
                                                           progress=False).to_dict())
     res["recal_buffers"] = {k: v.clone() for k, v in model.state_dict().items()}
+    tapped = {"strategies": ["source", "batch:4", "tent:1"], "transductive": True, "batch_size": 5, "progress": False}
+    res["tapped"] = outcome(lambda: sb.cross_source_matrix(tiny_model(), items_only(ds), **tapped))
     bad = tiny_data()
     bad.base.tensors[0][-1, 0, 0, 0] = float("nan")  # the last sample of lab_c: evaluated by one rank only
     res["nan_output"] = outcome(lambda: sb.cross_source_matrix(tiny_model(), bad, ["source"], transductive=True,
@@ -63,12 +68,13 @@ def test_every_verb_on_two_ranks_equals_one_process(tmp_path):
     torch.set_num_threads(1)
     ds = tiny_data()
     for r, res in enumerate(ranks):
-        for name in ("stats", "sequential", "capped", "one_batch", "precise_ddp", "matrix", "evaluate",
+        for name in ("stats", "sequential", "absent", "capped", "one_batch", "precise_ddp", "matrix", "evaluate",
                      "recal_target", "recal_precise"):
             assert res[name]["ok"], (r, name, res[name])
     want = {
         "stats": sb.collect_stats(tiny_model(), ds, batch_size=8, progress=False),
         "sequential": sb.collect_stats(tiny_model(), ds, batch_size=8, mode="sequential", progress=False),
+        "absent": sb.collect_stats(tiny_model(), ds, batch_size=16, progress=False),
         "capped": sb.collect_stats(tiny_model(), ds, batch_size=4, num_samples=13, progress=False),
         "one_batch": sb.collect_stats(tiny_model(), ds.subset("lab_c").take(range(6)), batch_size=8, progress=False),
     }
@@ -105,6 +111,11 @@ def test_every_verb_on_two_ranks_equals_one_process(tmp_path):
                 np.testing.assert_allclose(got[layer].var, m.var, rtol=1e-10)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(res["recal_buffers"][k], v, rtol=1e-10, atol=1e-12)
+    # labels read from the evaluation batches (no label accessor): each rank read its rows, gathered
+    tapped = {"strategies": ["source", "batch:4", "tent:1"], "transductive": True, "batch_size": 5, "progress": False}
+    want = sb.cross_source_matrix(tiny_model(), ds, **tapped)
+    for res in ranks:
+        assert_same_table(res["tapped"]["value"], want)
     # NaN outputs on one rank's rows: the same error on both ranks, counted over the whole source
     assert ranks[0]["nan_output"] == ranks[1]["nan_output"]
     assert not ranks[0]["nan_output"]["ok"] and "1 of 9 samples of source 'lab_c'" in ranks[0]["nan_output"]["message"]

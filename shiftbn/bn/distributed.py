@@ -173,8 +173,10 @@ def _digest_item(item: Any, h: Any) -> None:
     elif isinstance(item, (tuple, list)):
         for v in item:
             _digest_item(v, h)
-    else:
+    elif item is None or isinstance(item, (bool, int, float, str, bytes)):
         h.update(repr(item).encode()[:256])
+    else:  # an object's repr may hold its address, which differs between processes
+        h.update(type(item).__qualname__.encode())
 
 
 def _data_digest(data: Any, batches: list[list[int]] | None) -> str | None:

@@ -3,7 +3,7 @@ score every (strategy, eval source) cell."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,7 @@ from shiftbn.bn.distributed import world_and_rank
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
 from shiftbn.evaluate import spread
 from shiftbn.evaluate.metrics import check_metrics, metric_value
+from shiftbn.evaluate.tapped import TappedLabels
 from shiftbn.evaluate.uncertainty import bootstrap_interval
 
 Calibration = float | Splits | tuple[SourceTaggedDataset, SourceTaggedDataset]
@@ -49,7 +50,6 @@ def prepare(
     """Split each source into calibration and evaluation samples and check every strategy's needs."""
     if not isinstance(ds, SourceTaggedDataset):
         raise TypeError("cross_source_matrix needs a SourceTaggedDataset")
-    ds.require_labels("evaluation")
     cal_ds, eval_ds = _calibration_split(ds, calibration, transductive, seed)
     sources = ds.sources_present
     evals = list(sources if eval_sources is None else [str(s) for s in eval_sources])
@@ -96,13 +96,17 @@ def collect(
     seed: int = 0,
     amp: bool = False,
     progress: bool = True,
-) -> tuple[AdaptContext, dict[str, np.ndarray]]:
+) -> tuple[AdaptContext, Mapping[str, np.ndarray]]:
     """The context strategies see (statistics computed on first use) and each eval source's labels.
 
     Inputs are handed to strategies as dataset views, read batch by batch: memory is O(batch), plus
-    the outputs kept for scoring (N x K per cell), never the inputs.
+    the outputs kept for scoring (N x K per cell), never the inputs. Labels: the dataset's own, else
+    read from the items as the first evaluation of each source reads them (``TappedLabels``: never a
+    pass over the images just for labels); available once that source's first cell is computed.
     """
     eval_parts = {s: plan.evaluation.subset(s) for s in plan.eval_sources}
+    labels = TappedLabels(eval_parts)
+    labels.check_first()
     cal = plan.calibration
 
     def source_stats():
@@ -115,16 +119,16 @@ def collect(
 
     ctx = AdaptContext(model=model, source_stats_fn=source_stats,
                        calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s), lambda: cal.subset(s)),
-                       eval_inputs=eval_parts.__getitem__, train_sources=plan.train_sources,
+                       eval_inputs=labels.inputs, train_sources=plan.train_sources,
                        eval_sources=plan.eval_sources, precise_stats_fn=precise_stats, batch_size=batch_size,
                        seed=seed, amp=amp, progress=progress)
-    return ctx, {s: part.labels for s, part in eval_parts.items()}
+    return ctx, labels
 
 
 def score(
     ctx: AdaptContext,
     plan: MatrixPlan,
-    labels: dict[str, np.ndarray],
+    labels: Mapping[str, np.ndarray],
     metrics: Sequence[str],
     *,
     ci: float | None = None,
