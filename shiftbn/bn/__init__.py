@@ -1,7 +1,7 @@
 """The BN statistics engine: discovery, exact moments, collection, state swapping, PreciseBN, shift."""
 
 from shiftbn.bn.collect import COLLECT_MODES, CollectMode, collect_stats
-from shiftbn.bn.distributed import all_merge
+from shiftbn.bn.distributed import PeerLostError, all_merge, solo, world_and_rank
 from shiftbn.bn.layers import BNLayer, bn_layers, device_of
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments
@@ -20,6 +20,7 @@ __all__ = [
     "FrozenBN",
     "ModelSnapshot",
     "Moments",
+    "PeerLostError",
     "Population",
     "PopulationStats",
     "SourceStats",
@@ -36,7 +37,9 @@ __all__ = [
     "precise_bn",
     "preserved",
     "site_key",
+    "solo",
     "split_site",
     "stats_shift",
     "use_stats",
+    "world_and_rank",
 ]
