@@ -91,7 +91,7 @@ class TappedLabels(Mapping):
                     "label-only callable f(i) -> class id")
 
     def __iter__(self) -> Iterator[str]:
-        return iter([*self.known, *self.taps])
+        return iter(self.parts)
 
     def __len__(self) -> int:
-        return len(self.known) + len(self.taps)
+        return len(self.parts)
