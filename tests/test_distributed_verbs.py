@@ -15,7 +15,7 @@ from tests.distributed_helpers import (
     tiny_data,
     tiny_model,
 )
-from tests.test_matrix_labels import items_only
+from tests.test_evaluate_tapped import items_only
 
 STRATEGIES = ["source", "precise", "target", "prior:4", "stats:*", "per-source", "batch:4", "batch:4:mixed", "tent:2"]
 MATRIX = {"strategies": STRATEGIES, "metrics": ["accuracy", "nll"], "batch_size": 5, "stats_batch_size": 6,
