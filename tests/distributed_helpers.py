@@ -71,21 +71,17 @@ def run_ranks(fn, tmp_path, world: int = 2, env: dict | None = None, allow_death
     ctx = mp.start_processes(_entry, args=(world, free_port(), str(tmp_path), fn.__name__, fn.__module__,
                                            env or {}), nprocs=world, join=False, start_method="fork")
     deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        try:
-            if ctx.join(timeout=1):
-                break
-        except mp.ProcessExitedException:
-            if not allow_death:
-                raise
-            for p in ctx.processes:  # the others still finish on their own (or hit the deadline)
-                p.join(max(0.0, deadline - time.monotonic()))
-            break
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise AssertionError(f"{fn.__name__} did not finish within {TIMEOUT_S} s on {world} ranks (a rank hung)")
+    if allow_death:  # wait on each process: ctx.join() would SIGTERM the others as soon as one dies
+        for p in ctx.processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+    else:
+        while not ctx.join(timeout=1) and time.monotonic() <= deadline:
+            pass
+    if any(p.is_alive() for p in ctx.processes):
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        raise AssertionError(f"{fn.__name__} did not finish within {TIMEOUT_S} s on {world} ranks (a rank hung)")
     out = []
     for r in range(world):
         path = tmp_path / f"{fn.__name__}.rank{r}.pkl"
