@@ -63,14 +63,7 @@ def save_stats(stats: SourceStats | BNStats, path: str | Path, *, model: nn.Modu
     The write is atomic: the file is the old one or the whole new one, never a part.
     """
     stats = _as_sources(stats, source)
-    if min_count is not None:
-        if isinstance(min_count, bool) or not isinstance(min_count, numbers.Integral) or min_count < 1:
-            raise ValueError(f"min_count must be a whole number of samples >= 1, got {min_count!r}")
-        small = {k: v.num_samples for k, v in stats.sources.items() if v.num_samples < min_count}
-        if small:
-            raise ValueError(f"source(s) {small} hold fewer than min_count={min_count} samples; their statistics "
-                             "are not exported (privacy floor): collect more samples or leave those sources out")
-        min_count = int(min_count)
+    min_count = check_min_count(stats, min_count)
     fp = check_fingerprint(model, "model") if isinstance(model, Mapping) else model_fingerprint(model)
     try:
         json.dumps(extra, allow_nan=False)
@@ -92,6 +85,20 @@ def save_stats(stats: SourceStats | BNStats, path: str | Path, *, model: nn.Modu
     data = save(tensors, metadata={_META_KEY: json.dumps(header, sort_keys=True, separators=(",", ":"))})
     atomic_write_bytes(Path(path), data)
     return Path(path)
+
+
+def check_min_count(stats: SourceStats, min_count: int | None, *, flag: str = "min_count") -> int | None:
+    """``min_count`` as an int; ``ValueError`` when a source of ``stats`` holds fewer samples (nothing is
+    exported then). ``flag`` names the option in messages."""
+    if min_count is None:
+        return None
+    if isinstance(min_count, bool) or not isinstance(min_count, numbers.Integral) or min_count < 1:
+        raise ValueError(f"{flag} must be a whole number of samples >= 1, got {min_count!r}")
+    small = {k: v.num_samples for k, v in stats.sources.items() if v.num_samples < min_count}
+    if small:
+        raise ValueError(f"source(s) {small} hold fewer than {flag} {min_count} samples; their statistics are not "
+                         "exported (a privacy floor): collect more samples or leave those sources out")
+    return int(min_count)
 
 
 def _as_sources(stats: Any, source: str | None) -> SourceStats:
