@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import shiftbn._log as _log
-from shiftbn import cli_files
+import shiftbn.cli_files as cli_files
 from shiftbn._names import GRAMMAR, METRIC_NAMES
 from shiftbn._version import __version__
 
