@@ -113,8 +113,8 @@ def cmd_merge(args) -> None:
     merged = merge_stats(*args.files, duplicates="merge" if args.merge_duplicates else "refuse")
     if args.pool:
         merged = SourceStats({"pooled": merged.pooled()}, merged.mode, merged.passes)
-    extra = {"command": "merge", "pooled": bool(args.pool),
-             "merged_from": [{"file": Path(f).name, "sources": h.sources} for f, h in zip(args.files, headers, strict=True)]}
+    sources = [{"file": Path(f).name, "sources": h.sources} for f, h in zip(args.files, headers, strict=True)]
+    extra = {"command": "merge", "pooled": bool(args.pool), "merged_from": sources}
     save_stats(merged, args.out, model=headers[0].fingerprint, min_count=args.min_count, extra=extra)
     if not args.quiet:
         for name, bn in merged.sources.items():
