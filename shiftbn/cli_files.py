@@ -16,6 +16,10 @@ _FLOOR_HELP = ("refuse to write statistics of any source built from fewer sample
                "exporting the moments of a handful of patients; NOT differential privacy)")
 
 
+class _Default(list):
+    """A default option value, recognizable by type after parsing (a user's value is a plain list)."""
+
+
 def _min_count(text: str) -> int:
     try:
         value = int(text)
@@ -41,7 +45,11 @@ def register(sub, *, stats: argparse.ArgumentParser, matrix: argparse.ArgumentPa
                         help="statistics files (shiftbn stats --out SITE.stats, or merge) supplying every source's "
                              "statistics for target, per-source, prior:N and stats:* (stats:* expands over the files' "
                              "sources); --data is then evaluation data only: all of it is evaluated, no calibration "
-                             "split; strategies that need images for statistics (precise, batch:B, tent:S) are refused")
+                             "split. Strategies that compute statistics from images (precise, tent:S) are refused; "
+                             "the default strategies become source target stats:*")
+    for action in matrix._actions:  # mark the default list, so --stats can tell it from a user's choice
+        if "--strategies" in action.option_strings:
+            action.default = _Default(action.default)
     recalibrate.add_argument("--stats", nargs="+", type=Path, default=None, metavar="FILE",
                              help="take the statistics from these files instead of --data (no images needed): the "
                                   "source named by --target, the only source of the files, or all pooled (--pool)")
@@ -178,6 +186,8 @@ def matrix_stats(args):
         raise ValueError("--calibration splits --data into calibration and evaluation samples; with --stats the "
                          "statistics come from the files and all of --data is evaluated: drop --calibration")
     _files_only(args, "matrix")
+    if isinstance(args.strategies, _Default):  # precise needs images; the files give every other default
+        args.strategies = [s for s in args.strategies if s != "precise"]
     return _merged(args)
 
 
@@ -196,8 +206,8 @@ def matrix_from_files(model, ds, stats, args, level):
     strategies = expand_strategies(args.strategies, list(stats))
     for st in strategies:
         if st.needs_precise or any(st.calibration_sources(j) for j in evals):
-            raise ValueError(f"strategy {st.name!r} computes statistics from images, which --stats does not provide; "
-                             "drop it, or run matrix with --data alone")
+            raise ValueError(f"strategy {st.name!r} needs calibration images, which --stats does not provide (the "
+                             "files hold statistics only); drop it, or run matrix with --data alone")
         missing = sorted({s for j in evals for s in st.stats_sources(j) if s not in stats})
         if missing:
             raise ValueError(f"strategy {st.name!r} needs statistics of source(s) {missing}, which the --stats files "

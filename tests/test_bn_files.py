@@ -33,7 +33,7 @@ def _sites(n_per=(7, 12, 5, 9, 16)):
     """Five sites of different sizes and offsets (up to 300: the float64 merge must stay exact)."""
     g = torch.Generator().manual_seed(1)
     xs, src = [], []
-    for k, (name, n) in enumerate(zip(SITES, n_per, strict=True)):
+    for k, (name, n) in enumerate(zip(SITES[:len(n_per)], n_per, strict=True)):
         xs.append(torch.randn(n, 2, 6, 6, generator=g) * (1 + k) + 75.0 * k)
         src += [name] * n
     x = torch.cat(xs)

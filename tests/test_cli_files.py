@@ -121,15 +121,15 @@ def test_matrix_takes_site_statistics_from_files(proj, capsys):
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert cell[("stats:site_a", "site_c")] == pytest.approx(acc)
     # refusals: one line, exit 2
-    for extra, msg in ((["--strategies", "precise"], "'precise' computes statistics from images"),
-                       (["--strategies", "batch:4"], None),
+    for extra, msg in ((["--strategies", "precise"], "'precise' needs calibration images"),
+                       (["--strategies", "tent:1"], "'tent:1' needs calibration images"),
                        (["--calibration", "0.3"], "drop --calibration"),
                        (["--num-samples", "4"], "drop --num-samples")):
-        status = main(["matrix", *_common(), "--stats", *files, *extra, "--no-ci", "--out", "mx2"])
-        if msg is None:
-            assert status == 0  # batch:B needs no statistics
-        else:
-            assert msg in _err(capsys, status)
+        assert msg in _err(capsys, main(["matrix", *_common(), "--stats", *files, *extra, "--no-ci", "--out", "mx2"]))
+    # the default strategies without precise (it needs the images)
+    assert main(["matrix", *_common(), "--stats", *files, "--no-ci", "--out", "mx2"]) == 0
+    assert set(pd.read_csv(proj / "mx2" / "matrix.csv")["strategy"]) == {"source", "target", *(f"stats:{s}" for s in
+                                                                                                 SITES)}
     err = _err(capsys, main(["matrix", *_common(), "--stats", files[0], "--strategies", "target", "--out", "mx3"]))
     assert "needs statistics of source(s) ['site_b', 'site_c']" in err
 

@@ -248,25 +248,20 @@ def _load(path: str | Path) -> tuple[StatsHeader, SourceStats]:
 
 
 def _meta(data: bytes, path: Path) -> dict[str, Any]:
-    """The shiftbn header of a safetensors byte string; refuses anything else with what it looks like."""
+    """The shiftbn header of a safetensors byte string; refuses anything else, saying what it looks like."""
     not_ours = f"{path} is not a shiftbn statistics file"
-    if data[:1] == b"{":
-        raise ValueError(f"{not_ours} (it looks like JSON, e.g. stats.json; write a statistics file with "
-                         "shiftbn stats ... --out SITE.stats or sb.save_stats)")
-    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
-        raise ValueError(f"{not_ours} (it looks like a pickle or torch.save file, which is never loaded: "
-                         "unpickling can run code)")
     if len(data) < 8:
-        raise ValueError(f"{not_ours} (only {len(data)} bytes: truncated?)")
+        raise ValueError(f"{not_ours} (only {len(data)} bytes: truncated?){_looks_like(data)}")
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8:
-        raise ValueError(f"{not_ours}, or it is truncated (its header claims {n} bytes, {len(data) - 8} follow)")
+        raise ValueError(f"{not_ours}, or it is truncated (its header claims {n} bytes, {len(data) - 8} follow)"
+                         f"{_looks_like(data)}")
     try:
         outer = json.loads(data[8:8 + n].decode("utf-8"))
         meta = json.loads(outer["__metadata__"][_META_KEY])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{not_ours} (no readable shiftbn header: {type(e).__name__}); damaged, or written by "
-                         "another tool") from None
+        raise ValueError(f"{not_ours} (no readable shiftbn header: {type(e).__name__}; damaged, or written by "
+                         f"another tool){_looks_like(data)}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{not_ours} (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     version = meta.get("format_version")
@@ -277,6 +272,16 @@ def _meta(data: bytes, path: Path) -> dict[str, Any]:
                          f"{meta.get('shiftbn_version')}); this shiftbn {__version__} reads version "
                          f"{FORMAT_VERSION}: {fix}")
     return meta
+
+
+def _looks_like(data: bytes) -> str:
+    """What a file that is no statistics file seems to be, for the error message ("" when unknown)."""
+    if data[:1] == b"{":
+        return ("; it looks like JSON (e.g. stats.json): write a statistics file with shiftbn stats ... "
+                "--out SITE.stats or sb.save_stats")
+    if data[:1] == b"\x80" or data[:2] == b"PK":
+        return "; it looks like a pickle or torch.save file, which is never loaded: unpickling can run code"
+    return ""
 
 
 def _decode(meta: dict[str, Any], tensors: dict[str, np.ndarray], path: Path) -> tuple[StatsHeader, SourceStats]:

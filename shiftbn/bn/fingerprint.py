@@ -25,7 +25,8 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     (parameters, BN affine weight/bias and persistent non-BN buffers) EXCEPT the BN running statistics
     (``running_mean``, ``running_var``, ``num_batches_tracked``): those are exactly what recalibration
     replaces, so a recalibrated copy of the model still matches its statistics files, while any other
-    change of a weight (fine-tuning, another checkpoint, a dtype cast) does not. Device does not count.
+    change of a weight (fine-tuning, another checkpoint, a dtype cast) does not. Neither the device nor
+    the BN class counts (a model converted to ``SyncBatchNorm`` for DDP keeps its fingerprint).
     """
     layers = bn_layers(model)
     check_materialized(layers)
@@ -50,7 +51,7 @@ def _tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's values as raw bytes (CPU, contiguous), whatever its dtype."""
     flat = t.detach().to("cpu").reshape(-1).contiguous()
     raw = flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
-    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(raw.numpy())).hexdigest()
 
 
 def check_fingerprint(fp: Any, what: str) -> dict[str, Any]:
