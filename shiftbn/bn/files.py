@@ -27,6 +27,7 @@ from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, check_mome
 FORMAT = "shiftbn.stats"
 FORMAT_VERSION = 1
 _META_KEY = "shiftbn"
+_MAX_HEADER = 64 << 20  # bytes; a real header (fingerprint included) is some kB
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,11 @@ def _load(path: str | Path) -> tuple[StatsHeader, SourceStats]:
     if path.is_dir():
         raise ValueError(f"{path} is a folder; pass a statistics file (shiftbn stats ... --out SITE.stats writes one)")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) == 8 and int.from_bytes(head, "little") > _MAX_HEADER:  # e.g. an image: never read it all
+                raise ValueError(f"{path} is not a shiftbn statistics file{_looks_like(head)}")
+            data = head + f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"statistics file not found: {path}") from None
     meta = _meta(data, path)

@@ -4,6 +4,7 @@ of another model."""
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,9 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     change of a weight (fine-tuning, another checkpoint, a dtype cast) does not. Neither the device nor
     the BN class counts (a model converted to ``SyncBatchNorm`` for DDP keeps its fingerprint).
     """
-    layers = bn_layers(model)
+    with warnings.catch_warnings():  # bn_layers' note on other norm layers concerns recalibration, not this
+        warnings.simplefilter("ignore")
+        layers = bn_layers(model)
     check_materialized(layers)
     skip = set()
     for layer in layers:
