@@ -158,9 +158,10 @@ def read_stats_header(path: str | Path) -> StatsHeader:
     return _load(path)[0]
 
 
-def check_model(header: StatsHeader, model: nn.Module, path: str | Path = "statistics") -> None:
-    """``ValueError`` naming every difference between the file's model and ``model``, with the fix."""
-    problems = fingerprint_problems(header.fingerprint, model_fingerprint(model))
+def check_model(header: StatsHeader, model: nn.Module | Mapping[str, Any], path: str | Path = "statistics") -> None:
+    """``ValueError`` naming every difference between the file's model and ``model`` (or its fingerprint)."""
+    actual = check_fingerprint(model, "model") if isinstance(model, Mapping) else model_fingerprint(model)
+    problems = fingerprint_problems(header.fingerprint, actual)
     if problems:
         raise ValueError(f"{path} holds statistics of another model: {'; '.join(problems)}. Compute them with this "
                          "model and checkpoint (shiftbn stats ... --out SITE.stats), or load the model they came from")
@@ -212,8 +213,9 @@ def _check_agree(loaded: list, model: nn.Module | None) -> None:
     """One model fingerprint and one collection mode across the inputs (and ``model``'s)."""
     files = [(where, h) for where, _, h in loaded if h is not None]
     if model is not None:
+        actual = model_fingerprint(model)  # hashed once for all files
         for where, h in files:
-            check_model(h, model, where)
+            check_model(h, actual, where)
     for where, h in files[1:]:
         problems = fingerprint_problems(files[0][1].fingerprint, h.fingerprint, first=files[0][0], second=where)
         if problems:
