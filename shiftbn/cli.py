@@ -12,6 +12,7 @@ from pathlib import Path
 
 import shiftbn._log as _log
 import shiftbn.cli_dist as _dist
+import shiftbn.cli_files as cli_files
 from shiftbn._names import GRAMMAR, METRIC_NAMES
 from shiftbn._version import __version__
 
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SPEC", help="strategy specs, grammar below (default: source precise target stats:*)")
     m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
                    help="metric names, listed below (default: accuracy)")
-    m.add_argument("--calibration", type=float, default=0.5, help="calibration fraction per source (default: 0.5)")
+    m.add_argument("--calibration", type=float, default=None, help="calibration fraction per source (default: 0.5)")
     m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
     _add_ci_args(m, "no intervals (faster)")
 
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "all data, or over --target's when given (default: target)")
     c.add_argument("--output", required=True, type=Path, help="path of the new checkpoint")
     c.add_argument("--force", action="store_true", help="replace --output if it exists (never the input)")
+    cli_files.register(sub, stats=s, matrix=m, recalibrate=c, epilog=EPILOG)
     _add_report_parser(sub)
     return ap
 
@@ -487,10 +489,15 @@ def _cmd_stats(args) -> None:
     from shiftbn._io import atomic_write_text
     from shiftbn.bn import collect_stats, stats_shift
 
-    _check_out(args.out)
+    to_file = cli_files.writes_file(args)
+    if not to_file:
+        _check_out(args.out)
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
                           seed=args.seed, progress=_progress(args), amp=args.amp)
+    cli_files.check_floor(args, stats)
+    if to_file:
+        return cli_files.write_site(args, model, stats) if _dist.writer() else None
     shift = stats_shift(stats, metric="all")
     if _dist.writer():
         _out_folder(args.out)
@@ -510,11 +517,15 @@ def _cmd_matrix(args) -> None:
 
     level = _ci_level(args)
     _check_out(args.out)
+    files = cli_files.matrix_stats(args)
     model, ds = _load_user_model(args), _load_user_data(args)
-    table = cross_source_matrix(model, ds, args.strategies, args.metrics, calibration=args.calibration,
-                                stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                                ci=level, n_boot=args.n_boot, progress=_progress(args),
-                                amp=args.amp)
+    if files is not None:
+        table = cli_files.matrix_from_files(model, ds, files, args, level)
+    else:
+        table = cross_source_matrix(model, ds, args.strategies, args.metrics,
+                                    calibration=0.5 if args.calibration is None else args.calibration,
+                                    stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
+                                    ci=level, n_boot=args.n_boot, progress=_progress(args), amp=args.amp)
     if _dist.writer():
         atomic_write_text(_out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
         _write_skipped(args, args.out)
@@ -532,6 +543,10 @@ def _cmd_recalibrate(args) -> None:
         raise ValueError("--output is the input checkpoint; recalibrate never overwrites its input")
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to replace it")
+    if args.stats is not None:
+        return cli_files.recalibrate_from_files(args, _load_user_model)
+    if args.data is None:
+        raise ValueError("recalibrate needs --data (images) or --stats (statistics files)")
     model, ds = _load_user_model(args), _load_user_data(args)
     stats = recalibrate(model, ds, target=args.target, method=args.method, batch_size=args.batch_size,
                         num_samples=args.num_samples, seed=args.seed, progress=_progress(args), amp=args.amp)
@@ -564,7 +579,7 @@ def _cmd_report(args) -> None:
 
 
 COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "stats": _cmd_stats, "matrix": _cmd_matrix,
-            "recalibrate": _cmd_recalibrate, "report": _cmd_report}
+            "recalibrate": _cmd_recalibrate, "report": _cmd_report, "merge": cli_files.cmd_merge}
 
 
 # Errors a user can fix from the message alone (ours, the OS's, torch's about shapes and dtypes).

@@ -29,7 +29,7 @@ LAYERS = [
     ("shiftbn.evaluate",),
     ("shiftbn.protocols",),
     ("shiftbn.runs", "shiftbn.runner", "shiftbn.report"),
-    ("shiftbn.demo", "shiftbn.cli", "shiftbn.cli_dist", "shiftbn.__main__"),
+    ("shiftbn.demo", "shiftbn.cli", "shiftbn.cli_dist", "shiftbn.cli_files", "shiftbn.__main__"),
 ]
 
 

@@ -2,6 +2,8 @@
 
 from shiftbn.bn.collect import COLLECT_MODES, CollectMode, collect_stats
 from shiftbn.bn.distributed import PeerLostError, all_merge, solo, world_and_rank
+from shiftbn.bn.files import StatsHeader, merge_stats, read_stats, read_stats_header, save_stats
+from shiftbn.bn.fingerprint import model_fingerprint
 from shiftbn.bn.layers import BNLayer, bn_layers, device_of
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments
@@ -24,6 +26,7 @@ __all__ = [
     "Population",
     "PopulationStats",
     "SourceStats",
+    "StatsHeader",
     "all_merge",
     "batch_moments",
     "bn_layers",
@@ -32,10 +35,15 @@ __all__ = [
     "device_of",
     "freeze_bn",
     "load_stats",
+    "merge_stats",
     "mix_stats",
+    "model_fingerprint",
     "model_lock",
     "precise_bn",
     "preserved",
+    "read_stats",
+    "read_stats_header",
+    "save_stats",
     "site_key",
     "solo",
     "split_site",
