@@ -104,7 +104,7 @@ def test_two_threads_running_the_matrix_on_one_model_get_serial_results():
     model = MLP(16, 3, hidden=16)
     sb.train(model, ds, steps=5, batch_size=16, progress=False)
     model.eval()
-    strategies = ["source", "target", "batch:8", "tent:2"]
+    strategies = ["source", "target", "batch:8", "tent-offline:2"]
     serial = cross_source_matrix(model, ds, strategies, progress=False)
     before = state_of(model)
     results, errors = [], []
