@@ -46,8 +46,8 @@ class Strategy:
         """Strategies with equal keys on a source give equal outputs there; ``None``: never shared.
 
         Default: the statistics of the named source (``target`` on j, ``stats:j`` and ``per-source``
-        share); the model's own statistics and PreciseBN have keys of their own, so a source called
-        ``ema`` or ``precise`` never shares their outputs.
+        share); the model's own statistics and PreciseBN have keys of their own (and no source may be
+        named like their labels, see ``check_source_name``).
         """
         return ("source-stats", self.stats_source(ctx, eval_source), eval_source)
 
