@@ -80,7 +80,7 @@ def test_model_unchanged_after_every_strategy_and_the_matrix(trained):
     model.train()  # a model left in train mode must stay so
     before = state_of(model)
     table = cross_source_matrix(
-        model, ds, ["source", "precise", "target", "prior:16", "batch:16", "batch:16:mixed", "per-source",
+        model, ds, ["source", "precise", "target", "prior:16", "batch:16", "batch:16:mixed:k=2", "per-source",
                     "tent-offline:3", "tent:k=2", "prior:16@20", "stats:*"], ["accuracy", "nll"], train_sources=TRAIN,
         progress=False)
     assert_same_state(model, before)
@@ -102,9 +102,9 @@ def test_model_unchanged_after_every_strategy_and_the_matrix(trained):
 
 def test_batch_mixed_differs_from_single_source_batches(trained):
     model, ds = trained
-    table = cross_source_matrix(model, ds, ["batch:32", "batch:32:mixed"], ["accuracy"], progress=False)
-    assert _acc(table, "batch:32", "lab_e") > _acc(table, "batch:32:mixed", "lab_e") + 0.1
-    some = cross_source_matrix(model, ds, ["batch:32:mixed"], ["accuracy"], eval_sources=["lab_a", "lab_e"],
+    table = cross_source_matrix(model, ds, ["batch:32:k=2", "batch:32:mixed:k=2"], ["accuracy"], progress=False)
+    assert _acc(table, "batch:32:k=2", "lab_e") > _acc(table, "batch:32:mixed:k=2", "lab_e") + 0.1
+    some = cross_source_matrix(model, ds, ["batch:32:mixed:k=1"], ["accuracy"], eval_sources=["lab_a", "lab_e"],
                                progress=False)
     assert list(some["eval_source"]) == ["lab_a", "lab_e"]
 
@@ -132,6 +132,7 @@ def test_custom_strategy_registration(trained):
     ("batch:8:shuffled", "unknown batch option"), ("stats", "source name"), ("source:3", "takes no argument"),
     ("prior:-1", "N >= 0"), ("tent:10", "tent-offline:10"), ("prior:16@x", "needs a number"),
     ("prior:16@0", ">= 1"), ("prior:16:8:4", "unknown prior options"), ("batch:8:k=0", "K >= 1"),
+    ("batch:k=3", "batch size first"), ("prior:k=3", "strength N first"), ("tent-episodic:2", "tent-offline:2"),
     ("stats:ema", "strategy 'source'"), ("stats:precise", "no source's"), ("stats:prior:16", "rename the source"),
 ])
 def test_bad_strategy_specs(spec, msg):

@@ -68,6 +68,8 @@ def _batch(arg: str | None) -> Strategy:
     if arg is None:
         raise ValueError("strategy 'batch' needs a batch size, as in 'batch:64' or 'batch:64:mixed'")
     parts, k = _options("batch", arg.split(":"))
+    if not parts:
+        raise ValueError(f"'batch:{arg}' needs a batch size first, as in 'batch:64:k=3'")
     size, extra = parts[0], parts[1:]
     if extra not in ([], ["mixed"]):
         raise ValueError(f"unknown batch option {':'.join(extra)!r}; use 'batch:B', 'batch:B:mixed' or "
@@ -87,6 +89,8 @@ def _prior(arg: str | None) -> Strategy:
         n = "all" if samples == "all" else int(_number("prior", samples, int))
         return Prior(_number("prior", head, float), samples=n)
     parts, k = _options("prior", head.split(":"))
+    if not parts:
+        raise ValueError(f"'prior:{arg}' needs a prior strength N first, as in 'prior:16:k=3'")
     if len(parts) > 2:
         raise ValueError(f"unknown prior options in 'prior:{arg}'; use 'prior:N', 'prior:N:B', 'prior:N@n', "
                          "'prior:N[:B]:k=K'")
