@@ -239,8 +239,10 @@ class Grouped(Strategy):
 
 class Prior(Grouped):
     """``prior:N`` (Schneider et al. 2020): per BN layer, N/(N+n) x source (the model's running
-    statistics) + n/(N+n) x target statistics, for means and variances, the target statistics taken
-    on the input the layer sees at inference (layers above it already use their mixed statistics).
+    statistics) + n/(N+n) x target statistics, means and variances each mixed linearly (the paper's
+    equation, as robusta's ``BayesianBatchNorm``; not the two-component mixture's variance), the
+    target statistics taken on the input the layer sees at inference (layers above it already use
+    their mixed statistics); exact population moments in float64.
 
     Per test batch (default, ``samples=None``; the paper's prediction-time form): each batch of
     ``batch`` test samples mixes its own statistics, n = its size; the result depends on how the
