@@ -23,9 +23,10 @@ def blobs():
 
 def test_batch_value_is_the_mean_over_seeded_groupings(blobs):
     model, ds = blobs
+    evals = list(ds.source_names[:2])
     table = cross_source_matrix(model, ds, ["batch:8:k=3", "batch:8:k=1", "source"], ["accuracy"],
-                                transductive=True, seed=7, progress=False)
-    for src in ds.source_names:
+                                transductive=True, eval_sources=evals, seed=7, progress=False)
+    for src in evals:
         part = ds.subset(src)
         x, y = stack_inputs(part), part.labels
         values = [metric_value("accuracy", batch_stats_logits(model, x, 8, grouping_seed(7, k)).numpy(), y)
