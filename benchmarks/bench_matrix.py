@@ -1,7 +1,8 @@
 """Cost of cross_source_matrix vs the forward passes it cannot avoid, done in a bare loop (prints ratios).
 
 Why: the matrix must cost about the forward passes its strategies need, whatever the number of
-sources S. For the strategies source, precise, target, prior:16, batch:64 and stats:* those are:
+sources S. For the strategies source, precise, target, prior:16:k=1, batch:64:k=1 and stats:* (one
+grouping of the test samples each) those are:
 one statistics pass over the calibration data (single-source batches of 64, every source), one
 PreciseBN pass over it (mixed batches of 64), and one evaluation pass per distinct (statistics, eval
 source) pair: S*S for stats:i on j (target shares stats:j on j) + S each for source, precise,
@@ -31,7 +32,7 @@ from shiftbn._torch import stack_inputs
 from shiftbn.evaluate import cross_source_matrix
 from shiftbn.models import SmallCNN
 
-STRATEGIES = ["source", "precise", "target", "prior:16", "batch:64", "stats:*"]
+STRATEGIES = ["source", "precise", "target", "prior:16:k=1", "batch:64:k=1", "stats:*"]
 
 
 def synthetic(n_sources: int, per_source: int, seed: int = 0) -> sb.SourceTaggedDataset:
@@ -64,13 +65,14 @@ def run(ds: sb.SourceTaggedDataset, repeats: int, width: int) -> None:
                 model(x[i : i + 64])
         for i in range(0, len(cal), 64):  # PreciseBN pass, mixed batches of 64
             model(cal[i : i + 64])
-        for _ in range(s + 3):  # stats:* (incl. target), source, precise, prior:16: batches of 256
+        for _ in range(s + 2):  # stats:* (incl. target), source, precise: batches of 256
             for x in ev.values():
                 for i in range(0, len(x), 256):
                     model(x[i : i + 256])
-        for x in ev.values():  # batch:64
-            for i in range(0, len(x), 64):
-                model(x[i : i + 64])
+        for _ in range(2):  # prior:16 (per test batch of 64) and batch:64
+            for x in ev.values():
+                for i in range(0, len(x), 64):
+                    model(x[i : i + 64])
 
     def matrix():
         cross_source_matrix(model, ds, STRATEGIES, metrics=["accuracy"], calibration=split, progress=False)

@@ -18,7 +18,7 @@ from shiftbn._version import __version__ as __version__
 # Where each public name lives; ``__getattr__`` imports the module on first access.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "shiftbn.adapt": ("AdaptContext", "BatchStats", "PerSource", "Precise", "Prior", "Source", "StatsFrom",
-                      "StatsFromEach", "Strategy", "Target", "Tent", "parse_strategy", "recalibrate",
+                      "StatsFromEach", "Strategy", "Target", "Tent", "TentOffline", "parse_strategy", "recalibrate",
                       "register_strategy"),
     "shiftbn.bn": ("BNLayer", "BNStats", "FrozenBN", "Moments", "PopulationStats", "SourceStats", "StatsHeader",
                    "bn_layers", "buffer_stats", "collect_stats", "freeze_bn", "load_stats", "merge_stats", "mix_stats",
@@ -110,6 +110,7 @@ __all__ = [
     "Study",
     "Target",
     "Tent",
+    "TentOffline",
     "TrainConfig",
     "batch_composition",
     "bootstrap_interval",

@@ -27,7 +27,7 @@ DEMO_DATASETS: dict[str, dict[str, Any]] = {
     "fashion-mnist-labs": {"held_out": "lab_d", "load": {"n": 6000}},
 }
 
-STRATEGIES = ["source", "precise", "target", "prior:16", "batch:64", "tent:10"]
+STRATEGIES = ["source", "precise", "target", "prior:16", "batch:64", "tent"]
 CI, N_BOOT = 0.95, 1000  # the report's intervals: percentile bootstrap within each lab
 
 

@@ -30,12 +30,14 @@ def _acc(table, strategy, source):
 
 def test_target_rescues_strongly_shifted_lab_and_prior_moves_toward_source(trained):
     model, ds = trained
-    specs = ["source", "target", "prior:0", "prior:16", "prior:1000", "prior:1e9"]
+    specs = ["source", "target", "batch:64", "prior:0", "prior:16", "prior:1e9", "prior:1e9@all"]
     table = cross_source_matrix(model, ds, specs, ["accuracy"], train_sources=TRAIN, eval_sources=["lab_e"],
                                 progress=False)
     assert _acc(table, "target", "lab_e") > _acc(table, "source", "lab_e") + 0.2
-    assert _acc(table, "prior:0", "lab_e") == _acc(table, "target", "lab_e")
+    assert _acc(table, "prior:0", "lab_e") == _acc(table, "batch:64", "lab_e")  # same seeded groupings
+    assert _acc(table, "prior:16", "lab_e") > _acc(table, "source", "lab_e") + 0.2
     assert _acc(table, "prior:1e+09", "lab_e") == pytest.approx(_acc(table, "source", "lab_e"), abs=0.01)
+    assert _acc(table, "prior:1e+09@all", "lab_e") == pytest.approx(_acc(table, "source", "lab_e"), abs=0.01)
     # the mixed statistics move monotonically from the target's toward the model's own
     stats = sb.collect_stats(model, ds.subset("lab_e"), progress=False)["lab_e"]
     ema = sb.bn.buffer_stats(model)
@@ -78,12 +80,18 @@ def test_model_unchanged_after_every_strategy_and_the_matrix(trained):
     model.train()  # a model left in train mode must stay so
     before = state_of(model)
     table = cross_source_matrix(
-        model, ds, ["source", "precise", "target", "prior:16", "batch:16", "batch:16:mixed", "per-source",
-                    "tent:3", "stats:*"], ["accuracy", "nll"], train_sources=TRAIN, progress=False)
+        model, ds, ["source", "precise", "target", "prior:16", "batch:16", "batch:16:mixed:k=2", "per-source",
+                    "tent-offline:3", "tent:k=2", "prior:16@20", "stats:*"], ["accuracy", "nll"], train_sources=TRAIN,
+        progress=False)
     assert_same_state(model, before)
     model.eval()
-    assert set(table.columns) == {"strategy", "is_cross_source", "stats_source", "eval_source", "metric", "value", "n"}
-    assert len(table) == (8 + 5) * 5 * 2
+    assert set(table.columns) == {"strategy", "is_cross_source", "stats_source", "eval_source", "metric", "value", "n",
+                                  "groupings", "value_sd"}
+    assert len(table) == (10 + 5) * 5 * 2
+    groups = table.groupby("strategy")["groupings"].first().to_dict()
+    assert groups["batch:16"] == groups["prior:16"] == 5 and groups["tent:k=2"] == 2
+    assert groups["source"] == groups["prior:16@20"] == groups["tent-offline:3"] == 1
+    assert (table["value_sd"].isna() == (table["groupings"] == 1)).all()
     assert table["value"].between(0, np.inf).all()
     # logits are shared: target on j equals stats:j on j and per-source
     for s in ds.source_names:
@@ -94,9 +102,9 @@ def test_model_unchanged_after_every_strategy_and_the_matrix(trained):
 
 def test_batch_mixed_differs_from_single_source_batches(trained):
     model, ds = trained
-    table = cross_source_matrix(model, ds, ["batch:32", "batch:32:mixed"], ["accuracy"], progress=False)
-    assert _acc(table, "batch:32", "lab_e") > _acc(table, "batch:32:mixed", "lab_e") + 0.1
-    some = cross_source_matrix(model, ds, ["batch:32:mixed"], ["accuracy"], eval_sources=["lab_a", "lab_e"],
+    table = cross_source_matrix(model, ds, ["batch:32:k=2", "batch:32:mixed:k=2"], ["accuracy"], progress=False)
+    assert _acc(table, "batch:32:k=2", "lab_e") > _acc(table, "batch:32:mixed:k=2", "lab_e") + 0.1
+    some = cross_source_matrix(model, ds, ["batch:32:mixed:k=1"], ["accuracy"], eval_sources=["lab_a", "lab_e"],
                                progress=False)
     assert list(some["eval_source"]) == ["lab_a", "lab_e"]
 
@@ -122,7 +130,10 @@ def test_custom_strategy_registration(trained):
 @pytest.mark.parametrize("spec, msg", [
     ("adabn", "unknown strategy"), ("prior:x", "needs a number"), ("batch", "batch size"), ("batch:1", "B >= 2"),
     ("batch:8:shuffled", "unknown batch option"), ("stats", "source name"), ("source:3", "takes no argument"),
-    ("prior:-1", "N >= 0"),
+    ("prior:-1", "N >= 0"), ("tent:10", "tent-offline:10"), ("prior:16@x", "needs a number"),
+    ("prior:16@0", ">= 1"), ("prior:16:8:4", "unknown prior options"), ("batch:8:k=0", "K >= 1"),
+    ("batch:k=3", "batch size first"), ("prior:k=3", "strength N first"), ("tent-episodic:2", "tent-offline:2"),
+    ("stats:ema", "strategy 'source'"), ("stats:precise", "no source's"), ("stats:prior:16", "rename the source"),
 ])
 def test_bad_strategy_specs(spec, msg):
     with pytest.raises(ValueError, match=msg):

@@ -248,7 +248,7 @@ def test_nan_outputs_are_refused_naming_strategy_and_source(trained):
         sb.cross_source_matrix(model, ds, [Broken()], progress=False)
 
 
-@pytest.mark.parametrize("spec", ["prior:nan", "prior:inf", "tent:inf", "batch:nan"])
+@pytest.mark.parametrize("spec", ["prior:nan", "prior:inf", "tent-offline:inf", "batch:nan"])
 def test_non_finite_strategy_numbers_are_refused_at_parse_time(spec):
     with pytest.raises(ValueError, match="finite|needs a number"):
         sb.parse_strategy(spec)
@@ -268,7 +268,7 @@ def test_tent_on_a_half_precision_model_gives_finite_outputs(trained):
         def forward(self, x):
             return self.m(x.to(torch.bfloat16)).float()
 
-    table = sb.cross_source_matrix(Float32Out(half), ds, ["tent:5"], progress=False)
+    table = sb.cross_source_matrix(Float32Out(half), ds, ["tent-offline:5"], progress=False)
     assert table["value"].notna().all()
 
 

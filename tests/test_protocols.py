@@ -20,9 +20,9 @@ SPECS = sorted(ANALYSES.glob("*.toml"))
 
 COLUMNS = {
     "held_out_sources": {"held_out", "eval_source", "is_held_out", "strategy", "is_cross_source", "stats_source",
-                         "metric", "value", "n", "seed", "sampler_mode"},
+                         "metric", "value", "n", "groupings", "value_sd", "seed", "sampler_mode"},
     "batch_composition": {"train_mode", "batch_size", "strategy", "is_cross_source", "stats_source", "eval_source",
-                          "metric", "value", "n", "seed"},
+                          "metric", "value", "n", "groupings", "value_sd", "seed"},
     "ema_vs_precise": {"kind", "batch_size", "momentum", "step", "stats", "num_samples", "metric", "value", "seed"},
     "normalization_batch_size": {"ghost_batch", "eval", "metric", "value", "seed"},
     "shared_domains": {"train_norm", "test_stats", "consistent", "metric", "value", "seed"},

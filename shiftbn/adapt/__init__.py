@@ -1,10 +1,13 @@
 """Test-time strategies: objects, the context they see, spec parsing, and ``recalibrate``."""
 
 from shiftbn.adapt.context import AdaptContext
+from shiftbn.adapt.prior import prior_batch_logits, prior_stats
 from shiftbn.adapt.recalibrate import RecalibrationMethod, recalibrate
 from shiftbn.adapt.spec import GRAMMAR, expand_strategies, parse_strategy, register_strategy
 from shiftbn.adapt.strategies import (
+    DEFAULT_GROUPINGS,
     BatchStats,
+    Grouped,
     PerSource,
     Precise,
     Prior,
@@ -14,12 +17,18 @@ from shiftbn.adapt.strategies import (
     Strategy,
     Target,
     Tent,
+    TentOffline,
+    check_source_name,
+    grouping_seed,
 )
+from shiftbn.adapt.tent import tent_offline_logits, tent_online_logits
 
 __all__ = [
+    "DEFAULT_GROUPINGS",
     "GRAMMAR",
     "AdaptContext",
     "BatchStats",
+    "Grouped",
     "PerSource",
     "Precise",
     "Prior",
@@ -30,8 +39,15 @@ __all__ = [
     "Strategy",
     "Target",
     "Tent",
+    "TentOffline",
+    "check_source_name",
     "expand_strategies",
+    "grouping_seed",
     "parse_strategy",
+    "prior_batch_logits",
+    "prior_stats",
     "recalibrate",
     "register_strategy",
+    "tent_offline_logits",
+    "tent_online_logits",
 ]

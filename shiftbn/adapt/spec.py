@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from shiftbn._names import GRAMMAR as GRAMMAR  # re-exported: the grammar lives in a torch-free module
 from shiftbn.adapt.strategies import (
+    DEFAULT_GROUPINGS,
     BatchStats,
     PerSource,
     Precise,
@@ -22,6 +23,7 @@ from shiftbn.adapt.strategies import (
     Strategy,
     Target,
     Tent,
+    TentOffline,
 )
 
 StrategyFactory = Callable[[str | None], Strategy]
@@ -52,13 +54,62 @@ def _stats(arg: str | None) -> Strategy:
     return StatsFromEach() if arg == "*" else StatsFrom(arg)
 
 
+def _options(kind: str, parts: list[str]) -> tuple[list[str], int]:
+    """Split a trailing ``k=K`` (seeded groupings of the test samples) off the ``:``-separated parts."""
+    k = DEFAULT_GROUPINGS
+    if parts and parts[-1].startswith("k="):
+        k = int(_number(kind, parts.pop()[2:], int))
+        if k < 1:
+            raise ValueError(f"'{kind}:...:k=K' needs K >= 1 groupings, got {k}")
+    return parts, k
+
+
 def _batch(arg: str | None) -> Strategy:
     if arg is None:
         raise ValueError("strategy 'batch' needs a batch size, as in 'batch:64' or 'batch:64:mixed'")
-    size, _, extra = arg.partition(":")
-    if extra not in ("", "mixed"):
-        raise ValueError(f"unknown batch option {extra!r}; use 'batch:B' or 'batch:B:mixed'")
-    return BatchStats(int(_number("batch", size, int)), mixed=extra == "mixed")
+    parts, k = _options("batch", arg.split(":"))
+    if not parts:
+        raise ValueError(f"'batch:{arg}' needs a batch size first, as in 'batch:64:k=3'")
+    size, extra = parts[0], parts[1:]
+    if extra not in ([], ["mixed"]):
+        raise ValueError(f"unknown batch option {':'.join(extra)!r}; use 'batch:B', 'batch:B:mixed' or "
+                         "'batch:B[:mixed]:k=K'")
+    return BatchStats(int(_number("batch", size, int)), mixed=extra == ["mixed"], groupings=k)
+
+
+def _prior(arg: str | None) -> Strategy:
+    if arg is None:
+        raise ValueError("strategy 'prior' needs a prior strength N, as in 'prior:16', 'prior:16:32' (test "
+                         "batches of 32) or 'prior:16@100' (few-shot, 100 calibration samples)")
+    head, at, samples = arg.partition("@")
+    if at:
+        if not samples:
+            raise ValueError(f"'prior:{arg}' needs a number of samples after '@', as in 'prior:16@100' or "
+                             "'prior:16@all'")
+        n = "all" if samples == "all" else int(_number("prior", samples, int))
+        return Prior(_number("prior", head, float), samples=n)
+    parts, k = _options("prior", head.split(":"))
+    if not parts:
+        raise ValueError(f"'prior:{arg}' needs a prior strength N first, as in 'prior:16:k=3'")
+    if len(parts) > 2:
+        raise ValueError(f"unknown prior options in 'prior:{arg}'; use 'prior:N', 'prior:N:B', 'prior:N@n', "
+                         "'prior:N[:B]:k=K'")
+    batch = int(_number("prior", parts[1], int)) if len(parts) == 2 else 64
+    return Prior(_number("prior", parts[0], float), batch=batch, groupings=k)
+
+
+def _tent(episodic: bool):
+    kind = "tent-episodic" if episodic else "tent"
+
+    def make(arg: str | None) -> Strategy:
+        parts, k = _options(kind, [] if arg is None else arg.split(":"))
+        if parts:
+            raise ValueError(f"'{kind}:{arg}': {kind} is the published online form and takes no step count "
+                             f"('{kind}' or '{kind}:k=K'); the offline form (S steps on calibration data, then "
+                             f"predict) is 'tent-offline:{parts[0]}'")
+        return Tent(episodic=episodic, groupings=k)
+
+    return make
 
 
 _BUILT_IN: dict[str, StrategyFactory] = {
@@ -66,9 +117,11 @@ _BUILT_IN: dict[str, StrategyFactory] = {
     "precise": _no_arg(Precise),
     "target": _no_arg(Target),
     "per-source": _no_arg(PerSource),
-    "prior": lambda arg: Prior(_number("prior", arg, float)),
+    "prior": _prior,
     "batch": _batch,
-    "tent": lambda arg: Tent(int(_number("tent", arg, int))),
+    "tent": _tent(episodic=False),
+    "tent-episodic": _tent(episodic=True),
+    "tent-offline": lambda arg: TentOffline(int(_number("tent-offline", arg, int))),
     "stats": _stats,
 }
 _REGISTRY: dict[str, StrategyFactory] = dict(_BUILT_IN)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from shiftbn._log import bars_wanted
 from shiftbn._torch import check_device
-from shiftbn.adapt import AdaptContext, Strategy, expand_strategies
+from shiftbn.adapt import AdaptContext, Strategy, check_source_name, expand_strategies
 from shiftbn.bn import CollectMode, collect_stats
 from shiftbn.bn.distributed import world_and_rank
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
@@ -52,6 +52,8 @@ def prepare(
         raise TypeError("cross_source_matrix needs a SourceTaggedDataset")
     cal_ds, eval_ds = _calibration_split(ds, calibration, transductive, seed)
     sources = ds.sources_present
+    for s in sources:  # source names and the labels of strategies' statistics share the stats_source column
+        check_source_name(s, "cross_source_matrix")
     evals = list(sources if eval_sources is None else [str(s) for s in eval_sources])
     trains = list(sources if train_sources is None else [str(s) for s in train_sources])
     for s in evals + trains:
@@ -141,6 +143,10 @@ def score(
     ``ci``: add a percentile bootstrap interval (``ci_low``, ``ci_high``) resampled within the cell's
     eval source. ``keep_outputs``: a dict filled with ``(strategy name, eval source) -> outputs``
     (N x K numpy, in the order of ``labels[eval source]``), for paired comparisons and calibration.
+    A strategy whose outputs depend on how test samples are grouped (``Strategy.outputs``: ``batch:B``,
+    per-batch ``prior:N``, ``tent``) gets ``value`` = the mean over its ``groupings`` seeded groupings
+    and ``value_sd`` = their standard deviation (NaN for one grouping); ``ci_low``/``ci_high`` and
+    ``keep_outputs`` are those of grouping 0 (the grouping that ``seed`` gives).
     """
     outputs: dict = {}
     rows = []
@@ -154,28 +160,31 @@ def score(
     for i, (strat, src) in enumerate(tqdm(cells, desc="matrix cells", disable=not bars_wanted(progress),
                                           unit="cell")):
         key = keys[i]
-        out = outputs.get(key) if key is not None else None
-        if out is None and world > 1 and i not in ahead:
+        outs = outputs.get(key) if key is not None else None
+        if outs is None and world > 1 and i not in ahead:
             todo = [m for m in range(i, len(cells))
                     if cells[m][0] is strat and (keys[m] is None or keys[m] not in outputs)]
             got = spread.strategy_outputs(ctx, strat, [cells[m][1] for m in todo])
             ahead.update({m: got[cells[m][1]] for m in todo})
-        if out is None:
-            raw = ahead.pop(i) if i in ahead else strat.logits(ctx, src, ctx.eval_inputs(src))
-            out = _checked(strat, src, raw)
+        if outs is None:
+            raws = ahead.pop(i) if i in ahead else strat.outputs(ctx, src, ctx.eval_inputs(src))
+            outs = [_checked(strat, src, o) for o in raws]
             if key is not None and last_use[key] > i:
-                outputs[key] = out
+                outputs[key] = outs
         if key is not None and last_use[key] == i:
             outputs.pop(key, None)
         y = labels[src]
         if keep_outputs is not None:
-            keep_outputs[(strat.name, src)] = out
+            keep_outputs[(strat.name, src)] = outs[0]
         for m in metrics:
+            values = [metric_value(m, o, y) for o in outs]
             row = {"strategy": strat.name, "is_cross_source": strat.cross_source,
                    "stats_source": strat.stats_source(ctx, src), "eval_source": src, "metric": m,
-                   "value": metric_value(m, out, y), "n": len(y)}
+                   "value": float(np.mean(values)), "n": len(y), "groupings": len(outs),
+                   "value_sd": float(np.std(values, ddof=1)) if len(outs) > 1 else np.nan}
             if ci is not None:
-                _, row["ci_low"], row["ci_high"] = bootstrap_interval(out, y, m, n_boot=n_boot, level=ci, seed=ctx.seed)
+                _, row["ci_low"], row["ci_high"] = bootstrap_interval(outs[0], y, m, n_boot=n_boot, level=ci,
+                                                                      seed=ctx.seed)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -238,8 +247,11 @@ def cross_source_matrix(
         amp: forwards under autocast (float16 on CUDA, bfloat16 on CPU); BN statistics are still
             accumulated in float64 from the tensor each BN layer receives.
     Returns:
-        Tidy DataFrame ``strategy, is_cross_source, stats_source, eval_source, metric, value, n``;
-        ``is_cross_source`` marks the ``stats:<i>`` cells.
+        Tidy DataFrame ``strategy, is_cross_source, stats_source, eval_source, metric, value, n,
+        groupings, value_sd``; ``is_cross_source`` marks the ``stats:<i>`` cells; ``groupings``: seeded
+        groupings of the test samples ``value`` averages (1 unless the strategy depends on them),
+        ``value_sd`` their standard deviation (NaN for 1). Source names may not be labels of
+        strategies' statistics (``ema``, ``precise``, ``batch``, ``mixed-batch``, ``prior:...``).
     """
     metrics = check_metrics(metrics)
     check_device(model, device)

@@ -1,0 +1,235 @@
+"""Prior-weighted BN (Schneider et al. 2020): source statistics as a prior on target statistics.
+
+Why: a handful of target samples gives noisy statistics; mixing them with the source's, weight
+N/(N+n) on the source, interpolates between the source model (n << N) and AdaBN (n >> N). As in
+the published method (robusta's ``BayesianBatchNorm``), each BN layer measures its target statistics
+on the input it receives *at inference*: every layer above it already normalizes with its own mixed
+statistics. Means and variances are mixed linearly (the paper's equation; robusta does the same);
+the target variance is the exact population variance (robusta takes PyTorch's running-variance
+update, unbiased by count/(count-1), count = samples x spatial positions per channel).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from shiftbn._lock import model_lock
+from shiftbn._torch import Inputs, autocast, device_of, iter_inputs
+from shiftbn.bn import BNLayer, PopulationStats, bn_layers, buffer_stats
+from shiftbn.bn.moments import batch_moments
+from shiftbn.bn.population import Population
+from shiftbn.bn.reduce import RunningMoments
+from shiftbn.bn.state import ModelSnapshot
+
+
+def prior_weight(prior: float, n: int) -> float:
+    """The source's weight N/(N+n) (0 when N = n = 0)."""
+    return prior / (prior + n) if prior + n > 0 else 0.0
+
+
+def check_prior(prior: float) -> float:
+    """``prior`` as a float, refused unless finite and >= 0."""
+    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not math.isfinite(prior) or prior < 0:
+        raise ValueError(f"prior:N needs a finite prior strength N >= 0, got {prior!r}")
+    return float(prior)
+
+
+def source_stats_of(model: nn.Module, what: str) -> PopulationStats:
+    """The model's running statistics (the prior), with an error naming ``what`` needs them."""
+    try:
+        return buffer_stats(model)
+    except ValueError as e:
+        raise ValueError(f"{what} mixes the model's running statistics with the target's, but {e}") from None
+
+
+def _mix(src: Population, mean: torch.Tensor, var: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """w * source + (1 - w) * target, for means and variances, float64 on the target's device."""
+    sm = torch.as_tensor(src.mean, dtype=torch.float64, device=mean.device)
+    sv = torch.as_tensor(src.var, dtype=torch.float64, device=mean.device)
+    return w * sm + (1 - w) * mean, w * sv + (1 - w) * var
+
+
+@contextmanager
+def _mixed_normalization(model: nn.Module, layers: list[BNLayer], source: PopulationStats, prior: float,
+                         measure: dict[str, Population] | None = None) -> Iterator[None]:
+    """Every BN call normalizes with N/(N+n) source + n/(N+n) statistics of its own input (n = samples).
+
+    The pre-hook writes the mix into the buffers the (eval-mode) module then normalizes with, so the
+    layers below see activations normalized as at inference. ``measure``: filled with each module's
+    mixed statistics. Flags and buffers are restored on exit.
+    """
+    with model_lock(model):
+        snap = ModelSnapshot(model, layers)
+        hooks = []
+        try:
+            model.eval()
+            for layer in layers:
+                hooks.append(layer.module.register_forward_pre_hook(_mixing_hook(layer.name, source[layer.name],
+                                                                                 prior, measure)))
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            snap.restore()
+
+
+def _mixing_hook(name: str, src: Population, prior: float, measure: dict | None):
+    def hook(module, args):
+        x = args[0]
+        count, mean, m2 = batch_moments(x)
+        mixed_mean, mixed_var = _mix(src, mean, m2 / count, prior_weight(prior, x.shape[0]))
+        module.running_mean.copy_(mixed_mean)
+        module.running_var.copy_(mixed_var)
+        if measure is not None:
+            if name in measure:
+                raise ValueError(f"BN module {name!r} is called more than once per forward; few-shot prior "
+                                 "statistics need every BN module called once (use the per-batch form prior:N)")
+            measure[name] = Population(mixed_mean.cpu().numpy(), mixed_var.cpu().numpy())
+
+    return hook
+
+
+@torch.no_grad()
+def prior_batch_logits(model: nn.Module, data: Inputs, prior: float, batch_size: int, seed: int, *,
+                       amp: bool = False) -> torch.Tensor:
+    """Outputs (N, K) float32 with prior-weighted BN per test batch (the paper's prediction-time form).
+
+    Samples are shuffled with ``seed`` into near-equal batches of at most ``batch_size``; in each batch
+    of n samples every BN layer normalizes with N/(N+n) source + n/(N+n) statistics of its input in that
+    forward. ``prior`` = 0 is prediction-time BN (``batch:B``); a huge ``prior`` is the source model.
+    The model is left as it was (flags and buffers restored).
+    """
+    prior = check_prior(prior)
+    n = len(data)
+    if n < 1:
+        raise ValueError("no inputs to evaluate: the data is empty")
+    source = source_stats_of(model, f"prior:{prior:g}")
+    layers = bn_layers(model)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
+    device = device_of(model)
+    out: torch.Tensor | None = None
+    with _mixed_normalization(model, layers, source, prior), autocast(device, amp):
+        for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
+            part = model(x.to(device)).float().cpu()
+            if out is None:
+                out = torch.empty((n, *part.shape[1:]))
+            out[idx] = part
+    return out
+
+
+class _Stop(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised once the measured layer has seen its input: the rest of the forward is not needed."""
+
+
+@torch.no_grad()
+def prior_stats(model: nn.Module, data: Inputs, prior: float, *, batch_size: int = 256,
+                amp: bool = False) -> PopulationStats:
+    """Prior-weighted statistics of every BN layer from the n samples of ``data`` (few-shot adaptation).
+
+    Per layer: N/(N+n) source (the model's running statistics) + n/(N+n) exact mean and variance of the
+    layer's input over all n samples, with every layer above it normalizing with its own mixed
+    statistics (inference-consistent, as robusta's ``BayesianBatchNorm`` on one batch of n). When n
+    fits one batch that is one forward; else one truncated pass per layer in call order (same result,
+    memory O(batch)). ``prior`` = 0 gives the inference-consistent target statistics
+    (``collect_stats(mode="sequential")``). Returns ``PopulationStats`` (``num_samples`` = n) to load
+    with ``use_stats``; the model is left as it was.
+    """
+    prior = check_prior(prior)
+    n = len(data)
+    if n < 1:
+        raise ValueError("prior statistics need at least one sample")
+    source = source_stats_of(model, f"prior:{prior:g}")
+    layers = bn_layers(model)
+    device = device_of(model)
+    if n <= batch_size:
+        measured: dict[str, Population] = {}
+        with _mixed_normalization(model, layers, source, prior, measured), autocast(device, amp):
+            model(next(iter_inputs(data, [range(n)])).to(device))
+        return PopulationStats({layer.name: measured[layer.name] for layer in layers if layer.name in measured}, n)
+    return _layer_by_layer(model, layers, data, source, prior, batch_size, amp)
+
+
+def _layer_by_layer(model, layers, data, source, prior, batch_size, amp) -> PopulationStats:
+    """Layer j's moments over all batches, with layers before it loaded with their final mixed statistics."""
+    n = len(data)
+    chunks = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    device = device_of(model)
+    by_name = {layer.name: layer for layer in layers}
+    order = _call_order(model, layers, data, device, amp)
+    w = prior_weight(prior, n)
+    done: dict[str, Population] = {}
+    with model_lock(model):
+        snap = ModelSnapshot(model, layers)
+        try:
+            model.eval()
+            for name in order:
+                acc = RunningMoments()
+
+                def hook(module, args, acc=acc):
+                    acc.add(args[0])
+                    raise _Stop
+
+                handle = by_name[name].module.register_forward_pre_hook(hook)
+                try:
+                    for x in iter_inputs(data, chunks):
+                        try:
+                            with autocast(device, amp):
+                                model(x.to(device))
+                        except _Stop:
+                            continue
+                finally:
+                    handle.remove()
+                if acc.mean is None:
+                    raise ValueError(f"BN layer {name!r} saw no input in the layer-by-layer pass")
+                mean, var = _mix(source[name], acc.mean, acc.m2 / acc.count, w)
+                done[name] = Population(mean.cpu().numpy(), var.cpu().numpy())
+                module = by_name[name].module
+                module.running_mean.copy_(mean)
+                module.running_var.copy_(var)
+        finally:
+            snap.restore()
+    return PopulationStats({layer.name: done[layer.name] for layer in layers if layer.name in done}, n)
+
+
+def _call_order(model, layers, data, device, amp) -> list[str]:
+    """BN modules in first-call order on one sample batch; refused when a module is called twice."""
+    calls: dict[str, int] = {}
+    hooks = [layer.module.register_forward_pre_hook(
+        lambda m, a, name=layer.name: calls.__setitem__(name, calls.get(name, 0) + 1)) for layer in layers]
+    try:
+        with model_lock(model):
+            snap = ModelSnapshot(model, layers)
+            try:
+                model.eval()
+                with autocast(device, amp):
+                    model(next(iter_inputs(data, [range(min(2, len(data)))])).to(device))
+            finally:
+                snap.restore()
+    finally:
+        for h in hooks:
+            h.remove()
+    twice = [k for k, c in calls.items() if c > 1]
+    if twice:
+        raise ValueError(f"BN module(s) {twice} are called more than once per forward; few-shot prior statistics "
+                         "over several batches need every BN module called once: raise batch_size to n or use "
+                         "the per-batch form prior:N")
+    return list(calls)
+
+
+def take_samples(data: Inputs, n: int, seed: int) -> Inputs:
+    """``n`` samples of ``data`` drawn without replacement (seeded), as a tensor or a dataset view."""
+    if n > len(data):
+        raise ValueError(f"prior:N@n asks for n={n} target samples but only {len(data)} calibration samples exist; "
+                         "use a smaller n or a larger calibration fraction")
+    idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
+    if isinstance(data, torch.Tensor):
+        return data[torch.from_numpy(idx)]
+    return Subset(data, idx.tolist())

@@ -1,0 +1,144 @@
+"""Tent (Wang et al. 2021): entropy minimization of BN's affine parameters at test time.
+
+Why: batch statistics alone (``batch:B``) correct a shift of the first two moments; Tent also moves
+the scale and shift after normalization, from the predictions' entropy, without labels. The online
+form is the published one (github.com/DequanWang/tent): every BN layer normalizes with batch
+statistics, only ``BatchNorm2d`` weight and bias adapt, and each test batch is predicted by the
+forward that computes its update. The offline form adapts on calibration data first, then predicts.
+Both run on a copy of the model, so the caller's model is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from shiftbn._lock import model_lock
+from shiftbn._torch import Inputs, autocast, batch_stats_logits, device_of, iter_inputs, take_inputs
+
+
+def check_lr(lr: float) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"tent needs a finite learning rate > 0, got {lr!r}")
+    return float(lr)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean softmax entropy over the batch (the official ``softmax_entropy(x).mean(0)``), float32."""
+    x = logits.float()
+    return -(x.softmax(1) * x.log_softmax(1)).sum(1).mean(0)
+
+
+class _Adapter:
+    """A copy of the model set up for Tent, Adam on float32 master copies of its adapted parameters.
+
+    ``only_2d``: adapt ``BatchNorm2d`` affine parameters only (the official ``collect_params``); else
+    those of every BN layer. Every BN layer normalizes with batch statistics and keeps no running
+    statistics (the official ``configure_model``); other modules run in eval mode (the official code
+    puts the whole model in train mode: the same outputs unless it has dropout or similar).
+    Masters keep Adam exact for float32 models and free of NaN for half-precision ones.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, only_2d: bool) -> None:
+        with model_lock(model):  # never copy buffers another thread has swapped
+            self.model = copy.deepcopy(model)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        for m in self.model.modules():
+            if isinstance(m, _BatchNorm):
+                m.train()
+                m.track_running_stats = False
+                m.running_mean, m.running_var = None, None
+        adapted = [m for m in self.model.modules()
+                   if isinstance(m, nn.BatchNorm2d if only_2d else _BatchNorm) and m.affine]
+        self.params = [p for m in adapted for p in (m.weight, m.bias)]
+        if not self.params:
+            what = "BatchNorm2d layers with affine parameters (as published)" if only_2d else \
+                "BN layers with affine parameters (affine=True)"
+            hint = "; tent-offline:S adapts every BN layer" if only_2d else ""
+            raise ValueError(f"tent adapts {what}, and this model has none{hint}")
+        for p in self.params:
+            p.requires_grad_(True)
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = torch.optim.Adam(self.masters, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.device = device_of(self.model)
+        self._initial = None
+
+    def save(self) -> None:
+        """Remember parameters and optimizer state (for episodic resets)."""
+        self._initial = ([m.detach().clone() for m in self.masters], copy.deepcopy(self.opt.state_dict()))
+
+    def reset(self) -> None:
+        masters, state = self._initial
+        with torch.no_grad():
+            for p, m, m0 in zip(self.params, self.masters, masters, strict=True):
+                m.copy_(m0)
+                p.copy_(m0)
+        self.opt.load_state_dict(copy.deepcopy(state))
+
+    @torch.enable_grad()
+    def step(self, x: torch.Tensor, amp: bool) -> torch.Tensor:
+        """Forward ``x``, one Adam step on its mean entropy; returns that forward's outputs (detached)."""
+        with autocast(self.device, amp):
+            out = self.model(x.to(self.device))
+        loss = _entropy(out)
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        for p, m in zip(self.params, self.masters, strict=True):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.opt.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters, strict=True):
+                p.copy_(m)
+        return out.detach()
+
+
+def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int, *, steps: int = 1,
+                       episodic: bool = False, lr: float = 1e-3, amp: bool = False) -> torch.Tensor:
+    """Published (online) Tent: outputs (N, K) float32 of the test stream, adapted batch by batch.
+
+    The samples of ``data`` are shuffled with ``seed`` into near-equal batches of at most
+    ``batch_size`` (the stream); for each batch ``steps`` times: forward, Adam step on its entropy
+    (lr, betas (0.9, 0.999), no weight decay: the official CIFAR config); the batch's outputs are
+    those of the last forward, taken before its update (official ``forward_and_adapt``). Adaptation
+    carries over to the next batch unless ``episodic`` (parameters and optimizer reset per batch).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"online tent needs steps >= 1 per batch (an integer), got {steps!r}")
+    n = len(data)
+    if n < 2:
+        raise ValueError("tent normalizes with batch statistics and needs at least 2 test samples")
+    ad = _Adapter(model, check_lr(lr), only_2d=True)
+    if episodic:
+        ad.save()
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
+    out: torch.Tensor | None = None
+    for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
+        if episodic:
+            ad.reset()
+        for _ in range(steps):
+            part = ad.step(x, amp)
+        part = part.float().cpu()
+        if out is None:
+            out = torch.empty((n, *part.shape[1:]))
+        out[idx] = part
+    return out
+
+
+def tent_offline_logits(model: nn.Module, calibration: Inputs, data: Inputs, steps: int, batch_size: int,
+                        seed: int, *, lr: float = 1e-3, amp: bool = False) -> torch.Tensor:
+    """Offline Tent: ``steps`` Adam steps on random calibration batches (every BN layer's affine
+    parameters), then prediction-time BN on ``data`` in seeded batches of ``batch_size``."""
+    ad = _Adapter(model, check_lr(lr), only_2d=False)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randperm(len(calibration), generator=gen)[: min(batch_size, len(calibration))]
+        ad.step(take_inputs(calibration, idx), amp)
+    return batch_stats_logits(ad.model, data, batch_size, seed, amp=amp)
