@@ -7,6 +7,7 @@ from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments
 from shiftbn.bn.population import Population, PopulationStats, mix_stats
 from shiftbn.bn.precise import precise_bn
+from shiftbn.bn.routed import PerSiteModel, RoutedBN, per_site_model
 from shiftbn.bn.shift import stats_shift
 from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import FrozenBN, ModelSnapshot, buffer_stats, freeze_bn, load_stats, preserved, use_stats
@@ -20,8 +21,10 @@ __all__ = [
     "FrozenBN",
     "ModelSnapshot",
     "Moments",
+    "PerSiteModel",
     "Population",
     "PopulationStats",
+    "RoutedBN",
     "SourceStats",
     "all_merge",
     "batch_moments",
@@ -33,6 +36,7 @@ __all__ = [
     "load_stats",
     "mix_stats",
     "model_lock",
+    "per_site_model",
     "precise_bn",
     "preserved",
     "site_key",
