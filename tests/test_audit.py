@@ -34,7 +34,9 @@ def test_single_site_sampler_leaks_the_site(labs):
     assert t.loc[("site", "sample_accuracy"), "low"] > 0.9 > 0.4 > t.loc[("site", "sample_accuracy"), "chance_high"]
     assert audit.statistics == "per-site" and "site LEAKS" in audit.verdict and "per-site" in audit.verdict
     assert list(audit.table.columns) == ["sampler", "target", "metric", "value", "low", "high", "chance",
-                                         "chance_low", "chance_high", "beats_chance", "n_batches", "features"]
+                                         "chance_low", "chance_high", "ceiling", "beats_chance", "n_batches",
+                                         "features"]
+    assert t.loc[("site", "sample_accuracy"), "ceiling"] == 1.0  # single-site batches: the mix is the site
     assert sampler.epoch == 0  # put back after drawing epochs 0..1
 
 

@@ -35,8 +35,10 @@ class BatchAudit:
     """The audit of one sampler.
 
     ``table``: tidy, one row per (target, metric): ``sampler, target, metric, value, low, high, chance,
-    chance_low, chance_high, beats_chance, n_batches, features``. ``composition``: one row:
-    ``sampler, n_batches, batch_size, sites_per_batch, site_purity, all_sites_share``.
+    chance_low, chance_high, ceiling, beats_chance, n_batches, features`` (``ceiling``: the score if
+    the batch mix were known exactly; for ``sample_accuracy`` the mean largest share of a batch).
+    ``composition``: one row: ``sampler, n_batches, batch_size, sites_per_batch, site_purity,
+    all_sites_share``.
     ``leaks``: target -> flagged. ``statistics``: the test-time BN statistics that match the sampler
     (paper Section 5): ``"per-site"`` (single-site batches), ``"pooled"`` (every site in every batch)
     or ``"mixed"`` (batches mixing some sites). ``verdict``: one line saying all of it.
@@ -281,6 +283,7 @@ def _probe_rows(target, features, counts, n_splits, n_permutations, n_boot, marg
     for _ in range(n_permutations):
         perm = rng.permutation(len(counts))
         null.append(_scores(_out_of_fold(features, y[perm], n_splits, seed), counts[perm], whole))
+    ceilings = {"sample_accuracy": float(counts.max(1).sum() / max(counts.sum(), 1)), "r2": 1.0}
     rows = []
     for k, metric in enumerate(PROBE_METRICS):
         chance = np.array([n[k][0] for n in null])
@@ -291,6 +294,7 @@ def _probe_rows(target, features, counts, n_splits, n_permutations, n_boot, marg
         rows.append({"target": target, "metric": metric, "value": v, "low": float(low), "high": float(high),
                      "chance": float(np.nanmean(chance)) if np.isfinite(chance).any() else np.nan,
                      "chance_low": float(c_low), "chance_high": float(c_high),
+                     "ceiling": ceilings[metric],
                      "beats_chance": bool(np.isfinite(low) and np.isfinite(c_high) and low > c_high + margin)})
     return rows
 
