@@ -59,6 +59,8 @@ def test_routing_equals_each_site_alone(setup):
     ref = _per_site_reference(model, stats, xb, site_names)
     torch.testing.assert_close(by_ids, ref, atol=1e-6, rtol=0)
     assert torch.equal(by_ids, by_names)
+    assert torch.equal(routed.site_ids(ids.numpy().astype(np.int32)), ids)
+    assert torch.equal(routed.site_ids(list(ids.numpy())), ids)  # numpy integers are ids too
     torch.testing.assert_close(one, _per_site_reference(model, stats, xb, ["lab_b"] * len(xb)), atol=1e-6, rtol=0)
     assert_same_state(model, before)  # the user's model is never modified
     assert not any(isinstance(m, RoutedBN) for m in model.modules())

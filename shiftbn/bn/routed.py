@@ -14,11 +14,13 @@ that binds the route).
 from __future__ import annotations
 
 import copy
+import numbers
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -30,7 +32,7 @@ from shiftbn.bn.moments import BNStats, brief_repr
 from shiftbn.bn.population import PopulationStats
 from shiftbn.bn.state import prepare_writes
 
-SiteArg = torch.Tensor | str | int | Sequence[str] | Sequence[int]
+SiteArg = torch.Tensor | np.ndarray | str | int | Sequence[str] | Sequence[int]
 
 
 class _SiteRoute:
@@ -163,13 +165,16 @@ class PerSiteModel(nn.Module):
             return self.model(x)
 
     def site_ids(self, site: SiteArg, n: int | None = None) -> torch.Tensor:
-        """``site`` as a LongTensor (N,) of indices into ``sites`` on the model's device, validated.
+        """``site`` (ids as a LongTensor or integer array, names, or one of either) as a LongTensor (N,) of
+        indices into ``sites`` on the model's device, validated.
 
         Names are mapped here, outside the traced computation; ``n``: the batch size to match.
         """
+        if isinstance(site, np.ndarray) and site.dtype.kind in "iu":
+            site = torch.as_tensor(site.astype(np.int64))
         if isinstance(site, torch.Tensor):
             ids = self._checked_tensor(site, n)
-        elif isinstance(site, (str, int)) and not isinstance(site, bool):
+        elif isinstance(site, (str, numbers.Integral)) and not isinstance(site, bool):
             if n is None:
                 raise ValueError("one site for the whole batch needs the batch size; pass one id per sample")
             ids = torch.full((n,), self._index(site), dtype=torch.long)
@@ -205,8 +210,9 @@ class PerSiteModel(nn.Module):
                 raise ValueError(f"unknown site {site!r}; this model's sites are {list(self._sites)} "
                                  "(add a new one with add_site(name, unlabeled_data))")
             return self._sites.index(site)
-        if isinstance(site, bool) or not isinstance(site, int):
+        if isinstance(site, bool) or not isinstance(site, numbers.Integral):
             raise TypeError(f"a site is a name (str) or an id (int), got {brief_repr(site)}")
+        site = int(site)
         if not 0 <= site < len(self._sites):
             raise ValueError(f"site id {site} is out of range: this model has {len(self._sites)} sites "
                              f"(ids 0..{len(self._sites) - 1}: {list(self._sites)})")
