@@ -61,7 +61,8 @@ COMMON = ["--model", "usernet_dist:make", "--weights", "w.pt", "--data", "data",
 
 def _commands(tag):
     return [["stats", *COMMON, "--out", f"st{tag}"],
-            ["matrix", *COMMON, "--strategies", "source", "precise", "target", "stats:*", "batch:3", "tent-offline:1", "tent",
+            ["matrix", *COMMON, "--strategies", "source", "precise", "target", "stats:*", "batch:3",
+             "tent-offline:1", "tent",
              "--n-boot", "20", "--out", f"mx{tag}"],
             ["recalibrate", *COMMON, "--target", "site_b", "--output", f"b{tag}.pt"],
             ["run", "tiny.toml", "--out", f"run{tag}", "--no-progress", "--threads", "1"]]

@@ -17,7 +17,8 @@ from tests.distributed_helpers import (
 )
 from tests.test_evaluate_tapped import items_only
 
-STRATEGIES = ["source", "precise", "target", "prior:4", "stats:*", "per-source", "batch:4", "batch:4:mixed", "tent-offline:2", "tent", "prior:4@all", "prior:2:8"]
+STRATEGIES = ["source", "precise", "target", "prior:4", "stats:*", "per-source", "batch:4", "batch:4:mixed",
+              "tent-offline:2", "tent", "prior:4@all", "prior:2:8"]
 MATRIX = {"strategies": STRATEGIES, "metrics": ["accuracy", "nll"], "batch_size": 5, "stats_batch_size": 6,
           "ci": 0.9, "n_boot": 20, "progress": False}
 
@@ -53,7 +54,8 @@ def _verbs(rank, world, out_dir):
     res["recal_precise"] = outcome(lambda: sb.recalibrate(model, ds, method="precise", batch_size=8,
                                                           progress=False).to_dict())
     res["recal_buffers"] = {k: v.clone() for k, v in model.state_dict().items()}
-    tapped = {"strategies": ["source", "batch:4", "tent-offline:1"], "transductive": True, "batch_size": 5, "progress": False}
+    tapped = {"strategies": ["source", "batch:4", "tent-offline:1"], "transductive": True, "batch_size": 5,
+              "progress": False}
     res["tapped"] = outcome(lambda: sb.cross_source_matrix(tiny_model(), items_only(ds), **tapped))
     bad = tiny_data()
     bad.base.tensors[0][-1, 0, 0, 0] = float("nan")  # the last sample of lab_c: evaluated by one rank only
@@ -96,7 +98,8 @@ def test_every_verb_on_two_ranks_equals_one_process(tmp_path):
         assert torch.equal(ranks[0]["precise_buffers"][k], ranks[1]["precise_buffers"][k])
     # the matrix: every strategy's rows, metrics and bootstrap intervals identical on both ranks and to one process
     table = sb.cross_source_matrix(tiny_model(), ds, **MATRIX)
-    assert set(table["strategy"]) >= {"tent-offline:2", "tent", "prior:4@all", "prior:2:8", "batch:4", "batch:4:mixed", "stats:lab_c", "prior:4", "per-source"}
+    assert set(table["strategy"]) >= {"tent-offline:2", "tent", "prior:4@all", "prior:2:8", "batch:4", "batch:4:mixed",
+                                     "stats:lab_c", "prior:4", "per-source"}
     for res in ranks:
         assert_same_table(res["matrix"]["value"], table)
         assert_same_table(res["evaluate"]["value"], sb.evaluate(tiny_model(), ds, "target", progress=False))
@@ -112,7 +115,8 @@ def test_every_verb_on_two_ranks_equals_one_process(tmp_path):
         for k, v in model.state_dict().items():
             torch.testing.assert_close(res["recal_buffers"][k], v, rtol=1e-10, atol=1e-12)
     # labels read from the evaluation batches (no label accessor): each rank read its rows, gathered
-    tapped = {"strategies": ["source", "batch:4", "tent-offline:1"], "transductive": True, "batch_size": 5, "progress": False}
+    tapped = {"strategies": ["source", "batch:4", "tent-offline:1"], "transductive": True, "batch_size": 5,
+              "progress": False}
     want = sb.cross_source_matrix(tiny_model(), ds, **tapped)
     for res in ranks:
         assert_same_table(res["tapped"]["value"], want)

@@ -9,6 +9,7 @@ from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments
 from shiftbn.bn.population import Population, PopulationStats, mix_stats
 from shiftbn.bn.precise import precise_bn
+from shiftbn.bn.routed import PerSiteModel, RoutedBN, per_site_model
 from shiftbn.bn.shift import stats_shift
 from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import FrozenBN, ModelSnapshot, buffer_stats, freeze_bn, load_stats, preserved, use_stats
@@ -23,8 +24,10 @@ __all__ = [
     "ModelSnapshot",
     "Moments",
     "PeerLostError",
+    "PerSiteModel",
     "Population",
     "PopulationStats",
+    "RoutedBN",
     "SourceStats",
     "StatsHeader",
     "all_merge",
@@ -39,6 +42,7 @@ __all__ = [
     "mix_stats",
     "model_fingerprint",
     "model_lock",
+    "per_site_model",
     "precise_bn",
     "preserved",
     "read_stats",

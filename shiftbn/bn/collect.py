@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from shiftbn._log import bars_wanted
 from shiftbn._torch import autocast, check_device
 from shiftbn.bn.distributed import RankSync, plan_shard
-from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
+from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, cycle_positions, device_of, set_positions
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, Workspace
 from shiftbn.bn.plan import Batches, as_count, plan_batches, rank_share
@@ -302,6 +302,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     device = device_of(model)
     writes: dict[str, list] = {}
     fingerprint = None
+    cycles = cycle_positions(model)  # a truncated forward must not shift a CycleBatchNormList's position
     try:
         with torch.no_grad():
             bar = tqdm(plan, total=plan.total, desc=desc, disable=not bars_wanted(progress), unit="batch",
@@ -325,6 +326,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
                 state["source"], state["calls"] = src, {}
                 with contextlib.suppress(_StopForwardSignal), precision():
                     model(x.to(device) if isinstance(x, torch.Tensor) else x)
+                set_positions(cycles)
                 n_samples[src] = n_samples.get(src, 0) + len(x)
                 if not bar.disable:
                     bar.set_postfix_str(f"{sum(n_samples.values()) / (time.perf_counter() - started):,.0f} samples/s",

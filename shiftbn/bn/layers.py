@@ -55,6 +55,25 @@ def bn_layers(model: nn.Module) -> list[BNLayer]:
     return found
 
 
+def cycle_positions(model: nn.Module) -> list[tuple[nn.Module, int]]:
+    """``(module, position)`` of every module that cycles through several BN layers, one per call.
+
+    Why: detectron2's ``CycleBatchNormList`` (domain-specific BN by cycling, paper Section 5.2) is a
+    ``ModuleList`` of BN layers with an integer ``_pos`` that each call advances; a forward cut short
+    (a truncated statistics pass, an exception) leaves it pointing at the wrong layer, so callers put
+    the positions back with ``set_positions``. Its BN children are found by ``bn_layers`` as usual.
+    """
+    return [(m, m._pos) for m in model.modules()
+            if isinstance(m, nn.ModuleList) and len(m) and all(isinstance(c, _BatchNorm) for c in m)
+            and isinstance(getattr(m, "_pos", None), int)]
+
+
+def set_positions(positions: list[tuple[nn.Module, int]]) -> None:
+    """Put the cycling positions recorded by ``cycle_positions`` back."""
+    for m, pos in positions:
+        m._pos = pos
+
+
 def check_materialized(layers: list[BNLayer]) -> None:
     """Raise if a lazy BN layer has not seen its first input yet (its buffers do not exist)."""
     for layer in layers:

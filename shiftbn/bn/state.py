@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from shiftbn.bn.layers import BNLayer, bn_layers
+from shiftbn.bn.layers import BNLayer, bn_layers, cycle_positions, set_positions
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, check_moments
 from shiftbn.bn.population import Population, PopulationStats
@@ -24,7 +24,8 @@ class ModelSnapshot:
 
     Saved: the ``training`` flag of every module; every module's buffers (the tensor objects, copies
     of their values, which names exist and which are non-persistent: a forward may update a custom
-    buffer too); for each BN layer its ``momentum`` and ``track_running_stats``.
+    buffer too); for each BN layer its ``momentum`` and ``track_running_stats``; the position of
+    every module cycling through BN layers (``cycle_positions``).
     """
 
     def __init__(self, model: nn.Module, layers: list[BNLayer] | None = None) -> None:
@@ -37,11 +38,13 @@ class ModelSnapshot:
             copies = {k: None if t is None or is_lazy(t) else t.detach().clone() for k, t in bufs.items()}
             self.buffers.append((m, bufs, copies, set(m._non_persistent_buffers_set)))
         self.bn = [(layer.module, layer.module.momentum, layer.module.track_running_stats) for layer in self.layers]
+        self.cycles = cycle_positions(model)
 
     def restore(self) -> None:
         """Put every saved flag, hyper-parameter and buffer back (same tensor objects, same bits)."""
         for m, flag in self.training:
             m.training = flag
+        set_positions(self.cycles)
         for m, momentum, track in self.bn:
             m.momentum = momentum
             m.track_running_stats = track

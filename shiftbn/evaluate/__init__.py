@@ -1,5 +1,6 @@
-"""Metrics (one table), the cross-source matrix (prepare -> collect -> score) and summaries."""
+"""Metrics (one table), the cross-source matrix (prepare -> collect -> score), summaries and the batch audit."""
 
+from shiftbn.evaluate.audit import BatchAudit, audit_batches, audit_samplers, builtin_samplers
 from shiftbn.evaluate.compare import paired_table, pooled_table
 from shiftbn.evaluate.matrix import MatrixPlan, collect, cross_source_matrix, evaluate, prepare, score
 from shiftbn.evaluate.metrics import METRICS, Metric, check_metrics, get_metric, metric_value, register_metric
@@ -14,10 +15,14 @@ from shiftbn.evaluate.uncertainty import (
 
 __all__ = [
     "METRICS",
+    "BatchAudit",
     "Interval",
     "MatrixPlan",
     "Metric",
+    "audit_batches",
+    "audit_samplers",
     "bootstrap_interval",
+    "builtin_samplers",
     "check_metrics",
     "collect",
     "cross_source_matrix",
