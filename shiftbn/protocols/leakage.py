@@ -141,10 +141,10 @@ class BagLeakage(Study):
     the same size, MoCo's shuffle BN), ``sync:K`` (BN over K bags), ``frozen`` (grouped, then the
     last ``frozen_fraction`` of the steps with population statistics, ``freeze_bn``, at
     ``frozen_lr``, default ``train.lr / 50``: at ``train.lr / 10`` it diverged here). ``eval``:
-    ``train_batches`` (batch accuracy, last quarter of training), on the test bags: ``bags`` (each test bag normalized by itself),
-    ``shuffled`` (random test batches of ``bag_size``, ``exact_batches``) and ``population``
-    (PreciseBN statistics over the arm's own training normalization batches; FrozenBN keeps the
-    statistics it trained with). Rows: ``arm, eval, metric, value, n, seed``.
+    ``train_batches`` (batch accuracy, last quarter of training), on the test bags: ``bags`` (each
+    test bag normalized by itself), ``shuffled`` (random test batches of ``bag_size``,
+    ``exact_batches``) and ``population`` (PreciseBN statistics over the arm's own training
+    normalization batches; FrozenBN keeps the statistics it trained with). Rows: ``arm, eval, metric, value, n, seed``.
     """
 
     name = "bag_leakage"
