@@ -100,9 +100,11 @@ class NormalizationBatchSize(Study):
     ``population`` (PreciseBN statistics from batches of the ghost size), ``minibatch`` (test batches
     of the ghost size normalized with their own statistics), ``frozen`` (``frozen_steps`` more SGD
     steps at ``frozen_lr``, default ``train.lr / 100``, with ``freeze_bn`` — population statistics
-    in training — then population statistics; without BN's feedback larger rates diverge here); on
-    the training split, ``train_minibatch`` (the paper's third curve: what training itself sees) and
-    ``train_population``. Evaluation mini-batches are built like training's ghost batches: exactly
+    in training — then population statistics; without BN's feedback larger rates diverge here),
+    ``extra_steps`` (the control for ``frozen``: as many more ordinary steps at the same rate, BN over
+    ghost batches, then population statistics; only with ``control=True``); on ``train_eval_samples``
+    samples of the training split, ``train_minibatch`` (the paper's third curve: what training
+    itself sees) and ``train_population``. Evaluation mini-batches are built like training's ghost batches: exactly
     the ghost size, drawn uniformly over the pooled sources (``exact_batches``); the ghost sizes must
     divide the SGD batch ``train.batch_size``. Rows: ``ghost_batch, eval, metric, value, n, seed``.
     """
@@ -118,6 +120,8 @@ class NormalizationBatchSize(Study):
     frozen_steps: int = 50
     frozen_lr: float | None = None
     precise_samples: int = 2000
+    control: bool = True
+    train_eval_samples: int | None = 2000
     metrics: Sequence[str] = ("accuracy",)
 
     def __post_init__(self) -> None:
@@ -134,17 +138,28 @@ class NormalizationBatchSize(Study):
         train(net, sp.train, steps=cfg.steps, batch_size=cfg.batch_size, ghost_batch=g, lr=cfg.lr, seed=seed,
               progress=False)
         pop = _precise_copy(net, sp.train, self.precise_samples, g, seed)
+        frozen_lr = cfg.lr / 100 if self.frozen_lr is None else self.frozen_lr
         frozen = copy.deepcopy(pop)
         with freeze_bn(frozen):
-            train(frozen, sp.train, steps=self.frozen_steps, batch_size=cfg.batch_size,
-                  lr=cfg.lr / 100 if self.frozen_lr is None else self.frozen_lr, seed=seed + 1, progress=False)
+            train(frozen, sp.train, steps=self.frozen_steps, batch_size=cfg.batch_size, lr=frozen_lr, seed=seed + 1,
+                  progress=False)
+        train_part = sp.train
+        if self.train_eval_samples is not None and self.train_eval_samples < len(sp.train):
+            pick = np.random.default_rng(seed).choice(len(sp.train), self.train_eval_samples, replace=False)
+            train_part = sp.train.take(np.sort(pick))
         results = {}
-        for where, part in (("", sp.test), ("train_", sp.train)):
+        for where, part in (("", sp.test), ("train_", train_part)):
             x = stack_inputs(part)
             mini = outputs_of_batches(net, x, exact_batches(len(part), g, seed)).numpy()
             results[where + "population"] = (_score(pop, part, self.metrics), len(part))
             results[where + "minibatch"] = ({m: metric_value(m, mini, part.labels) for m in self.metrics}, len(part))
         results["frozen"] = (_score(frozen, sp.test, self.metrics), len(sp.test))
+        if self.control:
+            extra = copy.deepcopy(net)
+            train(extra, sp.train, steps=self.frozen_steps, batch_size=cfg.batch_size, ghost_batch=g, lr=frozen_lr,
+                  seed=seed + 1, progress=False)
+            extra = _precise_copy(extra, sp.train, self.precise_samples, g, seed)
+            results["extra_steps"] = (_score(extra, sp.test, self.metrics), len(sp.test))
         rows = [{"ghost_batch": g, "eval": ev, "metric": m, "value": v, "n": n, "seed": seed}
                 for ev, (scores, n) in results.items() for m, v in scores.items()]
         return pd.DataFrame(rows)
