@@ -114,8 +114,9 @@ def format_interval(mean: float, std: float, low: float, high: float, digits: in
 def interval_table(rows: pd.DataFrame, index: Sequence[str], columns: Sequence[str], **kwargs) -> pd.DataFrame:
     """``seed_intervals`` over ``index + columns`` as a wide table of ``format_interval`` strings."""
     cells = seed_intervals(rows, [*index, *columns], **kwargs)
-    cells["cell"] = [format_interval(r.mean, r.std, r.low, r.high) for r in cells.itertuples()]
-    return cells.set_index([*index, *columns])["cell"].unstack(list(range(len(index), len(index) + len(columns))))
+    text = pd.Series([format_interval(r.mean, r.std, r.low, r.high) for r in cells.itertuples()],
+                     index=pd.MultiIndex.from_frame(cells[[*index, *columns]]))
+    return text.unstack(list(range(len(index), len(index) + len(columns))))
 
 
 def _check(rows: pd.DataFrame, keys: Sequence[str], n_boot: int, level: float) -> None:
