@@ -70,12 +70,12 @@ def ema_vs_precise(e: pd.DataFrame) -> None:
     print(_effects([("precise − ema", paired_effects(curve, ["batch_size", "step"], "stats", "precise", "ema"))]))
 
 
-def normalization_batch(n: pd.DataFrame) -> None:
-    print("\n## normalization_batch: accuracy\n")
+def normalization_batch(n: pd.DataFrame, name: str = "normalization_batch") -> None:
+    print(f"\n## {name}: accuracy\n")
     print(_table(n, ["ghost_batch"], ["eval"]))
     print("\neffects\n")
-    pairs = [("minibatch", "population"), ("frozen", "population"), ("train_minibatch", "train_population"),
-             ("train_minibatch", "minibatch")]
+    pairs = [("minibatch", "population"), ("frozen", "population"), ("frozen", "extra_steps"),
+             ("extra_steps", "population"), ("train_minibatch", "train_population"), ("train_minibatch", "minibatch")]
     print(_effects([(f"{a} − {b}", paired_effects(n, ["ghost_batch"], "eval", a, b))
                     for a, b in pairs if {a, b} <= set(n["eval"])]))
 
@@ -112,7 +112,9 @@ def leakage_probe(lp: pd.DataFrame) -> None:
 
 
 SECTIONS = {"held_out": held_out, "batch_composition": batch_composition, "ema_vs_precise": ema_vs_precise,
-            "normalization_batch": normalization_batch, "shared_domains": shared_domains, "leakage": leakage,
+            "normalization_batch": normalization_batch,
+            "normalization_batch_digits": lambda rows: normalization_batch(rows, "normalization_batch_digits"),
+            "shared_domains": shared_domains, "leakage": leakage,
             "leakage_probe": leakage_probe}
 
 
