@@ -1,7 +1,14 @@
-"""Print the tables of analyses/README.md from the result CSVs (mean ± std over seeds).
+"""Print the tables of analyses/README.md from the result CSVs, with intervals.
 
 Run: python analyses/summarize.py [results folder, default analyses/results]
-Each CSV is what `shiftbn run analyses/<study>.toml` writes as results.csv.
+Each CSV is what `shiftbn run analyses/<study>.toml` writes as results.csv, saved as <study>.csv.
+
+Every cell reads ``mean ± std [low, high]``: the mean over seeds, the standard deviation over seeds,
+and a 95% two-level bootstrap interval (seeds resampled; accuracy rows with a count ``n`` also
+redraw their test-sample noise; see ``shiftbn.protocols.intervals``). A seed's value is first
+averaged over labs where a table does not show labs. Each study ends with its effects: differences
+paired by seed with their intervals; ``yes`` in ``excludes 0`` is what analyses/README.md calls
+reproduced.
 """
 
 from __future__ import annotations
@@ -11,41 +18,117 @@ from pathlib import Path
 
 import pandas as pd
 
+from shiftbn.protocols.intervals import format_interval, interval_table, paired_effects
 
-def _fmt(g: pd.DataFrame, index, columns) -> str:
-    per_seed = g.groupby([*index, *columns, "seed"])["value"].mean()
-    agg = per_seed.groupby(level=list(range(len(index) + len(columns)))).agg(["mean", "std"])
-    cell = agg.apply(lambda r: f"{r['mean']:.3f} ± {0 if pd.isna(r['std']) else r['std']:.3f}", axis=1)
-    return cell.unstack(list(range(len(index), len(index) + len(columns)))).to_markdown()
+
+def _table(rows: pd.DataFrame, index, columns) -> str:
+    return interval_table(rows, index, columns).to_markdown()
+
+
+def _effects(parts: list[tuple[str, pd.DataFrame]]) -> str:
+    """One markdown table of named effects (each a ``paired_effects`` frame)."""
+    out = []
+    for name, eff in parts:
+        keys = [c for c in eff.columns if c not in ("effect", "std", "low", "high", "seeds", "supported")]
+        for r in eff.itertuples(index=False):
+            d = r._asdict()
+            where = ", ".join(f"{k}={d[k]}" for k in keys)
+            out.append({"effect": name, "where": where or "all",
+                        "mean ± std [95% interval]": format_interval(d["effect"], d["std"], d["low"], d["high"]),
+                        "seeds": d["seeds"], "excludes 0": "yes" if d["supported"] else "no"})
+    return pd.DataFrame(out).to_markdown(index=False)
+
+
+def held_out(h: pd.DataFrame) -> None:
+    h = h.query("metric == 'accuracy'").assign(
+        where=lambda d: d["is_held_out"].map({True: "held-out lab", False: "training labs"}))
+    print("## held_out: accuracy on the held-out lab\n")
+    print(_table(h[h["is_held_out"]], ["held_out"], ["strategy"]))
+    print("\nmean over held-out labs / over the training labs' test splits\n")
+    print(_table(h, ["where"], ["strategy"]))
+    print("\neffects (accuracy difference, mean over labs)\n")
+    print(_effects([(f"{a} − source", paired_effects(h, ["where"], "strategy", a, "source"))
+                    for a in ("target", "batch:64", "prior:16") if a in set(h["strategy"])]))
+
+
+def batch_composition(b: pd.DataFrame) -> None:
+    b = b.query("metric == 'accuracy'") if "metric" in b else b
+    print("\n## batch_composition: accuracy (mean over labs)\n")
+    print(_table(b, ["train_mode", "batch_size"], ["strategy"]))
+    print("\neffects\n")
+    print(_effects([(f"per-source − {s}", paired_effects(b, ["train_mode", "batch_size"], "strategy", "per-source", s))
+                    for s in ("precise", "source")]))
+
+
+def ema_vs_precise(e: pd.DataFrame) -> None:
+    curve = e[e["kind"] == "curve"]
+    print("\n## ema_vs_precise: accuracy during training\n")
+    print(_table(curve, ["batch_size", "step"], ["stats"]))
+    print("\nPreciseBN accuracy vs samples, end of training\n")
+    print(_table(e[e["kind"] == "samples"], ["batch_size"], ["num_samples"]))
+    print("\neffects\n")
+    print(_effects([("precise − ema", paired_effects(curve, ["batch_size", "step"], "stats", "precise", "ema"))]))
+
+
+def normalization_batch(n: pd.DataFrame, name: str = "normalization_batch") -> None:
+    print(f"\n## {name}: accuracy\n")
+    print(_table(n, ["ghost_batch"], ["eval"]))
+    print("\neffects\n")
+    pairs = [("minibatch", "population"), ("frozen", "population"), ("frozen", "extra_steps"),
+             ("extra_steps", "population"), ("train_minibatch", "train_population"), ("train_minibatch", "minibatch")]
+    print(_effects([(f"{a} − {b}", paired_effects(n, ["ghost_batch"], "eval", a, b))
+                    for a, b in pairs if {a, b} <= set(n["eval"])]))
+
+
+def shared_domains(s: pd.DataFrame) -> None:
+    print("\n## shared_domains: accuracy\n")
+    print(_table(s, ["train_norm"], ["test_stats"]))
+    print("\neffects (consistent − inconsistent test statistics)\n")
+    parts = []
+    for train_norm, other in (("joint", "per-domain"), ("per-domain", "joint")):
+        part = s[s["train_norm"] == train_norm]
+        parts.append((f"{train_norm} − {other}", paired_effects(part, ["train_norm"], "test_stats", train_norm, other)))
+    print(_effects(parts))
+
+
+def leakage(bl: pd.DataFrame) -> None:
+    print("\n## leakage (bags): accuracy\n")
+    print(_table(bl, ["arm"], ["eval"]))
+    print("\neffects\n")
+    parts = [("bags − population", paired_effects(bl, ["arm"], "eval", "bags", "population")),
+             ("train_batches − population", paired_effects(bl, ["arm"], "eval", "train_batches", "population"))]
+    pop = bl[bl["eval"] == "population"]
+    for arm in sorted(set(bl["arm"]) - {"grouped"}):
+        parts.append((f"population: {arm} − grouped", paired_effects(pop, [], "arm", arm, "grouped")))
+    print(_effects(parts))
+
+
+def leakage_probe(lp: pd.DataFrame) -> None:
+    print("\n## leakage_probe (negative control): accuracy\n")
+    print(_table(lp, ["composition"], ["eval"]))
+    print("\neffects\n")
+    print(_effects([(f"{a} − test_population", paired_effects(lp, ["composition"], "eval", a, "test_population"))
+                    for a in ("test_same_composition", "train_batches")]))
+
+
+SECTIONS = {"held_out": held_out, "batch_composition": batch_composition, "ema_vs_precise": ema_vs_precise,
+            "normalization_batch": normalization_batch,
+            "normalization_batch_digits": lambda rows: normalization_batch(rows, "normalization_batch_digits"),
+            "shared_domains": shared_domains, "leakage": leakage,
+            "leakage_probe": leakage_probe}
 
 
 def main(folder: Path) -> None:
     read = {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*.csv"))}
-    if "held_out" in read:
-        h = read["held_out"].query("metric == 'accuracy'")
-        print("## held_out: accuracy on the held-out lab\n")
-        print(_fmt(h[h["is_held_out"]], ["held_out"], ["strategy"]))
-        print("\nmean over held-out labs / over the training labs' test splits\n")
-        print(_fmt(h.assign(where=h["is_held_out"].map({True: "held-out lab", False: "training labs"})),
-                   ["where"], ["strategy"]))
-    if "batch_composition" in read:
-        print("\n## batch_composition: accuracy (mean over labs)\n")
-        print(_fmt(read["batch_composition"], ["train_mode", "batch_size"], ["strategy"]))
-    if "ema_vs_precise" in read:
-        e = read["ema_vs_precise"]
-        print("\n## ema_vs_precise: accuracy during training\n")
-        print(_fmt(e[e["kind"] == "curve"], ["batch_size", "step"], ["stats"]))
-        print("\nPreciseBN accuracy vs samples, end of training\n")
-        print(_fmt(e[e["kind"] == "samples"], ["batch_size"], ["num_samples"]))
-    if "normalization_batch" in read:
-        print("\n## normalization_batch: accuracy\n")
-        print(_fmt(read["normalization_batch"], ["ghost_batch"], ["eval"]))
-    if "shared_domains" in read:
-        print("\n## shared_domains: accuracy\n")
-        print(_fmt(read["shared_domains"], ["train_norm"], ["test_stats"]))
-    if "leakage" in read:
-        print("\n## leakage: accuracy\n")
-        print(_fmt(read["leakage"], ["composition"], ["eval"]))
+    for stem, section in SECTIONS.items():
+        if stem in read:
+            section(read[stem])
+    for stem in sorted(set(read) - set(SECTIONS)):
+        rows = read[stem]
+        keys = [c for c in rows.columns if c not in ("value", "seed", "n", "metric")][:2]
+        if len(keys) == 2:
+            print(f"\n## {stem}\n")
+            print(_table(rows, keys[:1], keys[1:]))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def test_bad_manifests_are_one_line_errors(proj, text, command):
 
 
 _protocols = ["held_out_sources", "batch_composition", "ema_vs_precise", "normalization_batch_size",
-              "shared_domains", "leakage_probe"]
+              "shared_domains", "leakage_probe", "bag_leakage"]
 _value = st.one_of(st.integers(-5, 5), st.text(max_size=8), st.booleans(), st.lists(st.integers(-2, 2), max_size=2))
 
 

@@ -8,13 +8,14 @@ from shiftbn.protocols.base import STUDIES, FigureSpec, Study, TrainConfig, make
 from shiftbn.protocols.composition import BatchComposition, batch_composition
 from shiftbn.protocols.domains import SharedDomains, shared_domains
 from shiftbn.protocols.heldout import HeldOutSources, held_out_sources
-from shiftbn.protocols.leakage import LeakageProbe, leakage_probe
+from shiftbn.protocols.leakage import BagLeakage, LeakageProbe, bag_leakage, leakage_probe
 from shiftbn.protocols.population import EmaVsPrecise, NormalizationBatchSize, ema_vs_precise, normalization_batch_size
 from shiftbn.protocols.spec import PROTOCOLS, StudySpec, load_spec, parse_spec, run_spec
 
 __all__ = [
     "PROTOCOLS",
     "STUDIES",
+    "BagLeakage",
     "BatchComposition",
     "EmaVsPrecise",
     "FigureSpec",
@@ -25,6 +26,7 @@ __all__ = [
     "Study",
     "StudySpec",
     "TrainConfig",
+    "bag_leakage",
     "batch_composition",
     "ema_vs_precise",
     "held_out_sources",

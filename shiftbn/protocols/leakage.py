@@ -1,4 +1,5 @@
-"""Information leakage within a batch (paper Section 6): when batch composition reveals the label."""
+"""Information leakage within a batch (paper Section 6): bags that share context (``BagLeakage``), and
+batches of independent samples whose composition reveals the label (``LeakageProbe``, a negative control)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from shiftbn._torch import batch_stats_logits, forward_batches
-from shiftbn.bn import precise_bn
+from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
+from shiftbn.bn import freeze_bn, precise_bn
 from shiftbn.data.tagged import SourceTaggedDataset
+from shiftbn.protocols.bags import Bags, make_bags
 from shiftbn.protocols.base import FigureSpec, Study, TrainConfig, make_study
 from shiftbn.protocols.common import make_model
+from shiftbn.protocols.minibatch import exact_batches, outputs_of_batches
 from shiftbn.train import train
 
 Composition = Literal["random", "skewed", "one-class"]
@@ -95,3 +98,114 @@ class LeakageProbe(Study):
 def leakage_probe(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
     """Run ``LeakageProbe`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
     return make_study(LeakageProbe.name, {"model": model, **params}).run(ds, progress)
+
+
+Arm = str
+ARMS = ("grouped", "shuffled", "sync:4", "frozen")
+BAG_EVALS = ("train_batches", "bags", "shuffled", "population")
+
+
+def _parse_arm(arm: str, bags_per_batch: int) -> int:
+    """The number of bags one BN normalization batch spans in training (0 for ``frozen``'s last phase
+    is handled by the caller): ``grouped``/``frozen`` 1, ``shuffled`` 1 bag's worth of random samples,
+    ``sync:K`` K bags (K must divide the bags per SGD batch)."""
+    if arm in ("grouped", "shuffled", "frozen"):
+        return 1
+    head, _, k = arm.partition(":")
+    if head != "sync" or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"arm {arm!r}: use one of 'grouped', 'shuffled', 'frozen' or 'sync:K' (K bags per BN batch)")
+    if bags_per_batch % int(k):
+        raise ValueError(f"arm {arm!r}: K={k} must divide the bags per SGD batch ({bags_per_batch}); "
+                         "change batch_size or K")
+    return int(k)
+
+
+def _bag_groups(bags: Bags, k: int, seed: int) -> list[np.ndarray]:
+    """Normalization batches of ``k`` whole bags each (bags drawn at random; a remainder is dropped)."""
+    per_bag = bags.bag_batches()
+    order = np.random.default_rng(seed).permutation(len(per_bag))
+    return [np.concatenate([per_bag[b] for b in order[i : i + k]]) for i in range(0, len(order) - k + 1, k)]
+
+
+@dataclass(kw_only=True)
+class BagLeakage(Study):
+    """Bags that share a nuisance and a class mix: trained with each bag as one BN batch, or not.
+
+    Why: paper Section 6 — when samples normalized together share context, BN lets the model read
+    that context from the batch: high accuracy with its own batches that population statistics do
+    not deliver. Shuffling across bags, a larger normalization group (SyncBN) or population
+    statistics in training (FrozenBN) are the remedies. Train and test splits are cut into bags of
+    ``bag_size`` (``make_bags``: offset ~ Normal(0, ``nuisance``^2) per bag; ``skew`` of a bag's
+    samples from its half of the classes); an SGD batch holds ``train.batch_size // bag_size``
+    whole bags. ``arms``: ``grouped`` (BN over each bag), ``shuffled`` (BN over random samples of
+    the same size, MoCo's shuffle BN), ``sync:K`` (BN over K bags), ``frozen`` (grouped, then the
+    last ``frozen_fraction`` of the steps with population statistics, ``freeze_bn``, at
+    ``frozen_lr``, default ``train.lr / 50``: at ``train.lr / 10`` it diverged here). ``eval``:
+    ``train_batches`` (batch accuracy, last quarter of training), on the test bags: ``bags`` (each
+    test bag normalized by itself), ``shuffled`` (random test batches of ``bag_size``,
+    ``exact_batches``) and ``population`` (PreciseBN statistics over the arm's own training
+    normalization batches; FrozenBN keeps the statistics it trained with). Rows: ``arm, eval, metric, value, n, seed``.
+    """
+
+    name = "bag_leakage"
+    axis = "arms"
+    figure = FigureSpec("bars", x="arm", hue="eval", title="Leakage through shared context in a BN batch")
+    default_train = TrainConfig(batch_size=64, fractions=(0.7, 0.0, 0.3))
+
+    arms: Sequence[Arm] = ARMS
+    bag_size: int = 16
+    nuisance: float = 1.0
+    skew: float = 0.9
+    frozen_fraction: float = 0.25
+    frozen_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bag_size < 2 or self.train.batch_size % self.bag_size:
+            raise ValueError(f"batch_size={self.train.batch_size} must be a multiple of bag_size={self.bag_size} "
+                             "(>= 2): an SGD batch holds whole bags")
+        if not 0 < self.frozen_fraction < 1:
+            raise ValueError(f"frozen_fraction must lie in (0, 1), got {self.frozen_fraction}")
+        for arm in self.arms:
+            _parse_arm(arm, self.train.batch_size // self.bag_size)
+
+    def _bags(self, data: SourceTaggedDataset, seed: int) -> Bags:
+        return make_bags(stack_inputs(data), data.labels, bag_size=self.bag_size, skew=self.skew,
+                         nuisance=self.nuisance, seed=seed)
+
+    def cell(self, ds: SourceTaggedDataset, seed: int, value: str) -> pd.DataFrame:
+        cfg, arm, b = self.train, value, self.bag_size
+        per_batch = cfg.batch_size // b
+        k = _parse_arm(arm, per_batch)
+        sp = ds.split(fractions=cfg.fractions, seed=seed)
+        tr, te = self._bags(sp.train, seed), self._bags(sp.test, seed + 10_000)
+        net = make_model(cfg.model, ds, seed)
+        steps = cfg.steps - (round(cfg.steps * self.frozen_fraction) if arm == "frozen" else 0)
+        sampling = (dict(mode="random") if arm == "shuffled"
+                    else dict(mode="mixed", sources_per_batch=per_batch, groups=tr.bag))
+        log = train(net, tr.data, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                    ghost_batch=None if k * b == cfg.batch_size else k * b, progress=False, **sampling)
+        norm_batches = (exact_batches(len(tr.labels), b, seed) if arm == "shuffled" else _bag_groups(tr, k, seed))
+        pop = copy.deepcopy(net)
+        precise_bn(pop, tr.data, num_samples=None, sampler=[i.tolist() for i in norm_batches], progress=False)
+        if arm == "frozen":
+            with freeze_bn(pop):
+                log = train(pop, tr.data, steps=cfg.steps - steps, batch_size=cfg.batch_size,
+                            lr=cfg.lr / 50 if self.frozen_lr is None else self.frozen_lr, seed=seed + 1,
+                            progress=False, **sampling)
+            net = pop
+        tail = log["accuracy"].iloc[-max(1, len(log) // 4):]
+        y = te.labels
+        scored = {"bags": outputs_of_batches(net, te.x, te.bag_batches()),
+                  "shuffled": outputs_of_batches(net, te.x, exact_batches(len(y), b, seed)),
+                  "population": forward_batches(pop.eval(), te.x, 512)}
+        rows = [{"eval": "train_batches", "value": float(tail.mean()), "n": len(tail) * cfg.batch_size}]
+        rows += [{"eval": ev, "value": float((out.argmax(1).numpy() == y).mean()), "n": len(y)}
+                 for ev, out in scored.items()]
+        return pd.DataFrame([{"arm": arm, **r, "metric": "accuracy", "seed": seed} for r in rows])[
+            ["arm", "eval", "metric", "value", "n", "seed"]]
+
+
+def bag_leakage(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
+    """Run ``BagLeakage`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
+    return make_study(BagLeakage.name, {"model": model, **params}).run(ds, progress)

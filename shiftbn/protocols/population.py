@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from shiftbn._torch import batch_stats_logits, forward_batches
+from shiftbn._torch import forward_batches, stack_inputs
 from shiftbn.bn import bn_layers, freeze_bn, precise_bn, preserved
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
 from shiftbn.protocols.base import FigureSpec, Study, TrainConfig, make_study
 from shiftbn.protocols.common import make_model
+from shiftbn.protocols.minibatch import exact_batches, outputs_of_batches
 from shiftbn.train import train
 
 _HELD_TEST = (0.7, 0.0, 0.3)
@@ -92,15 +93,20 @@ class EmaVsPrecise(Study):
 
 @dataclass(kw_only=True)
 class NormalizationBatchSize(Study):
-    """Train with BN normalizing over ghost batches of each size at a fixed SGD batch; evaluate three ways.
+    """Train with BN normalizing over ghost batches of each size at a fixed SGD batch; evaluate five ways.
 
     Why: paper Section 4 — with tiny normalization batches, the statistics the network was trained
-    with differ from population statistics. ``eval``: ``population`` (PreciseBN statistics from
-    batches of the ghost size), ``minibatch`` (test batches of the ghost size normalized with their
-    own statistics), ``frozen`` (``frozen_steps`` more SGD steps at ``frozen_lr``, default
-    ``train.lr / 100``, with ``freeze_bn`` — population statistics in training — then population
-    statistics; without BN's feedback larger rates diverge here). The SGD batch is
-    ``train.batch_size``. Rows: ``ghost_batch, eval, metric, value, seed``.
+    with differ from population statistics (train-test inconsistency). ``eval``: on the test split,
+    ``population`` (PreciseBN statistics from batches of the ghost size), ``minibatch`` (test batches
+    of the ghost size normalized with their own statistics), ``frozen`` (``frozen_steps`` more SGD
+    steps at ``frozen_lr``, default ``train.lr / 100``, with ``freeze_bn`` — population statistics
+    in training — then population statistics; without BN's feedback larger rates diverge here),
+    ``extra_steps`` (the control for ``frozen``: as many more ordinary steps at the same rate, BN over
+    ghost batches, then population statistics; only with ``control=True``); on ``train_eval_samples``
+    samples of the training split, ``train_minibatch`` (the paper's third curve: what training
+    itself sees) and ``train_population``. Evaluation mini-batches are built like training's ghost batches: exactly
+    the ghost size, drawn uniformly over the pooled sources (``exact_batches``); the ghost sizes must
+    divide the SGD batch ``train.batch_size``. Rows: ``ghost_batch, eval, metric, value, n, seed``.
     """
 
     name = "normalization_batch_size"
@@ -114,7 +120,16 @@ class NormalizationBatchSize(Study):
     frozen_steps: int = 50
     frozen_lr: float | None = None
     precise_samples: int = 2000
+    control: bool = True
+    train_eval_samples: int | None = 2000
     metrics: Sequence[str] = ("accuracy",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = [g for g in self.ghost_sizes if not 2 <= g <= self.train.batch_size or self.train.batch_size % g]
+        if bad:
+            raise ValueError(f"ghost_sizes {bad} must lie in [2, batch_size={self.train.batch_size}] and divide it, "
+                             "so that every normalization batch in training has exactly the ghost size")
 
     def cell(self, ds: SourceTaggedDataset, seed: int, value: int) -> pd.DataFrame:
         g, cfg = int(value), self.train
@@ -123,16 +138,30 @@ class NormalizationBatchSize(Study):
         train(net, sp.train, steps=cfg.steps, batch_size=cfg.batch_size, ghost_batch=g, lr=cfg.lr, seed=seed,
               progress=False)
         pop = _precise_copy(net, sp.train, self.precise_samples, g, seed)
-        mini = batch_stats_logits(net, sp.test, g, seed).numpy()
+        frozen_lr = cfg.lr / 100 if self.frozen_lr is None else self.frozen_lr
         frozen = copy.deepcopy(pop)
         with freeze_bn(frozen):
-            train(frozen, sp.train, steps=self.frozen_steps, batch_size=cfg.batch_size,
-                  lr=cfg.lr / 100 if self.frozen_lr is None else self.frozen_lr, seed=seed + 1, progress=False)
-        results = {"population": _score(pop, sp.test, self.metrics),
-                   "minibatch": {m: metric_value(m, mini, sp.test.labels) for m in self.metrics},
-                   "frozen": _score(frozen, sp.test, self.metrics)}
-        rows = [{"ghost_batch": g, "eval": ev, "metric": m, "value": v, "seed": seed}
-                for ev, scores in results.items() for m, v in scores.items()]
+            train(frozen, sp.train, steps=self.frozen_steps, batch_size=cfg.batch_size, lr=frozen_lr, seed=seed + 1,
+                  progress=False)
+        train_part = sp.train
+        if self.train_eval_samples is not None and self.train_eval_samples < len(sp.train):
+            pick = np.random.default_rng(seed).choice(len(sp.train), self.train_eval_samples, replace=False)
+            train_part = sp.train.take(np.sort(pick))
+        results = {}
+        for where, part in (("", sp.test), ("train_", train_part)):
+            x = stack_inputs(part)
+            mini = outputs_of_batches(net, x, exact_batches(len(part), g, seed)).numpy()
+            results[where + "population"] = (_score(pop, part, self.metrics), len(part))
+            results[where + "minibatch"] = ({m: metric_value(m, mini, part.labels) for m in self.metrics}, len(part))
+        results["frozen"] = (_score(frozen, sp.test, self.metrics), len(sp.test))
+        if self.control:
+            extra = copy.deepcopy(net)
+            train(extra, sp.train, steps=self.frozen_steps, batch_size=cfg.batch_size, ghost_batch=g, lr=frozen_lr,
+                  seed=seed + 1, progress=False)
+            extra = _precise_copy(extra, sp.train, self.precise_samples, g, seed)
+            results["extra_steps"] = (_score(extra, sp.test, self.metrics), len(sp.test))
+        rows = [{"ghost_batch": g, "eval": ev, "metric": m, "value": v, "n": n, "seed": seed}
+                for ev, (scores, n) in results.items() for m, v in scores.items()]
         return pd.DataFrame(rows)
 
 
