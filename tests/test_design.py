@@ -29,7 +29,7 @@ LAYERS = [
     ("shiftbn.evaluate",),
     ("shiftbn.protocols",),
     ("shiftbn.runs", "shiftbn.runner", "shiftbn.report"),
-    ("shiftbn.demo", "shiftbn.cli", "shiftbn.__main__"),
+    ("shiftbn.demo", "shiftbn.cli", "shiftbn.cli_monitor", "shiftbn.__main__"),
 ]
 
 

@@ -1,6 +1,9 @@
 """Metrics (one table), the cross-source matrix (prepare -> collect -> score) and summaries."""
 
+from shiftbn.evaluate.atc import ATC, fit_atc
+from shiftbn.evaluate.choose import choose_strategy
 from shiftbn.evaluate.compare import paired_table, pooled_table
+from shiftbn.evaluate.drift import DriftMonitor, DriftResult
 from shiftbn.evaluate.matrix import MatrixPlan, collect, cross_source_matrix, evaluate, prepare, score
 from shiftbn.evaluate.metrics import METRICS, Metric, check_metrics, get_metric, metric_value, register_metric
 from shiftbn.evaluate.summary import summarize
@@ -13,15 +16,20 @@ from shiftbn.evaluate.uncertainty import (
 )
 
 __all__ = [
+    "ATC",
     "METRICS",
+    "DriftMonitor",
+    "DriftResult",
     "Interval",
     "MatrixPlan",
     "Metric",
     "bootstrap_interval",
     "check_metrics",
+    "choose_strategy",
     "collect",
     "cross_source_matrix",
     "evaluate",
+    "fit_atc",
     "get_metric",
     "metric_value",
     "paired_difference",
