@@ -103,10 +103,24 @@ def choose_strategy(
         atc = fit_atc(np.concatenate([outs[st.name, s] for s in labeled]),
                       np.concatenate([labels[s] for s in labeled]), score)
         row = _row(ctx, st, site, outs, atc, plan.strategies)
+        row["atc_site_error"] = _loso_error(outs, labels, st.name, labeled, score)
         row["labeled_distance"] = max((_mean(site_distances(ctx, st, s)) for s in labeled), default=float("nan"))
         row["in_range"] = not row["bn_distance"] > range_factor * row["labeled_distance"] + 1e-12
         rows.append(row)
     return _ranked(pd.DataFrame(rows))
+
+
+def _loso_error(outs: dict, labels: dict, name: str, labeled: list[str], score: str) -> float:
+    """Mean |ATC error| of strategy ``name`` across labeled sites, each predicted by ATC fitted on the others
+    (NaN with one labeled site): how far ATC's accuracy misses on a site it was not fitted on."""
+    if len(labeled) < 2:
+        return float("nan")
+    errs = []
+    for j in labeled:
+        rest = [s for s in labeled if s != j]
+        atc = fit_atc(np.concatenate([outs[name, s] for s in rest]), np.concatenate([labels[s] for s in rest]), score)
+        errs.append(abs(atc.predict(outs[name, j]) - float(np.mean(outs[name, j].argmax(axis=1) == labels[j]))))
+    return float(np.mean(errs))
 
 
 def _masked(ds: SourceTaggedDataset, site: str) -> SourceTaggedDataset:

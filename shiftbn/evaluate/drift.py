@@ -49,7 +49,8 @@ class DriftMonitor:
     Args:
         model: the deployed network (not changed).
         reference: the reference site's inputs (a tensor (N, ...) or a dataset of them).
-        labels: the reference's labels (N,), optional: they fit the ATC predictor of the accuracy drop.
+        labels: the reference's labels (N,), optional: they fit the ATC predictor of the accuracy drop
+            (default: the reference's own when it is a labeled ``SourceTaggedDataset``; -1 anywhere: no ATC).
         n_null: null draws per batch size; ``alpha``: alert level of ``score``; ``seed``: of the draws.
         batch_size: forward batch size.
     """
@@ -69,6 +70,8 @@ class DriftMonitor:
             _moments = sample_moments(model, reference, batch_size=batch_size, amp=amp)
             if len(_moments) < 2:
                 raise ValueError(f"the reference holds {len(_moments)} sample; it needs at least 2")
+            if labels is None:
+                labels = getattr(reference, "labels", None)  # a labeled SourceTaggedDataset
             if labels is not None:
                 y = np.asarray(labels).reshape(-1)
                 if len(y) != len(_moments):

@@ -33,17 +33,20 @@ def shift_at(kind: str, severity: float, seed: int = 0) -> LabShift:
 
 @dataclass(kw_only=True)
 class DriftDetection(Study):
-    """Fit a ``DriftMonitor`` on a reference lab's calibration split; score batches of its test split
-    under one acquisition shift at growing ``severities``.
+    """Fit ``DriftMonitor``s on halves of a reference lab's held-out samples; score batches of the other
+    half under one acquisition shift at growing ``severities``.
 
     Why: a monitor is useful if it alarms on shifts that cost accuracy, rarely alarms without one, and
     its score orders shifts by the damage they do. The model trains on every lab's training split;
-    per severity, ``n_batches`` batches of ``batch_size`` test samples are drawn (seeded) and scored.
+    the reference lab's calibration and test splits (never trained on) are split at random in two
+    ``n_refits`` times: one half fits a monitor (with labels: ATC), ``n_batches`` batches of
+    ``batch_size`` are drawn from the other half (seeded), shifted, and scored. Refitting spreads the
+    false-alarm estimate over many references (one fixed reference has its own false-alarm rate).
     Rows (one per shift, severity, metric, seed): metric ``detection_rate`` (p < ``alpha``; at severity
     0 the false-alarm rate), ``detection_empirical`` (score above the 95th percentile of the
     severity-0 scores of the same seed: detection at exactly 5% false alarms), ``score`` (mean),
-    ``true_drop`` (accuracy on the unshifted minus the shifted test split, whole split, points in
-    [0, 1]) and ``predicted_drop`` (ATC, mean over batches); ``value``; plus ``shift, severity, seed``.
+    ``true_drop`` (accuracy on all the held-out samples, unshifted minus shifted, in [0, 1]) and
+    ``predicted_drop`` (ATC, mean over batches); ``value``; plus ``shift, severity, seed``.
     """
 
     name = "drift_detection"
@@ -55,7 +58,8 @@ class DriftDetection(Study):
     severities: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
     reference: str | None = None
     batch_size: int = 32
-    n_batches: int = 50
+    n_refits: int = 10
+    n_batches: int = 10
     n_null: int = 500
     alpha: float = 0.05
 
@@ -65,8 +69,9 @@ class DriftDetection(Study):
             shift_at(kind, 0.0)
         if 0.0 not in [float(s) for s in self.severities]:
             raise ValueError("severities must include 0 (the no-shift batches that set the false-alarm rate)")
-        if self.batch_size < 2 or self.n_batches < 1:
-            raise ValueError(f"batch_size must be >= 2 and n_batches >= 1, got {self.batch_size}, {self.n_batches}")
+        if self.batch_size < 2 or self.n_batches < 1 or self.n_refits < 1:
+            raise ValueError(f"batch_size must be >= 2, n_batches and n_refits >= 1; got {self.batch_size}, "
+                             f"{self.n_batches}, {self.n_refits}")
 
     def axis_values(self, ds: SourceTaggedDataset) -> list[str]:
         return list(self.shift)
@@ -75,24 +80,26 @@ class DriftDetection(Study):
         ref = self.reference or ds.sources_present[0]
         sp = ds.split(fractions=self.train.fractions, seed=seed)
         model = fit(self.train, sp.train, seed)
-        cal = sp.calibration.subset(ref)
-        monitor = DriftMonitor(model, stack_inputs(cal), labels=cal.labels, n_null=self.n_null, alpha=self.alpha,
-                               seed=seed)
-        test = sp.test.subset(ref)
-        x, y = stack_inputs(test), test.labels
-        if len(x) < self.batch_size:
-            raise ValueError(f"the reference lab {ref!r} has {len(x)} test samples, fewer than batch_size "
-                             f"{self.batch_size}")
-        base_acc = _accuracy(model, x, y)
+        parts = [sp.calibration.subset(ref), sp.test.subset(ref)]
+        x = torch.cat([stack_inputs(p) for p in parts])
+        y = np.concatenate([p.labels for p in parts])
+        half = len(x) // 2
+        if len(x) - half < self.batch_size:
+            raise ValueError(f"the reference lab {ref!r} has {len(x)} held-out samples; half of them ({len(x) - half}) "
+                             f"is fewer than batch_size {self.batch_size}")
         rng = np.random.default_rng([seed, 7])
-        draws = [rng.choice(len(x), self.batch_size, replace=False) for _ in range(self.n_batches)]
+        perms = [rng.permutation(len(x)) for _ in range(self.n_refits)]
+        monitors = [DriftMonitor(model, x[torch.as_tensor(p[:half])], labels=y[p[:half]], n_null=self.n_null,
+                                 alpha=self.alpha, seed=1000 * seed + r) for r, p in enumerate(perms)]
+        draws = [(r, rng.choice(p[half:], self.batch_size, replace=False)) for r, p in enumerate(perms)
+                 for _ in range(self.n_batches)]
+        base_acc = _accuracy(model, x, y)
         per = {}
         for sev in sorted(float(s) for s in self.severities):
             xs = shift_at(value, sev, seed).apply(x) if sev > 0 else x
-            results = [monitor.score(xs[torch.as_tensor(idx)]) for idx in draws]
+            results = [monitors[r].score(xs[torch.as_tensor(idx)]) for r, idx in draws]
             per[sev] = (results, base_acc - _accuracy(model, xs, y))
-        null_scores = np.array([r.score for r in per[0.0][0]])
-        cut = np.quantile(null_scores, 0.95)
+        cut = np.quantile([r.score for r in per[0.0][0]], 0.95)
         rows = []
         for sev, (results, drop) in per.items():
             scores = np.array([r.score for r in results])
