@@ -30,7 +30,7 @@ COLUMNS = {
     "strategy_choice": {"held_out", "strategy", "stats_source", "pred_accuracy", "labeled_accuracy", "atc_threshold",
                         "confidence", "entropy", "agreement", "bn_distance", "bn_distance_max",
                         "bn_distance_max_layer", "labeled_distance", "atc_site_error", "in_range", "n",
-                        "pred_lower", "rank", "chosen", "is_oracle", "metric", "value", "seed"},
+                        "rank", "chosen", "is_oracle", "metric", "value", "seed"},
     "drift_detection": {"shift", "severity", "metric", "value", "seed"},
 }
 

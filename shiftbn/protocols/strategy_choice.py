@@ -26,7 +26,7 @@ class StrategyChoice(Study):
     ``range_factor``: as ``choose_strategy``.
     Rows (one per held-out lab, candidate and seed): ``held_out, strategy, stats_source, pred_accuracy,
     labeled_accuracy, atc_threshold, confidence, entropy, agreement, bn_distance, bn_distance_max,
-    bn_distance_max_layer, labeled_distance, atc_site_error, in_range, n, pred_lower, rank, chosen, is_oracle,
+    bn_distance_max_layer, labeled_distance, atc_site_error, in_range, n, rank, chosen, is_oracle,
     metric`` ("accuracy"), ``value`` (the true accuracy on h), ``seed``. ``choice_summary`` turns them into
     hit rate, regret and MAE.
     """
@@ -67,7 +67,7 @@ class StrategyChoice(Study):
 def choice_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Hit rate, regret and predicted-accuracy error of the chooser and of fixed rules, from ``StrategyChoice`` rows.
 
-    Policies: ``chooser`` (the ``chosen`` row: range check, then ``pred_lower``), ``atc only`` (highest
+    Policies: ``chooser`` (the ``chosen`` row: range check, then ``pred_accuracy``), ``atc only`` (highest
     ``pred_accuracy``, no range check), ``max confidence``, ``always <strategy>`` for each candidate,
     ``oracle``. Per (seed, held-out lab):
     regret = oracle accuracy minus the pick's, in accuracy points; hit = the pick is oracle-best (ties
