@@ -1,4 +1,4 @@
-"""The ``shiftbn`` command line: demo, run, stats, matrix, recalibrate."""
+"""The ``shiftbn`` command line: demo, run, stats, matrix, recalibrate, report, monitor."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import shiftbn.cli_dist as _dist
 import shiftbn.cli_files as cli_files
 from shiftbn._names import GRAMMAR, METRIC_NAMES
 from shiftbn._version import __version__
+from shiftbn.cli_monitor import cmd_monitor
+from shiftbn.cli_monitor import register as _register_monitor
 
 # Only the standard library and torch-free shiftbn modules above: ``--help`` and argument errors
 # answer before torch is imported (the commands import what they need).
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace --output if it exists (never the input)")
     cli_files.register(sub, stats=s, matrix=m, recalibrate=c, epilog=EPILOG)
     _add_report_parser(sub)
+    _register_monitor(sub)
     return ap
 
 
@@ -579,7 +582,8 @@ def _cmd_report(args) -> None:
 
 
 COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "stats": _cmd_stats, "matrix": _cmd_matrix,
-            "recalibrate": _cmd_recalibrate, "report": _cmd_report, "merge": cli_files.cmd_merge}
+            "recalibrate": _cmd_recalibrate, "report": _cmd_report, "merge": cli_files.cmd_merge,
+            "monitor": cmd_monitor}
 
 
 # Errors a user can fix from the message alone (ours, the OS's, torch's about shapes and dtypes).
@@ -590,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shiftbn`` console script; returns the exit status.
 
     Every error prints one line and returns 2; an unexpected one also names where it was raised
-    and how to see the traceback (``SHIFTBN_DEBUG=1`` re-raises every error).
+    and how to see the traceback (``SHIFTBN_DEBUG=1`` re-raises every error). A command may return
+    its own status (``monitor``: 1 on an alert).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -604,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         threads_before = _set_threads(getattr(args, "threads", None))
         with _dist.session(args):
-            COMMANDS[args.command](args)
+            status = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"shiftbn {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -619,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         if threads_before is not None:
             _set_threads(threads_before)
     _note_skipped(args)
-    return 0
+    return int(status or 0)
 
 
 def _note_skipped(args) -> None:

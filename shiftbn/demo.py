@@ -19,6 +19,7 @@ from shiftbn.protocols import ema_vs_precise, held_out_sources
 from shiftbn.protocols.common import make_model
 from shiftbn.report import Outputs, render_report
 from shiftbn.report.build import comparison_tables, matrix_with_outputs
+from shiftbn.report.decisions import drift_tables, site_choice_table
 from shiftbn.runs import RunFolder
 from shiftbn.train import train
 
@@ -54,7 +55,9 @@ class DemoResult:
 
     ``matrix``: the cross-source matrix (``cross_source_matrix`` rows); ``summary``: ``summarize``
     of its strategy rows; ``heldout``: held-out-lab rows; ``shift``: the layer shift profile;
-    ``ema``: EMA vs PreciseBN rows; ``report``: path of ``report.html``.
+    ``ema``: EMA vs PreciseBN rows; ``report``: path of ``report.html``; ``sites``: the strategy chosen
+    per site without labels (``site_choice_table``); ``drift``: each site's drift against the reference
+    lab (``drift_tables``).
     """
 
     matrix: pd.DataFrame
@@ -63,6 +66,8 @@ class DemoResult:
     shift: pd.DataFrame
     ema: pd.DataFrame
     report: Path
+    sites: pd.DataFrame | None = None
+    drift: pd.DataFrame | None = None
 
 
 def run_demo(out: str | Path = "runs/demo", *, dataset: str = "digits-labs", quick: bool = False,
@@ -79,7 +84,7 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     split = ds.split(fractions=tuple(cfg["fractions"]), seed=seed)
     train_labs = [s for s in ds.sources_present if s != cfg["held_out"]]
     labs = cfg["heldout_labs"] or ds.sources_present
-    n = 5 + len(labs)
+    n = 7 + len(labs)
 
     def announce(i: int, key: str, text: str) -> None:
         phase(i, n, text + (" (finished before: read back)" if run.done(key) else ""))
@@ -127,18 +132,39 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
             ds, cfg["model"], held_out=[lab], strategies=cfg["heldout_strategies"], steps=cfg["heldout_steps"],
             batch_size=cfg["batch_size"], seeds=[seed], progress=progress)))
     heldout = pd.concat(frames, ignore_index=True)
-    announce(n - 1, "ema", "EMA vs PreciseBN")
+    announce(n - 3, "ema", "EMA vs PreciseBN")
     ema = run.cell("ema", lambda: ema_vs_precise(ds.subset(train_labs), cfg["model"], seeds=[seed],
                                                  progress=progress, **cfg["ema"]))
+    decisions = _decisions(run, model, split, train_labs, cfg, announce, n)
     summary = summarize(matrix[~matrix["is_cross_source"]])
     run.write_results(matrix, "matrix")
     run.write_results(heldout, "heldout")
     phase(n, n, "figures and report.html")
-    report = _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled)
-    return DemoResult(matrix, summary, heldout, shift, ema, report)
+    report = _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled, decisions)
+    return DemoResult(matrix, summary, heldout, shift, ema, report, decisions["sites"], decisions["drift"])
 
 
-def _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled) -> Path:
+def _decisions(run: RunFolder, model, split, train_labs: list[str], cfg: dict[str, Any], announce,
+               n: int) -> dict[str, Any]:
+    """The decision panels: the strategy chosen per site without labels, and drift against the first lab."""
+    reference = train_labs[0]
+    announce(n - 2, "sites", "which statistics for each site (chosen without its labels)")
+    sites = run.cell("sites", lambda: site_choice_table(model, split, train_labs, cfg["heldout_strategies"],
+                                                        seed=cfg["seed"]))
+    announce(n - 1, "drift", f"drift of each lab against {reference}")
+    kept: dict = {}
+
+    def tables():
+        if "drift" not in kept:
+            kept["drift"], kept["layers"] = drift_tables(model, split, reference, seed=cfg["seed"])
+        return kept
+
+    drift = run.cell("drift", lambda: tables()["drift"])
+    layers = run.cell("drift_layers", lambda: tables()["layers"])
+    return {"sites": sites, "drift": drift, "drift_layers": layers, "reference": reference}
+
+
+def _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled, decisions=None) -> Path:
     lab = cfg["held_out"]
     meta = {"dataset": cfg["dataset"], "held-out lab in the main model": lab,
             "model": cfg["model"]["name"], "steps": str(cfg["steps"]), "seed": str(cfg["seed"]),
@@ -146,7 +172,7 @@ def _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled
     return render_report(run.path, title=f"shiftbn report — {cfg['dataset']}", meta=meta, matrix=matrix, shift=shift,
                          samples=ds, held_out=[lab], heldout=heldout, ema=ema, comparisons=comparisons,
                          pooled=pooled, num_classes=_num_classes(ds), level=CI, n_boot=N_BOOT, seed=cfg["seed"],
-                         notes={"Held-out labs": _two_numbers(matrix, heldout, lab, cfg)})
+                         notes={"Held-out labs": _two_numbers(matrix, heldout, lab, cfg)}, decisions=decisions)
 
 
 def _num_classes(ds) -> int:

@@ -456,7 +456,7 @@ def test_demo_through_a_pipe_prints_one_line_per_phase_and_no_bars(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stderr and "\r" not in res.stdout
     lines = res.stderr.strip().splitlines()
-    assert [line.split("]")[0] for line in lines] == [f"[{i}/6" for i in range(1, 7)], res.stderr
+    assert [line.split("]")[0] for line in lines] == [f"[{i}/8" for i in range(1, 9)], res.stderr
     assert "training SmallCNN on lab_a, lab_b, lab_c, lab_d" in lines[0]
     assert "held-out protocol: lab_e" in lines[3] and "EMA vs PreciseBN" in lines[4]
     assert "Report:" in res.stdout

@@ -15,7 +15,8 @@ def test_quick_demo_writes_a_self_contained_report(tmp_path, capsys):
     assert "http://" not in html and "https://" not in html  # nothing fetched from the network
     assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', html)) == 5
     for heading in ("Findings", "Cross-source matrix", "Layer shift profile", "Held-out labs", "EMA vs PreciseBN",
-                    "Sample images per lab", "Accuracy by strategy and lab"):
+                    "Sample images per lab", "Accuracy by strategy and lab", "Which statistics for each site",
+                    "Drift of each site against the reference site", "Drift per layer"):
         assert heading in html
     matrix = pd.read_csv(out / "matrix.csv")
     worst = matrix.query("strategy == 'source' and metric == 'accuracy'").sort_values("value").iloc[0]

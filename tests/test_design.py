@@ -29,7 +29,8 @@ LAYERS = [
     ("shiftbn.evaluate",),
     ("shiftbn.protocols",),
     ("shiftbn.runs", "shiftbn.runner", "shiftbn.report"),
-    ("shiftbn.demo", "shiftbn.cli", "shiftbn.cli_dist", "shiftbn.cli_files", "shiftbn.__main__"),
+    ("shiftbn.demo", "shiftbn.cli", "shiftbn.cli_dist", "shiftbn.cli_files", "shiftbn.cli_monitor",
+     "shiftbn.__main__"),
 ]
 
 

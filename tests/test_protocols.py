@@ -33,6 +33,11 @@ COLUMNS = {
     "shared_domains": {"train_norm", "test_stats", "consistent", "metric", "value", "seed"},
     "leakage_probe": {"composition", "eval", "metric", "value", "seed"},
     "bag_leakage": {"arm", "eval", "metric", "value", "n", "seed"},
+    "strategy_choice": {"held_out", "strategy", "stats_source", "pred_accuracy", "labeled_accuracy", "atc_threshold",
+                        "confidence", "entropy", "agreement", "bn_distance", "bn_distance_max",
+                        "bn_distance_max_layer", "labeled_distance", "atc_site_error", "in_range", "n",
+                        "rank", "chosen", "is_oracle", "metric", "value", "seed"},
+    "drift_detection": {"shift", "severity", "metric", "value", "seed"},
 }
 
 

@@ -276,6 +276,8 @@ class Prior(Grouped):
         return set() if self.samples is None else {eval_source}
 
     def bn_stats(self, ctx, eval_source):
+        if self.samples is None:  # per test batch: statistics differ batch by batch, none fixed
+            raise NotImplementedError(f"{self.name!r} mixes each test batch's own statistics; it has no fixed ones")
         cal = ctx.calibration_inputs(eval_source)
         data = cal if self.samples == "all" else take_samples(cal, self.samples, ctx.seed)
         return prior_stats(ctx.model, data, self.n, batch_size=ctx.batch_size, amp=ctx.amp)

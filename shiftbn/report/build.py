@@ -21,6 +21,7 @@ from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import collect, paired_table, pooled_table, prepare, score, summarize
 from shiftbn.report.calibration import calibration_table, confusion_figure, per_class_table, reliability_diagrams
+from shiftbn.report.decisions import decision_sections
 from shiftbn.report.figures import ema_curves, heldout_bars, lab_samples, matrix_heatmap, save, shift_profile
 from shiftbn.report.html import write_report
 from shiftbn.report.reading import findings
@@ -65,7 +66,8 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
                   heldout: pd.DataFrame | None = None, ema: pd.DataFrame | None = None,
                   comparisons: pd.DataFrame | None = None, pooled: pd.DataFrame | None = None,
                   outputs: Outputs | None = None, num_classes: int | None = None, level: float = 0.95,
-                  n_boot: int = 1000, seed: int = 0, notes: dict[str, str] | None = None) -> Path:
+                  n_boot: int = 1000, seed: int = 0, notes: dict[str, str] | None = None,
+                  decisions: dict[str, pd.DataFrame | str | None] | None = None) -> Path:
     """Write ``out_dir/report.html`` (figures also as ``out_dir/figures/*.png``) from tidy tables.
 
     The demo and ``build_report`` both call this. ``matrix``: ``cross_source_matrix`` rows (with
@@ -73,7 +75,8 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     sample-image grid (images only); ``held_out``: sites the model never saw (marked in the matrix);
     ``heldout``: ``held_out_sources`` rows (retrained models; the demo); ``ema``: EMA vs PreciseBN rows;
     ``comparisons``/``pooled``: ``paired_table``/``pooled_table`` rows; ``outputs``: kept outputs, for
-    per-site calibration and confusion; ``notes``: extra captions by section name.
+    per-site calibration and confusion; ``notes``: extra captions by section name; ``decisions``: the
+    decision panels' tables (``sites``, ``drift``, ``drift_layers``, ``reference``; see ``report.decisions``).
     """
     out_dir = Path(out_dir)
     figs_dir = out_dir / "figures"
@@ -105,6 +108,11 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
         paths[name] = figs_dir / file
     tables = _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed)
     captions.update(_table_captions(level))
+    if decisions:
+        extra, extra_captions = decision_sections(decisions.get("sites"), decisions.get("drift"),
+                                                  decisions.get("drift_layers"), decisions.get("reference"))
+        tables.update(extra)
+        captions.update(extra_captions)
     reading = findings(matrix, heldout, w2, comparisons=comparisons, pooled=pooled, num_classes=num_classes,
                        held_out=held_out, level=level)
     return write_report(out_dir / "report.html", title=title, summary=reading, figures=paths, tables=tables,

@@ -1,0 +1,154 @@
+"""Drift monitoring: how far a batch (or a day) of a site's data has moved from a reference site, per BN layer.
+
+Why: a site's BN-input statistics move before anyone has labels to see its accuracy move. A score
+is only an alarm if it exceeds the reference site's own batch-to-batch variation at the same batch
+size, so the monitor keeps that null (per-sample moments of the reference data) and draws it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from shiftbn._torch import Inputs
+from shiftbn.evaluate._distance import w2
+from shiftbn.evaluate.atc import ATC, fit_atc
+from shiftbn.evaluate.sample_moments import SampleMoments, sample_moments
+
+OVERALL = "(all layers)"
+
+
+@dataclass
+class DriftResult:
+    """One scored batch: ``score`` (mean over layers of the distance's z against the null), ``p_value``,
+    ``alert`` (p < alpha), ``n`` samples, ``predicted_accuracy``/``predicted_drop`` (ATC; NaN without
+    reference labels) and ``layers``: a tidy table ``layer, depth, distance, null_mean, null_q95, z,
+    p_value`` (one row per BN layer, then the overall row named ``"(all layers)"``)."""
+
+    score: float
+    p_value: float
+    alert: bool
+    n: int
+    predicted_accuracy: float
+    predicted_drop: float
+    layers: pd.DataFrame
+
+
+class DriftMonitor:
+    """Scores new data by per-layer BN-statistic distance (W2) to a reference site, with a bootstrap p-value.
+
+    Why: the null is the reference site's own variation: B pairs of (a batch of n samples drawn with
+    replacement from the reference, a resample of the whole reference), so the p-value of a batch of n
+    new samples accounts for the batch's and the reference's sampling error alike. Inputs pass the
+    model in eval mode (its stored statistics), so shifts propagate through the layers as in deployment.
+
+    Args:
+        model: the deployed network (not changed).
+        reference: the reference site's inputs (a tensor (N, ...) or a dataset of them).
+        labels: the reference's labels (N,), optional: they fit the ATC predictor of the accuracy drop
+            (default: the reference's own when it is a labeled ``SourceTaggedDataset``; -1 anywhere: no ATC).
+        n_null: null draws per batch size; ``alpha``: alert level of ``score``; ``seed``: of the draws.
+        batch_size: forward batch size.
+    """
+
+    def __init__(self, model: nn.Module, reference: Inputs | None = None, *, labels=None, n_null: int = 500,
+                 alpha: float = 0.05, seed: int = 0, batch_size: int = 256, amp: bool = False,
+                 _moments: SampleMoments | None = None, _atc: ATC | None = None) -> None:
+        if isinstance(n_null, bool) or not isinstance(n_null, int) or n_null < 20:
+            raise ValueError(f"n_null must be an integer >= 20 (p-values have resolution 1/(n_null+1)), got {n_null!r}")
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+        self.model, self.n_null, self.alpha, self.seed = model, n_null, float(alpha), int(seed)
+        self.batch_size, self.amp = batch_size, amp
+        if _moments is None:
+            if reference is None:
+                raise ValueError("DriftMonitor needs reference data (or DriftMonitor.load of a saved monitor)")
+            _moments = sample_moments(model, reference, batch_size=batch_size, amp=amp)
+            if len(_moments) < 2:
+                raise ValueError(f"the reference holds {len(_moments)} sample; it needs at least 2")
+            if labels is None:
+                labels = getattr(reference, "labels", None)  # a labeled SourceTaggedDataset
+            if labels is not None:
+                y = np.asarray(labels).reshape(-1)
+                if len(y) != len(_moments):
+                    raise ValueError(f"labels has {len(y)} entries for {len(_moments)} reference samples")
+                if (y >= 0).all():
+                    _atc = fit_atc(_moments.logits, y)
+        self.moments, self.atc = _moments, _atc
+        self.layer_names = sorted(self.moments.mean, key=self.moments.depth.__getitem__)
+        self.reference_mean = {k: self.moments.mean[k].mean(0) for k in self.layer_names}
+        self.reference_var = {k: np.maximum(self.moments.sq[k].mean(0) - self.reference_mean[k] ** 2, 0.0)
+                              for k in self.layer_names}
+        self._nulls: dict[int, np.ndarray] = {}
+
+    @property
+    def n_reference(self) -> int:
+        return len(self.moments)
+
+    def null(self, n: int) -> np.ndarray:
+        """Per-layer distances (n_null, layers) of reference batches of ``n`` samples: each a draw of n with
+        replacement against a resample of the whole reference (cached per n)."""
+        if n not in self._nulls:
+            rng = np.random.default_rng([self.seed, n])
+            size = self.n_reference
+            batch = rng.multinomial(n, np.full(size, 1.0 / size), size=self.n_null)
+            ref = rng.multinomial(size, np.full(size, 1.0 / size), size=self.n_null)
+            cols = []
+            for k in self.layer_names:
+                mb, vb = self.moments.batch_moments(k, batch)
+                mr, vr = self.moments.batch_moments(k, ref)
+                cols.append(w2(mb, vb, mr, vr))
+            self._nulls[n] = np.stack(cols, axis=1)
+        return self._nulls[n]
+
+    def score(self, data: Inputs) -> DriftResult:
+        """Score ``data`` (a tensor (N, ...) or a dataset; a batch or a whole day) as one sample of N."""
+        new = sample_moments(self.model, data, batch_size=self.batch_size, amp=self.amp)
+        missing = [k for k in self.layer_names if k not in new.mean]
+        if missing:
+            raise ValueError(f"the model's BN layers {missing} saw no input; is this the model the monitor was "
+                             "fitted for?")
+        if len(new) < 2:
+            raise ValueError("score needs at least 2 samples (one sample has no variance to compare)")
+        ones = np.ones((1, len(new)))
+        dist = np.array([float(w2(*new.batch_moments(k, ones), self.reference_mean[k], self.reference_var[k])[0])
+                         for k in self.layer_names])
+        return self._result(dist, len(new), new.logits)
+
+    def _result(self, dist: np.ndarray, n: int, logits: np.ndarray | None) -> DriftResult:
+        null = self.null(n)
+        mu, sd = null.mean(0), null.std(0, ddof=1) + 1e-12
+        z = (dist - mu) / sd
+        z_null = ((null - mu) / sd).mean(1)
+        score = float(z.mean())
+        p_layers = (1 + (null >= dist).sum(0)) / (1 + len(null))
+        p = float((1 + (z_null >= score).sum()) / (1 + len(null)))
+        depth = [self.moments.depth[k] for k in self.layer_names]
+        table = pd.DataFrame({"layer": self.layer_names + [OVERALL], "depth": depth + [len(depth)],
+                              "distance": [*dist, np.nan], "null_mean": [*mu, np.nan],
+                              "null_q95": [*np.quantile(null, 0.95, axis=0), np.nan], "z": [*z, score],
+                              "p_value": [*p_layers, p]})
+        pred = drop = float("nan")
+        if self.atc is not None and logits is not None:
+            pred = self.atc.predict(logits)
+            drop = self.atc.accuracy - pred
+        return DriftResult(score, p, p < self.alpha, n, pred, drop, table)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted monitor (safetensors + JSON header, atomic; no pickle). See ``drift_file``."""
+        from shiftbn.evaluate.drift_file import write_monitor
+
+        return write_monitor(self, path)
+
+    @classmethod
+    def load(cls, model: nn.Module, path: str | Path, **kwargs) -> DriftMonitor:
+        """A monitor saved with ``save``, for ``model`` (its BN layers must match the file's)."""
+        from shiftbn.evaluate.drift_file import read_monitor
+
+        moments, atc, header = read_monitor(path, model)
+        opts = {"n_null": header["n_null"], "alpha": header["alpha"], "seed": header["seed"], **kwargs}
+        return cls(model, _moments=moments, _atc=atc, **opts)

@@ -1,0 +1,121 @@
+"""A fitted drift monitor as one safe file: safetensors arrays plus a versioned JSON header (never pickle).
+
+Layout (format ``shiftbn.drift-monitor``, version 1): per BN call site ``<layer>``, tensors
+``sample_mean/<layer>`` and ``sample_sq/<layer>`` (N, C) float64 (the reference's per-sample spatial
+means of x and x^2: the null is drawn from them) and ``reference_mean/<layer>``, ``reference_var/<layer>``
+(C,) float64 (the reference site's statistics, as a site-statistics file would hold them). The
+header (safetensors ``__metadata__``, key ``shiftbn``) holds JSON: format, version, layers in depth
+order, n_reference, n_null, alpha, seed and the ATC fit (or null).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from shiftbn._io import atomic_write_bytes
+from shiftbn.bn import bn_layers, split_site
+from shiftbn.evaluate.atc import ATC, ATC_SCORES
+from shiftbn.evaluate.sample_moments import SampleMoments
+
+FORMAT, VERSION = "shiftbn.drift-monitor", 1
+
+
+def write_monitor(monitor, path: str | Path) -> Path:
+    """Write ``monitor`` (a fitted ``DriftMonitor``) to ``path`` atomically; returns the path."""
+    from safetensors.numpy import save
+
+    path = Path(path)
+    m = monitor.moments
+    arrays = {}
+    for k in monitor.layer_names:
+        arrays[f"sample_mean/{k}"] = np.ascontiguousarray(m.mean[k], np.float64)
+        arrays[f"sample_sq/{k}"] = np.ascontiguousarray(m.sq[k], np.float64)
+        arrays[f"reference_mean/{k}"] = np.ascontiguousarray(monitor.reference_mean[k], np.float64)
+        arrays[f"reference_var/{k}"] = np.ascontiguousarray(monitor.reference_var[k], np.float64)
+    atc = monitor.atc
+    header = {"format": FORMAT, "version": VERSION, "layers": monitor.layer_names, "n_reference": monitor.n_reference,
+              "n_null": monitor.n_null, "alpha": monitor.alpha, "seed": monitor.seed,
+              "atc": None if atc is None else {"threshold": atc.threshold, "score": atc.score,
+                                               "accuracy": atc.accuracy, "n": atc.n}}
+    atomic_write_bytes(path, save(arrays, metadata={"shiftbn": json.dumps(header)}))
+    return path
+
+
+def _header(raw: bytes, path: Path) -> dict:
+    """The JSON header of a safetensors file's bytes, checked to be a shiftbn drift monitor."""
+    bad = f"{path} is not a shiftbn drift-monitor file (write one with DriftMonitor.save or shiftbn monitor --save)"
+    if len(raw) < 8:
+        raise ValueError(bad)
+    (size,) = struct.unpack("<Q", raw[:8])
+    if size > len(raw) - 8:
+        raise ValueError(bad)
+    try:
+        meta = json.loads(raw[8:8 + size]).get("__metadata__") or {}
+        header = json.loads(meta["shiftbn"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(bad) from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(bad)
+    if header.get("version") != VERSION:
+        raise ValueError(f"{path}: drift-monitor file version {header.get('version')!r} is not supported by this "
+                         f"shiftbn (reads version {VERSION}); refit the monitor")
+    return header
+
+
+def read_monitor(path: str | Path, model: nn.Module) -> tuple[SampleMoments, ATC | None, dict]:
+    """Read a monitor file for ``model``: its per-sample moments, ATC fit and header, all validated."""
+    from safetensors.numpy import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"monitor file not found: {path}")
+    raw = path.read_bytes()
+    header = _header(raw, path)
+    try:
+        arrays = load(raw)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}); refit the monitor") from None
+    layers = header.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(k, str) for k in layers):
+        raise ValueError(f"{path}: the header's layers must be a non-empty list of names")
+    channels = {layer.name: layer.module.num_features for layer in bn_layers(model)}
+    mean, sq, n = {}, {}, None
+    for k in layers:
+        name = split_site(k)[0]
+        if name not in channels:
+            raise ValueError(f"{path}: layer {k!r} is not a BN layer of this model (its BN layers: "
+                             f"{list(channels)[:8]}); load the monitor with the model it was fitted for")
+        for what, store in (("sample_mean", mean), ("sample_sq", sq)):
+            a = arrays.get(f"{what}/{k}")
+            if a is None or a.ndim != 2 or a.shape[1] != channels[name] or not np.isfinite(a).all():
+                raise ValueError(f"{path}: {what}/{k} is missing, not (N, {channels[name]}) or not finite")
+            if n is not None and len(a) != n:
+                raise ValueError(f"{path}: {what}/{k} has {len(a)} samples, other layers {n}")
+            n = len(a)
+            store[k] = a.astype(np.float64)
+    for key in ("n_null", "seed"):
+        if isinstance(header.get(key), bool) or not isinstance(header.get(key), int):
+            raise ValueError(f"{path}: header {key} must be an integer, got {header.get(key)!r}")
+    if not isinstance(header.get("alpha"), float) or not 0 < header["alpha"] < 1:
+        raise ValueError(f"{path}: header alpha must lie in (0, 1), got {header.get('alpha')!r}")
+    atc = _atc(header.get("atc"), path)
+    moments = SampleMoments(mean, sq, {k: i for i, k in enumerate(layers)}, np.zeros((n, 0), np.float32))
+    return moments, atc, header
+
+
+def _atc(d, path: Path) -> ATC | None:
+    if d is None:
+        return None
+    try:
+        atc = ATC(float(d["threshold"]), str(d["score"]), float(d["accuracy"]), int(d["n"]))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: the header's atc entry is malformed: {d!r}") from None
+    if atc.score not in ATC_SCORES or not math.isfinite(atc.threshold) or not 0 <= atc.accuracy <= 1:
+        raise ValueError(f"{path}: the header's atc entry is out of range: {d!r}")
+    return atc

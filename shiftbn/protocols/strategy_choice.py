@@ -1,0 +1,103 @@
+"""Label-free strategy choice, validated: leave one lab out, choose without its labels, compare with the oracle."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from shiftbn.data.tagged import SourceTaggedDataset
+from shiftbn.evaluate.choose import choose_strategy
+from shiftbn.protocols.base import FigureSpec, Study, make_study
+from shiftbn.protocols.common import fit
+from shiftbn.samplers import SamplerMode
+
+
+@dataclass(kw_only=True)
+class StrategyChoice(Study):
+    """For each held-out lab h: train on the others, let ``choose_strategy`` pick among ``candidates``
+    for h from h's unlabeled data, and measure every candidate's true accuracy on h's test split.
+
+    Why: a chooser is worth using only if it beats fixed rules on labs whose labels it never saw.
+    Statistics come from h's calibration split, predictions (and the true accuracy) from its test
+    split; ATC is fitted on the other labs' test splits (never the training data). ``score`` and
+    ``range_factor``: as ``choose_strategy``.
+    Rows (one per held-out lab, candidate and seed): ``held_out, strategy, stats_source, pred_accuracy,
+    labeled_accuracy, atc_threshold, confidence, entropy, agreement, bn_distance, bn_distance_max,
+    bn_distance_max_layer, labeled_distance, atc_site_error, in_range, n, rank, chosen, is_oracle,
+    metric`` ("accuracy"), ``value`` (the true accuracy on h), ``seed``. ``choice_summary`` turns them into
+    hit rate, regret and MAE.
+    """
+
+    name = "strategy_choice"
+    axis = "held_out"
+    figure = FigureSpec("bars", x="held_out", hue="strategy",
+                        title="True accuracy of each candidate on the held-out lab",
+                        xlabel="held-out lab (chosen for without its labels)")
+
+    held_out: Sequence[str] | None = None
+    candidates: Sequence[str] = ("source", "precise", "target", "prior:16")
+    score: str = "neg_entropy"
+    range_factor: float = 2.0
+    sampler_mode: SamplerMode = "random"
+
+    def axis_values(self, ds: SourceTaggedDataset) -> list[str]:
+        targets = list(ds.sources_present if self.held_out is None else [str(h) for h in self.held_out])
+        for h in targets:
+            ds.source_id(h)
+        return targets
+
+    def cell(self, ds: SourceTaggedDataset, seed: int, value: str) -> pd.DataFrame:
+        sp = ds.split(fractions=self.train.fractions, seed=seed)
+        rest = [s for s in ds.sources_present if s != value]
+        model = fit(self.train, sp.train.subset(rest), seed, mode=self.sampler_mode)
+        kept: dict = {}
+        table = choose_strategy(model, ds, value, self.candidates, labeled=rest, calibration=(sp.calibration, sp.test),
+                                score=self.score, range_factor=self.range_factor, seed=seed, keep_outputs=kept)
+        y = sp.test.subset(value).labels
+        table["value"] = [float(np.mean(kept[name, value].argmax(axis=1) == y)) for name in table["strategy"]]
+        table["is_oracle"] = table["value"] == table["value"].max()
+        table["metric"] = "accuracy"
+        table = table.rename(columns={"site": "held_out"})
+        return table.assign(seed=seed)
+
+
+def choice_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Hit rate, regret and predicted-accuracy error of the chooser and of fixed rules, from ``StrategyChoice`` rows.
+
+    Policies: ``chooser`` (the ``chosen`` row: range check, then ``pred_accuracy``), ``atc only`` (highest
+    ``pred_accuracy``, no range check), ``max confidence``, ``always <strategy>`` for each candidate,
+    ``oracle``. Per (seed, held-out lab):
+    regret = oracle accuracy minus the pick's, in accuracy points; hit = the pick is oracle-best (ties
+    count). Returns one row per policy: ``policy, hit_rate, regret_mean, regret_sd`` (sd over seeds of
+    the per-seed mean), ``regret_max, n_cells``; and for ``chooser`` and ``atc only`` ``mae`` (mean
+    |pred_accuracy - accuracy| over every candidate row, in points), else NaN.
+    """
+    picks: dict[str, list] = {}
+    for (seed, lab), g in table.groupby(["seed", "held_out"], sort=True):
+        best = g["value"].max()
+        choices = {"chooser": g.loc[g["chosen"]].iloc[0],
+                   "atc only": g.loc[g["pred_accuracy"].idxmax()],
+                   "max confidence": g.loc[g["confidence"].idxmax()],
+                   **{f"always {s}": g.loc[g["strategy"] == s].iloc[0] for s in g["strategy"]},
+                   "oracle": g.loc[g["value"].idxmax()]}
+        for policy, row in choices.items():
+            picks.setdefault(policy, []).append({"seed": seed, "held_out": lab, "regret": 100 * (best - row["value"]),
+                                                 "hit": bool(row["value"] >= best)})
+    mae = 100 * float((table["pred_accuracy"] - table["value"]).abs().mean())
+    rows = []
+    for policy, items in picks.items():
+        p = pd.DataFrame(items)
+        per_seed = p.groupby("seed")["regret"].mean()
+        rows.append({"policy": policy, "hit_rate": p["hit"].mean(), "regret_mean": p["regret"].mean(),
+                     "regret_sd": per_seed.std(ddof=1) if len(per_seed) > 1 else float("nan"),
+                     "regret_max": p["regret"].max(), "n_cells": len(p),
+                     "mae": mae if policy in ("chooser", "atc only") else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def strategy_choice(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
+    """Run ``StrategyChoice`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
+    return make_study(StrategyChoice.name, {"model": model, **params}).run(ds, progress)

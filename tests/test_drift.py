@@ -1,0 +1,150 @@
+"""DriftMonitor: per-sample moments, distances, bootstrap p-values, the monitor file, the CLI, the study summary."""
+
+import json
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+import shiftbn as sb
+from shiftbn.cli import main
+from shiftbn.evaluate.drift import OVERALL
+from shiftbn.evaluate.sample_moments import sample_moments
+from shiftbn.protocols import drift_summary
+from tests.helpers import assert_same_state, reference_moments, state_of
+from tests.test_cli import _user_project
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():  # stored statistics that are not the defaults
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _images(n: int, seed: int, offset: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 7, 7, generator=g) + offset
+
+
+def test_sample_moments_give_exact_batch_moments():
+    net, x = _net(), _images(40, 0)
+    before = state_of(net)
+    sm = sample_moments(net, x, batch_size=16)
+    assert_same_state(net, before)
+    ref = reference_moments(net, [x], bn_train=False)
+    for layer in ("1", "4"):
+        mean, var = sm.batch_moments(layer, np.ones((1, 40)))
+        np.testing.assert_allclose(mean[0], ref[layer][1], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(var[0], ref[layer][2], rtol=1e-9, atol=1e-12)
+    w = np.zeros((1, 40))
+    w[0, :10] = 1
+    sub = reference_moments(net, [x[:10]], bn_train=False)
+    np.testing.assert_allclose(sm.batch_moments("4", w)[1][0], sub["4"][2], rtol=1e-9)
+    assert sm.logits.shape == (40, 3)
+
+
+def test_score_distance_equals_stats_shift_w2():
+    net = _net()
+    mon = sb.DriftMonitor(net, _images(60, 1), n_null=50)
+    new = _images(30, 2, offset=0.3)
+    res = mon.score(new)
+    moments = {}
+    for name, x in (("ref", _images(60, 1)), ("new", new)):
+        got = reference_moments(net, [x], bn_train=False)
+        moments[name] = sb.BNStats({k: sb.Moments(c, m, v * c) for k, (c, m, v) in got.items()}, len(x))
+    shift = sb.stats_shift(sb.SourceStats(moments), reference="ref").query("source == 'new'")
+    want = shift.set_index("layer")["value"]
+    got = res.layers.set_index("layer")["distance"]
+    for layer in ("1", "4"):
+        assert got[layer] == pytest.approx(want[layer], rel=1e-8)
+    assert res.layers["layer"].iloc[-1] == OVERALL and res.alert and res.p_value < 0.05
+
+
+def test_p_values_are_uniform_without_shift_and_small_with_one():
+    """Repeated draws (a fresh reference and batch each time) from one distribution: KS test against
+    uniform at a fixed seed; the same draws shifted by 0.15 alert nearly always."""
+    net = _net()
+    pool = _images(2000, 3)
+    rng = np.random.default_rng(0)
+    ps, shifted = [], []
+    for i in range(120):
+        perm = rng.permutation(len(pool))
+        mon = sb.DriftMonitor(net, pool[perm[:80]], n_null=100, seed=i)
+        ps.append(mon.score(pool[perm[80:96]]).p_value)
+        if i < 30:
+            shifted.append(mon.score(pool[perm[80:96]] + 0.15).p_value)
+    assert stats.kstest(ps, "uniform").pvalue > 0.05
+    assert 0.0 <= np.mean(np.array(ps) < 0.05) <= 0.12
+    assert np.mean(np.array(shifted) < 0.05) >= 0.9
+
+
+def test_monitor_file_round_trips_and_refuses_bad_files(tmp_path):
+    net = _net()
+    y = np.arange(60) % 3
+    mon = sb.DriftMonitor(net, _images(60, 1), labels=y, n_null=60, alpha=0.01, seed=4)
+    path = mon.save(tmp_path / "ref.monitor")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+    (size,) = struct.unpack("<Q", path.read_bytes()[:8])
+    header = json.loads(json.loads(path.read_bytes()[8:8 + size])["__metadata__"]["shiftbn"])
+    assert header["format"] == "shiftbn.drift-monitor" and header["version"] == 1 and header["alpha"] == 0.01
+    back = sb.DriftMonitor.load(net, path)
+    new = _images(20, 5, offset=0.05)
+    a, b = mon.score(new), back.score(new)
+    assert a.p_value == b.p_value and a.score == b.score and a.predicted_drop == b.predicted_drop
+    pd.testing.assert_frame_equal(a.layers, b.layers)
+    bad = tmp_path / "bad.monitor"
+    bad.write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(ValueError, match="not a shiftbn drift-monitor file"):
+        sb.DriftMonitor.load(net, bad)
+    raw = path.read_bytes().replace(b'\\"version\\": 1', b'\\"version\\": 9')
+    (tmp_path / "v9.monitor").write_bytes(raw)
+    with pytest.raises(ValueError, match="version 9"):
+        sb.DriftMonitor.load(net, tmp_path / "v9.monitor")
+    other = nn.Sequential(nn.Flatten(), nn.Linear(49, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="not a BN layer of this model"):
+        sb.DriftMonitor.load(other, path)
+    with pytest.raises(ValueError, match="n_null"):
+        sb.DriftMonitor(net, _images(10, 1), n_null=5)
+
+
+def test_monitor_cli_alerts_with_exit_1_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    proj = _user_project(tmp_path)
+    monkeypatch.chdir(proj)
+    common = ["--model", "usernet:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4", "--no-progress"]
+    assert main(["monitor", *common, "--reference", "site_a", "--save", "a.monitor", "--n-null", "50"]) == 1
+    out = capsys.readouterr().out
+    assert "site site_b" in out and "ALERT" in out and OVERALL in out and (proj / "a.monitor").is_file()
+    assert main(["monitor", *common, "--stats", "a.monitor", "--site", "site_a"]) == 0
+    assert "-> ok" in capsys.readouterr().out
+    assert main(["monitor", *common, "--stats", "a.monitor"]) == 1  # every site, site_b alerts
+    capsys.readouterr()
+    for bad in (["--stats", "nope.monitor"], ["--reference", "site_a", "--alpha", "2"],
+                ["--reference", "site_z"], ["--stats", "w.pt"],
+                ["--reference", "site_a", "--save", "a.monitor"]):  # exists, no --force
+        assert main(["monitor", *common, *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_drift_summary_by_hand():
+    rows = []
+    for sev, score, drop, pdrop, det in [(0.0, 0.1, 0.0, 0.0, 0.04), (0.1, 1.0, 0.01, 0.02, 0.5),
+                                         (0.2, 3.0, 0.05, 0.01, 0.9), (0.4, 2.0, 0.2, 0.1, 1.0)]:
+        for m, v in (("score", score), ("true_drop", drop), ("predicted_drop", pdrop), ("detection_rate", det),
+                     ("detection_empirical", det)):
+            rows.append({"shift": "blur", "severity": sev, "metric": m, "value": v, "seed": 0})
+    s = drift_summary(pd.DataFrame(rows)).set_index("quantity")["value"]
+    assert s["spearman_score_drop"] == pytest.approx(0.5)
+    assert s["spearman_predicted_drop"] == pytest.approx(0.5)
+    assert s["false_alarm_rate"] == pytest.approx(0.04)
+    assert s["detection_rate"] == pytest.approx(0.8)
