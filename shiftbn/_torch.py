@@ -171,19 +171,26 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     """Outputs with every BN layer normalizing each batch by its own statistics (prediction-time BN).
 
     Samples of ``data`` (N of them) are shuffled with ``seed`` into near-equal batches of at most
-    ``batch_size`` (never one sample alone when avoidable); outputs (N, K) float32 come back in the
-    original order. The model is left as it was (flags restored, buffers never written).
+    ``batch_size`` (never one sample alone when avoidable; one sample is refused only where a BN layer
+    would get one value per channel); outputs (N, K) float32 come back in the original order. The
+    model is left as it was (flags restored, buffers never written).
     """
     n = len(data)
-    if n < 2:
-        raise ValueError("prediction-time batch statistics need at least 2 samples")
+    if n == 0:
+        raise ValueError("no inputs to evaluate: the data is empty")
     order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
     chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
     device = device_of(model)
     out: torch.Tensor | None = None
     with _batch_statistics(model), autocast(device, amp), _bar(n, desc, progress) as bar:
         for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
-            part = model(x.to(device)).float().cpu()
+            try:
+                part = model(x.to(device)).float().cpu()
+            except ValueError as e:  # BN in training refuses one value per channel (one sample, no positions)
+                if "more than 1 value per channel" not in str(e):
+                    raise
+                raise ValueError(f"a batch of {len(x)} sample(s) gives a BN layer one value per channel, which "
+                                 "batch statistics cannot normalize; use at least 2 samples per batch") from e
             if out is None:
                 out = torch.empty((n, *part.shape[1:]))
             out[idx] = part
