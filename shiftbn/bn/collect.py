@@ -94,7 +94,7 @@ def collect_stats(
             probe = mode == "sequential"
             stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
                                                         f"stats ({first})", fuse, precision=precision,
-                                                        probe=probe))
+                                                        probe=probe, probe_data=sync.world > 1))
             _check_sharded(infos, sync.world)
             if not stats.sources:
                 raise ValueError("no data reached the BN layers: data is empty"
@@ -103,7 +103,8 @@ def collect_stats(
                 once = all(i["once"] for i in infos if i["samples"])
                 if not once and any(i["truncated"] for i in infos):  # ranks disagree: measure every layer
                     stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
-                                                                f"stats ({first})", fuse, precision=precision))
+                                                                f"stats ({first})", fuse, precision=precision,
+                                                                probe_data=sync.world > 1))
                 order = next((i["order"] for i in infos if i["order"]), [])
                 stats = _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, progress, fuse,
                                   precision)
@@ -265,7 +266,8 @@ class _StopForwardSignal(Exception):  # noqa: N818 - a control-flow signal, not 
 def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
               current: SourceStats | None, frontier: set[str] | None, progress: bool,
               desc: str, fused: bool = False, measure: str | None = None,
-              precision=contextlib.nullcontext, probe: bool = False) -> tuple[SourceStats, dict[str, Any]]:
+              precision=contextlib.nullcontext, probe: bool = False,
+              probe_data: bool = False) -> tuple[SourceStats, dict[str, Any]]:
     """One pass over ``plan``: this rank's statistics, and an info dict (samples seen, fingerprint of
     the first batch, BN modules in first-call order, whether each was called once in the first
     forward, whether the pass truncated itself).
@@ -277,7 +279,8 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     ``measure``: a truncated pass that records only that module's input and stops each forward there
     (every module before it must be in ``frontier`` and called once per forward). ``probe``: after the
     first forward, when every module was called once, measure only the first module called (the
-    first pass of the sequential schedule, which needs no more).
+    first pass of the sequential schedule, which needs no more). ``probe_data``: fingerprint the first
+    batch (to spot unsharded data across ranks).
     """
     model.eval()
     accs: dict[str, dict[tuple[str, int], RunningMoments]] = {}
@@ -314,8 +317,9 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     def uses_batch(name: str) -> bool:
         return mode == "batch" or (frontier is not None and name not in frontier)
 
-    hooks = [layer.module.register_forward_pre_hook(make_hook(layer.name, uses_batch(layer.name)))
-             for layer in layers]
+    # a truncated pass hooks only the module it measures: the others run on PyTorch's hook-free path
+    hooks = {layer.name: layer.module.register_forward_pre_hook(make_hook(layer.name, uses_batch(layer.name)))
+             for layer in layers if measure is None or layer.name == measure}
     device = device_of(model)
     writes: dict[str, list] = {}
     written = None
@@ -331,7 +335,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
                     raise ValueError(f"an empty batch (0 samples, source {src!r}) reached collect_stats; "
                                      "drop empty batches from the data")
                 first = not n_samples
-                if first:
+                if first and probe_data:
                     fingerprint = _fingerprint(x)
                 if current is not None and src != written:
                     # only the frontier's buffers must hold ``current``, and no hook writes them: once per source
@@ -349,11 +353,14 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
                         state["measure"] = head = next(iter(order))
                         accs = {s: {key: acc for key, acc in per.items() if key[0] == head}
                                 for s, per in accs.items()}
+                        for name, h in hooks.items():
+                            if name != head:
+                                h.remove()
                 if not bar.disable:
                     bar.set_postfix_str(f"{sum(n_samples.values()) / (time.perf_counter() - started):,.0f} samples/s",
                                         refresh=False)
     finally:
-        for h in hooks:
+        for h in hooks.values():
             h.remove()
     _check_finite(accs, layers)
     info = {"samples": sum(n_samples.values()), "fingerprint": fingerprint, "order": list(order),
