@@ -22,7 +22,7 @@ from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, Workspace
 from shiftbn.bn.plan import Batches, as_count, plan_batches, rank_share
-from shiftbn.bn.reduce import RunningMoments
+from shiftbn.bn.reduce import RunningMoments, fused_ready
 from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import ModelSnapshot, apply_writes, prepare_writes, untracked
 from shiftbn.data.items import ItemKeys
@@ -74,7 +74,8 @@ def collect_stats(
     Memory is O(layers x channels x sources) whatever the number of samples: each batch's exact
     moments are merged at once. ``fused``: take each batch's moments from one fused float64 kernel
     (``torch.compile``; exact to ~1e-14, several times faster on CPU, a one-time compile of ~10 s);
-    ``None`` (default) uses it for passes of at least 200 batches; ``False`` never.
+    ``None`` (default) uses it for passes of at least 200 batches and once it is compiled in this process;
+    ``False`` never.
     ``device``: where inputs go; must be the model's device (default: the model's; the model is
     never moved). ``amp``: forwards under autocast; statistics are still accumulated in float64 from
     the tensor each BN layer actually receives.
@@ -89,7 +90,7 @@ def collect_stats(
         snap = ModelSnapshot(model, layers)
         try:
             first = "batch" if mode == "sequential" else mode
-            fuse = _use_fused(fused, plan)
+            fuse = _use_fused(fused, plan, device_of(model))
             precision = partial(autocast, device_of(model), amp)
             probe = mode == "sequential"
             stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
@@ -142,11 +143,12 @@ def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, see
 FUSED_MIN_BATCHES = 200
 
 
-def _use_fused(fused: bool | None, plan: Batches) -> bool:
-    """Whether to take batch moments from the fused kernel: always, never, or for long passes."""
+def _use_fused(fused: bool | None, plan: Batches, device: torch.device) -> bool:
+    """Whether to take batch moments from the fused kernel: always, never, or for long passes and
+    whenever it is already compiled for this device (then it costs no wait)."""
     if fused is not None:
         return bool(fused)
-    return plan.total is not None and plan.total >= FUSED_MIN_BATCHES
+    return fused_ready(device) or (plan.total is not None and plan.total >= FUSED_MIN_BATCHES)
 
 
 def _fingerprint(x: Any) -> str | None:
