@@ -1,5 +1,7 @@
 """Batches of one sample (refused only where BN itself would be) and the cost of the sequential schedule."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from torch import nn
 
 import shiftbn as sb
 from shiftbn._torch import batch_stats_logits
+from shiftbn.bn.reduce import RunningMoments
 from tests.helpers import assert_same_state, reference_moments, state_of
 
 
@@ -114,3 +117,25 @@ def test_sequential_runs_one_full_forward_and_truncates_every_other():
         for name in stats[k]:
             np.testing.assert_allclose(again[k][name].var, stats[k][name].var, rtol=1e-9)
             np.testing.assert_allclose(again[k][name].mean, stats[k][name].mean, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("positions", [(3, 5), (48, 48)])  # both fused kernels: flat and row-first (L >= 2048)
+def test_fused_batches_are_exact_from_the_first_one(positions):
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(3, 2, *positions, generator=g) * (1 + k) + 1e4 - k for k in range(3)]
+    ref = np.concatenate([b.double().numpy() for b in batches]).transpose(1, 0, 2, 3).reshape(2, -1)
+    acc = RunningMoments()
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the kernel must build here, not fall back
+        for b in batches:
+            c, mean, var = acc.add(b, fused=True)
+            seen.append((c, mean.numpy().copy(), var.numpy().copy()))
+    for b, (c, mean, var) in zip(batches, seen, strict=True):  # each batch's own moments, for BN
+        own = b.double().numpy().transpose(1, 0, 2, 3).reshape(2, -1)
+        assert c == own.shape[1]
+        np.testing.assert_allclose(mean, own.mean(1), rtol=1e-12)
+        np.testing.assert_allclose(var, own.var(1), rtol=1e-9)
+    got = acc.result()
+    np.testing.assert_allclose(got.mean, ref.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(got.var, ref.var(1), rtol=1e-9)

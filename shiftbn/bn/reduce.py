@@ -16,7 +16,7 @@ import torch
 
 from shiftbn.bn.moments import Moments, Workspace, batch_moments
 
-_compiled = None
+_compiled: dict[bool, object] = {}
 _failed: set[str] = set()  # device types where the kernel could not be built
 _ready: set[str] = set()  # device types where it ran
 _compile_lock = threading.Lock()
@@ -27,6 +27,16 @@ def _fused_sums_impl(x3: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tenso
     return d.sum((0, 2)), (d * d).sum((0, 2))
 
 
+def _fused_rows_impl(x3: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = x3.to(torch.float64) - shift.view(1, -1, 1)
+    return d.sum(2).sum(0), (d * d).sum(2).sum(0)
+
+
+ROWS_FROM = 2048
+"""Positions per channel (L) from which summing each (sample, channel) row first is faster (CPU: up to
+3.6x at 48x48; slower below ~1,000)."""
+
+
 def fused_ready(device: torch.device) -> bool:
     """Whether the fused kernel already ran on this type of device in this process (no compile to wait for)."""
     return device.type in _ready
@@ -35,16 +45,16 @@ def fused_ready(device: torch.device) -> bool:
 def fused_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-channel sums of (x - shift) and its square over every axis but 1 (float64, one fused read),
     or ``None`` where ``torch.compile`` cannot build the kernel (then a warning says so, once)."""
-    global _compiled
     kind = x.device.type
     if kind in _failed:
         return None
     x3 = x.detach().reshape(x.shape[0], x.shape[1], -1)
+    rows = x3.shape[2] >= ROWS_FROM
     try:
         with _compile_lock:
-            if _compiled is None:
-                _compiled = torch.compile(_fused_sums_impl, dynamic=True)
-        sums = _compiled(x3, shift)
+            if rows not in _compiled:
+                _compiled[rows] = torch.compile(_fused_rows_impl if rows else _fused_sums_impl, dynamic=True)
+        sums = _compiled[rows](x3, shift)
         _ready.add(kind)
         return sums
     except Exception as e:  # noqa: BLE001 - a compiler that never worked here: fall back to the eager reduction
