@@ -139,3 +139,56 @@ def test_fused_batches_are_exact_from_the_first_one(positions):
     got = acc.result()
     np.testing.assert_allclose(got.mean, ref.mean(1), rtol=1e-12)
     np.testing.assert_allclose(got.var, ref.var(1), rtol=1e-9)
+
+
+class _CountingDataset(torch.utils.data.Dataset):
+    """Items (x, y) whose reads are counted per index."""
+
+    def __init__(self, n=24, features=4):
+        self.x = torch.randn(n, features, generator=torch.Generator().manual_seed(5)) * 2 + 3
+        self.reads = np.zeros(n, dtype=int)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return self.x[i], 0
+
+
+def test_sequential_loads_the_data_once_when_it_fits_the_cache():
+    model = _Counted(depth=4)
+    results = {}
+    for budget in (1 << 20, 0, 24 * 4 * 4 - 1):  # fits; off; one byte short of the data
+        ds = _CountingDataset()
+        results[budget] = sb.collect_stats(model, ds, batch_size=8, mode="sequential", cache_bytes=budget,
+                                           progress=False)["pooled"]
+        assert results[budget].num_samples == 24
+        assert set(ds.reads) == ({1} if budget == 1 << 20 else {4}), budget  # 4 passes
+    for name in results[0]:
+        for budget in results:
+            np.testing.assert_array_equal(results[budget][name].var, results[0][name].var)
+    with pytest.raises(ValueError, match="cache_bytes must be an integer >= 0"):
+        sb.collect_stats(model, _CountingDataset(), cache_bytes=-1, progress=False)
+
+
+class _InPlace(nn.Module):
+    """Writes into its input, as an in-place normalization would."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        return self.body(x.mul_(2.0))
+
+
+def test_replayed_batches_are_copies():
+    ds = _CountingDataset()
+    cached = sb.collect_stats(_InPlace(), ds, batch_size=8, mode="sequential", progress=False)["pooled"]
+    fresh = sb.collect_stats(_InPlace(), _CountingDataset(), batch_size=8, mode="sequential", cache_bytes=0,
+                             progress=False)["pooled"]
+    for name in fresh:
+        np.testing.assert_array_equal(cached[name].mean, fresh[name].mean)
+        np.testing.assert_array_equal(cached[name].var, fresh[name].var)

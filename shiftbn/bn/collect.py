@@ -21,7 +21,7 @@ from shiftbn.bn.distributed import RankSync
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, device_of
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, Workspace
-from shiftbn.bn.plan import Batches, as_count, plan_batches, rank_share
+from shiftbn.bn.plan import Batches, Replay, as_count, plan_batches, rank_share
 from shiftbn.bn.reduce import RunningMoments, fused_ready
 from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import ModelSnapshot, apply_writes, prepare_writes, untracked
@@ -48,6 +48,7 @@ def collect_stats(
     pin_memory: bool = False,
     persistent_workers: bool = False,
     fused: bool | None = None,
+    cache_bytes: int = 1 << 30,
     device: str | torch.device | None = None,
     amp: bool = False,
     progress: bool = True,
@@ -76,6 +77,8 @@ def collect_stats(
     (``torch.compile``; exact to ~1e-14, several times faster on CPU, a one-time compile of ~10 s);
     ``None`` (default) uses it for passes of at least 200 batches and once it is compiled in this process;
     ``False`` never.
+    ``cache_bytes``: sequential mode keeps the batches a ``DataLoader`` loaded in its first pass for the
+    later ones when all of them fit in this many bytes (default 1 GiB; 0: load them every pass).
     ``device``: where inputs go; must be the model's device (default: the model's; the model is
     never moved). ``amp``: forwards under autocast; statistics are still accumulated in float64 from
     the tensor each BN layer actually receives.
@@ -87,6 +90,9 @@ def collect_stats(
                                                    sampler, seed, max_passes, num_workers, sync, device,
                                                    {"keys": keys, "pin_memory": pin_memory,
                                                     "persistent_workers": persistent_workers}))
+        budget = as_count(cache_bytes, "cache_bytes", 0)
+        if mode == "sequential":
+            plan = Replay(plan, budget)
         snap = ModelSnapshot(model, layers)
         try:
             first = "batch" if mode == "sequential" else mode
@@ -143,7 +149,7 @@ def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, see
 FUSED_MIN_BATCHES = 200
 
 
-def _use_fused(fused: bool | None, plan: Batches, device: torch.device) -> bool:
+def _use_fused(fused: bool | None, plan: Batches | Replay, device: torch.device) -> bool:
     """Whether to take batch moments from the fused kernel: always, never, or for long passes and
     whenever it is already compiled for this device (then it costs no wait)."""
     if fused is not None:
@@ -265,7 +271,7 @@ class _StopForwardSignal(Exception):  # noqa: N818 - a control-flow signal, not 
     """Raised in a pre-hook once the layer a truncated pass measures has seen its input."""
 
 
-def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
+def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches | Replay, mode: str,
               current: SourceStats | None, frontier: set[str] | None, progress: bool,
               desc: str, fused: bool = False, measure: str | None = None,
               precision=contextlib.nullcontext, probe: bool = False,
