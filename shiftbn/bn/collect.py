@@ -195,12 +195,12 @@ def _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, pr
     statistics and the rest normalize with batch statistics (as in batch mode), so no layer ever
     normalizes with statistics that are stale for its input (they blow up with depth). Module j's input
     depends only on modules called before it, so pass j + 1 measures it exactly.
-    When every module is called once per forward (``once``, seen in pass 1's first forward), pass p
-    only measures module p - 1: it stops each forward there, and pass 1 (which measured the first
-    module) is exact by construction after pass L: L passes cost about (L + 1) / 2 forwards and no
-    confirming pass is needed. Modules called more than once (cycles through a shared module) run full
-    passes until the change is below ``tol`` (relative, in normalized units; raised to 64 eps of the
-    buffers' dtype, the precision they are stored with). Default ``max_passes`` (passes after the
+    When every module is called once per forward (``once``, seen in pass 1's first forward), pass 1
+    measures only the first module and pass p only module p - 1, each forward stopping there: the
+    statistics are exact by construction after pass L, so L passes cost about (L + 1) / 2 forwards and
+    no confirming pass is needed. Modules called more than once (cycles through a shared module) run
+    full passes until the change is below ``tol`` (relative, in normalized units; raised to 64 eps of
+    the buffers' dtype, the precision they are stored with). Default ``max_passes`` (passes after the
     first): L + 32 (L to build the frontier, room for such loops).
     """
     limit = len(layers) + 32 if max_passes is None else max_passes
