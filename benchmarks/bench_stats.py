@@ -7,7 +7,7 @@ copy) and fused (``fused=True``, the ``torch.compile``d float64 kernel; compiled
 before timing). Their exactness is checked against numpy float64 on inputs offset by 1e4.
 
 Run: python benchmarks/bench_stats.py [--model resnet18|smallresnet] [--batches N] [--batch-size B]
-     [--repeats R] [--threads 1]
+     [--repeats R] [--threads 1] [--skip-precise]
 Defaults: resnet18(num_classes=2), 40 batches of 32x3x96x96; smallresnet (width 16), 20 of 64x3x32x32.
 All timings come from one run, the functions interleaved round by round; printed are the fastest
 and the median round, of the wall time and of the process's CPU time (1 torch thread: CPU time is
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a 2-core VM two threads make timings vary by +-40%%)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-precise", action="store_true", help="time collect_stats only (not precise_bn, fvcore)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n_batches, bs, size = SHAPES[args.model]
@@ -83,6 +84,8 @@ def main() -> None:
            "eager": lambda: sb.collect_stats(model, batches, mode="batch", fused=False, progress=False),
            "fused": lambda: sb.collect_stats(model, batches, mode="batch", fused=True, progress=False)}
     try:
+        if args.skip_precise:
+            raise ImportError
         from fvcore.nn.precise_bn import update_bn_stats
 
         fns["fvcore"] = lambda: update_bn_stats(copy.deepcopy(model).train(), xs, num_iters=len(xs))
@@ -91,7 +94,8 @@ def main() -> None:
         fns["precise_fused"] = lambda: sb.precise_bn(copy.deepcopy(model), xs, num_samples=None, fused=True,
                                                      progress=False)
     except ImportError:
-        print("fvcore not installed: pip install fvcore to compare precise_bn with it")
+        if not args.skip_precise:
+            print("fvcore not installed: pip install fvcore to compare precise_bn with it")
     for fn in fns.values():  # warm-up, and the fused kernel's one-time compile, outside the timings
         fn()
     times = interleaved(fns, args.repeats)

@@ -179,14 +179,15 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     """Outputs with every BN layer normalizing each batch by its own statistics (prediction-time BN).
 
     Samples of ``data`` (N of them) are shuffled with ``seed`` into the batches ``batch_chunks``
-    makes; outputs (N, K) float32 come back in the original order. The model is left as it was
-    (flags restored, buffers never written). ``part=(world, rank)``: run only batches ``rank,
-    rank + world, ...`` (each batch whole) and return their outputs in the order of
+    makes (near-equal, at most ``batch_size``; one sample is refused only where a BN layer would get
+    one value per channel); outputs (N, K) float32 come back in the original order. The model is left
+    as it was (flags restored, buffers never written). ``part=(world, rank)``: run only batches
+    ``rank, rank + world, ...`` (each batch whole) and return their outputs in the order of
     ``torch.cat(batch_chunks(...)[rank::world])`` (possibly none: (0, ...) when K is unknown, shape (0,)).
     """
     n = len(data)
-    if n < 2:
-        raise ValueError("prediction-time batch statistics need at least 2 samples")
+    if n == 0:
+        raise ValueError("no inputs to evaluate: the data is empty")
     chunks = batch_chunks(n, batch_size, seed)
     if part is not None:
         chunks = chunks[part[1]::part[0]]
@@ -197,7 +198,13 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     pos = 0
     with _batch_statistics(model), autocast(device, amp), _bar(sum(map(len, chunks)), desc, progress) as bar:
         for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
-            part_out = model(x.to(device)).float().cpu()
+            try:
+                part_out = model(x.to(device)).float().cpu()
+            except ValueError as e:  # BN in training refuses one value per channel (one sample, no positions)
+                if "more than 1 value per channel" not in str(e):
+                    raise
+                raise ValueError(f"a batch of {len(x)} sample(s) gives a BN layer one value per channel, which "
+                                 "batch statistics cannot normalize; use at least 2 samples per batch") from e
             if out is None:
                 out = torch.empty((n if part is None else sum(map(len, chunks)), *part_out.shape[1:]))
             if part is None:

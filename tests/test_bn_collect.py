@@ -156,8 +156,8 @@ def test_nan_names_layer_and_source_and_model_is_restored():
 
 def test_bad_input_errors():
     model = _net2d()
-    with pytest.raises(ValueError, match="one sample"):
-        sb.collect_stats(model, [torch.randn(1, 2, 6, 6)], progress=False)
+    with pytest.raises(ValueError, match=r"one sample.*layer '0' one value per channel"):
+        sb.collect_stats(nn.Sequential(nn.BatchNorm1d(3)), [torch.randn(1, 3)], progress=False)
     mixed = [(torch.randn(4, 2, 6, 6), torch.zeros(4), torch.tensor([0, 0, 1, 1]))]
     with pytest.raises(ValueError, match="single-source batches"):
         sb.collect_stats(model, mixed, progress=False)

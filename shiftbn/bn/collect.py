@@ -21,8 +21,8 @@ from shiftbn.bn.distributed import RankSync, plan_shard
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, cycle_positions, device_of, set_positions
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, Workspace
-from shiftbn.bn.plan import Batches, as_count, plan_batches, rank_share
-from shiftbn.bn.reduce import RunningMoments
+from shiftbn.bn.plan import Batches, Replay, as_count, plan_batches, rank_share
+from shiftbn.bn.reduce import RunningMoments, fused_ready
 from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import ModelSnapshot, apply_writes, prepare_writes, untracked
 from shiftbn.data.items import ItemKeys
@@ -48,6 +48,7 @@ def collect_stats(
     pin_memory: bool = False,
     persistent_workers: bool = False,
     fused: bool | None = None,
+    cache_bytes: int = 1 << 30,
     device: str | torch.device | None = None,
     amp: bool = False,
     progress: bool = True,
@@ -78,7 +79,10 @@ def collect_stats(
     Memory is O(layers x channels x sources) whatever the number of samples: each batch's exact
     moments are merged at once. ``fused``: take each batch's moments from one fused float64 kernel
     (``torch.compile``; exact to ~1e-14, several times faster on CPU, a one-time compile of ~10 s);
-    ``None`` (default) uses it for passes of at least 200 batches; ``False`` never.
+    ``None`` (default) uses it for passes of at least 200 batches and once it is compiled in this process;
+    ``False`` never.
+    ``cache_bytes``: sequential mode keeps the batches a ``DataLoader`` loaded in its first pass for the
+    later ones when all of them fit in this many bytes (default 1 GiB; 0: load them every pass).
     ``device``: where inputs go; must be the model's device (default: the model's; the model is
     never moved). ``amp``: forwards under autocast; statistics are still accumulated in float64 from
     the tensor each BN layer actually receives.
@@ -91,20 +95,30 @@ def collect_stats(
                                                    sampler, seed, max_passes, num_workers, sync, device,
                                                    {"keys": keys, "pin_memory": pin_memory,
                                                     "persistent_workers": persistent_workers, "shard": shard}))
+        budget = as_count(cache_bytes, "cache_bytes", 0)
+        if mode == "sequential":
+            plan = Replay(plan, budget)
         snap = ModelSnapshot(model, layers)
         try:
             first = "batch" if mode == "sequential" else mode
-            fuse = _use_fused(fused, plan)
+            fuse = _use_fused(fused, plan, device_of(model))
             precision = partial(autocast, device_of(model), amp)
+            probe = mode == "sequential"
             stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
-                                                        f"stats ({first})", fuse, precision=precision))
+                                                        f"stats ({first})", fuse, precision=precision,
+                                                        probe=probe, probe_data=sync.world > 1))
             _check_sharded(infos, sync.world)
             if not stats.sources:
                 raise ValueError("no data reached the BN layers: data is empty"
                                  + (f" on all {sync.world} ranks" if sync.world > 1 else ""))
             if mode == "sequential":
+                once = all(i["once"] for i in infos if i["samples"])
+                if not once and any(i["truncated"] for i in infos):  # ranks disagree: measure every layer
+                    stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
+                                                                f"stats ({first})", fuse, precision=precision,
+                                                                probe_data=sync.world > 1))
                 order = next((i["order"] for i in infos if i["order"]), [])
-                stats = _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fuse,
+                stats = _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, progress, fuse,
                                   precision)
             stats = _ordered(stats, plan.names)
             stats.mode = mode
@@ -141,11 +155,12 @@ def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, see
 FUSED_MIN_BATCHES = 200
 
 
-def _use_fused(fused: bool | None, plan: Batches) -> bool:
-    """Whether to take batch moments from the fused kernel: always, never, or for long passes."""
+def _use_fused(fused: bool | None, plan: Batches | Replay, device: torch.device) -> bool:
+    """Whether to take batch moments from the fused kernel: always, never, or for long passes and
+    whenever it is already compiled for this device (then it costs no wait)."""
     if fused is not None:
         return bool(fused)
-    return plan.total is not None and plan.total >= FUSED_MIN_BATCHES
+    return fused_ready(device) or (plan.total is not None and plan.total >= FUSED_MIN_BATCHES)
 
 
 def _fingerprint(x: Any) -> str | None:
@@ -178,46 +193,52 @@ def _ordered(stats: SourceStats, names: list[str] | None) -> SourceStats:
     return SourceStats({k: stats.sources[k] for k in keys}, stats.mode, stats.passes)
 
 
-def _fixpoint(model, layers, plan, stats, order, sync, max_passes, tol, progress, fused,
+def _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, progress, fused,
               precision) -> SourceStats:
     """Passes until the statistics reproduce themselves when every BN layer uses its stored ones.
 
-    How: pass 1 was batch mode. In pass p >= 2 the first p - 1 BN modules in call order (``order``)
-    use their stored statistics and the rest normalize with batch statistics (as in batch mode), so no
-    layer ever normalizes with statistics that are stale for its input (they blow up with depth).
-    Module j's input depends only on modules called before it, so after pass j + 1 its statistics are
-    exact: a chain of L layers is done after L passes and pass L + 1 confirms it. Modules called more
-    than once (cycles through a shared module) then iterate until the change is below ``tol``
-    (relative, in normalized units; raised to 64 eps of the buffers' dtype, the precision they are
-    stored with). Default ``max_passes``: L + 32 (L to build the frontier, room for such loops).
-    When every module is called once per forward, pass p only has to measure module p - 1: it
-    records that module's input and stops each forward there, so building the frontier costs about
-    (L - 1) / 2 forwards and the whole fixpoint about (L + 3) / 2 (the first and last passes are full).
+    How: in pass p >= 2 the first p - 1 BN modules in call order (``order``) use their stored
+    statistics and the rest normalize with batch statistics (as in batch mode), so no layer ever
+    normalizes with statistics that are stale for its input (they blow up with depth). Module j's input
+    depends only on modules called before it, so pass j + 1 measures it exactly.
+    When every module is called once per forward (``once``, seen in pass 1's first forward), pass 1
+    measures only the first module and pass p only module p - 1, each forward stopping there: the
+    statistics are exact by construction after pass L, so L passes cost about (L + 1) / 2 forwards and
+    no confirming pass is needed. Modules called more than once (cycles through a shared module) run
+    full passes until the change is below ``tol`` (relative, in normalized units; raised to 64 eps of
+    the buffers' dtype, the precision they are stored with). Default ``max_passes`` (passes after the
+    first): L + 32 (L to build the frontier, room for such loops).
     """
     limit = len(layers) + 32 if max_passes is None else max_passes
     tol = max(tol, 64 * max(float(torch.finfo(_buffer_dtype(layer)).eps) for layer in layers))
     eps = {layer.name: float(layer.module.eps) for layer in layers}
     order = list(order) + [layer.name for layer in layers if layer.name not in order]
     worst = (float("inf"), "?", "?")
-    once = not any(split_site(key)[1] is not None for bn in stats.values() for key in bn.layers)
+    frontier: set[str] = set()
+    if once and len(order) <= 1:
+        return stats
     for p in range(2, limit + 2):
         frontier = set(order[: p - 1])
-        measure = order[p - 1] if once and p - 1 < len(order) else None
+        measure = order[p - 1] if once else None
         new, _ = sync.merge(partial(_one_pass, model, layers, plan, "eval", stats, frontier, progress,
                                     f"stats (sequential {p})", fused, measure, precision))
-        if measure is not None:  # a truncated pass: only that module's statistics are new
-            new = SourceStats({src: BNStats({**bn.layers, **(new.sources[src].layers if src in new.sources
-                                                            else {})}, bn.num_samples)
-                               for src, bn in stats.items()}, stats.mode)
         new.passes = p
+        if once:  # a truncated pass: only that module's statistics are new, and exact
+            stats = SourceStats({src: BNStats({**bn.layers, **(new.sources[src].layers if src in new.sources
+                                                              else {})}, bn.num_samples)
+                                 for src, bn in stats.items()}, stats.mode, p)
+            if p == len(order):
+                return stats
+            continue
         worst = _max_change(stats, new, eps)
         stats = new
         if len(frontier) == len(order) and worst[0] <= tol:
             return stats
     if len(frontier) < len(order):
-        detail = (f"layer {order[len(frontier)]!r} and the {len(order) - len(frontier) - 1} BN module(s) called "
-                  f"after it never ran with stored statistics ({len(order)} modules need max_passes >= "
-                  f"{len(order)})")
+        left = len(frontier) + 1 if once else len(frontier)
+        detail = (f"layer {order[left]!r} and the {len(order) - left - 1} BN module(s) called after it were "
+                  f"never measured with final statistics upstream ({len(order)} modules need max_passes >= "
+                  f"{len(order) - 1 if once else len(order)})")
     else:
         detail = (f"layer {worst[1]!r} (source {worst[2]!r}) still changed by {worst[0]:.2e} (relative, "
                   f"normalized units) > tol {tol:.1e}")
@@ -256,24 +277,29 @@ class _StopForwardSignal(Exception):  # noqa: N818 - a control-flow signal, not 
     """Raised in a pre-hook once the layer a truncated pass measures has seen its input."""
 
 
-def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
+def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches | Replay, mode: str,
               current: SourceStats | None, frontier: set[str] | None, progress: bool,
               desc: str, fused: bool = False, measure: str | None = None,
-              precision=contextlib.nullcontext) -> tuple[SourceStats, dict[str, Any]]:
+              precision=contextlib.nullcontext, probe: bool = False,
+              probe_data: bool = False) -> tuple[SourceStats, dict[str, Any]]:
     """One pass over ``plan``: this rank's statistics, and an info dict (samples seen, fingerprint of
-    the first batch, BN modules in first-call order).
+    the first batch, BN modules in first-call order, whether each was called once in the first
+    forward, whether the pass truncated itself).
 
     Every mode runs the model in eval mode. In "batch" mode the pre-hook loads each batch's own exact
     statistics into the buffers before BN runs: BN then normalizes with batch statistics without
     computing them a second time, and the EMA is never updated. In "eval" mode with ``current``, the
     modules in ``frontier`` (all when ``None``) use ``current``'s statistics, the others batch mode.
     ``measure``: a truncated pass that records only that module's input and stops each forward there
-    (every module before it must be in ``frontier`` and called once per forward).
+    (every module before it must be in ``frontier`` and called once per forward). ``probe``: after the
+    first forward, when every module was called once, measure only the first module called (the
+    first pass of the sequential schedule, which needs no more). ``probe_data``: fingerprint the first
+    batch (to spot unsharded data across ranks).
     """
     model.eval()
     accs: dict[str, dict[tuple[str, int], RunningMoments]] = {}
     n_samples: dict[str, int] = {}
-    state: dict[str, Any] = {"source": None, "calls": {}}
+    state: dict[str, Any] = {"source": None, "calls": {}, "measure": measure}
     order: dict[str, None] = {}
     workspace = Workspace()
 
@@ -282,11 +308,19 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
             k = state["calls"].get(name, 0)
             state["calls"][name] = k + 1
             order.setdefault(name)
-            if measure is not None and name != measure:
+            truncated = state["measure"]
+            if truncated is not None and name != truncated:
                 return  # a truncated pass: this module uses its stored statistics
+            x = args[0]
+            if batch_stats and truncated is None and x.numel() == x.shape[1]:
+                raise ValueError(
+                    f"a batch of one sample (source {state['source']!r}) gives BN layer {name!r} one value per "
+                    f"channel (input shape {tuple(x.shape)}): it cannot normalize with batch statistics (BN in "
+                    "training refuses it too); use larger batches or drop that sample"
+                )
             acc = accs.setdefault(state["source"], {}).setdefault((name, k), RunningMoments())
-            _, mean, var = acc.add(args[0], workspace, fused)
-            if measure is not None:
+            _, mean, var = acc.add(x, workspace, fused)
+            if truncated is not None:
                 raise _StopForwardSignal
             if batch_stats and module.running_mean is not None:
                 module.running_mean.copy_(mean)
@@ -297,12 +331,15 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
     def uses_batch(name: str) -> bool:
         return mode == "batch" or (frontier is not None and name not in frontier)
 
-    hooks = [layer.module.register_forward_pre_hook(make_hook(layer.name, uses_batch(layer.name)))
-             for layer in layers]
+    # a truncated pass hooks only the module it measures: the others run on PyTorch's hook-free path
+    hooks = {layer.name: layer.module.register_forward_pre_hook(make_hook(layer.name, uses_batch(layer.name)))
+             for layer in layers if measure is None or layer.name == measure}
     device = device_of(model)
     writes: dict[str, list] = {}
+    written = None
     fingerprint = None
     cycles = cycle_positions(model)  # a truncated forward must not shift a CycleBatchNormList's position
+    once = True
     try:
         with torch.no_grad():
             bar = tqdm(plan, total=plan.total, desc=desc, disable=not bars_wanted(progress), unit="batch",
@@ -312,30 +349,38 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches, mode: str,
                 if len(x) == 0:
                     raise ValueError(f"an empty batch (0 samples, source {src!r}) reached collect_stats; "
                                      "drop empty batches from the data")
-                if mode == "batch" and len(x) < 2:
-                    raise ValueError(
-                        f"a batch of one sample (source {src!r}) cannot be normalized in mode='batch'; "
-                        "use larger batches or drop that sample"
-                    )
-                if not n_samples:
+                first = not n_samples
+                if first and probe_data:
                     fingerprint = _fingerprint(x)
-                if current is not None:
+                if current is not None and src != written:
+                    # only the frontier's buffers must hold ``current``, and no hook writes them: once per source
                     if src not in writes:
                         writes[src] = prepare_writes(layers, current[src])
                     apply_writes(writes[src])
+                    written = src
                 state["source"], state["calls"] = src, {}
                 with contextlib.suppress(_StopForwardSignal), precision():
                     model(x.to(device) if isinstance(x, torch.Tensor) else x)
                 set_positions(cycles)
                 n_samples[src] = n_samples.get(src, 0) + len(x)
+                if first and probe:
+                    once = all(k == 1 for k in state["calls"].values())
+                    if once and order:
+                        state["measure"] = head = next(iter(order))
+                        accs = {s: {key: acc for key, acc in per.items() if key[0] == head}
+                                for s, per in accs.items()}
+                        for name, h in hooks.items():
+                            if name != head:
+                                h.remove()
                 if not bar.disable:
                     bar.set_postfix_str(f"{sum(n_samples.values()) / (time.perf_counter() - started):,.0f} samples/s",
                                         refresh=False)
     finally:
-        for h in hooks:
+        for h in hooks.values():
             h.remove()
     _check_finite(accs, layers)
-    info = {"samples": sum(n_samples.values()), "fingerprint": fingerprint, "order": list(order)}
+    info = {"samples": sum(n_samples.values()), "fingerprint": fingerprint, "order": list(order),
+            "once": once, "truncated": probe and state["measure"] is not None}
     return SourceStats(_results(accs, n_samples, layers), mode), info
 
 

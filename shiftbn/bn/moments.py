@@ -124,7 +124,8 @@ def batch_moments(x: torch.Tensor, workspace: Workspace | None = None) -> tuple[
     xd = xd.view(x.shape[0], x.shape[1], -1)  # contiguous copy: (N, C, L); summing L then N is ~10% faster
     mean = xd.sum(2).sum(0) / count
     xd.sub_(mean.view(1, -1, 1))
-    return count, mean, xd.square_().sum(2).sum(0)
+    # sum of squares per (sample, channel) in one read (no squared copy), then over samples
+    return count, mean, torch.linalg.vector_norm(xd, 2, dim=2).square_().sum(0)
 
 
 class Workspace:

@@ -59,6 +59,40 @@ class Batches:
         return self.names[i] if self.names is not None else str(i)
 
 
+class Replay:
+    """A plan whose loaded batches are kept in memory from the first pass and replayed in later ones,
+    when all of them fit in ``budget`` bytes; otherwise every pass loads them again.
+
+    Why: sequential statistics take one pass per BN layer, and decoding or collating the data each time
+    would dominate truncated passes. Memory is bounded by ``budget`` (the cache is dropped the moment it
+    would pass it); only tensor inputs from a ``DataLoader`` are kept (in-memory batches are already
+    there). Replayed inputs are copies, so a model that writes into its input cannot change later passes.
+    """
+
+    def __init__(self, plan: Batches, budget: int) -> None:
+        self.plan, self.budget = plan, budget
+        self.total, self.names = plan.total, plan.names
+        self.kept: list[tuple[torch.Tensor, str]] | None = None
+        self._worth = budget > 0 and isinstance(plan.loader, DataLoader)
+
+    def __iter__(self) -> Iterator[tuple[Any, str]]:
+        if self.kept is not None:
+            for x, src in self.kept:
+                yield x.clone(), src
+            return
+        kept: list | None = [] if self._worth else None
+        size = 0
+        for x, src in self.plan:
+            if kept is not None:
+                size += x.element_size() * x.numel() if isinstance(x, torch.Tensor) else self.budget + 1
+                if size <= self.budget:
+                    kept.append((x.clone(), src))
+                else:
+                    kept = None
+            yield x, src
+        self.kept = kept
+
+
 def _split_batch(batch: Any, keys: ItemKeys = DEFAULT_KEYS, by_source: bool = False) -> tuple[Any, Any]:
     """Inputs and source ids (or None) of a batch: a tensor ``x``, a tuple ``(x, y[, s])`` or a dict.
 
