@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 import shiftbn as sb
+from shiftbn.data.builtin import FASHION_DEBIAN_ROOT
 from shiftbn.protocols import (
     PROTOCOLS,
     batch_composition,
@@ -37,6 +38,9 @@ def test_every_protocol_has_a_spec():
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_quick_study_schema_determinism_and_no_mutation(path):
     spec = load_spec(path)
+    name = spec.dataset if isinstance(spec.dataset, str) else spec.dataset["name"]
+    if name.startswith("fashion-mnist") and not FASHION_DEBIAN_ROOT.exists():
+        pytest.skip("Debian's dataset-fashion-mnist not installed")
     ds = spec.load_dataset()
     before = data_fingerprint(ds)
     first = PROTOCOLS[spec.protocol](ds, progress=False, **spec.resolved(quick=True))
