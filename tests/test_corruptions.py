@@ -133,7 +133,7 @@ def test_jpeg_compression_is_a_pillow_round_trip_at_the_quality():
         expected = []
         for img in x[:, 0]:
             buf = io.BytesIO()
-            Image.fromarray((img * 255).round().astype(np.uint8), mode="L").save(buf, "JPEG", quality=q)
+            Image.fromarray((img * 255).round().astype(np.uint8)).save(buf, "JPEG", quality=q)
             expected.append(np.array(Image.open(io.BytesIO(buf.getvalue()))) / 255.0)
         np.testing.assert_array_equal(C.jpeg_compression(x, q)[:, 0], np.stack(expected))
     assert np.abs(C.jpeg_compression(x, 95) - x).mean() < np.abs(C.jpeg_compression(x, 20) - x).mean()

@@ -150,7 +150,7 @@ def pixelate(x: np.ndarray, factor: float) -> np.ndarray:
         planes = img[..., None] if img.ndim == 2 else img
         out = []
         for c in range(planes.shape[-1]):
-            p = Image.fromarray(planes[..., c].astype(np.float32), mode="F")
+            p = Image.fromarray(planes[..., c].astype(np.float32))
             p = p.resize(small, Image.Resampling.BOX).resize((w, h), Image.Resampling.BOX)
             out.append(np.asarray(p, dtype=np.float64))
         res = np.stack(out, axis=-1)
