@@ -137,6 +137,8 @@ def test_jpeg_compression_is_a_pillow_round_trip_at_the_quality():
             expected.append(np.array(Image.open(io.BytesIO(buf.getvalue()))) / 255.0)
         np.testing.assert_array_equal(C.jpeg_compression(x, q)[:, 0], np.stack(expected))
     assert np.abs(C.jpeg_compression(x, 95) - x).mean() < np.abs(C.jpeg_compression(x, 20) - x).mean()
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        C.jpeg_compression(_rand((1, 2, 8, 8)), 50)
 
 
 def test_pixelate_box_averages_blocks_and_repeats_them():

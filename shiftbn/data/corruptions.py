@@ -131,6 +131,9 @@ def jpeg_compression(x: np.ndarray, quality: int) -> np.ndarray:
     """Encode every image as JPEG at ``quality`` (Pillow, 8 bits) and decode it; grey stays grey."""
     from PIL import Image
 
+    if x.ndim == 4 and x.shape[1] not in (1, 3):
+        raise ValueError(f"JPEG takes grey or RGB images (1 or 3 channels), got {x.shape[1]} channels")
+
     def one(img: np.ndarray) -> np.ndarray:
         buf = io.BytesIO()
         Image.fromarray(np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
