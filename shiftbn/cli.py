@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small BN network on a built-in multi-lab dataset (one lab held out), "
                                    "compute per-lab statistics and the layer shift profile, the cross-source "
                                    "matrix, the held-out-lab protocol and EMA vs PreciseBN, and write report.html.")
-    d.add_argument("--dataset", default="digits-labs", choices=["digits-labs", "fashion-mnist-labs"],
+    d.add_argument("--dataset", default="digits-labs",
+                   choices=["digits-labs", "fashion-mnist-labs", "digits-c", "fashion-mnist-c"],
                    help="built-in multi-lab dataset")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     d.add_argument("--quick", action="store_true", help="a small run in seconds (for a first look and tests)")

@@ -26,6 +26,8 @@ from shiftbn.train import train
 DEMO_DATASETS: dict[str, dict[str, Any]] = {
     "digits-labs": {"held_out": "lab_e", "load": {}},
     "fashion-mnist-labs": {"held_out": "lab_d", "load": {"n": 6000}},
+    "digits-c": {"held_out": "contrast_5", "load": {}},
+    "fashion-mnist-c": {"held_out": "gaussian_noise_5", "load": {"n": 6000}},
 }
 
 STRATEGIES = ["source", "precise", "target", "prior:16", "batch:64", "tent"]

@@ -1,7 +1,8 @@
 """Source-tagged datasets, file readers, the lab shift model and the built-in datasets."""
 
 from shiftbn.data.arrays import ArrayDataset
-from shiftbn.data.builtin import DATASETS, blobs_labs, digits_labs, fashion_mnist_labs, load
+from shiftbn.data.builtin import DATASETS, blobs_labs, digits_c, digits_labs, fashion_mnist_c, fashion_mnist_labs, load
+from shiftbn.data.corruptions import Corruption
 from shiftbn.data.files import camelyon17, from_folder, from_frame
 from shiftbn.data.idx import read_idx, write_idx
 from shiftbn.data.images import FileDataset, load_image
@@ -12,6 +13,7 @@ from shiftbn.data.tagged import SourceTaggedDataset, Splits
 __all__ = [
     "DATASETS",
     "ArrayDataset",
+    "Corruption",
     "FileDataset",
     "ItemKeys",
     "LabShift",
@@ -19,7 +21,9 @@ __all__ = [
     "Splits",
     "blobs_labs",
     "camelyon17",
+    "digits_c",
     "digits_labs",
+    "fashion_mnist_c",
     "fashion_mnist_labs",
     "from_folder",
     "from_frame",

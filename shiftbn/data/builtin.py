@@ -1,4 +1,5 @@
-"""Built-in multi-lab datasets, loadable by name: ``digits-labs``, ``fashion-mnist-labs``, ``blobs-labs``.
+"""Built-in multi-lab datasets, loadable by name: ``digits-labs``, ``fashion-mnist-labs``, ``blobs-labs``,
+and the corruption-shifted ``digits-c`` and ``fashion-mnist-c``.
 
 Nothing here downloads: digits ship with scikit-learn, Fashion-MNIST with Debian's
 ``dataset-fashion-mnist`` package, blobs are generated.
@@ -7,6 +8,7 @@ Nothing here downloads: digits ship with scikit-learn, Fashion-MNIST with Debian
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from shiftbn.data.arrays import ArrayDataset
+from shiftbn.data.corruptions import Corruption
 from shiftbn.data.idx import read_idx
 from shiftbn.data.labshift import LabShift, simulate_labs
 from shiftbn.data.tagged import SourceTaggedDataset
@@ -40,18 +43,42 @@ FASHION_LABS: dict[str, LabShift] = {
 }
 
 
+# Corruption-shifted labs (ImageNet-C types, CIFAR-10-C severities; see shiftbn/data/corruptions.py).
+# Lab names are "<corruption>_<severity>"; each lab's noise has a seed of its own.
+FASHION_C_LABS: dict[str, Corruption] = {c.label: c for c in (
+    Corruption("clean", 0),
+    Corruption("gaussian_noise", 5, seed=11),
+    Corruption("impulse_noise", 5, seed=12),
+    Corruption("defocus_blur", 5),
+    Corruption("contrast", 3),
+    Corruption("jpeg_compression", 5),
+)}
+DIGITS_C_LABS: dict[str, Corruption] = {c.label: c for c in (
+    Corruption("clean", 0),
+    Corruption("gaussian_noise", 5, seed=21),
+    Corruption("defocus_blur", 5),
+    Corruption("contrast", 5),
+    Corruption("jpeg_compression", 5),
+)}
+
+
 def digits_labs(size: int = 16, seed: int = 0) -> SourceTaggedDataset:
     """scikit-learn's 1,797 bundled 8x8 digits, upsampled to ``size``x``size``, split over 5 labs.
 
     Items: x (1, size, size) float32, y in 0..9 (``class_names`` "0".."9").
     Labs: see ``DIGITS_LABS`` and datasets/digits-labs.md.
     """
+    x, y = _digits_images(size)
+    return simulate_labs(x, y, DIGITS_LABS, seed=seed, class_names=DIGITS_CLASSES)
+
+
+def _digits_images(size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The 1,797 digits as (N, 1, size, size) float32 in [0, 1] (bilinear upsampling) and labels (N,)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return simulate_labs(x, d.target, DIGITS_LABS, seed=seed, class_names=DIGITS_CLASSES)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False), d.target
 
 
 def fashion_mnist_labs(
@@ -62,6 +89,14 @@ def fashion_mnist_labs(
     ``class_names``: Fashion-MNIST's ten names ("T-shirt/top" .. "Ankle boot", ``FASHION_CLASSES``).
     Data: the IDX files of Debian's ``dataset-fashion-mnist`` package, or a folder given as ``root``.
     """
+    x, y = _fashion_sample(root, n, split, seed)
+    return simulate_labs(x, y, FASHION_LABS, seed=seed, class_names=FASHION_CLASSES)
+
+
+def _fashion_sample(root: str | Path | None, n: int, split: str, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``n`` Fashion-MNIST images (n, 1, 28, 28) float32 in [0, 1] and labels (n,), drawn with ``seed``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     folder = Path(root) if root is not None else FASHION_DEBIAN_ROOT
     prefix = "train" if split == "train" else "t10k"
     images = _find(folder, f"{prefix}-images-idx3-ubyte")
@@ -69,8 +104,48 @@ def fashion_mnist_labs(
     x_all, y_all = read_idx(images), read_idx(labels)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(y_all), size=min(n, len(y_all)), replace=False))
-    x = torch.as_tensor(x_all[pick], dtype=torch.float32).unsqueeze(1) / 255.0
-    return simulate_labs(x, y_all[pick], FASHION_LABS, seed=seed, class_names=FASHION_CLASSES)
+    return torch.as_tensor(x_all[pick], dtype=torch.float32).unsqueeze(1) / 255.0, y_all[pick]
+
+
+def fashion_mnist_c(
+    root: str | Path | None = None, n: int = 12000, split: str = "train", seed: int = 0
+) -> SourceTaggedDataset:
+    """Fashion-MNIST over 6 corruption-shifted labs (clean, noise, impulse noise, defocus, contrast, JPEG).
+
+    Why: real sites differ in noise, optics, contrast and compression, which the first BN layer
+    does not undo as it undoes gain and offset. Labs: ``FASHION_C_LABS`` (ImageNet-C types at
+    severity 5, datasets/fashion-mnist-c.md); ``n`` samples drawn with ``seed``, which also assigns
+    them to labs. Items: x (1, 28, 28) float32 in [0, 1], y in 0..9. Built once per process and
+    argument set (cached); every call returns a fresh copy.
+    """
+    return _cached_copy("fashion-mnist-c", None if root is None else str(root), n, split, seed)
+
+
+def digits_c(size: int = 16, seed: int = 0) -> SourceTaggedDataset:
+    """scikit-learn's 1,797 digits (upsampled to ``size``) over 5 corruption-shifted labs (``DIGITS_C_LABS``).
+
+    Items: x (1, size, size) float32 in [0, 1], y in 0..9. Cached per process like ``fashion_mnist_c``.
+    """
+    return _cached_copy("digits-c", size, seed)
+
+
+def _cached_copy(name: str, *args) -> SourceTaggedDataset:
+    ds = _build_c(name, *args)
+    base = ds.base
+    fresh = ArrayDataset(base.x.clone(), base.targets.copy())
+    return SourceTaggedDataset(fresh, ds.source_ids.copy(), ds.labels.copy(), source_names=ds.source_names,
+                               class_names=ds.class_names)
+
+
+@lru_cache(maxsize=4)
+def _build_c(name: str, *args) -> SourceTaggedDataset:
+    if name == "digits-c":
+        size, seed = args
+        x, y = _digits_images(size)
+        return simulate_labs(x, y, DIGITS_C_LABS, seed=seed, class_names=DIGITS_CLASSES)
+    root, n, split, seed = args
+    x, y = _fashion_sample(root, n, split, seed)
+    return simulate_labs(x, y, FASHION_C_LABS, seed=seed, class_names=FASHION_CLASSES)
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -109,11 +184,14 @@ DATASETS: dict[str, Callable[..., SourceTaggedDataset]] = {
     "digits-labs": digits_labs,
     "fashion-mnist-labs": fashion_mnist_labs,
     "blobs-labs": blobs_labs,
+    "digits-c": digits_c,
+    "fashion-mnist-c": fashion_mnist_c,
 }
 
 
 def load(name: str, **kwargs) -> SourceTaggedDataset:
-    """Load a built-in multi-lab dataset by name (``digits-labs``, ``fashion-mnist-labs``, ``blobs-labs``)."""
+    """Load a built-in multi-lab dataset by name (``digits-labs``, ``fashion-mnist-labs``, ``blobs-labs``,
+    ``digits-c``, ``fashion-mnist-c``)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; built-in datasets: {sorted(DATASETS)}")
     return DATASETS[name](**kwargs)
