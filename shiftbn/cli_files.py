@@ -43,10 +43,10 @@ def register(sub, *, stats: argparse.ArgumentParser, matrix: argparse.ArgumentPa
                            "statistics file instead (for merge, recalibrate --stats, matrix --stats)")
     matrix.add_argument("--stats", nargs="+", type=Path, default=None, metavar="FILE",
                         help="statistics files (shiftbn stats --out SITE.stats, or merge) supplying every source's "
-                             "statistics for target, per-source, prior:N and stats:* (stats:* expands over the files' "
-                             "sources); --data is then evaluation data only: all of it is evaluated, no calibration "
-                             "split. Strategies that compute statistics from images (precise, tent:S) are refused; "
-                             "the default strategies become source target stats:*")
+                             "statistics for target, per-source and stats:* (stats:* expands over the files' sources); "
+                             "--data is then evaluation data only: all of it is evaluated, no calibration split. "
+                             "Strategies that need calibration images (precise, prior:N@n, tent-offline:S) are "
+                             "refused; the default strategies become source target stats:*")
     for action in matrix._actions:  # mark the default list, so --stats can tell it from a user's choice
         if "--strategies" in action.option_strings:
             action.default = _Default(action.default)

@@ -19,7 +19,7 @@ from shiftbn.protocols import ema_vs_precise, held_out_sources
 from shiftbn.protocols.common import make_model
 from shiftbn.report import Outputs, render_report
 from shiftbn.report.build import comparison_tables, matrix_with_outputs
-from shiftbn.report.decisions import drift_tables, site_choice_table
+from shiftbn.report.decisions import audit_table, drift_tables, site_choice_table
 from shiftbn.runs import RunFolder
 from shiftbn.train import train
 
@@ -31,6 +31,7 @@ DEMO_DATASETS: dict[str, dict[str, Any]] = {
 }
 
 STRATEGIES = ["source", "precise", "target", "prior:16", "batch:64", "tent"]
+TRAIN_MODE = "random"  # the demo's training batches (a SourceBatchSampler mode); the report audits it
 CI, N_BOOT = 0.95, 1000  # the report's intervals: percentile bootstrap within each lab
 
 
@@ -96,7 +97,7 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
 
     def do_train() -> pd.DataFrame:
         log = train(model, split.train.subset(train_labs), steps=cfg["steps"], batch_size=cfg["batch_size"],
-                    seed=seed, progress=progress)
+                    mode=TRAIN_MODE, seed=seed, progress=progress)
         atomic_save_torch(ckpt, model.state_dict())
         return log
 
@@ -163,7 +164,10 @@ def _decisions(run: RunFolder, model, split, train_labs: list[str], cfg: dict[st
 
     drift = run.cell("drift", lambda: tables()["drift"])
     layers = run.cell("drift_layers", lambda: tables()["layers"])
-    return {"sites": sites, "drift": drift, "drift_layers": layers, "reference": reference}
+    # the sampler the model was trained with, beside the other built-in ones (part of the drift phase: seconds)
+    audit = run.cell("audit", lambda: audit_table(split.train.subset(train_labs), cfg["batch_size"], TRAIN_MODE,
+                                                  seed=cfg["seed"]))
+    return {"sites": sites, "drift": drift, "drift_layers": layers, "reference": reference, "audit": audit}
 
 
 def _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled, decisions=None) -> Path:

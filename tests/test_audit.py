@@ -107,3 +107,15 @@ def test_bad_input(labs):
         audit_batches([[0, 1], [2, 3]], labs)
     with pytest.raises(ValueError, match="epochs must be"):
         audit_batches(sampler, labs, epochs=0)
+
+
+def test_report_audit_marks_the_training_sampler(labs):
+    from shiftbn.report.decisions import audit_table
+
+    table = audit_table(labs, 32, "single", seed=0)
+    assert table.loc[table["trained_with"], "sampler"].tolist() == ["single"]
+    by = table.set_index("sampler")
+    assert by.loc["single", "statistics"] == "per-site" and by.loc["single", "site_leak"]
+    assert by.loc["random", "statistics"] == "pooled" and not by.loc["random", "site_leak"]
+    with pytest.raises(ValueError, match="'k-sources'"):
+        audit_table(labs, 32, "k-sources")

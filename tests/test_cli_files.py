@@ -122,7 +122,7 @@ def test_matrix_takes_site_statistics_from_files(proj, capsys):
     assert cell[("stats:site_a", "site_c")] == pytest.approx(acc)
     # refusals: one line, exit 2
     for extra, msg in ((["--strategies", "precise"], "'precise' needs calibration images"),
-                       (["--strategies", "tent:1"], "'tent:1' needs calibration images"),
+                       (["--strategies", "tent-offline:1"], "'tent-offline:1' needs calibration images"),
                        (["--calibration", "0.3"], "drop --calibration"),
                        (["--num-samples", "4"], "drop --num-samples")):
         assert msg in _err(capsys, main(["matrix", *_common(), "--stats", *files, *extra, "--no-ci", "--out", "mx2"]))

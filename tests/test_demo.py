@@ -16,8 +16,10 @@ def test_quick_demo_writes_a_self_contained_report(tmp_path, capsys):
     assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', html)) == 5
     for heading in ("Findings", "Cross-source matrix", "Layer shift profile", "Held-out labs", "EMA vs PreciseBN",
                     "Sample images per lab", "Accuracy by strategy and lab", "Which statistics for each site",
-                    "Drift of each site against the reference site", "Drift per layer"):
+                    "Drift of each site against the reference site", "Drift per layer",
+                    "Batch-composition audit of the training sampler"):
         assert heading in html
+    assert "trained_with" in html  # the audit marks the demo's own sampler
     matrix = pd.read_csv(out / "matrix.csv")
     worst = matrix.query("strategy == 'source' and metric == 'accuracy'").sort_values("value").iloc[0]
     assert f"the worst lab is {worst['eval_source']} at {worst['value']:.1%}" in html

@@ -28,7 +28,7 @@ def items_only(labeled: sb.SourceTaggedDataset, with_labels: bool = True) -> sb.
     return sb.SourceTaggedDataset(ItemsOnly(x, y if with_labels else None), names)
 
 
-STRATS = ["source", "target", "batch:4", "tent:1", "stats:*"]
+STRATS = ["source", "target", "batch:4", "tent-offline:1", "tent", "stats:*"]
 
 
 def test_labels_come_with_the_evaluation_batches():

@@ -76,7 +76,8 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     ``heldout``: ``held_out_sources`` rows (retrained models; the demo); ``ema``: EMA vs PreciseBN rows;
     ``comparisons``/``pooled``: ``paired_table``/``pooled_table`` rows; ``outputs``: kept outputs, for
     per-site calibration and confusion; ``notes``: extra captions by section name; ``decisions``: the
-    decision panels' tables (``sites``, ``drift``, ``drift_layers``, ``reference``; see ``report.decisions``).
+    decision panels' tables (``sites``, ``drift``, ``drift_layers``, ``reference``, ``audit``; see
+    ``report.decisions``).
     """
     out_dir = Path(out_dir)
     figs_dir = out_dir / "figures"
@@ -110,7 +111,8 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     captions.update(_table_captions(level))
     if decisions:
         extra, extra_captions = decision_sections(decisions.get("sites"), decisions.get("drift"),
-                                                  decisions.get("drift_layers"), decisions.get("reference"))
+                                                  decisions.get("drift_layers"), decisions.get("reference"),
+                                                  decisions.get("audit"))
         tables.update(extra)
         captions.update(extra_captions)
     reading = findings(matrix, heldout, w2, comparisons=comparisons, pooled=pooled, num_classes=num_classes,
