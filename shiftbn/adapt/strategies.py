@@ -27,6 +27,19 @@ from shiftbn.adapt.tent import check_lr, tent_offline_logits, tent_online_logits
 from shiftbn.bn import BNStats, preserved, use_stats
 
 
+def fixed_stats_logits(ctx: AdaptContext, name: str, eval_source: str, stats: BNStats | None,
+                       x: Inputs) -> torch.Tensor:
+    """Outputs (N, K) float32 of ``ctx.model`` in eval mode with ``stats`` loaded (``None``: its own
+    running statistics); the model is left as it was."""
+    desc = f"{name} on {eval_source}"
+    if stats is None:
+        with preserved(ctx.model):
+            ctx.model.eval()
+            return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress, desc=desc)
+    with use_stats(ctx.model, stats):
+        return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress, desc=desc)
+
+
 class Strategy:
     """Base: evaluate with fixed BN statistics ``bn_stats(ctx, j)`` (``None`` = the model's own).
 
@@ -74,15 +87,7 @@ class Strategy:
     def logits(self, ctx: AdaptContext, eval_source: str, x: Inputs) -> torch.Tensor:
         """Outputs (N, K) float32 for the inputs ``x`` of ``eval_source`` (a tensor (N, ...) or a dataset
         read batch by batch)."""
-        stats = self.bn_stats(ctx, eval_source)
-        if stats is None:
-            with preserved(ctx.model):
-                ctx.model.eval()
-                return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress,
-                                       desc=f"{self.name} on {eval_source}")
-        with use_stats(ctx.model, stats):
-            return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress,
-                                       desc=f"{self.name} on {eval_source}")
+        return fixed_stats_logits(ctx, self.name, eval_source, self.bn_stats(ctx, eval_source), x)
 
     def __repr__(self) -> str:
         return f"<strategy {self.name}>"

@@ -26,10 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from shiftbn._torch import Inputs, batch_chunks, batch_stats_logits, forward_batches
+from shiftbn._torch import Inputs, batch_chunks, batch_stats_logits
 from shiftbn.adapt import AdaptContext, BatchStats, Prior, Strategy, Tent, TentOffline
-from shiftbn.adapt.strategies import grouping_seed
-from shiftbn.bn import preserved, use_stats
+from shiftbn.adapt.strategies import fixed_stats_logits, grouping_seed
 from shiftbn.bn.distributed import RankSync
 from shiftbn.data.tagged import SourceTaggedDataset
 
@@ -104,7 +103,7 @@ def strategy_outputs(ctx: AdaptContext, strat: Strategy, sources: Sequence[str])
                                       for c in _dealt(len(starts), world, rank, turn)] or [np.zeros(0, np.int64)])
                 turn += len(starts)
                 if len(idx):
-                    mine[j] = (idx, [_fixed_stats_logits(ctx, strat, j, stats[j], _rows(x, idx)).numpy()])
+                    mine[j] = (idx, [fixed_stats_logits(ctx, strat.name, j, stats[j], _rows(x, idx)).numpy()])
             elif mode == BATCHES:
                 rows = []
                 for g in range(strat.groupings):
@@ -151,15 +150,3 @@ def _scatter(parts: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
     for idx, rows in parts:
         out[idx] = rows
     return torch.from_numpy(out)
-
-
-def _fixed_stats_logits(ctx: AdaptContext, strat: Strategy, j: str, stats: Any, x: Inputs) -> torch.Tensor:
-    """What ``Strategy.logits`` computes, with the statistics already in hand (no collective here)."""
-    if stats is None:
-        with preserved(ctx.model):
-            ctx.model.eval()
-            return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress,
-                                   desc=f"{strat.name} on {j}")
-    with use_stats(ctx.model, stats):
-        return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress,
-                               desc=f"{strat.name} on {j}")

@@ -35,6 +35,14 @@ def fit(cfg: TrainConfig, ds: SourceTaggedDataset, seed: int, **train_kwargs: An
     return model.eval()
 
 
+def held_out_values(ds: SourceTaggedDataset, held_out: Sequence[str] | None) -> list[str]:
+    """The sources a leave-one-out study holds out in turn: ``held_out`` (each checked) or every source."""
+    targets = list(ds.sources_present if held_out is None else [str(h) for h in held_out])
+    for h in targets:
+        ds.source_id(h)
+    return targets
+
+
 def as_seeds(seeds: int | Sequence[int]) -> list[int]:
     return [int(seeds)] if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
 

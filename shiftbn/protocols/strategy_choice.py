@@ -11,7 +11,7 @@ import pandas as pd
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate.choose import choose_strategy
 from shiftbn.protocols.base import FigureSpec, Study, make_study
-from shiftbn.protocols.common import fit
+from shiftbn.protocols.common import fit, held_out_values
 from shiftbn.samplers import SamplerMode
 
 
@@ -44,10 +44,7 @@ class StrategyChoice(Study):
     sampler_mode: SamplerMode = "random"
 
     def axis_values(self, ds: SourceTaggedDataset) -> list[str]:
-        targets = list(ds.sources_present if self.held_out is None else [str(h) for h in self.held_out])
-        for h in targets:
-            ds.source_id(h)
-        return targets
+        return held_out_values(ds, self.held_out)
 
     def cell(self, ds: SourceTaggedDataset, seed: int, value: str) -> pd.DataFrame:
         sp = ds.split(fractions=self.train.fractions, seed=seed)
