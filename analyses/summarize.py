@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from shiftbn.protocols import choice_summary, drift_summary
 from shiftbn.protocols.intervals import format_interval, interval_table, paired_effects
 
 
@@ -39,10 +40,10 @@ def _effects(parts: list[tuple[str, pd.DataFrame]]) -> str:
     return pd.DataFrame(out).to_markdown(index=False)
 
 
-def held_out(h: pd.DataFrame) -> None:
+def held_out(h: pd.DataFrame, name: str = "held_out") -> None:
     h = h.query("metric == 'accuracy'").assign(
         where=lambda d: d["is_held_out"].map({True: "held-out lab", False: "training labs"}))
-    print("## held_out: accuracy on the held-out lab\n")
+    print(f"\n## {name}: accuracy on the held-out lab\n")
     print(_table(h[h["is_held_out"]], ["held_out"], ["strategy"]))
     print("\nmean over held-out labs / over the training labs' test splits\n")
     print(_table(h, ["where"], ["strategy"]))
@@ -51,9 +52,9 @@ def held_out(h: pd.DataFrame) -> None:
                     for a in ("target", "batch:64", "prior:16") if a in set(h["strategy"])]))
 
 
-def batch_composition(b: pd.DataFrame) -> None:
+def batch_composition(b: pd.DataFrame, name: str = "batch_composition") -> None:
     b = b.query("metric == 'accuracy'") if "metric" in b else b
-    print("\n## batch_composition: accuracy (mean over labs)\n")
+    print(f"\n## {name}: accuracy (mean over labs)\n")
     print(_table(b, ["train_mode", "batch_size"], ["strategy"]))
     print("\neffects\n")
     print(_effects([(f"per-source − {s}", paired_effects(b, ["train_mode", "batch_size"], "strategy", "per-source", s))
@@ -111,11 +112,28 @@ def leakage_probe(lp: pd.DataFrame) -> None:
                     for a in ("test_same_composition", "train_batches")]))
 
 
+def choice(rows: pd.DataFrame, name: str) -> None:
+    print(f"\n## {name}: label-free strategy choice (regret and MAE in accuracy points)\n")
+    print(choice_summary(rows).to_markdown(index=False, floatfmt=".2f"))
+
+
+def drift(rows: pd.DataFrame, name: str) -> None:
+    print(f"\n## {name}: drift detection\n")
+    print(drift_summary(rows).to_markdown(index=False, floatfmt=".3f"))
+
+
 SECTIONS = {"held_out": held_out, "batch_composition": batch_composition, "ema_vs_precise": ema_vs_precise,
+            "held_out_c": lambda rows: held_out(rows, "held_out_c (fashion-mnist-c)"),
+            "held_out_digits_c": lambda rows: held_out(rows, "held_out_digits_c (digits-c)"),
+            "batch_composition_c": lambda rows: batch_composition(rows, "batch_composition_c (fashion-mnist-c)"),
             "normalization_batch": normalization_batch,
             "normalization_batch_digits": lambda rows: normalization_batch(rows, "normalization_batch_digits"),
             "shared_domains": shared_domains, "leakage": leakage,
-            "leakage_probe": leakage_probe}
+            "leakage_probe": leakage_probe,
+            "strategy_choice": lambda rows: choice(rows, "strategy_choice (digits-labs)"),
+            "strategy_choice_fashion": lambda rows: choice(rows, "strategy_choice_fashion (fashion-mnist-labs)"),
+            "drift": lambda rows: drift(rows, "drift (digits-labs)"),
+            "drift_fashion": lambda rows: drift(rows, "drift_fashion (fashion-mnist-labs)")}
 
 
 def main(folder: Path) -> None:
@@ -125,6 +143,8 @@ def main(folder: Path) -> None:
             section(read[stem])
     for stem in sorted(set(read) - set(SECTIONS)):
         rows = read[stem]
+        if "metric" in rows:  # never average different metrics into one cell
+            rows = rows[rows["metric"] == ("accuracy" if "accuracy" in set(rows["metric"]) else rows["metric"].iloc[0])]
         keys = [c for c in rows.columns if c not in ("value", "seed", "n", "metric")][:2]
         if len(keys) == 2:
             print(f"\n## {stem}\n")
