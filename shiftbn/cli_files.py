@@ -66,8 +66,8 @@ def register(sub, *, stats: argparse.ArgumentParser, matrix: argparse.ArgumentPa
     m = sub.add_parser("merge", epilog=epilog, help="pool statistics files exactly (no images needed)",
                        description="Pool per-site statistics files (shiftbn stats ... --out SITE.stats) into one file, "
                                    "exactly (Chan's merge in float64). The files must come from one model (same "
-                                   "fingerprint) and one --mode; a source name in two files is refused unless "
-                                   "--merge-duplicates.")
+                                   "fingerprint) and the same 'stats --mode'; a source name in two files is refused "
+                                   "unless --merge-duplicates.")
     m.add_argument("files", nargs="+", type=Path, metavar="FILE", help="statistics files to pool")
     m.add_argument("--out", required=True, type=Path, help="path of the merged statistics file")
     m.add_argument("--pool", action="store_true",

@@ -96,7 +96,7 @@ def test_monitor_file_round_trips_and_refuses_bad_files(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
     (size,) = struct.unpack("<Q", path.read_bytes()[:8])
     header = json.loads(json.loads(path.read_bytes()[8:8 + size])["__metadata__"]["shiftbn"])
-    assert header["format"] == "shiftbn.drift-monitor" and header["version"] == 1 and header["alpha"] == 0.01
+    assert header["format"] == "shiftbn.drift-monitor" and header["version"] == 2 and header["alpha"] == 0.01
     back = sb.DriftMonitor.load(net, path)
     new = _images(20, 5, offset=0.05)
     a, b = mon.score(new), back.score(new)
@@ -106,13 +106,23 @@ def test_monitor_file_round_trips_and_refuses_bad_files(tmp_path):
     bad.write_bytes(b"\x80\x04not a safetensors file")
     with pytest.raises(ValueError, match="not a shiftbn drift-monitor file"):
         sb.DriftMonitor.load(net, bad)
-    raw = path.read_bytes().replace(b'\\"version\\": 1', b'\\"version\\": 9')
+    raw = path.read_bytes().replace(b'\\"version\\": 2', b'\\"version\\": 9')
     (tmp_path / "v9.monitor").write_bytes(raw)
     with pytest.raises(ValueError, match="version 9"):
         sb.DriftMonitor.load(net, tmp_path / "v9.monitor")
     other = nn.Sequential(nn.Flatten(), nn.Linear(49, 4), nn.BatchNorm1d(4))
-    with pytest.raises(ValueError, match="not a BN layer of this model"):
+    with pytest.raises(ValueError, match="monitor of another model"):
         sb.DriftMonitor.load(other, path)
+    retrained = _net()
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1e-3)  # same layers, other weights
+    with pytest.raises(ValueError, match="monitor of another model"):
+        sb.DriftMonitor.load(retrained, path)
+    damaged = bytearray(path.read_bytes())
+    damaged[-3] ^= 0x01  # one bit of the last array
+    (tmp_path / "damaged.monitor").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="sha256"):
+        sb.DriftMonitor.load(net, tmp_path / "damaged.monitor")
     with pytest.raises(ValueError, match="n_null"):
         sb.DriftMonitor(net, _images(10, 1), n_null=5)
 

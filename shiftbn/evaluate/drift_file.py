@@ -1,15 +1,18 @@
 """A fitted drift monitor as one safe file: safetensors arrays plus a versioned JSON header (never pickle).
 
-Layout (format ``shiftbn.drift-monitor``, version 1): per BN call site ``<layer>``, tensors
+Layout (format ``shiftbn.drift-monitor``, version 2): per BN call site ``<layer>``, tensors
 ``sample_mean/<layer>`` and ``sample_sq/<layer>`` (N, C) float64 (the reference's per-sample spatial
 means of x and x^2: the null is drawn from them) and ``reference_mean/<layer>``, ``reference_var/<layer>``
 (C,) float64 (the reference site's statistics, as a site-statistics file would hold them). The
-header (safetensors ``__metadata__``, key ``shiftbn``) holds JSON: format, version, layers in depth
-order, n_reference, n_null, alpha, seed and the ATC fit (or null).
+header (safetensors ``__metadata__``, key ``shiftbn``) holds JSON: format, version, the model's
+fingerprint (``bn.fingerprint``: a monitor of another model is refused, naming what differs), a
+sha256 of the arrays (a changed or damaged file is refused), layers in depth order, n_reference,
+n_null, alpha, seed and the ATC fit (or null).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -20,10 +23,21 @@ from torch import nn
 
 from shiftbn._io import atomic_write_bytes
 from shiftbn.bn import bn_layers, split_site
+from shiftbn.bn.fingerprint import check_fingerprint, fingerprint_problems, model_fingerprint
 from shiftbn.evaluate.atc import ATC, ATC_SCORES
 from shiftbn.evaluate.sample_moments import SampleMoments
 
-FORMAT, VERSION = "shiftbn.drift-monitor", 1
+FORMAT, VERSION = "shiftbn.drift-monitor", 2  # 2: the model's fingerprint and a sha256 of the arrays
+
+
+def _payload_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array's name, shape and float64 bytes, in name order (tampering and truncation)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k], np.float64)
+        h.update(f"{k}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def write_monitor(monitor, path: str | Path) -> Path:
@@ -39,7 +53,8 @@ def write_monitor(monitor, path: str | Path) -> Path:
         arrays[f"reference_mean/{k}"] = np.ascontiguousarray(monitor.reference_mean[k], np.float64)
         arrays[f"reference_var/{k}"] = np.ascontiguousarray(monitor.reference_var[k], np.float64)
     atc = monitor.atc
-    header = {"format": FORMAT, "version": VERSION, "layers": monitor.layer_names, "n_reference": monitor.n_reference,
+    header = {"format": FORMAT, "version": VERSION, "model": model_fingerprint(monitor.model),
+              "sha256": _payload_sha256(arrays), "layers": monitor.layer_names, "n_reference": monitor.n_reference,
               "n_null": monitor.n_null, "alpha": monitor.alpha, "seed": monitor.seed,
               "atc": None if atc is None else {"threshold": atc.threshold, "score": atc.score,
                                                "accuracy": atc.accuracy, "n": atc.n}}
@@ -81,6 +96,14 @@ def read_monitor(path: str | Path, model: nn.Module) -> tuple[SampleMoments, ATC
         arrays = load(raw)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
         raise ValueError(f"{path} is corrupt ({type(e).__name__}); refit the monitor") from None
+    if header.get("sha256") != _payload_sha256(arrays):
+        raise ValueError(f"{path}: the arrays do not match the header's sha256 (the file was changed or damaged); "
+                         "refit the monitor")
+    problems = fingerprint_problems(check_fingerprint(header.get("model"), f"{path}'s model"),
+                                    model_fingerprint(model))
+    if problems:
+        raise ValueError(f"{path} is a monitor of another model: {'; '.join(problems)}. Refit it with this model "
+                         "(shiftbn monitor --reference SITE --save FILE), or load the model it came from")
     layers = header.get("layers")
     if not isinstance(layers, list) or not layers or not all(isinstance(k, str) for k in layers):
         raise ValueError(f"{path}: the header's layers must be a non-empty list of names")
