@@ -8,7 +8,7 @@ numpy, tqdm and the bottom-layer ``_lock``/``_log`` only.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -170,6 +170,18 @@ def batch_chunks(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
     into near-equal batches of at most ``batch_size`` (never one sample alone when avoidable)."""
     order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
     return list(torch.tensor_split(order, max(1, -(-n // batch_size))))
+
+
+def outputs_in_order(data: Inputs, chunks: list[torch.Tensor], forward: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """``forward`` on the samples of each chunk of positions (``batch_chunks``), outputs (N, ...) float32
+    put back in the original order of ``data``."""
+    out: torch.Tensor | None = None
+    for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
+        part = forward(x).float().cpu()
+        if out is None:
+            out = torch.empty((len(data), *part.shape[1:]))
+        out[idx] = part
+    return out
 
 
 @torch.no_grad()

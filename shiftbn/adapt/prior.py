@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from shiftbn._lock import model_lock
-from shiftbn._torch import Inputs, autocast, device_of, iter_inputs
+from shiftbn._torch import Inputs, autocast, batch_chunks, device_of, iter_inputs, outputs_in_order
 from shiftbn.bn import BNLayer, PopulationStats, bn_layers, buffer_stats
 from shiftbn.bn.moments import batch_moments
 from shiftbn.bn.population import Population
@@ -112,17 +112,9 @@ def prior_batch_logits(model: nn.Module, data: Inputs, prior: float, batch_size:
         raise ValueError("no inputs to evaluate: the data is empty")
     source = source_stats_of(model, f"prior:{prior:g}")
     layers = bn_layers(model)
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
     device = device_of(model)
-    out: torch.Tensor | None = None
     with _mixed_normalization(model, layers, source, prior), autocast(device, amp):
-        for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
-            part = model(x.to(device)).float().cpu()
-            if out is None:
-                out = torch.empty((n, *part.shape[1:]))
-            out[idx] = part
-    return out
+        return outputs_in_order(data, batch_chunks(n, batch_size, seed), lambda x: model(x.to(device)))
 
 
 class _Stop(Exception):  # noqa: N818 - a control-flow signal, not an error

@@ -13,13 +13,20 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from shiftbn._lock import model_lock
-from shiftbn._torch import Inputs, autocast, batch_stats_logits, device_of, iter_inputs, take_inputs
+from shiftbn._torch import (
+    Inputs,
+    autocast,
+    batch_chunks,
+    batch_stats_logits,
+    device_of,
+    outputs_in_order,
+    take_inputs,
+)
 
 
 def check_lr(lr: float) -> float:
@@ -117,19 +124,15 @@ def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     ad = _Adapter(model, check_lr(lr), only_2d=True)
     if episodic:
         ad.save()
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    chunks = torch.tensor_split(order, max(1, -(-n // batch_size)))
-    out: torch.Tensor | None = None
-    for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
+
+    def adapt_and_predict(x):
         if episodic:
             ad.reset()
         for _ in range(steps):
             part = ad.step(x, amp)
-        part = part.float().cpu()
-        if out is None:
-            out = torch.empty((n, *part.shape[1:]))
-        out[idx] = part
-    return out
+        return part
+
+    return outputs_in_order(data, batch_chunks(n, batch_size, seed), adapt_and_predict)
 
 
 def tent_offline_logits(model: nn.Module, calibration: Inputs, data: Inputs, steps: int, batch_size: int,
