@@ -106,11 +106,10 @@ def strategy_outputs(ctx: AdaptContext, strat: Strategy, sources: Sequence[str])
                     mine[j] = (idx, [fixed_stats_logits(ctx, strat.name, j, stats[j], _rows(x, idx)).numpy()])
             elif mode == BATCHES:
                 rows = []
+                part = (world, (rank - turn % world) % world)
                 for g in range(strat.groupings):
                     seed = grouping_seed(ctx.seed, g)
-                    chunks = batch_chunks(n, strat.batch, seed) if n >= 2 else []
-                    shift = turn % world
-                    part = ((world, (rank - shift) % world))
+                    chunks = batch_chunks(n, strat.batch, seed)
                     out = batch_stats_logits(ctx.model, x, strat.batch, seed, amp=ctx.amp, progress=ctx.progress,
                                              desc=f"{strat.name} on {j}", part=part)
                     if len(out):
@@ -119,7 +118,7 @@ def strategy_outputs(ctx: AdaptContext, strat: Strategy, sources: Sequence[str])
                         rows.append((torch.cat(chunks[part[1]::world]).numpy(), out.numpy()))
                     else:
                         rows.append((np.zeros(0, np.int64), None))
-                turn += len(batch_chunks(n, strat.batch, ctx.seed)) if n >= 2 else 0
+                turn += len(chunks)  # the same number of batches in every grouping
                 if any(r is not None for _, r in rows):
                     mine[j] = ("per-grouping", rows)
             else:
