@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
 from shiftbn.adapt import AdaptContext, Strategy
@@ -20,7 +19,7 @@ from shiftbn.bn import BNStats, PopulationStats, buffer_stats, split_site
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
 from shiftbn.evaluate._distance import w2
 from shiftbn.evaluate.atc import ATC, confidence_scores, fit_atc
-from shiftbn.evaluate.matrix import Calibration, collect, prepare
+from shiftbn.evaluate.matrix import Calibration, checked_outputs, collect, prepare
 
 DEFAULT_CANDIDATES = ("source", "precise", "target", "prior:16")
 
@@ -142,10 +141,7 @@ def _outputs(ctx: AdaptContext, strategies: list[Strategy], sources: list[str]) 
             if key is not None and key in done:
                 outs[st.name, s] = done[key]
                 continue
-            out = st.logits(ctx, s, ctx.eval_inputs(s)).detach().float().cpu()
-            if not bool(torch.isfinite(out).all()):
-                raise ValueError(f"strategy {st.name!r} produced NaN or infinite outputs on {s!r}")
-            outs[st.name, s] = out.numpy()
+            outs[st.name, s] = checked_outputs(st, s, st.logits(ctx, s, ctx.eval_inputs(s)))
             if key is not None:
                 done[key] = outs[st.name, s]
     return outs

@@ -168,7 +168,7 @@ def score(
             ahead.update({m: got[cells[m][1]] for m in todo})
         if outs is None:
             raws = ahead.pop(i) if i in ahead else strat.outputs(ctx, src, ctx.eval_inputs(src))
-            outs = [_checked(strat, src, o) for o in raws]
+            outs = [checked_outputs(strat, src, o) for o in raws]
             if key is not None and last_use[key] > i:
                 outputs[key] = outs
         if key is not None and last_use[key] == i:
@@ -189,7 +189,7 @@ def score(
     return pd.DataFrame(rows)
 
 
-def _checked(strat: Strategy, src: str, out: torch.Tensor) -> np.ndarray:
+def checked_outputs(strat: Strategy, src: str, out: torch.Tensor) -> np.ndarray:
     """Outputs as numpy, refused when any is NaN or infinite (an argmax of NaN would score as class 0)."""
     out = out.detach().float().cpu()
     bad = ~torch.isfinite(out.reshape(len(out), -1)).all(dim=1)
