@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from shiftbn._torch import forward_batches, stack_inputs
+from shiftbn._torch import forward_batches
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
 from shiftbn.evaluate import DriftMonitor, audit_samplers, builtin_samplers, choose_strategy
 
@@ -58,7 +58,7 @@ def drift_tables(model: nn.Module, split: Splits, reference: str, *, seed: int =
     depth, distance, null_q95, z, p_value``.
     """
     cal = split.calibration.subset(reference)
-    monitor = DriftMonitor(model, stack_inputs(cal), labels=cal.labels, n_null=n_null, seed=seed)
+    monitor = DriftMonitor(model, cal, n_null=n_null, seed=seed)  # labels: the calibration split's own
     acc = {}
     for site in split.test.sources_present:
         part = split.test.subset(site)
