@@ -49,9 +49,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     opts = {k: v for k, v in (("alpha", args.alpha), ("n_null", args.n_null)) if v is not None}
     if args.reference is not None:
         ref = _site(ds, args.reference, args)
-        labels = ref.labels if ref.labels is not None and (ref.labels >= 0).all() else None
-        monitor = DriftMonitor(model, ref, labels=labels, seed=args.seed, batch_size=args.batch_size, amp=args.amp,
-                               **opts)
+        monitor = DriftMonitor(model, ref, seed=args.seed, batch_size=args.batch_size, amp=args.amp, **opts)
         if args.save is not None:
             monitor.save(args.save)
             print(f"Wrote {args.save}: monitor of site {args.reference!r} ({monitor.n_reference} samples"
