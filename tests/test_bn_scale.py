@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import shiftbn as sb
+from shiftbn.bn import native
 from shiftbn.bn.reduce import RunningMoments, fused_sums
 from shiftbn.models import SmallCNN3d
 from tests.helpers import assert_same_state, capture_bn_inputs, moments_of, reference_moments, state_of
@@ -91,11 +93,28 @@ def test_running_moments_keep_o_channels_state_and_equal_one_big_batch():
     parts = [torch.randn(5, 7, 3, generator=g) * 0.1 + 1e4 for _ in range(50)]
     for p in parts:
         acc.add(p)
-    assert set(acc.__slots__) == {"count", "mean", "m2"} and acc.mean.shape == (7,)
+    assert set(acc.__slots__) == {"count", "mean", "m2", "n_native", "shift", "s1", "s2"} and acc.mean.shape == (7,)
     allx = torch.cat(parts).double().transpose(0, 1).reshape(7, -1).numpy()
     got = acc.result()
     np.testing.assert_allclose(got.mean, allx.mean(1), rtol=1e-12)
     np.testing.assert_allclose(got.var, allx.var(1), rtol=1e-9)
+    if not native.available():
+        return
+    # the C kernel's fixed-shift totals, alone and mixed with the merged batches: still O(channels) state
+    bn = torch.nn.BatchNorm1d(7)
+    mixed, alone = RunningMoments(), RunningMoments()
+    for i, p in enumerate(parts):
+        y = alone.add_native(p, bn)
+        ref = F.batch_norm(p, p.double().mean((0, 2)).float(), p.double().var((0, 2), unbiased=False).float(),
+                           bn.weight, bn.bias, False, 0.0, bn.eps)
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)  # bit-identical where torch's build uses FMA
+        mixed.add_native(p, bn) if i % 3 else mixed.add(p)
+    assert alone.s1.shape == (7,) and alone.count == 0 and alone.n_native == 50 * 5 * 3
+    for acc in (alone, mixed):
+        got = acc.result()
+        assert got.count == 750
+        np.testing.assert_allclose(got.mean, allx.mean(1), rtol=1e-12)
+        np.testing.assert_allclose(got.var, allx.var(1), rtol=1e-9)
 
 
 def test_fused_reduction_is_exact_at_a_large_offset():

@@ -115,10 +115,11 @@ def test_add_site_leaves_others_bit_identical(setup):
     for name, layer in routed.routed_layers():
         assert torch.equal(layer.site_mean[:3], before[f"model.{name}.site_mean"])
         assert torch.equal(layer.site_var[:3], before[f"model.{name}.site_var"])
-        np.testing.assert_array_equal(got[name].mean, want[name].mean)
-        np.testing.assert_array_equal(got[name].m2, want[name].m2)
-        assert torch.equal(layer.site_mean[3], torch.as_tensor(want[name].mean, dtype=torch.float32))
-        assert torch.equal(layer.site_var[3], torch.as_tensor(want[name].var, dtype=torch.float32))
+        # the routed model's BN layers take the pre-hook path, the plain model's the C kernel: equal to rounding
+        np.testing.assert_allclose(got[name].mean, want[name].mean, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got[name].m2, want[name].m2, rtol=1e-12)
+        torch.testing.assert_close(layer.site_mean[3], torch.as_tensor(want[name].mean, dtype=torch.float32))
+        torch.testing.assert_close(layer.site_var[3], torch.as_tensor(want[name].var, dtype=torch.float32))
     xb = x[[i for i, n in enumerate(names) if n == "lab_c"][:10]]
     with torch.no_grad(), use_stats(model, want):
         ref = model(xb)

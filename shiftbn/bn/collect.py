@@ -22,6 +22,7 @@ from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, cycle_posi
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, Workspace
 from shiftbn.bn.plan import Batches, Replay, as_count, plan_batches, rank_share
+from shiftbn.bn import native
 from shiftbn.bn.reduce import RunningMoments, fused_ready
 from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import ModelSnapshot, apply_writes, prepare_writes, untracked
@@ -102,11 +103,12 @@ def collect_stats(
         try:
             first = "batch" if mode == "sequential" else mode
             fuse = _use_fused(fused, plan, device_of(model))
+            native_ok = _use_native(fused, device_of(model))
             precision = partial(autocast, device_of(model), amp)
             probe = mode == "sequential"
             stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
                                                         f"stats ({first})", fuse, precision=precision,
-                                                        probe=probe, probe_data=sync.world > 1))
+                                                        probe=probe, probe_data=sync.world > 1, native_ok=native_ok))
             _check_sharded(infos, sync.world)
             if not stats.sources:
                 raise ValueError("no data reached the BN layers: data is empty"
@@ -116,10 +118,10 @@ def collect_stats(
                 if not once and any(i["truncated"] for i in infos):  # ranks disagree: measure every layer
                     stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
                                                                 f"stats ({first})", fuse, precision=precision,
-                                                                probe_data=sync.world > 1))
+                                                                probe_data=sync.world > 1, native_ok=native_ok))
                 order = next((i["order"] for i in infos if i["order"]), [])
                 stats = _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, progress, fuse,
-                                  precision)
+                                  precision, native_ok)
             stats = _ordered(stats, plan.names)
             stats.mode = mode
             return stats
@@ -163,6 +165,12 @@ def _use_fused(fused: bool | None, plan: Batches | Replay, device: torch.device)
     return fused_ready(device) or (plan.total is not None and plan.total >= FUSED_MIN_BATCHES)
 
 
+def _use_native(fused: bool | None, device: torch.device) -> bool:
+    """Whether BN layers taking batch statistics run the C kernel (``bn.native``): on CPU unless
+    ``fused=False`` (the eager float64 reference path), where the kernel builds (once per machine)."""
+    return fused is not False and device.type == "cpu" and native.available()
+
+
 def _fingerprint(x: Any) -> str | None:
     """A cheap digest of a batch's first MiB of bytes (to spot identical data on every rank)."""
     if not isinstance(x, torch.Tensor):
@@ -194,7 +202,7 @@ def _ordered(stats: SourceStats, names: list[str] | None) -> SourceStats:
 
 
 def _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, progress, fused,
-              precision) -> SourceStats:
+              precision, native_ok: bool = False) -> SourceStats:
     """Passes until the statistics reproduce themselves when every BN layer uses its stored ones.
 
     How: in pass p >= 2 the first p - 1 BN modules in call order (``order``) use their stored
@@ -221,7 +229,8 @@ def _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, pr
         frontier = set(order[: p - 1])
         measure = order[p - 1] if once else None
         new, _ = sync.merge(partial(_one_pass, model, layers, plan, "eval", stats, frontier, progress,
-                                    f"stats (sequential {p})", fused, measure, precision))
+                                    f"stats (sequential {p})", fused, measure, precision,
+                                    native_ok=native_ok))
         new.passes = p
         if once:  # a truncated pass: only that module's statistics are new, and exact
             stats = SourceStats({src: BNStats({**bn.layers, **(new.sources[src].layers if src in new.sources
@@ -273,6 +282,38 @@ def _max_change(old: SourceStats, new: SourceStats, eps: dict[str, float]) -> tu
     return worst
 
 
+class _NativeForward:
+    """Batch-mode BN through ``bn.native`` for one module: stats and output in one kernel call.
+
+    Installed as the module's instance ``forward`` for one pass and removed by ``remove`` (the class's
+    forward shows again; nothing else of the module is touched). Inputs the kernel does not take
+    (another dtype, device or layout), and truncated passes, go through the pre-hook logic and the
+    module's own forward as before.
+    """
+
+    TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+    @classmethod
+    def fits(cls, module: nn.Module) -> bool:
+        """Plain BatchNorm1d/2d/3d (subclasses may change forward) without an instance forward."""
+        return type(module) in cls.TYPES and "forward" not in vars(module)
+
+    def __init__(self, module: nn.Module, hook, begin, state: dict) -> None:
+        self.module = module
+        own = type(module).forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if state["measure"] is None and native.accepts(x, module.weight, module.bias):
+                return begin(x).add_native(x, module)
+            hook(module, (x,))
+            return own(module, x)
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
 class _StopForwardSignal(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised in a pre-hook once the layer a truncated pass measures has seen its input."""
 
@@ -281,7 +322,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches | Replay, m
               current: SourceStats | None, frontier: set[str] | None, progress: bool,
               desc: str, fused: bool = False, measure: str | None = None,
               precision=contextlib.nullcontext, probe: bool = False,
-              probe_data: bool = False) -> tuple[SourceStats, dict[str, Any]]:
+              probe_data: bool = False, native_ok: bool = False) -> tuple[SourceStats, dict[str, Any]]:
     """One pass over ``plan``: this rank's statistics, and an info dict (samples seen, fingerprint of
     the first batch, BN modules in first-call order, whether each was called once in the first
     forward, whether the pass truncated itself).
@@ -304,36 +345,49 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches | Replay, m
     workspace = Workspace()
 
     def make_hook(name: str, batch_stats: bool):
-        def hook(module, args):
+        def begin(x: torch.Tensor) -> RunningMoments | None:
+            """Count the call; the accumulator for this input, or None where a truncated pass skips it."""
             k = state["calls"].get(name, 0)
             state["calls"][name] = k + 1
             order.setdefault(name)
             truncated = state["measure"]
             if truncated is not None and name != truncated:
-                return  # a truncated pass: this module uses its stored statistics
-            x = args[0]
+                return None  # a truncated pass: this module uses its stored statistics
             if batch_stats and truncated is None and x.numel() == x.shape[1]:
                 raise ValueError(
                     f"a batch of one sample (source {state['source']!r}) gives BN layer {name!r} one value per "
                     f"channel (input shape {tuple(x.shape)}): it cannot normalize with batch statistics (BN in "
                     "training refuses it too); use larger batches or drop that sample"
                 )
-            acc = accs.setdefault(state["source"], {}).setdefault((name, k), RunningMoments())
+            return accs.setdefault(state["source"], {}).setdefault((name, k), RunningMoments())
+
+        def hook(module, args):
+            x = args[0]
+            acc = begin(x)
+            if acc is None:
+                return
             _, mean, var = acc.add(x, workspace, fused)
-            if truncated is not None:
+            if state["measure"] is not None:
                 raise _StopForwardSignal
             if batch_stats and module.running_mean is not None:
                 module.running_mean.copy_(mean)
                 module.running_var.copy_(var)
 
-        return hook
+        return hook, begin
 
     def uses_batch(name: str) -> bool:
         return mode == "batch" or (frontier is not None and name not in frontier)
 
     # a truncated pass hooks only the module it measures: the others run on PyTorch's hook-free path
-    hooks = {layer.name: layer.module.register_forward_pre_hook(make_hook(layer.name, uses_batch(layer.name)))
-             for layer in layers if measure is None or layer.name == measure}
+    hooks: dict[str, Any] = {}
+    for layer in layers:
+        if measure is not None and layer.name != measure:
+            continue
+        hook, begin = make_hook(layer.name, uses_batch(layer.name))
+        if native_ok and measure is None and uses_batch(layer.name) and _NativeForward.fits(layer.module):
+            hooks[layer.name] = _NativeForward(layer.module, hook, begin, state)
+        else:
+            hooks[layer.name] = layer.module.register_forward_pre_hook(hook)
     device = device_of(model)
     writes: dict[str, list] = {}
     written = None

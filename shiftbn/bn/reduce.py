@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+from shiftbn.bn import native
 from shiftbn.bn.moments import Moments, Workspace, batch_moments
 
 _compiled: dict[bool, object] = {}
@@ -78,14 +79,36 @@ class RunningMoments:
     ``add`` merges a batch and returns the batch's own mean and population variance (what
     train-mode BN normalizes with). ``fused``: take a batch's moments from the fused kernel, shifted
     by the running mean (the first batch by its first sample's mean: every batch is one fused read).
+    ``add_native``: the C kernel (``bn.native``) adds the batch's sums about a fixed shift K (the first
+    such batch's exact mean) into float64 totals and returns BN's output: no per-batch merge at all.
     """
 
-    __slots__ = ("count", "m2", "mean")
+    __slots__ = ("count", "m2", "mean", "n_native", "s1", "s2", "shift")
 
     def __init__(self) -> None:
         self.count = 0
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
+        self.n_native = 0
+        self.shift: torch.Tensor | None = None
+        self.s1: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+
+    def add_native(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        """Add a batch (N, C, *) through the C kernel and return ``module``'s batch-mode output.
+
+        Only for inputs ``native.accepts``; the shift K is the first batch's exact mean (one extra
+        stats-only read of that batch), so later totals stay well conditioned."""
+        c = x.numel() // x.shape[1]
+        if self.shift is None:
+            k0 = _first_sample_mean(x)
+            t1, t2 = torch.zeros_like(k0), torch.zeros_like(k0)
+            native.batch_norm_sums(x, k0, t1, t2, normalize=False)
+            self.shift = k0 + t1 / c
+            self.s1, self.s2 = torch.zeros_like(k0), torch.zeros_like(k0)
+        y = native.batch_norm_sums(x, self.shift, self.s1, self.s2, module.weight, module.bias, module.eps)
+        self.n_native += c
+        return y
 
     def add(self, x: torch.Tensor, workspace: Workspace | None = None,
             fused: bool = False) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -113,10 +136,19 @@ class RunningMoments:
 
     def finite(self) -> bool:
         """Whether the moments are finite (NaN/Inf in any batch shows here: one check per pass)."""
-        return self.mean is None or bool(torch.isfinite(self.mean.sum() + self.m2.sum()))
+        ok = self.mean is None or bool(torch.isfinite(self.mean.sum() + self.m2.sum()))
+        return ok and (self.s1 is None or bool(torch.isfinite(self.s1.sum() + self.s2.sum())))
 
     def result(self) -> Moments:
         """Count, mean and M2 per channel as float64 numpy arrays."""
-        if self.mean is None:
+        parts = []
+        if self.mean is not None:
+            parts.append(Moments(self.count, self.mean.detach().cpu().double().numpy(),
+                                 self.m2.detach().cpu().double().numpy()))
+        if self.n_native:
+            n, d = self.n_native, self.s1 / self.n_native
+            m2 = (self.s2 - self.s1 * d).clamp_(min=0)  # M2 = S2 - S1^2 / n about the fixed shift
+            parts.append(Moments(n, (self.shift + d).numpy(), m2.numpy()))
+        if not parts:
             raise ValueError("no batch was added")
-        return Moments(self.count, self.mean.detach().cpu().double().numpy(), self.m2.detach().cpu().double().numpy())
+        return parts[0] if len(parts) == 1 else parts[0].merge(parts[1])
