@@ -13,16 +13,27 @@ from collections.abc import Callable
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """``{name: {"wall": [...], "cpu": [...]}}`` in seconds over ``repeats`` rounds, the functions
-    called in turn within each round."""
-    times = {k: {"wall": [], "cpu": []} for k in fns}
+    """``{name: {"wall": [...], "cpu": [...], "faults": [...]}}``: seconds (and minor page faults) over
+    ``repeats`` rounds, the functions called in turn within each round."""
+    times = {k: {"wall": [], "cpu": [], "faults": []} for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            f0 = _minor_faults()
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             times[k]["wall"].append(time.perf_counter() - t0)
             times[k]["cpu"].append(time.process_time() - c0)
+            times[k]["faults"].append(_minor_faults() - f0)
     return times
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` does not exist)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 PICKS = (("min", min), ("median", statistics.median))

@@ -17,12 +17,12 @@ from tqdm.auto import tqdm
 
 from shiftbn._log import bars_wanted
 from shiftbn._torch import autocast, check_device
+from shiftbn.bn import native
 from shiftbn.bn.distributed import RankSync, plan_shard
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, cycle_positions, device_of, set_positions
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, Workspace
 from shiftbn.bn.plan import Batches, Replay, as_count, plan_batches, rank_share
-from shiftbn.bn import native
 from shiftbn.bn.reduce import RunningMoments, fused_ready
 from shiftbn.bn.sites import site_key, split_site
 from shiftbn.bn.state import ModelSnapshot, apply_writes, prepare_writes, untracked
@@ -78,10 +78,12 @@ def collect_stats(
     and momentum of the model is restored bit for bit afterwards; the model's lock is held
     throughout. An error on any rank is raised on every rank.
     Memory is O(layers x channels x sources) whatever the number of samples: each batch's exact
-    moments are merged at once. ``fused``: take each batch's moments from one fused float64 kernel
-    (``torch.compile``; exact to ~1e-14, several times faster on CPU, a one-time compile of ~10 s);
-    ``None`` (default) uses it for passes of at least 200 batches and once it is compiled in this process;
-    ``False`` never.
+    moments are merged at once. ``fused``: on CPU, BN layers that take batch statistics run a C kernel
+    (``bn.native``: float32 inputs; the exact float64 channel sums and BN's output in one call, built once
+    per machine with the system C compiler) unless ``fused=False``; other inputs and devices take each
+    batch's moments from one fused float64 kernel (``torch.compile``; exact to ~1e-14, a one-time compile
+    of ~10 s) with ``True``, and for passes of at least 200 batches and once it is compiled in this
+    process with ``None`` (default); ``False``: the eager two-pass float64 reduction everywhere.
     ``cache_bytes``: sequential mode keeps the batches a ``DataLoader`` loaded in its first pass for the
     later ones when all of them fit in this many bytes (default 1 GiB; 0: load them every pass).
     ``device``: where inputs go; must be the model's device (default: the model's; the model is

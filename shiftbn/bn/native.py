@@ -119,7 +119,10 @@ void shiftbn_bn_batch(const float* restrict x, float* restrict y, int64_t N, int
       for (int64_t n = 0; n < N; n++) {
         const float* p = x + (n * C + c0) * L;
         if (L == 1) {
-          for (int64_t i = 0; i < m; i++) { const double d = (double)p[i] - k[c0 + i]; acc[i] += d; acc[m + i] += d * d; }
+          for (int64_t i = 0; i < m; i++) {
+            const double d = (double)p[i] - k[c0 + i];
+            acc[i] += d; acc[m + i] += d * d;
+          }
         } else {
           for (int64_t i = 0; i < m; i++) {
             const double kc = k[c0 + i];

@@ -80,7 +80,7 @@ class RunningMoments:
     train-mode BN normalizes with). ``fused``: take a batch's moments from the fused kernel, shifted
     by the running mean (the first batch by its first sample's mean: every batch is one fused read).
     ``add_native``: the C kernel (``bn.native``) adds the batch's sums about a fixed shift K (the first
-    such batch's exact mean) into float64 totals and returns BN's output: no per-batch merge at all.
+    such batch's mean) into float64 totals and returns BN's output: no per-batch merge at all.
     """
 
     __slots__ = ("count", "m2", "mean", "n_native", "s1", "s2", "shift")
@@ -97,17 +97,21 @@ class RunningMoments:
     def add_native(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
         """Add a batch (N, C, *) through the C kernel and return ``module``'s batch-mode output.
 
-        Only for inputs ``native.accepts``; the shift K is the first batch's exact mean (one extra
-        stats-only read of that batch), so later totals stay well conditioned."""
+        Only for inputs ``native.accepts``. The first batch is summed about its first sample's mean,
+        then the totals are re-centred on that batch's exact mean (S2 -= S1^2/n, S1 = 0), the shift K
+        every later batch is summed about: no extra read, and later totals stay well conditioned."""
         c = x.numel() // x.shape[1]
-        if self.shift is None:
-            k0 = _first_sample_mean(x)
-            t1, t2 = torch.zeros_like(k0), torch.zeros_like(k0)
-            native.batch_norm_sums(x, k0, t1, t2, normalize=False)
-            self.shift = k0 + t1 / c
-            self.s1, self.s2 = torch.zeros_like(k0), torch.zeros_like(k0)
+        first = self.shift is None
+        if first:
+            self.shift = _first_sample_mean(x)
+            self.s1, self.s2 = torch.zeros_like(self.shift), torch.zeros_like(self.shift)
         y = native.batch_norm_sums(x, self.shift, self.s1, self.s2, module.weight, module.bias, module.eps)
         self.n_native += c
+        if first:
+            d = self.s1 / c
+            self.shift.add_(d)
+            self.s2.sub_(self.s1 * d).clamp_(min=0)
+            self.s1.zero_()
         return y
 
     def add(self, x: torch.Tensor, workspace: Workspace | None = None,
