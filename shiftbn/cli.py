@@ -73,16 +73,6 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"needs a whole number of threads, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"needs at least 1 thread, got {value}")
-    return value
-
-
 _SEED_HELP = "seed of every random choice: subsets, random batches, calibration splits"
 
 
@@ -97,7 +87,7 @@ def _user_model_command(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Options of every command that computes: threads, quiet, progress bars."""
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--threads", type=cli_files.count_type("thread"), default=None, metavar="N",
                    help="torch threads for this run, set before any work and recorded in environment.json; "
                         "numbers can differ in the last digits between thread counts, and a --resume under "
                         "another count is refused (default: torch's own: the physical cores, or "

@@ -20,14 +20,21 @@ class _Default(list):
     """A default option value, recognizable by type after parsing (a user's value is a plain list)."""
 
 
-def _min_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"needs a whole number of samples, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"needs at least 1 sample, got {value}")
-    return value
+def count_type(unit: str):
+    """An argparse ``type`` for a count of at least 1 ``unit`` (e.g. "sample", "thread")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"needs a whole number of {unit}s, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"needs at least 1 {unit}, got {value}")
+        return value
+
+    return parse
+
+
+_min_count = count_type("sample")
 
 
 def register(sub, *, stats: argparse.ArgumentParser, matrix: argparse.ArgumentParser,

@@ -22,7 +22,8 @@ PKG = Path(sb.__file__).resolve().parent
 
 # Bottom to top; a module may import only from its own layer or below.
 LAYERS = [
-    ("shiftbn._torch", "shiftbn._io", "shiftbn._lock", "shiftbn._log", "shiftbn._names", "shiftbn._version"),
+    ("shiftbn._torch", "shiftbn._io", "shiftbn._lock", "shiftbn._log", "shiftbn._names", "shiftbn._version",
+     "shiftbn._safefile"),
     ("shiftbn.data", "shiftbn.samplers"),
     ("shiftbn.bn",),
     ("shiftbn.adapt", "shiftbn.train", "shiftbn.models"),

@@ -104,8 +104,15 @@ def test_monitor_file_round_trips_and_refuses_bad_files(tmp_path):
     pd.testing.assert_frame_equal(a.layers, b.layers)
     bad = tmp_path / "bad.monitor"
     bad.write_bytes(b"\x80\x04not a safetensors file")
-    with pytest.raises(ValueError, match="not a shiftbn drift-monitor file"):
+    with pytest.raises(ValueError, match="not a shiftbn drift-monitor file.*pickle"):
         sb.DriftMonitor.load(net, bad)
+    png = tmp_path / "slide.monitor"  # an image renamed: its first 8 bytes claim a huge header, never read whole
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(1000))
+    with pytest.raises(ValueError, match=r"not a shiftbn drift-monitor file.*claim a [\d,]+-byte header"):
+        sb.DriftMonitor.load(net, png)
+    (tmp_path / "cut.monitor").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated"):
+        sb.DriftMonitor.load(net, tmp_path / "cut.monitor")
     raw = path.read_bytes().replace(b'\\"version\\": 2', b'\\"version\\": 9')
     (tmp_path / "v9.monitor").write_bytes(raw)
     with pytest.raises(ValueError, match="version 9"):

@@ -20,14 +20,13 @@ import numpy as np
 from torch import nn
 
 from shiftbn._io import atomic_write_bytes
+from shiftbn._safefile import META_KEY, read_shiftbn_file
 from shiftbn._version import __version__
 from shiftbn.bn.fingerprint import check_fingerprint, fingerprint_problems, model_fingerprint
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, check_moments
 
 FORMAT = "shiftbn.stats"
 FORMAT_VERSION = 1
-_META_KEY = "shiftbn"
-_MAX_HEADER = 64 << 20  # bytes; a real header (fingerprint included) is some kB
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def save_stats(stats: SourceStats | BNStats, path: str | Path, *, model: nn.Modu
     header["sha256"] = _digest(header, tensors)
     from safetensors.numpy import save
 
-    data = save(tensors, metadata={_META_KEY: json.dumps(header, sort_keys=True, separators=(",", ":"))})
+    data = save(tensors, metadata={META_KEY: json.dumps(header, sort_keys=True, separators=(",", ":"))})
     atomic_write_bytes(Path(path), data)
     return Path(path)
 
@@ -233,14 +232,10 @@ def _load(path: str | Path) -> tuple[StatsHeader, SourceStats]:
     if path.is_dir():
         raise ValueError(f"{path} is a folder; pass a statistics file (shiftbn stats ... --out SITE.stats writes one)")
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) == 8 and int.from_bytes(head, "little") > _MAX_HEADER:  # e.g. an image: never read it all
-                raise ValueError(f"{path} is not a shiftbn statistics file{_looks_like(head)}")
-            data = head + f.read()
+        meta, data = read_shiftbn_file(path, f"{path} is not a shiftbn statistics file")
     except FileNotFoundError:
         raise FileNotFoundError(f"statistics file not found: {path}") from None
-    meta = _meta(data, path)
+    _check_format(meta, path)
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -254,23 +249,10 @@ def _load(path: str | Path) -> tuple[StatsHeader, SourceStats]:
     return _decode(meta, tensors, path)
 
 
-def _meta(data: bytes, path: Path) -> dict[str, Any]:
-    """The shiftbn header of a safetensors byte string; refuses anything else, saying what it looks like."""
-    not_ours = f"{path} is not a shiftbn statistics file"
-    if len(data) < 8:
-        raise ValueError(f"{not_ours} (only {len(data)} bytes: truncated?){_looks_like(data)}")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError(f"{not_ours}, or it is truncated (its header claims {n} bytes, {len(data) - 8} follow)"
-                         f"{_looks_like(data)}")
-    try:
-        outer = json.loads(data[8:8 + n].decode("utf-8"))
-        meta = json.loads(outer["__metadata__"][_META_KEY])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{not_ours} (no readable shiftbn header: {type(e).__name__}; damaged, or written by "
-                         f"another tool){_looks_like(data)}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{not_ours} (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+def _check_format(meta: dict[str, Any], path: Path) -> None:
+    """Refuse a shiftbn file of another format or format version, saying which and what to do."""
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a shiftbn statistics file (format {meta.get('format')!r})")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
@@ -278,17 +260,6 @@ def _meta(data: bytes, path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} has statistics format version {version!r} (written by shiftbn "
                          f"{meta.get('shiftbn_version')}); this shiftbn {__version__} reads version "
                          f"{FORMAT_VERSION}: {fix}")
-    return meta
-
-
-def _looks_like(data: bytes) -> str:
-    """What a file that is no statistics file seems to be, for the error message ("" when unknown)."""
-    if data[:1] == b"{":
-        return ("; it looks like JSON (e.g. stats.json): write a statistics file with shiftbn stats ... "
-                "--out SITE.stats or sb.save_stats")
-    if data[:1] == b"\x80" or data[:2] == b"PK":
-        return "; it looks like a pickle or torch.save file, which is never loaded: unpickling can run code"
-    return ""
 
 
 def _decode(meta: dict[str, Any], tensors: dict[str, np.ndarray], path: Path) -> tuple[StatsHeader, SourceStats]:

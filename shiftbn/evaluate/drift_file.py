@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from shiftbn._io import atomic_write_bytes
+from shiftbn._safefile import META_KEY, read_shiftbn_file
 from shiftbn.bn import bn_layers, split_site
 from shiftbn.bn.fingerprint import check_fingerprint, fingerprint_problems, model_fingerprint
 from shiftbn.evaluate.atc import ATC, ATC_SCORES
@@ -58,29 +58,20 @@ def write_monitor(monitor, path: str | Path) -> Path:
               "n_null": monitor.n_null, "alpha": monitor.alpha, "seed": monitor.seed,
               "atc": None if atc is None else {"threshold": atc.threshold, "score": atc.score,
                                                "accuracy": atc.accuracy, "n": atc.n}}
-    atomic_write_bytes(path, save(arrays, metadata={"shiftbn": json.dumps(header)}))
+    atomic_write_bytes(path, save(arrays, metadata={META_KEY: json.dumps(header)}))
     return path
 
 
-def _header(raw: bytes, path: Path) -> dict:
-    """The JSON header of a safetensors file's bytes, checked to be a shiftbn drift monitor."""
-    bad = f"{path} is not a shiftbn drift-monitor file (write one with DriftMonitor.save or shiftbn monitor --save)"
-    if len(raw) < 8:
-        raise ValueError(bad)
-    (size,) = struct.unpack("<Q", raw[:8])
-    if size > len(raw) - 8:
-        raise ValueError(bad)
-    try:
-        meta = json.loads(raw[8:8 + size]).get("__metadata__") or {}
-        header = json.loads(meta["shiftbn"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(bad) from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(bad)
+def _header(path: Path) -> tuple[dict, bytes]:
+    """The JSON header and bytes of a shiftbn drift-monitor file (another file or version refused)."""
+    hint = " (write one with DriftMonitor.save or shiftbn monitor --save)"
+    header, raw = read_shiftbn_file(path, f"{path} is not a shiftbn drift-monitor file{hint}")
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a shiftbn drift-monitor file (format {header.get('format')!r}){hint}")
     if header.get("version") != VERSION:
         raise ValueError(f"{path}: drift-monitor file version {header.get('version')!r} is not supported by this "
                          f"shiftbn (reads version {VERSION}); refit the monitor")
-    return header
+    return header, raw
 
 
 def read_monitor(path: str | Path, model: nn.Module) -> tuple[SampleMoments, ATC | None, dict]:
@@ -90,8 +81,7 @@ def read_monitor(path: str | Path, model: nn.Module) -> tuple[SampleMoments, ATC
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"monitor file not found: {path}")
-    raw = path.read_bytes()
-    header = _header(raw, path)
+    header, raw = _header(path)
     try:
         arrays = load(raw)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
