@@ -231,3 +231,51 @@ def test_batchnorm3d_through_the_kernel_matches_torch():
     eager = sb.collect_stats(model, batches, by_source=False, fused=False, progress=False)["pooled"]
     for name in ours.layers:
         np.testing.assert_allclose(ours[name].var, eager[name].var, rtol=1e-11)
+
+
+@needs_kernel
+def test_a_batch_far_from_the_first_one_is_normalized_with_its_own_exact_statistics():
+    # the totals' shift is the first batch's mean (1e7 here); a later batch at 0 with std 1e-3 must not
+    # have its variance cancel against that shift (its output and every later layer would be wrong)
+    g = torch.Generator().manual_seed(5)
+    bn = nn.BatchNorm1d(6)
+    acc = RunningMoments()
+    first = torch.randn(32, 6, generator=g) + 1e7
+    later = torch.randn(32, 6, generator=g) * 1e-3
+    acc.add_native(first, bn)
+    y = acc.add_native(later, bn)
+    ref = F.batch_norm(later.double(), None, None, bn.weight.double(), bn.bias.double(), True, 0.0, bn.eps).float()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5)
+    both = np.concatenate([first.double().numpy(), later.double().numpy()])
+    got = acc.result()
+    np.testing.assert_allclose(got.mean, both.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(got.var, both.var(0), rtol=1e-9)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    xs = [torch.randn(16, 4, generator=g) + (1e6 if i == 0 else 0.0) for i in range(4)]
+    ours = sb.collect_stats(model, xs, by_source=False, progress=False)["pooled"]["2"]
+    eager = sb.collect_stats(model, xs, by_source=False, fused=False, progress=False)["pooled"]["2"]
+    np.testing.assert_allclose(ours.var, eager.var, rtol=1e-9)
+
+
+@needs_kernel
+def test_inputs_torch_refuses_are_refused_on_the_kernel_path_too():
+    for model, x, error in ((nn.Sequential(nn.BatchNorm2d(3)), torch.randn(4, 3, 5), "expected 4D input"),
+                            (nn.Sequential(nn.BatchNorm1d(3)), torch.randn(4, 3, 2, 2), "expected 2D or 3D input"),
+                            (nn.Sequential(nn.BatchNorm2d(4, affine=False)), torch.randn(4, 3, 5, 5), "")):
+        before = state_of(model.eval())
+        with pytest.raises((ValueError, RuntimeError), match=error):
+            sb.collect_stats(model, [x], by_source=False, progress=False)
+        assert_same_state(model, before)
+        assert _no_instance_forward(model)
+
+
+def test_a_kernel_out_of_memory_is_an_error_not_a_dropped_batch(monkeypatch):
+    class _Lib:
+        @staticmethod
+        def shiftbn_bn_batch(*args):
+            return 1
+
+    monkeypatch.setattr(native, "_state", {"lib": _Lib()})
+    k = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(MemoryError, match="could not allocate"):
+        native.batch_norm_sums(torch.randn(4, 3, 5), k, k.clone(), k.clone())

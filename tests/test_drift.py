@@ -110,6 +110,9 @@ def test_monitor_file_round_trips_and_refuses_bad_files(tmp_path):
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(1000))
     with pytest.raises(ValueError, match=r"not a shiftbn drift-monitor file.*claim a [\d,]+-byte header"):
         sb.DriftMonitor.load(net, png)
+    (tmp_path / "stats.json").write_text('{"mean": [0.0]}')
+    with pytest.raises(ValueError, match=r"not a shiftbn drift-monitor file.*looks like JSON\. Write one with Drift"):
+        sb.DriftMonitor.load(net, tmp_path / "stats.json")
     (tmp_path / "cut.monitor").write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated"):
         sb.DriftMonitor.load(net, tmp_path / "cut.monitor")

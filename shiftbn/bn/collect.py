@@ -305,7 +305,9 @@ class _NativeForward:
         own = type(module).forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if state["measure"] is None and native.accepts(x, module.weight, module.bias):
+            if (state["measure"] is None and native.accepts(x, module.weight, module.bias)
+                    and x.shape[1] == module.num_features):
+                module._check_input_dim(x)  # torch's own refusal of a 3-D input to BatchNorm2d, etc.
                 return begin(x).add_native(x, module)
             hook(module, (x,))
             return own(module, x)
@@ -382,14 +384,17 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches | Replay, m
 
     # a truncated pass hooks only the module it measures: the others run on PyTorch's hook-free path
     hooks: dict[str, Any] = {}
-    for layer in layers:
-        if measure is not None and layer.name != measure:
-            continue
-        hook, begin = make_hook(layer.name, uses_batch(layer.name))
-        if native_ok and measure is None and uses_batch(layer.name) and _NativeForward.fits(layer.module):
-            hooks[layer.name] = _NativeForward(layer.module, hook, begin, state)
-        else:
-            hooks[layer.name] = layer.module.register_forward_pre_hook(hook)
+
+    def install() -> None:
+        for layer in layers:
+            if measure is not None and layer.name != measure:
+                continue
+            hook, begin = make_hook(layer.name, uses_batch(layer.name))
+            if native_ok and measure is None and uses_batch(layer.name) and _NativeForward.fits(layer.module):
+                hooks[layer.name] = _NativeForward(layer.module, hook, begin, state)
+            else:
+                hooks[layer.name] = layer.module.register_forward_pre_hook(hook)
+
     device = device_of(model)
     writes: dict[str, list] = {}
     written = None
@@ -397,6 +402,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches | Replay, m
     cycles = cycle_positions(model)  # a truncated forward must not shift a CycleBatchNormList's position
     once = True
     try:
+        install()
         with torch.no_grad():
             bar = tqdm(plan, total=plan.total, desc=desc, disable=not bars_wanted(progress), unit="batch",
                        mininterval=1.0)

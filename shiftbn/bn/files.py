@@ -232,7 +232,8 @@ def _load(path: str | Path) -> tuple[StatsHeader, SourceStats]:
     if path.is_dir():
         raise ValueError(f"{path} is a folder; pass a statistics file (shiftbn stats ... --out SITE.stats writes one)")
     try:
-        meta, data = read_shiftbn_file(path, f"{path} is not a shiftbn statistics file")
+        meta, data = read_shiftbn_file(path, f"{path} is not a shiftbn statistics file",
+                                       "Write one with shiftbn stats ... --out SITE.stats or sb.save_stats")
     except FileNotFoundError:
         raise FileNotFoundError(f"statistics file not found: {path}") from None
     _check_format(meta, path)

@@ -64,10 +64,10 @@ def write_monitor(monitor, path: str | Path) -> Path:
 
 def _header(path: Path) -> tuple[dict, bytes]:
     """The JSON header and bytes of a shiftbn drift-monitor file (another file or version refused)."""
-    hint = " (write one with DriftMonitor.save or shiftbn monitor --save)"
-    header, raw = read_shiftbn_file(path, f"{path} is not a shiftbn drift-monitor file{hint}")
+    fix = "Write one with DriftMonitor.save or shiftbn monitor --reference SITE --save FILE"
+    header, raw = read_shiftbn_file(path, f"{path} is not a shiftbn drift-monitor file", fix)
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a shiftbn drift-monitor file (format {header.get('format')!r}){hint}")
+        raise ValueError(f"{path} is not a shiftbn drift-monitor file: format {header.get('format')!r}. {fix}")
     if header.get("version") != VERSION:
         raise ValueError(f"{path}: drift-monitor file version {header.get('version')!r} is not supported by this "
                          f"shiftbn (reads version {VERSION}); refit the monitor")
