@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from shiftbn.data.tagged import SourceTaggedDataset
+from shiftbn.data.tagged import SourceTaggedDataset, Splits
 from shiftbn.models import build_model
 from shiftbn.protocols.base import ModelSpec, TrainConfig
+from shiftbn.samplers import SamplerMode
 from shiftbn.train import train
 
 
@@ -41,6 +42,16 @@ def held_out_values(ds: SourceTaggedDataset, held_out: Sequence[str] | None) -> 
     for h in targets:
         ds.source_id(h)
     return targets
+
+
+def fit_without(cfg: TrainConfig, ds: SourceTaggedDataset, held_out: str, seed: int,
+                mode: SamplerMode) -> tuple[Splits, list[str], nn.Module]:
+    """Leave-one-out training: ``(split, rest, model)`` with ``ds`` split by ``cfg.fractions`` and the
+    model trained (``mode``: training batch composition) on the train split of every source but
+    ``held_out``, whose names are ``rest``."""
+    sp = ds.split(fractions=cfg.fractions, seed=seed)
+    rest = [s for s in ds.sources_present if s != held_out]
+    return sp, rest, fit(cfg, sp.train.subset(rest), seed, mode=mode)
 
 
 def as_seeds(seeds: int | Sequence[int]) -> list[int]:

@@ -10,7 +10,7 @@ import pandas as pd
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import cross_source_matrix
 from shiftbn.protocols.base import FigureSpec, Study, make_study
-from shiftbn.protocols.common import fit, held_out_values
+from shiftbn.protocols.common import fit_without, held_out_values
 from shiftbn.samplers import SamplerMode
 
 
@@ -42,9 +42,7 @@ class HeldOutSources(Study):
         return held_out_values(ds, self.held_out)
 
     def cell(self, ds: SourceTaggedDataset, seed: int, value: str) -> pd.DataFrame:
-        sp = ds.split(fractions=self.train.fractions, seed=seed)
-        rest = [s for s in ds.sources_present if s != value]
-        model = fit(self.train, sp.train.subset(rest), seed, mode=self.sampler_mode)
+        sp, rest, model = fit_without(self.train, ds, value, seed, self.sampler_mode)
         table = cross_source_matrix(model, ds, self.strategies, self.metrics, calibration=(sp.calibration, sp.test),
                                     train_sources=rest, seed=seed, progress=False)
         table.insert(0, "held_out", value)

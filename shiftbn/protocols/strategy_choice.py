@@ -11,7 +11,7 @@ import pandas as pd
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate.choose import choose_strategy
 from shiftbn.protocols.base import FigureSpec, Study, make_study
-from shiftbn.protocols.common import fit, held_out_values
+from shiftbn.protocols.common import fit_without, held_out_values
 from shiftbn.samplers import SamplerMode
 
 
@@ -47,9 +47,7 @@ class StrategyChoice(Study):
         return held_out_values(ds, self.held_out)
 
     def cell(self, ds: SourceTaggedDataset, seed: int, value: str) -> pd.DataFrame:
-        sp = ds.split(fractions=self.train.fractions, seed=seed)
-        rest = [s for s in ds.sources_present if s != value]
-        model = fit(self.train, sp.train.subset(rest), seed, mode=self.sampler_mode)
+        sp, rest, model = fit_without(self.train, ds, value, seed, self.sampler_mode)
         kept: dict = {}
         table = choose_strategy(model, ds, value, self.candidates, labeled=rest, calibration=(sp.calibration, sp.test),
                                 score=self.score, range_factor=self.range_factor, seed=seed, keep_outputs=kept)
