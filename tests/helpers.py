@@ -1,10 +1,14 @@
-"""Shared test helpers: an independent float64 reference for BN-input moments."""
+"""Shared test helpers: an independent float64 reference for BN-input moments; a user's project on disk."""
 
 import copy
+import importlib
+import sys
+import textwrap
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -68,3 +72,29 @@ def assert_same_state(model: nn.Module, before: tuple) -> None:
         assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"{k} changed"
     assert [m.training for m in model.modules()] == flags
     assert [getattr(m, "momentum", None) for m in model.modules()] == momenta
+
+
+def write_user_project(tmp_path, module: str, sites) -> None:
+    """A user's own package ``module`` with a model factory ``make``, a checkpoint ``w.pt`` and an image
+    folder ``data/<site>/<neg|pos>/<i>.png`` (8x8 grayscale) for each ``(site, offset, images per class)``.
+
+    ``module`` must be a name no other test imports (``sys.modules`` keeps the first)."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def make():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    """))
+    sys.path.insert(0, str(tmp_path))
+    torch.save(importlib.import_module(module).make().state_dict(), tmp_path / "w.pt")
+    rng = np.random.default_rng(0)
+    for site, offset, n in sites:
+        for cls in ("neg", "pos"):
+            folder = tmp_path / "data" / site / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                arr = np.clip(rng.normal(offset, 20, size=(8, 8)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr, mode="L").save(folder / f"{i}.png")

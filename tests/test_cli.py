@@ -16,6 +16,7 @@ from PIL import Image
 
 import shiftbn as sb
 from shiftbn.cli import build_parser, main
+from tests.helpers import write_user_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,27 +53,7 @@ def test_errors_are_one_line_without_traceback(args, msg, tmp_path):
 
 def _user_project(tmp_path):
     """A user's own package with a model factory, a checkpoint and an image folder of two sites."""
-    (tmp_path / "usernet.py").write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        def make():
-            torch.manual_seed(0)
-            return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    """))
-    sys.path.insert(0, str(tmp_path))
-    import usernet
-
-    torch.save(usernet.make().state_dict(), tmp_path / "w.pt")
-    rng = np.random.default_rng(0)
-    for site, offset in (("site_a", 40), ("site_b", 150)):
-        for cls in ("neg", "pos"):
-            folder = tmp_path / "data" / site / cls
-            folder.mkdir(parents=True)
-            for i in range(6):
-                arr = np.clip(rng.normal(offset, 20, size=(8, 8)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr, mode="L").save(folder / f"{i}.png")
+    write_user_project(tmp_path, "usernet", (("site_a", 40, 6), ("site_b", 150, 6)))
     return tmp_path
 
 

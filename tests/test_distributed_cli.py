@@ -5,17 +5,15 @@ import contextlib
 import io
 import json
 import os
-import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 import shiftbn as sb
 from shiftbn.cli import main
 from tests.distributed_helpers import free_port, run_ranks
+from tests.helpers import write_user_project
 
 SPEC = """
 [study]
@@ -30,27 +28,7 @@ strategies = ["source", "target"]
 
 
 def _project(tmp_path):
-    (tmp_path / "usernet_dist.py").write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        def make():
-            torch.manual_seed(0)
-            return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    """))
-    sys.path.insert(0, str(tmp_path))
-    import usernet_dist
-
-    torch.save(usernet_dist.make().state_dict(), tmp_path / "w.pt")
-    rng = np.random.default_rng(0)
-    for site, offset, n in (("site_a", 40, 7), ("site_b", 150, 5), ("site_c", 90, 2)):
-        for cls in ("neg", "pos"):
-            folder = tmp_path / "data" / site / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                arr = np.clip(rng.normal(offset, 20, size=(8, 8)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr, mode="L").save(folder / f"{i}.png")
+    write_user_project(tmp_path, "usernet_dist", (("site_a", 40, 7), ("site_b", 150, 5), ("site_c", 90, 2)))
     (tmp_path / "tiny.toml").write_text(SPEC)
     return tmp_path
 
