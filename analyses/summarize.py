@@ -5,7 +5,7 @@ Each CSV is what `shiftbn run analyses/<study>.toml` writes as results.csv, save
 
 Every cell reads ``mean ± std [low, high]``: the mean over seeds, the standard deviation over seeds,
 and a 95% two-level bootstrap interval (seeds resampled; accuracy rows with a count ``n`` also
-redraw their test-sample noise; see ``shiftbn.protocols.intervals``). A seed's value is first
+redraw their test-sample noise; see ``shiftbn.studies.intervals``). A seed's value is first
 averaged over labs where a table does not show labs. Each study ends with its effects: differences
 paired by seed with their intervals; ``yes`` in ``excludes 0`` is what analyses/README.md calls
 reproduced.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from shiftbn.protocols import choice_summary, drift_summary
-from shiftbn.protocols.intervals import format_interval, interval_table, paired_effects
+from shiftbn.studies import choice_summary, drift_summary
+from shiftbn.studies.intervals import format_interval, interval_table, paired_effects
 
 
 def _table(rows: pd.DataFrame, index, columns) -> str:

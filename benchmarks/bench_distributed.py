@@ -37,7 +37,7 @@ from torch.utils.data import TensorDataset
 import shiftbn as sb
 from shiftbn.bn.distributed import _pack, all_merge
 from shiftbn.bn.moments import BNStats, Moments, SourceStats
-from shiftbn.models import SmallResNet, resnet18
+from shiftbn.studies.models import SmallResNet, resnet18
 
 
 def _data(samples: int) -> sb.SourceTaggedDataset:

@@ -30,7 +30,7 @@ from torch.utils.data import TensorDataset
 import shiftbn as sb
 from shiftbn._torch import stack_inputs
 from shiftbn.evaluate import cross_source_matrix
-from shiftbn.models import SmallCNN
+from shiftbn.studies.models import SmallCNN
 
 STRATEGIES = ["source", "precise", "target", "prior:16:k=1", "batch:64:k=1", "stats:*"]
 

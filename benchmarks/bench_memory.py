@@ -68,7 +68,7 @@ def _child(kind: str, n: int) -> dict:
 
     torch.set_num_threads(1)
     if kind == "matrix":
-        from shiftbn.models import SmallCNN
+        from shiftbn.studies.models import SmallCNN
 
         sources = 4
         ds = sb.SourceTaggedDataset(_Synth(n, sources), [f"s{i % sources}" for i in range(n)],

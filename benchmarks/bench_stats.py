@@ -40,7 +40,7 @@ from torch import nn
 
 import shiftbn as sb
 import shiftbn.bn.collect as collect_mod
-from shiftbn.models import SmallResNet, resnet18
+from shiftbn.studies.models import SmallResNet, resnet18
 
 SHAPES = {"resnet18": (40, 32, 96), "smallresnet": (20, 64, 32)}
 TARGETS = {"resnet18": 0.95, "smallresnet": 0.85}

@@ -7,8 +7,8 @@ import torch
 import shiftbn as sb
 from shiftbn.adapt import Strategy, parse_strategy, register_strategy
 from shiftbn.evaluate import cross_source_matrix
-from shiftbn.models import SmallCNN
-from shiftbn.train import train
+from shiftbn.studies.models import SmallCNN
+from shiftbn.studies.training import train
 from tests.helpers import assert_same_state, state_of
 
 TRAIN = ["lab_a", "lab_b", "lab_c", "lab_d"]

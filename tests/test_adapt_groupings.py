@@ -10,14 +10,14 @@ from shiftbn._torch import batch_stats_logits, stack_inputs
 from shiftbn.adapt import grouping_seed
 from shiftbn.evaluate import cross_source_matrix
 from shiftbn.evaluate.metrics import metric_value
-from shiftbn.models import MLP
+from shiftbn.studies.models import MLP
 
 
 @pytest.fixture(scope="module")
 def blobs():
     ds = sb.load("blobs-labs", n=120)
     model = MLP(16, 3, hidden=16)
-    sb.train(model, ds, steps=5, batch_size=16, progress=False)
+    sb.studies.train(model, ds, steps=5, batch_size=16, progress=False)
     return model.eval(), ds
 
 

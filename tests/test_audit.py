@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 import shiftbn as sb
-from shiftbn.evaluate.audit import _scores, audit_batches, audit_samplers, builtin_samplers
-from shiftbn.models import SmallCNN
 from shiftbn.samplers import SourceBatchSampler
+from shiftbn.sites.audit import _scores, audit_batches, audit_samplers, builtin_samplers
+from shiftbn.studies.models import SmallCNN
 from tests.helpers import assert_same_state, state_of
 
 
@@ -110,7 +110,7 @@ def test_bad_input(labs):
 
 
 def test_report_audit_marks_the_training_sampler(labs):
-    from shiftbn.report.decisions import audit_table
+    from shiftbn.studies.report.decisions import audit_table
 
     table = audit_table(labs, 32, "single", seed=0)
     assert table.loc[table["trained_with"], "sampler"].tolist() == ["single"]

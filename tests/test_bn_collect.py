@@ -5,7 +5,7 @@ from torch import nn
 
 import shiftbn as sb
 from shiftbn.data import ArrayDataset
-from shiftbn.models import SharedHeadNet, SmallCNN
+from shiftbn.studies.models import SharedHeadNet, SmallCNN
 from tests.helpers import assert_same_state, capture_bn_inputs, moments_of, reference_moments, state_of
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 import shiftbn as sb
 import shiftbn._io as io_mod
-import shiftbn.bn.files as files_mod
+import shiftbn.sites.files as files_mod
 from tests.helpers import reference_moments
 
 SITES = [f"site_{k}" for k in "abcde"]
@@ -50,8 +50,8 @@ def test_five_site_files_merge_to_one_pass_over_the_union(tmp_path):
     paths = []
     for s in SITES:  # each site alone, as it would on its own machine
         st = sb.collect_stats(model, ds.subset(s), mode="eval", batch_size=4, progress=False)
-        paths.append(sb.save_stats(st, tmp_path / f"{s}.stats", model=model))
-    merged = sb.merge_stats(*paths, model=model)
+        paths.append(sb.sites.save_stats(st, tmp_path / f"{s}.stats", model=model))
+    merged = sb.sites.merge_stats(*paths, model=model)
     assert list(merged) == SITES and merged.mode == "eval"
     union = sb.collect_stats(model, ds, by_source=False, mode="eval", batch_size=5, progress=False)["pooled"]
     pooled = merged.pooled()
@@ -77,8 +77,8 @@ def test_round_trip_is_bit_exact_and_deterministic(tmp_path):
     model = _model()
     st = _two_sources(model)
     st.passes = 3
-    p = sb.save_stats(st, tmp_path / "a.stats", model=model, extra={"site": "x", "n": [1, 2]})
-    back = sb.read_stats(p, model=model)
+    p = sb.sites.save_stats(st, tmp_path / "a.stats", model=model, extra={"site": "x", "n": [1, 2]})
+    back = sb.sites.read_stats(p, model=model)
     assert list(back) == list(st) and back.mode == st.mode and back.passes == 3
     for name in st:
         assert back[name].num_samples == st[name].num_samples
@@ -87,24 +87,24 @@ def test_round_trip_is_bit_exact_and_deterministic(tmp_path):
             assert back[name][k].count == m.count
             assert back[name][k].mean.dtype == np.float64
             assert back[name][k].mean.tobytes() == m.mean.tobytes() and back[name][k].m2.tobytes() == m.m2.tobytes()
-    header = sb.read_stats_header(p)
+    header = sb.sites.read_stats_header(p)
     assert header.sources == {n: st[n].num_samples for n in st} and header.extra == {"site": "x", "n": [1, 2]}
-    assert header.fingerprint == sb.model_fingerprint(model)
-    p2 = sb.save_stats(back, tmp_path / "b.stats", model=model, extra={"site": "x", "n": [1, 2]})
+    assert header.fingerprint == sb.sites.model_fingerprint(model)
+    p2 = sb.sites.save_stats(back, tmp_path / "b.stats", model=model, extra={"site": "x", "n": [1, 2]})
     assert p2.read_bytes() == p.read_bytes()
 
 
 def test_a_bnstats_is_stored_under_its_source_name(tmp_path):
     model = _model()
     bn = _two_sources(model).pooled()
-    back = sb.read_stats(sb.save_stats(bn, tmp_path / "p.stats", model=model, source="hospital_3"))
+    back = sb.sites.read_stats(sb.sites.save_stats(bn, tmp_path / "p.stats", model=model, source="hospital_3"))
     assert list(back) == ["hospital_3"] and back["hospital_3"]["4"].count == bn["4"].count
     with pytest.raises(ValueError, match="renames a single source"):
-        sb.save_stats(_two_sources(model), tmp_path / "q.stats", model=model, source="x")
+        sb.sites.save_stats(_two_sources(model), tmp_path / "q.stats", model=model, source="x")
     with pytest.raises(TypeError, match="not sample moments"):
-        sb.save_stats(sb.SourceStats({"a": sb.buffer_stats(model)}), tmp_path / "q.stats", model=model)
+        sb.sites.save_stats(sb.SourceStats({"a": sb.buffer_stats(model)}), tmp_path / "q.stats", model=model)
     with pytest.raises(TypeError, match="JSON-serializable"):
-        sb.save_stats(bn, tmp_path / "q.stats", model=model, extra={"x": object()})
+        sb.sites.save_stats(bn, tmp_path / "q.stats", model=model, extra={"x": object()})
     assert not (tmp_path / "q.stats").exists()
 
 
@@ -132,11 +132,11 @@ class _Wrapped(nn.Module):
 ])
 def test_statistics_of_another_model_are_refused_naming_the_field(tmp_path, other, field):
     model = _model()
-    p = sb.save_stats(_two_sources(model), tmp_path / "a.stats", model=model)
+    p = sb.sites.save_stats(_two_sources(model), tmp_path / "a.stats", model=model)
     with pytest.raises(ValueError, match="another model: " + field):
-        sb.read_stats(p, model=other())
+        sb.sites.read_stats(p, model=other())
     with pytest.raises(ValueError, match="another model"):
-        sb.merge_stats(p, model=other())
+        sb.sites.merge_stats(p, model=other())
 
 
 def _perturbed():
@@ -149,11 +149,11 @@ def _perturbed():
 def test_a_recalibrated_model_still_matches_its_statistics(tmp_path):
     model = _model()
     st = _two_sources(model)
-    p = sb.save_stats(st, tmp_path / "a.stats", model=model)
+    p = sb.sites.save_stats(st, tmp_path / "a.stats", model=model)
     sb.load_stats(model, st["site_b"])  # BN running statistics are not part of the fingerprint
     model.train()
-    assert sb.read_stats(p, model=model)["site_b"]["1"].count == st["site_b"]["1"].count
-    fp = sb.model_fingerprint(model)
+    assert sb.sites.read_stats(p, model=model)["site_b"]["1"].count == st["site_b"]["1"].count
+    fp = sb.sites.model_fingerprint(model)
     assert not any("running" in t["name"] or "num_batches" in t["name"] for t in fp["tensors"])
     assert {"1.weight", "1.bias", "0.weight"} <= {t["name"] for t in fp["tensors"]}
 
@@ -163,31 +163,31 @@ def test_another_format_version_is_refused(tmp_path, monkeypatch):
     st = _two_sources(model)
     for version, fix in ((2, "upgrade shiftbn"), (0, "export the statistics again")):
         monkeypatch.setattr(files_mod, "FORMAT_VERSION", version)
-        p = sb.save_stats(st, tmp_path / f"v{version}.stats", model=model)
+        p = sb.sites.save_stats(st, tmp_path / f"v{version}.stats", model=model)
         monkeypatch.setattr(files_mod, "FORMAT_VERSION", 1)
         with pytest.raises(ValueError, match=f"format version {version}.*reads version 1: {fix}"):
-            sb.read_stats(p)
+            sb.sites.read_stats(p)
 
 
 def test_truncated_and_flipped_files_are_refused(tmp_path):
     model = _model()
-    p = sb.save_stats(_two_sources(model), tmp_path / "a.stats", model=model)
+    p = sb.sites.save_stats(_two_sources(model), tmp_path / "a.stats", model=model)
     data = p.read_bytes()
     bad = tmp_path / "bad.stats"
     for cut in (0, 3, 8, 20, len(data) // 2, len(data) - 8, len(data) - 1):
         bad.write_bytes(data[:cut])
         with pytest.raises(ValueError, match="not a shiftbn statistics file|truncated|damaged"):
-            sb.read_stats(bad)
+            sb.sites.read_stats(bad)
     positions = sorted(set(range(0, len(data), 5)) | set(range(len(data) - 64, len(data))))
     for i in positions:  # header (length, layout, shiftbn JSON) and arrays: a flip anywhere is caught
         flipped = bytearray(data)
         flipped[i] ^= 0x01 if i % 2 else 0xFF
         bad.write_bytes(bytes(flipped))
         with pytest.raises(ValueError):
-            sb.read_stats(bad)
+            sb.sites.read_stats(bad)
     bad.write_bytes(data + b"\0")
     with pytest.raises(ValueError, match="damaged or truncated"):
-        sb.read_stats(bad)
+        sb.sites.read_stats(bad)
 
 
 class _Payload:
@@ -200,18 +200,18 @@ class _Payload:
 
 def test_pickle_is_never_used(tmp_path, monkeypatch):
     model = _model()
-    good = sb.save_stats(_two_sources(model), tmp_path / "a.stats", model=model)
+    good = sb.sites.save_stats(_two_sources(model), tmp_path / "a.stats", model=model)
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.stats"
     evil.write_bytes(pickle.dumps({"x": _Payload(marker)}, protocol=2))
     with pytest.raises(ValueError, match="pickle"):
-        sb.read_stats(evil)
+        sb.sites.read_stats(evil)
     torch.save({"x": torch.zeros(2)}, tmp_path / "t.stats")
     with pytest.raises(ValueError, match="pickle or torch.save"):
-        sb.read_stats(tmp_path / "t.stats")
+        sb.sites.read_stats(tmp_path / "t.stats")
     (tmp_path / "s.json").write_text(json.dumps(_two_sources(model).to_dict()))
     with pytest.raises(ValueError, match="looks like JSON"):
-        sb.read_stats(tmp_path / "s.json")
+        sb.sites.read_stats(tmp_path / "s.json")
 
     def refuse(*a, **k):
         raise AssertionError("pickle used")
@@ -220,9 +220,9 @@ def test_pickle_is_never_used(tmp_path, monkeypatch):
         monkeypatch.setattr(pickle, name, refuse)
     monkeypatch.setattr(torch, "load", refuse)
     for _ in range(2):  # the valid file still reads, with every unpickler disabled
-        assert len(sb.read_stats(good, model=model)) == 2
+        assert len(sb.sites.read_stats(good, model=model)) == 2
         with pytest.raises(ValueError):
-            sb.read_stats(evil)
+            sb.sites.read_stats(evil)
     assert not marker.exists()
 
 
@@ -230,47 +230,47 @@ def test_min_count_refuses_small_sources(tmp_path):
     model = _model()
     st = _two_sources(model)  # 6 and 10 samples
     with pytest.raises(ValueError, match=r"\{'site_a': 6\} hold fewer than min_count 7 samples"):
-        sb.save_stats(st, tmp_path / "a.stats", model=model, min_count=7)
+        sb.sites.save_stats(st, tmp_path / "a.stats", model=model, min_count=7)
     assert not (tmp_path / "a.stats").exists()
     for bad in (0, True, 2.5):
         with pytest.raises(ValueError, match="min_count must be a whole number"):
-            sb.save_stats(st, tmp_path / "a.stats", model=model, min_count=bad)
-    p = sb.save_stats(st, tmp_path / "a.stats", model=model, min_count=6)
-    assert sb.read_stats_header(p).min_count == 6
+            sb.sites.save_stats(st, tmp_path / "a.stats", model=model, min_count=bad)
+    p = sb.sites.save_stats(st, tmp_path / "a.stats", model=model, min_count=6)
+    assert sb.sites.read_stats_header(p).min_count == 6
 
 
 def test_merge_rules(tmp_path):
     model = _model()
     st = _two_sources(model)
-    a = sb.save_stats(sb.SourceStats({"site_a": st["site_a"]}), tmp_path / "a.stats", model=model)
-    a2 = sb.save_stats(sb.SourceStats({"site_a": st["site_b"]}), tmp_path / "a2.stats", model=model)
+    a = sb.sites.save_stats(sb.SourceStats({"site_a": st["site_a"]}), tmp_path / "a.stats", model=model)
+    a2 = sb.sites.save_stats(sb.SourceStats({"site_a": st["site_b"]}), tmp_path / "a2.stats", model=model)
     with pytest.raises(ValueError, match=r"source 'site_a' is in both .*a\.stats and .*a2\.stats"):
-        sb.merge_stats(a, a2)
-    both = sb.merge_stats([a, a2], duplicates="merge")["site_a"]  # a list works too
+        sb.sites.merge_stats(a, a2)
+    both = sb.sites.merge_stats([a, a2], duplicates="merge")["site_a"]  # a list works too
     expect = st["site_a"].merge(st["site_b"])
     assert both.num_samples == 16
     for k in expect.layers:
         assert both[k].mean.tobytes() == expect[k].mean.tobytes()
-    other = sb.save_stats(sb.SourceStats({"site_c": st["site_b"]}), tmp_path / "c.stats", model=_perturbed())
+    other = sb.sites.save_stats(sb.SourceStats({"site_c": st["site_b"]}), tmp_path / "c.stats", model=_perturbed())
     with pytest.raises(ValueError, match=r"different models.*tensor '3\.weight' values"):
-        sb.merge_stats(a, other)
-    ev = sb.save_stats(sb.SourceStats({"site_e": st["site_b"]}, mode="eval"), tmp_path / "e.stats", model=model)
+        sb.sites.merge_stats(a, other)
+    ev = sb.sites.save_stats(sb.SourceStats({"site_e": st["site_b"]}, mode="eval"), tmp_path / "e.stats", model=model)
     with pytest.raises(ValueError, match="different modes"):
-        sb.merge_stats(a, ev)
+        sb.sites.merge_stats(a, ev)
     with pytest.raises(TypeError, match="wrap BNStats"):
-        sb.merge_stats(a, st["site_b"])
-    mixed = sb.merge_stats(a, sb.SourceStats({"site_z": st["site_b"]}))  # in memory: trusted as it is
+        sb.sites.merge_stats(a, st["site_b"])
+    mixed = sb.sites.merge_stats(a, sb.SourceStats({"site_z": st["site_b"]}))  # in memory: trusted as it is
     assert list(mixed) == ["site_a", "site_z"]
     with pytest.raises(FileNotFoundError, match="statistics file not found"):
-        sb.merge_stats(tmp_path / "nope.stats")
+        sb.sites.merge_stats(tmp_path / "nope.stats")
     with pytest.raises(ValueError, match="is a folder"):
-        sb.read_stats(tmp_path)
+        sb.sites.read_stats(tmp_path)
 
 
 def test_an_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     model = _model()
     st = _two_sources(model)
-    p = sb.save_stats(st, tmp_path / "a.stats", model=model)
+    p = sb.sites.save_stats(st, tmp_path / "a.stats", model=model)
     before = p.read_bytes()
 
     def crash(fd):
@@ -278,8 +278,8 @@ def test_an_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(io_mod.os, "fsync", crash)  # after the bytes went to the temp file, before the rename
     with pytest.raises(OSError, match="disk full"):
-        sb.save_stats(st, tmp_path / "a.stats", model=model, extra={"new": True})
+        sb.sites.save_stats(st, tmp_path / "a.stats", model=model, extra={"new": True})
     with pytest.raises(OSError, match="disk full"):
-        sb.save_stats(st, tmp_path / "b.stats", model=model)
-    assert p.read_bytes() == before and sb.read_stats_header(p).extra is None
+        sb.sites.save_stats(st, tmp_path / "b.stats", model=model)
+    assert p.read_bytes() == before and sb.sites.read_stats_header(p).extra is None
     assert sorted(os.listdir(tmp_path)) == ["a.stats"]

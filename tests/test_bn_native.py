@@ -14,7 +14,7 @@ from torch import nn
 import shiftbn as sb
 from shiftbn.bn import native
 from shiftbn.bn.reduce import RunningMoments
-from shiftbn.models import SmallCNN3d, SmallResNet
+from shiftbn.studies.models import SmallCNN3d, SmallResNet
 from tests.helpers import assert_same_state, reference_moments, state_of
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler here: the torch paths are tested")

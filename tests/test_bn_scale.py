@@ -14,7 +14,7 @@ from torch import nn
 import shiftbn as sb
 from shiftbn.bn import native
 from shiftbn.bn.reduce import RunningMoments, fused_sums
-from shiftbn.models import SmallCNN3d
+from shiftbn.studies.models import SmallCNN3d
 from tests.helpers import assert_same_state, capture_bn_inputs, moments_of, reference_moments, state_of
 
 ROOT = Path(__file__).resolve().parents[1]

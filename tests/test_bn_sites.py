@@ -2,7 +2,7 @@ import pytest
 
 import shiftbn as sb
 from shiftbn.bn import site_key, split_site
-from shiftbn.models import SharedHeadNet
+from shiftbn.studies.models import SharedHeadNet
 
 
 @pytest.mark.parametrize("name", ["head_bn", "layer1.0.bn1", "features.8", "<root>", "odd@name", "x@1"])

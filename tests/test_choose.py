@@ -8,10 +8,10 @@ from scipy.stats import entropy
 
 import shiftbn as sb
 from shiftbn.evaluate import cross_source_matrix
-from shiftbn.evaluate.atc import confidence_scores, fit_atc
-from shiftbn.protocols import choice_summary
-from shiftbn.protocols.base import TrainConfig
-from shiftbn.protocols.common import fit
+from shiftbn.sites.atc import confidence_scores, fit_atc
+from shiftbn.studies import choice_summary
+from shiftbn.studies.base import TrainConfig
+from shiftbn.studies.common import fit
 from tests.helpers import assert_same_state, state_of
 
 
@@ -52,7 +52,7 @@ def test_choose_ranks_every_candidate_without_the_sites_labels(blobs_case):
     before = state_of(model)
     kept: dict = {}
     cal = (sp.calibration, sp.test)
-    table = sb.choose_strategy(model, ds, "lab_3", ["source", "target", "prior:16"], calibration=cal,
+    table = sb.sites.choose_strategy(model, ds, "lab_3", ["source", "target", "prior:16"], calibration=cal,
                                keep_outputs=kept)
     assert_same_state(model, before)
     assert list(table["strategy"]) == ["source", "target", "prior:16"]
@@ -66,7 +66,7 @@ def test_choose_ranks_every_candidate_without_the_sites_labels(blobs_case):
         part.labels = part.labels.copy()
         site = part.source_ids == part.source_id("lab_3")
         part.labels[site] = np.random.default_rng(0).integers(0, 3, site.sum())
-    again = sb.choose_strategy(model, ds, "lab_3", ["source", "target", "prior:16"], calibration=tuple(scrambled))
+    again = sb.sites.choose_strategy(model, ds, "lab_3", ["source", "target", "prior:16"], calibration=tuple(scrambled))
     pd.testing.assert_frame_equal(table, again)
     # kept outputs are the matrix's: their accuracy equals cross_source_matrix's on the same split
     m = cross_source_matrix(model, ds, ["source", "target"], calibration=cal, eval_sources=["lab_3"],
@@ -78,7 +78,7 @@ def test_choose_ranks_every_candidate_without_the_sites_labels(blobs_case):
 
 def test_source_distance_matches_an_independent_w2(blobs_case):
     ds, sp, model = blobs_case
-    table = sb.choose_strategy(model, ds, "lab_3", ["source"], calibration=(sp.calibration, sp.test))
+    table = sb.sites.choose_strategy(model, ds, "lab_3", ["source"], calibration=(sp.calibration, sp.test))
     own = sb.collect_stats(model, sp.calibration.subset("lab_3"), progress=False)["lab_3"]
     ema = sb.buffer_stats(model)
     dists = []
@@ -93,11 +93,11 @@ def test_source_distance_matches_an_independent_w2(blobs_case):
 def test_choose_refuses_bad_sites(blobs_case):
     ds, sp, model = blobs_case
     with pytest.raises(ValueError, match="unknown source"):
-        sb.choose_strategy(model, ds, "lab_9", ["source"])
+        sb.sites.choose_strategy(model, ds, "lab_9", ["source"])
     with pytest.raises(ValueError, match="also in labeled"):
-        sb.choose_strategy(model, ds, "lab_3", ["source"], labeled=["lab_3", "lab_0"])
+        sb.sites.choose_strategy(model, ds, "lab_3", ["source"], labeled=["lab_3", "lab_0"])
     with pytest.raises(ValueError, match="range_factor"):
-        sb.choose_strategy(model, ds, "lab_3", ["source"], range_factor=0)
+        sb.sites.choose_strategy(model, ds, "lab_3", ["source"], range_factor=0)
 
 
 def test_chooser_avoids_source_statistics_on_the_far_shifted_lab():
@@ -105,7 +105,7 @@ def test_chooser_avoids_source_statistics_on_the_far_shifted_lab():
     sp = ds.split(fractions=(0.6, 0.2, 0.2), seed=0)
     rest = [s for s in ds.sources_present if s != "lab_e"]
     model = fit(TrainConfig(model={"name": "SmallCNN", "width": 8}, steps=100), sp.train.subset(rest), 0)
-    t = sb.choose_strategy(model, ds, "lab_e", ["source", "target"], calibration=(sp.calibration, sp.test))
+    t = sb.sites.choose_strategy(model, ds, "lab_e", ["source", "target"], calibration=(sp.calibration, sp.test))
     t = t.set_index("strategy")
     assert not t.loc["source", "in_range"] and t.loc["target", "chosen"]
     # ATC alone would have picked the collapsed, confidently wrong source statistics

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import shiftbn as sb
-from shiftbn.cli import build_parser, main
+from shiftbn.cli.main import build_parser, main
 from tests.helpers import write_user_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli(*args, cwd=None, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "shiftbn.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "shiftbn.cli.main", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
 
 
@@ -114,7 +114,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     assert full.returncode == 0, full.stderr
     assert (tmp_path / "full" / "figure.png").stat().st_size > 1000
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "shiftbn.cli", "run", str(spec), "--out", str(tmp_path / "cut"),
+    proc = subprocess.Popen([sys.executable, "-m", "shiftbn.cli.main", "run", str(spec), "--out", str(tmp_path / "cut"),
                              "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cells = tmp_path / "cut" / "cells"
     deadline = time.time() + 120
@@ -298,12 +298,12 @@ def test_resume_under_another_thread_count_is_refused_naming_both(tmp_path, caps
 def test_reference_model_with_kwargs_and_a_lightning_checkpoint(tmp_path, monkeypatch, capsys):
     proj = _user_project(tmp_path)
     monkeypatch.chdir(proj)
-    from shiftbn.models import resnet18
+    from shiftbn.studies.models import resnet18
 
     net = resnet18(num_classes=2, in_channels=1)
     lightning = {"epoch": 3, "global_step": 120, "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}
     torch.save(lightning, proj / "last.ckpt")
-    base = ["matrix", "--model", "shiftbn.models:resnet18", "--model-kwargs", "num_classes=2", "in_channels=1",
+    base = ["matrix", "--model", "shiftbn.studies.models:resnet18", "--model-kwargs", "num_classes=2", "in_channels=1",
             "--weights", "last.ckpt", "--data", "data", "--batch-size", "4", "--strategies", "source", "--no-progress",
             "--out", "mx"]
     assert main(base) == 2

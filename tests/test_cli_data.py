@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from shiftbn.cli import _add_user_model_args, _load_user_data
+from shiftbn.cli.main import _add_user_model_args, _load_user_data
 
 
 def _args(*argv):

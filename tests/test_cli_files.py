@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import shiftbn as sb
-from shiftbn.cli import main
+from shiftbn.cli.main import main
 
 SITES = ("site_a", "site_b", "site_c")
 
@@ -75,9 +75,9 @@ def test_site_files_merge_and_recalibrate_as_the_images_would(proj, capsys):
         assert main(["stats", *_common(f"only_{s}"), "--out", f"{s}.stats", "--min-count", "8"]) == 0
     assert main(["merge", *(f"{s}.stats" for s in SITES), "--out", "all.stats"]) == 0
     assert main(["merge", *(f"{s}.stats" for s in SITES), "--out", "pooled.stats", "--pool"]) == 0
-    assert sb.read_stats_header("all.stats").sources == dict.fromkeys(SITES, 8)
-    assert sb.read_stats_header("site_a.stats").extra["batch_size"] == 3
-    assert list(sb.read_stats("pooled.stats")) == ["pooled"]
+    assert sb.sites.read_stats_header("all.stats").sources == dict.fromkeys(SITES, 8)
+    assert sb.sites.read_stats_header("site_a.stats").extra["batch_size"] == 3
+    assert list(sb.sites.read_stats("pooled.stats")) == ["pooled"]
     # one site's statistics from the files == recalibrating on the union of the images with --target
     assert main(["recalibrate", *_model_args(), "--stats", "all.stats", "--target", "site_b", "--output", "f.pt"]) == 0
     assert main(["recalibrate", *_common(), "--target", "site_b", "--output", "d.pt"]) == 0
@@ -92,7 +92,7 @@ def test_site_files_merge_and_recalibrate_as_the_images_would(proj, capsys):
     for a, b, c in zip(_bn("fp.pt"), _bn("dp.pt"), _bn("fp2.pt"), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         assert torch.equal(a, c)
-    ref = sb.read_stats("all.stats").pooled()["1"]  # and against the float64 moments themselves
+    ref = sb.sites.read_stats("all.stats").pooled()["1"]  # and against the float64 moments themselves
     np.testing.assert_allclose(_bn("fp.pt")[0].numpy(), ref.mean, rtol=1e-6)
     np.testing.assert_allclose(_bn("fp.pt")[1].numpy(), ref.var, rtol=1e-6)
     assert not _bn("fp.pt")[0].equal(_bn("w.pt")[0])
@@ -117,7 +117,7 @@ def test_matrix_takes_site_statistics_from_files(proj, capsys):
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255)[None]
                      for p in sorted((proj / "data" / "site_c").rglob("*.png"))])
     y = torch.tensor([int("pos" in str(p)) for p in sorted((proj / "data" / "site_c").rglob("*.png"))])
-    with sb.use_stats(model, sb.read_stats("site_a.stats")["site_a"]), torch.no_grad():
+    with sb.use_stats(model, sb.sites.read_stats("site_a.stats")["site_a"]), torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert cell[("stats:site_a", "site_c")] == pytest.approx(acc)
     # refusals: one line, exit 2
@@ -137,7 +137,7 @@ def test_matrix_takes_site_statistics_from_files(proj, capsys):
 def test_statistics_file_errors_are_one_line(proj, capsys):
     assert main(["stats", *_common(), "--out", "two.stats"]) == 0
     assert main(["stats", *_common("only_site_a"), "--out", "a.stats", "--site", "hospital_1"]) == 0
-    assert list(sb.read_stats("a.stats")) == ["hospital_1"]
+    assert list(sb.sites.read_stats("a.stats")) == ["hospital_1"]
     assert "{'site_a': 8} hold fewer than --min-count 9 samples" in _err(
         capsys, main(["stats", *_common("only_site_a"), "--out", "small.stats", "--min-count", "9"]))
     assert not (proj / "small.stats").exists()
@@ -162,5 +162,5 @@ def test_statistics_file_errors_are_one_line(proj, capsys):
     assert "failed its checksum" in _err(capsys, main(["merge", "bad.stats", "a.stats", "--out", "m.stats"]))
     assert "is in both" in _err(capsys, main(["merge", "two.stats", "two.stats", "--out", "m.stats"]))
     assert main(["merge", "two.stats", "two.stats", "--merge-duplicates", "--out", "m.stats", "-q"]) == 0
-    assert sb.read_stats_header("m.stats").sources == {"site_a": 16, "site_b": 16, "site_c": 16}
+    assert sb.sites.read_stats_header("m.stats").sources == {"site_a": 16, "site_b": 16, "site_c": 16}
     assert "is a folder" in _err(capsys, main(["merge", "a.stats", "--out", "data"]))

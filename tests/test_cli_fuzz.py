@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from shiftbn.adapt import parse_strategy
-from shiftbn.cli import main
+from shiftbn.cli.main import main
 from tests.test_cli import _cli
 from tests.timeouts import deadline
 

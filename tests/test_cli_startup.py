@@ -1,4 +1,4 @@
-"""Fast start: ``import shiftbn.cli`` and ``shiftbn --help`` load no torch/pandas/matplotlib; the lazy
+"""Fast start: ``import shiftbn.cli.main`` and ``shiftbn --help`` load no torch/pandas/matplotlib; the lazy
 package root still resolves every public name."""
 
 import os
@@ -22,7 +22,7 @@ def _python(*args, timeout=120):
 
 
 def test_importing_the_cli_loads_no_heavy_library():
-    code = f"import shiftbn.cli, sys; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    code = f"import shiftbn.cli.main, sys; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     res, _ = _python("-c", code)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
@@ -42,15 +42,21 @@ def test_help_and_argument_errors_answer_fast():
 
 
 def test_every_public_name_resolves_in_a_fresh_process():
-    code = ("import inspect, shiftbn as sb\n"
-            "import shiftbn.train, shiftbn.evaluate.matrix\n"  # submodules named like the functions they export
-            "from shiftbn import RunFolder, collect_stats, train, evaluate\n"
+    code = ("import inspect, warnings, shiftbn as sb\n"
+            "import shiftbn.studies.training, shiftbn.sites.recalibration\n"
+            "from shiftbn import collect_stats\n"
+            "from shiftbn.studies import RunFolder, train\n"
             "missing = [n for n in sb.__all__ if getattr(sb, n, None) is None]\n"
             "assert not missing, missing\n"
-            "assert set(sb.__all__) <= set(dir(sb))\n"
-            "assert inspect.isfunction(sb.train) and inspect.isfunction(sb.evaluate), (sb.train, sb.evaluate)\n"
-            "assert train is sb.train and evaluate is sb.evaluate and RunFolder is sb.RunFolder\n"
+            "assert set(sb.__all__) <= set(dir(sb)) and len(sb.__all__) <= 30, len(sb.__all__)\n"
+            "assert inspect.isfunction(sb.studies.train) and inspect.isfunction(sb.sites.recalibrate)\n"
+            "assert inspect.ismodule(sb.evaluate) and inspect.ismodule(sb.sites) and inspect.ismodule(sb.studies)\n"
+            "assert train is sb.studies.train and RunFolder is sb.studies.RunFolder\n"
             "assert sb.bn.buffer_stats is sb.buffer_stats\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    assert sb.per_site_model is sb.sites.per_site_model\n"
+            "assert 'moved to shiftbn.sites.per_site_model' in str(w[0].message), w\n"
             "print('ok')")
     res, _ = _python("-c", code)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

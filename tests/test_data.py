@@ -157,7 +157,7 @@ def test_from_frame_csv_and_parquet(tmp_path):
     assert ds[2][0].shape == (3, 4, 4)
     pytest.importorskip("pyarrow")
     df.to_parquet(tmp_path / "m.parquet")
-    ds2 = sb.SourceTaggedDataset.from_frame(tmp_path / "m.parquet", path="file", label="diagnosis", source="site")
+    ds2 = sb.data.from_frame(tmp_path / "m.parquet", path="file", label="diagnosis", source="site")
     assert torch.equal(ds2[1][0], ds[1][0])
     with pytest.raises(ValueError, match="lacks column"):
         from_frame(df, path="nope")

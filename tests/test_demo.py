@@ -2,7 +2,7 @@ import re
 
 import pandas as pd
 
-from shiftbn.cli import main
+from shiftbn.cli.main import main
 
 
 def test_quick_demo_writes_a_self_contained_report(tmp_path, capsys):

@@ -14,24 +14,23 @@ import torch
 
 import shiftbn as sb
 from shiftbn.evaluate import METRICS, Metric, register_metric
-from shiftbn.models import MLP
-from shiftbn.protocols import STUDIES, FigureSpec, Study, make_study, parse_spec
-from shiftbn.protocols.common import fit
+from shiftbn.studies import STUDIES, FigureSpec, Study, make_study, parse_spec
+from shiftbn.studies.common import fit
+from shiftbn.studies.models import MLP
 
 PKG = Path(sb.__file__).resolve().parent
 
-# Bottom to top; a module may import only from its own layer or below.
+# Bottom to top; a module may import only from its own layer or below (../shared/DESIGN.md).
 LAYERS = [
     ("shiftbn._torch", "shiftbn._io", "shiftbn._lock", "shiftbn._log", "shiftbn._names", "shiftbn._version",
      "shiftbn._safefile"),
     ("shiftbn.data", "shiftbn.samplers"),
     ("shiftbn.bn",),
-    ("shiftbn.adapt", "shiftbn.train", "shiftbn.models"),
+    ("shiftbn.adapt",),
     ("shiftbn.evaluate",),
-    ("shiftbn.protocols",),
-    ("shiftbn.runs", "shiftbn.runner", "shiftbn.report"),
-    ("shiftbn.demo", "shiftbn.cli", "shiftbn.cli_dist", "shiftbn.cli_files", "shiftbn.cli_monitor",
-     "shiftbn.__main__"),
+    ("shiftbn.sites",),
+    ("shiftbn.studies",),
+    ("shiftbn.cli", "shiftbn.integrations", "shiftbn.__main__"),
 ]
 
 
@@ -42,17 +41,6 @@ def _layer(module: str) -> int:
     raise AssertionError(f"module {module} is in no layer of the design; add it to LAYERS")
 
 
-def _imports(path: Path) -> set[str]:
-    """Every shiftbn module a file imports, at top level or inside functions."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("shiftbn"):
-            out.add(node.module)
-        elif isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("shiftbn")}
-    return out
-
-
 def _module_name(path: Path) -> str:
     rel = path.relative_to(PKG.parent).with_suffix("")
     parts = list(rel.parts)
@@ -61,13 +49,56 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _path_of(module: str) -> Path | None:
+    base = PKG.parent.joinpath(*module.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def _reexports(package: str) -> dict[str, str]:
+    """name -> defining module for the names a package's ``__init__`` imports from its own submodules."""
+    path = _path_of(package)
+    out: dict[str, str] = {}
+    if path is None or path.name != "__init__.py":
+        return out
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package + "."):
+            out.update({a.asname or a.name: node.module for a in node.names})
+    return out
+
+
+def _edges(path: Path) -> set[str]:
+    """The shiftbn modules a file depends on, at top level or inside functions; a name imported from a
+    package resolves to the submodule that defines it (so ``from shiftbn.bn import native`` inside
+    ``bn/`` is an edge to ``shiftbn.bn.native``, not to the package)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("shiftbn"):
+            reexp = _reexports(node.module)
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if _path_of(sub) else reexp.get(a.name, node.module))
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("shiftbn")}
+    return out
+
+
+def _imports(path: Path) -> set[str]:
+    return _edges(path)
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): _edges(p) for p in sorted(PKG.rglob("*.py"))}
+
+
 def test_imports_point_one_way():
     upward = []
-    for path in sorted(PKG.rglob("*.py")):
-        name = _module_name(path)
+    for name, imported_set in _graph().items():
         if name == "shiftbn":
-            continue  # the package root exports everything
-        for imported in _imports(path):
+            continue  # the package root names the core lazily
+        for imported in imported_set:
             if imported == "shiftbn":
                 upward.append(f"{name} imports the package root")
             elif _layer(imported) > _layer(name):
@@ -75,10 +106,60 @@ def test_imports_point_one_way():
     assert not upward, "\n".join(upward)
 
 
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (or a module importing itself)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph.get(v, ()):
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_anywhere():
+    graph = {k: v - {"shiftbn"} for k, v in _graph().items() if k != "shiftbn"}
+    assert not _cycles(graph), _cycles(graph)
+
+
+def test_cycle_finder_can_fail():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_top_level_is_the_core_only():
+    assert len(sb.__all__) <= 30, sb.__all__
+    wings = ("shiftbn.sites", "shiftbn.studies", "shiftbn.cli", "shiftbn.integrations")
+    assert not [n for n, m in sb._WHERE.items() if m.startswith(wings)]
+
+
 def test_layer_walk_can_fail(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from shiftbn.report import save\n")
-    assert "shiftbn.report" in _imports(bad) and _layer("shiftbn.report") > _layer("shiftbn.bn")
+    bad.write_text("def f():\n    from shiftbn.studies.report import save\n")
+    assert "shiftbn.studies.report.figures" in _imports(bad) and _layer("shiftbn.studies") > _layer("shiftbn.bn")
 
 
 def test_no_strings_parsed_back_out_of_results():
@@ -92,13 +173,13 @@ def test_no_strings_parsed_back_out_of_results():
 def trained():
     ds = sb.load("blobs-labs", n=240)
     sp = ds.split(fractions=(0.5, 0.25, 0.25), seed=0)
-    model = fit(sb.TrainConfig(model=lambda seed: MLP(16, 3, seed=seed), steps=30), sp.train, seed=0)
+    model = fit(sb.studies.TrainConfig(model=lambda seed: MLP(16, 3, seed=seed), steps=30), sp.train, seed=0)
     return model, ds
 
 
 def test_strategy_objects_equal_their_spec_strings(trained):
     model, ds = trained
-    objs = sb.cross_source_matrix(model, ds, [sb.Source(), sb.Prior(16), sb.Target(), sb.StatsFromEach()],
+    objs = sb.cross_source_matrix(model, ds, [sb.adapt.Source(), sb.adapt.Prior(16), sb.adapt.Target(), sb.adapt.StatsFromEach()],
                                   progress=False)
     strs = sb.cross_source_matrix(model, ds, ["source", "prior:16", "target", "stats:*"], progress=False)
     pd.testing.assert_frame_equal(objs, strs)
@@ -181,7 +262,7 @@ def test_a_new_study_is_one_class(tmp_path):
 
         def cell(self, ds, seed, value):
             sp = ds.split(fractions=self.train.fractions, seed=seed)
-            model = fit(sb.TrainConfig(model={"name": "MLP", "hidden": value}, steps=self.train.steps), sp.train, seed)
+            model = fit(sb.studies.TrainConfig(model={"name": "MLP", "hidden": value}, steps=self.train.steps), sp.train, seed)
             table = sb.cross_source_matrix(model, ds, ["source", "target"], calibration=(sp.calibration, sp.test),
                                            progress=False)
             return table.assign(width=value, seed=seed)
@@ -189,8 +270,8 @@ def test_a_new_study_is_one_class(tmp_path):
     try:
         spec = parse_spec({"study": {"protocol": "source_vs_target_test", "dataset": {"name": "blobs-labs", "n": 150}},
                            "params": {"widths": [4, 8], "steps": 10, "seeds": [0, 1]}})
-        run = sb.RunFolder(tmp_path / "run", {"spec": "test"})
-        table = sb.run_study(spec, run, progress=False)
+        run = sb.studies.RunFolder(tmp_path / "run", {"spec": "test"})
+        table = sb.studies.run_study(spec, run, progress=False)
         assert (tmp_path / "run" / "figure.png").stat().st_size > 1000
         assert set(table["width"]) == {4, 8} and set(table["seed"]) == {0, 1}
         with pytest.raises(ValueError, match=r"\[params\] widths"):
@@ -220,16 +301,16 @@ def test_recalibrate_verb_matches_collect_and_load(trained):
     a, b = [type(model)(16, 3) for _ in range(2)]
     a.load_state_dict(model.state_dict())
     b.load_state_dict(model.state_dict())
-    stats = sb.recalibrate(a, ds, target="lab_1", progress=False)
+    stats = sb.sites.recalibrate(a, ds, target="lab_1", progress=False)
     ref = sb.collect_stats(b, ds.subset("lab_1"), progress=False)["lab_1"]
     sb.load_stats(b, ref)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     assert stats.num_samples == len(ds.indices_of("lab_1"))
     with pytest.raises(ValueError, match="needs target="):
-        sb.recalibrate(a, ds, method="target")
+        sb.sites.recalibrate(a, ds, method="target")
     with pytest.raises(ValueError, match="unknown method 'adabn'"):
-        sb.recalibrate(a, ds, target="lab_1", method="adabn")
+        sb.sites.recalibrate(a, ds, target="lab_1", method="adabn")
 
 
 def test_nan_outputs_are_refused_naming_strategy_and_source(trained):

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 import shiftbn as sb
-from shiftbn.cli import main
+from shiftbn.cli.main import main
 from tests.distributed_helpers import free_port, run_ranks
 from tests.helpers import write_user_project
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import shiftbn as sb
 from shiftbn.bn.distributed import RankSync
-from shiftbn.protocols import parse_spec
+from shiftbn.studies import parse_spec
 from tests.distributed_helpers import outcome, run_ranks
 
 SPEC = {"study": {"protocol": "held_out_sources", "dataset": {"name": "blobs-labs", "n": 120}},
@@ -21,14 +21,14 @@ SPEC = {"study": {"protocol": "held_out_sources", "dataset": {"name": "blobs-lab
 
 def _open(path, rank, resume=False):
     sync = RankSync()
-    return sync.check(lambda: sb.RunFolder(path, {"spec": "t"}, resume=resume) if rank == 0 else None)
+    return sync.check(lambda: sb.studies.RunFolder(path, {"spec": "t"}, resume=resume) if rank == 0 else None)
 
 
 def _study(rank, world, out_dir):
     spec = parse_spec(SPEC)
     folder = os.path.join(out_dir, "dist")
     run = _open(folder, rank)
-    first = sb.run_study(spec, run, progress=False)
+    first = sb.studies.run_study(spec, run, progress=False)
     if run is not None:
         run.close()
         for name in sorted(os.listdir(os.path.join(folder, "cells")))[::3]:  # an interrupted run: cells lost
@@ -36,7 +36,7 @@ def _study(rank, world, out_dir):
         os.remove(os.path.join(folder, "results.csv"))
     dist.barrier()
     run = _open(folder, rank, resume=True)
-    again = sb.run_study(spec, run, progress=False)
+    again = sb.studies.run_study(spec, run, progress=False)
     if run is not None:
         run.close()
     refused = outcome(lambda: _open(folder, rank))  # rank 0's refusal reaches rank 1 too
@@ -46,8 +46,8 @@ def _study(rank, world, out_dir):
 def test_study_on_two_ranks_equals_one_process_and_resumes(tmp_path):
     ranks = run_ranks(_study, tmp_path)
     torch.set_num_threads(1)
-    with sb.RunFolder(tmp_path / "single", {"spec": "t"}) as run:
-        single = sb.run_study(parse_spec(SPEC), run, progress=False)
+    with sb.studies.RunFolder(tmp_path / "single", {"spec": "t"}) as run:
+        single = sb.studies.run_study(parse_spec(SPEC), run, progress=False)
     assert len(single) > 0 and single["held_out"].nunique() >= 3
     for res in ranks:
         pd.testing.assert_frame_equal(res["first"], single, check_exact=True)
@@ -66,7 +66,7 @@ def test_study_on_two_ranks_equals_one_process_and_resumes(tmp_path):
 def _dies(rank, world, out_dir):
     spec = parse_spec(SPEC)
     if rank == 1:
-        from shiftbn.protocols.heldout import HeldOutSources
+        from shiftbn.studies.heldout import HeldOutSources
 
         def die(self, ds, seed, value):
             time.sleep(0.5)
@@ -75,7 +75,7 @@ def _dies(rank, world, out_dir):
         HeldOutSources.cell = die
     run = _open(os.path.join(out_dir, "dies"), rank)
     t0 = time.monotonic()
-    res = outcome(lambda: sb.run_study(spec, run, progress=False))
+    res = outcome(lambda: sb.studies.run_study(spec, run, progress=False))
     return {**res, "seconds": time.monotonic() - t0}
 
 

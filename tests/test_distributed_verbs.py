@@ -47,11 +47,11 @@ def _verbs(rank, world, out_dir):
                                                        progress=False).to_dict())
     res["precise_buffers"] = {k: v.clone() for k, v in ddp.module.state_dict().items()}
     res["matrix"] = outcome(lambda: sb.cross_source_matrix(tiny_model(), ds, **MATRIX))
-    res["evaluate"] = outcome(lambda: sb.evaluate(tiny_model(), ds, "target", progress=False))
+    res["evaluate"] = outcome(lambda: sb.cross_source_matrix(tiny_model(), ds, ["target"], progress=False))
     model = tiny_model()
-    res["recal_target"] = outcome(lambda: sb.recalibrate(model, ds, target="lab_b", batch_size=4,
+    res["recal_target"] = outcome(lambda: sb.sites.recalibrate(model, ds, target="lab_b", batch_size=4,
                                                          progress=False).to_dict())
-    res["recal_precise"] = outcome(lambda: sb.recalibrate(model, ds, method="precise", batch_size=8,
+    res["recal_precise"] = outcome(lambda: sb.sites.recalibrate(model, ds, method="precise", batch_size=8,
                                                           progress=False).to_dict())
     res["recal_buffers"] = {k: v.clone() for k, v in model.state_dict().items()}
     tapped = {"strategies": ["source", "batch:4", "tent-offline:1"], "transductive": True, "batch_size": 5,
@@ -102,10 +102,10 @@ def test_every_verb_on_two_ranks_equals_one_process(tmp_path):
                                      "stats:lab_c", "prior:4", "per-source"}
     for res in ranks:
         assert_same_table(res["matrix"]["value"], table)
-        assert_same_table(res["evaluate"]["value"], sb.evaluate(tiny_model(), ds, "target", progress=False))
+        assert_same_table(res["evaluate"]["value"], sb.cross_source_matrix(tiny_model(), ds, ["target"], progress=False))
     model = tiny_model()
-    t = sb.recalibrate(model, ds, target="lab_b", batch_size=4, progress=False)
-    p = sb.recalibrate(model, ds, method="precise", batch_size=8, progress=False)
+    t = sb.sites.recalibrate(model, ds, target="lab_b", batch_size=4, progress=False)
+    p = sb.sites.recalibrate(model, ds, method="precise", batch_size=8, progress=False)
     for res in ranks:
         for name, single in (("recal_target", t), ("recal_precise", p)):
             got = sb.BNStats.from_dict(res[name]["value"])

@@ -11,10 +11,10 @@ from scipy import stats
 from torch import nn
 
 import shiftbn as sb
-from shiftbn.cli import main
-from shiftbn.evaluate.drift import OVERALL
-from shiftbn.evaluate.sample_moments import sample_moments
-from shiftbn.protocols import drift_summary
+from shiftbn.cli.main import main
+from shiftbn.sites.drift import OVERALL
+from shiftbn.sites.sample_moments import sample_moments
+from shiftbn.studies import drift_summary
 from tests.helpers import assert_same_state, reference_moments, state_of
 from tests.test_cli import _user_project
 
@@ -55,13 +55,13 @@ def test_sample_moments_give_exact_batch_moments():
 
 def test_score_distance_equals_stats_shift_w2():
     net = _net()
-    mon = sb.DriftMonitor(net, _images(60, 1), n_null=50)
+    mon = sb.sites.DriftMonitor(net, _images(60, 1), n_null=50)
     new = _images(30, 2, offset=0.3)
     res = mon.score(new)
     moments = {}
     for name, x in (("ref", _images(60, 1)), ("new", new)):
         got = reference_moments(net, [x], bn_train=False)
-        moments[name] = sb.BNStats({k: sb.Moments(c, m, v * c) for k, (c, m, v) in got.items()}, len(x))
+        moments[name] = sb.BNStats({k: sb.bn.Moments(c, m, v * c) for k, (c, m, v) in got.items()}, len(x))
     shift = sb.stats_shift(sb.SourceStats(moments), reference="ref").query("source == 'new'")
     want = shift.set_index("layer")["value"]
     got = res.layers.set_index("layer")["distance"]
@@ -79,7 +79,7 @@ def test_p_values_are_uniform_without_shift_and_small_with_one():
     ps, shifted = [], []
     for i in range(120):
         perm = rng.permutation(len(pool))
-        mon = sb.DriftMonitor(net, pool[perm[:80]], n_null=100, seed=i)
+        mon = sb.sites.DriftMonitor(net, pool[perm[:80]], n_null=100, seed=i)
         ps.append(mon.score(pool[perm[80:96]]).p_value)
         if i < 30:
             shifted.append(mon.score(pool[perm[80:96]] + 0.15).p_value)
@@ -91,13 +91,13 @@ def test_p_values_are_uniform_without_shift_and_small_with_one():
 def test_monitor_file_round_trips_and_refuses_bad_files(tmp_path):
     net = _net()
     y = np.arange(60) % 3
-    mon = sb.DriftMonitor(net, _images(60, 1), labels=y, n_null=60, alpha=0.01, seed=4)
+    mon = sb.sites.DriftMonitor(net, _images(60, 1), labels=y, n_null=60, alpha=0.01, seed=4)
     path = mon.save(tmp_path / "ref.monitor")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
     (size,) = struct.unpack("<Q", path.read_bytes()[:8])
     header = json.loads(json.loads(path.read_bytes()[8:8 + size])["__metadata__"]["shiftbn"])
     assert header["format"] == "shiftbn.drift-monitor" and header["version"] == 2 and header["alpha"] == 0.01
-    back = sb.DriftMonitor.load(net, path)
+    back = sb.sites.DriftMonitor.load(net, path)
     new = _images(20, 5, offset=0.05)
     a, b = mon.score(new), back.score(new)
     assert a.p_value == b.p_value and a.score == b.score and a.predicted_drop == b.predicted_drop
@@ -105,36 +105,36 @@ def test_monitor_file_round_trips_and_refuses_bad_files(tmp_path):
     bad = tmp_path / "bad.monitor"
     bad.write_bytes(b"\x80\x04not a safetensors file")
     with pytest.raises(ValueError, match="not a shiftbn drift-monitor file.*pickle"):
-        sb.DriftMonitor.load(net, bad)
+        sb.sites.DriftMonitor.load(net, bad)
     png = tmp_path / "slide.monitor"  # an image renamed: its first 8 bytes claim a huge header, never read whole
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(1000))
     with pytest.raises(ValueError, match=r"not a shiftbn drift-monitor file.*claim a [\d,]+-byte header"):
-        sb.DriftMonitor.load(net, png)
+        sb.sites.DriftMonitor.load(net, png)
     (tmp_path / "stats.json").write_text('{"mean": [0.0]}')
     with pytest.raises(ValueError, match=r"not a shiftbn drift-monitor file.*looks like JSON\. Write one with Drift"):
-        sb.DriftMonitor.load(net, tmp_path / "stats.json")
+        sb.sites.DriftMonitor.load(net, tmp_path / "stats.json")
     (tmp_path / "cut.monitor").write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated"):
-        sb.DriftMonitor.load(net, tmp_path / "cut.monitor")
+        sb.sites.DriftMonitor.load(net, tmp_path / "cut.monitor")
     raw = path.read_bytes().replace(b'\\"version\\": 2', b'\\"version\\": 9')
     (tmp_path / "v9.monitor").write_bytes(raw)
     with pytest.raises(ValueError, match="version 9"):
-        sb.DriftMonitor.load(net, tmp_path / "v9.monitor")
+        sb.sites.DriftMonitor.load(net, tmp_path / "v9.monitor")
     other = nn.Sequential(nn.Flatten(), nn.Linear(49, 4), nn.BatchNorm1d(4))
     with pytest.raises(ValueError, match="monitor of another model"):
-        sb.DriftMonitor.load(other, path)
+        sb.sites.DriftMonitor.load(other, path)
     retrained = _net()
     with torch.no_grad():
         next(retrained.parameters()).add_(1e-3)  # same layers, other weights
     with pytest.raises(ValueError, match="monitor of another model"):
-        sb.DriftMonitor.load(retrained, path)
+        sb.sites.DriftMonitor.load(retrained, path)
     damaged = bytearray(path.read_bytes())
     damaged[-3] ^= 0x01  # one bit of the last array
     (tmp_path / "damaged.monitor").write_bytes(bytes(damaged))
     with pytest.raises(ValueError, match="sha256"):
-        sb.DriftMonitor.load(net, tmp_path / "damaged.monitor")
+        sb.sites.DriftMonitor.load(net, tmp_path / "damaged.monitor")
     with pytest.raises(ValueError, match="n_null"):
-        sb.DriftMonitor(net, _images(10, 1), n_null=5)
+        sb.sites.DriftMonitor(net, _images(10, 1), n_null=5)
 
 
 def test_monitor_cli_alerts_with_exit_1_and_refuses_bad_input(tmp_path, monkeypatch, capsys):

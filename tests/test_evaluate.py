@@ -7,7 +7,7 @@ from torch import nn
 
 import shiftbn as sb
 from shiftbn.data import ArrayDataset
-from shiftbn.evaluate import cross_source_matrix, evaluate, metric_value, summarize
+from shiftbn.evaluate import cross_source_matrix, metric_value, summarize
 
 
 def _numpy_ece(p, y, bins=15):
@@ -78,13 +78,13 @@ def test_bad_inputs_name_the_fix():
         cross_source_matrix(model, ds, ["source"], eval_sources=["lab_9"], progress=False)
 
 
-def test_transductive_ci_evaluate_and_summary():
+def test_transductive_ci_one_strategy_and_summary():
     ds, model = _blobs_model()
     table = cross_source_matrix(model, ds, ["source", "target"], ["accuracy"], transductive=True, ci=0.9,
                                 n_boot=50, progress=False)
     assert (table["n"] == ds.counts().groupby("source")["n"].sum().values.repeat(1).tolist() * 2).all()
     assert ((table["ci_low"] <= table["value"]) & (table["value"] <= table["ci_high"])).all()
-    one = evaluate(model, ds, "target", ["accuracy", "nll"], progress=False)
+    one = cross_source_matrix(model, ds, ["target"], ["accuracy", "nll"], progress=False)
     assert set(one["strategy"]) == {"target"} and len(one) == 8
     fake = pd.DataFrame({"strategy": "s", "metric": ["accuracy"] * 3 + ["nll"] * 3,
                          "eval_source": list("abc") * 2, "value": [0.9, 0.5, 0.7, 0.2, 1.5, 0.4]})
@@ -97,12 +97,12 @@ def test_transductive_ci_evaluate_and_summary():
 def test_two_threads_running_the_matrix_on_one_model_get_serial_results():
     import threading
 
-    from shiftbn.models import MLP
+    from shiftbn.studies.models import MLP
     from tests.helpers import assert_same_state, state_of
 
     ds = sb.load("blobs-labs", n=160)
     model = MLP(16, 3, hidden=16)
-    sb.train(model, ds, steps=5, batch_size=16, progress=False)
+    sb.studies.train(model, ds, steps=5, batch_size=16, progress=False)
     model.eval()
     strategies = ["source", "target", "batch:8", "tent-offline:2"]
     serial = cross_source_matrix(model, ds, strategies, progress=False)
@@ -127,7 +127,7 @@ def test_two_threads_running_the_matrix_on_one_model_get_serial_results():
 
 
 def test_amp_reaches_every_forward_of_the_matrix():
-    from shiftbn.models import MLP
+    from shiftbn.studies.models import MLP
 
     ds = sb.load("blobs-labs", n=120)
     model = MLP(16, 3, hidden=8).eval()
@@ -223,7 +223,7 @@ def test_matrix_intervals_resample_within_each_eval_source():
 
 
 def test_sources_named_like_statistics_labels_are_refused():
-    from shiftbn.models import MLP
+    from shiftbn.studies.models import MLP
 
     base = sb.load("blobs-labs", n=160)
     names = np.where(base.source_ids == 0, "ema", np.where(base.source_ids == 1, "precise", "c"))
@@ -236,7 +236,7 @@ def test_sources_named_like_statistics_labels_are_refused():
 
 
 def test_a_given_calibration_set_is_checked_by_source_name():
-    from shiftbn.models import MLP
+    from shiftbn.studies.models import MLP
 
     ds = sb.load("blobs-labs", n=160)
     model = MLP(16, 3, hidden=8).eval()

@@ -5,11 +5,11 @@ from torch import nn
 
 import shiftbn as sb
 from shiftbn.data.arrays import ArrayDataset
-from shiftbn.protocols import make_study
-from shiftbn.protocols.bags import bag_ids, make_bags
-from shiftbn.protocols.leakage import BagLeakage
-from shiftbn.protocols.minibatch import exact_batches, outputs_of_batches
-from shiftbn.train import train
+from shiftbn.studies import make_study
+from shiftbn.studies.bags import bag_ids, make_bags
+from shiftbn.studies.leakage import BagLeakage
+from shiftbn.studies.minibatch import exact_batches, outputs_of_batches
+from shiftbn.studies.training import train
 
 
 def test_bags_have_their_size_and_lean_to_their_theme():
@@ -128,7 +128,7 @@ def test_grouped_bags_leak_and_shuffling_closes_the_gap():
     # itself removes the offset (own batches good), population statistics do not; shuffled BN
     # batches force the model to cope with the offset, and its population accuracy is higher.
     ds = sb.load("blobs-labs", n=1600, n_classes=4, n_labs=1)
-    study = BagLeakage(train=sb.TrainConfig(model={"name": "MLP", "hidden": 32}, steps=150, batch_size=32,
+    study = BagLeakage(train=sb.studies.TrainConfig(model={"name": "MLP", "hidden": 32}, steps=150, batch_size=32,
                                             lr=0.05, fractions=(0.7, 0.0, 0.3)),
                        arms=["grouped", "shuffled"], bag_size=8, nuisance=30.0, skew=0.5, seeds=[0])
     df = study.run(ds, progress=False).set_index(["arm", "eval"])["value"]

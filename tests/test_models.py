@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from shiftbn.models import (
+from shiftbn.studies.models import (
     MODELS,
     BasicBlock,
     ResNet,

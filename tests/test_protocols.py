@@ -6,7 +6,7 @@ import pytest
 
 import shiftbn as sb
 from shiftbn.data.builtin import FASHION_DEBIAN_ROOT
-from shiftbn.protocols import (
+from shiftbn.studies import (
     PROTOCOLS,
     batch_composition,
     held_out_sources,
@@ -14,7 +14,7 @@ from shiftbn.protocols import (
     parse_spec,
     run_spec,
 )
-from shiftbn.protocols.common import data_fingerprint
+from shiftbn.studies.common import data_fingerprint
 
 ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 SPECS = sorted(ANALYSES.glob("*.toml"))
@@ -80,7 +80,7 @@ def test_single_source_training_needs_per_source_statistics():
 
 
 def test_factory_models_are_built_per_seed():
-    from shiftbn.models import MLP
+    from shiftbn.studies.models import MLP
 
     ds = sb.load("blobs-labs", n=300)
     calls = []

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shiftbn.protocols.intervals import format_interval, interval_table, paired_effects, seed_intervals
+from shiftbn.studies.intervals import format_interval, interval_table, paired_effects, seed_intervals
 
 
 def _rows(values_by_seed, **extra):

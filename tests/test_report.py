@@ -15,9 +15,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from shiftbn.cli import build_parser, main  # noqa: E402
-from shiftbn.report import findings, lab_samples, matrix_heatmap  # noqa: E402
-from shiftbn.report.html import write_report  # noqa: E402
+from shiftbn.cli.main import build_parser, main  # noqa: E402
+from shiftbn.studies.report import findings, lab_samples, matrix_heatmap  # noqa: E402
+from shiftbn.studies.report.html import write_report  # noqa: E402
 
 SITES = {"site_a": (40, 1.0), "site_b": (90, 1.0), "site_c": (160, 0.5)}
 
@@ -224,7 +224,7 @@ def test_report_on_three_sites_with_a_corrupt_a_grayscale_and_an_odd_size_file(t
     from PIL import Image
     from torch import nn
 
-    from shiftbn.cli import main
+    from shiftbn.cli.main import main
 
     (tmp_path / "netmod.py").write_text(
         "import torch\nfrom torch import nn\n\ndef make():\n    torch.manual_seed(0)\n"
@@ -263,8 +263,8 @@ def test_report_refuses_only_cross_source_strategies(tmp_path):
     import pytest
 
     import shiftbn as sb
-    from shiftbn.models import MLP
-    from shiftbn.report import build_report
+    from shiftbn.studies.models import MLP
+    from shiftbn.studies.report import build_report
 
     ds = sb.load("blobs-labs", n=80)
     with pytest.raises(ValueError, match="at least one strategy that is not stats:<site>"):

@@ -11,8 +11,8 @@ from torch import nn
 
 import shiftbn as sb
 from shiftbn.bn import BNStats, Moments, PopulationStats, collect_stats, use_stats
-from shiftbn.bn.routed import PerSiteModel, RoutedBN
-from shiftbn.models import SmallCNN
+from shiftbn.sites.routed import PerSiteModel, RoutedBN
+from shiftbn.studies.models import SmallCNN
 from tests.helpers import assert_same_state, reference_moments, state_of
 
 SITES = ("lab_a", "lab_b", "lab_e")
@@ -48,7 +48,7 @@ def _per_site_reference(model, stats, xb, site_names):
 def test_routing_equals_each_site_alone(setup):
     model, stats, _, x, names = setup
     before = state_of(model)
-    routed = sb.per_site_model(model, stats)
+    routed = sb.sites.per_site_model(model, stats)
     assert routed.sites == SITES and not routed.training
     xb, site_names = _mixed_batch(x, names)
     assert len(set(site_names)) == 3
@@ -75,7 +75,7 @@ def test_routed_layer_against_float64_reference():
     rng = np.random.default_rng(0)
     means, vars_ = rng.normal(size=(2, 3)) * 5, rng.gamma(2.0, size=(2, 3))
     stats = {f"s{k}": PopulationStats({"0": sb.bn.Population(means[k], vars_[k])}) for k in range(2)}
-    routed = sb.per_site_model(model, stats)
+    routed = sb.sites.per_site_model(model, stats)
     x = torch.randn(4, 3, 2, 2)
     ids = np.array([1, 0, 0, 1])
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_routed_layer_against_float64_reference():
 
 def test_export_equals_eager(setup):
     model, stats, _, x, names = setup
-    routed = sb.per_site_model(model, stats)
+    routed = sb.sites.per_site_model(model, stats)
     xb, site_names = _mixed_batch(x, names, n=8, seed=1)
     ids = routed.site_ids(site_names)
     batch = torch.export.Dim("batch", min=2, max=1024)
@@ -106,7 +106,7 @@ def test_export_equals_eager(setup):
 
 def test_add_site_leaves_others_bit_identical(setup):
     model, stats, ds, x, names = setup
-    routed = sb.per_site_model(model, stats)
+    routed = sb.sites.per_site_model(model, stats)
     before = {k: v.clone() for k, v in routed.state_dict().items() if isinstance(v, torch.Tensor)}
     new_data = ds.subset("lab_c")
     got = routed.add_site("lab_c", new_data, batch_size=64)
@@ -132,7 +132,7 @@ def test_add_site_leaves_others_bit_identical(setup):
 
 def test_state_dict_round_trip(setup):
     model, stats, _, x, names = setup
-    routed = sb.per_site_model(model, stats)
+    routed = sb.sites.per_site_model(model, stats)
     routed.add_site_stats("lab_z", stats["lab_a"])
     buf = io.BytesIO()
     torch.save(routed.state_dict(), buf)
@@ -145,7 +145,7 @@ def test_state_dict_round_trip(setup):
     site_names[0] = "lab_z"
     with torch.no_grad():
         assert torch.equal(back(xb, site=site_names), routed(xb, site=site_names))
-    smaller = sb.per_site_model(model, {"lab_a": stats["lab_a"]})
+    smaller = sb.sites.per_site_model(model, {"lab_a": stats["lab_a"]})
     smaller.load_state_dict(sd)  # a model with fewer sites takes the saved table
     assert smaller.sites == routed.sites
     with pytest.raises(ValueError, match="no site table"):
@@ -158,7 +158,7 @@ def test_state_dict_round_trip(setup):
 
 def test_plain_model_is_a_single_site_model(setup):
     model, stats, _, x, _ = setup
-    routed = sb.per_site_model(model, stats)
+    routed = sb.sites.per_site_model(model, stats)
     plain = routed.plain_model("lab_e")
     with torch.no_grad(), use_stats(model, stats["lab_e"]):
         ref = model(x[:6])
@@ -167,7 +167,7 @@ def test_plain_model_is_a_single_site_model(setup):
 
 def test_bad_input_errors(setup):
     model, stats, _, x, _ = setup
-    routed = sb.per_site_model(model, stats)
+    routed = sb.sites.per_site_model(model, stats)
     xb = x[:4]
     with pytest.raises(ValueError, match=r"unknown site 'lab_q'.*add_site"):
         routed(xb, site=["lab_a", "lab_q", "lab_a", "lab_a"])
@@ -189,21 +189,21 @@ def test_bad_input_errors(setup):
         routed.model(xb)
     missing = {s: BNStats({k: v for k, v in stats[s].layers.items() if k != "features.4"}) for s in SITES}
     with pytest.raises(ValueError, match=r"site 'lab_a'.*lack BN layer\(s\) \['features.4'\]"):
-        sb.per_site_model(model, missing)
+        sb.sites.per_site_model(model, missing)
     wrong = {s: BNStats(dict(stats[s].layers)) for s in SITES}
     m = wrong["lab_b"].layers["features.1"]
     wrong["lab_b"].layers["features.1"] = Moments(m.count, m.mean[:2], m.m2[:2])
     with pytest.raises(ValueError, match=r"site 'lab_b'.*features.1.*4 channels.*2"):
-        sb.per_site_model(model, wrong)
+        sb.sites.per_site_model(model, wrong)
     with pytest.raises(ValueError, match="non-empty mapping"):
-        sb.per_site_model(model, {})
+        sb.sites.per_site_model(model, {})
     with pytest.raises(TypeError, match="BNStats or PopulationStats"):
-        sb.per_site_model(model, {"a": 3})
+        sb.sites.per_site_model(model, {"a": 3})
 
 
 def test_threads_route_independently(setup):
     model, stats, _, x, _ = setup
-    routed = sb.per_site_model(model, stats)
+    routed = sb.sites.per_site_model(model, stats)
     xb = x[:16]
     with torch.no_grad():
         want = {s: routed(xb, site=s) for s in SITES}
@@ -229,7 +229,7 @@ def test_threads_route_independently(setup):
 
 def test_deepcopy_has_its_own_route(setup):
     model, stats, _, x, _ = setup
-    routed = sb.per_site_model(model, stats)
+    routed = sb.sites.per_site_model(model, stats)
     twin = copy.deepcopy(routed)
     assert twin._route is not routed._route
     assert all(layer._route is twin._route for _, layer in twin.routed_layers())
@@ -313,7 +313,7 @@ def test_per_site_model_routes_cycle_children():
     net = TwoDomainNet().eval()
     data = {s: [torch.randn(16, 1, 8, 8) * (1 + k) + k for _ in range(2)] for k, s in enumerate(("a", "b"))}
     stats = {s: collect_stats(net, b, by_source=False, progress=False)["pooled"] for s, b in data.items()}
-    routed = sb.per_site_model(net, stats)
+    routed = sb.sites.per_site_model(net, stats)
     xb = torch.cat([data["a"][0][:3], data["b"][0][:3]])
     sites = ["a"] * 3 + ["b"] * 3
     with torch.no_grad():

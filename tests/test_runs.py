@@ -4,7 +4,7 @@ import os
 import pandas as pd
 import pytest
 
-from shiftbn.runs import RunFolder, atomic_write_text
+from shiftbn.studies.runs import RunFolder, atomic_write_text
 
 
 def test_cells_are_written_once_and_read_back(tmp_path):
@@ -61,7 +61,7 @@ def _table(n=4):
 
 
 def test_environment_records_the_device_used(tmp_path):
-    from shiftbn.runs import environment
+    from shiftbn.studies.runs import environment
 
     assert environment(device="meta")["device"] == "meta"
     RunFolder(tmp_path / "r", {}, device="meta").close()
@@ -169,7 +169,7 @@ def test_out_that_is_a_file_is_refused_clearly(tmp_path):
 
 
 def test_starting_while_another_process_starts_the_same_folder_is_refused(tmp_path):
-    from shiftbn.runs import LockedError
+    from shiftbn.studies.runs import LockedError
     from tests.test_io import _holder
 
     proc = _holder(tmp_path / "r")  # the other process holds the lock but has not written config.json yet

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 import shiftbn as sb
 from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
-from shiftbn.models import SmallCNN
+from shiftbn.studies.models import SmallCNN
 from tests.helpers import assert_same_state, state_of
 
 

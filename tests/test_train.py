@@ -5,7 +5,7 @@ from torch import nn
 
 import shiftbn.samplers
 from shiftbn.data.tagged import SourceTaggedDataset
-from shiftbn.train import train
+from shiftbn.studies.training import train
 from tests.timeouts import deadline
 
 

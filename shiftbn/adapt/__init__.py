@@ -1,8 +1,7 @@
-"""Test-time strategies: objects, the context they see, spec parsing, and ``recalibrate``."""
+"""Test-time strategies: objects, the context they see and spec parsing."""
 
 from shiftbn.adapt.context import AdaptContext
 from shiftbn.adapt.prior import prior_batch_logits, prior_stats
-from shiftbn.adapt.recalibrate import RecalibrationMethod, recalibrate
 from shiftbn.adapt.spec import GRAMMAR, expand_strategies, parse_strategy, register_strategy
 from shiftbn.adapt.strategies import (
     DEFAULT_GROUPINGS,
@@ -32,7 +31,6 @@ __all__ = [
     "PerSource",
     "Precise",
     "Prior",
-    "RecalibrationMethod",
     "Source",
     "StatsFrom",
     "StatsFromEach",
@@ -46,7 +44,6 @@ __all__ = [
     "parse_strategy",
     "prior_batch_logits",
     "prior_stats",
-    "recalibrate",
     "register_strategy",
     "tent_offline_logits",
     "tent_online_logits",

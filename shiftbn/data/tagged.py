@@ -190,20 +190,6 @@ class SourceTaggedDataset(Dataset):
         lab = None if any(f is None for f in found) else np.concatenate([np.asarray(f[0]).reshape(-1) for f in found])
         return cls(ConcatDataset(parts), sources, lab, source_names=names, class_names=class_names, keys=keys)
 
-    @classmethod
-    def from_frame(cls, frame, **kwargs) -> SourceTaggedDataset:
-        """A manifest (DataFrame, CSV or Parquet: path, label, source); see ``shiftbn.data.from_frame``."""
-        from shiftbn.data.files import from_frame
-
-        return from_frame(frame, **kwargs)
-
-    @classmethod
-    def from_folder(cls, root, **kwargs) -> SourceTaggedDataset:
-        """An image tree ``root/<source>/<class>/<file>``; see ``shiftbn.data.from_folder``."""
-        from shiftbn.data.files import from_folder
-
-        return from_folder(root, **kwargs)
-
     # --- dataset protocol ----------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.source_ids)

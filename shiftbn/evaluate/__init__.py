@@ -1,11 +1,7 @@
-"""Metrics (one table), the cross-source matrix (prepare -> collect -> score), summaries and the batch audit."""
+"""Metrics (one table), the cross-source matrix (prepare -> collect -> score), summaries."""
 
-from shiftbn.evaluate.atc import ATC, fit_atc
-from shiftbn.evaluate.audit import BatchAudit, audit_batches, audit_samplers, builtin_samplers
-from shiftbn.evaluate.choose import choose_strategy
 from shiftbn.evaluate.compare import paired_table, pooled_table
-from shiftbn.evaluate.drift import DriftMonitor, DriftResult
-from shiftbn.evaluate.matrix import MatrixPlan, collect, cross_source_matrix, evaluate, prepare, score
+from shiftbn.evaluate.matrix import MatrixPlan, collect, cross_source_matrix, prepare, score
 from shiftbn.evaluate.metrics import METRICS, Metric, check_metrics, get_metric, metric_value, register_metric
 from shiftbn.evaluate.summary import summarize
 from shiftbn.evaluate.uncertainty import (
@@ -17,24 +13,14 @@ from shiftbn.evaluate.uncertainty import (
 )
 
 __all__ = [
-    "ATC",
     "METRICS",
-    "BatchAudit",
-    "DriftMonitor",
-    "DriftResult",
     "Interval",
     "MatrixPlan",
     "Metric",
-    "audit_batches",
-    "audit_samplers",
     "bootstrap_interval",
-    "builtin_samplers",
     "check_metrics",
-    "choose_strategy",
     "collect",
     "cross_source_matrix",
-    "evaluate",
-    "fit_atc",
     "get_metric",
     "metric_value",
     "paired_difference",

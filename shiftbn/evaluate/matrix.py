@@ -260,14 +260,3 @@ def cross_source_matrix(
     ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size,
                           stats_mode=stats_mode, num_samples=num_samples, seed=seed, amp=amp, progress=progress)
     return score(ctx, plan, labels, metrics, ci=ci, n_boot=n_boot, progress=progress)
-
-
-def evaluate(
-    model: nn.Module,
-    ds: SourceTaggedDataset,
-    strategy: str | Strategy = "source",
-    metrics: Sequence[str] | str = ("accuracy",),
-    **kwargs,
-) -> pd.DataFrame:
-    """One strategy on every source: the rows of ``cross_source_matrix`` for that strategy."""
-    return cross_source_matrix(model, ds, [strategy], metrics, **kwargs)

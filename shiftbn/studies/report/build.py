@@ -20,11 +20,16 @@ from shiftbn.adapt import parse_strategy
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import collect, paired_table, pooled_table, prepare, score, summarize
-from shiftbn.report.calibration import calibration_table, confusion_figure, per_class_table, reliability_diagrams
-from shiftbn.report.decisions import decision_sections
-from shiftbn.report.figures import ema_curves, heldout_bars, lab_samples, matrix_heatmap, save, shift_profile
-from shiftbn.report.html import write_report
-from shiftbn.report.reading import findings
+from shiftbn.studies.report.calibration import (
+    calibration_table,
+    confusion_figure,
+    per_class_table,
+    reliability_diagrams,
+)
+from shiftbn.studies.report.decisions import decision_sections
+from shiftbn.studies.report.figures import ema_curves, heldout_bars, lab_samples, matrix_heatmap, save, shift_profile
+from shiftbn.studies.report.html import write_report
+from shiftbn.studies.report.reading import findings
 
 REPORT_STRATEGIES = ("source", "precise", "target", "prior:16", "stats:*")
 

@@ -1,6 +1,6 @@
 """A single self-contained HTML report: embedded figures, tables and a plain-language reading.
 
-The reading itself (``findings``) lives in ``shiftbn.report.findings``.
+The reading itself (``findings``) lives in ``shiftbn.studies.report.findings``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from shiftbn.report.reading import findings as findings  # re-exported: the reading lives there
+from shiftbn.studies.report.reading import findings as findings  # re-exported: the reading lives there
 
 
 def _img(path: Path) -> str:

@@ -9,9 +9,9 @@ import pandas as pd
 
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import cross_source_matrix
-from shiftbn.protocols.base import FigureSpec, Study, make_study
-from shiftbn.protocols.common import fit_without, held_out_values
 from shiftbn.samplers import SamplerMode
+from shiftbn.studies.base import FigureSpec, Study, make_study
+from shiftbn.studies.common import fit_without, held_out_values
 
 
 @dataclass(kw_only=True)

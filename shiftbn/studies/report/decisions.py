@@ -15,7 +15,7 @@ from torch import nn
 
 from shiftbn._torch import forward_batches
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
-from shiftbn.evaluate import DriftMonitor, audit_samplers, builtin_samplers, choose_strategy
+from shiftbn.sites import DriftMonitor, audit_samplers, builtin_samplers, choose_strategy
 
 SITES_TITLE = "Which statistics for each site"
 DRIFT_TITLE = "Drift of each site against the reference site"

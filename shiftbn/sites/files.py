@@ -22,8 +22,8 @@ from torch import nn
 from shiftbn._io import atomic_write_bytes
 from shiftbn._safefile import META_KEY, read_shiftbn_file
 from shiftbn._version import __version__
-from shiftbn.bn.fingerprint import check_fingerprint, fingerprint_problems, model_fingerprint
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, check_moments
+from shiftbn.sites.fingerprint import check_fingerprint, fingerprint_problems, model_fingerprint
 
 FORMAT = "shiftbn.stats"
 FORMAT_VERSION = 1

@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from shiftbn._log import bars_wanted
 from shiftbn.bn.distributed import RankSync, solo
-from shiftbn.protocols import StudySpec
-from shiftbn.runs import RunFolder
+from shiftbn.studies.runs import RunFolder
+from shiftbn.studies.spec import StudySpec
 
 
 def run_study(spec: StudySpec, run: RunFolder | None, *, quick: bool = False, progress: bool = True) -> pd.DataFrame:
@@ -46,7 +46,7 @@ def run_study(spec: StudySpec, run: RunFolder | None, *, quick: bool = False, pr
         table = _spread(study, ds, cells, keys, run, sync, spec.name, progress)
     if run is not None:
         run.write_results(table)
-        from shiftbn.report import save, study_figure
+        from shiftbn.studies.report import save, study_figure
 
         save(study_figure(study.figure, table), run.path / "figure.png")
     return table

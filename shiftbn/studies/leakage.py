@@ -14,11 +14,11 @@ import pandas as pd
 from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
 from shiftbn.bn import freeze_bn, precise_bn
 from shiftbn.data.tagged import SourceTaggedDataset
-from shiftbn.protocols.bags import Bags, make_bags
-from shiftbn.protocols.base import FigureSpec, Study, TrainConfig, make_study
-from shiftbn.protocols.common import make_model
-from shiftbn.protocols.minibatch import exact_batches, outputs_of_batches
-from shiftbn.train import train
+from shiftbn.studies.bags import Bags, make_bags
+from shiftbn.studies.base import FigureSpec, Study, TrainConfig, make_study
+from shiftbn.studies.common import make_model
+from shiftbn.studies.minibatch import exact_batches, outputs_of_batches
+from shiftbn.studies.training import train
 
 Composition = Literal["random", "skewed", "one-class"]
 COMPOSITIONS = ("random", "skewed", "one-class")

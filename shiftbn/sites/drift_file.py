@@ -23,9 +23,9 @@ from torch import nn
 from shiftbn._io import atomic_write_bytes
 from shiftbn._safefile import META_KEY, read_shiftbn_file
 from shiftbn.bn import bn_layers, split_site
-from shiftbn.bn.fingerprint import check_fingerprint, fingerprint_problems, model_fingerprint
-from shiftbn.evaluate.atc import ATC, ATC_SCORES
-from shiftbn.evaluate.sample_moments import SampleMoments
+from shiftbn.sites.atc import ATC, ATC_SCORES
+from shiftbn.sites.fingerprint import check_fingerprint, fingerprint_problems, model_fingerprint
+from shiftbn.sites.sample_moments import SampleMoments
 
 FORMAT, VERSION = "shiftbn.drift-monitor", 2  # 2: the model's fingerprint and a sha256 of the arrays
 

@@ -12,7 +12,7 @@ MONITOR_EPILOG = ("Exit status: 0 no alert, 1 at least one scored site alerts (o
 
 def register(sub) -> None:
     """Add the ``monitor`` subcommand to ``sub`` (the parser's subparsers)."""
-    from shiftbn.cli import _user_model_command
+    from shiftbn.cli.main import _user_model_command
 
     p = sub.add_parser("monitor", epilog=MONITOR_EPILOG, help="drift of sites' data against a reference site, per BN "
                        "layer (exit 1 on an alert)",
@@ -40,10 +40,10 @@ def register(sub) -> None:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Fit or load the monitor, score the sites, print per-layer tables; returns the exit status."""
-    from shiftbn.cli import _load_user_data, _load_user_model
+    from shiftbn.cli.main import _load_user_data, _load_user_model
 
     _check_args(args)
-    from shiftbn.evaluate import DriftMonitor
+    from shiftbn.sites import DriftMonitor
 
     model, ds = _load_user_model(args), _load_user_data(args)
     opts = {k: v for k, v in (("alpha", args.alpha), ("n_null", args.n_null)) if v is not None}

@@ -98,14 +98,14 @@ def writes_file(args) -> bool:
 
 def check_floor(args, stats) -> None:
     """``--min-count``: refuse (before anything is written) when a source has fewer samples."""
-    from shiftbn.bn.files import check_min_count
+    from shiftbn.sites.files import check_min_count
 
     check_min_count(stats, args.min_count, flag="--min-count")
 
 
 def write_site(args, model, stats) -> None:
     """``stats --out SITE.stats``: the statistics file, with the collection settings in its header."""
-    from shiftbn.bn import save_stats
+    from shiftbn.sites import save_stats
 
     extra = {"command": "stats", "mode": args.mode, "batch_size": args.batch_size, "num_samples": args.num_samples,
              "seed": args.seed, "amp": args.amp}
@@ -120,7 +120,8 @@ def write_site(args, model, stats) -> None:
 
 def cmd_merge(args) -> None:
     """``shiftbn merge FILES --out OUT``."""
-    from shiftbn.bn import SourceStats, merge_stats, read_stats_header, save_stats
+    from shiftbn.bn import SourceStats
+    from shiftbn.sites import merge_stats, read_stats_header, save_stats
 
     if args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the path of the merged file, e.g. pooled.stats")
@@ -146,7 +147,7 @@ def _files_only(args, verb: str) -> None:
 
 
 def _merged(args):
-    from shiftbn.bn import merge_stats
+    from shiftbn.sites import merge_stats
 
     return merge_stats(*args.stats, duplicates="merge" if args.merge_duplicates else "refuse")
 
@@ -155,7 +156,7 @@ def recalibrate_from_files(args, load_model) -> None:
     """``recalibrate --stats FILE...``: load one source's (or the pooled) statistics into a new checkpoint."""
     from shiftbn._io import atomic_save_torch
     from shiftbn.bn import load_stats
-    from shiftbn.bn.files import check_model, read_stats_header
+    from shiftbn.sites.files import check_model, read_stats_header
 
     if args.data is not None:
         raise ValueError("--stats replaces --data for recalibrate; give one of them")
@@ -201,10 +202,10 @@ def matrix_stats(args):
 def matrix_from_files(model, ds, stats, args, level):
     """The cross-source matrix with every source's statistics from the files; ``ds`` is evaluated whole."""
     from shiftbn.adapt import AdaptContext, expand_strategies
-    from shiftbn.bn.files import check_model, read_stats_header
-    from shiftbn.cli import _progress
+    from shiftbn.cli.main import _progress
     from shiftbn.evaluate.matrix import MatrixPlan, score
     from shiftbn.evaluate.metrics import check_metrics
+    from shiftbn.sites.files import check_model, read_stats_header
 
     check_model(read_stats_header(args.stats[0]), model, args.stats[0])
     metrics = check_metrics(args.metrics)

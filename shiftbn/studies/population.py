@@ -14,10 +14,10 @@ from shiftbn._torch import forward_batches, stack_inputs
 from shiftbn.bn import bn_layers, freeze_bn, precise_bn, preserved
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
-from shiftbn.protocols.base import FigureSpec, Study, TrainConfig, make_study
-from shiftbn.protocols.common import make_model
-from shiftbn.protocols.minibatch import exact_batches, outputs_of_batches
-from shiftbn.train import train
+from shiftbn.studies.base import FigureSpec, Study, TrainConfig, make_study
+from shiftbn.studies.common import make_model
+from shiftbn.studies.minibatch import exact_batches, outputs_of_batches
+from shiftbn.studies.training import train
 
 _HELD_TEST = (0.7, 0.0, 0.3)
 

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import shiftbn._log as _log
-import shiftbn.cli_dist as _dist
-import shiftbn.cli_files as cli_files
+import shiftbn.cli.dist as _dist
+import shiftbn.cli.files as cli_files
 from shiftbn._names import GRAMMAR, METRIC_NAMES
 from shiftbn._version import __version__
-from shiftbn.cli_monitor import cmd_monitor
-from shiftbn.cli_monitor import register as _register_monitor
+from shiftbn.cli.monitor import cmd_monitor
+from shiftbn.cli.monitor import register as _register_monitor
 
 # Only the standard library and torch-free shiftbn modules above: ``--help`` and argument errors
 # answer before torch is imported (the commands import what they need).
@@ -443,11 +443,11 @@ def _progress(args) -> bool:
 
 
 def _cmd_demo(args) -> None:
-    from shiftbn.demo import run_demo
+    from shiftbn.studies.demo import run_demo
 
     result = run_demo(args.out, dataset=args.dataset, quick=args.quick, resume=args.resume, seed=args.seed,
                       progress=_progress(args))
-    from shiftbn.report import interval_cells
+    from shiftbn.studies.report import interval_cells
 
     acc = result.matrix.query("metric == 'accuracy' and not is_cross_source")
     level = " [95% interval]" if "ci_low" in acc.columns else ""
@@ -460,9 +460,9 @@ def _cmd_demo(args) -> None:
 
 
 def _cmd_run(args) -> None:
-    from shiftbn.protocols import load_spec
-    from shiftbn.runner import run_study
-    from shiftbn.runs import RunFolder
+    from shiftbn.studies import load_spec
+    from shiftbn.studies.runner import run_study
+    from shiftbn.studies.runs import RunFolder
 
     spec = load_spec(args.spec)
     out = args.out or Path("runs") / spec.name
@@ -507,7 +507,7 @@ def _cmd_stats(args) -> None:
 def _cmd_matrix(args) -> None:
     from shiftbn._io import atomic_write_text
     from shiftbn.evaluate import cross_source_matrix
-    from shiftbn.report import interval_cells
+    from shiftbn.studies.report import interval_cells
 
     level = _ci_level(args)
     _check_out(args.out)
@@ -531,7 +531,7 @@ def _cmd_matrix(args) -> None:
 
 def _cmd_recalibrate(args) -> None:
     from shiftbn._io import atomic_save_torch
-    from shiftbn.adapt import recalibrate
+    from shiftbn.sites import recalibrate
 
     if args.output.resolve() == args.weights.resolve():
         raise ValueError("--output is the input checkpoint; recalibrate never overwrites its input")
@@ -551,7 +551,7 @@ def _cmd_recalibrate(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from shiftbn.report import build_report
+    from shiftbn.studies.report import build_report
 
     level = _ci_level(args)
     _check_out(args.out)
@@ -563,7 +563,7 @@ def _cmd_report(args) -> None:
     _write_skipped(args, args.out)
     import pandas as pd
 
-    from shiftbn.report import interval_cells
+    from shiftbn.studies.report import interval_cells
 
     matrix = pd.read_csv(args.out / "matrix.csv")
     acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"]]
@@ -670,7 +670,7 @@ def _is_library(filename: str) -> bool:
 
 
 def run_as_script() -> None:
-    """``python -m shiftbn`` / ``python -m shiftbn.cli``: drop the working folder python put first on
+    """``python -m shiftbn`` / ``python -m shiftbn.cli.main``: drop the working folder python put first on
     ``sys.path`` (``--model`` searches it last, for its own module only), run ``main``, exit."""
     if not sys.flags.safe_path and sys.path and sys.path[0] in ("", str(Path.cwd())):
         del sys.path[0]

@@ -12,7 +12,7 @@ import pandas as pd
 
 from shiftbn.data.builtin import load
 from shiftbn.data.tagged import SourceTaggedDataset
-from shiftbn.protocols.base import STUDIES, Study, make_study
+from shiftbn.studies.base import STUDIES, Study, make_study
 
 if sys.version_info >= (3, 11):
     import tomllib

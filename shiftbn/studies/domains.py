@@ -13,9 +13,9 @@ from shiftbn._torch import forward_batches
 from shiftbn.bn import collect_stats, use_stats
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
-from shiftbn.protocols.base import FigureSpec, Study, TrainConfig, make_study
-from shiftbn.protocols.common import make_model
-from shiftbn.train import train
+from shiftbn.studies.base import FigureSpec, Study, TrainConfig, make_study
+from shiftbn.studies.common import make_model
+from shiftbn.studies.training import train
 
 Norm = Literal["per-domain", "joint"]
 NORMS = ("per-domain", "joint")

@@ -12,9 +12,9 @@ import torch
 from shiftbn._torch import forward_batches, stack_inputs
 from shiftbn.data.labshift import LabShift
 from shiftbn.data.tagged import SourceTaggedDataset
-from shiftbn.evaluate.drift import DriftMonitor
-from shiftbn.protocols.base import FigureSpec, Study, make_study
-from shiftbn.protocols.common import fit
+from shiftbn.sites.drift import DriftMonitor
+from shiftbn.studies.base import FigureSpec, Study, make_study
+from shiftbn.studies.common import fit
 
 SHIFTS = ("intensity", "blur", "noise", "gamma")
 

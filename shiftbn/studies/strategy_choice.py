@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 
 from shiftbn.data.tagged import SourceTaggedDataset
-from shiftbn.evaluate.choose import choose_strategy
-from shiftbn.protocols.base import FigureSpec, Study, make_study
-from shiftbn.protocols.common import fit_without, held_out_values
 from shiftbn.samplers import SamplerMode
+from shiftbn.sites.choose import choose_strategy
+from shiftbn.studies.base import FigureSpec, Study, make_study
+from shiftbn.studies.common import fit_without, held_out_values
 
 
 @dataclass(kw_only=True)

@@ -15,13 +15,13 @@ from shiftbn._log import phase
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.builtin import load
 from shiftbn.evaluate import summarize
-from shiftbn.protocols import ema_vs_precise, held_out_sources
-from shiftbn.protocols.common import make_model
-from shiftbn.report import Outputs, render_report
-from shiftbn.report.build import comparison_tables, matrix_with_outputs
-from shiftbn.report.decisions import audit_table, drift_tables, site_choice_table
-from shiftbn.runs import RunFolder
-from shiftbn.train import train
+from shiftbn.studies import ema_vs_precise, held_out_sources
+from shiftbn.studies.common import make_model
+from shiftbn.studies.report import Outputs, render_report
+from shiftbn.studies.report.build import comparison_tables, matrix_with_outputs
+from shiftbn.studies.report.decisions import audit_table, drift_tables, site_choice_table
+from shiftbn.studies.runs import RunFolder
+from shiftbn.studies.training import train
 
 DEMO_DATASETS: dict[str, dict[str, Any]] = {
     "digits-labs": {"held_out": "lab_e", "load": {}},

@@ -9,8 +9,8 @@ import pandas as pd
 
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import cross_source_matrix
-from shiftbn.protocols.base import FigureSpec, Study, make_study
-from shiftbn.protocols.common import fit
+from shiftbn.studies.base import FigureSpec, Study, make_study
+from shiftbn.studies.common import fit
 
 
 def _parse_mode(mode: str) -> tuple[str, int | None]:

@@ -15,7 +15,7 @@ from matplotlib.patches import Rectangle
 
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import get_metric
-from shiftbn.protocols import EmaVsPrecise, FigureSpec, HeldOutSources
+from shiftbn.studies import EmaVsPrecise, FigureSpec, HeldOutSources
 
 
 def matrix_heatmap(table: pd.DataFrame, metric: str = "accuracy", held_out: Sequence[str] = ()) -> plt.Figure:

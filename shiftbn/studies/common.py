@@ -9,10 +9,10 @@ import numpy as np
 from torch import nn
 
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
-from shiftbn.models import build_model
-from shiftbn.protocols.base import ModelSpec, TrainConfig
 from shiftbn.samplers import SamplerMode
-from shiftbn.train import train
+from shiftbn.studies.base import ModelSpec, TrainConfig
+from shiftbn.studies.models import build_model
+from shiftbn.studies.training import train
 
 
 def make_model(spec: ModelSpec, ds: SourceTaggedDataset, seed: int) -> nn.Module:
@@ -29,7 +29,7 @@ def make_model(spec: ModelSpec, ds: SourceTaggedDataset, seed: int) -> nn.Module
 
 def fit(cfg: TrainConfig, ds: SourceTaggedDataset, seed: int, **train_kwargs: Any) -> nn.Module:
     """Build ``cfg.model`` and train it on ``ds`` with ``cfg``'s steps, batch size and learning rate
-    (``train_kwargs`` override them, see ``shiftbn.train.train``); returned in eval mode."""
+    (``train_kwargs`` override them, see ``shiftbn.studies.training.train``); returned in eval mode."""
     model = make_model(cfg.model, ds, seed)
     kwargs = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "progress": False, **train_kwargs}
     train(model, ds, seed=seed, **kwargs)

@@ -16,8 +16,8 @@ from torch import nn
 
 from shiftbn._torch import Inputs
 from shiftbn.evaluate._distance import w2
-from shiftbn.evaluate.atc import ATC, fit_atc
-from shiftbn.evaluate.sample_moments import SampleMoments, sample_moments
+from shiftbn.sites.atc import ATC, fit_atc
+from shiftbn.sites.sample_moments import SampleMoments, sample_moments
 
 OVERALL = "(all layers)"
 
@@ -140,14 +140,14 @@ class DriftMonitor:
 
     def save(self, path: str | Path) -> Path:
         """Write the fitted monitor (safetensors + JSON header, atomic; no pickle). See ``drift_file``."""
-        from shiftbn.evaluate.drift_file import write_monitor
+        from shiftbn.sites.drift_file import write_monitor
 
         return write_monitor(self, path)
 
     @classmethod
     def load(cls, model: nn.Module, path: str | Path, **kwargs) -> DriftMonitor:
         """A monitor saved with ``save``, for ``model`` (its BN layers must match the file's)."""
-        from shiftbn.evaluate.drift_file import read_monitor
+        from shiftbn.sites.drift_file import read_monitor
 
         moments, atc, header = read_monitor(path, model)
         opts = {"n_null": header["n_null"], "alpha": header["alpha"], "seed": header["seed"], **kwargs}
