@@ -179,8 +179,8 @@ def trained():
 
 def test_strategy_objects_equal_their_spec_strings(trained):
     model, ds = trained
-    objs = sb.cross_source_matrix(model, ds, [sb.adapt.Source(), sb.adapt.Prior(16), sb.adapt.Target(), sb.adapt.StatsFromEach()],
-                                  progress=False)
+    strategies = [sb.adapt.Source(), sb.adapt.Prior(16), sb.adapt.Target(), sb.adapt.StatsFromEach()]
+    objs = sb.cross_source_matrix(model, ds, strategies, progress=False)
     strs = sb.cross_source_matrix(model, ds, ["source", "prior:16", "target", "stats:*"], progress=False)
     pd.testing.assert_frame_equal(objs, strs)
     assert set(objs.loc[objs["is_cross_source"], "strategy"]) == {f"stats:{s}" for s in ds.sources_present}
@@ -262,7 +262,8 @@ def test_a_new_study_is_one_class(tmp_path):
 
         def cell(self, ds, seed, value):
             sp = ds.split(fractions=self.train.fractions, seed=seed)
-            model = fit(sb.studies.TrainConfig(model={"name": "MLP", "hidden": value}, steps=self.train.steps), sp.train, seed)
+            config = sb.studies.TrainConfig(model={"name": "MLP", "hidden": value}, steps=self.train.steps)
+            model = fit(config, sp.train, seed)
             table = sb.cross_source_matrix(model, ds, ["source", "target"], calibration=(sp.calibration, sp.test),
                                            progress=False)
             return table.assign(width=value, seed=seed)
