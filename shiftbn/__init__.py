@@ -27,8 +27,8 @@ from shiftbn._version import __version__ as __version__
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "shiftbn.data": ("ItemKeys", "SourceTaggedDataset", "Splits", "load", "simulate_labs"),
     "shiftbn.samplers": ("SourceBatchSampler",),
-    "shiftbn.bn": ("BNStats", "PopulationStats", "SourceStats", "bn_layers", "buffer_stats", "collect_stats",
-                   "freeze_bn", "load_stats", "mix_stats", "precise_bn", "stats_shift", "use_stats"),
+    "shiftbn.bn": ("BNStats", "CollectOptions", "PopulationStats", "SourceStats", "bn_layers", "buffer_stats",
+                   "collect_stats", "freeze_bn", "load_stats", "mix_stats", "precise_bn", "stats_shift", "use_stats"),
     "shiftbn.adapt": ("Strategy", "parse_strategy", "register_strategy"),
     "shiftbn.evaluate": ("METRICS", "Metric", "bootstrap_interval", "cross_source_matrix", "metric_value",
                          "paired_difference", "register_metric", "summarize"),

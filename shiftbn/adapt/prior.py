@@ -23,6 +23,7 @@ from torch.utils.data import Subset
 from shiftbn._lock import model_lock
 from shiftbn._torch import Inputs, autocast, batch_chunks, device_of, iter_inputs, outputs_in_order
 from shiftbn.bn import BNLayer, PopulationStats, bn_layers, buffer_stats
+from shiftbn.bn.hooks import observe_bn_inputs
 from shiftbn.bn.moments import batch_moments
 from shiftbn.bn.population import Population
 from shiftbn.bn.reduce import RunningMoments
@@ -67,33 +68,27 @@ def _mixed_normalization(model: nn.Module, layers: list[BNLayer], source: Popula
     """
     with model_lock(model):
         snap = ModelSnapshot(model, layers)
-        hooks = []
         try:
             model.eval()
-            for layer in layers:
-                hooks.append(layer.module.register_forward_pre_hook(_mixing_hook(layer.name, source[layer.name],
-                                                                                 prior, measure)))
-            yield
+            with observe_bn_inputs(model, layers, _mixer(source, prior, measure)):
+                yield
         finally:
-            for h in hooks:
-                h.remove()
             snap.restore()
 
 
-def _mixing_hook(name: str, src: Population, prior: float, measure: dict | None):
-    def hook(module, args):
-        x = args[0]
+def _mixer(source: PopulationStats, prior: float, measure: dict | None):
+    def mix(layer: BNLayer, k: int, x: torch.Tensor) -> None:
         count, mean, m2 = batch_moments(x)
-        mixed_mean, mixed_var = _mix(src, mean, m2 / count, prior_weight(prior, x.shape[0]))
-        module.running_mean.copy_(mixed_mean)
-        module.running_var.copy_(mixed_var)
+        mixed_mean, mixed_var = _mix(source[layer.name], mean, m2 / count, prior_weight(prior, x.shape[0]))
+        layer.module.running_mean.copy_(mixed_mean)
+        layer.module.running_var.copy_(mixed_var)
         if measure is not None:
-            if name in measure:
-                raise ValueError(f"BN module {name!r} is called more than once per forward; few-shot prior "
+            if k > 0:
+                raise ValueError(f"BN module {layer.name!r} is called more than once per forward; few-shot prior "
                                  "statistics need every BN module called once (use the per-batch form prior:N)")
-            measure[name] = Population(mixed_mean.cpu().numpy(), mixed_var.cpu().numpy())
+            measure[layer.name] = Population(mixed_mean.cpu().numpy(), mixed_var.cpu().numpy())
 
-    return hook
+    return mix
 
 
 @torch.no_grad()
@@ -115,10 +110,6 @@ def prior_batch_logits(model: nn.Module, data: Inputs, prior: float, batch_size:
     device = device_of(model)
     with _mixed_normalization(model, layers, source, prior), autocast(device, amp):
         return outputs_in_order(data, batch_chunks(n, batch_size, seed), lambda x: model(x.to(device)))
-
-
-class _Stop(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised once the measured layer has seen its input: the rest of the forward is not needed."""
 
 
 @torch.no_grad()
@@ -164,21 +155,12 @@ def _layer_by_layer(model, layers, data, source, prior, batch_size, amp) -> Popu
             model.eval()
             for name in order:
                 acc = RunningMoments()
-
-                def hook(module, args, acc=acc):
-                    acc.add(args[0])
-                    raise _Stop
-
-                handle = by_name[name].module.register_forward_pre_hook(hook)
-                try:
+                # the rest of each forward is not needed once the measured layer has seen its input
+                with observe_bn_inputs(model, [by_name[name]], lambda layer, k, x, acc=acc: acc.add(x),
+                                       stop_after=name) as hooks:
                     for x in iter_inputs(data, chunks):
-                        try:
-                            with autocast(device, amp):
-                                model(x.to(device))
-                        except _Stop:
-                            continue
-                finally:
-                    handle.remove()
+                        with autocast(device, amp):
+                            hooks.run(x.to(device))
                 if acc.mean is None:
                     raise ValueError(f"BN layer {name!r} saw no input in the layer-by-layer pass")
                 mean, var = _mix(source[name], acc.mean, acc.m2 / acc.count, w)
@@ -193,27 +175,20 @@ def _layer_by_layer(model, layers, data, source, prior, batch_size, amp) -> Popu
 
 def _call_order(model, layers, data, device, amp) -> list[str]:
     """BN modules in first-call order on one sample batch; refused when a module is called twice."""
-    calls: dict[str, int] = {}
-    hooks = [layer.module.register_forward_pre_hook(
-        lambda m, a, name=layer.name: calls.__setitem__(name, calls.get(name, 0) + 1)) for layer in layers]
-    try:
-        with model_lock(model):
-            snap = ModelSnapshot(model, layers)
-            try:
-                model.eval()
-                with autocast(device, amp):
-                    model(next(iter_inputs(data, [range(min(2, len(data)))])).to(device))
-            finally:
-                snap.restore()
-    finally:
-        for h in hooks:
-            h.remove()
-    twice = [k for k, c in calls.items() if c > 1]
+    with model_lock(model), observe_bn_inputs(model, layers, lambda layer, k, x: None) as hooks:
+        snap = ModelSnapshot(model, layers)
+        try:
+            model.eval()
+            with autocast(device, amp):
+                model(next(iter_inputs(data, [range(min(2, len(data)))])).to(device))
+        finally:
+            snap.restore()
+    twice = [k for k, c in hooks.calls.items() if c > 1]
     if twice:
         raise ValueError(f"BN module(s) {twice} are called more than once per forward; few-shot prior statistics "
                          "over several batches need every BN module called once: raise batch_size to n or use "
                          "the per-batch form prior:N")
-    return list(calls)
+    return hooks.order
 
 
 def take_samples(data: Inputs, n: int, seed: int) -> Inputs:

@@ -1,7 +1,8 @@
 """The BN statistics engine: discovery, exact moments, collection, state swapping, PreciseBN, shift."""
 
-from shiftbn.bn.collect import COLLECT_MODES, CollectMode, collect_stats
+from shiftbn.bn.collect import COLLECT_MODES, CollectMode, CollectOptions, collect_stats
 from shiftbn.bn.distributed import PeerLostError, all_merge, solo, world_and_rank
+from shiftbn.bn.hooks import BNInputHooks, observe_bn_inputs
 from shiftbn.bn.layers import BNLayer, bn_layers, device_of
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, batch_moments
@@ -14,9 +15,11 @@ from shiftbn.bn.state import FrozenBN, ModelSnapshot, buffer_stats, freeze_bn, l
 __all__ = [
     "COLLECT_MODES",
     "POOLED",
+    "BNInputHooks",
     "BNLayer",
     "BNStats",
     "CollectMode",
+    "CollectOptions",
     "FrozenBN",
     "ModelSnapshot",
     "Moments",
@@ -34,6 +37,7 @@ __all__ = [
     "load_stats",
     "mix_stats",
     "model_lock",
+    "observe_bn_inputs",
     "precise_bn",
     "preserved",
     "site_key",

@@ -6,7 +6,8 @@ import contextlib
 import hashlib
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from shiftbn._log import bars_wanted
 from shiftbn._torch import autocast, check_device
 from shiftbn.bn import native
 from shiftbn.bn.distributed import RankSync, plan_shard
+from shiftbn.bn.hooks import BNInputHooks, observe_bn_inputs
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, cycle_positions, device_of, set_positions
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, Workspace
@@ -32,6 +34,55 @@ COLLECT_MODES = ("batch", "sequential", "eval")
 CollectMode = Literal["batch", "sequential", "eval"]
 
 
+@dataclass(frozen=True)
+class CollectOptions:
+    """How ``collect_stats`` loads batches, which kernel takes their moments, and when sequential mode stops.
+
+    Why: these settings tune speed, memory and the loader; ``collect_stats``'s own arguments say what
+    is measured. The defaults suit most uses.
+
+    Args:
+        sampler: an iterable of index lists (e.g. ``SourceBatchSampler``) giving the batches of a
+            Dataset instead of ``batch_size`` batches of one source each; ``num_samples`` keeps the first
+            ones. A per-rank sampler is that rank's shard under ``torch.distributed``.
+        num_workers: the DataLoader's worker processes (0: load in this process).
+        keys: field names of dict batches (``ItemKeys(input="image", source="site")``; MONAI and
+            Hugging Face style).
+        pin_memory: the DataLoader's ``pin_memory``.
+        persistent_workers: the DataLoader's ``persistent_workers``.
+        device: where inputs go; must be the model's device (default: the model's; the model is
+            never moved).
+        fused: on CPU, BN layers that take batch statistics run a C kernel (``bn.native``: float32
+            inputs; the exact float64 channel sums and BN's output in one call, built once per machine
+            with the system C compiler) unless ``False``; other inputs and devices take each batch's
+            moments from one fused float64 kernel (``torch.compile``; exact to ~1e-14, a one-time
+            compile of ~10 s) with ``True``, and for passes of at least 200 batches and once it is
+            compiled in this process with ``None`` (default); ``False``: the eager two-pass float64
+            reduction everywhere.
+        cache_bytes: sequential mode keeps the batches a ``DataLoader`` loaded in its first pass for
+            the later ones when all of them fit in this many bytes (default 1 GiB; 0: load them every
+            pass).
+        max_passes: sequential mode's passes after the first (default: number of BN modules + 32).
+        tol: sequential mode's convergence threshold when a BN module is called more than once per
+            forward (relative change, in normalized units).
+
+    Example:
+        >>> opts = CollectOptions(num_workers=4, pin_memory=True, fused=False)
+        >>> stats = collect_stats(model, ds, batch_size=32, options=opts)
+    """
+
+    sampler: Iterable[list[int]] | None = None
+    num_workers: int = 0
+    keys: ItemKeys | None = None
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    device: str | torch.device | None = None
+    fused: bool | None = None
+    cache_bytes: int = 1 << 30
+    max_passes: int | None = None
+    tol: float = 1e-6
+
+
 def collect_stats(
     model: nn.Module,
     data: Any,
@@ -40,77 +91,80 @@ def collect_stats(
     by_source: bool = True,
     num_samples: int | None = None,
     mode: CollectMode = "batch",
-    sampler: Iterable[list[int]] | None = None,
     seed: int = 0,
-    max_passes: int | None = None,
-    tol: float = 1e-6,
-    num_workers: int = 0,
-    keys: ItemKeys | None = None,
-    pin_memory: bool = False,
-    persistent_workers: bool = False,
-    fused: bool | None = None,
-    cache_bytes: int = 1 << 30,
-    device: str | torch.device | None = None,
     amp: bool = False,
     progress: bool = True,
+    options: CollectOptions | None = None,
+    **legacy: Any,
 ) -> SourceStats:
     """Exact per-channel mean and population variance of every BN layer's input, per source.
 
     Why: BN statistics depend on which samples are normalized together; per-source statistics
     collected from single-source batches are what AdaBN, DSBN and the shift profile need.
-    ``data``: a ``SourceTaggedDataset`` (batches of ``batch_size`` from one source each, one pass in
-    total), a plain Dataset (one pooled source), or a re-iterable of batches ``x``/``(x, y)``/
-    ``(x, y, s)`` (``s`` ids must be equal within a batch when ``by_source``).
-    ``num_samples``: at most this many samples per source: a seeded random subset of a Dataset, else
-    the first ones (also of a ``sampler``'s batches). Under ``torch.distributed`` the cap is global:
-    rank r keeps at most ``num_samples // W`` (+1 for r < ``num_samples % W``) per source, so a rank
-    holding fewer samples of a source than its share leaves the total below the cap. A Dataset that is
-    the same on every rank (and ``sampler``'s batches, if given) is sharded here: rank r takes whole
-    batches r, r + W, ... of the plan one process makes (without a sampler the cap applies before
-    sharding, so the result equals one process's); a per-rank Dataset or sampler, or an iterable of
-    batches (a DataLoader with a ``DistributedSampler``), is each rank's own shard (identical batches
-    on every rank are refused).
-    ``keys``: field names of dict batches (``ItemKeys(input="image", source="site")``; MONAI and
-    Hugging Face style); ``num_workers``, ``pin_memory``, ``persistent_workers``: the DataLoader's.
-    ``mode``: ``"batch"`` (BN normalizes with batch statistics, as PreciseBN), ``"sequential"``
-    (inference-consistent fixpoint, see ``_fixpoint``), ``"eval"`` (stored statistics; refused for BN
-    layers without running statistics). Modules other than BN run in eval mode. Every buffer, flag
-    and momentum of the model is restored bit for bit afterwards; the model's lock is held
-    throughout. An error on any rank is raised on every rank.
-    Memory is O(layers x channels x sources) whatever the number of samples: each batch's exact
-    moments are merged at once. ``fused``: on CPU, BN layers that take batch statistics run a C kernel
-    (``bn.native``: float32 inputs; the exact float64 channel sums and BN's output in one call, built once
-    per machine with the system C compiler) unless ``fused=False``; other inputs and devices take each
-    batch's moments from one fused float64 kernel (``torch.compile``; exact to ~1e-14, a one-time compile
-    of ~10 s) with ``True``, and for passes of at least 200 batches and once it is compiled in this
-    process with ``None`` (default); ``False``: the eager two-pass float64 reduction everywhere.
-    ``cache_bytes``: sequential mode keeps the batches a ``DataLoader`` loaded in its first pass for the
-    later ones when all of them fit in this many bytes (default 1 GiB; 0: load them every pass).
-    ``device``: where inputs go; must be the model's device (default: the model's; the model is
-    never moved). ``amp``: forwards under autocast; statistics are still accumulated in float64 from
-    the tensor each BN layer actually receives.
-    Returns ``SourceStats`` (names: the dataset's source names, or ``"pooled"``).
+    Every mode runs modules other than BN in eval mode. Every buffer, flag and momentum of the
+    model is restored bit for bit afterwards; the model's lock is held throughout. An error on any
+    rank is raised on every rank. Memory is O(layers x channels x sources) whatever the number of
+    samples: each batch's exact moments are merged at once.
+
+    Args:
+        model: the model; its BN layers are found by ``bn_layers``.
+        data: a ``SourceTaggedDataset`` (batches of ``batch_size`` from one source each, one pass in
+            total), a plain Dataset (one pooled source), or a re-iterable of batches ``x``/``(x, y)``/
+            ``(x, y, s)`` (``s`` ids must be equal within a batch when ``by_source``).
+        batch_size: samples per batch of a Dataset (in ``"batch"`` mode BN normalizes each batch with
+            its own statistics, so this is part of what is measured).
+        by_source: statistics per source (``False``: every sample in one ``"pooled"`` source).
+        num_samples: at most this many samples per source: a seeded random subset of a Dataset, else
+            the first ones (also of a sampler's batches). Under ``torch.distributed`` the cap is global:
+            rank r keeps at most ``num_samples // W`` (+1 for r < ``num_samples % W``) per source, so a
+            rank holding fewer samples of a source than its share leaves the total below the cap. A
+            Dataset that is the same on every rank (and a sampler's batches, if given) is sharded here:
+            rank r takes whole batches r, r + W, ... of the plan one process makes (without a sampler
+            the cap applies before sharding, so the result equals one process's); a per-rank Dataset or
+            sampler, or an iterable of batches (a DataLoader with a ``DistributedSampler``), is each
+            rank's own shard (identical batches on every rank are refused).
+        mode: ``"batch"`` (BN normalizes with batch statistics, as PreciseBN), ``"sequential"``
+            (inference-consistent fixpoint, see ``_fixpoint``), ``"eval"`` (stored statistics; refused
+            for BN layers without running statistics).
+        seed: seeds the subset ``num_samples`` draws and the batch order.
+        amp: forwards under autocast; statistics are still accumulated in float64 from the tensor
+            each BN layer actually receives.
+        progress: show a progress bar.
+        options: loading, kernel and sequential-schedule settings (``CollectOptions``).
+        **legacy: the ``CollectOptions`` fields as keywords (``sampler=``, ``fused=``, ...): still
+            accepted, with a ``DeprecationWarning``; they override ``options``.
+
+    Returns:
+        ``SourceStats`` (names: the dataset's source names, or ``"pooled"``).
+
+    Raises:
+        ValueError: a bad argument, no data reaching the BN layers, a batch of one sample in batch
+            mode, or ``mode="eval"`` on layers without running statistics.
+        FloatingPointError: NaN or Inf in a BN layer's input (the shallowest one is named).
+
+    Example:
+        >>> ds = shiftbn.load("digits-labs")
+        >>> stats = collect_stats(model, ds, batch_size=32, mode="sequential")
+        >>> stats["lab0"].layers["features.1"].mean.shape
+        (8,)
     """
+    opts = _options(options, legacy)
     with model_lock(model):
         sync = RankSync()
-        shard, sampler = plan_shard(data, sampler, sync)
-        layers, plan = sync.check(lambda: _prepare(model, data, batch_size, by_source, num_samples, mode,
-                                                   sampler, seed, max_passes, num_workers, sync, device,
-                                                   {"keys": keys, "pin_memory": pin_memory,
-                                                    "persistent_workers": persistent_workers, "shard": shard}))
-        budget = as_count(cache_bytes, "cache_bytes", 0)
+        shard, sampler = plan_shard(data, opts.sampler, sync)
+        layers, plan = sync.check(lambda: _prepare(model, data, batch_size, by_source, num_samples, mode, seed,
+                                                   opts, sampler, shard, sync))
+        budget = as_count(opts.cache_bytes, "cache_bytes", 0)
         if mode == "sequential":
             plan = Replay(plan, budget)
         snap = ModelSnapshot(model, layers)
         try:
+            device = device_of(model)
+            job = _Job(model, layers, plan, sync, progress, fused=_use_fused(opts.fused, plan, device),
+                       native=_use_native(opts.fused, device), precision=partial(autocast, device, amp))
             first = "batch" if mode == "sequential" else mode
-            fuse = _use_fused(fused, plan, device_of(model))
-            native_ok = _use_native(fused, device_of(model))
-            precision = partial(autocast, device_of(model), amp)
-            probe = mode == "sequential"
-            stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
-                                                        f"stats ({first})", fuse, precision=precision,
-                                                        probe=probe, probe_data=sync.world > 1, native_ok=native_ok))
+            spec = _PassSpec(f"stats ({first})", first, fingerprint=sync.world > 1)
+            stats, infos = sync.merge(lambda: _one_pass(job, replace(spec, probe=mode == "sequential")))
             _check_sharded(infos, sync.world)
             if not stats.sources:
                 raise ValueError("no data reached the BN layers: data is empty"
@@ -118,12 +172,9 @@ def collect_stats(
             if mode == "sequential":
                 once = all(i["once"] for i in infos if i["samples"])
                 if not once and any(i["truncated"] for i in infos):  # ranks disagree: measure every layer
-                    stats, infos = sync.merge(lambda: _one_pass(model, layers, plan, first, None, None, progress,
-                                                                f"stats ({first})", fuse, precision=precision,
-                                                                probe_data=sync.world > 1, native_ok=native_ok))
+                    stats, infos = sync.merge(lambda: _one_pass(job, spec))
                 order = next((i["order"] for i in infos if i["order"]), [])
-                stats = _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, progress, fuse,
-                                  precision, native_ok)
+                stats = _fixpoint(job, stats, order, once, opts.max_passes, opts.tol)
             stats = _ordered(stats, plan.names)
             stats.mode = mode
             return stats
@@ -131,10 +182,32 @@ def collect_stats(
             snap.restore()
 
 
-def _prepare(model, data, batch_size, by_source, num_samples, mode, sampler, seed, max_passes, num_workers,
-             sync: RankSync, device, loading: dict) -> tuple[list[BNLayer], Batches]:
-    """Validate the arguments and plan this rank's batches."""
-    check_device(model, device)
+_OPTION_NAMES = tuple(f.name for f in fields(CollectOptions))
+
+
+def _options(options: CollectOptions | None, legacy: dict[str, Any]) -> CollectOptions:
+    """``options`` with the deprecated keyword spelling of its fields applied (one warning per call)."""
+    if options is not None and not isinstance(options, CollectOptions):
+        raise TypeError(f"options must be a CollectOptions, got {type(options).__name__}")
+    unknown = [k for k in legacy if k not in _OPTION_NAMES]
+    if unknown:
+        raise TypeError(f"collect_stats() got an unexpected keyword argument {unknown[0]!r}")
+    options = CollectOptions() if options is None else options
+    if legacy:
+        spelled = ", ".join(f"{k}=..." for k in legacy)
+        warnings.warn(f"collect_stats({spelled}) is deprecated; pass options=CollectOptions({spelled})",
+                      DeprecationWarning, stacklevel=3)
+        options = replace(options, **legacy)
+    return options
+
+
+def _prepare(model, data, batch_size, by_source, num_samples, mode, seed, opts: CollectOptions, sampler, shard: bool,
+             sync: RankSync) -> tuple[list[BNLayer], Batches]:
+    """Validate the arguments and plan this rank's batches (``sampler``: ``opts.sampler`` as sharded here)."""
+    max_passes, num_workers = opts.max_passes, opts.num_workers
+    loading = {"keys": opts.keys, "pin_memory": opts.pin_memory, "persistent_workers": opts.persistent_workers,
+               "shard": shard}
+    check_device(model, opts.device)
     if mode not in COLLECT_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {COLLECT_MODES}")
     batch_size = as_count(batch_size, "batch_size", 1)
@@ -203,8 +276,8 @@ def _ordered(stats: SourceStats, names: list[str] | None) -> SourceStats:
     return SourceStats({k: stats.sources[k] for k in keys}, stats.mode, stats.passes)
 
 
-def _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, progress, fused,
-              precision, native_ok: bool = False) -> SourceStats:
+def _fixpoint(job: _Job, stats: SourceStats, order: list[str], once: bool, max_passes: int | None,
+              tol: float) -> SourceStats:
     """Passes until the statistics reproduce themselves when every BN layer uses its stored ones.
 
     How: in pass p >= 2 the first p - 1 BN modules in call order (``order``) use their stored
@@ -219,6 +292,7 @@ def _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, pr
     the buffers' dtype, the precision they are stored with). Default ``max_passes`` (passes after the
     first): L + 32 (L to build the frontier, room for such loops).
     """
+    layers = job.layers
     limit = len(layers) + 32 if max_passes is None else max_passes
     tol = max(tol, 64 * max(float(torch.finfo(_buffer_dtype(layer)).eps) for layer in layers))
     eps = {layer.name: float(layer.module.eps) for layer in layers}
@@ -230,9 +304,8 @@ def _fixpoint(model, layers, plan, stats, order, once, sync, max_passes, tol, pr
     for p in range(2, limit + 2):
         frontier = set(order[: p - 1])
         measure = order[p - 1] if once else None
-        new, _ = sync.merge(partial(_one_pass, model, layers, plan, "eval", stats, frontier, progress,
-                                    f"stats (sequential {p})", fused, measure, precision,
-                                    native_ok=native_ok))
+        spec = _PassSpec(f"stats (sequential {p})", "eval", current=stats, frontier=frontier, measure=measure)
+        new, _ = job.sync.merge(partial(_one_pass, job, spec))
         new.passes = p
         if once:  # a truncated pass: only that module's statistics are new, and exact
             stats = SourceStats({src: BNStats({**bn.layers, **(new.sources[src].layers if src in new.sources
@@ -284,13 +357,102 @@ def _max_change(old: SourceStats, new: SourceStats, eps: dict[str, float]) -> tu
     return worst
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every pass of one ``collect_stats`` call shares."""
+
+    model: nn.Module
+    layers: list[BNLayer]
+    plan: Batches | Replay
+    sync: RankSync
+    progress: bool
+    fused: bool  # batch moments from the fused torch.compile kernel (``_use_fused``)
+    native: bool  # batch-mode BN through the C kernel (``_use_native``)
+    precision: Callable[[], contextlib.AbstractContextManager]  # autocast or not
+
+
+@dataclass(frozen=True)
+class _PassSpec:
+    """What one pass does.
+
+    ``mode``: ``"batch"`` (every BN module normalizes with its batch statistics) or ``"eval"`` (the
+    modules in ``frontier`` use ``current``'s statistics, all when ``frontier`` is ``None``; the others
+    batch statistics). ``measure``: a truncated pass that records only that module's input and stops
+    each forward there (every module before it must be in ``frontier`` and called once per forward).
+    ``probe``: after the first forward, when every module was called once, measure only the first
+    module called (the first pass of the sequential schedule, which needs no more). ``fingerprint``:
+    digest the first batch (to spot unsharded data across ranks).
+    """
+
+    desc: str
+    mode: str = "batch"
+    current: SourceStats | None = None
+    frontier: set[str] | None = None
+    measure: str | None = None
+    probe: bool = False
+    fingerprint: bool = False
+
+    def uses_batch(self, name: str) -> bool:
+        """Whether BN module ``name`` normalizes with the statistics of its own batch."""
+        return self.mode == "batch" or (self.frontier is not None and name not in self.frontier)
+
+
+class _Recorder:
+    """The BN-input handler of one pass: each call's exact moments, per source and call site.
+
+    In batch statistics mode it also loads the batch's own exact statistics into the (eval-mode)
+    module's buffers before BN runs: BN then normalizes with batch statistics without computing them a
+    second time, and the EMA is never updated. A module with a ``_NativeForward`` leaves both to the C
+    kernel: the accumulator waits in ``pending`` for the module's forward.
+    """
+
+    def __init__(self, spec: _PassSpec, fused: bool, natives: dict[str, _NativeForward]) -> None:
+        self.spec = spec
+        self.fused = fused
+        self.natives = natives
+        self.measure = spec.measure
+        self.source: str | None = None
+        self.accs: dict[str, dict[tuple[str, int], RunningMoments]] = {}
+        self.n_samples: dict[str, int] = {}
+        self.pending: dict[str, RunningMoments] = {}
+        self.workspace = Workspace()
+
+    def on_input(self, layer: BNLayer, k: int, x: torch.Tensor) -> None:
+        name, module = layer.name, layer.module
+        if self.measure is not None and name != self.measure:
+            return  # a truncated pass: this module uses its stored statistics
+        batch_stats = self.spec.uses_batch(name)
+        kernel = name in self.natives and self.measure is None and self.natives[name].takes(x)
+        if kernel:
+            module._check_input_dim(x)  # torch's own refusal of a 3-D input to BatchNorm2d, etc.
+        if batch_stats and self.measure is None and x.numel() == x.shape[1]:
+            raise ValueError(
+                f"a batch of one sample (source {self.source!r}) gives BN layer {name!r} one value per "
+                f"channel (input shape {tuple(x.shape)}): it cannot normalize with batch statistics (BN in "
+                "training refuses it too); use larger batches or drop that sample"
+            )
+        acc = self.accs.setdefault(self.source, {}).setdefault((name, k), RunningMoments())
+        if kernel:
+            self.pending[name] = acc
+            return
+        _, mean, var = acc.add(x, self.workspace, self.fused)
+        if self.measure is None and batch_stats and module.running_mean is not None:
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(var)
+
+    def truncate(self, head: str) -> None:
+        """From now on measure only module ``head`` (its accumulators kept, the others dropped)."""
+        self.measure = head
+        self.accs = {s: {key: acc for key, acc in per.items() if key[0] == head} for s, per in self.accs.items()}
+
+
 class _NativeForward:
     """Batch-mode BN through ``bn.native`` for one module: stats and output in one kernel call.
 
     Installed as the module's instance ``forward`` for one pass and removed by ``remove`` (the class's
-    forward shows again; nothing else of the module is touched). Inputs the kernel does not take
-    (another dtype, device or layout), and truncated passes, go through the pre-hook logic and the
-    module's own forward as before.
+    forward shows again; nothing else of the module is touched). It runs the kernel when the pass's
+    pre-hook left an accumulator for this call in ``pending``; other inputs (another dtype, device or
+    layout) and truncated passes go through the module's own forward.
     """
 
     TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -300,150 +462,102 @@ class _NativeForward:
         """Plain BatchNorm1d/2d/3d (subclasses may change forward) without an instance forward."""
         return type(module) in cls.TYPES and "forward" not in vars(module)
 
-    def __init__(self, module: nn.Module, hook, begin, state: dict) -> None:
+    def __init__(self, name: str, module: nn.Module, pending: dict[str, RunningMoments]) -> None:
         self.module = module
         own = type(module).forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if (state["measure"] is None and native.accepts(x, module.weight, module.bias)
-                    and x.shape[1] == module.num_features):
-                module._check_input_dim(x)  # torch's own refusal of a 3-D input to BatchNorm2d, etc.
-                return begin(x).add_native(x, module)
-            hook(module, (x,))
-            return own(module, x)
+            acc = pending.pop(name, None)
+            return own(module, x) if acc is None else acc.add_native(x, module)
 
         module.forward = forward
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether the kernel takes this input."""
+        m = self.module
+        return native.accepts(x, m.weight, m.bias) and x.shape[1] == m.num_features
 
     def remove(self) -> None:
         self.module.__dict__.pop("forward", None)
 
 
-class _StopForwardSignal(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised in a pre-hook once the layer a truncated pass measures has seen its input."""
+def _one_pass(job: _Job, spec: _PassSpec) -> tuple[SourceStats, dict[str, Any]]:
+    """One pass over ``job.plan`` as ``spec`` says: this rank's statistics, and an info dict (samples
+    seen, fingerprint of the first batch, BN modules in first-call order, whether each was called once
+    in the first forward, whether the pass truncated itself).
 
-
-def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches | Replay, mode: str,
-              current: SourceStats | None, frontier: set[str] | None, progress: bool,
-              desc: str, fused: bool = False, measure: str | None = None,
-              precision=contextlib.nullcontext, probe: bool = False,
-              probe_data: bool = False, native_ok: bool = False) -> tuple[SourceStats, dict[str, Any]]:
-    """One pass over ``plan``: this rank's statistics, and an info dict (samples seen, fingerprint of
-    the first batch, BN modules in first-call order, whether each was called once in the first
-    forward, whether the pass truncated itself).
-
-    Every mode runs the model in eval mode. In "batch" mode the pre-hook loads each batch's own exact
-    statistics into the buffers before BN runs: BN then normalizes with batch statistics without
-    computing them a second time, and the EMA is never updated. In "eval" mode with ``current``, the
-    modules in ``frontier`` (all when ``None``) use ``current``'s statistics, the others batch mode.
-    ``measure``: a truncated pass that records only that module's input and stops each forward there
-    (every module before it must be in ``frontier`` and called once per forward). ``probe``: after the
-    first forward, when every module was called once, measure only the first module called (the
-    first pass of the sequential schedule, which needs no more). ``probe_data``: fingerprint the first
-    batch (to spot unsharded data across ranks).
+    Every mode runs the model in eval mode; a truncated pass hooks only the module it measures (the
+    others run on PyTorch's hook-free path).
     """
-    model.eval()
-    accs: dict[str, dict[tuple[str, int], RunningMoments]] = {}
-    n_samples: dict[str, int] = {}
-    state: dict[str, Any] = {"source": None, "calls": {}, "measure": measure}
-    order: dict[str, None] = {}
-    workspace = Workspace()
+    job.model.eval()
+    natives: dict[str, _NativeForward] = {}
+    rec = _Recorder(spec, job.fused, natives)
+    hooked = [layer for layer in job.layers if spec.measure is None or layer.name == spec.measure]
+    try:
+        with observe_bn_inputs(job.model, hooked, rec.on_input, stop_after=spec.measure) as hooks:
+            if job.native and spec.measure is None:
+                for layer in hooked:
+                    if spec.uses_batch(layer.name) and _NativeForward.fits(layer.module):
+                        natives[layer.name] = _NativeForward(layer.name, layer.module, rec.pending)
+            with torch.no_grad():
+                info = _feed(job, spec, rec, hooks)
+    finally:
+        for forward in natives.values():
+            forward.remove()
+    _check_finite(rec.accs, job.layers)
+    info["truncated"] = spec.probe and rec.measure is not None
+    return SourceStats(_results(rec.accs, rec.n_samples, job.layers), spec.mode), info
 
-    def make_hook(name: str, batch_stats: bool):
-        def begin(x: torch.Tensor) -> RunningMoments | None:
-            """Count the call; the accumulator for this input, or None where a truncated pass skips it."""
-            k = state["calls"].get(name, 0)
-            state["calls"][name] = k + 1
-            order.setdefault(name)
-            truncated = state["measure"]
-            if truncated is not None and name != truncated:
-                return None  # a truncated pass: this module uses its stored statistics
-            if batch_stats and truncated is None and x.numel() == x.shape[1]:
-                raise ValueError(
-                    f"a batch of one sample (source {state['source']!r}) gives BN layer {name!r} one value per "
-                    f"channel (input shape {tuple(x.shape)}): it cannot normalize with batch statistics (BN in "
-                    "training refuses it too); use larger batches or drop that sample"
-                )
-            return accs.setdefault(state["source"], {}).setdefault((name, k), RunningMoments())
 
-        def hook(module, args):
-            x = args[0]
-            acc = begin(x)
-            if acc is None:
-                return
-            _, mean, var = acc.add(x, workspace, fused)
-            if state["measure"] is not None:
-                raise _StopForwardSignal
-            if batch_stats and module.running_mean is not None:
-                module.running_mean.copy_(mean)
-                module.running_var.copy_(var)
-
-        return hook, begin
-
-    def uses_batch(name: str) -> bool:
-        return mode == "batch" or (frontier is not None and name not in frontier)
-
-    # a truncated pass hooks only the module it measures: the others run on PyTorch's hook-free path
-    hooks: dict[str, Any] = {}
-
-    def install() -> None:
-        for layer in layers:
-            if measure is not None and layer.name != measure:
-                continue
-            hook, begin = make_hook(layer.name, uses_batch(layer.name))
-            if native_ok and measure is None and uses_batch(layer.name) and _NativeForward.fits(layer.module):
-                hooks[layer.name] = _NativeForward(layer.module, hook, begin, state)
-            else:
-                hooks[layer.name] = layer.module.register_forward_pre_hook(hook)
-
-    device = device_of(model)
+def _feed(job: _Job, spec: _PassSpec, rec: _Recorder, hooks: BNInputHooks) -> dict[str, Any]:
+    """Every batch of the plan through the model, with ``spec.current``'s statistics in the frontier's
+    buffers (written once per source: no hook writes them); the pass's info (see ``_one_pass``)."""
+    device = device_of(job.model)
     writes: dict[str, list] = {}
     written = None
     fingerprint = None
-    cycles = cycle_positions(model)  # a truncated forward must not shift a CycleBatchNormList's position
+    cycles = cycle_positions(job.model)  # a truncated forward must not shift a CycleBatchNormList's position
     once = True
-    try:
-        install()
-        with torch.no_grad():
-            bar = tqdm(plan, total=plan.total, desc=desc, disable=not bars_wanted(progress), unit="batch",
-                       mininterval=1.0)
-            started = time.perf_counter()
-            for x, src in bar:
-                if len(x) == 0:
-                    raise ValueError(f"an empty batch (0 samples, source {src!r}) reached collect_stats; "
-                                     "drop empty batches from the data")
-                first = not n_samples
-                if first and probe_data:
-                    fingerprint = _fingerprint(x)
-                if current is not None and src != written:
-                    # only the frontier's buffers must hold ``current``, and no hook writes them: once per source
-                    if src not in writes:
-                        writes[src] = prepare_writes(layers, current[src])
-                    apply_writes(writes[src])
-                    written = src
-                state["source"], state["calls"] = src, {}
-                with contextlib.suppress(_StopForwardSignal), precision():
-                    model(x.to(device) if isinstance(x, torch.Tensor) else x)
-                set_positions(cycles)
-                n_samples[src] = n_samples.get(src, 0) + len(x)
-                if first and probe:
-                    once = all(k == 1 for k in state["calls"].values())
-                    if once and order:
-                        state["measure"] = head = next(iter(order))
-                        accs = {s: {key: acc for key, acc in per.items() if key[0] == head}
-                                for s, per in accs.items()}
-                        for name, h in hooks.items():
-                            if name != head:
-                                h.remove()
-                if not bar.disable:
-                    bar.set_postfix_str(f"{sum(n_samples.values()) / (time.perf_counter() - started):,.0f} samples/s",
-                                        refresh=False)
-    finally:
-        for h in hooks.values():
-            h.remove()
-    _check_finite(accs, layers)
-    info = {"samples": sum(n_samples.values()), "fingerprint": fingerprint, "order": list(order),
-            "once": once, "truncated": probe and state["measure"] is not None}
-    return SourceStats(_results(accs, n_samples, layers), mode), info
+    bar = tqdm(job.plan, total=job.plan.total, desc=spec.desc, disable=not bars_wanted(job.progress), unit="batch",
+               mininterval=1.0)
+    started = time.perf_counter()
+    for x, src in bar:
+        if len(x) == 0:
+            raise ValueError(f"an empty batch (0 samples, source {src!r}) reached collect_stats; "
+                             "drop empty batches from the data")
+        first = not rec.n_samples
+        if first and spec.fingerprint:
+            fingerprint = _fingerprint(x)
+        if spec.current is not None and src != written:
+            if src not in writes:
+                writes[src] = prepare_writes(job.layers, spec.current[src])
+            apply_writes(writes[src])
+            written = src
+        rec.source = src
+        with job.precision():
+            hooks.run(x.to(device) if isinstance(x, torch.Tensor) else x)
+        set_positions(cycles)
+        rec.n_samples[src] = rec.n_samples.get(src, 0) + len(x)
+        if first and spec.probe:
+            once = all(k == 1 for k in hooks.calls.values())
+            if once and hooks.order:
+                _measure_only_first(rec, hooks)
+        if not bar.disable:
+            bar.set_postfix_str(f"{sum(rec.n_samples.values()) / (time.perf_counter() - started):,.0f} samples/s",
+                                refresh=False)
+    return {"samples": sum(rec.n_samples.values()), "fingerprint": fingerprint, "order": hooks.order, "once": once}
+
+
+def _measure_only_first(rec: _Recorder, hooks: BNInputHooks) -> None:
+    """Truncate the rest of the pass to the first module called: each forward stops after its input."""
+    head = hooks.order[0]
+    rec.truncate(head)
+    hooks.stop_after = head
+    for name in hooks.observed:
+        if name != head:
+            hooks.release(name)
+    for name in [name for name in rec.natives if name != head]:
+        rec.natives.pop(name).remove()
 
 
 def _check_finite(accs: dict, layers: list[BNLayer]) -> None:

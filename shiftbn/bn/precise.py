@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from shiftbn.bn.collect import CollectMode, collect_stats
+from shiftbn.bn.collect import CollectMode, CollectOptions, collect_stats
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats
 from shiftbn.bn.state import load_stats
@@ -41,6 +41,7 @@ def precise_bn(
     """
     with model_lock(model):
         stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
-                              mode=mode, sampler=sampler, seed=seed, fused=fused, progress=progress).pooled()
+                              mode=mode, seed=seed, progress=progress,
+                              options=CollectOptions(sampler=sampler, fused=fused)).pooled()
         load_stats(model, stats)
     return stats

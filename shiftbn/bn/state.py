@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from shiftbn.bn.hooks import BNInputHooks, observe_bn_inputs
 from shiftbn.bn.layers import BNLayer, bn_layers, cycle_positions, set_positions
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, SourceStats, check_moments
@@ -193,7 +194,7 @@ def use_stats(
     with model_lock(model):
         layers = bn_layers(model)
         snap = ModelSnapshot(model, layers)
-        hooks = []
+        hooks = None
         try:
             model.eval()
             write_stats(layers, stats, strict=strict)
@@ -201,8 +202,8 @@ def use_stats(
                 hooks = _site_hooks(model, layers, stats)
             yield model
         finally:
-            for h in hooks:
-                h.remove()
+            if hooks is not None:
+                hooks.remove()
             snap.restore()
 
 
@@ -216,13 +217,12 @@ def _sites(stats: AnyStats) -> dict[str, list[str]]:
     return {name: [key for _, key in sorted(v)] for name, v in out.items()}
 
 
-def _site_hooks(model: nn.Module, layers: list[BNLayer], stats: AnyStats) -> list:
+def _site_hooks(model: nn.Module, layers: list[BNLayer], stats: AnyStats) -> BNInputHooks:
     """Pre-hooks that load call site k's statistics before the k-th call of a shared BN module.
 
     Every site's statistics are validated and converted before any hook is installed.
     """
     sites = _sites(stats)
-    calls: dict[str, int] = {}
     loads = {}
     for layer in layers:
         for key in sites.get(layer.name, []):
@@ -233,26 +233,17 @@ def _site_hooks(model: nn.Module, layers: list[BNLayer], stats: AnyStats) -> lis
             mean, var = _checked_arrays(key, stats.layers[key], m.num_features)
             loads[key] = (torch.as_tensor(mean, dtype=m.running_mean.dtype, device=m.running_mean.device),
                           torch.as_tensor(var, dtype=m.running_var.dtype, device=m.running_var.device))
-    hooks = [model.register_forward_pre_hook(lambda module, args: calls.clear())]
-    for layer in layers:
-        if layer.name in sites:
-            hooks.append(layer.module.register_forward_pre_hook(
-                _site_loader(layer.name, len(sites[layer.name]), loads, calls)))
-    return hooks
 
-
-def _site_loader(name: str, n_sites: int, loads: dict, calls: dict[str, int]):
-    def hook(module, args):
-        k = calls.get(name, 0)
-        calls[name] = k + 1
-        tensors = loads.get(site_key(name, k))
+    def load_site(layer: BNLayer, k: int, x: torch.Tensor) -> None:
+        tensors = loads.get(site_key(layer.name, k))
         if tensors is None:
-            raise ValueError(f"BN layer {name!r} is called more than the {n_sites} call sites its statistics have")
+            raise ValueError(f"BN layer {layer.name!r} is called more than the {len(sites[layer.name])} call sites "
+                             "its statistics have")
         with torch.no_grad():
-            module.running_mean.copy_(tensors[0])
-            module.running_var.copy_(tensors[1])
+            layer.module.running_mean.copy_(tensors[0])
+            layer.module.running_var.copy_(tensors[1])
 
-    return hook
+    return observe_bn_inputs(model, [layer for layer in layers if layer.name in sites], load_site)
 
 
 def load_stats(model: nn.Module, stats: AnyStats, *, strict: bool = False) -> None:
@@ -287,6 +278,8 @@ class FrozenBN:
                     "statistics first with precise_bn or load_stats"
                 )
             self._flags = [(layer.module, layer.module.training) for layer in self.layers]
+            # a plain module-level hook, not observe_bn_inputs: it lives as long as the user's model
+            # trains and must survive torch.save(model) and copy.deepcopy (it acts on the module called)
             self._hooks = [layer.module.register_forward_pre_hook(_force_eval) for layer in self.layers]
             for layer in self.layers:
                 layer.module.train(False)

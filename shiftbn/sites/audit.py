@@ -7,7 +7,6 @@ Sections 5-6), and the statistics it needs at test time are those of batches com
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 
 from shiftbn._torch import iter_inputs
 from shiftbn.bn import bn_layers, preserved
+from shiftbn.bn.hooks import observe_bn_inputs
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate.uncertainty import resample_indices
 from shiftbn.samplers import SourceBatchSampler
@@ -189,10 +189,6 @@ def _moments(x: torch.Tensor) -> np.ndarray:
     return torch.cat([mean, torch.log(var + 1e-12)]).cpu().numpy()
 
 
-class _Captured(Exception):  # noqa: N818 - control flow: the first BN input was seen
-    pass
-
-
 def _features(ds: SourceTaggedDataset, batches: list[np.ndarray], model: nn.Module | None) -> tuple[np.ndarray, str]:
     """Per-batch features (B, F) and what they are."""
     rows = []
@@ -202,25 +198,17 @@ def _features(ds: SourceTaggedDataset, batches: list[np.ndarray], model: nn.Modu
         return np.stack(rows), "input"
     first = bn_layers(model)[0]
     seen: list[torch.Tensor] = []
-
-    def hook(module, args):
-        seen.append(args[0])
-        raise _Captured
-
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with preserved(model), torch.no_grad():
         model.eval()
-        handle = first.module.register_forward_pre_hook(hook)
-        try:
+        # the forward stops once the first BN layer has seen its input
+        with observe_bn_inputs(model, [first], lambda layer, k, x: seen.append(x), stop_after=first.name) as hooks:
             for x in iter_inputs(ds, batches):
                 seen.clear()
-                with contextlib.suppress(_Captured):
-                    model(x.to(device))
+                hooks.run(x.to(device))
                 if not seen:
                     raise ValueError(f"the model's first BN layer {first.name!r} never ran on a batch")
                 rows.append(np.concatenate([_moments(x), _moments(seen[0])]))
-        finally:
-            handle.remove()
     return np.stack(rows), f"input+bn:{first.name}"
 
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from shiftbn._torch import Inputs, autocast, device_of, iter_inputs
-from shiftbn.bn import bn_layers, preserved, site_key
+from shiftbn.bn import BNLayer, bn_layers, preserved, site_key
+from shiftbn.bn.hooks import observe_bn_inputs
 
 
 @dataclass
@@ -55,35 +56,23 @@ def sample_moments(model: nn.Module, data: Inputs, *, batch_size: int = 256, amp
     parts: dict[str, list] = {}
     sqs: dict[str, list] = {}
     depth: dict[str, int] = {}
-    calls: dict[str, int] = {}
 
-    def make_hook(name: str):
-        def hook(module, args):
-            k = calls.get(name, 0)
-            calls[name] = k + 1
-            key = name if k == 0 else site_key(name, k)
-            depth.setdefault(key, len(depth))
-            x = args[0].detach().to(torch.float64)
-            flat = x.reshape(x.shape[0], x.shape[1], -1)
-            parts.setdefault(key, []).append(flat.mean(dim=2).cpu().numpy())
-            sqs.setdefault(key, []).append(flat.square().mean(dim=2).cpu().numpy())
-
-        return hook
+    def record(layer: BNLayer, k: int, x: torch.Tensor) -> None:
+        key = layer.name if k == 0 else site_key(layer.name, k)
+        depth.setdefault(key, len(depth))
+        flat = x.detach().to(torch.float64).reshape(x.shape[0], x.shape[1], -1)
+        parts.setdefault(key, []).append(flat.mean(dim=2).cpu().numpy())
+        sqs.setdefault(key, []).append(flat.square().mean(dim=2).cpu().numpy())
 
     device = device_of(model)
     logits = []
     with preserved(model):
         model.eval()
-        handles = [layer.module.register_forward_pre_hook(make_hook(layer.name)) for layer in layers]
-        try:
+        with observe_bn_inputs(model, layers, record):
             chunks = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
             with autocast(device, amp):
                 for x in iter_inputs(data, chunks):
-                    calls.clear()
                     logits.append(model(x.to(device)).float().cpu())
-        finally:
-            for h in handles:
-                h.remove()
     mean = {k: np.concatenate(v) for k, v in parts.items()}
     sq = {k: np.concatenate(v) for k, v in sqs.items()}
     return SampleMoments(mean, sq, depth, torch.cat(logits).numpy())
