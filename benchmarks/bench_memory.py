@@ -81,14 +81,15 @@ def _child(kind: str, n: int) -> dict:
                               nn.BatchNorm1d(2048))
         data = _Batches(n)
         if kind == "fused":  # compile the kernel outside the measured growth
-            sb.collect_stats(model, _Batches(3), by_source=False, fused=True, progress=False)
+            sb.collect_stats(model, _Batches(3), by_source=False, options=sb.CollectOptions(fused=True), progress=False)
         before = _rss_now_kb()
         if kind == "fvcore":
             from fvcore.nn.precise_bn import update_bn_stats
 
             update_bn_stats(model.train(), data, num_iters=n)
         else:
-            sb.collect_stats(model, data, by_source=False, mode="batch", fused=kind == "fused", progress=False)
+            sb.collect_stats(model, data, by_source=False, mode="batch",
+                             options=sb.CollectOptions(fused=kind == "fused"), progress=False)
     return {"before_kb": before, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 
 

@@ -62,8 +62,8 @@ def main() -> None:
 
     def sequential(fused: bool):
         def fn():
-            passes[fused] = sb.collect_stats(model, xs, by_source=False, mode="sequential", fused=fused,
-                                             progress=False).passes
+            passes[fused] = sb.collect_stats(model, xs, by_source=False, mode="sequential",
+                                             options=sb.CollectOptions(fused=fused), progress=False).passes
         return fn
 
     fns = {"floor": floor, "eager": sequential(False), "fused": sequential(True)}

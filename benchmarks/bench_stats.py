@@ -57,7 +57,8 @@ def exactness(offset: float = 1e4, batches: int = 20, shape: tuple = (32, 64, 24
     out = {}
     for name, fused in (("eager", False), ("compiled", True), ("native", None)):
         with _compiled_only(name == "compiled"):
-            m = sb.collect_stats(model, xs, by_source=False, mode="batch", fused=fused, progress=False).pooled()
+            m = sb.collect_stats(model, xs, by_source=False, mode="batch", options=sb.CollectOptions(fused=fused),
+                                 progress=False).pooled()
         layer = m.layers["0"]
         out[f"{name}_mean"] = float(np.max(np.abs(layer.mean - mean_ref) / np.abs(mean_ref)))
         out[f"{name}_var"] = float(np.max(np.abs(layer.var - var_ref) / var_ref))
@@ -130,10 +131,11 @@ def main() -> None:
 
     def compiled():
         with _compiled_only(True):
-            sb.collect_stats(model, batches, mode="batch", fused=True, progress=False)
+            sb.collect_stats(model, batches, mode="batch", options=sb.CollectOptions(fused=True), progress=False)
 
     fns = {"floor": floor, "floor_pop": floor_pop,
-           "eager": lambda: sb.collect_stats(model, batches, mode="batch", fused=False, progress=False),
+           "eager": lambda: sb.collect_stats(model, batches, mode="batch", options=sb.CollectOptions(fused=False),
+                                             progress=False),
            "compiled": compiled,
            "native": lambda: sb.collect_stats(model, batches, mode="batch", progress=False)}
     try:
