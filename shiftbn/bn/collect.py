@@ -111,8 +111,8 @@ def collect_stats(
         data: a ``SourceTaggedDataset`` (batches of ``batch_size`` from one source each, one pass in
             total), a plain Dataset (one pooled source), or a re-iterable of batches ``x``/``(x, y)``/
             ``(x, y, s)`` (``s`` ids must be equal within a batch when ``by_source``).
-        batch_size: samples per batch of a Dataset (in ``"batch"`` mode BN normalizes each batch with
-            its own statistics, so this is part of what is measured).
+        batch_size: at most this many samples per batch of a Dataset, in near-equal batches (in
+            ``"batch"`` mode BN normalizes each batch with its own statistics: part of what is measured).
         by_source: statistics per source (``False``: every sample in one ``"pooled"`` source).
         num_samples: at most this many samples per source: a seeded random subset of a Dataset, else
             the first ones (also of a sampler's batches). Under ``torch.distributed`` the cap is global:
@@ -126,7 +126,8 @@ def collect_stats(
         mode: ``"batch"`` (BN normalizes with batch statistics, as PreciseBN), ``"sequential"``
             (inference-consistent fixpoint, see ``_fixpoint``), ``"eval"`` (stored statistics; refused
             for BN layers without running statistics).
-        seed: seeds the subset ``num_samples`` draws and the batch order.
+        seed: seeds the shuffle of each source's samples of a Dataset into batches (and so the
+            ``num_samples`` subset).
         amp: forwards under autocast; statistics are still accumulated in float64 from the tensor
             each BN layer actually receives.
         progress: show a progress bar.
@@ -144,9 +145,10 @@ def collect_stats(
 
     Example:
         >>> ds = shiftbn.load("digits-labs")
+        >>> model = shiftbn.studies.models.SmallCNN(in_channels=1, num_classes=10)
         >>> stats = collect_stats(model, ds, batch_size=32, mode="sequential")
-        >>> stats["lab0"].layers["features.1"].mean.shape
-        (8,)
+        >>> stats["lab_a"]["features.1"].mean.shape
+        (16,)
     """
     opts = _options(options, legacy)
     with model_lock(model):
