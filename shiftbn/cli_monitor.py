@@ -86,8 +86,15 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--save writes a monitor fitted with --reference SITE; give --reference")
     if args.save is not None and args.save.exists() and not args.force:
         raise FileExistsError(f"{args.save} exists; pass --force to replace it")
-    if args.stats is not None and not args.stats.is_file():
-        raise FileNotFoundError(f"--stats file not found: {args.stats}")
+    if args.stats is not None:
+        from shiftbn._safefile import is_special
+
+        kind = is_special(args.stats)
+        if kind is not None:  # a FIFO would block the read forever
+            raise ValueError(f"--stats {args.stats} is {kind}, not a regular file; give a monitor file "
+                             "(written by --save)")
+        if not args.stats.is_file():
+            raise FileNotFoundError(f"--stats file not found: {args.stats}")
 
 
 def _site(ds, name: str, args: argparse.Namespace):
