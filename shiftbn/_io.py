@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["FolderLock", "LockedError", "atomic_save_torch", "atomic_write_bytes", "atomic_write_text",
-           "remove_stale_temps"]
+           "remove_stale_temps", "same_file"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -30,7 +30,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as e:  # its message would name the temp file, not the one being written
+        raise _naming(e, path, len(data)) from None
     try:
         _umask_mode(tmp)
         with os.fdopen(fd, "wb") as f:
@@ -41,7 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:
+        if isinstance(e, OSError) and e.filename in (None, tmp):
             raise _naming(e, path, len(data)) from None
         raise
     _fsync_dir(path.parent)
@@ -54,13 +57,25 @@ def _naming(e: OSError, path: Path, size: int) -> OSError:
                "elsewhere")
     else:
         why = e.strerror or str(e) or type(e).__name__
-    msg = f"cannot write {path}: {why}; nothing was written ({path.name} is as it was)"
+    msg = f"cannot write {path}: {why}; nothing was written (an existing {path.name} is unchanged)"
     try:
         new = type(e)(msg)
     except Exception:  # noqa: BLE001 - an OSError subclass with its own constructor
         new = OSError(msg)
     new.errno = e.errno
     return new
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same inode (through a symlink or a hard link), or the
+    same resolved path when one does not exist yet."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        try:
+            return Path(a).resolve() == Path(b).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            return False
 
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")

@@ -9,7 +9,6 @@ Torch-free at import (``shiftbn --help`` stays fast); the handlers import what t
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 STATS_SUFFIX = ".stats"
@@ -106,22 +105,13 @@ def writes_file(args) -> bool:
 def check_output(out: Path, inputs, force: bool, verb: str) -> None:
     """Refuse ``--out`` when it is one of ``inputs`` (also through another path, a symlink or a hard
     link) and, unless ``force``, when it exists: a file is never replaced without asking."""
+    from shiftbn._io import same_file
+
     for p in inputs:
-        if _same_file(out, Path(p)):
+        if same_file(out, Path(p)):
             raise ValueError(f"--out {out} is the input {p}; {verb} never overwrites its input: give another --out")
     if (out.exists() or out.is_symlink()) and not force:
         raise FileExistsError(f"--out {out} exists; pass --force to replace it, or give another --out")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name one file (same inode, or the same resolved path when one is missing)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        try:
-            return a.resolve() == b.resolve()
-        except (OSError, RuntimeError):  # a symlink loop
-            return False
 
 
 def check_floor(args, stats) -> None:

@@ -218,3 +218,16 @@ def test_a_fifo_as_monitor_file_is_refused_without_waiting(tmp_path, capsys):
                        "--stats", str(fifo)])
     err = capsys.readouterr().err
     assert status == 2 and "--stats" in err and "FIFO" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_monitor_save_never_replaces_the_checkpoint_and_a_folder_is_no_monitor_file(tmp_path, capsys):
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "w.pt")
+    common = ["monitor", "--model", "nowhere:make", "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path)]
+    for args, msg in ((["--reference", "a", "--save", str(tmp_path / "link.pt"), "--force"],
+                       "is the --weights checkpoint; monitor never overwrites its input"),
+                      (["--stats", str(tmp_path)], "is a folder; give a monitor file")):
+        assert main([*common, *args]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "w.pt").read_bytes() == b"weights"
