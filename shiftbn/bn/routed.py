@@ -539,7 +539,7 @@ def _check_saved_rows(module: PerSiteModel, state_dict, prefix: str, *args) -> N
             continue  # the loader reports missing keys and shapes
         bad = (~torch.isfinite(mean).all(1)) | (~torch.isfinite(var).all(1)) | (var < 0).any(1)
         if bool(bad.any()):
-            rows = [sites[i] if i < len(sites) else f"row {i}" for i in torch.flatnonzero(bad).tolist()]
+            rows = [sites[i] if i < len(sites) else f"row {i}" for i in torch.nonzero(bad).flatten().tolist()]
             raise ValueError(f"layer {name!r} holds NaN/Inf statistics or a negative variance for site(s) {rows}; "
                              "the state dict is corrupt: rebuild it from valid statistics (per_site_model)")
 
