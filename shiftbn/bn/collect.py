@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shiftbn._log import bars_wanted
-from shiftbn._torch import autocast, check_device
+from shiftbn._torch import autocast, check_device, explained_errors
 from shiftbn.bn import native
 from shiftbn.bn.distributed import RankSync, plan_shard
 from shiftbn.bn.layers import BNLayer, bn_layers, check_materialized, cycle_positions, device_of, set_positions
@@ -357,6 +357,10 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches | Replay, m
             truncated = state["measure"]
             if truncated is not None and name != truncated:
                 return None  # a truncated pass: this module uses its stored statistics
+            if x.is_complex():  # its moments would keep the real part only
+                raise TypeError(f"BN layer {name!r} received a complex input ({x.dtype}, source {state['source']!r}); "
+                                "BN statistics are real-valued: feed real inputs (x.real, x.abs() or "
+                                "torch.view_as_real(x))")
             if batch_stats and truncated is None and x.numel() == x.shape[1]:
                 raise ValueError(
                     f"a batch of one sample (source {state['source']!r}) gives BN layer {name!r} one value per "
@@ -421,7 +425,7 @@ def _one_pass(model: nn.Module, layers: list[BNLayer], plan: Batches | Replay, m
                     apply_writes(writes[src])
                     written = src
                 state["source"], state["calls"] = src, {}
-                with contextlib.suppress(_StopForwardSignal), precision():
+                with contextlib.suppress(_StopForwardSignal), precision(), explained_errors(model, x):
                     model(x.to(device) if isinstance(x, torch.Tensor) else x)
                 set_positions(cycles)
                 n_samples[src] = n_samples.get(src, 0) + len(x)
