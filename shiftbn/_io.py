@@ -11,18 +11,29 @@ import contextlib
 import errno
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FolderLock", "LockedError", "atomic_save_torch", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["FolderLock", "LockedError", "atomic_save_torch", "atomic_write_bytes", "atomic_write_text",
+           "remove_stale_temps", "same_file"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and an atomic rename."""
+    """Write ``data`` to ``path`` through a temp file in the same folder and an atomic rename.
+
+    The temp file is ``.<name>.<pid>.<random>.tmp``: the writer's process id lets ``remove_stale_temps``
+    tell a killed writer's leftover from a live one's. An ``OSError`` of the write names ``path`` (the
+    operating system's own message does not): file-size limit (``ulimit -f``), disk full, quota. On
+    any error the temp file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as e:  # its message would name the temp file, not the one being written
+        raise _naming(e, path, len(data)) from None
     try:
         _umask_mode(tmp)
         with os.fdopen(fd, "wb") as f:
@@ -30,11 +41,81 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            raise _naming(e, path, len(data)) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _naming(e: OSError, path: Path, size: int) -> OSError:
+    """``e`` reworded to name the file being written (the same class and errno)."""
+    if e.errno == errno.EFBIG:  # Python ignores SIGXFSZ, so the limit surfaces here as EFBIG
+        why = (f"the file-size limit was hit ({size:,} bytes to write; see ulimit -f) - raise the limit or write "
+               "elsewhere")
+    else:
+        why = e.strerror or str(e) or type(e).__name__
+    msg = f"cannot write {path}: {why}; nothing was written (an existing {path.name} is unchanged)"
+    try:
+        new = type(e)(msg)
+    except Exception:  # noqa: BLE001 - an OSError subclass with its own constructor
+        new = OSError(msg)
+    new.errno = e.errno
+    return new
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same inode (through a symlink or a hard link), or the
+    same resolved path when one does not exist yet."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        try:
+            return Path(a).resolve() == Path(b).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            return False
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temp files ``atomic_write_bytes`` left in ``folder`` (not below it) when its writer was
+    killed; returns the files removed.
+
+    Why: a SIGKILL between the temp file and the rename leaves ``.<name>.<pid>.<random>.tmp`` behind.
+    Only files whose writer process is gone are removed (a live writer's, or one this process
+    writes, is never touched); on a system where that cannot be checked (Windows) nothing is removed.
+    Call it while holding the folder's lock, so that no writer of another machine shares the folder.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False) or _alive(int(m["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` may be running; True whenever that cannot be ruled out."""
+    if os.name == "nt" or pid <= 0 or pid == os.getpid():
+        return True  # Windows: os.kill(pid, 0) would terminate the process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):  # EPERM: it exists, owned by someone else
+        return True
+    return True
 
 
 def _umask_mode(path: str) -> None:

@@ -24,12 +24,52 @@ from shiftbn._log import bars_wanted
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+    """The device of the model's first parameter (or buffer); CPU for a model with neither.
+
+    Raises ``ValueError`` for a model with a tensor on the ``meta`` device: it holds no values to run.
+    """
+    named = [*model.named_parameters(), *model.named_buffers()]
+    meta = next((name for name, t in named if t is not None and t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model is on the meta device ({meta!r} holds no values, e.g. a model built under "
+                         "torch.device('meta') or init_empty_weights); materialize it first: "
+                         "model.to_empty(device='cpu') then model.load_state_dict(weights)")
+    return named[0][1].device if named else torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (or buffer); None for a model with neither."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def dtype_mismatch(model: nn.Module, x: Any) -> str | None:
+    """Why inputs ``x`` do not suit ``model``'s dtype (complex, or another floating dtype), with the fix; else None."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    want = model_dtype(model)
+    if x.is_complex():
+        return (f"the inputs are complex ({x.dtype}), but BN statistics and the model are real-valued; pass real "
+                "inputs (x.real, x.abs() or torch.view_as_real(x))")
+    if want is not None and x.is_floating_point() and x.dtype != want:
+        return (f"the model's parameters are {want} but the inputs are {x.dtype}; convert the inputs to the "
+                f"model's dtype (x.to({want}), e.g. in the dataset's transform) or the model to theirs "
+                f"(model.to({x.dtype}))")
+    return None
+
+
+@contextmanager
+def explained_errors(model: nn.Module, x: Any) -> Iterator[None]:
+    """Turn the raw error of a forward on inputs of another dtype than the model's into a clear ``TypeError``."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as e:
+        why = dtype_mismatch(model, x)
+        if why is None:
+            raise
+        raise TypeError(f"{why} (torch: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 
 
 def check_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -131,7 +171,8 @@ def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: boo
     outs = []
     with autocast(device, amp), _bar(len(data), desc, progress) as bar:
         for x in iter_inputs(data, _chunks(len(data), batch_size)):
-            outs.append(model(x.to(device)).float().cpu())
+            with explained_errors(model, x):
+                outs.append(model(x.to(device)).float().cpu())
             bar.update(len(x))
     return torch.cat(outs)
 
@@ -211,7 +252,8 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     with _batch_statistics(model), autocast(device, amp), _bar(sum(map(len, chunks)), desc, progress) as bar:
         for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
             try:
-                part_out = model(x.to(device)).float().cpu()
+                with explained_errors(model, x):
+                    part_out = model(x.to(device)).float().cpu()
             except ValueError as e:  # BN in training refuses one value per channel (one sample, no positions)
                 if "more than 1 value per channel" not in str(e):
                     raise

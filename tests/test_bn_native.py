@@ -192,12 +192,12 @@ def test_the_kernel_is_built_once_per_machine_into_the_cache(monkeypatch, tmp_pa
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("SHIFTBN_CACHE_DIR", str(tmp_path))
     assert native.available()
-    built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary left beside it
-    stamp = built[0].stat().st_mtime_ns
+    built = sorted((tmp_path / "kernels").iterdir(), key=lambda p: p.suffix)
+    assert [p.suffix for p in built] == [".json", ".lock", ".so"]  # library, its digest, build lock; no temporary
+    stamp = built[2].stat().st_mtime_ns
     monkeypatch.setattr(native, "_state", {})
     assert native.available()
-    assert built[0].stat().st_mtime_ns == stamp
+    assert built[2].stat().st_mtime_ns == stamp
 
 
 @needs_kernel

@@ -1,4 +1,5 @@
 import importlib
+import os
 import shutil
 import sys
 import textwrap
@@ -164,3 +165,82 @@ def test_statistics_file_errors_are_one_line(proj, capsys):
     assert main(["merge", "two.stats", "two.stats", "--merge-duplicates", "--out", "m.stats", "-q"]) == 0
     assert sb.sites.read_stats_header("m.stats").sources == {"site_a": 16, "site_b": 16, "site_c": 16}
     assert "is a folder" in _err(capsys, main(["merge", "a.stats", "--out", "data"]))
+
+
+def test_merge_and_stats_never_replace_an_input_or_an_existing_file_unasked(proj, capsys):
+    assert main(["stats", *_common("only_site_a"), "--out", "a.stats"]) == 0
+    assert main(["stats", *_common("only_site_b"), "--out", "b.stats"]) == 0
+    before = {p: (proj / p).read_bytes() for p in ("a.stats", "b.stats")}
+    (proj / "sub").mkdir()
+    (proj / "link.stats").symlink_to(proj / "a.stats")
+    os.link(proj / "b.stats", proj / "hard.stats")
+    for out in ("a.stats", "./sub/../a.stats", str(proj / "b.stats"), "link.stats", "hard.stats"):
+        for force in ([], ["--force"]):  # --force replaces an existing file, never an input
+            err = _err(capsys, main(["merge", "a.stats", "b.stats", "--pool", "--out", out, *force]))
+            assert "is the input" in err and "merge never overwrites its input" in err, err
+    err = _err(capsys, main(["merge", "link.stats", "--out", "a.stats", "--force"]))
+    assert "--out a.stats is the input link.stats" in err
+    assert {p: (proj / p).read_bytes() for p in before} == before
+    assert main(["merge", "a.stats", "b.stats", "--out", "m.stats", "-q"]) == 0
+    merged = (proj / "m.stats").read_bytes()
+    assert "--out m.stats exists; pass --force" in _err(capsys, main(["merge", "a.stats", "--out", "m.stats"]))
+    assert (proj / "m.stats").read_bytes() == merged
+    assert main(["merge", "a.stats", "--out", "m.stats", "--force", "-q"]) == 0
+    assert list(sb.sites.read_stats("m.stats")) == ["site_a"]
+    # stats --out X.stats: the same rule
+    assert "--out a.stats exists; pass --force" in _err(capsys, main(["stats", *_common("only_site_b"), "--out",
+                                                                       "a.stats"]))
+    assert (proj / "a.stats").read_bytes() == before["a.stats"]
+    assert main(["stats", *_common("only_site_b"), "--out", "a.stats", "--force"]) == 0
+    assert list(sb.sites.read_stats("a.stats")) == ["site_b"]
+    shutil.copy(proj / "w.pt", proj / "w.stats")  # a checkpoint named like a statistics file
+    err = _err(capsys, main(["stats", *_common("only_site_b", weights="w.stats"), "--out", "w.stats", "--force"]))
+    assert "--out w.stats is the input w.stats; stats never overwrites its input" in err
+    assert (proj / "w.stats").read_bytes() == (proj / "w.pt").read_bytes()
+
+
+def test_a_fifo_among_the_statistics_files_is_refused_at_once(proj, capsys):
+    from tests.timeouts import deadline
+
+    assert main(["stats", *_common("only_site_a"), "--out", "a.stats"]) == 0
+    os.mkfifo(proj / "pipe.stats")
+    with deadline(20):
+        err = _err(capsys, main(["merge", "a.stats", "pipe.stats", "--out", "m.stats"]))
+        assert "pipe.stats is a FIFO (named pipe), not a regular file; nothing was read from it" in err
+        err = _err(capsys, main(["recalibrate", *_model_args(), "--stats", "pipe.stats", "--output", "r.pt"]))
+        assert "pipe.stats is a FIFO" in err
+    assert not (proj / "m.stats").exists() and not (proj / "r.pt").exists()
+
+
+def test_the_file_size_limit_is_named_and_leaves_no_partial_file(proj, capsys):
+    import resource
+
+    assert main(["stats", *_common(), "--out", "all.stats"]) == 0
+    size = (proj / "all.stats").stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, hard))  # Python ignores SIGXFSZ: writes fail EFBIG
+    try:
+        merge = main(["merge", "all.stats", "--out", "m.stats"])
+        stats = main(["stats", *_common(), "--out", "s.stats"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert merge == 2 and stats == 2 and len(err) == 2, err
+    for line, name in zip(err, ("m.stats", "s.stats"), strict=True):
+        assert f"cannot write {name}: the file-size limit was hit" in line and "ulimit -f" in line, line
+    assert sorted(p.name for p in proj.iterdir() if p.suffix == ".stats" or p.name.endswith(".tmp")) == ["all.stats"]
+
+
+def test_recalibrate_and_merge_refuse_a_file_whose_layers_disagree_with_its_fingerprint(proj, capsys):
+    from tests.test_file_headers import forge_stats
+
+    assert main(["stats", *_common("only_site_a"), "--out", "a.stats"]) == 0
+
+    def rename(meta, arrays):  # layer '1' (the model's only BN layer) renamed; checksum recomputed
+        meta["sources"][0]["layers"][0][0] = "bn"
+
+    forge_stats(proj / "a.stats", rename, proj / "forged.stats")
+    err = _err(capsys, main(["recalibrate", *_model_args(), "--stats", "forged.stats", "--output", "r.pt"]))
+    assert "forged.stats is malformed: source 'site_a' layer 'bn' is no BN layer of the model" in err
+    assert "forged.stats is malformed" in _err(capsys, main(["merge", "forged.stats", "--out", "m.stats"]))
+    assert not (proj / "r.pt").exists() and not (proj / "m.stats").exists()

@@ -1,6 +1,7 @@
 """DriftMonitor: per-sample moments, distances, bootstrap p-values, the monitor file, the CLI, the study summary."""
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_monitor_file_round_trips_and_refuses_bad_files(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
     (size,) = struct.unpack("<Q", path.read_bytes()[:8])
     header = json.loads(json.loads(path.read_bytes()[8:8 + size])["__metadata__"]["shiftbn"])
-    assert header["format"] == "shiftbn.drift-monitor" and header["version"] == 2 and header["alpha"] == 0.01
+    assert header["format"] == "shiftbn.drift-monitor" and header["version"] == 3 and header["alpha"] == 0.01
     back = sb.sites.DriftMonitor.load(net, path)
     new = _images(20, 5, offset=0.05)
     a, b = mon.score(new), back.score(new)
@@ -116,7 +117,7 @@ def test_monitor_file_round_trips_and_refuses_bad_files(tmp_path):
     (tmp_path / "cut.monitor").write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated"):
         sb.sites.DriftMonitor.load(net, tmp_path / "cut.monitor")
-    raw = path.read_bytes().replace(b'\\"version\\": 2', b'\\"version\\": 9')
+    raw = path.read_bytes().replace(b'\\"version\\": 3', b'\\"version\\": 9')
     (tmp_path / "v9.monitor").write_bytes(raw)
     with pytest.raises(ValueError, match="version 9"):
         sb.sites.DriftMonitor.load(net, tmp_path / "v9.monitor")
@@ -168,3 +169,65 @@ def test_drift_summary_by_hand():
     assert s["spearman_predicted_drop"] == pytest.approx(0.5)
     assert s["false_alarm_rate"] == pytest.approx(0.04)
     assert s["detection_rate"] == pytest.approx(0.8)
+
+
+def _monitor_header(path):
+    (size,) = struct.unpack("<Q", path.read_bytes()[:8])
+    return json.loads(json.loads(path.read_bytes()[8:8 + size])["__metadata__"]["shiftbn"])
+
+
+def test_an_edited_monitor_header_is_refused(tmp_path):
+    """The checksum covers the header: alpha 0.05 -> 0.01 would turn an alert into "ok" unnoticed."""
+    net = _net()
+    path = sb.sites.DriftMonitor(net, _images(30, 1), n_null=20).save(tmp_path / "ref.monitor")
+    raw = path.read_bytes()
+    assert raw.count(b'\\"alpha\\": 0.05') == 1
+    for field, edit in (("alpha", (b'\\"alpha\\": 0.05', b'\\"alpha\\": 0.01')),
+                        ("n_null", (b'\\"n_null\\": 20', b'\\"n_null\\": 99')),
+                        ("seed", (b'\\"seed\\": 0', b'\\"seed\\": 7'))):
+        edited = tmp_path / f"{field}.monitor"
+        edited.write_bytes(raw.replace(*edit))
+        assert edited.read_bytes() != raw and len(edited.read_bytes()) == len(raw)
+        with pytest.raises(ValueError, match="failed its sha256 check: the header or the arrays were changed"):
+            sb.sites.DriftMonitor.load(net, edited)
+    assert sb.sites.DriftMonitor.load(net, path).alpha == 0.05
+
+
+def test_a_version_2_monitor_is_refused_with_the_fix(tmp_path, monkeypatch):
+    from shiftbn.evaluate import drift_file
+
+    net = _net()
+    monkeypatch.setattr(drift_file, "VERSION", 2)
+    path = sb.sites.DriftMonitor(net, _images(30, 1), n_null=20).save(tmp_path / "old.monitor")
+    monkeypatch.undo()
+    assert _monitor_header(path)["version"] == 2
+    with pytest.raises(ValueError, match=r"older shiftbn \(version 2\), whose checksum does not cover its header.*"
+                                         r"Refit the monitor and save it again"):
+        sb.sites.DriftMonitor.load(net, path)
+
+
+def test_a_fifo_as_monitor_file_is_refused_without_waiting(tmp_path, capsys):
+    from tests.timeouts import deadline
+
+    fifo = tmp_path / "pipe.monitor"
+    os.mkfifo(fifo)
+    with deadline(20):
+        with pytest.raises(ValueError, match=r"pipe\.monitor is a FIFO \(named pipe\), not a regular file"):
+            sb.sites.DriftMonitor.load(_net(), fifo)
+        status = main(["monitor", "--model", "nowhere:make", "--weights", "w.pt", "--data", str(tmp_path),
+                       "--stats", str(fifo)])
+    err = capsys.readouterr().err
+    assert status == 2 and "--stats" in err and "FIFO" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_monitor_save_never_replaces_the_checkpoint_and_a_folder_is_no_monitor_file(tmp_path, capsys):
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "w.pt")
+    common = ["monitor", "--model", "nowhere:make", "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path)]
+    for args, msg in ((["--reference", "a", "--save", str(tmp_path / "link.pt"), "--force"],
+                       "is the --weights checkpoint; monitor never overwrites its input"),
+                      (["--stats", str(tmp_path)], "is a folder; give a monitor file")):
+        assert main([*common, *args]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "w.pt").read_bytes() == b"weights"

@@ -321,3 +321,25 @@ def test_per_site_model_routes_cycle_children():
         for s, sl in (("a", slice(0, 3)), ("b", slice(3, 6))):
             with use_stats(net, stats[s]):
                 torch.testing.assert_close(got[sl], net(xb[sl]), atol=1e-6, rtol=0)
+
+
+def test_from_state_dict_refuses_corrupt_rows_and_other_architectures(setup):
+    model, stats, _, _, _ = setup
+    routed = sb.sites.per_site_model(model, stats)
+    sd = routed.state_dict()
+    for bad_value, what in ((float("nan"), "NaN"), (-0.5, "negative")):
+        bad = dict(sd)
+        table = bad["model.features.1.site_var"].clone()
+        table[1, 2] = bad_value
+        bad["model.features.1.site_var"] = table
+        with pytest.raises(ValueError, match=r"layer 'features.1'.*negative variance for site\(s\) \['lab_b'\]"):
+            PerSiteModel.from_state_dict(SmallCNN(width=4, seed=1), bad)
+        target = sb.sites.per_site_model(model, stats)
+        before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
+        with pytest.raises(ValueError, match="lab_b"):
+            target.load_state_dict(bad)  # refused before anything is loaded
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items() if k in before), what
+    with pytest.raises(ValueError, match=r"does not fit.*shape mismatch.*saved \(3, 4\), model \(3, 8\).*base model"):
+        PerSiteModel.from_state_dict(SmallCNN(width=8, seed=0), sd)
+    with pytest.raises(ValueError, match=r"does not fit.*missing key"):
+        PerSiteModel.from_state_dict(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), sd)

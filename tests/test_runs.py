@@ -193,3 +193,25 @@ def test_a_cell_written_but_not_logged_is_logged_as_recovered_on_resume(tmp_path
     log = [json.loads(x) for x in log_path.read_text().splitlines()]
     assert [e["status"] for e in log] == ["computed", "skipped"]
     assert "recovered" in log[0]["note"]
+
+
+def test_resume_removes_the_temp_files_of_a_writer_killed_mid_write(tmp_path):
+    """A SIGKILL between an atomic write's temp file and its rename leaves ``.<name>.<pid>.<rand>.tmp``;
+    resuming removes it (its writer is dead), the cell is computed again, a live process's file stays."""
+    from tests.test_io import _stop, _writer_killed_mid_write
+
+    folder = tmp_path / "r"
+    with RunFolder(folder, {"a": 1}) as run:
+        run.cell("c", lambda: pd.DataFrame({"x": [1]}))
+    _, dead_tmp = _writer_killed_mid_write(folder / "cells", kill=True)
+    _, root_tmp = _writer_killed_mid_write(folder, kill=True)
+    live, live_tmp = _writer_killed_mid_write(folder / "cells", kill=False)
+    try:
+        with RunFolder(folder, {"a": 1}, resume=True) as run:
+            assert not dead_tmp.exists() and not root_tmp.exists() and live_tmp.exists()
+            assert run.cell("c", lambda: pytest.fail("recomputed")).equals(pd.DataFrame({"x": [1]}))
+    finally:
+        _stop(live)
+    with RunFolder(folder, {"a": 1}, resume=True):
+        pass
+    assert not [p.name for p in folder.rglob("*.tmp")]

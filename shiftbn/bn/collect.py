@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shiftbn._log import bars_wanted
-from shiftbn._torch import autocast, check_device
+from shiftbn._torch import autocast, check_device, explained_errors
 from shiftbn.bn import native
 from shiftbn.bn.distributed import RankSync, plan_shard
 from shiftbn.bn.hooks import BNInputHooks, observe_bn_inputs
@@ -423,6 +423,10 @@ class _Recorder:
         name, module = layer.name, layer.module
         if self.measure is not None and name != self.measure:
             return  # a truncated pass: this module uses its stored statistics
+        if x.is_complex():  # its moments would keep the real part only
+            raise TypeError(f"BN layer {name!r} received a complex input ({x.dtype}, source {self.source!r}); "
+                            "BN statistics are real-valued: feed real inputs (x.real, x.abs() or "
+                            "torch.view_as_real(x))")
         batch_stats = self.spec.uses_batch(name)
         kernel = name in self.natives and self.measure is None and self.natives[name].takes(x)
         if kernel:
@@ -536,7 +540,7 @@ def _feed(job: _Job, spec: _PassSpec, rec: _Recorder, hooks: BNInputHooks) -> di
             apply_writes(writes[src])
             written = src
         rec.source = src
-        with job.precision():
+        with job.precision(), explained_errors(job.model, x):
             hooks.run(x.to(device) if isinstance(x, torch.Tensor) else x)
         set_positions(cycles)
         rec.n_samples[src] = rec.n_samples.get(src, 0) + len(x)

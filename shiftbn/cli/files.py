@@ -44,6 +44,8 @@ def register(sub, *, stats: argparse.ArgumentParser, matrix: argparse.ArgumentPa
     stats.add_argument("--site", default=None, metavar="NAME",
                        help="with --out SITE.stats: store the statistics under this source name (the data must hold "
                             "one source); merge refuses two files with the same source name")
+    stats.add_argument("--force", action="store_true",
+                       help="with --out SITE.stats: replace the file if it exists (never an input)")
     for action in stats._actions:
         if "--out" in action.option_strings:
             action.help = ("folder for stats.json, stats.csv and shift.csv; a path ending in .stats writes one "
@@ -82,6 +84,7 @@ def register(sub, *, stats: argparse.ArgumentParser, matrix: argparse.ArgumentPa
     m.add_argument("--merge-duplicates", action="store_true",
                    help="pool a source found in several files (shards of one site) instead of refusing it")
     m.add_argument("--min-count", type=_min_count, default=None, metavar="N", help=_FLOOR_HELP)
+    m.add_argument("--force", action="store_true", help="replace --out if it exists (never one of the FILEs)")
     m.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
 
 
@@ -93,7 +96,22 @@ def writes_file(args) -> bool:
         raise ValueError(f"--out {args.out} is a folder; a statistics file needs a new or file path")
     if args.site is not None and not to_file:
         raise ValueError(f"--site names the source in a statistics file; give --out NAME{STATS_SUFFIX}")
+    if to_file:
+        inputs = [p for p in (getattr(args, "weights", None), getattr(args, "data", None)) if p is not None]
+        check_output(args.out, inputs, args.force, "stats")
     return to_file
+
+
+def check_output(out: Path, inputs, force: bool, verb: str) -> None:
+    """Refuse ``--out`` when it is one of ``inputs`` (also through another path, a symlink or a hard
+    link) and, unless ``force``, when it exists: a file is never replaced without asking."""
+    from shiftbn._io import same_file
+
+    for p in inputs:
+        if same_file(out, Path(p)):
+            raise ValueError(f"--out {out} is the input {p}; {verb} never overwrites its input: give another --out")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise FileExistsError(f"--out {out} exists; pass --force to replace it, or give another --out")
 
 
 def check_floor(args, stats) -> None:
@@ -125,6 +143,7 @@ def cmd_merge(args) -> None:
 
     if args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the path of the merged file, e.g. pooled.stats")
+    check_output(args.out, args.files, args.force, "merge")
     headers = [read_stats_header(f) for f in args.files]
     merged = merge_stats(*args.files, duplicates="merge" if args.merge_duplicates else "refuse")
     if args.pool:
@@ -155,7 +174,7 @@ def _merged(args):
 def recalibrate_from_files(args, load_model) -> None:
     """``recalibrate --stats FILE...``: load one source's (or the pooled) statistics into a new checkpoint."""
     from shiftbn._io import atomic_save_torch
-    from shiftbn.bn import load_stats
+    from shiftbn.bn import bn_layers, load_stats
     from shiftbn.sites.files import check_model, read_stats_header
 
     if args.data is not None:
@@ -184,6 +203,10 @@ def recalibrate_from_files(args, load_model) -> None:
     atomic_save_torch(args.output, model.state_dict())
     print(f"Wrote {args.output}: BN statistics from {bn.num_samples} samples of {where} (from {len(args.stats)} "
           "statistics file(s))")
+    kept = [layer.name for layer in bn_layers(model) if layer.name not in bn.layers]
+    if kept:  # layers never called while the sites collected: nothing to load, said rather than silent
+        print(f"Kept the stored statistics of BN layer(s) {kept[:8]}{' ...' if len(kept) > 8 else ''}: the files "
+              "hold none for them (never called while the statistics were collected)")
 
 
 def matrix_stats(args):

@@ -78,16 +78,29 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse bad options before loading anything (each message names the option)."""
+    from shiftbn._io import same_file
+    from shiftbn._safefile import is_special
+
     if args.alpha is not None and not 0 < args.alpha < 1:
         raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
     if args.n_null is not None and args.n_null < 20:
         raise ValueError(f"--n-null must be >= 20, got {args.n_null}")
     if args.save is not None and args.reference is None:
         raise ValueError("--save writes a monitor fitted with --reference SITE; give --reference")
+    if args.save is not None and same_file(args.save, args.weights):
+        raise ValueError(f"--save {args.save} is the --weights checkpoint; monitor never overwrites its input: give "
+                         "another --save")
     if args.save is not None and args.save.exists() and not args.force:
         raise FileExistsError(f"{args.save} exists; pass --force to replace it")
-    if args.stats is not None and not args.stats.is_file():
-        raise FileNotFoundError(f"--stats file not found: {args.stats}")
+    if args.stats is not None:
+        kind = is_special(args.stats)
+        if kind is not None:  # a FIFO would block the read forever
+            raise ValueError(f"--stats {args.stats} is {kind}, not a regular file; give a monitor file "
+                             "(written by --save)")
+        if args.stats.is_dir():
+            raise ValueError(f"--stats {args.stats} is a folder; give a monitor file (written by --save)")
+        if not args.stats.is_file():
+            raise FileNotFoundError(f"--stats file not found: {args.stats}")
 
 
 def _site(ds, name: str, args: argparse.Namespace):

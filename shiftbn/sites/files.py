@@ -22,8 +22,10 @@ from torch import nn
 from shiftbn._io import atomic_write_bytes
 from shiftbn._safefile import META_KEY, read_shiftbn_file
 from shiftbn._version import __version__
+from shiftbn.bn.collect import COLLECT_MODES
 from shiftbn.bn.moments import POOLED, BNStats, Moments, SourceStats, check_moments
-from shiftbn.sites.fingerprint import check_fingerprint, fingerprint_problems, model_fingerprint
+from shiftbn.bn.sites import split_site
+from shiftbn.sites.fingerprint import bn_channels, check_fingerprint, fingerprint_problems, model_fingerprint
 
 FORMAT = "shiftbn.stats"
 FORMAT_VERSION = 1
@@ -79,6 +81,7 @@ def save_stats(stats: SourceStats | BNStats, path: str | Path, *, model: nn.Modu
         for j, m in enumerate(bn.layers.values()):
             tensors[f"{i}/{j}/mean"] = np.ascontiguousarray(m.mean, dtype=np.float64)
             tensors[f"{i}/{j}/m2"] = np.ascontiguousarray(m.m2, dtype=np.float64)
+    _decode(header, tensors, Path(path), f"cannot write {path}")  # what read_stats would refuse is never written
     header["sha256"] = _digest(header, tensors)
     from safetensors.numpy import save
 
@@ -263,27 +266,71 @@ def _check_format(meta: dict[str, Any], path: Path) -> None:
                          f"{FORMAT_VERSION}: {fix}")
 
 
-def _decode(meta: dict[str, Any], tensors: dict[str, np.ndarray], path: Path) -> tuple[StatsHeader, SourceStats]:
-    """``StatsHeader`` and ``SourceStats`` from a checked header and its arrays (structure validated)."""
-    bad = f"{path} is malformed"
+def _decode(meta: dict[str, Any], tensors: dict[str, np.ndarray], path: Path,
+            bad: str | None = None) -> tuple[StatsHeader, SourceStats]:
+    """``StatsHeader`` and ``SourceStats`` from a checked header and its arrays, every field validated.
+
+    Why: the checksum proves the file unchanged since it was written, not that its writer was shiftbn:
+    a header edited and re-hashed must not pass either. So every layer must be a BN layer of the
+    model in the file's fingerprint (``name`` or a call site ``name@k``), with that layer's channel
+    count; counts and ``num_samples`` whole numbers >= 1, ``num_samples`` at most the values counted
+    over its layers (every sample reaches a BN layer), at least ``min_count``; ``passes`` >= 1, a known mode.
+    ``bad`` starts the error message (default "<path> is malformed").
+    """
+    bad = bad or f"{path} is malformed"
     try:
+        fingerprint = check_fingerprint(meta["fingerprint"], f"{path}: fingerprint")
+        channels = bn_channels(fingerprint)
+        if meta["mode"] not in COLLECT_MODES:
+            raise ValueError(f"mode {meta['mode']!r} is none of {list(COLLECT_MODES)}")
+        passes = _count(meta["passes"], "passes")
+        min_count = None if meta["min_count"] is None else _count(meta["min_count"], "min_count")
+        if not isinstance(meta["sources"], list) or not meta["sources"]:
+            raise ValueError("it holds no source")
         sources, used = {}, set()
         for i, s in enumerate(meta["sources"]):
+            name = s["name"]
+            if not isinstance(name, str) or not name or name in sources:
+                raise ValueError(f"source name {name!r} is not a new, non-empty string")
+            num_samples = _count(s["num_samples"], f"source {name!r}: num_samples")
+            if not isinstance(s["layers"], list) or not s["layers"]:
+                raise ValueError(f"source {name!r} holds no layer")
             layers = {}
             for j, (key, count) in enumerate(s["layers"]):
+                where = f"source {name!r} layer {key!r}"
+                if not isinstance(key, str) or key in layers:
+                    raise ValueError(f"source {name!r}: layer key {key!r} is not a new string")
+                layer = split_site(key)[0]
+                if layer not in channels:
+                    raise ValueError(f"{where} is no BN layer of the model in its fingerprint (BN layers "
+                                     f"{list(channels)[:6]}{', ...' if len(channels) > 6 else ''})")
                 names = (f"{i}/{j}/mean", f"{i}/{j}/m2")
                 used.update(names)
-                layers[key] = Moments.from_dict({"count": count, "mean": tensors[names[0]], "m2": tensors[names[1]]},
-                                                f"{path}: source {s['name']!r} layer {key!r}")
-            if not isinstance(s["name"], str) or s["name"] in sources:
-                raise ValueError(f"source name {s['name']!r} is not a new string")
-            sources[s["name"]] = BNStats(layers, int(s["num_samples"]))
-        fingerprint = check_fingerprint(meta["fingerprint"], f"{path}: fingerprint")
-        header = StatsHeader(FORMAT_VERSION, str(meta["shiftbn_version"]), str(meta["mode"]), int(meta["passes"]),
-                             {k: v.num_samples for k, v in sources.items()}, fingerprint, meta["min_count"],
-                             meta["extra"])
+                layers[key] = Moments.from_dict({"count": count, "mean": tensors[names[0]],
+                                                 "m2": tensors[names[1]]}, where)
+                if layers[key].channels != channels[layer]:
+                    raise ValueError(f"{where} has {layers[key].channels} channels; the model's layer "
+                                     f"{layer!r} has {channels[layer]}")
+            counted = sum(m.count for m in layers.values())
+            if num_samples > counted:
+                raise ValueError(f"source {name!r}: num_samples {num_samples} exceeds the {counted} values its "
+                                 "layers counted (each sample adds at least one value to a BN layer)")
+            if min_count is not None and num_samples < min_count:
+                raise ValueError(f"source {name!r}: {num_samples} samples, fewer than its min_count {min_count}")
+            sources[name] = BNStats(layers, num_samples)
+        if not isinstance(meta["shiftbn_version"], str):
+            raise ValueError(f"shiftbn_version {meta['shiftbn_version']!r} is not a string")
+        header = StatsHeader(FORMAT_VERSION, meta["shiftbn_version"], meta["mode"], passes,
+                             {k: v.num_samples for k, v in sources.items()}, fingerprint, min_count, meta["extra"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ValueError(f"{bad}: {e}") from None
     if set(tensors) != used:
         raise ValueError(f"{bad}: arrays {sorted(set(tensors) ^ used)[:4]} do not match its header")
     return header, SourceStats(sources, header.mode, header.passes)
+
+
+def _count(value: Any, what: str) -> int:
+    """``value`` if it is a whole number >= 1 (JSON: not a float, not a bool), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+    return value

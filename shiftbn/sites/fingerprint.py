@@ -58,15 +58,31 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 
 def check_fingerprint(fp: Any, what: str) -> dict[str, Any]:
-    """``fp`` if it has the structure ``model_fingerprint`` returns, else ``ValueError`` naming ``what``."""
+    """``fp`` if it has the structure ``model_fingerprint`` returns, else ``ValueError`` naming ``what``.
+
+    Beyond the keys: BN layer names are distinct strings and every ``num_features`` a whole number
+    >= 1, so a file's arrays can be checked against it layer by layer (``bn_channels``)."""
     ok = (isinstance(fp, Mapping) and isinstance(fp.get("bn_layers"), list) and isinstance(fp.get("tensors"), list)
           and isinstance(fp.get("weights_sha256"), str)
-          and all(isinstance(x, Mapping) and isinstance(x.get("name"), str) and isinstance(x.get("num_features"), int)
+          and all(isinstance(x, Mapping) and isinstance(x.get("name"), str) and _whole(x.get("num_features"))
                   for x in fp["bn_layers"])
           and all(isinstance(x, Mapping) and {"name", "dtype", "shape", "sha256"} <= set(x) for x in fp["tensors"]))
     if not ok:
         raise ValueError(f"{what} is not a model fingerprint (expected the dict model_fingerprint(model) returns)")
+    names = [x["name"] for x in fp["bn_layers"]]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{what} names BN layer(s) {twice[:4]} twice; it is no model fingerprint")
     return dict(fp)
+
+
+def bn_channels(fp: Mapping[str, Any]) -> dict[str, int]:
+    """BN layer name -> ``num_features`` of a checked fingerprint (``check_fingerprint``)."""
+    return {x["name"]: int(x["num_features"]) for x in fp["bn_layers"]}
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def fingerprint_problems(expected: Mapping[str, Any], actual: Mapping[str, Any], *, first: str = "the file",

@@ -8,12 +8,15 @@ The route is plain Python state read while the forward runs, so eager calls from
 do not see each other's ids, and ``torch.export.export`` (non-strict, the default) records the
 ids as a graph input feeding every BN layer's ``index_select`` (a dynamic batch dimension works).
 TorchScript scripting and ``export(strict=True)`` are not supported (they do not run the Python
-that binds the route).
+that binds the route). A BN subclass that overrides ``forward`` (timm's ``BatchNormAct2d``: BN, drop,
+act) is kept with its forward (``RoutedForwardBN``): only its ``F.batch_norm`` call on its own running
+statistics is routed; a forward without that call is refused by class name.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import numbers
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,14 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from shiftbn.bn.collect import collect_stats
 from shiftbn.bn.layers import bn_layers, check_materialized
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, brief_repr
 from shiftbn.bn.population import PopulationStats
-from shiftbn.bn.state import prepare_writes
+from shiftbn.bn.state import apply_writes, prepare_writes
 
 SiteArg = torch.Tensor | np.ndarray | str | int | Sequence[str] | Sequence[int]
 
@@ -79,21 +84,34 @@ class RoutedBN(nn.Module):
         self.num_features = int(bn.num_features)
         self.eps = float(bn.eps)
         self.layer_name = name
-        self.weight = bn.weight
-        self.bias = bn.bias
         self.register_buffer("site_mean", site_mean)
         self.register_buffer("site_var", site_var)
         self._route = route
+        self._keep(bn)
+
+    def _keep(self, bn: _BatchNorm) -> None:
+        """Keep what normalization needs of the original layer: its affine parameters."""
+        self.weight = bn.weight
+        self.bias = bn.bias
 
     @property
     def num_sites(self) -> int:
         return int(self.site_mean.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self._ids()
+        return self._normalize(x, ids, self.weight, self.bias, self.eps)
+
+    def _ids(self) -> torch.Tensor:
         ids = self._route.current()
         if ids is None:
             raise RuntimeError(f"RoutedBN {self.layer_name!r} was called without sites; call the PerSiteModel, "
                                "routed(x, site=ids), not its inner model")
+        return ids
+
+    def _normalize(self, x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """``x`` (N, C, *) normalized per sample with rows ``ids`` (N,) of the site tables, then ``weight``/``bias``."""
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"RoutedBN {self.layer_name!r} expects input (N, {self.num_features}, *), "
                              f"got shape {tuple(x.shape)}")
@@ -102,12 +120,12 @@ class RoutedBN(nn.Module):
                              "samples; the model changed the batch size before this layer, which routing cannot follow")
         shape = (x.shape[0], self.num_features) + (1,) * (x.dim() - 2)
         mean = self.site_mean.index_select(0, ids)
-        scale = torch.rsqrt(self.site_var.index_select(0, ids) + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
+        scale = torch.rsqrt(self.site_var.index_select(0, ids) + eps)
+        if weight is not None:
+            scale = scale * weight
         shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
+        if bias is not None:
+            shift = shift + bias
         return x * scale.reshape(shape).to(x.dtype) + shift.reshape(shape).to(x.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -124,6 +142,100 @@ class RoutedBN(nn.Module):
         return f"{self.num_features}, sites={self.num_sites}, eps={self.eps}, affine={self.weight is not None}"
 
 
+class RoutedForwardBN(RoutedBN):
+    """A routed BN subclass with its own ``forward`` (timm's ``BatchNormAct2d``: BN, then drop and act).
+
+    The original module ``bn`` runs its own forward (its affine, activation, dropout, hooks); only its
+    ``F.batch_norm`` call on its own running statistics is replaced by the per-sample routed
+    normalization (with the weight, bias and eps that call passes). A forward that makes no such call
+    cannot be routed: it is refused by class name.
+    """
+
+    def _keep(self, bn: _BatchNorm) -> None:
+        self.bn = bn
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, sites={self.num_sites}, own forward of {type(self.bn).__name__}"
+
+    def forward(self, x: Any) -> Any:
+        route = _RouteBatchNorm(self, self._ids())
+        with route:
+            out = self.bn(x)
+        if not route.calls:
+            raise TypeError(self.refusal())
+        return out
+
+    def refusal(self) -> str:
+        cls = type(self.bn)
+        return (f"BN layer {self.layer_name!r} ({cls.__module__}.{cls.__qualname__}) overrides forward without "
+                "calling torch.nn.functional.batch_norm on its own running_mean/running_var, so per_site_model "
+                "cannot give each sample its site's statistics there; normalize with F.batch_norm(x, "
+                "self.running_mean, self.running_var, ...) in that forward, or evaluate one site at a time "
+                "with use_stats(model, stats[site])")
+
+    def check_routable(self) -> None:
+        """Refuse now a forward that makes no routable ``F.batch_norm`` call on a probe input (all zeros).
+
+        A probe the forward rejects (an input shape it does not take) decides nothing: the first routed
+        forward checks again.
+        """
+        ref = self.site_mean
+        x = None
+        for shape in ((2, self.num_features, 2, 2), (2, self.num_features), (2, self.num_features, 2),
+                      (2, self.num_features, 2, 2, 2)):
+            try:
+                self.bn._check_input_dim(torch.empty(shape, device="meta"))
+            except (ValueError, RuntimeError):
+                continue
+            x = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+            break
+        if x is None:
+            return
+        route = _RouteBatchNorm(self, torch.zeros(2, dtype=torch.long, device=ref.device))
+        try:
+            with torch.no_grad(), route:
+                type(self.bn).forward(self.bn, x)
+        except Exception:  # noqa: BLE001 - the probe does not suit this forward; routing checks every call
+            return
+        if not route.calls:
+            raise TypeError(self.refusal())
+
+
+_BATCH_NORM_ARGS = inspect.signature(F.batch_norm)
+
+
+class _RouteBatchNorm(TorchFunctionMode):
+    """While a ``RoutedForwardBN``'s module runs: its ``F.batch_norm`` calls on its own running statistics
+    normalize per sample with the site rows ``ids`` (N,); every other call runs as it is.
+
+    A torch function mode is per thread, and ``torch.export`` (non-strict) records what it computes.
+    """
+
+    def __init__(self, layer: RoutedForwardBN, ids: torch.Tensor) -> None:
+        super().__init__()
+        self.layer, self.ids, self.calls = layer, ids, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            call = _BATCH_NORM_ARGS.bind(*args, **kwargs)
+            call.apply_defaults()
+            a = call.arguments
+            bn = self.layer.bn
+            if a["running_mean"] is bn.running_mean and a["running_var"] is bn.running_var:
+                self.calls += 1
+                return self.layer._normalize(a["input"], self.ids, a["weight"], a["bias"], float(a["eps"]))
+        return func(*args, **kwargs)
+
+
+_TORCH_FORWARDS = {nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward, nn.SyncBatchNorm.forward}
+
+
+def _own_forward(bn: _BatchNorm) -> bool:
+    """Whether ``bn``'s class overrides torch's BN forward (then it is kept and routed inside)."""
+    return type(bn).forward not in _TORCH_FORWARDS
+
+
 class _PlainBN(_BatchNorm):
     """A standard BN layer of any input rank (N, C, *), rebuilt from a ``RoutedBN`` for ``collect_stats``."""
 
@@ -137,7 +249,8 @@ class PerSiteModel(nn.Module):
 
     Build it with ``per_site_model``. Call ``routed(x, site=ids)``: ``ids`` a LongTensor (N,) of
     indices into ``routed.sites``, a list of N site names or indices, or one name/index for the whole
-    batch. ``routed.model`` is the inner model (its BN layers are ``RoutedBN``). The state dict holds
+    batch. ``routed.model`` is the inner model (its BN layers are ``RoutedBN``; a BN subclass with its own
+    ``forward`` is a ``RoutedForwardBN`` holding the original module as ``.bn``). The state dict holds
     every ``RoutedBN``'s ``site_mean``/``site_var`` (S, C) and the site table (``_extra_state``), so
     ``torch.save(routed.state_dict())`` and ``PerSiteModel.from_state_dict(base_model, sd)`` round-trip.
     """
@@ -147,6 +260,7 @@ class PerSiteModel(nn.Module):
         self.model = model
         self._sites = list(sites)
         self._route = route
+        self.register_load_state_dict_pre_hook(_check_saved_rows)
         self.register_load_state_dict_post_hook(_check_site_rows)
 
     @property
@@ -223,7 +337,8 @@ class PerSiteModel(nn.Module):
         return layers[0][1].site_mean.device if layers else torch.device("cpu")
 
     def plain_model(self, site: str | int | None = None) -> nn.Module:
-        """A deep copy of the inner model with standard BN layers in eval mode.
+        """A deep copy of the inner model with standard BN layers in eval mode (a BN subclass with its
+        own ``forward`` is the original module again, with that forward).
 
         ``site``: load that site's statistics into them (an ordinary single-site model, e.g. for export
         without a site input); ``None``: zero means and unit variances.
@@ -232,14 +347,19 @@ class PerSiteModel(nn.Module):
         with model_lock(self):
             plain = copy.deepcopy(self.model)
         for routed in [m for m in plain.modules() if isinstance(m, RoutedBN)]:
+            mean = routed.site_mean[index] if index is not None else torch.zeros_like(routed.site_mean[0])
+            var = routed.site_var[index] if index is not None else torch.ones_like(routed.site_var[0])
+            if isinstance(routed, RoutedForwardBN):  # the user's own module, with its forward
+                apply_writes([(routed.bn, mean, var)])
+                _replace(plain, routed, routed.bn)
+                continue
             bn = _PlainBN(routed.num_features, eps=routed.eps, affine=routed.weight is not None)
             bn = bn.to(device=routed.site_mean.device, dtype=routed.site_mean.dtype)
             with torch.no_grad():
                 if routed.weight is not None:
                     bn.weight, bn.bias = routed.weight, routed.bias
-                if index is not None:
-                    bn.running_mean.copy_(routed.site_mean[index])
-                    bn.running_var.copy_(routed.site_var[index])
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
             _replace(plain, routed, bn)
         return plain.eval()
 
@@ -298,6 +418,7 @@ class PerSiteModel(nn.Module):
             raise ValueError("the state dict has no site table ('_extra_state'); save routed.state_dict() of a "
                              "PerSiteModel, not of its inner model")
         routed = _build(model, list(extra["sites"]), None)
+        _check_fits(routed, state_dict)
         routed.load_state_dict(state_dict)
         return routed.eval()
 
@@ -359,7 +480,12 @@ def _build(model: nn.Module, sites: list[str], tables: dict | None) -> PerSiteMo
             var = torch.ones(len(sites), bn.num_features, dtype=dtype, device=device)
         else:
             mean, var = tables[layer.name]
-        _replace(inner, bn, RoutedBN(bn, mean, var, route, layer.name))
+        if _own_forward(bn):
+            routed = RoutedForwardBN(bn, mean, var, route, layer.name)
+            routed.eval().check_routable()
+        else:
+            routed = RoutedBN(bn, mean, var, route, layer.name)
+        _replace(inner, bn, routed)
     return PerSiteModel(inner, sites, route).eval()
 
 
@@ -367,8 +493,29 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is registered under ``root`` (a shared module at every place)."""
     for parent in root.modules():
         for key, child in list(parent._modules.items()):
-            if child is old:
+            if child is old and parent is not new:  # a RoutedForwardBN keeps the module it routes
                 parent._modules[key] = new
+
+
+def _check_fits(routed: PerSiteModel, state_dict: Mapping[str, Any]) -> None:
+    """Refuse a state dict saved from another architecture, naming the keys and shapes that differ."""
+    ours = routed.state_dict()
+    missing = [k for k in ours if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in ours]
+    shapes = []
+    for key, want in ours.items():
+        got = state_dict.get(key)
+        if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
+            continue
+        tables = key.endswith((".site_mean", ".site_var")) and got.dim() == 2 and want.dim() == 2
+        if (got.shape[1:] != want.shape[1:]) if tables else (got.shape != want.shape):
+            shapes.append(f"{key}: saved {tuple(got.shape)}, model {tuple(want.shape)}")
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what}: {v[:5]}{' ...' if len(v) > 5 else ''}"
+                 for what, v in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                                 ("shape mismatch(es)", shapes)) if v]
+        raise ValueError(f"the state dict does not fit {type(routed.model).__name__} routed per site ("
+                         + "; ".join(parts) + "); pass the base model the PerSiteModel was built from")
 
 
 def _check_site_rows(module: PerSiteModel, incompatible) -> None:
@@ -377,6 +524,24 @@ def _check_site_rows(module: PerSiteModel, incompatible) -> None:
         if layer.num_sites != n:
             raise ValueError(f"layer {name!r} holds statistics of {layer.num_sites} sites but the site table names "
                              f"{n} ({list(module._sites)}); the state dict is inconsistent")
+
+
+def _check_saved_rows(module: PerSiteModel, state_dict, prefix: str, *args) -> None:
+    """Refuse, before anything is loaded, site tables holding NaN/Inf or a negative variance."""
+    extra = state_dict.get(prefix + "_extra_state")
+    sites = extra.get("sites") if isinstance(extra, Mapping) else None
+    sites = list(sites) if isinstance(sites, (list, tuple)) else module._sites
+    for name, _ in module.routed_layers():
+        mean = state_dict.get(f"{prefix}model.{name}.site_mean")
+        var = state_dict.get(f"{prefix}model.{name}.site_var")
+        if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor) and mean.dim() == var.dim() == 2
+                and mean.shape == var.shape and not mean.is_meta and not var.is_meta):
+            continue  # the loader reports missing keys and shapes
+        bad = (~torch.isfinite(mean).all(1)) | (~torch.isfinite(var).all(1)) | (var < 0).any(1)
+        if bool(bad.any()):
+            rows = [sites[i] if i < len(sites) else f"row {i}" for i in torch.nonzero(bad).flatten().tolist()]
+            raise ValueError(f"layer {name!r} holds NaN/Inf statistics or a negative variance for site(s) {rows}; "
+                             "the state dict is corrupt: rebuild it from valid statistics (per_site_model)")
 
 
 def _batch_size(x: Any) -> int | None:

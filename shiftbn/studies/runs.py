@@ -27,7 +27,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from shiftbn._io import FolderLock, LockedError, atomic_save_torch, atomic_write_bytes, atomic_write_text
+from shiftbn._io import (
+    FolderLock,
+    LockedError,
+    atomic_save_torch,
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_stale_temps,
+)
 
 __all__ = ["FORMAT", "LockedError", "RunFolder", "atomic_save_torch", "atomic_write_bytes", "atomic_write_text",
            "environment", "numerics"]
@@ -131,7 +138,8 @@ class RunFolder:
     uninterrupted one and recompute no finished cell. ``resume=False`` refuses a folder that already
     holds results; ``resume=True`` refuses one whose saved config or numerics (``numerics(device)``:
     thread count, device, default dtype, ...) differ, naming the key. Cells carry a checksum; a
-    damaged cell is recomputed, never trusted. The folder is locked (``run.lock``) for this process
+    damaged cell is recomputed, never trusted; temp files of a killed writer (``.<name>.<pid>.*.tmp``
+    whose process is gone) are removed when the folder is opened. The folder is locked (``run.lock``) for this process
     until ``close()`` (or the end of a ``with`` block, or the process).
     ``device``: where the cells are computed, recorded in ``environment.json`` and the numerics.
     """
@@ -170,6 +178,8 @@ class RunFolder:
                                                                  indent=2, sort_keys=True))
             atomic_write_text(saved, json.dumps(self.config, indent=2, sort_keys=True))  # last: the run exists
         (self.path / "cells").mkdir(exist_ok=True)  # after the checks: a refused folder gains only run.lock
+        for folder in (self.path, self.path / "cells"):  # a killed writer's temp files; the lock is ours
+            remove_stale_temps(folder)
         atomic_write_text(self.path / "environment.json",
                           json.dumps(environment(self.config.get("seed"), self.device), indent=2))
 
