@@ -16,6 +16,8 @@ from torch.utils.data import Sampler
 
 from shiftbn.data._checks import as_count
 
+__all__ = ["BALANCES", "MODES", "EpochBatches", "SamplerMode", "SourceBatchSampler"]
+
 MODES = ("random", "single", "mixed")
 BALANCES = ("proportional", "equal")
 
