@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+import sklearn.datasets  # noqa: F401 - imported once here, so no example's time includes it
 import torch
 from torch import nn
 
