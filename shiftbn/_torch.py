@@ -24,7 +24,20 @@ from shiftbn._log import bars_wanted
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    """The device of the model's first parameter (or buffer); CPU for a model with neither.
+
+    Why: analysis never moves a user's model; inputs follow the model to its device.
+
+    Args:
+        model: any ``torch.nn.Module``.
+
+    Returns:
+        A ``torch.device``.
+
+    Example:
+        >>> device_of(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
+        device(type='cpu')
+    """
     for t in model.parameters():
         return t.device
     for t in model.buffers():
