@@ -30,6 +30,23 @@ def model_lock(model: nn.Module) -> Iterator[nn.Module]:
     flags, or read them; two threads doing so on one model would record each
     other's forwards and restore each other's state. Each verb takes this lock, so they run one at a
     time per model. Forwards run outside any verb are not covered.
+
+    Args:
+        model: the model to lock.
+
+    Returns:
+        A context manager yielding ``model``; the lock is released on exit, also on exceptions.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> with model_lock(model):
+        ...     with model_lock(model):  # re-entrant: verbs nest in one thread
+        ...         stats = buffer_stats(model)
+        >>> list(stats)
+        ['1']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -26,7 +26,20 @@ from shiftbn._log import bars_wanted
 def device_of(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model with neither.
 
-    Raises ``ValueError`` for a model with a tensor on the ``meta`` device: it holds no values to run.
+    Why: analysis never moves a user's model; inputs follow the model to its device.
+
+    Args:
+        model: any ``torch.nn.Module``.
+
+    Returns:
+        A ``torch.device``.
+
+    Raises:
+        ValueError: a model with a tensor on the ``meta`` device (it holds no values to run).
+
+    Example:
+        >>> device_of(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
+        device(type='cpu')
     """
     named = [*model.named_parameters(), *model.named_buffers()]
     meta = next((name for name, t in named if t is not None and t.is_meta), None)

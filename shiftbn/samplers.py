@@ -16,6 +16,8 @@ from torch.utils.data import Sampler
 
 from shiftbn.data._checks import as_count
 
+__all__ = ["BALANCES", "MODES", "EpochBatches", "SamplerMode", "SourceBatchSampler"]
+
 MODES = ("random", "single", "mixed")
 BALANCES = ("proportional", "equal")
 
@@ -26,8 +28,21 @@ SamplerMode = Literal["random", "single", "mixed"]
 class EpochBatches:
     """One rank's batches for one epoch as flat arrays.
 
-    ``indices`` (total,) int64 dataset positions; batch ``b`` is ``indices[offsets[b]:offsets[b+1]]``;
-    ``padding`` (batches,) bool marks batches repeated only so that all ranks get the same count.
+    Why: flat arrays keep an epoch of millions of samples cheap; ``padding`` lets distributed
+    evaluation drop the batches repeated only so that all ranks get the same count.
+
+    Args:
+        indices: (total,) int64 dataset positions, batch after batch.
+        offsets: (batches + 1,) int64; batch ``b`` is ``indices[offsets[b]:offsets[b+1]]``.
+        padding: (batches,) bool, True for a repeated (padding) batch.
+
+    Returns:
+        A frozen ``EpochBatches``; ``len()`` is the number of batches, ``batch(b)`` one batch.
+
+    Example:
+        >>> eb = EpochBatches(np.arange(5), np.array([0, 2, 5]), np.zeros(2, dtype=bool))
+        >>> len(eb), eb.batch(1).tolist()
+        (2, [2, 3, 4])
     """
 
     indices: np.ndarray
@@ -38,6 +53,21 @@ class EpochBatches:
         return len(self.offsets) - 1
 
     def batch(self, b: int) -> np.ndarray:
+        """The dataset positions of batch ``b``.
+
+        Why: batches are slices of one flat array; this reads one without building a list per batch.
+
+        Args:
+            b: batch number, 0 <= b < ``len(self)``.
+
+        Returns:
+            (size_b,) int64 positions (a view, not a copy).
+
+        Example:
+            >>> eb = SourceBatchSampler([0, 0, 1, 1], batch_size=2, mode="single").epoch_batches()
+            >>> sorted(len(eb.batch(b)) for b in range(len(eb)))
+            [2, 2]
+        """
         return self.indices[self.offsets[b] : self.offsets[b + 1]]
 
 
@@ -63,6 +93,38 @@ class SourceBatchSampler(Sampler[list[int]]):
     epoch, and rank ``r`` takes whole batches ``r, r + R, ...``; the batch list is padded by
     repeating its first batches so that every rank gets as many (``drop_last`` trims instead).
     ``epoch_batches().padding`` says which batches are repeats, so evaluation can drop them.
+
+    Args:
+        source_ids: (N,) non-negative integer source id per sample (``SourceTaggedDataset.source_ids``).
+        batch_size: samples per batch (>= 1).
+        mode: ``"random"`` (default), ``"single"`` or ``"mixed"`` (see above).
+        sources_per_batch: with ``mode="mixed"``, exactly this many sources per batch; ``None``
+            (default): every source in every batch.
+        balance: ``"proportional"`` (default) or ``"equal"`` (see above).
+        drop_last: drop incomplete batches (and trim instead of padding across ranks).
+        seed: with the epoch, seeds every shuffle (default 0).
+        num_replicas: number of ranks sharing the epoch (default 1).
+        rank: this rank, 0 <= rank < num_replicas.
+
+    Returns:
+        A ``torch.utils.data.Sampler`` yielding lists of dataset positions, one list per batch;
+        ``len()`` is this rank's number of batches.
+
+    Raises:
+        ValueError: bad arguments, or an epoch the mode cannot build (e.g. a source too small to be
+            in every batch); the message names the value and the fix.
+
+    Example:
+        >>> sampler = SourceBatchSampler([0, 0, 0, 1, 1, 1], batch_size=3, mode="single", seed=0)
+        >>> ids = np.array([0, 0, 0, 1, 1, 1])
+        >>> [sorted(set(ids[b].tolist())) for b in sampler]  # one source per batch
+        [[0], [1]]
+        >>> from torch.utils.data import DataLoader
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> loader = DataLoader(ds, batch_sampler=SourceBatchSampler(ds.source_ids, 8, mode="mixed"))
+        >>> x, y, s = next(iter(loader))
+        >>> len(set(s.tolist()))  # every lab in every batch
+        4
     """
 
     def __init__(
@@ -122,11 +184,45 @@ class SourceBatchSampler(Sampler[list[int]]):
         self.epoch_batches()  # validate feasibility now, with a clear error
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle deterministically for ``epoch`` (call before each epoch, as with DistributedSampler)."""
+        """Reshuffle deterministically for ``epoch`` (call before each epoch, as with DistributedSampler).
+
+        Why: without it every epoch repeats the same batches; with it all ranks agree on the epoch.
+
+        Args:
+            epoch: the epoch number; with ``seed`` it decides every shuffle.
+
+        Returns:
+            None; later iterations yield that epoch's batches.
+
+        Example:
+            >>> sampler = SourceBatchSampler(np.zeros(8, dtype=int), batch_size=4, seed=0)
+            >>> first = list(sampler)
+            >>> sampler.set_epoch(1)
+            >>> list(sampler) != first, sampler.epoch
+            (True, 1)
+        """
         self.epoch = int(epoch)
 
     def epoch_batches(self, epoch: int | None = None) -> EpochBatches:
-        """This rank's batches of ``epoch`` (default: the current one), with padding flags."""
+        """This rank's batches of ``epoch`` as flat arrays, with padding flags.
+
+        Why: evaluation needs to know which batches are repeats added to even out ranks.
+
+        Args:
+            epoch: the epoch (default ``None``: the one set by ``set_epoch``).
+
+        Returns:
+            ``EpochBatches`` (indices, offsets, padding) of this rank; cached for the latest epoch.
+
+        Raises:
+            ValueError: the mode cannot build the epoch (e.g. a source too small to be in every batch).
+
+        Example:
+            >>> sampler = SourceBatchSampler(np.arange(5) % 2, batch_size=2, num_replicas=2, rank=1)
+            >>> eb = sampler.epoch_batches()
+            >>> len(eb), eb.padding.tolist()  # 3 batches for 2 ranks: rank 1 gets a repeat
+            (2, [False, True])
+        """
         epoch = self.epoch if epoch is None else int(epoch)
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]

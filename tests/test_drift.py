@@ -194,7 +194,7 @@ def test_an_edited_monitor_header_is_refused(tmp_path):
 
 
 def test_a_version_2_monitor_is_refused_with_the_fix(tmp_path, monkeypatch):
-    from shiftbn.evaluate import drift_file
+    from shiftbn.sites import drift_file
 
     net = _net()
     monkeypatch.setattr(drift_file, "VERSION", 2)

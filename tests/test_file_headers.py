@@ -19,7 +19,7 @@ from torch import nn
 import shiftbn as sb
 import shiftbn.sites.files as files_mod
 from shiftbn.bn import COLLECT_MODES, split_site
-from shiftbn.evaluate import drift_file
+from shiftbn.sites import drift_file
 from tests.timeouts import deadline
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,

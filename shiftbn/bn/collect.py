@@ -66,9 +66,16 @@ class CollectOptions:
         tol: sequential mode's convergence threshold when a BN module is called more than once per
             forward (relative change, in normalized units).
 
+    Returns:
+        A frozen ``CollectOptions`` to pass as ``collect_stats(..., options=...)``.
+
     Example:
-        >>> opts = CollectOptions(num_workers=4, pin_memory=True, fused=False)
-        >>> stats = collect_stats(model, ds, batch_size=32, options=opts)
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> opts = CollectOptions(sampler=sb.SourceBatchSampler(ds.source_ids, 20, mode="mixed"), fused=False)
+        >>> stats = collect_stats(model, ds, by_source=False, options=opts, progress=False)
+        >>> stats["pooled"].num_samples
+        60
     """
 
     sampler: Iterable[list[int]] | None = None
@@ -144,11 +151,11 @@ def collect_stats(
         FloatingPointError: NaN or Inf in a BN layer's input (the shallowest one is named).
 
     Example:
-        >>> ds = shiftbn.load("digits-labs")
-        >>> model = shiftbn.studies.models.SmallCNN(in_channels=1, num_classes=10)
-        >>> stats = collect_stats(model, ds, batch_size=32, mode="sequential")
-        >>> stats["lab_a"]["features.1"].mean.shape
-        (16,)
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> stats = collect_stats(model, ds, batch_size=16, mode="sequential", progress=False)
+        >>> stats["lab_0"]["1"].mean.shape, stats["lab_0"].num_samples == len(ds.indices_of("lab_0"))
+        ((8,), True)
     """
     opts = _options(options, legacy)
     with model_lock(model):

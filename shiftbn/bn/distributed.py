@@ -27,7 +27,21 @@ _local = threading.local()
 
 
 class PeerLostError(RuntimeError):
-    """A collective failed: another rank died, hung past the group's timeout, or left the job."""
+    """A collective failed: another rank died, hung past the group's timeout, or left the job.
+
+    Why: a lost peer must say so in one line on the ranks still alive, not hang or show gloo's text.
+
+    Args:
+        *args: the message, as for any exception.
+
+    Returns:
+        A ``PeerLostError`` (a ``RuntimeError``), raised by shiftbn's collectives.
+
+    Example:
+        >>> err = PeerLostError("lost contact with the other ranks")
+        >>> isinstance(err, RuntimeError), str(err)
+        (True, 'lost contact with the other ranks')
+    """
 
 
 @contextmanager
@@ -35,6 +49,17 @@ def solo() -> Iterator[None]:
     """Inside the block this process computes alone, as without a process group (no collectives).
 
     Why: a study cell or a matrix cell owned by one rank must not wait for the others.
+
+    Args:
+        None.
+
+    Returns:
+        A context manager; inside it ``world_and_rank()`` is ``(1, 0)``. Blocks nest.
+
+    Example:
+        >>> with solo():
+        ...     world_and_rank()
+        (1, 0)
     """
     depth = getattr(_local, "solo", 0)
     _local.solo = depth + 1
@@ -51,7 +76,21 @@ def _world() -> int:
 
 
 def world_and_rank() -> tuple[int, int]:
-    """``(world size, rank)`` of the initialized process group; ``(1, 0)`` without one or in ``solo()``."""
+    """``(world size, rank)`` of the initialized process group; ``(1, 0)`` without one or in ``solo()``.
+
+    Why: every verb shards its data and merges its results by this, so the same code runs alone
+    and under ``torchrun``.
+
+    Args:
+        None.
+
+    Returns:
+        ``(world, rank)`` ints.
+
+    Example:
+        >>> world_and_rank()  # a single process
+        (1, 0)
+    """
     world = _world()
     return world, (dist.get_rank() if world > 1 else 0)
 
@@ -92,6 +131,21 @@ def all_merge(stats: SourceStats) -> SourceStats:
     Why: with data sharded across processes each rank sees part of each source; the merged moments
     equal those of one process over all the data. A no-op without an initialized process group.
     Moves layers x channels x sources x 2 float64 (+ counts) per rank in one all-gather.
+
+    Args:
+        stats: this rank's ``SourceStats``.
+
+    Returns:
+        The merged ``SourceStats``, the same on every rank (``stats`` itself in one process).
+
+    Raises:
+        PeerLostError: another rank died or hung during the all-gather.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> stats = collect_stats(model, sb.load("blobs-labs", n=60, n_features=4), progress=False)
+        >>> all_merge(stats) is stats  # no process group: nothing to merge
+        True
     """
     world = _world()
     if world == 1:

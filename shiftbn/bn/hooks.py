@@ -35,6 +35,23 @@ class BNInputHooks:
             starts), e.g. ``{"bn1": 1, "head.bn": 2}`` after a forward through a shared head.
         stop_after: name of the layer after whose ``on_input`` the forward stops, or ``None``
             (whole forwards); may be changed between forwards. Only ``run`` catches the stop.
+
+    Args:
+        model: the model whose forward is observed.
+        layers: the BN layers to observe.
+        on_input: ``on_input(layer, call_index, x)``, called before each observed BN call.
+        stop_after: see ``stop_after`` above (default ``None``).
+
+    Returns:
+        A ``BNInputHooks`` holding the hooks; a context manager that removes them on exit.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> seen = []
+        >>> with BNInputHooks(model, bn_layers(model), lambda layer, k, x: seen.append(tuple(x.shape))) as hooks:
+        ...     out = hooks.run(torch.randn(5, 4))
+        >>> seen, hooks.calls
+        ([(5, 3)], {'1': 1})
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[BNLayer], on_input: OnInput, *,
@@ -79,20 +96,68 @@ class BNInputHooks:
         return list(self._handles)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the model; its output, or ``None`` when the forward stopped after ``stop_after``."""
+        """Call the model, catching the stop after ``stop_after``.
+
+        Why: a forward cut short after the measured layer is not an error.
+
+        Args:
+            *args: the model's positional inputs.
+            **kwargs: the model's keyword inputs.
+
+        Returns:
+            The model's output, or ``None`` when the forward stopped after ``stop_after``.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU())
+            >>> with observe_bn_inputs(model, bn_layers(model), lambda *a: None, stop_after="1") as hooks:
+            ...     print(hooks.run(torch.randn(5, 4)))
+            None
+        """
         try:
             return self.model(*args, **kwargs)
         except _StopForward:
             return None
 
     def release(self, name: str) -> None:
-        """Stop observing layer ``name`` (its module then runs on PyTorch's hook-free path)."""
+        """Stop observing layer ``name``.
+
+        Why: a layer done with (e.g. converged in sequential mode) then runs on PyTorch's hook-free path.
+
+        Args:
+            name: the layer's name; unknown or already released names are ignored.
+
+        Returns:
+            None.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+            >>> with observe_bn_inputs(model, bn_layers(model), lambda *a: None) as hooks:
+            ...     hooks.release("1")
+            ...     hooks.observed
+            []
+        """
         handle = self._handles.pop(name, None)
         if handle is not None:
             handle.remove()
 
     def remove(self) -> None:
-        """Remove every hook; the model is as it was before ``observe_bn_inputs``."""
+        """Remove every hook; the model is as it was before ``observe_bn_inputs``.
+
+        Why: hooks left behind would slow and change every later forward of the user's model.
+
+        Args:
+            None.
+
+        Returns:
+            None.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+            >>> hooks = observe_bn_inputs(model, bn_layers(model), lambda *a: None)
+            >>> hooks.remove()
+            >>> len(model[1]._forward_pre_hooks), len(model._forward_pre_hooks)
+            (0, 0)
+        """
         for name in list(self._handles):
             self.release(name)
         self._reset.remove()
@@ -127,10 +192,13 @@ def observe_bn_inputs(model: nn.Module, layers: Sequence[BNLayer], on_input: OnI
         ``run``, ``calls``, ``order``, ``observed``, ``stop_after``, ``release`` and ``remove``.
 
     Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2), nn.BatchNorm1d(2))
         >>> inputs = {}
         >>> def keep(layer, k, x):
-        ...     inputs[(layer.name, k)] = x.shape
-        >>> with observe_bn_inputs(model, bn_layers(model), keep, stop_after="features.1") as hooks:
-        ...     hooks.run(x)  # None: stopped after the input of features.1 was seen
+        ...     inputs[(layer.name, k)] = tuple(x.shape)
+        >>> with observe_bn_inputs(model, bn_layers(model), keep, stop_after="1") as hooks:
+        ...     out = hooks.run(torch.randn(5, 4))  # stops after the input of layer "1" was seen
+        >>> out is None, inputs
+        (True, {('1', 0): (5, 3)})
     """
     return BNInputHooks(model, layers, on_input, stop_after=stop_after)

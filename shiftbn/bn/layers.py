@@ -17,7 +17,24 @@ _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm)
 
 @dataclass(frozen=True)
 class BNLayer:
-    """One BN module: its qualified ``name``, ``depth`` (0 = first registered) and the ``module``."""
+    """One BN module of a model, as ``bn_layers`` finds it.
+
+    Why: statistics are keyed by the module's qualified name; ``depth`` orders the shift profile.
+
+    Args:
+        name: the qualified module name (``"<root>"`` for a model that is itself a BN layer).
+        depth: 0 for the first BN module registered, 1 for the next, ...
+        module: the BN module itself.
+
+    Returns:
+        A frozen ``BNLayer``; ``tracks`` says whether it keeps running statistics.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False))
+        >>> layer = bn_layers(model)[0]
+        >>> layer.name, layer.depth, layer.tracks
+        ('1', 0, False)
+    """
 
     name: str
     depth: int
@@ -34,7 +51,21 @@ def bn_layers(model: nn.Module) -> list[BNLayer]:
 
     Why: recalibration acts on BN buffers only; other normalization layers (GroupNorm, LayerNorm,
     InstanceNorm) keep no population statistics, so they are reported with a warning and skipped.
-    Raises ``ValueError`` when the model has no BN layer.
+
+    Args:
+        model: any ``torch.nn.Module``.
+
+    Returns:
+        A list of ``BNLayer`` (name, depth, module), in ``model.named_modules()`` order.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+        ValueError: the model has no BN layer.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyBatchNorm1d())
+        >>> [(layer.name, layer.depth) for layer in bn_layers(model)]
+        [('1', 0), ('3', 1)]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -16,8 +16,21 @@ import torch
 class Moments:
     """Moments of one BN layer's input per channel.
 
-    ``count``: values per channel (samples x spatial positions); ``mean``, ``m2`` (C,) float64,
-    ``m2`` = sum of squared deviations from the mean. ``var`` is the population variance m2/count.
+    Why: count, mean and M2 in float64 merge exactly (Chan et al. 1979), whatever the batch
+    split; E[x^2] - E[x]^2 in float32 does not.
+
+    Args:
+        count: values per channel (samples x spatial positions).
+        mean: (C,) float64 per-channel mean.
+        m2: (C,) float64 per-channel sum of squared deviations from the mean.
+
+    Returns:
+        A frozen ``Moments``; ``var`` is the population variance ``m2 / count`` (C,).
+
+    Example:
+        >>> m = Moments(4, np.array([1.0]), np.array([8.0]))
+        >>> m.var.tolist(), m.channels
+        ([2.0], 1)
     """
 
     count: int
@@ -34,7 +47,26 @@ class Moments:
         return len(self.mean)
 
     def merge(self, other: Moments) -> Moments:
-        """Exact moments of the union of both sets of values (Chan et al. 1979)."""
+        """Exact moments of the union of both sets of values (Chan et al. 1979).
+
+        Why: statistics of batches, ranks or sources combine without revisiting the data.
+
+        Args:
+            other: the ``Moments`` of the other set (same channels).
+
+        Returns:
+            A new ``Moments`` with ``count = self.count + other.count``.
+
+        Raises:
+            TypeError: ``other`` is not ``Moments`` (e.g. a ``Population``, which has no count).
+
+        Example:
+            >>> a = Moments(2, np.array([0.0]), np.array([2.0]))  # values -1, 1
+            >>> b = Moments(2, np.array([4.0]), np.array([2.0]))  # values 3, 5
+            >>> ab = a.merge(b)
+            >>> ab.count, ab.mean.tolist(), ab.var.tolist()
+            (4, [2.0], [5.0])
+        """
         if not isinstance(other, Moments):
             raise TypeError(
                 f"only Moments merge with Moments, got {type(other).__name__}; population parameters "
@@ -44,14 +76,42 @@ class Moments:
         return Moments(n, mean, m2)
 
     def to_dict(self) -> dict[str, Any]:
+        """These moments as plain JSON-ready values.
+
+        Why: statistics files store plain lists, readable without shiftbn.
+
+        Args:
+            None.
+
+        Returns:
+            ``{"count": int, "mean": [C floats], "m2": [C floats]}``.
+
+        Example:
+            >>> Moments(4, np.array([1.0]), np.array([8.0])).to_dict()
+            {'count': 4, 'mean': [1.0], 'm2': [8.0]}
+        """
         return {"count": int(self.count), "mean": self.mean.tolist(), "m2": self.m2.tolist()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "moments") -> Moments:
-        """Read ``to_dict`` output, validated (``where`` names the layer in error messages).
+        """Read ``to_dict`` output, validated.
 
-        Raises ``ValueError`` unless ``count`` is a positive integer and ``mean``, ``m2`` are finite
-        1-D arrays of one length with ``m2 >= 0``: a file must not broadcast or load NaN silently.
+        Why: a file must not broadcast or load NaN silently.
+
+        Args:
+            d: a mapping with ``count``, ``mean``, ``m2``.
+            where: names the layer in error messages (default ``"moments"``).
+
+        Returns:
+            ``Moments`` with float64 arrays.
+
+        Raises:
+            ValueError: ``count`` is not a positive integer, or ``mean``/``m2`` are not finite 1-D
+                arrays of one length with ``m2 >= 0``.
+
+        Example:
+            >>> Moments.from_dict({"count": 4, "mean": [1.0], "m2": [8.0]}).var.tolist()
+            [2.0]
         """
         if not isinstance(d, Mapping) or not {"count", "mean", "m2"} <= set(d):
             raise ValueError(f"{where}: expected a mapping with keys count, mean, m2; got {brief_repr(d)}")
@@ -111,10 +171,22 @@ def _chan(na, ma, m2a, nb, mb, m2b):
 
 
 def batch_moments(x: torch.Tensor, workspace: Workspace | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Count, mean (C,) and M2 (C,) of a BN input (N, C, *) over all axes but 1, in float64.
+    """Count, mean and M2 of a BN input over all axes but 1, in float64.
 
-    Two-pass in float64 on a private copy, so inputs with a large offset (1e4) stay exact. A reused
-    ``workspace`` for that copy avoids a fresh allocation (and its page faults) per call.
+    Why: two passes in float64 on a private copy keep inputs with a large offset (1e4) exact. A
+    reused ``workspace`` for that copy avoids a fresh allocation (and its page faults) per call.
+
+    Args:
+        x: a BN input (N, C, *), any float dtype and device; not modified.
+        workspace: a ``Workspace`` to reuse for the float64 copy (default: a fresh copy).
+
+    Returns:
+        ``(count, mean, m2)``: int values per channel, and (C,) float64 tensors on ``x``'s device.
+
+    Example:
+        >>> count, mean, m2 = batch_moments(torch.tensor([[1.0, 10.0], [3.0, 10.0]]))
+        >>> count, mean.tolist(), m2.tolist()
+        (2, [2.0, 10.0], [2.0, 0.0])
     """
     count = x.numel() // x.shape[1]
     if workspace is not None:
@@ -169,7 +241,20 @@ class BNStats(LayerMap):
 
     A module called several times per forward has one entry per call site, ``"<name>@<k>"`` for
     the k-th call (0-based, see ``site_key``), plus the merged entry under ``"<name>"``.
-    ``num_samples``: samples seen.
+
+    Why: statistics of one set of samples, exact and mergeable; a read-only mapping over ``layers``.
+
+    Args:
+        layers: layer name -> ``Moments`` (default empty).
+        num_samples: samples seen (default 0).
+
+    Returns:
+        A ``BNStats``: ``stats[name]`` is that layer's ``Moments`` (``KeyError`` lists the layers).
+
+    Example:
+        >>> stats = BNStats({"bn": Moments(4, np.array([1.0]), np.array([8.0]))}, num_samples=4)
+        >>> list(stats), stats["bn"].var.tolist()
+        (['bn'], [2.0])
     """
 
     layers: dict[str, Moments] = field(default_factory=dict)
@@ -178,7 +263,23 @@ class BNStats(LayerMap):
     def merge(self, other: BNStats) -> BNStats:
         """Exact statistics of both sample sets together (layers present in either).
 
-        Raises ``TypeError`` for anything but ``BNStats`` (``PopulationStats`` holds no sample).
+        Why: merging moments is exact; averaging means and variances of unequal sets is not.
+
+        Args:
+            other: the ``BNStats`` of the other sample set.
+
+        Returns:
+            A new ``BNStats`` with ``num_samples`` summed; a layer in one set only is taken as is.
+
+        Raises:
+            TypeError: ``other`` is not ``BNStats`` (``PopulationStats`` holds no sample).
+
+        Example:
+            >>> a = BNStats({"bn": Moments(2, np.array([0.0]), np.array([2.0]))}, 2)
+            >>> b = BNStats({"bn": Moments(2, np.array([4.0]), np.array([2.0]))}, 2)
+            >>> ab = a.merge(b)
+            >>> ab.num_samples, ab["bn"].var.tolist()
+            (4, [5.0])
         """
         _require_sample(other, "BNStats.merge")
         names = list(self.layers) + [k for k in other.layers if k not in self.layers]
@@ -189,12 +290,43 @@ class BNStats(LayerMap):
         return BNStats(merged, self.num_samples + other.num_samples)
 
     def to_dict(self) -> dict[str, Any]:
+        """These statistics as plain JSON-ready values.
+
+        Why: statistics files store plain lists, readable without shiftbn.
+
+        Args:
+            None.
+
+        Returns:
+            ``{"num_samples": int, "layers": {name: Moments.to_dict()}}``.
+
+        Example:
+            >>> BNStats({"bn": Moments(4, np.array([1.0]), np.array([8.0]))}, 4).to_dict()
+            {'num_samples': 4, 'layers': {'bn': {'count': 4, 'mean': [1.0], 'm2': [8.0]}}}
+        """
         return {"num_samples": int(self.num_samples), "layers": {k: m.to_dict() for k, m in self.layers.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "") -> BNStats:
-        """Read ``to_dict`` output; every layer validated as in ``Moments.from_dict`` (``where``: a
-        prefix for messages, e.g. the source)."""
+        """Read ``to_dict`` output; every layer validated as in ``Moments.from_dict``.
+
+        Why: a file must not load NaN, negative variances or mismatched channels silently.
+
+        Args:
+            d: a mapping with ``layers`` (and ``num_samples``, default 0).
+            where: a prefix for error messages, e.g. the source (default none).
+
+        Returns:
+            ``BNStats``.
+
+        Raises:
+            ValueError: no ``layers`` mapping, a bad ``num_samples`` or a bad layer (named).
+
+        Example:
+            >>> d = {"num_samples": 4, "layers": {"bn": {"count": 4, "mean": [1.0], "m2": [8.0]}}}
+            >>> BNStats.from_dict(d)["bn"].count
+            4
+        """
         layers = d.get("layers") if isinstance(d, Mapping) else None
         if not isinstance(layers, Mapping):
             raise ValueError(f"{where}BN statistics need a 'layers' mapping, got {brief_repr(d)}")
@@ -204,7 +336,22 @@ class BNStats(LayerMap):
         return cls({k: Moments.from_dict(v, f"{where}layer {k!r}") for k, v in layers.items()}, int(n))
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy: one row per (layer, channel) with columns ``layer, channel, count, mean, var``."""
+        """The statistics as a tidy table, one row per (layer, channel).
+
+        Why: plots and comparisons start from a DataFrame (STYLE rule 3).
+
+        Args:
+            None.
+
+        Returns:
+            A ``pandas.DataFrame`` with columns ``layer, channel, count, mean, var``.
+
+        Example:
+            >>> BNStats({"bn": Moments(4, np.array([1.0, 2.0]), np.array([8.0, 0.0]))}).to_frame()
+              layer  channel  count  mean  var
+            0    bn        0      4   1.0  2.0
+            1    bn        1      4   2.0  0.0
+        """
         frames = [
             pd.DataFrame({"layer": k, "channel": np.arange(m.channels), "count": m.count,
                           "mean": m.mean, "var": m.var})
@@ -232,7 +379,21 @@ POOLED = "pooled"
 class SourceStats(Mapping):
     """Per-source statistics: source name -> ``BNStats``; ``pooled()`` merges all sources exactly.
 
-    ``mode``: the collection mode; ``passes``: passes over the data it took (sequential mode).
+    Why: per-source statistics are what AdaBN, DSBN and the shift profile compare.
+
+    Args:
+        sources: source name -> ``BNStats`` (default empty).
+        mode: the collection mode (``"batch"``, ``"sequential"`` or ``"eval"``).
+        passes: passes over the data the collection took (sequential mode; default 1).
+
+    Returns:
+        A ``SourceStats``: ``stats[name]`` is that source's ``BNStats`` (``KeyError`` lists them).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> stats = collect_stats(model, sb.load("blobs-labs", n=60, n_features=4), progress=False)
+        >>> list(stats), stats["lab_0"]["1"].mean.shape
+        (['lab_0', 'lab_1', 'lab_2', 'lab_3'], (3,))
     """
 
     sources: dict[str, BNStats] = field(default_factory=dict)
@@ -254,7 +415,22 @@ class SourceStats(Mapping):
     def pooled(self) -> BNStats:
         """Exact moments of the union of all sources (each seen in its own batches).
 
-        Raises ``TypeError`` when a source holds ``PopulationStats`` (no sample to pool).
+        Why: the pooled reference of ``stats_shift`` and PreciseBN's single population.
+
+        Args:
+            None.
+
+        Returns:
+            ``BNStats`` whose ``num_samples`` is the sum over sources.
+
+        Raises:
+            TypeError: a source holds ``PopulationStats`` (no sample to pool).
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+            >>> stats = collect_stats(model, sb.load("blobs-labs", n=60, n_features=4), progress=False)
+            >>> stats.pooled().num_samples, stats.pooled()["1"].count
+            (60, 60)
         """
         out = BNStats()
         for name, s in self.sources.items():
@@ -263,18 +439,66 @@ class SourceStats(Mapping):
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """These statistics as plain JSON-ready values.
+
+        Why: statistics files store plain lists, readable without shiftbn.
+
+        Args:
+            None.
+
+        Returns:
+            ``{"mode": str, "sources": {name: BNStats.to_dict()}}``.
+
+        Example:
+            >>> bn = BNStats({"bn": Moments(4, np.array([1.0]), np.array([8.0]))}, 4)
+            >>> SourceStats({"lab_a": bn}).to_dict()["sources"]["lab_a"]["num_samples"]
+            4
+        """
         return {"mode": self.mode, "sources": {k: v.to_dict() for k, v in self.sources.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SourceStats:
-        """Read ``to_dict`` output; every source's layers validated (messages name source and layer)."""
+        """Read ``to_dict`` output; every source's layers validated.
+
+        Why: a file must not load bad statistics silently; messages name the source and layer.
+
+        Args:
+            d: a mapping with ``sources`` (and ``mode``, default ``"batch"``).
+
+        Returns:
+            ``SourceStats``.
+
+        Raises:
+            ValueError: no ``sources`` mapping, or a bad source or layer (named).
+
+        Example:
+            >>> bn = BNStats({"bn": Moments(4, np.array([1.0]), np.array([8.0]))}, 4)
+            >>> SourceStats.from_dict(SourceStats({"lab_a": bn}).to_dict())["lab_a"]["bn"].var.tolist()
+            [2.0]
+        """
         sources = d.get("sources") if isinstance(d, Mapping) else None
         if not isinstance(sources, Mapping):
             raise ValueError(f"per-source statistics need a 'sources' mapping, got {brief_repr(d)}")
         return cls({k: BNStats.from_dict(v, f"source {k!r}: ") for k, v in sources.items()}, d.get("mode", "batch"))
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy: ``source, layer, channel, count, mean, var``."""
+        """The statistics as a tidy table, one row per (source, layer, channel).
+
+        Why: per-source comparisons and plots start from a DataFrame (STYLE rule 3).
+
+        Args:
+            None.
+
+        Returns:
+            A ``pandas.DataFrame`` with columns ``source, layer, channel, count, mean, var``.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+            >>> stats = collect_stats(model, sb.load("blobs-labs", n=60, n_features=4), progress=False)
+            >>> df = stats.to_frame()
+            >>> len(df), list(df.columns)[:3]
+            (12, ['source', 'layer', 'channel'])
+        """
         frames = [v.to_frame().assign(source=k) for k, v in self.sources.items()]
         df = pd.concat(frames, ignore_index=True)
         return df[["source", "layer", "channel", "count", "mean", "var"]]

@@ -38,6 +38,30 @@ def precise_bn(
     training loader (its ``DistributedSampler`` gives each rank its shard) merges every rank's moments
     exactly, so every rank writes the same statistics, those of one process over all the batches
     (``num_samples`` is then a global cap). A Dataset given on every rank is sharded here.
+
+    Args:
+        model: the model; its BN buffers are overwritten.
+        data: a Dataset or a re-iterable of batches, as for ``collect_stats``.
+        num_samples: at most this many samples (default 4096; ``None``: all).
+        batch_size: samples per batch (default 64).
+        mode: ``"batch"`` (default), ``"sequential"`` or ``"eval"``, as for ``collect_stats``.
+        sampler: index lists giving the batches of a Dataset (default: shuffled batches).
+        seed: seeds the shuffle and the ``num_samples`` subset.
+        fused: the kernel choice of ``CollectOptions.fused``.
+        progress: show a progress bar (default True).
+
+    Returns:
+        The pooled ``BNStats`` written into the buffers.
+
+    Raises:
+        ValueError: bad arguments or no data reaching the BN layers (see ``collect_stats``).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> stats = precise_bn(model, ds, num_samples=None, batch_size=16, progress=False)
+        >>> stats.num_samples, np.allclose(model[1].running_mean.numpy(), stats["1"].mean)
+        (60, True)
     """
     with model_lock(model):
         stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,

@@ -80,6 +80,24 @@ def stats_shift(
     source, reference, the source's layer order, metric). Computed per source against all references
     at once into integer codes and float arrays, the string columns built one at a time: memory
     follows the size of the table (``"pairwise"`` at 300 sources too), no Python object per row.
+
+    Args:
+        stats: per-source statistics (``collect_stats``).
+        reference: ``None`` (pooled), a source name or ``"pairwise"``.
+        metric: ``"w2"`` (default), ``"kl"``, ``"smd"``, a list of them or ``"all"``.
+
+    Returns:
+        A ``pandas.DataFrame`` with columns ``layer, depth, source, reference, metric, value``.
+
+    Raises:
+        ValueError: an unknown metric or reference, empty ``stats``, or channel counts that differ.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> stats = collect_stats(model, sb.load("blobs-labs", n=60, n_features=4), progress=False)
+        >>> df = stats_shift(stats, metric=["w2", "smd"])
+        >>> len(df), sorted(df["metric"].unique()), df["reference"].unique().tolist()
+        (8, ['smd', 'w2'], ['pooled'])
     """
     metrics = list(METRICS) if metric == "all" else [metric] if isinstance(metric, str) else list(metric)
     bad = [m for m in metrics if m not in METRICS]

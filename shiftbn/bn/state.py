@@ -27,6 +27,24 @@ class ModelSnapshot:
     of their values, which names exist and which are non-persistent: a forward may update a custom
     buffer too); for each BN layer its ``momentum`` and ``track_running_stats``; the position of
     every module cycling through BN layers (``cycle_positions``).
+
+    Why: verbs that swap BN state must leave the user's model exactly as it was (``preserved``,
+    ``use_stats``, ``collect_stats`` restore from one of these in ``finally``).
+
+    Args:
+        model: the model to snapshot.
+        layers: its BN layers (default: ``bn_layers(model)``).
+
+    Returns:
+        A ``ModelSnapshot``; ``restore()`` puts everything back.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> snap = ModelSnapshot(model)
+        >>> _ = model.train()(torch.randn(8, 4))  # updates the running statistics
+        >>> snap.restore()
+        >>> model[1].running_mean.tolist(), model[1].num_batches_tracked.item()
+        ([0.0, 0.0, 0.0], 0)
     """
 
     def __init__(self, model: nn.Module, layers: list[BNLayer] | None = None) -> None:
@@ -42,7 +60,25 @@ class ModelSnapshot:
         self.cycles = cycle_positions(model)
 
     def restore(self) -> None:
-        """Put every saved flag, hyper-parameter and buffer back (same tensor objects, same bits)."""
+        """Put every saved flag, hyper-parameter and buffer back (same tensor objects, same bits).
+
+        Why: tensors are copied into, not replaced, so optimizers and references stay valid.
+
+        Args:
+            None.
+
+        Returns:
+            None.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+            >>> snap = ModelSnapshot(model)
+            >>> model[1].momentum = None
+            >>> _ = model.train()
+            >>> snap.restore()
+            >>> model.training, model[1].momentum
+            (False, 0.1)
+        """
         for m, flag in self.training:
             m.training = flag
         set_positions(self.cycles)
@@ -146,8 +182,23 @@ def untracked(layers: list[BNLayer]) -> list[str]:
 def buffer_stats(model: nn.Module) -> PopulationStats:
     """The statistics stored in the model's BN buffers (the training EMA), as ``PopulationStats``.
 
-    Raises ``ValueError`` naming the BN layers that keep no running statistics
-    (``track_running_stats=False``): they have no stored statistics to report.
+    Why: the EMA is the baseline every strategy is compared with; it is a population parameter,
+    not a sample, so it comes back as ``PopulationStats`` (never merged).
+
+    Args:
+        model: the model.
+
+    Returns:
+        ``PopulationStats`` (layer name -> mean, var (C,) float64 copies), ``num_samples`` None.
+
+    Raises:
+        ValueError: BN layers keep no running statistics (``track_running_stats=False``); named.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> ema = buffer_stats(model)
+        >>> ema["1"].mean.tolist(), ema["1"].var.tolist()
+        ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
     """
     layers = bn_layers(model)
     missing = untracked(layers)
@@ -168,7 +219,21 @@ def buffer_stats(model: nn.Module) -> PopulationStats:
 def preserved(model: nn.Module) -> Iterator[nn.Module]:
     """Run the block with whatever changes it makes to flags and buffers undone on exit.
 
-    Holds the model's lock (``model_lock``) for the block.
+    Why: experiments (a training step, AdaBN) on a model must not change the user's copy.
+    Holds the model's lock (``model_lock``) for the block; restores also on exceptions.
+
+    Args:
+        model: the model.
+
+    Returns:
+        A context manager yielding ``model``; on exit its state is restored (``ModelSnapshot``).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> with preserved(model):
+        ...     _ = model.train()(torch.randn(8, 4) + 5)  # moves the running mean
+        >>> model[1].running_mean.tolist()
+        [0.0, 0.0, 0.0]
     """
     with model_lock(model):
         snap = ModelSnapshot(model)
@@ -190,6 +255,30 @@ def use_stats(
     the merged statistics at every call). On exit — normal, exception or KeyboardInterrupt — every
     buffer, ``training`` flag, ``momentum`` and ``track_running_stats`` is restored bit for bit.
     Holds the model's lock (``model_lock``) for the block.
+
+    Args:
+        model: the model.
+        stats: ``BNStats`` or ``PopulationStats`` of one set of samples (not ``SourceStats``: pick
+            ``stats["name"]`` or ``stats.pooled()``).
+        strict: raise when a BN layer has no statistics (default: such layers keep their buffers).
+        per_site: load call-site statistics ``"<name>@k"`` at each call (default False).
+
+    Returns:
+        A context manager yielding ``model`` in eval mode with ``stats`` in its BN buffers.
+
+    Raises:
+        TypeError: ``stats`` of another type.
+        ValueError: statistics that match no layer or have wrong channels, NaN or negative variances.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> stats = collect_stats(model, ds, progress=False)
+        >>> with use_stats(model, stats["lab_1"]):
+        ...     inside = model[1].running_mean.clone()
+        ...     logits = model(torch.randn(5, 4))
+        >>> bool(inside.abs().sum() > 0), model[1].running_mean.tolist()
+        (True, [0.0, 0.0, 0.0])
     """
     with model_lock(model):
         layers = bn_layers(model)
@@ -249,7 +338,27 @@ def _site_hooks(model: nn.Module, layers: list[BNLayer], stats: AnyStats) -> BNI
 def load_stats(model: nn.Module, stats: AnyStats, *, strict: bool = False) -> None:
     """Permanently write ``stats`` (``BNStats`` or ``PopulationStats``) into the BN buffers.
 
+    Why: deploying recalibrated statistics (AdaBN, PreciseBN) means writing them for good.
     All-or-nothing: every layer is validated before any buffer is written (see ``write_stats``).
+
+    Args:
+        model: the model; its BN buffers are written in place.
+        stats: ``BNStats`` or ``PopulationStats`` of one set of samples.
+        strict: raise when a BN layer has no statistics (default: such layers keep their buffers).
+
+    Returns:
+        None.
+
+    Raises:
+        TypeError: ``stats`` of another type.
+        ValueError: statistics that match no layer or have wrong channels, NaN or negative variances.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> stats = PopulationStats({"1": Population(np.array([1.0, 2.0, 3.0]), np.full(3, 4.0))})
+        >>> load_stats(model, stats)
+        >>> model[1].running_mean.tolist(), model[1].running_var.tolist()
+        ([1.0, 2.0, 3.0], [4.0, 4.0, 4.0])
     """
     with model_lock(model):
         write_stats(bn_layers(model), stats, strict=strict)
@@ -264,6 +373,23 @@ class FrozenBN:
     ``with`` block restores each BN layer's ``training`` flag. Affine parameters still train.
     Raises ``ValueError`` naming BN layers with ``track_running_stats=False``: in eval mode they
     would still normalize with batch statistics (load statistics first: ``load_stats``/``precise_bn``).
+
+    Args:
+        model: the model whose BN layers freeze.
+
+    Returns:
+        A ``FrozenBN`` handle (a context manager); ``layers`` lists the frozen ``BNLayer``.
+
+    Raises:
+        ValueError: BN layers without running statistics; named.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> with FrozenBN(model):
+        ...     _ = model.train()(torch.randn(8, 4))
+        ...     frozen = model[1].training
+        >>> frozen, model[1].running_mean.tolist()
+        (False, [0.0, 0.0, 0.0])
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -285,6 +411,23 @@ class FrozenBN:
                 layer.module.train(False)
 
     def release(self) -> None:
+        """Unfreeze: remove the hooks and put each BN layer's ``training`` flag back.
+
+        Why: the handle outlives the ``with`` block when ``freeze_bn`` is used for the end of training.
+
+        Args:
+            None.
+
+        Returns:
+            None; calling it again does nothing more.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+            >>> handle = freeze_bn(model)
+            >>> handle.release()
+            >>> model[1].training
+            True
+        """
         with model_lock(self._model):
             for h in self._hooks:
                 h.remove()
@@ -304,5 +447,26 @@ def _force_eval(module: nn.Module, args):
 
 
 def freeze_bn(model: nn.Module) -> FrozenBN:
-    """Freeze every BN layer to its population statistics; returns the handle to ``release()`` it."""
+    """Freeze every BN layer to its population statistics, also while the model trains.
+
+    Why: with small normalization batches, training the last part with population statistics
+    removes the train-test inconsistency (Wu & Johnson 2021, Section 4).
+
+    Args:
+        model: the model; BN layers must keep running statistics.
+
+    Returns:
+        A ``FrozenBN`` handle: ``release()`` it (or use it in ``with``) to unfreeze.
+
+    Raises:
+        ValueError: BN layers without running statistics; named.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> handle = freeze_bn(model)
+        >>> _ = model.train()(torch.randn(8, 4))  # BN normalizes with its buffers, which stay put
+        >>> model[1].training, model[1].num_batches_tracked.item()
+        (False, 0)
+        >>> handle.release()
+    """
     return FrozenBN(model)

@@ -13,6 +13,22 @@ class ArrayDataset(Dataset):
     """Images or features held in memory: ``x`` (N, ...) float32, ``targets`` (N,) int64.
 
     Why: the built-in datasets and tests need a dataset that exposes its labels without loading items.
+
+    Args:
+        x: (N, ...) inputs, numpy or torch, converted to float32.
+        y: (N,) class ids, converted to int64.
+
+    Returns:
+        An ``ArrayDataset`` whose item ``i`` is ``(x[i], int(targets[i]))``.
+
+    Raises:
+        ValueError: ``x`` and ``y`` hold different numbers of samples.
+
+    Example:
+        >>> data = ArrayDataset(np.zeros((3, 2)), [0, 2, 1])
+        >>> x, y = data[1]
+        >>> tuple(x.shape), y, data.targets.tolist()
+        ((2,), 2, [0, 2, 1])
     """
 
     def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> None:

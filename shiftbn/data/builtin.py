@@ -65,8 +65,21 @@ DIGITS_C_LABS: dict[str, Corruption] = {c.label: c for c in (
 def digits_labs(size: int = 16, seed: int = 0) -> SourceTaggedDataset:
     """scikit-learn's 1,797 bundled 8x8 digits, upsampled to ``size``x``size``, split over 5 labs.
 
+    Why: a real-image multi-lab dataset that needs no download (it ships with scikit-learn).
     Items: x (1, size, size) float32, y in 0..9 (``class_names`` "0".."9").
     Labs: see ``DIGITS_LABS`` and datasets/digits-labs.md.
+
+    Args:
+        size: image side in pixels after bilinear upsampling (default 16).
+        seed: seeds the assignment of samples to labs and the labs' noise.
+
+    Returns:
+        A ``SourceTaggedDataset`` of 1,797 samples over labs ``lab_a`` .. ``lab_e``.
+
+    Example:
+        >>> ds = digits_labs(size=8)
+        >>> len(ds), ds.source_names[0], tuple(ds[0][0].shape)
+        (1797, 'lab_a', (1, 8, 8))
     """
     x, y = _digits_images(size)
     return simulate_labs(x, y, DIGITS_LABS, seed=seed, class_names=DIGITS_CLASSES)
@@ -86,8 +99,32 @@ def fashion_mnist_labs(
 ) -> SourceTaggedDataset:
     """Fashion-MNIST (28x28 grey clothing, 10 classes) split over 4 labs; ``n`` samples drawn with ``seed``.
 
+    Why: natural-looking images at MNIST scale, with known per-lab shifts (``FASHION_LABS``).
     ``class_names``: Fashion-MNIST's ten names ("T-shirt/top" .. "Ankle boot", ``FASHION_CLASSES``).
-    Data: the IDX files of Debian's ``dataset-fashion-mnist`` package, or a folder given as ``root``.
+
+    Args:
+        root: folder with the IDX files (default: Debian's ``dataset-fashion-mnist`` package,
+            ``/usr/share/datasets/fashion-mnist``).
+        n: samples drawn (at most the split's size; default 12,000).
+        split: ``"train"`` or ``"test"``.
+        seed: seeds the draw, the assignment to labs and the labs' noise.
+
+    Returns:
+        A ``SourceTaggedDataset`` over labs ``lab_a`` .. ``lab_d``; x (1, 28, 28) float32, y in 0..9.
+
+    Raises:
+        FileNotFoundError: the IDX files are not in ``root``; says how to install them.
+        ValueError: an unknown ``split``.
+
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()  # a tiny stand-in for the Fashion-MNIST folder
+        >>> write_idx(f"{tmp.name}/train-images-idx3-ubyte", np.full((24, 28, 28), 128))
+        >>> write_idx(f"{tmp.name}/train-labels-idx1-ubyte", np.arange(24) % 10)
+        >>> ds = fashion_mnist_labs(root=tmp.name, n=20)
+        >>> len(ds), ds.class_names[0]
+        (20, 'T-shirt/top')
+        >>> tmp.cleanup()
     """
     x, y = _fashion_sample(root, n, split, seed)
     return simulate_labs(x, y, FASHION_LABS, seed=seed, class_names=FASHION_CLASSES)
@@ -117,6 +154,29 @@ def fashion_mnist_c(
     severity 5, datasets/fashion-mnist-c.md); ``n`` samples drawn with ``seed``, which also assigns
     them to labs. Items: x (1, 28, 28) float32 in [0, 1], y in 0..9. Built once per process and
     argument set (cached); every call returns a fresh copy.
+
+    Args:
+        root: folder with the IDX files (default: Debian's ``dataset-fashion-mnist`` package).
+        n: samples drawn (default 12,000).
+        split: ``"train"`` or ``"test"``.
+        seed: seeds the draw, the assignment to labs and the noise.
+
+    Returns:
+        A ``SourceTaggedDataset`` over the six labs named by ``Corruption.label``.
+
+    Raises:
+        FileNotFoundError: the IDX files are not in ``root``.
+        ValueError: an unknown ``split``.
+
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()  # a tiny stand-in for the Fashion-MNIST folder
+        >>> write_idx(f"{tmp.name}/train-images-idx3-ubyte", np.full((24, 28, 28), 128))
+        >>> write_idx(f"{tmp.name}/train-labels-idx1-ubyte", np.arange(24) % 10)
+        >>> ds = fashion_mnist_c(root=tmp.name, n=24)
+        >>> ds.source_names[:2]
+        ('clean', 'contrast_3')
+        >>> tmp.cleanup()
     """
     return _cached_copy("fashion-mnist-c", None if root is None else str(root), n, split, seed)
 
@@ -124,7 +184,20 @@ def fashion_mnist_c(
 def digits_c(size: int = 16, seed: int = 0) -> SourceTaggedDataset:
     """scikit-learn's 1,797 digits (upsampled to ``size``) over 5 corruption-shifted labs (``DIGITS_C_LABS``).
 
+    Why: corruption shift (noise, blur, contrast, JPEG) on data that ships with scikit-learn.
     Items: x (1, size, size) float32 in [0, 1], y in 0..9. Cached per process like ``fashion_mnist_c``.
+
+    Args:
+        size: image side in pixels (default 16).
+        seed: seeds the assignment to labs (and so the noise each sample gets).
+
+    Returns:
+        A ``SourceTaggedDataset`` of 1,797 samples over the labs of ``DIGITS_C_LABS``.
+
+    Example:
+        >>> ds = digits_c(size=8)
+        >>> ds.source_names
+        ('clean', 'contrast_5', 'defocus_blur_5', 'gaussian_noise_5', 'jpeg_compression_5')
     """
     return _cached_copy("digits-c", size, seed)
 
@@ -164,7 +237,24 @@ def blobs_labs(n: int = 1200, n_features: int = 16, n_classes: int = 3, n_labs: 
     """Generated tabular data: Gaussian class blobs, each lab with its own per-feature scale and offset.
 
     Items: x (n_features,) float32, y in 0..n_classes-1. Lab ``lab_0`` is unshifted; lab k is shifted
-    with strength growing in k. Meant for fast tests of MLPs with BatchNorm1d.
+    with strength growing in k.
+
+    Why: fast tests and examples of MLPs with BatchNorm1d, with a shift that grows with the lab.
+
+    Args:
+        n: samples (default 1,200).
+        n_features: features per sample (default 16).
+        n_classes: Gaussian blobs, one per class (default 3).
+        n_labs: labs ``lab_0`` .. ``lab_{n_labs-1}`` (default 4).
+        seed: seeds the blobs, the lab assignment and the lab shifts.
+
+    Returns:
+        A ``SourceTaggedDataset``: x (n_features,) float32, y in 0..n_classes-1.
+
+    Example:
+        >>> ds = blobs_labs(n=60, n_features=4)
+        >>> len(ds), ds.source_names, tuple(ds[0][0].shape)
+        (60, ('lab_0', 'lab_1', 'lab_2', 'lab_3'), (4,))
     """
     from sklearn.datasets import make_blobs
 
@@ -190,8 +280,26 @@ DATASETS: dict[str, Callable[..., SourceTaggedDataset]] = {
 
 
 def load(name: str, **kwargs) -> SourceTaggedDataset:
-    """Load a built-in multi-lab dataset by name (``digits-labs``, ``fashion-mnist-labs``, ``blobs-labs``,
-    ``digits-c``, ``fashion-mnist-c``)."""
+    """Load a built-in multi-lab dataset by name.
+
+    Why: one entry point for examples, the CLI and studies; nothing is downloaded.
+
+    Args:
+        name: ``"digits-labs"``, ``"fashion-mnist-labs"``, ``"blobs-labs"``, ``"digits-c"`` or
+            ``"fashion-mnist-c"`` (the keys of ``DATASETS``).
+        **kwargs: passed to that dataset's function (e.g. ``n=``, ``seed=``).
+
+    Returns:
+        The ``SourceTaggedDataset``.
+
+    Raises:
+        ValueError: an unknown name; the message lists the built-in ones.
+
+    Example:
+        >>> ds = load("blobs-labs", n=60, n_features=4, seed=0)
+        >>> ds
+        SourceTaggedDataset(n=60, sources=['lab_0', 'lab_1', 'lab_2', 'lab_3'])
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; built-in datasets: {sorted(DATASETS)}")
     return DATASETS[name](**kwargs)

@@ -175,6 +175,23 @@ class Corruption:
     Why: a lab of ``simulate_labs`` whose shift is a published corruption rather than an intensity
     change. ``seed`` draws the noise (noise types only); ``class_prior`` as in ``LabShift`` (None:
     the lab takes every class equally). Types: ``SEVERITIES``' keys; parameters: ``params``.
+
+    Args:
+        name: a corruption type (a key of ``SEVERITIES``) or ``"clean"``.
+        severity: 1..5 (default 3); 0 for ``"clean"``.
+        seed: seeds the noise of noise types (default 0).
+        class_prior: (K,) per-class weights for ``simulate_labs``, or ``None``.
+
+    Returns:
+        A frozen ``Corruption`` with ``label`` (the lab name), ``params`` and ``apply``.
+
+    Raises:
+        ValueError: an unknown type or a severity outside 1..5 (0 for ``"clean"``).
+
+    Example:
+        >>> c = Corruption("gaussian_noise", 5, seed=1)
+        >>> c.label, c.params
+        ('gaussian_noise_5', (0.1,))
     """
 
     name: str
@@ -206,7 +223,24 @@ class Corruption:
         return tuple(p) if isinstance(p, tuple) else (p,)
 
     def apply(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Corrupt a batch (N, H, W) or (N, C, H, W) in [0, 1]; returns float32 of the same shape."""
+        """Corrupt a batch of images with this type and severity.
+
+        Why: ImageNet-C shifts (noise, blur, contrast, JPEG) are not undone by BN's affine rescaling.
+
+        Args:
+            images: (N, H, W) or (N, C, H, W) floats in [0, 1], numpy or torch.
+
+        Returns:
+            A float32 tensor of the same shape, clipped to [0, 1]; deterministic given ``seed``.
+
+        Raises:
+            ValueError: another number of dimensions.
+
+        Example:
+            >>> out = Corruption("contrast", 5).apply(np.full((2, 8, 8), 0.5))
+            >>> tuple(out.shape), out.dtype
+            ((2, 8, 8), torch.float32)
+        """
         x = np.asarray(images, dtype=np.float64)
         if x.ndim not in (3, 4):
             raise ValueError(f"images must be (N, C, H, W) or (N, H, W), got shape {x.shape}")

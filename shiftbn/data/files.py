@@ -137,6 +137,32 @@ def from_frame(
     names, encoded in sorted order into ``ds.class_names``; missing or fractional labels raise
     naming their rows. ``label=None`` makes an unlabeled dataset. The other columns become
     ``ds.metadata`` (one row per sample).
+
+    Args:
+        frame: a DataFrame, or the path of a CSV or Parquet manifest.
+        path: the column of image paths (default ``"path"``).
+        label: the column of labels, or ``None`` for unlabeled data (default ``"label"``).
+        source: the column of sources (default ``"source"``).
+        loader: ``loader(path)`` -> the input (default ``load_image``); called lazily per item.
+        root: folder that relative paths resolve against (default: see above).
+        allow_outside: accept paths outside that folder (default False).
+        duplicates: ``"error"`` (default) or ``"drop"`` for files listed more than once.
+
+    Returns:
+        A ``SourceTaggedDataset`` over a ``FileDataset``; nothing is decoded until items are read.
+
+    Raises:
+        FileNotFoundError: no manifest file at ``frame``.
+        ValueError: missing columns, empty or unreadable manifests, missing paths or sources, paths
+            outside ``root``, repeated files, or bad labels; messages name rows and the fix.
+
+    Example:
+        >>> import pandas as pd
+        >>> table = pd.DataFrame({"path": ["a.png", "b.png", "c.png"], "label": ["cat", "dog", "cat"],
+        ...                       "source": ["site1", "site1", "site2"], "scanner": ["x", "x", "y"]})
+        >>> ds = from_frame(table, root="/data")
+        >>> ds.class_names, ds.labels.tolist(), list(ds.metadata.columns)
+        (('cat', 'dog'), [0, 1, 0], ['scanner'])
     """
     if duplicates not in DUPLICATES:
         raise ValueError(f"duplicates must be one of {DUPLICATES}, got {duplicates!r}")
@@ -168,6 +194,31 @@ def from_folder(root: str | Path, loader: Callable[[str], Any] = load_image) -> 
     ``ds.class_names``. Anything else in the tree (a file directly under ``root/<source>/``, a
     non-image file or a sub-folder in a class folder) is skipped with one warning naming it;
     hidden entries (``.DS_Store``) are skipped silently.
+
+    Why: the torchvision ``ImageFolder`` layout with one more level for the source.
+
+    Args:
+        root: the tree's top folder.
+        loader: ``loader(path)`` -> the input (default ``load_image``); called lazily per item.
+
+    Returns:
+        A ``SourceTaggedDataset`` over a ``FileDataset``, sources and classes named by their folders.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: no image under ``root/<source>/<class>/``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> for site, cls in [("site1", "cat"), ("site1", "dog"), ("site2", "cat")]:
+        ...     (pathlib.Path(tmp.name) / site / cls).mkdir(parents=True)
+        ...     Image.new("L", (4, 4)).save(pathlib.Path(tmp.name) / site / cls / "0.png")
+        >>> ds = from_folder(tmp.name)
+        >>> ds.source_names, ds.class_names, tuple(ds[0][0].shape)
+        (('site1', 'site2'), ('cat', 'dog'), (1, 4, 4))
+        >>> tmp.cleanup()
     """
     root = Path(root)
     if not root.is_dir():
@@ -226,6 +277,28 @@ def camelyon17(root: str | Path, loader: Callable[[str], Any] = load_image) -> S
     "tumor")). All metadata columns are kept on ``ds.metadata`` (a DataFrame, one row per sample).
     The unlabeled companion (WILDS ``camelyon17_unlabeled_v1.0``: no ``tumor`` column, or -1
     throughout) gives an unlabeled dataset, for statistics and label-free adaptation.
+
+    Args:
+        root: the ``camelyon17_v1.0`` folder.
+        loader: ``loader(path)`` -> the input (default ``load_image``); called lazily per item.
+
+    Returns:
+        A ``SourceTaggedDataset`` over a ``FileDataset`` of the patches (decoded only when read).
+
+    Raises:
+        FileNotFoundError: ``root/metadata.csv`` is missing; says how to download the data.
+        ValueError: ``metadata.csv`` lacks columns or holds bad labels.
+
+    Example:
+        >>> import tempfile, pandas as pd
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> pd.DataFrame({"patient": [4, 39], "node": [4, 1], "x_coord": [3328, 800], "y_coord": [21792, 640],
+        ...               "tumor": [1, 0], "slide": [0, 1], "center": [0, 3], "split": [0, 0]}
+        ...              ).to_csv(f"{tmp.name}/metadata.csv")
+        >>> ds = camelyon17(tmp.name)
+        >>> ds.source_names, ds.labels.tolist(), ds.class_names
+        (('center_0', 'center_3'), [1, 0], ('normal', 'tumor'))
+        >>> tmp.cleanup()
     """
     root = Path(root)
     meta_path = root / "metadata.csv"

@@ -15,7 +15,26 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file into a numpy array of the shape its header declares.
 
     Why: MNIST-style datasets ship in this format (e.g. Debian's ``dataset-fashion-mnist``).
-    Returns e.g. (N, 28, 28) uint8 for images or (N,) uint8 for labels.
+
+    Args:
+        path: the file; a ``.gz`` suffix is decompressed.
+
+    Returns:
+        A numpy array of the declared shape and element type, native byte order, e.g.
+        (N, 28, 28) uint8 for images or (N,) uint8 for labels.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not an IDX file, an unknown element type, a size that disagrees with the
+            header, or a corrupt gzip stream.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     f = pathlib.Path(tmp) / "labels-idx1-ubyte.gz"
+        ...     write_idx(f, np.array([3, 1, 4], dtype=np.uint8))
+        ...     read_idx(f).tolist()
+        [3, 1, 4]
     """
     path = Path(path)
     if not path.exists():
@@ -48,7 +67,25 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
-    """Write ``array`` (uint8) as an IDX file; ``.gz`` suffix compresses. Used by tests and recipes."""
+    """Write ``array`` as an unsigned-byte IDX file (the MNIST format).
+
+    Why: tests and recipes build tiny MNIST-format folders for ``fashion_mnist_labs(root=...)``.
+
+    Args:
+        path: the file to write; a ``.gz`` suffix compresses it.
+        array: any shape; cast to uint8 (values outside 0..255 wrap).
+
+    Returns:
+        None; the file holds the header and the bytes ``read_idx`` reads back.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     f = pathlib.Path(tmp) / "images-idx3-ubyte"
+        ...     write_idx(f, np.zeros((2, 28, 28)))
+        ...     read_idx(f).shape
+        (2, 28, 28)
+    """
     arr = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
     opener = gzip.open if str(path).endswith(".gz") else open

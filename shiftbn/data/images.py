@@ -19,7 +19,27 @@ def load_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
     ``channels``: 1 converts to grayscale, 3 to RGB (Pillow's conversions); ``None`` keeps one
     channel for grayscale files and three for colour ones.
     Why: a missing, empty, truncated or non-image file must name itself, not surface as PIL's traceback.
-    Raises FileNotFoundError for a missing file and ValueError for one that cannot be decoded.
+
+    Args:
+        path: the image file (any format Pillow reads).
+        channels: 1 (grayscale), 3 (RGB) or ``None`` (default: as the file is).
+
+    Returns:
+        A float32 tensor (C, H, W) with values in [0, 1].
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file cannot be decoded as an image; the message names it.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     f = pathlib.Path(tmp) / "a.png"
+        ...     Image.new("RGB", (5, 4), (255, 0, 0)).save(f)
+        ...     img = load_image(f)
+        >>> tuple(img.shape), img[0].max().item()
+        ((3, 4, 5), 1.0)
     """
     try:
         from PIL import Image
@@ -44,6 +64,23 @@ class FileDataset(Dataset):
     Why: batches need one image size; a file that differs is named here instead of failing later
     in ``torch.stack`` without a name. The first tensor item's shape is recorded (per process) and
     every later tensor item is compared with it (``check_shapes=False`` for variable-size loaders).
+
+    Args:
+        paths: one file path per sample (N).
+        labels: (N,) class ids, stored as ``targets`` (int64).
+        loader: ``loader(path)`` -> the input (default ``load_image``).
+        check_shapes: compare every tensor item's shape with the first one's (default True).
+
+    Returns:
+        A map-style ``FileDataset`` whose item ``i`` is ``(loader(paths[i]), int(targets[i]))``.
+
+    Raises:
+        ValueError: (on reading) an item whose shape differs from the first item's; names both files.
+
+    Example:
+        >>> data = FileDataset(["a.png", "b.png"], [0, 1], loader=lambda p: torch.zeros(1, 2, 2))
+        >>> len(data), data[1][1], data.targets.tolist()
+        (2, 1, [0, 1])
     """
 
     def __init__(

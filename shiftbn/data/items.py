@@ -25,7 +25,24 @@ class ItemKeys:
 
     Why: MONAI and Hugging Face datasets yield dicts such as ``{"image": x, "label": y, "site": s}``;
     the names differ between projects, so they are configurable. ``label=None``/``source=None`` never
-    read a label/source. Example: ``ItemKeys(input="img", label="tumor", source="site")``.
+    read a label/source.
+
+    Args:
+        input: the key of the inputs (default ``"image"``).
+        label: the key of the class id, or ``None`` (default ``"label"``).
+        source: the key of the source, or ``None`` (default ``"source"``).
+
+    Returns:
+        A frozen ``ItemKeys`` to pass as ``keys=`` (``SourceTaggedDataset``, ``CollectOptions``).
+
+    Raises:
+        TypeError: a key that is not a non-empty string (or ``None`` for ``label``/``source``).
+
+    Example:
+        >>> keys = ItemKeys(input="img", label="tumor", source="site")
+        >>> ds = SourceTaggedDataset([{"img": torch.zeros(2), "tumor": 1}], ["s0"], keys=keys)
+        >>> ds[0][1:]
+        (1, 0)
     """
 
     input: str = "image"

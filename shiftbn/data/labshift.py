@@ -27,6 +27,27 @@ class LabShift:
     noise_std: additive Gaussian noise std in image units.
     color_matrix: optional (C, C) channel-mixing matrix for RGB (stain shift).
     class_prior: optional per-class weights (K,) used by ``simulate_labs`` to skew the class mix.
+
+    Args:
+        gain: multiplies intensities (default 1).
+        offset: added to intensities, image units (default 0).
+        gamma: exponent on the clipped input (default 1: none); > 0.
+        blur_sigma: Gaussian blur std, pixels (default 0: none); >= 0.
+        noise_std: additive Gaussian noise std, image units (default 0); >= 0.
+        color_matrix: (C, C) channel-mixing matrix, or ``None``.
+        class_prior: (K,) non-negative per-class weights, or ``None`` (every class weighs 1).
+        seed: seeds the noise.
+
+    Returns:
+        A frozen ``LabShift``; ``apply`` shifts images, ``simulate_labs`` builds a dataset of labs.
+
+    Raises:
+        ValueError: ``gamma <= 0``, a negative ``blur_sigma``/``noise_std`` or negative prior weights.
+
+    Example:
+        >>> shift = LabShift(gain=0.5, offset=0.1)
+        >>> shift.apply(torch.ones(2, 1, 3, 3)).unique().tolist()
+        [0.6000000238418579]
     """
 
     gain: float = 1.0
@@ -47,7 +68,23 @@ class LabShift:
             raise ValueError("class_prior weights must be >= 0")
 
     def apply(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Shift a batch of images (N, C, H, W) or (N, H, W), float; returns float32 of the same shape."""
+        """Apply this lab's shift to a batch of images.
+
+        Why: the same images seen through several labs isolate acquisition shift from content.
+
+        Args:
+            images: (N, C, H, W) or (N, H, W) floats in [0, 1], numpy or torch.
+
+        Returns:
+            A float32 tensor of the same shape (not clipped).
+
+        Raises:
+            ValueError: another number of dimensions, or a ``color_matrix`` that does not fit C.
+
+        Example:
+            >>> LabShift(gamma=2.0).apply(np.full((1, 2, 2), 0.5)).tolist()
+            [[[0.25, 0.25], [0.25, 0.25]]]
+        """
         x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
         squeeze = x.ndim == 3
         if squeeze:
@@ -94,9 +131,26 @@ def simulate_labs(
     Why: a controlled multi-lab dataset where the true shift of every lab is known.
     A sample of class k goes to lab L with probability proportional to ``labs[L].class_prior[k]``
     (1 when no prior), so labs have about equal sizes unless priors skew them.
-    images: (N, C, H, W) or (N, H, W) in [0, 1]; labels: (N,) ints. Returns a
-    ``SourceTaggedDataset`` over shifted float32 images, sources in sorted name order, with
-    ``class_names`` (one name per class id) when given.
+
+    Args:
+        images: (N, C, H, W) or (N, H, W) floats in [0, 1].
+        labels: (N,) class ids 0..K-1.
+        labs: lab name -> its ``LabShift`` (or ``Corruption``); at least one.
+        seed: seeds the assignment of samples to labs.
+        class_names: one name per class id (default: none).
+
+    Returns:
+        A ``SourceTaggedDataset`` over the shifted float32 images (an ``ArrayDataset``), sources in
+        sorted name order.
+
+    Raises:
+        ValueError: no labs, images and labels of different lengths, or class priors that do not fit.
+
+    Example:
+        >>> labs = {"dim": LabShift(gain=0.5), "plain": LabShift()}
+        >>> ds = simulate_labs(torch.rand(40, 1, 4, 4), np.arange(40) % 2, labs, seed=0)
+        >>> ds.source_names, len(ds)
+        (('dim', 'plain'), 40)
     """
     if not labs:
         raise ValueError("labs must name at least one lab")

@@ -125,6 +125,37 @@ class SourceTaggedDataset(Dataset):
     ``class_names`` (tuple of str or None) names the class ids; ``metadata`` (a DataFrame with one
     row per sample, or None) carries per-sample columns (e.g. a manifest's other columns). Views
     (``take``, ``subset``, ``split``) keep both, and keep the subclass and its other attributes.
+
+    Args:
+        base: a map-style dataset (``__len__``/``__getitem__``) of N items.
+        sources: one hashable source label per sample (N,); integer ids ``0..S-1`` when
+            ``source_names`` is given.
+        labels: class ids (N,) (-1 = unlabeled), a ``metadata`` column name, or a label-only
+            callable ``f(i)``; ``None`` (default) reads them from ``base`` without loading items.
+        source_names: the names of ids ``0..S-1`` when ``sources`` holds integer ids (default: names
+            from ``sources`` themselves, sorted).
+        class_names: one name per class id (default: none, or the sorted string labels).
+        metadata: per-sample columns, one row per sample (default: none).
+        keys: the field names of dict items (default ``ItemKeys()``: ``"image"``, ``"label"``).
+
+    Returns:
+        A ``SourceTaggedDataset`` of N items ``(x, y, source_id)``, with ``source_ids`` (N,) int64,
+        ``source_names``, ``labels`` ((N,) int64 or None), ``class_names`` and ``metadata``.
+
+    Raises:
+        TypeError: ``base`` is not map-style, or ``keys`` is not an ``ItemKeys``.
+        ValueError: not one source (or label, or metadata row) per sample, missing sources, or
+            fractional/NaN labels; the message names the rows.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> base = TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+        >>> ds = SourceTaggedDataset(base, ["lab_b", "lab_a", "lab_b", "lab_a"])
+        >>> ds.source_names, ds.source_ids.tolist(), ds.labels.tolist()
+        (('lab_a', 'lab_b'), [1, 0, 1, 0], [0, 1, 0, 1])
+        >>> x, y, s = ds[1]  # y comes from the base item, s from ``sources``
+        >>> int(y), s
+        (1, 0)
     """
 
     def __init__(
@@ -175,8 +206,27 @@ class SourceTaggedDataset(Dataset):
     ) -> SourceTaggedDataset:
         """One dataset per source, e.g. ``{"lab_a": d1, "lab_b": d2}``; source order = sorted names.
 
-        Labels are read from every part (see the class docstring) when all parts expose them;
-        ``keys`` names the fields of dict items (``ItemKeys``).
+        Why: data often comes as one folder or dataset per site; this tags each part with its name.
+        Labels are read from every part (see the class docstring) when all parts expose them.
+
+        Args:
+            datasets: source name -> map-style dataset (at least one entry).
+            class_names: one name per class id (default: none).
+            keys: the field names of dict items (``ItemKeys``; default ``ItemKeys()``).
+
+        Returns:
+            A ``SourceTaggedDataset`` over the parts concatenated in sorted-name order.
+
+        Raises:
+            ValueError: ``datasets`` is empty.
+
+        Example:
+            >>> from torch.utils.data import TensorDataset
+            >>> parts = {"lab_b": TensorDataset(torch.zeros(2, 3), torch.tensor([0, 1])),
+            ...          "lab_a": TensorDataset(torch.ones(3, 3), torch.tensor([1, 1, 0]))}
+            >>> ds = SourceTaggedDataset.from_datasets(parts)
+            >>> ds.source_names, ds.source_ids.tolist(), ds.labels.tolist()
+            (('lab_a', 'lab_b'), [0, 0, 0, 1, 1], [1, 1, 0, 0, 1])
         """
         if not datasets:
             raise ValueError("from_datasets needs at least one {name: dataset} entry")
@@ -237,6 +287,20 @@ class SourceTaggedDataset(Dataset):
 
         Why: labels are never found by decoding every image (see the class docstring); a dataset built
         without a label accessor is unlabeled, and ``what`` (e.g. "evaluation") must say how to fix that.
+
+        Args:
+            what: what needs the labels, for the message (default ``"evaluation"``).
+
+        Returns:
+            ``labels``: (N,) int64 class ids (-1 = unlabeled sample).
+
+        Raises:
+            ValueError: the dataset has no labels; the message says how to give them.
+
+        Example:
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> ds.require_labels().shape
+            (60,)
         """
         if self.labels is None:
             raise ValueError(
@@ -247,18 +311,68 @@ class SourceTaggedDataset(Dataset):
         return self.labels
 
     def source_id(self, name: Hashable) -> int:
-        """The int id of source ``name`` (ValueError naming the known sources if absent)."""
+        """The int id of source ``name``.
+
+        Why: ids index ``source_names`` and stay stable across views; names are what users know.
+
+        Args:
+            name: a source name (compared as a string).
+
+        Returns:
+            The id (int) with ``source_names[id] == str(name)``.
+
+        Raises:
+            ValueError: ``name`` is not a source; the message lists the known ones.
+
+        Example:
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> ds.source_id("lab_2")
+            2
+        """
         try:
             return self.source_names.index(str(name))
         except ValueError:
             raise ValueError(f"unknown source {name!r}; known sources: {list(self.source_names)}") from None
 
     def indices_of(self, name: Hashable) -> np.ndarray:
-        """Dataset positions (int64) of the samples of source ``name``."""
+        """Dataset positions of the samples of source ``name``, in increasing order.
+
+        Why: per-source work (a calibration subset, a per-site batch) starts from these positions.
+
+        Args:
+            name: a source name.
+
+        Returns:
+            (n_source,) int64 positions in this dataset.
+
+        Raises:
+            ValueError: ``name`` is not a source.
+
+        Example:
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> idx = ds.indices_of("lab_1")
+            >>> bool((ds.source_ids[idx] == 1).all())
+            True
+        """
         return np.flatnonzero(self.source_ids == self.source_id(name))
 
     def counts(self) -> pd.DataFrame:
-        """Tidy sample counts: columns ``source, n`` (and ``label`` when labels are known)."""
+        """Tidy sample counts per source (and per class when labels are known).
+
+        Why: a source too small for a batch, or missing a class, is the first thing to check.
+
+        Args:
+            None.
+
+        Returns:
+            A ``pandas.DataFrame`` with columns ``source, label, n`` (``source, n`` when unlabeled),
+            one row per (source, class) present, sorted.
+
+        Example:
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> list(ds.counts().columns), int(ds.counts()["n"].sum())
+            (['source', 'label', 'n'], 60)
+        """
         names = np.asarray(self.source_names, dtype=object)[self.source_ids]
         df = pd.DataFrame({"source": names})
         keys = ["source"]
@@ -272,8 +386,25 @@ class SourceTaggedDataset(Dataset):
     def take(self, indices: Sequence[int] | np.ndarray) -> SourceTaggedDataset:
         """A view on the samples at ``indices`` (integer positions in this dataset); ids are kept.
 
+        Why: views keep the name -> id map, so statistics of a subset line up with the whole's.
         The view has this dataset's class and attributes; ``source_ids``, ``labels`` and ``metadata``
         rows follow ``indices``. Other per-sample attributes of a subclass are shared, not re-indexed.
+
+        Args:
+            indices: (M,) integer positions in ``[0, len(self))``, in the order wanted.
+
+        Returns:
+            A ``SourceTaggedDataset`` (same class) of M samples; ``base`` is wrapped, not copied.
+
+        Raises:
+            TypeError: non-integer indices (for a boolean mask use ``np.flatnonzero(mask)``).
+            IndexError: a position out of range.
+
+        Example:
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> view = ds.take([0, 5, 7])
+            >>> len(view), view.source_names == ds.source_names
+            (3, True)
         """
         idx = np.asarray(indices).reshape(-1)
         if idx.size and not np.issubdtype(idx.dtype, np.integer):
@@ -291,7 +422,24 @@ class SourceTaggedDataset(Dataset):
         return sub
 
     def subset(self, sources: Sequence[Hashable] | Hashable) -> SourceTaggedDataset:
-        """Only the samples of the named ``sources`` (one name or a list); ids are kept."""
+        """Only the samples of the named ``sources``; ids are kept.
+
+        Why: held-out-source protocols train on some sources and test on others of one dataset.
+
+        Args:
+            sources: one source name, or a list of them.
+
+        Returns:
+            A ``SourceTaggedDataset`` view (see ``take``) of those sources' samples, in dataset order.
+
+        Raises:
+            ValueError: an unknown source name.
+
+        Example:
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> ds.subset(["lab_0", "lab_3"]).sources_present
+            ['lab_0', 'lab_3']
+        """
         wanted = [sources] if isinstance(sources, (str, int)) else list(sources)
         ids = [self.source_id(s) for s in wanted]
         return self.take(np.flatnonzero(np.isin(self.source_ids, ids)))
@@ -306,6 +454,23 @@ class SourceTaggedDataset(Dataset):
 
         Why: AdaBN-style recalibration needs unlabeled calibration data disjoint from the test data.
         Every (source, class) group is shuffled with ``seed`` and cut at ``fractions``.
+
+        Args:
+            by: what to split within; only ``"source"``.
+            fractions: (train, calibration, test) shares, non-negative, summing to 1.
+            seed: seeds the shuffle of each group (same seed, same split).
+
+        Returns:
+            ``Splits`` with three disjoint views ``train``, ``calibration``, ``test``.
+
+        Raises:
+            ValueError: ``by`` is not ``"source"`` or ``fractions`` are not three shares summing to 1.
+
+        Example:
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> parts = ds.split(fractions=(0.5, 0.25, 0.25), seed=0)
+            >>> len(parts.train) + len(parts.calibration) + len(parts.test)
+            60
         """
         if by != "source":
             raise ValueError(f"split(by={by!r}) is not supported; use by='source'")
@@ -354,7 +519,23 @@ def _check_metadata(metadata: pd.DataFrame | None, n: int) -> pd.DataFrame | Non
 
 @dataclass
 class Splits:
-    """Three disjoint views of one dataset: ``train``, ``calibration`` (unlabeled use) and ``test``."""
+    """Three disjoint views of one dataset: ``train``, ``calibration`` (unlabeled use) and ``test``.
+
+    Why: calibration data for recalibration must never overlap the test data (a leak).
+
+    Args:
+        train: the training view.
+        calibration: the view recalibration may see (its labels unused).
+        test: the evaluation view.
+
+    Returns:
+        A ``Splits`` holding the three views as attributes of the same names.
+
+    Example:
+        >>> parts = sb.load("blobs-labs", n=60, n_features=4).split()
+        >>> type(parts.test).__name__, len(parts.train) > len(parts.test)
+        ('SourceTaggedDataset', True)
+    """
 
     train: SourceTaggedDataset
     calibration: SourceTaggedDataset
