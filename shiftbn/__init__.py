@@ -53,6 +53,10 @@ _MOVED: dict[str, str] = {
                     "shiftbn.studies"),
 }
 
+# Sub-modules reachable as ``sb.<name>`` before the wings existed, kept for one release.
+_MOVED_MODULES = {"models": "shiftbn.studies.models", "protocols": "shiftbn.studies", "report": "shiftbn.studies.report",
+                  "runs": "shiftbn.studies.runs", "runner": "shiftbn.studies.runner", "demo": "shiftbn.studies.demo"}
+
 
 def __getattr__(name: str):
     if name in _WHERE:
@@ -64,6 +68,10 @@ def __getattr__(name: str):
         warnings.warn(f"shiftbn.{name} moved to {home}.{name}; the old name goes in the next release",
                       DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(home), name)
+    elif name in _MOVED_MODULES:
+        warnings.warn(f"shiftbn.{name} moved to {_MOVED_MODULES[name]}; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return importlib.import_module(_MOVED_MODULES[name])
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

@@ -38,7 +38,7 @@ def test_dtype_mismatch_is_named_with_the_fix(model_dtype, data_dtype):
 
 def test_matrix_names_the_dtype_mismatch():
     ds = sb.load("digits-labs", size=8).subset(["lab_a", "lab_b"])
-    model = sb.models.SmallCNN(width=4, seed=0).eval().double()
+    model = sb.studies.models.SmallCNN(width=4, seed=0).eval().double()
     with pytest.raises(TypeError, match=r"parameters are torch.float64 but the inputs are torch.float32"):
         sb.cross_source_matrix(model, ds, ["source", "stats:*"], progress=False)
 
