@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from shiftbn._lock import model_lock
 from shiftbn._log import bars_wanted
+from shiftbn.data._checks import LenChecked
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -97,7 +98,7 @@ def iter_inputs(
             yield data[torch.as_tensor(idx, dtype=torch.long)]
         return
     plan = [[int(i) for i in idx] for idx in batches]
-    for batch in DataLoader(data, batch_sampler=plan, num_workers=num_workers):
+    for batch in DataLoader(LenChecked(data), batch_sampler=plan, num_workers=num_workers):
         yield _input_of(batch)
 
 
