@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shiftbn._torch import LenChecked
 from shiftbn.bn.moments import POOLED
-from shiftbn.data._checks import LenChecked, check_dataset
+from shiftbn.data._checks import check_dataset
 from shiftbn.data.items import ABSENT, DEFAULT_KEYS, ItemKeys, parts_of
 from shiftbn.data.tagged import SourceTaggedDataset
 

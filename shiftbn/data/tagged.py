@@ -11,15 +11,8 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
-from shiftbn.data._checks import (
-    UNLABELED,
-    DatasetLengthError,
-    check_dataset,
-    dataset_length,
-    encode_labels,
-    len_mismatch,
-    rows,
-)
+from shiftbn._torch import DatasetLengthError, dataset_length, len_mismatch
+from shiftbn.data._checks import UNLABELED, check_dataset, encode_labels, rows
 from shiftbn.data.items import ABSENT, DEFAULT_KEYS, ItemKeys, gather, parts_of
 
 LabelsArg = Sequence[int] | np.ndarray | pd.Series | str | Callable[[int], Any] | None
