@@ -54,8 +54,9 @@ _MOVED: dict[str, str] = {
 }
 
 # Sub-modules reachable as ``sb.<name>`` before the wings existed, kept for one release.
-_MOVED_MODULES = {"models": "shiftbn.studies.models", "protocols": "shiftbn.studies", "report": "shiftbn.studies.report",
-                  "runs": "shiftbn.studies.runs", "runner": "shiftbn.studies.runner", "demo": "shiftbn.studies.demo"}
+_MOVED_MODULES = {"models": "shiftbn.studies.models", "protocols": "shiftbn.studies",
+                  "report": "shiftbn.studies.report", "runs": "shiftbn.studies.runs",
+                  "runner": "shiftbn.studies.runner", "demo": "shiftbn.studies.demo"}
 
 
 def __getattr__(name: str):

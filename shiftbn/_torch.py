@@ -1,4 +1,5 @@
-"""Bottom-layer inference helpers every module may import: device, batched forwards, input stacking.
+"""Bottom-layer inference helpers every module may import: device, batched forwards, input stacking, datasets
+whose length is checked as they are read.
 
 Why: evaluation, strategies, protocols and training all run a model over a tensor in batches; one
 copy of that loop (and of the prediction-time BN forward) keeps them consistent. Imports torch,
@@ -7,6 +8,7 @@ numpy, tqdm and the bottom-layer ``_lock``/``_log`` only.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -110,6 +112,93 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
+def dataset_length(data: object, what: str) -> int:
+    """``len(data)`` as a non-negative int, or an error naming the dataset and its ``__len__``."""
+    try:
+        n = len(data)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"{what} ({describe(data)}) has no valid length: len() raised {type(e).__name__}: {e}; its "
+                        "__len__ must return the number of items as a non-negative int") from None
+    return n
+
+
+def describe(data: object) -> str:
+    """The type of a dataset, and the ones it wraps (``Subset of MyData``), for messages."""
+    parts = [type(data).__name__]
+    while isinstance(data, torch.utils.data.Subset):
+        data = data.dataset
+        parts.append(type(data).__name__)
+    return " of ".join(parts)
+
+
+class DatasetLengthError(IndexError):
+    """A dataset's ``__getitem__`` raised IndexError at an index below its ``len()``."""
+
+
+def len_mismatch(data: object, i: int, n: int, e: IndexError) -> IndexError:
+    """The error for item ``i`` of a dataset of length ``n`` that raised IndexError although ``i < n``.
+
+    Why: a ``__len__`` that promises more items than ``__getitem__`` serves failed deep inside a
+    DataLoader with the bare index; the dataset, the index and the fix must be named. Views
+    (``Subset``, ``ConcatDataset``) are followed to the user's dataset and its own index.
+    """
+    if isinstance(e, DatasetLengthError):  # already named by a wrapper further in
+        return e
+    data, i, n = _innermost(data, i, n)
+    return DatasetLengthError(f"{type(data).__name__}[{i}] raised IndexError ({e}) although its len() is {n}: its "
+                              "__len__ and __getitem__ disagree; make __len__ return the number of items "
+                              "__getitem__ serves (indices 0..len-1)")
+
+
+def _innermost(data: object, i: int, n: int) -> tuple[object, int, int]:
+    """The dataset under ``Subset``/``ConcatDataset`` views that holds item ``i``, its index there and its length."""
+    while isinstance(data, (torch.utils.data.Subset, torch.utils.data.ConcatDataset)):
+        try:
+            if isinstance(data, torch.utils.data.Subset):
+                inner, j = data.dataset, int(data.indices[i])
+            else:
+                part = bisect.bisect_right(data.cumulative_sizes, i)
+                inner, j = data.datasets[part], i - (data.cumulative_sizes[part - 1] if part else 0)
+            m = len(inner)
+        except (IndexError, TypeError, ValueError):  # a view that is itself inconsistent: name it
+            break
+        data, i, n = inner, j, m
+    return data, i, n
+
+
+class LenChecked(Dataset):
+    """A map-style dataset read through a DataLoader, whose IndexErrors inside its length name it.
+
+    Why: see ``len_mismatch``. Items, ``__getitems__`` batches and length are the dataset's own.
+    """
+
+    def __init__(self, data: Dataset, what: str = "dataset") -> None:
+        self.data = data
+        self.n = dataset_length(data, what)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> object:
+        try:
+            return self.data[i]
+        except IndexError as e:
+            if 0 <= i < self.n and not isinstance(e, DatasetLengthError):
+                raise len_mismatch(self.data, i, self.n, e) from e
+            raise
+
+    def __getitems__(self, indices: list[int]) -> list:
+        fetch = getattr(self.data, "__getitems__", None)
+        if not callable(fetch):
+            return [self[i] for i in indices]
+        try:
+            return list(fetch(indices))
+        except DatasetLengthError:
+            raise
+        except IndexError:
+            return [self[i] for i in indices]  # finds the index at fault (or raises the same error)
+
+
 Inputs = torch.Tensor | Dataset
 """Model inputs: a tensor (N, ...) or a map-style dataset whose items are ``x`` or ``(x, ...)``."""
 
@@ -150,7 +239,7 @@ def iter_inputs(
             yield data[torch.as_tensor(idx, dtype=torch.long)]
         return
     plan = [[int(i) for i in idx] for idx in batches]
-    for batch in DataLoader(data, batch_sampler=plan, num_workers=num_workers):
+    for batch in DataLoader(LenChecked(data), batch_sampler=plan, num_workers=num_workers):
         yield _input_of(batch)
 
 

@@ -1,13 +1,16 @@
-"""The CLI's data options (``_add_user_model_args``/``_load_user_data``): --allow-outside, --image-size."""
+"""The CLI's data options (``_add_user_model_args``/``_load_user_data``): --allow-outside, --image-size, --strict."""
 
 import argparse
+import os
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from shiftbn.cli.main import _add_user_model_args, _load_user_data
+from shiftbn.cli.main import _add_user_model_args, _load_user_data, main
+from tests.helpers import write_user_project
 
 
 def _args(*argv):
@@ -41,3 +44,21 @@ def test_image_size_must_be_positive(tmp_path, size):
         _load_user_data(_args("--data", str(m), "--image-size", size))
     ds = _load_user_data(_args("--data", str(m), "--image-size", "6"))
     assert ds[0][0].shape == (1, 6, 6)
+
+
+def test_broken_image_symlinks_are_skipped_and_listed_or_refused_under_strict(tmp_path, monkeypatch, capsys):
+    write_user_project(tmp_path, "usernet_links", (("site_a", 40, 3), ("site_b", 150, 3)))
+    folder = tmp_path / "data" / "site_a" / "neg"
+    os.symlink(tmp_path / "moved_away.png", folder / "dangling.png")
+    os.symlink(folder / "loop.png", folder / "loop.png")
+    monkeypatch.chdir(tmp_path)
+    common = ["stats", "--model", "usernet_links:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4",
+              "--no-progress", "--quiet"]
+    assert main([*common, "--strict", "--out", "strict"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"unreadable image file \S*(dangling|loop)\.png .* and 1 more", err) and "Traceback" not in err
+    assert main([*common, "--out", "st"]) == 0
+    skipped = pd.read_csv(tmp_path / "st" / "skipped.csv")
+    assert sorted(os.path.basename(p) for p in skipped["path"]) == ["dangling.png", "loop.png"]
+    assert skipped["error"].str.contains("FileNotFoundError").any()
+    assert "skipped 2 unreadable image file(s)" in capsys.readouterr().err

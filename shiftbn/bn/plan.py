@@ -10,9 +10,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shiftbn._torch import LenChecked
 from shiftbn.bn.moments import POOLED
+from shiftbn.data._checks import check_dataset
 from shiftbn.data.items import ABSENT, DEFAULT_KEYS, ItemKeys, parts_of
 from shiftbn.data.tagged import SourceTaggedDataset
+
+WRAP = ("wrap it: TensorDataset(x) for pooled statistics (by_source=False), SourceTaggedDataset(TensorDataset(x, y), "
+        "sources) for per-source ones, or pass a DataLoader or a list of batches [x1, x2, ...]")
 
 
 class Batches:
@@ -137,8 +142,10 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
     keys = _check_keys(keys)
     opts = _loader_options(num_workers, pin_memory, persistent_workers)
     rng = np.random.default_rng(seed)
+    check_dataset(data, "data", WRAP)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         tagged = isinstance(data, SourceTaggedDataset)
+        data = data if tagged else LenChecked(data, "data")  # a __len__ that lies is named, not a bare IndexError
         names = list(data.source_names) if tagged else None
         if sampler is not None:  # the sampler's batches, the cap applied to them as they stream
             batches = _share([list(b) for b in sampler], shard)

@@ -114,7 +114,9 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="run forwards under autocast (mixed precision); BN statistics "
                                                      "stay exact in float64")
     p.add_argument("--data", required=True, type=Path,
-                   help="manifest CSV/Parquet (columns path,label,source) or an image folder root/<source>/<class>/")
+                   help="manifest CSV/Parquet (columns path,label,source) or an image folder root/<source>/<class>/; "
+                        "pixels are mapped to [0, 1]: 8-bit files / 255, 16-bit grayscale / 65535, 32-bit float as "
+                        "stored (refused outside [0, 1]), 32-bit integer refused")
     p.add_argument("--path-col", default="path", help="manifest column with image paths (default: path)")
     p.add_argument("--label-col", default="label",
                    help="manifest column with labels (default: label; 'none' for unlabeled data)")

@@ -152,3 +152,17 @@ def _integral(arr: np.ndarray, where: str) -> np.ndarray:
             "ids 0..K-1 (round or map them to classes yourself if that is what you mean)"
         )
     return arr.astype(np.int64)
+
+
+def check_dataset(data: object, what: str, wrap: str) -> None:
+    """Refuse, up front, inputs that are not map-style datasets but would fail deep inside a pass.
+
+    Why: a tensor or array passed where a dataset is expected was iterated row by row and failed
+    much later with a size mismatch; an ``IterableDataset`` cannot be planned by index. ``what``
+    names the argument (e.g. "collect_stats data"); ``wrap`` says how to make the dataset.
+    """
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"{what} is a {type(data).__name__} of shape {tuple(data.shape)}, not a dataset; {wrap}")
+    if isinstance(data, torch.utils.data.IterableDataset):
+        raise TypeError(f"{what} is an IterableDataset ({type(data).__name__}), which cannot be read by index; "
+                        f"give a map-style dataset (__len__/__getitem__), or {wrap}")

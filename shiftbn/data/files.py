@@ -193,7 +193,9 @@ def from_folder(root: str | Path, loader: Callable[[str], Any] = load_image) -> 
     Class ids are shared across sources (the union of class folder names, sorted) and named in
     ``ds.class_names``. Anything else in the tree (a file directly under ``root/<source>/``, a
     non-image file or a sub-folder in a class folder) is skipped with one warning naming it;
-    hidden entries (``.DS_Store``) are skipped silently.
+    hidden entries (``.DS_Store``) are skipped silently. A broken (dangling or looping) symlink with an
+    image suffix is kept as a file that cannot be read: loading it raises naming it, and
+    ``shiftbn.data.loaders.find_unreadable`` lists it.
 
     Why: the torchvision ``ImageFolder`` layout with one more level for the source.
 
@@ -254,7 +256,10 @@ def _walk(root: Path) -> tuple[list[tuple[str, str, str]], list[Path]]:
                 skipped.append(cls)
                 continue
             for f in _visible(cls):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                # a dangling or looping symlink named like an image is kept: it fails as an unreadable file
+                # (CLI: listed in skipped.csv, refused under --strict) instead of vanishing among non-images
+                image = f.suffix.lower() in IMAGE_SUFFIXES and (f.is_file() or (f.is_symlink() and not f.exists()))
+                if image:
                     found.append((str(f), src.name, cls.name))
                 else:
                     skipped.append(f)

@@ -16,9 +16,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".we
 def load_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
     """Decode one image file into a float32 tensor (C, H, W) in [0, 1].
 
-    ``channels``: 1 converts to grayscale, 3 to RGB (Pillow's conversions); ``None`` keeps one
-    channel for grayscale files and three for colour ones.
-    Why: a missing, empty, truncated or non-image file must name itself, not surface as PIL's traceback.
+    ``channels``: 1 converts to grayscale, 3 to RGB (Pillow's conversions; a 16-bit or float
+    grayscale file is repeated into three channels); ``None`` keeps one channel for grayscale files
+    and three for colour ones.
+    Bit depth: 8-bit files (and every colour file: Pillow reads 16-bit colour PNGs as 8-bit) are
+    divided by 255; 16-bit grayscale files (Pillow mode ``I;16``, X-ray/CT exports) by 65535, so a
+    12-bit range stored in 16 bits lands in [0, 0.0625]; 32-bit float files (mode ``F``) are used as
+    stored when every value lies in [0, 1] and refused otherwise; 32-bit integer files (mode ``I``,
+    other than a 16-bit PNG) are refused, as their range is unknown.
+    Why: a missing, empty, truncated or non-image file must name itself, not surface as PIL's traceback;
+    Pillow's own 8-bit conversion of 16-bit and float images clips them to white or black.
 
     Args:
         path: the image file (any format Pillow reads).
@@ -29,7 +36,8 @@ def load_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file cannot be decoded as an image; the message names it.
+        ValueError: the file cannot be decoded as an image, or its values cannot be mapped to [0, 1];
+            the message names it.
 
     Example:
         >>> import tempfile, pathlib
@@ -47,15 +55,49 @@ def load_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
         raise ImportError("reading images needs Pillow: pip install pillow") from e
     try:
         with Image.open(path) as im:
-            gray = im.mode in ("1", "L", "I", "I;16", "F") if channels is None else channels == 1
-            arr = np.asarray(im.convert("L" if gray else "RGB"))
+            mode, fmt = im.mode, im.format
+            deep = mode.startswith("I") or mode == "F"  # 16/32-bit grayscale: Pillow's "L" clips it
+            gray = mode in ("1", "L") if channels is None else channels == 1
+            arr = np.asarray(im) if deep else np.asarray(im.convert("L" if gray else "RGB"))
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}; fix its path or remove it from the manifest") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # UnidentifiedImageError (not an image, 0 bytes) and "image file is truncated" are OSErrors
         raise ValueError(f"cannot decode image {path}: {e}; remove it from the manifest/folder") from e
+    if deep:
+        t = torch.from_numpy(_deep_gray(path, arr, mode, fmt))
+        return t.expand(3, -1, -1).contiguous() if channels == 3 else t
     t = torch.from_numpy(arr.astype(np.float32) / 255.0)
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _deep_gray(path: str | Path, arr: np.ndarray, mode: str, fmt: str | None) -> np.ndarray:
+    """A 16-bit or 32-bit grayscale image (Pillow modes ``I;16*``, ``I``, ``F``) as float32 (1, H, W) in [0, 1].
+
+    Why: Pillow's conversion to 8 bits clips these at 255 (16-bit X-ray/CT exports came out all white);
+    a range that cannot be known is refused rather than guessed.
+    """
+    if arr.ndim != 2:
+        raise ValueError(f"image values of {path} (mode {mode}, shape {arr.shape}) are not one grayscale plane; "
+                         "convert the file to an 8- or 16-bit PNG")
+    if (arr.dtype.kind == "u" and arr.dtype.itemsize == 2) or (mode == "I" and fmt == "PNG"):  # PNG: <= 16 bits
+        out = arr.astype(np.float64) / 65535.0
+    elif mode == "F":
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise ValueError(f"image values of {path} (32-bit float) include {int((~finite).sum())} NaN/inf; float "
+                             "images are used as stored and must lie in [0, 1]; fix or remove the file")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0 or hi > 1:
+            raise ValueError(f"image values of {path} (32-bit float) span [{lo:g}, {hi:g}]; float images are used as "
+                             "stored and must lie in [0, 1]: rescale the file to [0, 1] (e.g. divide by its "
+                             "maximum) or save it as a 16-bit PNG")
+        out = arr
+    else:
+        raise ValueError(f"image values of {path} are {arr.dtype} integers (Pillow mode {mode}) whose range is not "
+                         "known, so they are not mapped to [0, 1] by guess; save the file as an 8- or 16-bit "
+                         "unsigned PNG/TIFF or as 32-bit float in [0, 1]")
+    return out.astype(np.float32)[None]
 
 
 class FileDataset(Dataset):

@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
-from shiftbn.data._checks import UNLABELED, encode_labels, rows
+from shiftbn._torch import DatasetLengthError, dataset_length, len_mismatch
+from shiftbn.data._checks import UNLABELED, check_dataset, encode_labels, rows
 from shiftbn.data.items import ABSENT, DEFAULT_KEYS, ItemKeys, gather, parts_of
 
 LabelsArg = Sequence[int] | np.ndarray | pd.Series | str | Callable[[int], Any] | None
@@ -169,12 +170,14 @@ class SourceTaggedDataset(Dataset):
         metadata: pd.DataFrame | None = None,
         keys: ItemKeys | None = None,
     ) -> None:
+        check_dataset(base, "base", "wrap inputs and labels first: SourceTaggedDataset(TensorDataset(x, y), sources) "
+                      "(torch.utils.data.TensorDataset; y: one class id per sample)")
         if not hasattr(base, "__getitem__") or not hasattr(base, "__len__"):
             raise TypeError(f"base must be a map-style dataset with __len__/__getitem__, got {type(base).__name__}")
         if keys is not None and not isinstance(keys, ItemKeys):
             raise TypeError(f"keys must be an ItemKeys, e.g. ItemKeys(input='image', label='label'), got {keys!r}")
         self.keys: ItemKeys = keys if keys is not None else DEFAULT_KEYS
-        n = len(base)
+        n = dataset_length(base, "base")
         if source_names is None:
             names, ids = _source_order(sources)
         else:
@@ -245,7 +248,16 @@ class SourceTaggedDataset(Dataset):
         return len(self.source_ids)
 
     def __getitem__(self, i: int) -> tuple[Any, Any, int]:
-        return self._tagged(self.base[int(i)], int(i))
+        return self._tagged(self._item(int(i)), int(i))
+
+    def _item(self, i: int) -> Any:
+        """``base[i]``; an IndexError inside the length names the base and ``i`` (its ``__len__`` lies)."""
+        try:
+            return self.base[i]
+        except IndexError as e:
+            if 0 <= i < len(self) and not isinstance(e, DatasetLengthError):
+                raise len_mismatch(self.base, i, len(self), e) from e
+            raise
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any, int]]:
         """The items at ``indices`` at once (PyTorch's DataLoader calls this for a whole batch).
@@ -255,9 +267,14 @@ class SourceTaggedDataset(Dataset):
         indexed in one vectorised step. Items equal ``[self[i] for i in indices]`` bit for bit.
         """
         idx = [int(i) for i in indices]
-        items = gather(self.base, idx)
+        try:
+            items = gather(self.base, idx)
+        except DatasetLengthError:
+            raise
+        except IndexError:  # find the index at fault, named by ``_item``
+            items = None
         if items is None:
-            items = [self.base[i] for i in idx]
+            items = [self._item(i) for i in idx]
         if all(type(item) is tuple and len(item) >= 2 and item[1] is not None for item in items):  # no per-item calls
             sids = self.source_ids[np.asarray(idx, dtype=np.int64)].tolist()
             return [(it[0], it[1], s) for it, s in zip(items, sids, strict=True)]
@@ -491,6 +508,20 @@ class SourceTaggedDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n={len(self)}, sources={list(self.sources_present)})"
+
+
+def require_tagged(ds: object, what: str) -> SourceTaggedDataset:
+    """``ds`` when it is a ``SourceTaggedDataset``, else TypeError saying how to make one.
+
+    Why: a tensor or plain dataset handed to a per-source verb failed deep inside (a size mismatch,
+    a missing attribute); the fix is one wrapper call.
+    """
+    if not isinstance(ds, SourceTaggedDataset):
+        shape = f" of shape {tuple(ds.shape)}" if isinstance(ds, (torch.Tensor, np.ndarray)) else ""
+        raise TypeError(f"{what} needs a SourceTaggedDataset (one source per sample), got {type(ds).__name__}{shape}; "
+                        "wrap tensors as SourceTaggedDataset(TensorDataset(x, y), sources) and a dataset as "
+                        "SourceTaggedDataset(ds, sources)")
+    return ds
 
 
 def _source_ids(sources: Sequence[int] | np.ndarray, n_names: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from shiftbn._torch import check_device
 from shiftbn.adapt import AdaptContext, Strategy, check_source_name, expand_strategies
 from shiftbn.bn import CollectMode, collect_stats
 from shiftbn.bn.distributed import world_and_rank
-from shiftbn.data.tagged import SourceTaggedDataset, Splits
+from shiftbn.data.tagged import SourceTaggedDataset, Splits, require_tagged
 from shiftbn.evaluate import spread
 from shiftbn.evaluate.metrics import check_metrics, metric_value
 from shiftbn.evaluate.tapped import TappedLabels
@@ -48,8 +48,7 @@ def prepare(
     seed: int = 0,
 ) -> MatrixPlan:
     """Split each source into calibration and evaluation samples and check every strategy's needs."""
-    if not isinstance(ds, SourceTaggedDataset):
-        raise TypeError("cross_source_matrix needs a SourceTaggedDataset")
+    require_tagged(ds, "cross_source_matrix")
     cal_ds, eval_ds = _calibration_split(ds, calibration, transductive, seed)
     sources = ds.sources_present
     for s in sources:  # source names and the labels of strategies' statistics share the stats_source column

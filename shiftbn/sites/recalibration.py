@@ -7,7 +7,7 @@ from typing import Literal
 from torch import nn
 
 from shiftbn.bn import BNStats, collect_stats, load_stats
-from shiftbn.data.tagged import SourceTaggedDataset
+from shiftbn.data.tagged import SourceTaggedDataset, require_tagged
 
 RecalibrationMethod = Literal["target", "precise"]
 
@@ -41,8 +41,7 @@ def recalibrate(
     """
     if method not in ("target", "precise"):
         raise ValueError(f"unknown method {method!r}; use 'target' (AdaBN on one site) or 'precise' (PreciseBN)")
-    if not isinstance(data, SourceTaggedDataset):
-        raise TypeError(f"recalibrate needs a SourceTaggedDataset, got {type(data).__name__}")
+    require_tagged(data, "recalibrate")
     if method == "target":
         if target is None:
             raise ValueError(f"method='target' needs target=, one of {data.sources_present}")

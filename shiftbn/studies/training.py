@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from shiftbn._log import bars_wanted
 from shiftbn._torch import device_of
-from shiftbn.data.tagged import SourceTaggedDataset
+from shiftbn.data.tagged import SourceTaggedDataset, require_tagged
 from shiftbn.samplers import SourceBatchSampler
 
 
@@ -45,6 +45,7 @@ def train(
     (the model is in train mode again afterwards). Returns a tidy DataFrame
     ``step, epoch, loss, accuracy`` (batch accuracy with BN in train mode).
     """
+    require_tagged(ds, "train")
     if ds.labels is None:
         raise ValueError("training needs labels; the dataset has none")
     if steps < 1:

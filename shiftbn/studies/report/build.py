@@ -7,6 +7,7 @@ each recalibration does per site, with honest intervals, and how calibration and
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,8 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     held = [str(h) for h in (held_out or [])]
     for h in held:
         ds.source_id(h)
+    ds, skipped = _sites_with_both_parts(ds, calibration, seed)
+    held = [h for h in held if h not in skipped]
     trains = [s for s in ds.sources_present if s not in held]
     if not trains:
         raise ValueError(f"--held-out names every site ({held}); leave at least one site the model was trained on")
@@ -255,6 +258,39 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     meta = {"sites": ", ".join(ds.sources_present), "held out (never trained on)": ", ".join(held) or "none",
             "strategies": " ".join(names), "evaluation samples": str(sum(len(v) for v in labels.values())),
             "bootstrap": f"{n_boot} resamples, {level:.0%}" if ci is not None else "off", "seed": str(seed)}
+    if skipped:
+        meta["sites skipped"] = "; ".join(f"{site} ({why})" for site, why in skipped.items())
     return render_report(out, title=title or f"shiftbn report — {Path(out).name}", meta=meta, matrix=matrix,
                          shift=shift, samples=ds if images else None, held_out=held, comparisons=comparisons,
                          pooled=pooled, outputs=kept, num_classes=k, level=level, n_boot=n_boot, seed=seed)
+
+
+def _sites_with_both_parts(ds: SourceTaggedDataset, calibration: float,
+                           seed: int) -> tuple[SourceTaggedDataset, dict[str, str]]:
+    """``ds`` without the sites whose calibration or evaluation part would be empty, and why each was left out.
+
+    Why: a site of one image (or one image per class) cannot give both statistics and an evaluated
+    sample; one such site must not fail the whole report. Each one is named in a warning and in the
+    report's header. A site's parts depend only on its class counts (``SourceTaggedDataset.split``).
+    """
+    if isinstance(calibration, bool) or not isinstance(calibration, (int, float)) or not 0 < calibration < 1:
+        return ds, {}  # ``prepare`` refuses it, naming the value
+    sp = ds.split(fractions=(0.0, float(calibration), 1.0 - float(calibration)), seed=seed)
+    cal, test = set(sp.calibration.sources_present), set(sp.test.sources_present)
+    counts = pd.Series(ds.source_ids).value_counts()
+    skipped = {}
+    for site in ds.sources_present:
+        if site in cal and site in test:
+            continue
+        n = int(counts[ds.source_id(site)])
+        part = "calibration" if site not in cal else "evaluation"
+        skipped[site] = (f"{n} sample(s) leave no {part} sample at calibration fraction {calibration:g}; a site "
+                         "needs one sample to calibrate and one to evaluate (per class: the split is stratified)")
+    if not skipped:
+        return ds, {}
+    if len(skipped) == len(ds.sources_present):
+        raise ValueError(f"no site has samples for both calibration and evaluation: {skipped}; add images per site")
+    for site, why in skipped.items():
+        warnings.warn(f"report: site {site!r} skipped: {why}", stacklevel=3)
+    kept = [s for s in ds.sources_present if s not in skipped]
+    return ds.subset(kept), skipped
