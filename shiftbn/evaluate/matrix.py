@@ -241,9 +241,9 @@ def score(
         >>> plan = prepare(ds, ["target", "precise"])
         >>> ctx, labels = collect(model, plan, progress=False)
         >>> kept = {}
-        >>> table = score(ctx, plan, labels, ["accuracy", "nll"], progress=False, keep_outputs=kept)
+        >>> table = score(ctx, plan, labels, ["accuracy"], progress=False, keep_outputs=kept)
         >>> len(table), kept[("target", "lab_0")].shape
-        (16, (6, 3))
+        (8, (6, 3))
     """
     outputs: dict = {}
     rows = []
