@@ -23,7 +23,7 @@ from torch import nn
 
 import shiftbn as sb
 
-CORE = ("shiftbn.data", "shiftbn.samplers", "shiftbn.bn")
+CORE = ("shiftbn.data", "shiftbn.samplers", "shiftbn.bn", "shiftbn.evaluate")
 HEADERS = ("Args:", "Returns:", "Example:")
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 

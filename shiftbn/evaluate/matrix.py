@@ -28,7 +28,26 @@ Calibration = float | Splits | tuple[SourceTaggedDataset, SourceTaggedDataset]
 
 @dataclass
 class MatrixPlan:
-    """Step 1's result: which data calibrates, which is evaluated, which strategies on which sources."""
+    """Step 1's result: which data calibrates, which is evaluated, which strategies on which sources.
+
+    Why: ``prepare`` checks everything that can fail before any statistics are collected;
+    ``collect`` and ``score`` then read this plan instead of re-deriving splits and sources.
+
+    Args:
+        calibration: the samples strategies compute statistics from (their labels unused).
+        evaluation: the samples that are scored.
+        strategies: the expanded ``Strategy`` objects (``stats:*`` already one per source).
+        eval_sources: the sources evaluated, in table order.
+        train_sources: the sources the model was trained on (``precise`` pools them).
+
+    Returns:
+        A ``MatrixPlan`` holding these five fields.
+
+    Example:
+        >>> plan = prepare(sb.load("blobs-labs", n=60, n_features=4), ["target", "precise"])
+        >>> plan.eval_sources, len(plan.calibration) + len(plan.evaluation)
+        (['lab_0', 'lab_1', 'lab_2', 'lab_3'], 60)
+    """
 
     calibration: SourceTaggedDataset
     evaluation: SourceTaggedDataset
@@ -47,7 +66,34 @@ def prepare(
     eval_sources: Sequence[str] | None = None,
     seed: int = 0,
 ) -> MatrixPlan:
-    """Split each source into calibration and evaluation samples and check every strategy's needs."""
+    """Split each source into calibration and evaluation samples and check every strategy's needs.
+
+    Why: step 1 of ``cross_source_matrix``; a bad split, an unknown source or a source a strategy
+    needs but that has no calibration sample fails here, before any forward pass.
+
+    Args:
+        ds: a labeled ``SourceTaggedDataset``.
+        strategies: ``Strategy`` objects or spec strings, as ``cross_source_matrix``'s.
+        calibration: fraction of each source (stratified, ``seed``) used unlabeled for statistics, a
+            ``Splits`` (its calibration and test parts) or a ``(calibration, eval)`` pair.
+        transductive: calibrate and evaluate on all samples.
+        train_sources: the sources the model was trained on (default: all).
+        eval_sources: the sources to evaluate (default: all).
+        seed: seed of the calibration split.
+
+    Returns:
+        A ``MatrixPlan``.
+
+    Raises:
+        TypeError: ``ds`` is not a ``SourceTaggedDataset``.
+        ValueError: ``calibration`` is not a fraction in (0, 1), a ``Splits`` or a pair; a source is
+            unknown or its name is a statistics label; a needed source has no calibration sample.
+
+    Example:
+        >>> plan = prepare(sb.load("blobs-labs", n=60, n_features=4), ["target", "precise"], calibration=0.5)
+        >>> [st.name for st in plan.strategies], len(plan.calibration), len(plan.evaluation)
+        (['target', 'precise'], 31, 29)
+    """
     require_tagged(ds, "cross_source_matrix")
     cal_ds, eval_ds = _calibration_split(ds, calibration, transductive, seed)
     sources = ds.sources_present
@@ -100,10 +146,34 @@ def collect(
 ) -> tuple[AdaptContext, Mapping[str, np.ndarray]]:
     """The context strategies see (statistics computed on first use) and each eval source's labels.
 
-    Inputs are handed to strategies as dataset views, read batch by batch: memory is O(batch), plus
-    the outputs kept for scoring (N x K per cell), never the inputs. Labels: the dataset's own, else
-    read from the items as the first evaluation of each source reads them (``TappedLabels``: never a
-    pass over the images just for labels); available once that source's first cell is computed.
+    Why: step 2 of ``cross_source_matrix``; nothing is computed yet, so a strategy that needs no
+    per-source statistics never pays for them. Inputs are handed to strategies as dataset views,
+    read batch by batch: memory is O(batch), plus the outputs kept for scoring (N x K per cell),
+    never the inputs.
+
+    Args:
+        model: the network under evaluation (not changed).
+        plan: ``prepare``'s result.
+        batch_size: evaluation batch size.
+        stats_batch_size: ``collect_stats``'s ``batch_size`` for the statistics.
+        stats_mode: ``collect_stats``'s ``mode``.
+        num_samples: ``collect_stats``'s ``num_samples`` (default: all calibration samples).
+        seed: seed of the statistics' batches and of strategies' groupings.
+        amp: forwards under autocast.
+        progress: show progress bars.
+
+    Returns:
+        ``(ctx, labels)``: the ``AdaptContext`` strategies read, and eval source -> (N,) labels. Labels
+        are the dataset's own, else read from the items as the first evaluation of each source reads
+        them (``TappedLabels``: never a pass over the images just for labels), then available once
+        that source's first cell is computed.
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> ctx, labels = collect(model, prepare(ds, ["target", "precise"]), progress=False)
+        >>> type(ctx).__name__, list(labels), labels["lab_0"].shape
+        ('AdaptContext', ['lab_0', 'lab_1', 'lab_2', 'lab_3'], (6,))
     """
     eval_parts = {s: plan.evaluation.subset(s) for s in plan.eval_sources}
     labels = TappedLabels(eval_parts)
@@ -139,13 +209,40 @@ def score(
 ) -> pd.DataFrame:
     """Outputs of every (strategy, eval source) cell, computed once per cache key, and their metrics.
 
-    ``ci``: add a percentile bootstrap interval (``ci_low``, ``ci_high``) resampled within the cell's
-    eval source. ``keep_outputs``: a dict filled with ``(strategy name, eval source) -> outputs``
-    (N x K numpy, in the order of ``labels[eval source]``), for paired comparisons and calibration.
-    A strategy whose outputs depend on how test samples are grouped (``Strategy.outputs``: ``batch:B``,
-    per-batch ``prior:N``, ``tent``) gets ``value`` = the mean over its ``groupings`` seeded groupings
-    and ``value_sd`` = their standard deviation (NaN for one grouping); ``ci_low``/``ci_high`` and
-    ``keep_outputs`` are those of grouping 0 (the grouping that ``seed`` gives).
+    Why: step 3 of ``cross_source_matrix``; cells that share statistics share one forward pass, and
+    ``keep_outputs`` hands the outputs on to ``paired_table``/``pooled_table`` without a second pass.
+
+    Args:
+        ctx: ``collect``'s context.
+        plan: ``prepare``'s result.
+        labels: ``collect``'s labels.
+        metrics: metric names (checked: ``check_metrics``).
+        ci: add a percentile bootstrap interval at this level (``ci_low``, ``ci_high``) resampled
+            within the cell's eval source.
+        n_boot: number of resamples for ``ci``.
+        progress: show a progress bar over the cells.
+        keep_outputs: a dict filled with ``(strategy name, eval source) -> outputs`` (N x K numpy, in
+            the order of ``labels[eval source]``), for paired comparisons and calibration.
+
+    Returns:
+        The matrix table, as ``cross_source_matrix``'s. A strategy whose outputs depend on how test
+        samples are grouped (``Strategy.outputs``: ``batch:B``, per-batch ``prior:N``, ``tent``) gets
+        ``value`` = the mean over its ``groupings`` seeded groupings and ``value_sd`` = their standard
+        deviation (NaN for one grouping); ``ci_low``/``ci_high`` and ``keep_outputs`` are those of
+        grouping 0 (the grouping that ``seed`` gives).
+
+    Raises:
+        ValueError: a strategy produced NaN or infinite outputs.
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> plan = prepare(ds, ["target", "precise"])
+        >>> ctx, labels = collect(model, plan, progress=False)
+        >>> kept = {}
+        >>> table = score(ctx, plan, labels, ["accuracy"], progress=False, keep_outputs=kept)
+        >>> len(table), kept[("target", "lab_0")].shape
+        (8, (6, 3))
     """
     outputs: dict = {}
     rows = []
@@ -245,12 +342,25 @@ def cross_source_matrix(
             never moved.
         amp: forwards under autocast (float16 on CUDA, bfloat16 on CPU); BN statistics are still
             accumulated in float64 from the tensor each BN layer receives.
+        seed: seed of the calibration split, the statistics' batches, groupings and resamples.
+        progress: show progress bars.
+
     Returns:
         Tidy DataFrame ``strategy, is_cross_source, stats_source, eval_source, metric, value, n,
         groupings, value_sd``; ``is_cross_source`` marks the ``stats:<i>`` cells; ``groupings``: seeded
         groupings of the test samples ``value`` averages (1 unless the strategy depends on them),
         ``value_sd`` their standard deviation (NaN for 1). Source names may not be labels of
         strategies' statistics (``ema``, ``precise``, ``batch``, ``mixed-batch``, ``prior:...``).
+
+    Raises:
+        ValueError: an unknown metric, a device other than the model's, or any of ``prepare``'s.
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = cross_source_matrix(model, ds, ["target", "precise"], ["accuracy"], progress=False)
+        >>> table.shape, sorted(table.strategy.unique()), int(table["n"].sum())
+        ((8, 9), ['precise', 'target'], 58)
     """
     metrics = check_metrics(metrics)
     check_device(model, device)

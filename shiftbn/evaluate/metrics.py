@@ -16,8 +16,24 @@ Task = Literal["classification", "regression"]
 class Metric:
     """One metric: ``fn(outputs, y) -> float``; whether higher is better; whether it lies in [0, 1].
 
-    Classification metrics get logits (N, K) and int labels in [0, K); regression metrics get
-    outputs (N,) and float targets.
+    Why: one table entry tells every scorer (the matrix, ``summarize``, the bootstrap) how to compute
+    the metric and which way is worse, so no caller hard-codes a metric's direction.
+
+    Args:
+        name: the name the table, tables' ``metric`` column and ``--metrics`` use.
+        fn: ``fn(outputs, y) -> float``. Classification metrics get logits (N, K) and int labels in
+            [0, K); regression metrics get outputs (N,) or (N, 1) and float targets (N,).
+        higher_is_better: whether a larger value is better (``summarize``'s worst source follows it).
+        bounded: whether every value lies in [0, 1].
+        task: ``"classification"`` or ``"regression"``.
+
+    Returns:
+        A frozen ``Metric`` holding these five fields; ``register_metric`` adds it to the table.
+
+    Example:
+        >>> top1 = Metric("top1", lambda out, y: float((out.argmax(1) == y).mean()), True, True, "classification")
+        >>> top1.fn(np.array([[2.0, 0.0], [0.0, 1.0]]), np.array([0, 0]))
+        0.5
     """
 
     name: str
@@ -92,21 +108,82 @@ METRICS: dict[str, Metric] = {
 
 
 def register_metric(metric: Metric) -> None:
-    """Add (or replace) a metric in the table; ``metric_value``, the matrix and ``summarize`` use it."""
+    """Add (or replace) a metric in the table; ``metric_value``, the matrix and ``summarize`` use it.
+
+    Why: a study's own metric (a Brier score, a clinical cost) is then scored, summarized and
+    bootstrapped like the built-in ones, without a second code path.
+
+    Args:
+        metric: the ``Metric`` to add; an entry of the same name is replaced.
+
+    Returns:
+        None.
+
+    Raises:
+        TypeError: ``metric`` is not a ``Metric``.
+
+    Example:
+        >>> def brier(out, y):
+        ...     p = torch.softmax(torch.as_tensor(out), dim=1).numpy()
+        ...     return float(((p - np.eye(out.shape[1])[y]) ** 2).sum(1).mean())
+        >>> register_metric(Metric("brier", brier, False, False, "classification"))
+        >>> metric_value("brier", np.zeros((2, 2)), np.array([0, 1]))
+        0.5
+        >>> del METRICS["brier"]  # leave the table as it was
+    """
     if not isinstance(metric, Metric):
         raise TypeError(f"register_metric needs a Metric, got {type(metric).__name__}")
     METRICS[metric.name] = metric
 
 
 def get_metric(name: str) -> Metric:
-    """The table entry of ``name`` (ValueError listing the known names otherwise)."""
+    """The table entry of ``name``.
+
+    Why: callers read a metric's direction and task from one place; an unknown name fails here with
+    the list of known ones instead of deep inside a scorer.
+
+    Args:
+        name: a metric name, e.g. ``"accuracy"``.
+
+    Returns:
+        The ``Metric`` registered under ``name``.
+
+    Raises:
+        ValueError: ``name`` is not in the table (the message lists the known names).
+
+    Example:
+        >>> m = get_metric("nll")
+        >>> m.higher_is_better, m.bounded, m.task
+        (False, False, 'classification')
+    """
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; choose from {tuple(METRICS)}")
     return METRICS[name]
 
 
 def check_metrics(metrics: Sequence[str] | str) -> list[str]:
-    """Validate metric names; a single name is accepted."""
+    """Validate metric names; a single name is accepted.
+
+    Why: the matrix checks its metrics before any statistics are collected, so a typo fails at once,
+    not after the first pass over the data.
+
+    Args:
+        metrics: one metric name or a sequence of names.
+
+    Returns:
+        The names as a list (a single name becomes a one-element list).
+
+    Raises:
+        ValueError: a name is unknown, or no name is given (the message lists the known names).
+
+    Example:
+        >>> check_metrics("accuracy")
+        ['accuracy']
+        >>> check_metrics(["accuracy", "top-1"])
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown metric(s) ['top-1']; choose from (...)
+    """
     names = [metrics] if isinstance(metrics, str) else list(metrics)
     bad = [m for m in names if m not in METRICS]
     if bad or not names:
@@ -117,10 +194,31 @@ def check_metrics(metrics: Sequence[str] | str) -> list[str]:
 def metric_value(name: str, outputs: np.ndarray, y: np.ndarray) -> float:
     """One metric of model outputs against labels.
 
-    Classification: ``outputs`` are logits (N, K), ``y`` ints in [0, K): ``accuracy``,
-    ``balanced_accuracy``, ``macro_f1``, ``nll`` (log loss, nats), ``auroc`` (binary, or one-vs-rest
-    macro), ``ece`` (expected calibration error, 15 bins, torchmetrics). Regression: ``outputs`` (N,)
-    or (N, 1): ``mae``, ``r2``. Other metrics: ``register_metric``.
+    Why: every score in a table goes through this one function, which checks that the metric fits
+    the outputs (logits or one value per sample) and that the labels fit the number of classes.
+
+    Args:
+        name: a metric from the table. Classification (``outputs`` logits (N, K), ``y`` ints in
+            [0, K)): ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``nll`` (log loss, nats),
+            ``auroc`` (binary, or one-vs-rest macro), ``ece`` (expected calibration error, 15 bins,
+            torchmetrics). Regression (``outputs`` (N,) or (N, 1), ``y`` floats (N,)): ``mae``,
+            ``r2``. Other metrics: ``register_metric``.
+        outputs: the model's outputs, array-like (N, K) or (N,).
+        y: the labels or targets, array-like (N,).
+
+    Returns:
+        The metric as a float.
+
+    Raises:
+        ValueError: the metric is unknown, is for the other task than ``outputs``, or a label lies
+            outside [0, K).
+
+    Example:
+        >>> logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 2.0]])
+        >>> metric_value("accuracy", logits, np.array([0, 1, 1, 1]))
+        0.75
+        >>> metric_value("mae", np.array([1.0, 2.0]), np.array([1.5, 2.5]))
+        0.5
     """
     metric = get_metric(name)
     outputs, y = np.asarray(outputs), np.asarray(y)

@@ -9,7 +9,31 @@ from shiftbn.evaluate.metrics import get_metric
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Per strategy and metric: mean over eval sources, the worst source and its value, the best, and
-    the best-worst gap. "Worst" follows each metric's direction in the metric table."""
+    the best-worst gap.
+
+    Why: a strategy that rescues the average but fails one site is a finding (WILDS reports the
+    worst group); "worst" follows each metric's direction in the metric table.
+
+    Args:
+        table: a matrix table (``cross_source_matrix``), at least the columns ``strategy, metric,
+            eval_source, value``.
+
+    Returns:
+        Tidy DataFrame, one row per (strategy, metric): ``strategy, metric, mean, worst_source,
+        worst, best_source, best, gap, n_sources``.
+
+    Raises:
+        ValueError: a metric in ``table`` is not in the metric table.
+
+    Example:
+        >>> import pandas as pd
+        >>> table = pd.DataFrame({"strategy": "target", "eval_source": ["lab_0", "lab_1"], "metric": "accuracy",
+        ...                       "value": [0.9, 0.7]})
+        >>> summary = summarize(table)[["strategy", "mean", "worst_source", "worst", "gap"]].round(2)
+        >>> print(summary.to_string(index=False))
+        strategy  mean worst_source  worst  gap
+          target   0.8        lab_1    0.7  0.2
+    """
     rows = []
     for (strategy, metric), g in table.groupby(["strategy", "metric"], sort=False):
         ordered = g.sort_values("value", ascending=get_metric(metric).higher_is_better)

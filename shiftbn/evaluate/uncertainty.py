@@ -19,7 +19,24 @@ _ECE_BINS = 15
 
 
 class Interval(NamedTuple):
-    """A point estimate and its percentile bootstrap interval."""
+    """A point estimate and its percentile bootstrap interval.
+
+    Why: a value and its interval travel together (and unpack as a tuple), so a report never prints
+    a rate without its noise.
+
+    Args:
+        value: the metric (or difference) on all samples.
+        low: the interval's lower end (NaN when no resample gave a finite value).
+        high: the interval's upper end (NaN likewise).
+
+    Returns:
+        An ``Interval``, a named tuple ``(value, low, high)``.
+
+    Example:
+        >>> iv = Interval(0.8, 0.7, 0.9)
+        >>> iv.high - iv.low > 0, tuple(iv) == (0.8, 0.7, 0.9)
+        (True, True)
+    """
 
     value: float
     low: float
@@ -30,8 +47,27 @@ def resample_indices(n: int, n_boot: int, seed: int = 0, strata: np.ndarray | No
     """``(n_boot, n)`` bootstrap indices; with ``strata`` (one label per sample) each resample draws,
     within every stratum, as many samples as it holds (sorted by stratum, then by draw).
 
-    Drawn as ``np.random.default_rng(seed).integers(0, m, size=(n_boot, m))`` per stratum in order of
-    ``np.unique(strata)``: tests reproduce an interval by hand from this rule.
+    Why: one documented rule, so an interval can be reproduced by hand: drawn as
+    ``np.random.default_rng(seed).integers(0, m, size=(n_boot, m))`` per stratum of ``m`` samples,
+    strata in the order of ``np.unique(strata)``.
+
+    Args:
+        n: number of samples.
+        n_boot: number of resamples.
+        seed: seed of the generator.
+        strata: optional (n,) array, the stratum (e.g. source) of each sample.
+
+    Returns:
+        An int64 array (n_boot, n) of sample positions, one resample per row.
+
+    Raises:
+        ValueError: ``strata`` does not hold one entry per sample.
+
+    Example:
+        >>> resample_indices(4, 2, seed=0).tolist()
+        [[3, 2, 2, 1], [1, 0, 0, 0]]
+        >>> resample_indices(4, 2, seed=0, strata=np.array(["a", "a", "b", "b"])).tolist()  # a: 0-1, b: 2-3
+        [[1, 1, 2, 2], [1, 0, 2, 2]]
     """
     rng = np.random.default_rng(seed)
     if strata is None:
@@ -102,9 +138,32 @@ def bootstrap_interval(outputs: np.ndarray, y: np.ndarray, metric: str = "accura
                        level: float = 0.95, seed: int = 0, strata: np.ndarray | None = None) -> Interval:
     """The metric of ``outputs`` against ``y`` with a percentile bootstrap interval.
 
-    Why: every rate in a report needs its sampling noise next to it. ``outputs``: logits (N, K) or
-    regression outputs (N,); ``y``: (N,) labels; ``strata``: optional (N,) source of each sample, so
-    a pooled number is resampled within each source. Returns ``Interval(value, low, high)``.
+    Why: every rate in a report needs its sampling noise next to it.
+
+    Args:
+        outputs: logits (N, K) or regression outputs (N,).
+        y: (N,) labels or targets.
+        metric: a name from the metric table (``METRICS``).
+        n_boot: number of resamples (at least 10).
+        level: the interval's coverage in (0, 1), e.g. 0.95.
+        seed: seed of the resampling (``resample_indices``).
+        strata: optional (N,) source of each sample, so a pooled number is resampled within each
+            source.
+
+    Returns:
+        ``Interval(value, low, high)``: the metric on all samples and the percentile interval of its
+        resamples.
+
+    Raises:
+        ValueError: ``outputs`` and ``y`` differ in length or are empty, ``level`` is outside (0, 1),
+            or ``n_boot`` is below 10.
+
+    Example:
+        >>> y = np.arange(40) % 2
+        >>> outputs = np.eye(2)[np.where(np.arange(40) % 5 == 0, 1 - y, y)]  # every 5th sample wrong
+        >>> iv = bootstrap_interval(outputs, y, "accuracy", n_boot=200)
+        >>> round(iv.value, 2), iv.low < iv.value < iv.high
+        (0.8, True)
     """
     outputs, y = _check(outputs, y, n_boot, level)
     idx = resample_indices(len(y), int(n_boot), seed, strata)
@@ -118,10 +177,32 @@ def paired_difference(outputs_a: np.ndarray, outputs_b: np.ndarray, y: np.ndarra
 
     Why: two strategies scored on one site share its samples; resampling the same indices for both
     cancels the shared noise, so the interval of the difference is narrower than one built from two
-    independent intervals. ``outputs_a``, ``outputs_b``: (N, K) logits (or (N,)) of strategies A and
-    B for the same samples in the same order; ``y``: (N,) labels; ``strata``: optional (N,) source of
-    each sample (resampled within source). Returns ``Interval(diff, low, high)``; an interval that
-    contains 0 does not support a difference.
+    independent intervals.
+
+    Args:
+        outputs_a: (N, K) logits (or (N,)) of strategy A.
+        outputs_b: the outputs of strategy B for the same samples in the same order, same shape.
+        y: (N,) labels or targets.
+        metric: a name from the metric table (``METRICS``).
+        n_boot: number of resamples (at least 10).
+        level: the interval's coverage in (0, 1).
+        seed: seed of the resampling (``resample_indices``).
+        strata: optional (N,) source of each sample (resampled within source).
+
+    Returns:
+        ``Interval(diff, low, high)``; an interval that contains 0 does not support a difference
+        (``supports_difference``).
+
+    Raises:
+        ValueError: as ``bootstrap_interval``, or the two outputs differ in shape.
+
+    Example:
+        >>> y = np.arange(40) % 2
+        >>> a = np.eye(2)[np.where(np.arange(40) % 5 == 0, 1 - y, y)]  # 80% right
+        >>> b = np.eye(2)[np.where(np.arange(40) % 2 == 0, 1 - y, y)]  # 50% right
+        >>> d = paired_difference(a, b, y, "accuracy", n_boot=200)
+        >>> round(d.value, 2), supports_difference(d.low, d.high)
+        (0.3, True)
     """
     outputs_a, y = _check(outputs_a, y, n_boot, level)
     outputs_b = np.asarray(outputs_b)
@@ -134,5 +215,20 @@ def paired_difference(outputs_a: np.ndarray, outputs_b: np.ndarray, y: np.ndarra
 
 
 def supports_difference(low: float, high: float) -> bool:
-    """Whether an interval of a difference excludes 0 (both ends finite and of one sign)."""
+    """Whether an interval of a difference excludes 0 (both ends finite and of one sign).
+
+    Why: the one rule by which a report calls one strategy better than another; NaN ends (no finite
+    resample) never support a difference.
+
+    Args:
+        low: the interval's lower end.
+        high: the interval's upper end.
+
+    Returns:
+        True when both ends are finite and of one sign (0 excluded).
+
+    Example:
+        >>> supports_difference(0.02, 0.10), supports_difference(-0.01, 0.10), supports_difference(float("nan"), 0.1)
+        (True, False, False)
+    """
     return bool(np.isfinite(low) and np.isfinite(high) and (low > 0 or high < 0))
