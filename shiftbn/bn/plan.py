@@ -18,9 +18,10 @@ from shiftbn.data.tagged import SourceTaggedDataset
 class Batches:
     """A re-iterable plan of input batches, each tagged with its source name.
 
-    ``cap``: keep the first ``cap`` samples per source (cutting the batch that reaches it; a cut
-    that would leave fewer than ``min_batch`` samples drops them instead). ``keys``: how dict
-    batches are read (``ItemKeys``).
+    ``cap``: keep the first ``cap`` samples per source, exactly: the batch that reaches it is cut, and a
+    cut that would be smaller than ``min_batch`` (one sample, which has no batch statistics) joins the
+    source's previous batch instead, held back until then (tensor inputs; others drop such a cut).
+    ``keys``: how dict batches are read (``ItemKeys``).
     """
 
     def __init__(self, loader: Iterable[Any], names: list[str] | None, by_source: bool,
@@ -30,6 +31,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[tuple[Any, str]]:
         seen: dict[str, int] = {}
+        held: dict[str, torch.Tensor] = {}  # a source's batch that leaves room for less than min_batch more
         for batch in self.loader:
             x, s = _split_batch(batch, self.keys, self.by_source)
             src = self._source_of(s) if self.by_source else POOLED
@@ -38,12 +40,18 @@ class Batches:
                 if room <= 0:
                     continue
                 if len(x) > room:
-                    if room < self.min_batch:
+                    x = x[:room]
+                    if room < self.min_batch and seen.get(src) and src not in held:  # never a one-sample batch
                         seen[src] = self.cap
                         continue
-                    x = x[:room]
                 seen[src] = seen.get(src, 0) + len(x)
+                if src in held:
+                    x = torch.cat([held.pop(src), x])
+                elif 0 < self.cap - seen[src] < self.min_batch and isinstance(x, torch.Tensor):
+                    held[src] = x
+                    continue
             yield x, src
+        yield from ((x, src) for src, x in held.items())
 
     def _source_of(self, s: Any) -> str:
         if s is None:
