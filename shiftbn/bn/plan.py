@@ -144,7 +144,6 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
     """
     keys = _check_keys(keys)
     opts = _loader_options(num_workers, pin_memory, persistent_workers)
-    rng = np.random.default_rng(seed)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         tagged = isinstance(data, SourceTaggedDataset)
         names = list(data.source_names) if tagged else None
@@ -158,7 +157,10 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
             groups = [np.arange(len(data))]
         batches = []
         for g in groups:
-            g = rng.permutation(g)
+            # each source from its own generator seeded by ``seed`` alone: a source's batches (and so its
+            # batch-mode statistics) do not depend on the other sources in ``data``, so a site's own run
+            # gives exactly what a run over the union of the sites gives for it
+            g = np.random.default_rng(seed).permutation(g)
             if cap is not None:
                 g = g[:cap]
             if len(g):  # near-equal chunks (sizes differ by one) so no tail batch of a single sample
