@@ -388,6 +388,8 @@ def _out_folder(path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise FileExistsError(f"--out {path}: a parent folder is a file; choose another --out") from None
+    except OSError as e:  # no permission, a read-only or virtual file system
+        raise OSError(f"--out {path}: cannot create the folder ({e.strerror}); choose another --out") from None
     return path
 
 
@@ -475,6 +477,8 @@ def _cmd_run(args) -> None:
     from shiftbn.runner import run_study
     from shiftbn.runs import RunFolder
 
+    if args.spec.is_dir():
+        raise ValueError(f"spec {args.spec} is a folder; give a study spec file, e.g. analyses/held_out.toml")
     spec = load_spec(args.spec)
     out = args.out or Path("runs") / spec.name
     config = {"spec": str(args.spec), "protocol": spec.protocol, "dataset": spec.dataset, "sources": spec.sources,

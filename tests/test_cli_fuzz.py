@@ -245,3 +245,13 @@ def test_bad_flag_values_are_one_line_errors_naming_the_flag(tmp_path, monkeypat
     status, err = _run(argv)
     _assert_one_line_error(status, err)
     assert f"argument {flag}" in err, err
+
+
+def test_a_folder_as_spec_and_an_uncreatable_out_name_the_argument(proj, tmp_path):
+    status, err = _run(["run", str(tmp_path)])
+    _assert_one_line_error(status, err)
+    assert "is a folder; give a study spec file" in err
+    if Path("/proc/self").is_dir():  # a virtual file system where no folder can be made
+        status, err = _run(["stats", *_user(proj), "--data", str(proj / "data"), "--out", "/proc/shiftbn-out"])
+        _assert_one_line_error(status, err)
+        assert "--out /proc/shiftbn-out: cannot create the folder" in err
