@@ -32,12 +32,31 @@ def test_num_samples_caps_each_source_with_a_sampler_too():
     capped = sb.collect_stats(_net(), ds, sampler=sampler, num_samples=6, progress=False)
     assert [capped[s].num_samples for s in capped] == [6, 6]
     assert capped["a"]["1"].count == 6
-    # in batch mode a cut that would leave one sample (no batch statistics) is dropped: at most the cap,
-    # never a bad batch; eval mode keeps it
+    # in batch mode a cut of one sample (no batch statistics) joins the source's previous batch: the
+    # cap is met exactly, never with a one-sample batch; eval mode keeps the cut as its own batch
     five = sb.collect_stats(_net(), ds, sampler=sampler, num_samples=5, progress=False)
-    assert [five[s].num_samples for s in five] == [4, 4]
+    assert [five[s].num_samples for s in five] == [5, 5]
     five_eval = sb.collect_stats(_net(), ds, sampler=sampler, num_samples=5, mode="eval", progress=False)
     assert [five_eval[s].num_samples for s in five_eval] == [5, 5]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_num_samples_is_met_exactly_when_the_cut_would_be_one_sample(seed):
+    # 12 samples a source in batches of 8 and 4: when the 4 comes first, the cap of 5 ends in a cut of one
+    ds = _tagged((12, 12))
+    sampler = sb.SourceBatchSampler(ds.source_ids, 8, mode="single", seed=seed)
+    model = _net()
+    stats = sb.collect_stats(model, ds, sampler=sampler, num_samples=5, progress=False)
+    for i, name in enumerate(ds.source_names):
+        stream = [b for b in sampler if ds.source_ids[b[0]] == i]
+        first = stream[0] if len(stream[0]) >= 5 else stream[0] + stream[1][: 5 - len(stream[0])]
+        want = reference_moments(model, [torch.stack([ds[j][0] for j in first[:5]])])
+        assert stats[name].num_samples == 5
+        for layer, (count, mean, var) in want.items():
+            got = stats[name][layer]
+            assert got.count == count == 5
+            np.testing.assert_allclose(got.mean, mean, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(got.var, var, rtol=1e-6, atol=1e-7)
 
 
 def test_numpy_integers_accepted_and_bad_sizes_named():

@@ -68,6 +68,36 @@ def test_five_site_files_merge_to_one_pass_over_the_union(tmp_path):
     assert np.abs(pooled["1"].mean).max() > 50  # the offsets reached the first layer: the test can fail
 
 
+@pytest.mark.parametrize("mode", ["batch", "sequential", "eval"])
+def test_pooling_is_exact_where_the_batches_are_the_same(tmp_path, mode):
+    """The contract of ``merge`` / ``--pool``: site files merge to exactly what one run over the union
+    gives per source, in every mode; pooled, that equals one pass over the union in mixed batches in eval
+    mode, and at the first BN layer in every mode; deeper layers differ in batch and sequential mode, and
+    agree again when the one pass uses the very same single-source batches."""
+    model, ds = _model(), _sites((8, 12, 6))
+    paths = [sb.sites.save_stats(sb.collect_stats(model, ds.subset(s), mode=mode, batch_size=4, progress=False),
+                           tmp_path / f"{s}.stats", model=model) for s in SITES[:3]]
+    merged = sb.sites.merge_stats(*paths, model=model)
+    per_source = sb.collect_stats(model, ds, mode=mode, batch_size=4, progress=False)
+    for s in SITES[:3]:  # a site's batches do not depend on the other sites in the data
+        for k in per_source[s].layers:
+            _rel_close(merged[s][k].mean, per_source[s][k].mean)
+            _rel_close(merged[s][k].var, per_source[s][k].var)
+    pooled = merged.pooled()
+    mixed = sb.collect_stats(model, ds, by_source=False, mode=mode, batch_size=4, progress=False)["pooled"]
+    for k in pooled.layers:
+        exact = mode == "eval" or k == "1"
+        gap = np.abs(pooled[k].var - mixed[k].var).max() / np.abs(mixed[k].var).max()
+        assert (gap < 1e-12) if exact else (gap > 1e-4), (k, gap)
+    sampler = sb.SourceBatchSampler(ds.source_ids, 4, mode="single", seed=0)
+    same = sb.collect_stats(model, ds, sampler=sampler, mode=mode, progress=False)
+    one_pass = sb.collect_stats(model, ds, sampler=sampler, by_source=False, mode=mode, progress=False)["pooled"]
+    for k in pooled.layers:
+        if mode != "sequential":  # sequential normalizes the one pass with pooled statistics, the sites with theirs
+            _rel_close(same.pooled()[k].mean, one_pass[k].mean)
+            _rel_close(same.pooled()[k].var, one_pass[k].var)
+
+
 def _two_sources(model):
     ds = _sites((6, 10))
     return sb.collect_stats(model, ds.subset(SITES[:2]), batch_size=4, progress=False)

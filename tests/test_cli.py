@@ -358,7 +358,7 @@ def test_real_folders_corrupt_grayscale_and_odd_size_files(tmp_path, monkeypatch
     table = pd.read_csv(proj / "mx" / "matrix.csv")
     assert table.groupby("eval_source")["n"].first().sum() > 0 and len(table) == 6
     assert main(["matrix", *common, "--normalize", "0.5", "x", "--out", "bad"]) == 2
-    assert "--normalize STD takes numbers" in capsys.readouterr().err
+    assert "argument --normalize: takes numbers" in capsys.readouterr().err
 
 
 def _subparsers(parser):

@@ -1,4 +1,5 @@
-"""The CLI's data options (``_add_user_model_args``/``_load_user_data``): --allow-outside, --image-size, --strict."""
+"""The CLI's data options (``_add_user_model_args``/``_load_user_data``): --allow-outside, --image-size,
+--normalize, --strict."""
 
 import argparse
 import os
@@ -35,13 +36,19 @@ def test_allow_outside_flag_reaches_from_frame(tmp_path):
     assert len(ds) == 1 and ds[0][0].shape == (1, 4, 4)
 
 
-@pytest.mark.parametrize("size", ["0", "-3"])
-def test_image_size_must_be_positive(tmp_path, size):
+@pytest.mark.parametrize("size", ["0", "-3", "8193", "100000", "ten"])
+def test_image_size_is_checked_as_parsed(tmp_path, size, capsys):
+    with pytest.raises(SystemExit):
+        _args("--data", "m.csv", "--image-size", size)
+    assert "argument --image-size: needs" in capsys.readouterr().err
+
+
+def test_image_size_that_would_not_fit_in_memory_is_refused_before_reading(tmp_path):
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "a.png")
     m = tmp_path / "m.csv"
     pd.DataFrame({"path": ["a.png"], "label": [0], "source": ["a"]}).to_csv(m, index=False)
-    with pytest.raises(ValueError, match=rf"--image-size must be a positive number of pixels, got {size}"):
-        _load_user_data(_args("--data", str(m), "--image-size", size))
+    with pytest.raises(ValueError, match=r"--image-size 8192 with --batch-size 100000: .* GiB.*lower --image-size"):
+        _load_user_data(_args("--data", str(m), "--image-size", "8192", "--batch-size", "100000"))
     ds = _load_user_data(_args("--data", str(m), "--image-size", "6"))
     assert ds[0][0].shape == (1, 6, 6)
 
@@ -62,3 +69,12 @@ def test_broken_image_symlinks_are_skipped_and_listed_or_refused_under_strict(tm
     assert sorted(os.path.basename(p) for p in skipped["path"]) == ["dangling.png", "loop.png"]
     assert skipped["error"].str.contains("FileNotFoundError").any()
     assert "skipped 2 unreadable image file(s)" in capsys.readouterr().err
+
+
+def test_normalize_std_must_match_the_images_channels(tmp_path):
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "a.png")
+    m = tmp_path / "m.csv"
+    pd.DataFrame({"path": ["a.png"], "label": [0], "source": ["a"]}).to_csv(m, index=False)
+    ds = _load_user_data(_args("--data", str(m), "--normalize", "0.5", "0.2,0.2,0.2"))
+    with pytest.raises(ValueError, match=r"1 channel\(s\) but mean/std have 3 values"):
+        ds[0]  # a gray image divided by 3 stds would silently become 3 channels

@@ -63,7 +63,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
 def _assert_one_line_error(status: int, err: str) -> None:
     assert status == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("shiftbn ") and ": error: " in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith(("shiftbn ", "shiftbn:")) and ": error: " in lines[0], err
     assert "Traceback" not in err
 
 
@@ -187,3 +187,71 @@ def test_bad_inputs_in_a_subprocess_are_one_line_errors(proj, kind):
             else ["run", str(bad), "--out", str(proj / "sub")])
     res = _cli(*args, cwd=proj, timeout=60)
     _assert_one_line_error(res.returncode, res.stderr)
+
+
+# Bad values of the flags checked as they are parsed (shiftbn.cli.types); each is tried on every command
+# that has the flag. Nothing exists on disk: a value that got past parsing would fail on a missing file.
+_BAD_VALUES = {
+    "--seed": [["-1"], ["4294967296"], ["x"]],
+    "--image-size": [["100000"], ["0"]],
+    "--normalize": [["0.5", "0"], ["0.5", "-1"], ["nan", "1"], ["0.5", "inf"], ["0.1,0.2", "0.3,0.4,0.5"], [",", "1"]],
+    "--device": [["meta"], ["meta:0"], [""]],
+    "--batch-size": [["0"], ["-3"]],
+    "--num-samples": [["0"]],
+    "--threads": [["0"], ["100000"]],
+    "--n-boot": [["5"], ["100000000000"]],
+    "--ci": [["1"], ["nan"]],
+    "--calibration": [["0"], ["1.5"]],
+    "--alpha": [["2"]],
+    "--n-null": [["5"], ["100000000000"]],
+    "--min-count": [["0"]],
+}
+_REQUIRED = {"stats": ["--model", "m:f", "--weights", "w.pt", "--data", "d"],
+             "recalibrate": ["--model", "m:f", "--weights", "w.pt", "--data", "d", "--output", "o.pt"],
+             "monitor": ["--model", "m:f", "--weights", "w.pt", "--data", "d", "--reference", "a"],
+             "merge": ["a.stats", "--out", "o.stats"], "run": ["spec.toml"]}
+_REQUIRED["matrix"] = _REQUIRED["report"] = _REQUIRED["stats"]
+
+
+def _flag_cases():
+    from shiftbn.cli import build_parser
+
+    commands = {a.dest: a for a in build_parser()._actions}["command"].choices
+    for name, parser in commands.items():
+        flags = {f for a in parser._actions for f in a.option_strings}
+        for flag in sorted(flags & set(_BAD_VALUES)):
+            for values in _BAD_VALUES[flag]:
+                yield [name, *_REQUIRED.get(name, []), flag, *values], flag
+    yield ["--dist-timeout", "-5", "stats", *_REQUIRED["stats"]], "--dist-timeout"
+    yield ["--dist-timeout", "nan", "run", "spec.toml"], "--dist-timeout"
+
+
+_CASES = list(_flag_cases())
+
+
+def test_each_checked_flag_is_tried_on_every_command_that_has_it():
+    where = {}
+    for argv, flag in _CASES:
+        where.setdefault(flag, set()).add(next(a for a in argv if not a.startswith("-") and a not in ("nan",)))
+    users = {"stats", "matrix", "recalibrate", "report", "monitor"}
+    assert where["--seed"] == users | {"demo"}
+    assert where["--image-size"] == where["--normalize"] == where["--device"] == users
+    assert where["--threads"] == users | {"demo", "run"}
+
+
+@pytest.mark.parametrize("argv, flag", _CASES, ids=[" ".join(a) for a, _ in _CASES])
+def test_bad_flag_values_are_one_line_errors_naming_the_flag(tmp_path, monkeypatch, argv, flag):
+    monkeypatch.chdir(tmp_path)
+    status, err = _run(argv)
+    _assert_one_line_error(status, err)
+    assert f"argument {flag}" in err, err
+
+
+def test_a_folder_as_spec_and_an_uncreatable_out_name_the_argument(proj, tmp_path):
+    status, err = _run(["run", str(tmp_path)])
+    _assert_one_line_error(status, err)
+    assert "is a folder; give a study spec file" in err
+    if Path("/proc/self").is_dir():  # a virtual file system where no folder can be made
+        status, err = _run(["stats", *_user(proj), "--data", str(proj / "data"), "--out", "/proc/shiftbn-out"])
+        _assert_one_line_error(status, err)
+        assert "--out /proc/shiftbn-out: cannot create the folder" in err

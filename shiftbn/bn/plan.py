@@ -23,9 +23,10 @@ WRAP = ("wrap it: TensorDataset(x) for pooled statistics (by_source=False), Sour
 class Batches:
     """A re-iterable plan of input batches, each tagged with its source name.
 
-    ``cap``: keep the first ``cap`` samples per source (cutting the batch that reaches it; a cut
-    that would leave fewer than ``min_batch`` samples drops them instead). ``keys``: how dict
-    batches are read (``ItemKeys``).
+    ``cap``: keep the first ``cap`` samples per source, exactly: the batch that reaches it is cut, and a
+    cut that would be smaller than ``min_batch`` (one sample, which has no batch statistics) joins the
+    source's previous batch instead, held back until then (tensor inputs; others drop such a cut).
+    ``keys``: how dict batches are read (``ItemKeys``).
     """
 
     def __init__(self, loader: Iterable[Any], names: list[str] | None, by_source: bool,
@@ -35,6 +36,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[tuple[Any, str]]:
         seen: dict[str, int] = {}
+        held: dict[str, torch.Tensor] = {}  # a source's batch that leaves room for less than min_batch more
         for batch in self.loader:
             x, s = _split_batch(batch, self.keys, self.by_source)
             src = self._source_of(s) if self.by_source else POOLED
@@ -43,12 +45,18 @@ class Batches:
                 if room <= 0:
                     continue
                 if len(x) > room:
-                    if room < self.min_batch:
+                    x = x[:room]
+                    if room < self.min_batch and seen.get(src) and src not in held:  # never a one-sample batch
                         seen[src] = self.cap
                         continue
-                    x = x[:room]
                 seen[src] = seen.get(src, 0) + len(x)
+                if src in held:
+                    x = torch.cat([held.pop(src), x])
+                elif 0 < self.cap - seen[src] < self.min_batch and isinstance(x, torch.Tensor):
+                    held[src] = x
+                    continue
             yield x, src
+        yield from ((x, src) for src, x in held.items())
 
     def _source_of(self, s: Any) -> str:
         if s is None:
@@ -141,7 +149,6 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
     """
     keys = _check_keys(keys)
     opts = _loader_options(num_workers, pin_memory, persistent_workers)
-    rng = np.random.default_rng(seed)
     check_dataset(data, "data", WRAP)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         tagged = isinstance(data, SourceTaggedDataset)
@@ -157,7 +164,10 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
             groups = [np.arange(len(data))]
         batches = []
         for g in groups:
-            g = rng.permutation(g)
+            # each source from its own generator seeded by ``seed`` alone: a source's batches (and so its
+            # batch-mode statistics) do not depend on the other sources in ``data``, so a site's own run
+            # gives exactly what a run over the union of the sites gives for it
+            g = np.random.default_rng(seed).permutation(g)
             if cap is not None:
                 g = g[:cap]
             if len(g):  # near-equal chunks (sizes differ by one) so no tail batch of a single sample

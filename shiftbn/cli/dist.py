@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import shiftbn._log as _log
+from shiftbn.cli.types import seconds
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 COMMANDS = ("stats", "matrix", "recalibrate", "run")
@@ -28,7 +29,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                          "MASTER_ADDR, MASTER_PORT; gloo on CPU, NCCL with --device cuda, one GPU per local rank); "
                          "automatic when WORLD_SIZE > 1. Data are sharded by whole batches, statistics merged "
                          "exactly; rank 0 alone prints and writes")
-    ap.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+    ap.add_argument("--dist-timeout", type=seconds, default=1800.0, metavar="SECONDS",
                     help="how long a rank waits for the others before it stops with an error (a rank that died "
                          "or hangs)")
 
@@ -107,8 +108,6 @@ def _check(args: argparse.Namespace) -> None:
     if missing:
         raise ValueError(f"--distributed needs torchrun's environment ({', '.join(missing)} not set); launch with "
                          "torchrun --nproc-per-node N -m shiftbn ...")
-    if not args.dist_timeout > 0:
-        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
 
 
 def _env_rank() -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from shiftbn.cli.types import count_type
+
 STATS_SUFFIX = ".stats"
 _FLOOR_HELP = ("refuse to write statistics of any source built from fewer samples (a privacy floor against "
                "exporting the moments of a handful of patients; NOT differential privacy)")
@@ -18,20 +20,6 @@ _FLOOR_HELP = ("refuse to write statistics of any source built from fewer sample
 
 class _Default(list):
     """A default option value, recognizable by type after parsing (a user's value is a plain list)."""
-
-
-def count_type(unit: str):
-    """An argparse ``type`` for a count of at least 1 ``unit`` (e.g. "sample", "thread")."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"needs a whole number of {unit}s, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"needs at least 1 {unit}, got {value}")
-        return value
-
-    return parse
 
 
 _min_count = count_type("sample")

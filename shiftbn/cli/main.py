@@ -13,6 +13,7 @@ from pathlib import Path
 import shiftbn._log as _log
 import shiftbn.cli.dist as _dist
 import shiftbn.cli.files as cli_files
+import shiftbn.cli.types as cli_types
 from shiftbn._names import GRAMMAR, METRIC_NAMES
 from shiftbn._version import __version__
 from shiftbn.cli.monitor import cmd_monitor
@@ -66,11 +67,15 @@ class _Help(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose help shows defaults; sub-commands get the same class."""
+    """An ArgumentParser whose help shows defaults and whose errors are one line (no usage block);
+    sub-commands get the same class."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 _SEED_HELP = "seed of every random choice: subsets, random batches, calibration splits"
@@ -87,7 +92,7 @@ def _user_model_command(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Options of every command that computes: threads, quiet, progress bars."""
-    p.add_argument("--threads", type=cli_files.count_type("thread"), default=None, metavar="N",
+    p.add_argument("--threads", type=cli_types.threads, default=None, metavar="N",
                    help="torch threads for this run, set before any work and recorded in environment.json; "
                         "numbers can differ in the last digits between thread counts, and a --resume under "
                         "another count is refused (default: torch's own: the physical cores, or "
@@ -109,8 +114,8 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
                    help="take the state dict from this key of the checkpoint (Lightning: state_dict)")
     p.add_argument("--strip-prefix", default=None, metavar="PREFIX",
                    help="remove this prefix from the state dict's keys (Lightning: model.)")
-    p.add_argument("--device", default="cpu", help="device for the model and inputs: cpu, cuda, cuda:1, mps "
-                                                    "(default: cpu)")
+    p.add_argument("--device", default="cpu", type=cli_types.device,
+                   help="device for the model and inputs: cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--amp", action="store_true", help="run forwards under autocast (mixed precision); BN statistics "
                                                      "stay exact in float64")
     p.add_argument("--data", required=True, type=Path,
@@ -121,10 +126,12 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-col", default="label",
                    help="manifest column with labels (default: label; 'none' for unlabeled data)")
     p.add_argument("--source-col", default="source", help="manifest column with the source/site (default: source)")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to SIZE x SIZE before the model")
+    p.add_argument("--image-size", type=cli_types.image_size, default=None, metavar="SIZE",
+                   help=f"resize images to SIZE x SIZE before the model (1 to {cli_types.IMAGE_SIZE_MAX})")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="convert every image to 1 (grayscale) or 3 (RGB) channels (default: as stored)")
-    p.add_argument("--normalize", nargs=2, default=None, metavar=("MEAN", "STD"),
+    p.add_argument("--normalize", nargs=2, type=cli_types.numbers, action=cli_types.Normalize, default=None,
+                   metavar=("MEAN", "STD"),
                    help="normalize as (x - MEAN) / STD after scaling to [0, 1]; one number or one per channel, "
                         "comma-separated (ImageNet: 0.485,0.456,0.406 0.229,0.224,0.225)")
     p.add_argument("--strict", action="store_true",
@@ -132,9 +139,11 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
                         "skipped.csv in the output folder)")
     p.add_argument("--allow-outside", action="store_true",
                    help="let manifest paths point outside the manifest's folder (refused by default)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size for statistics (default: 64)")
-    p.add_argument("--num-samples", type=int, default=None, help="at most this many samples per source")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=cli_types.count_type("sample"), default=64,
+                   help="batch size for statistics (default: 64)")
+    p.add_argument("--num-samples", type=cli_types.count_type("sample"), default=None,
+                   help="at most this many samples per source")
+    p.add_argument("--seed", type=cli_types.seed, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -156,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     d.add_argument("--quick", action="store_true", help="a small run in seconds (for a first look and tests)")
     d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    d.add_argument("--seed", type=int, default=0, help="seed of the data split, the model's initialization and "
-                                                       "training, and every random batch")
+    d.add_argument("--seed", type=cli_types.seed, default=0,
+                   help="seed of the data split, the model's initialization and training, and every random batch")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_run_args(d)
 
@@ -188,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SPEC", help="strategy specs, grammar below (default: source precise target stats:*)")
     m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
                    help="metric names, listed below (default: accuracy)")
-    m.add_argument("--calibration", type=float, default=None, help="calibration fraction per source (default: 0.5)")
+    m.add_argument("--calibration", type=cli_types.fraction, default=None,
+                   help="calibration fraction per source (default: 0.5)")
     m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
     _add_ci_args(m, "no intervals (faster)")
 
@@ -212,21 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_ci_args(p: argparse.ArgumentParser, no_ci_help: str) -> None:
     """--ci, --no-ci and --n-boot, shared by the commands that print intervals."""
-    p.add_argument("--ci", type=float, default=0.95, metavar="LEVEL",
+    p.add_argument("--ci", type=cli_types.fraction, default=0.95, metavar="LEVEL",
                    help="bootstrap interval level of every cell, resampled within its site (default: 0.95)")
     p.add_argument("--no-ci", action="store_true", help=no_ci_help)
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    p.add_argument("--n-boot", type=cli_types.count_type("resample", 10, cli_types.RESAMPLES_MAX), default=1000,
+                   help=f"bootstrap resamples, 10 to {cli_types.RESAMPLES_MAX:,} (default: 1000)")
 
 
 def _ci_level(args) -> float | None:
-    """The interval level the command asked for (None with --no-ci), or a one-line error naming the flag."""
-    if args.n_boot < 10:
-        raise ValueError(f"--n-boot must be at least 10, got {args.n_boot}")
-    if args.no_ci:
-        return None
-    if not 0 < args.ci < 1:
-        raise ValueError(f"--ci must be a level in (0, 1), e.g. 0.95; got {args.ci}")
-    return args.ci
+    """The interval level the command asked for (None with --no-ci); --ci and --n-boot are checked as parsed."""
+    return None if args.no_ci else args.ci
 
 
 def _add_report_parser(sub) -> None:
@@ -242,7 +247,7 @@ def _add_report_parser(sub) -> None:
                    help="sites the model was trained WITHOUT (marked in the matrix; their rows are the held-out view)")
     p.add_argument("--strategies", nargs="+", default=["source", "precise", "target", "prior:16", "stats:*"],
                    help="strategy specs (default: source precise target prior:16 stats:*)")
-    p.add_argument("--calibration", type=float, default=0.5,
+    p.add_argument("--calibration", type=cli_types.fraction, default=0.5,
                    help="fraction of each site used unlabeled for statistics; the rest is evaluated (default 0.5)")
     _add_ci_args(p, "no intervals (faster; the reading then claims no difference)")
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="output folder (default: runs/report)")
@@ -385,14 +390,9 @@ def _out_folder(path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise FileExistsError(f"--out {path}: a parent folder is a file; choose another --out") from None
+    except OSError as e:  # no permission, a read-only or virtual file system
+        raise OSError(f"--out {path}: cannot create the folder ({e.strerror}); choose another --out") from None
     return path
-
-
-def _numbers(flag: str, text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"{flag} takes numbers, one or comma-separated per channel, got {text!r}") from None
 
 
 def _load_user_data(args):
@@ -402,11 +402,8 @@ def _load_user_data(args):
     from shiftbn.data.images import FileDataset
     from shiftbn.data.loaders import ImageLoader, find_unreadable
 
-    if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size must be a positive number of pixels, got {args.image_size}; "
-                         "leave it out to keep the images' own size")
-    mean, std = (None, None) if args.normalize is None else (_numbers("--normalize MEAN", args.normalize[0]),
-                                                             _numbers("--normalize STD", args.normalize[1]))
+    _check_batch_memory(args)
+    mean, std = (None, None) if args.normalize is None else args.normalize  # checked as parsed (cli_types.Normalize)
     loader = ImageLoader(channels=args.channels, size=args.image_size, mean=mean, std=std)
     if not args.data.exists():
         raise FileNotFoundError(f"--data not found: {args.data}")
@@ -429,6 +426,22 @@ def _load_user_data(args):
             ds = ds.take([i for i, p in enumerate(ds.base.paths) if p not in unreadable])
             args.skipped = bad  # main() reports them once the command succeeded: a failure stays one line
     return ds
+
+
+def _check_batch_memory(args) -> None:
+    """Refuse an --image-size whose batches of float32 images would take more than half of this machine's
+    memory (before any image is read): the allocation would fail or swap, minutes in."""
+    if args.image_size is None:
+        return
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
+        return
+    need = args.batch_size * (args.channels or 3) * args.image_size**2 * 4
+    if need > total // 2:
+        raise ValueError(f"--image-size {args.image_size} with --batch-size {args.batch_size}: one batch of float32 "
+                         f"images takes {need / 2**30:.1f} GiB, more than half of this machine's "
+                         f"{total / 2**30:.1f} GiB; lower --image-size or --batch-size")
 
 
 def _write_skipped(args, folder: Path) -> None:
@@ -466,6 +479,8 @@ def _cmd_run(args) -> None:
     from shiftbn.studies.runner import run_study
     from shiftbn.studies.runs import RunFolder
 
+    if args.spec.is_dir():
+        raise ValueError(f"spec {args.spec} is a folder; give a study spec file, e.g. analyses/held_out.toml")
     spec = load_spec(args.spec)
     out = args.out or Path("runs") / spec.name
     config = {"spec": str(args.spec), "protocol": spec.protocol, "dataset": spec.dataset, "sources": spec.sources,
@@ -591,7 +606,12 @@ def main(argv: list[str] | None = None) -> int:
     its own status (``monitor``: 1 on an alert).
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # an argument error (one line, printed): its status; --help and --version exit
+        if e.code in (0, None):
+            raise
+        return int(e.code) if isinstance(e.code, int) else 2
     if args.command is None:  # bare `shiftbn`: the overview, not an error
         parser.print_help()
         return 0

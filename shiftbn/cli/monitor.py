@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from shiftbn.cli.types import RESAMPLES_MAX, count_type, fraction
+
 EXIT_ALERT = 1
 MONITOR_EPILOG = ("Exit status: 0 no alert, 1 at least one scored site alerts (overall p-value < --alpha), 2 bad "
                   "input (one line, no traceback). Docs: README.md (CLI reference).")
@@ -32,10 +34,11 @@ def register(sub) -> None:
     p.add_argument("--save", type=Path, default=None, metavar="FILE",
                    help="write the fitted monitor (with --reference)")
     p.add_argument("--force", action="store_true", help="replace --save if it exists")
-    p.add_argument("--alpha", type=float, default=None,
+    p.add_argument("--alpha", type=fraction, default=None,
                    help="alert when the overall p-value is below this (default: the monitor's, 0.05)")
-    p.add_argument("--n-null", type=int, default=None, metavar="B",
-                   help="bootstrap draws of the null per sample size (default: the monitor's, 500)")
+    p.add_argument("--n-null", type=count_type("draw", 20, RESAMPLES_MAX), default=None, metavar="B",
+                   help=f"bootstrap draws of the null per sample size, 20 to {RESAMPLES_MAX:,} (default: the "
+                        "monitor's, 500)")
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -81,10 +84,6 @@ def _check_args(args: argparse.Namespace) -> None:
     from shiftbn._io import same_file
     from shiftbn._safefile import is_special
 
-    if args.alpha is not None and not 0 < args.alpha < 1:
-        raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
-    if args.n_null is not None and args.n_null < 20:
-        raise ValueError(f"--n-null must be >= 20, got {args.n_null}")
     if args.save is not None and args.reference is None:
         raise ValueError("--save writes a monitor fitted with --reference SITE; give --reference")
     if args.save is not None and same_file(args.save, args.weights):

@@ -61,9 +61,10 @@ class ImageLoader:
             x = torch.nn.functional.interpolate(x.unsqueeze(0), size=(self.size, self.size), mode="bilinear",
                                                 align_corners=False)[0]
         if self.mean is not None:
-            if len(self.mean) not in (1, x.shape[0]):
-                raise ValueError(f"image {path} has {x.shape[0]} channel(s) but mean/std have {len(self.mean)} "
-                                 "values; give one per channel, or --channels")
+            for vals in (self.mean, self.std):  # a longer std would broadcast a gray image to 3 channels
+                if len(vals) not in (1, x.shape[0]):
+                    raise ValueError(f"image {path} has {x.shape[0]} channel(s) but mean/std have {len(vals)} "
+                                     "values; give one per channel, or --channels")
             mean = torch.tensor(self.mean).view(-1, 1, 1)
             std = torch.tensor(self.std).view(-1, 1, 1)
             x = (x - mean) / std
