@@ -94,7 +94,7 @@ def test_statistics_equal_an_independent_float64_reference(case):
         np.testing.assert_allclose(got.layers[first].var, var, rtol=1e-12, atol=1e-14)
         missing = [k for k in ref if k not in got.layers]
         assert not missing, f"{name}: BN layers called but not measured: {missing}"
-        for layer, (n, mean, var) in ref.items():  # deeper layers: float32 BN outputs differ in the last bits
+        for layer, (_n, mean, var) in ref.items():  # deeper layers: float32 BN outputs differ in the last bits
             np.testing.assert_allclose(got.layers[layer].mean, mean, rtol=1e-3, atol=1e-4 * (1 + np.sqrt(var).max()))
             np.testing.assert_allclose(got.layers[layer].var, var, rtol=1e-3, atol=1e-6 * (1 + var.max()))
 
@@ -102,7 +102,7 @@ def test_statistics_equal_an_independent_float64_reference(case):
 def test_every_verb_restores_the_model_bit_for_bit(case):
     name, model, ds, batches, stats, classifier = case
     before = state_of(model)
-    sb.collect_stats(model, ds, batch_size=BATCH, mode="sequential", max_passes=2, progress=False)
+    sb.collect_stats(model, ds, batch_size=BATCH, mode="eval", progress=False)
     assert_same_state(model, before)
     with sb.use_stats(model, stats["site_b"]), torch.no_grad():
         model(batches[0][0])
@@ -110,18 +110,12 @@ def test_every_verb_restores_the_model_bit_for_bit(case):
     unused = "keep" if "splitbn" in name else "refuse"
     sb.per_site_model(model, stats, unused=unused)
     assert_same_state(model, before)
-    if classifier:
-        sb.cross_source_matrix(model, ds, ["source", "target"], ["accuracy"], batch_size=BATCH, progress=False)
+    if classifier:  # the matrix (a segmentation UNet has no classification matrix)
+        table = sb.cross_source_matrix(model, ds, ["source", "target"], ["accuracy"], batch_size=BATCH,
+                                       progress=False)
         assert_same_state(model, before)
-
-
-def test_matrix_has_every_source_and_strategy(case):
-    _, model, ds, _, _, classifier = case
-    if not classifier:
-        pytest.skip("a segmentation UNet: the classification matrix does not apply")
-    table = sb.cross_source_matrix(model, ds, ["source", "target"], ["accuracy"], batch_size=BATCH, progress=False)
-    assert set(table["eval_source"]) == {"site_a", "site_b"} and set(table["strategy"]) == {"source", "target"}
-    assert table["value"].between(0, 1).all()
+        assert set(table["eval_source"]) == {"site_a", "site_b"} and set(table["strategy"]) == {"source", "target"}
+        assert table["value"].between(0, 1).all()
 
 
 def test_per_site_model_equals_use_stats(case):
@@ -134,7 +128,9 @@ def test_per_site_model_equals_use_stats(case):
         for source, rows in (("site_a", slice(0, 2)), ("site_b", slice(2, 4))):
             with sb.use_stats(model, stats[source]):
                 expected = model(x[rows])
-            torch.testing.assert_close(out[rows], expected, rtol=1e-6, atol=1e-6)
+            # float32 rounding of x * scale + shift against torch's batch_norm, grown over ~20-100 BN layers
+            scale = max(1.0, expected.abs().max().item())
+            torch.testing.assert_close(out[rows], expected, rtol=0, atol=1e-5 * scale)
 
 
 def test_splitbn_statistics_refused_with_the_way_out():
