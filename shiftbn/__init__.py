@@ -41,7 +41,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 # Subpackages reachable as attributes (``sb.bn.buffer_stats``), as after the former eager imports.
 _SUBMODULES = frozenset({"adapt", "bn", "data", "protocols", "report", "runs", "runner", "samplers", "models", "demo",
-                         "cli"})
+                         "cli", "integrations"})
 # Submodules named like the function they export: ``sb.train``/``sb.evaluate`` stay the functions.
 _SHADOWED = frozenset({"train", "evaluate"})
 

@@ -31,7 +31,7 @@ LAYERS = [
     ("shiftbn.protocols",),
     ("shiftbn.runs", "shiftbn.runner", "shiftbn.report"),
     ("shiftbn.demo", "shiftbn.cli", "shiftbn.cli_dist", "shiftbn.cli_files", "shiftbn.cli_monitor",
-     "shiftbn.cli_types", "shiftbn.__main__"),
+     "shiftbn.cli_types", "shiftbn.__main__", "shiftbn.integrations"),
 ]
 
 

@@ -46,6 +46,7 @@ def collect_stats(
     tol: float = 1e-6,
     num_workers: int = 0,
     keys: ItemKeys | None = None,
+    source_names: list[str] | tuple[str, ...] | None = None,
     pin_memory: bool = False,
     persistent_workers: bool = False,
     fused: bool | None = None,
@@ -71,7 +72,9 @@ def collect_stats(
     batches (a DataLoader with a ``DistributedSampler``), is each rank's own shard (identical batches
     on every rank are refused).
     ``keys``: field names of dict batches (``ItemKeys(input="image", source="site")``; MONAI and
-    Hugging Face style); ``num_workers``, ``pin_memory``, ``persistent_workers``: the DataLoader's.
+    Hugging Face style); ``source_names``: names of the integer source ids of batches (id ``s`` is
+    ``source_names[s]``; default: the dataset's names, else the ids written as strings); ``num_workers``,
+    ``pin_memory``, ``persistent_workers``: the DataLoader's.
     ``mode``: ``"batch"`` (BN normalizes with batch statistics, as PreciseBN), ``"sequential"``
     (inference-consistent fixpoint, see ``_fixpoint``), ``"eval"`` (stored statistics; refused for BN
     layers without running statistics). Modules other than BN run in eval mode. Every buffer, flag
@@ -96,7 +99,8 @@ def collect_stats(
         shard, sampler = plan_shard(data, sampler, sync)
         layers, plan = sync.check(lambda: _prepare(model, data, batch_size, by_source, num_samples, mode,
                                                    sampler, seed, max_passes, num_workers, sync, device,
-                                                   {"keys": keys, "pin_memory": pin_memory,
+                                                   {"keys": keys, "source_names": source_names,
+                                                    "pin_memory": pin_memory,
                                                     "persistent_workers": persistent_workers, "shard": shard}))
         budget = as_count(cache_bytes, "cache_bytes", 0)
         if mode == "sequential":
