@@ -103,11 +103,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _add_user_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                   help="import path of a function that returns the model, e.g. mypkg.nets:make_resnet; the working "
-                        "folder is searched last, only for this module")
+                   help="import path of a function that returns the model, e.g. mypkg.nets:make_resnet (the working "
+                        "folder is searched last, only for this module), or a library's model: timm:resnet50d, "
+                        "torchvision:resnet18, monai:DenseNet121 (built without pretrained weights)")
     p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="keyword arguments for the factory, e.g. num_classes=2 pretrained=false (values read as "
-                        "JSON: numbers, true/false, null; anything else is a string)")
+                   help="keyword arguments for the factory, e.g. num_classes=2 pretrained=false or "
+                        "spatial_dims=2,in_channels=3 (values: numbers, true/false, null, tuples such as 16,32 or "
+                        "(16,32); anything else is a string)")
     p.add_argument("--weights", required=True, type=Path,
                    help="state dict saved with torch.save(model.state_dict()); loaded with weights_only=True")
     p.add_argument("--state-key", default=None, metavar="KEY",
@@ -254,7 +256,13 @@ def _add_report_parser(sub) -> None:
 
 
 def _import_factory(spec: str):
-    """The callable named by ``--model MODULE:FACTORY``."""
+    """The callable named by ``--model``: a library's model (``timm:NAME``, ``torchvision:NAME``,
+    ``monai:NAME``, see ``integrations.models``) or ``MODULE:FACTORY``."""
+    from shiftbn.integrations.models import model_factory
+
+    factory = model_factory(spec, "--model")
+    if factory is not None:
+        return factory
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--model must look like package.module:factory, got {spec!r}")
@@ -346,17 +354,10 @@ def _load_user_model(args):
 
 
 def _model_kwargs(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings as factory keyword arguments (values parsed as JSON where they are JSON)."""
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--model-kwargs takes KEY=VALUE pairs, got {item!r} (e.g. num_classes=2)")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
+    """``KEY=VALUE`` strings as factory keyword arguments (see ``integrations.models.parse_model_kwargs``)."""
+    from shiftbn.integrations.models import parse_model_kwargs
+
+    return parse_model_kwargs(items, "--model-kwargs")
 
 
 def _state_dict_of(state: dict, path: Path, key: str | None, prefix: str | None) -> dict:
