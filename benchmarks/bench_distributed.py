@@ -32,12 +32,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from resnets import resnet18
 from torch.utils.data import TensorDataset
 
 import shiftbn as sb
 from shiftbn.bn.distributed import _pack, all_merge
 from shiftbn.bn.moments import BNStats, Moments, SourceStats
-from shiftbn.studies.models import SmallResNet, resnet18
+from shiftbn.studies.models import SmallResNet
 
 
 def _data(samples: int) -> sb.SourceTaggedDataset:

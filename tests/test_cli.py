@@ -298,14 +298,14 @@ def test_resume_under_another_thread_count_is_refused_naming_both(tmp_path, caps
 def test_reference_model_with_kwargs_and_a_lightning_checkpoint(tmp_path, monkeypatch, capsys):
     proj = _user_project(tmp_path)
     monkeypatch.chdir(proj)
-    from shiftbn.studies.models import resnet18
+    from shiftbn.studies.models import SmallResNet
 
-    net = resnet18(num_classes=2, in_channels=1)
+    net = SmallResNet(num_classes=2, in_channels=1)
     lightning = {"epoch": 3, "global_step": 120, "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}
     torch.save(lightning, proj / "last.ckpt")
-    base = ["matrix", "--model", "shiftbn.studies.models:resnet18", "--model-kwargs", "num_classes=2", "in_channels=1",
-            "--weights", "last.ckpt", "--data", "data", "--batch-size", "4", "--strategies", "source", "--no-progress",
-            "--out", "mx"]
+    base = ["matrix", "--model", "shiftbn.studies.models:SmallResNet", "--model-kwargs", "num_classes=2",
+            "in_channels=1", "--weights", "last.ckpt", "--data", "data", "--batch-size", "4", "--strategies", "source",
+            "--no-progress", "--out", "mx"]
     assert main(base) == 2
     assert "--state-key state_dict --strip-prefix model." in capsys.readouterr().err
     assert main([*base, "--state-key", "state_dict"]) == 2  # keys still carry the prefix

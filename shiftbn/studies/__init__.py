@@ -6,20 +6,19 @@ a training config, a grid axis, a cell function, a figure), a dataclass register
 """
 
 from shiftbn.studies.base import STUDIES, FigureSpec, Study, TrainConfig, make_study
-from shiftbn.studies.composition import BatchComposition, batch_composition
-from shiftbn.studies.domains import SharedDomains, shared_domains
-from shiftbn.studies.drift import DriftDetection, drift_detection, drift_summary
-from shiftbn.studies.heldout import HeldOutSources, held_out_sources
-from shiftbn.studies.leakage import BagLeakage, LeakageProbe, bag_leakage, leakage_probe
-from shiftbn.studies.population import EmaVsPrecise, NormalizationBatchSize, ema_vs_precise, normalization_batch_size
+from shiftbn.studies.composition import BatchComposition
+from shiftbn.studies.domains import SharedDomains
+from shiftbn.studies.drift import DriftDetection, drift_summary
+from shiftbn.studies.heldout import HeldOutSources
+from shiftbn.studies.leakage import BagLeakage, LeakageProbe
+from shiftbn.studies.population import EmaVsPrecise, NormalizationBatchSize
 from shiftbn.studies.runner import run_study
 from shiftbn.studies.runs import RunFolder
-from shiftbn.studies.spec import PROTOCOLS, StudySpec, load_spec, parse_spec, run_spec
-from shiftbn.studies.strategy_choice import StrategyChoice, choice_summary, strategy_choice
+from shiftbn.studies.spec import StudySpec, load_spec, parse_spec, run_spec
+from shiftbn.studies.strategy_choice import StrategyChoice, choice_summary
 from shiftbn.studies.training import train
 
 __all__ = [
-    "PROTOCOLS",
     "RunFolder",
     "STUDIES",
     "BagLeakage",
@@ -35,21 +34,12 @@ __all__ = [
     "Study",
     "StudySpec",
     "TrainConfig",
-    "bag_leakage",
-    "batch_composition",
     "choice_summary",
-    "drift_detection",
     "drift_summary",
-    "ema_vs_precise",
-    "held_out_sources",
-    "leakage_probe",
     "load_spec",
     "make_study",
-    "normalization_batch_size",
     "parse_spec",
     "run_spec",
     "run_study",
-    "shared_domains",
-    "strategy_choice",
     "train",
 ]

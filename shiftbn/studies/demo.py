@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,9 @@ from shiftbn._log import phase
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.builtin import load
 from shiftbn.evaluate import summarize
-from shiftbn.studies import ema_vs_precise, held_out_sources
 from shiftbn.studies.common import make_model
+from shiftbn.studies.heldout import HeldOutSources
+from shiftbn.studies.population import EmaVsPrecise
 from shiftbn.studies.report import Outputs, render_report
 from shiftbn.studies.report.build import comparison_tables, matrix_with_outputs
 from shiftbn.studies.report.decisions import audit_table, drift_tables, site_choice_table
@@ -129,15 +130,18 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     comparisons = run.cell("comparisons", lambda: comparison_tables(outputs(), n_boot=N_BOOT, level=CI, seed=seed)[0])
     pooled = run.cell("pooled", lambda: comparison_tables(outputs(), n_boot=N_BOOT, level=CI, seed=seed)[1])
     frames = []
+    heldout_train = replace(HeldOutSources.default_train, model=cfg["model"], steps=cfg["heldout_steps"],
+                            batch_size=cfg["batch_size"])
     for i, lab in enumerate(labs):
         announce(4 + i, f"heldout__{lab}", f"held-out protocol: {lab}")
-        frames.append(run.cell(f"heldout__{lab}", lambda lab=lab: held_out_sources(
-            ds, cfg["model"], held_out=[lab], strategies=cfg["heldout_strategies"], steps=cfg["heldout_steps"],
-            batch_size=cfg["batch_size"], seeds=[seed], progress=progress)))
+        study = HeldOutSources(train=heldout_train, held_out=[lab], strategies=cfg["heldout_strategies"], seeds=[seed])
+        frames.append(run.cell(f"heldout__{lab}", lambda study=study: study.run(ds, progress)))
     heldout = pd.concat(frames, ignore_index=True)
     announce(n - 3, "ema", "EMA vs PreciseBN")
-    ema = run.cell("ema", lambda: ema_vs_precise(ds.subset(train_labs), cfg["model"], seeds=[seed],
-                                                 progress=progress, **cfg["ema"]))
+    ema_params = {k: v for k, v in cfg["ema"].items() if k != "steps"}
+    ema_train = replace(EmaVsPrecise.default_train, model=cfg["model"], steps=cfg["ema"]["steps"])
+    ema_study = EmaVsPrecise(train=ema_train, seeds=[seed], **ema_params)
+    ema = run.cell("ema", lambda: ema_study.run(ds.subset(train_labs), progress))
     decisions = _decisions(run, model, split, train_labs, cfg, announce, n)
     summary = summarize(matrix[~matrix["is_cross_source"]])
     run.write_results(matrix, "matrix")

@@ -10,7 +10,7 @@ import pandas as pd
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import cross_source_matrix
 from shiftbn.samplers import SamplerMode
-from shiftbn.studies.base import FigureSpec, Study, make_study
+from shiftbn.studies.base import FigureSpec, Study
 from shiftbn.studies.common import fit_without, held_out_values
 
 
@@ -48,8 +48,3 @@ class HeldOutSources(Study):
         table.insert(0, "held_out", value)
         table.insert(2, "is_held_out", table["eval_source"] == value)
         return table.assign(seed=seed, sampler_mode=self.sampler_mode)
-
-
-def held_out_sources(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
-    """Run ``HeldOutSources`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(HeldOutSources.name, {"model": model, **params}).run(ds, progress)
