@@ -55,7 +55,7 @@ def _tasks(samples: int) -> dict:
     return {
         "collect_stats": lambda: sb.collect_stats(model, ds, batch_size=64, progress=False),
         "precise_bn": lambda: sb.precise_bn(model, ds, num_samples=None, batch_size=64, progress=False),
-        "matrix": lambda: sb.cross_source_matrix(model, ds, ["source", "target", "stats:*"], batch_size=128,
+        "matrix": lambda: sb.cross_source_matrix(model, ds, ["ema", "target", "stats:*"], batch_size=128,
                                                  progress=False),
     }
 

@@ -52,6 +52,7 @@ _MOVED: dict[str, str] = {
                      "StrategyChoice", "Study", "TrainConfig", "load_spec", "run_spec", "run_study", "train"),
                     "shiftbn.studies"),
 }
+_NEW_NAME = {"Source": "EMA"}  # moved and renamed: the strategy 'source' is now 'ema'
 
 
 def __getattr__(name: str):
@@ -60,10 +61,10 @@ def __getattr__(name: str):
     elif name in _SUBPACKAGES:
         value = importlib.import_module(f"{__name__}.{name}")
     elif name in _MOVED:
-        home = _MOVED[name]
-        warnings.warn(f"shiftbn.{name} moved to {home}.{name}; the old name goes in the next release",
+        home, new = _MOVED[name], _NEW_NAME.get(name, name)
+        warnings.warn(f"shiftbn.{name} moved to {home}.{new}; the old name goes in the next release",
                       DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(home), name)
+        return getattr(importlib.import_module(home), new)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

@@ -21,9 +21,9 @@ def test_quick_demo_writes_a_self_contained_report(tmp_path, capsys):
         assert heading in html
     assert "trained_with" in html  # the audit marks the demo's own sampler
     matrix = pd.read_csv(out / "matrix.csv")
-    worst = matrix.query("strategy == 'source' and metric == 'accuracy'").sort_values("value").iloc[0]
+    worst = matrix.query("strategy == 'ema' and metric == 'accuracy'").sort_values("value").iloc[0]
     assert f"the worst lab is {worst['eval_source']} at {worst['value']:.1%}" in html
-    assert {"source", "target", "prior:16", "batch:64", "tent", "stats:lab_a"} <= set(matrix["strategy"])
+    assert {"ema", "target", "prior:16", "batch:64", "tent", "stats:lab_a"} <= set(matrix["strategy"])
     assert (out / "config.json").exists() and (out / "environment.json").exists() and (out / "model.pt").exists()
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2  # exists: needs --resume
     assert main(["demo", "--quick", "--out", str(out), "--resume", "--no-progress"]) == 0

@@ -95,8 +95,8 @@ def simulate_labs(
     A sample of class k goes to lab L with probability proportional to ``labs[L].class_prior[k]``
     (1 when no prior), so labs have about equal sizes unless priors skew them.
     images: (N, C, H, W) or (N, H, W) in [0, 1]; labels: (N,) ints. Returns a
-    ``SourceTaggedDataset`` over shifted float32 images, sources in sorted name order, with
-    ``class_names`` (one name per class id) when given.
+    ``SourceTaggedDataset`` over shifted float32 images, sources in sorted name order (its
+    ``source_word`` is ``"lab"``), with ``class_names`` (one name per class id) when given.
     """
     if not labs:
         raise ValueError("labs must name at least one lab")
@@ -124,4 +124,5 @@ def simulate_labs(
         members = np.flatnonzero(assign == i)
         if members.size:
             out[torch.from_numpy(members)] = labs[name].apply(x[torch.from_numpy(members)])
-    return SourceTaggedDataset(ArrayDataset(out, y), assign, y, source_names=names, class_names=class_names)
+    return SourceTaggedDataset(ArrayDataset(out, y), assign, y, source_names=names, class_names=class_names,
+                               source_word="lab")

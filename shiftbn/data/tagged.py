@@ -125,7 +125,11 @@ class SourceTaggedDataset(Dataset):
     ``class_names`` (tuple of str or None) names the class ids; ``metadata`` (a DataFrame with one
     row per sample, or None) carries per-sample columns (e.g. a manifest's other columns). Views
     (``take``, ``subset``, ``split``) keep both, and keep the subclass and its other attributes.
+    ``source_word`` is what the data calls a source (``"hospital"``, ``"lab"``; default ``"source"``):
+    reports and the terminal title sources with it.
     """
+
+    source_word: str = "source"
 
     def __init__(
         self,
@@ -137,7 +141,11 @@ class SourceTaggedDataset(Dataset):
         class_names: Sequence[str] | None = None,
         metadata: pd.DataFrame | None = None,
         keys: ItemKeys | None = None,
+        source_word: str = "source",
     ) -> None:
+        if not isinstance(source_word, str) or not source_word.strip():
+            raise ValueError(f"source_word must be a non-empty word for a source, such as 'hospital', "
+                             f"got {source_word!r}")
         if not hasattr(base, "__getitem__") or not hasattr(base, "__len__"):
             raise TypeError(f"base must be a map-style dataset with __len__/__getitem__, got {type(base).__name__}")
         if keys is not None and not isinstance(keys, ItemKeys):
@@ -163,6 +171,7 @@ class SourceTaggedDataset(Dataset):
         elif class_names is not None:
             self.class_names = encode_labels([], 0, class_names)[1]
         self.metadata: pd.DataFrame | None = metadata
+        self.source_word = source_word.strip()
 
     # --- construction -------------------------------------------------------------------------
     @classmethod

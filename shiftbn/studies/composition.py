@@ -41,7 +41,7 @@ class BatchComposition(Study):
 
     modes: Sequence[str] = ("random", "single", "mixed", "mixed:2")
     batch_sizes: Sequence[int] = (32,)
-    strategies: Sequence[str] = ("source", "precise", "target", "per-source")
+    strategies: Sequence[str] = ("ema", "precise", "target", "per-source")
     metrics: Sequence[str] = ("accuracy",)
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ class HeldOutSources(Study):
 
     held_out: Sequence[str] | None = None
     sampler_mode: SamplerMode = "random"
-    strategies: Sequence[str] = ("source", "precise", "target", "prior:16")
+    strategies: Sequence[str] = ("ema", "precise", "target", "prior:16")
     metrics: Sequence[str] = ("accuracy",)
 
     def axis_values(self, ds: SourceTaggedDataset) -> list[str]:

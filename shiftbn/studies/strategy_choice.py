@@ -38,7 +38,7 @@ class StrategyChoice(Study):
                         xlabel="held-out lab (chosen for without its labels)")
 
     held_out: Sequence[str] | None = None
-    candidates: Sequence[str] = ("source", "precise", "target", "prior:16")
+    candidates: Sequence[str] = ("ema", "precise", "target", "prior:16")
     score: str = "neg_entropy"
     range_factor: float = 2.0
     sampler_mode: SamplerMode = "random"
