@@ -123,7 +123,7 @@ def test_choice_summary_regret_and_hits_by_hand():
     assert s.loc["chooser", "regret_mean"] == pytest.approx(100 * (0 + 0.1 + 0.4) / 3)
     assert s.loc["chooser", "hit_rate"] == pytest.approx(1 / 3)
     assert s.loc["always target", "regret_mean"] == pytest.approx(100 * 0.1 / 3)
-    assert s.loc["always source", "regret_max"] == pytest.approx(40)
+    assert s.loc["always ema", "regret_max"] == pytest.approx(40)
     assert s.loc["oracle", "regret_mean"] == 0
     # per-seed means 5 and 40 points: their sd
     assert s.loc["chooser", "regret_sd"] == pytest.approx(np.std([5.0, 40.0], ddof=1))

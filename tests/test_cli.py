@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import re
@@ -386,6 +387,9 @@ def test_every_option_has_help_and_shows_its_default():
     for cmd, sub in _subparsers(parser).items():
         for action in sub._actions:
             if not action.option_strings or action.dest == "help":
+                continue
+            if action.help == argparse.SUPPRESS:  # an old spelling kept for one release: hidden, prints a note
+                assert action.option_strings == ["--site"], f"{cmd} {action.option_strings[0]} is hidden"
                 continue
             assert action.help, f"{cmd} {action.option_strings[0]} has no help text"
             shown = sub._get_formatter()._get_help_string(action)

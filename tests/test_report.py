@@ -75,6 +75,7 @@ def user_report(tmp_path_factory):
 def test_report_command_writes_the_demo_report_for_a_users_model(user_report, capsys):
     html = (user_report / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "http://" not in html and "https://" not in html
+    assert "<title>shiftbn report" in html  # the report's own title, not a section's
     imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', html)
     assert imgs == ["samples", "matrix", "shift_profile", "reliability", "confusion"]
     # headings and the reading say the data's own word for a source (the manifest column "hospital")
@@ -282,5 +283,5 @@ def test_report_refuses_only_cross_source_strategies(tmp_path):
     from shiftbn.studies.report import build_report
 
     ds = sb.load("blobs-labs", n=80)
-    with pytest.raises(ValueError, match="at least one strategy that is not stats:<site>"):
+    with pytest.raises(ValueError, match="at least one strategy that is not stats:<source>"):
         build_report(MLP(16, 3, hidden=8).eval(), ds, tmp_path, strategies=["stats:*"], ci=None, progress=False)

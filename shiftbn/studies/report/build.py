@@ -97,9 +97,9 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     figures: dict = {}
     captions = dict(notes or {})
     if samples is not None:
-        title = f"Sample images per {word}"
-        figures[title] = (lab_samples(samples, seed=seed, word=word), "samples.png")
-        captions.setdefault(title, f"Each {word}'s row is scaled to that {word}'s own 1st-99th percentile of "
+        heading = f"Sample images per {word}"
+        figures[heading] = (lab_samples(samples, seed=seed, word=word), "samples.png")
+        captions.setdefault(heading, f"Each {word}'s row is scaled to that {word}'s own 1st-99th percentile of "
                             f"intensities (printed at the row), so no {word} renders near-black; compare the printed "
                             f"ranges, not the grey levels, across {words}.")
     figures["Cross-source matrix (accuracy)"] = (matrix_heatmap(matrix, held_out=held_out), "matrix.png")
