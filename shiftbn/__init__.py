@@ -13,7 +13,7 @@ Example:
     >>> import shiftbn as sb
     >>> ds = sb.load("blobs-labs", n=120)
     >>> sorted(ds.sources_present)[:2]
-    ['lab_a', 'lab_b']
+    ['lab_0', 'lab_1']
 """
 
 from __future__ import annotations

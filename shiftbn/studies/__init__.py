@@ -2,7 +2,9 @@
 
 The wing for a researcher reproducing or extending the paper. Each study is one shape (``Study``:
 a training config, a grid axis, a cell function, a figure), a dataclass registered under its
-``name``; ``run_spec`` runs one from a TOML spec and ``run_study`` into a resumable run folder.
+``name``. One way to run one: build it (``HeldOutSources(train=TrainConfig(...), held_out=[...])``,
+or ``make_study(name, flat_params)``) and call ``.run(ds)``; ``run_spec`` does that from a TOML
+spec and ``run_study`` into a resumable run folder.
 """
 
 from shiftbn.studies.base import STUDIES, FigureSpec, Study, TrainConfig, make_study

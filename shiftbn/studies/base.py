@@ -81,12 +81,12 @@ class Study:
     Example:
         >>> import shiftbn as sb
         >>> from shiftbn.studies import HeldOutSources, TrainConfig, make_study
-        >>> study = HeldOutSources(train=TrainConfig(model="MLP", steps=5), held_out=["lab_a"],
+        >>> study = HeldOutSources(train=TrainConfig(model="MLP", steps=5), held_out=["lab_0"],
         ...                        strategies=["ema", "target"])
         >>> table = study.run(sb.load("blobs-labs", n=120), progress=False)
         >>> sorted(set(table["strategy"]))
         ['ema', 'target']
-        >>> flat = make_study("held_out_sources", {"model": "MLP", "steps": 5, "held_out": ["lab_a"]})
+        >>> flat = make_study("held_out_sources", {"model": "MLP", "steps": 5, "held_out": ["lab_0"]})
         >>> flat.train == study.train
         True
     """

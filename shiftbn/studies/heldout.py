@@ -25,6 +25,15 @@ class HeldOutSources(Study):
     source; ``sampler_mode`` is the training batch composition.
     Rows: ``held_out, eval_source, is_held_out, strategy, is_cross_source, stats_source, metric,
     value, n, seed, sampler_mode``.
+
+    Example:
+        >>> import shiftbn as sb
+        >>> from shiftbn.studies import HeldOutSources, TrainConfig
+        >>> study = HeldOutSources(train=TrainConfig(model="MLP", steps=5), held_out=["lab_3"],
+        ...                        strategies=["ema", "target"], seeds=[0, 1])
+        >>> table = study.run(sb.load("blobs-labs", n=200), progress=False)
+        >>> table.query("is_held_out").groupby("strategy")["value"].count().to_dict()
+        {'ema': 2, 'target': 2}
     """
 
     name = "held_out_sources"
