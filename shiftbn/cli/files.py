@@ -1,4 +1,4 @@
-"""Statistics files on the command line: ``stats --out SITE.stats``, ``merge``, ``recalibrate --stats``,
+"""Statistics files on the command line: ``stats --out NAME.stats``, ``merge``, ``recalibrate --stats``,
 ``matrix --stats``.
 
 Why: sites that may not move images compute their statistics where the data lives; only the files
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from shiftbn.cli._renamed import OldFlag
 from shiftbn.cli.types import count_type
 
 STATS_SUFFIX = ".stats"
@@ -29,21 +30,22 @@ def register(sub, *, stats: argparse.ArgumentParser, matrix: argparse.ArgumentPa
              recalibrate: argparse.ArgumentParser, epilog: str) -> None:
     """Add ``merge`` and the statistics-file options of ``stats``, ``matrix`` and ``recalibrate``."""
     stats.add_argument("--min-count", type=_min_count, default=None, metavar="N", help=_FLOOR_HELP)
-    stats.add_argument("--site", default=None, metavar="NAME",
-                       help="with --out SITE.stats: store the statistics under this source name (the data must hold "
+    stats.add_argument("--source-name", default=None, metavar="SOURCE",
+                       help="with --out NAME.stats: store the statistics under this source name (the data must hold "
                             "one source); merge refuses two files with the same source name")
     stats.add_argument("--force", action="store_true",
-                       help="with --out SITE.stats: replace the file if it exists (never an input)")
+                       help="with --out NAME.stats: replace the file if it exists (never an input)")
+    stats.add_argument("--site", dest="source_name", action=OldFlag, new="--source-name")
     for action in stats._actions:
         if "--out" in action.option_strings:
             action.help = ("folder for stats.json, stats.csv and shift.csv; a path ending in .stats writes one "
                            "statistics file instead (for merge, recalibrate --stats, matrix --stats)")
     matrix.add_argument("--stats", nargs="+", type=Path, default=None, metavar="FILE",
-                        help="statistics files (shiftbn stats --out SITE.stats, or merge) supplying every source's "
+                        help="statistics files (shiftbn stats --out NAME.stats, or merge) supplying every source's "
                              "statistics for target, per-source and stats:* (stats:* expands over the files' sources); "
                              "--data is then evaluation data only: all of it is evaluated, no calibration split. "
                              "Strategies that need calibration images (precise, prior:N@n, tent-offline:S) are "
-                             "refused; the default strategies become source target stats:*")
+                             "refused; the default strategies become ema target stats:*")
     for action in matrix._actions:  # mark the default list, so --stats can tell it from a user's choice
         if "--strategies" in action.option_strings:
             action.default = _Default(action.default)
@@ -54,23 +56,25 @@ def register(sub, *, stats: argparse.ArgumentParser, matrix: argparse.ArgumentPa
                              help="with --stats: the exact pooled statistics of every source in the files")
     for p in (matrix, recalibrate):
         p.add_argument("--merge-duplicates", action="store_true",
-                       help="with --stats: pool a source found in several files (shards of one site) instead of "
-                            "refusing it (one site exported twice counts twice)")
+                       help="with --stats: pool a source found in several files (shards of one source) instead of "
+                            "refusing it (one source exported twice counts twice)")
     for action in recalibrate._actions:  # --stats replaces --data here; the handler requires one of them
         if "--data" in action.option_strings:
             action.required = False
             action.help += " (or --stats)"
     m = sub.add_parser("merge", epilog=epilog, help="pool statistics files exactly (no images needed)",
-                       description="Pool per-site statistics files (shiftbn stats ... --out SITE.stats) into one file, "
+                       description="Pool per-source statistics files (shiftbn stats ... --out NAME.stats) into one "
+                                   "file, "
                                    "exactly (Chan's merge in float64). The files must come from one model (same "
                                    "fingerprint) and the same 'stats --mode'; a source name in two files is refused "
                                    "unless --merge-duplicates.")
     m.add_argument("files", nargs="+", type=Path, metavar="FILE", help="statistics files to pool")
     m.add_argument("--out", required=True, type=Path, help="path of the merged statistics file")
     m.add_argument("--pool", action="store_true",
-                   help="write only the pooled statistics of all sources (one source named 'pooled'), not each site's")
+                   help="write only the pooled statistics of all sources (one source named 'pooled'), not each "
+                        "source's")
     m.add_argument("--merge-duplicates", action="store_true",
-                   help="pool a source found in several files (shards of one site) instead of refusing it")
+                   help="pool a source found in several files (shards of one source) instead of refusing it")
     m.add_argument("--min-count", type=_min_count, default=None, metavar="N", help=_FLOOR_HELP)
     m.add_argument("--force", action="store_true", help="replace --out if it exists (never one of the FILEs)")
     m.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
@@ -82,8 +86,8 @@ def writes_file(args) -> bool:
     to_file = args.out.suffix == STATS_SUFFIX
     if to_file and args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; a statistics file needs a new or file path")
-    if args.site is not None and not to_file:
-        raise ValueError(f"--site names the source in a statistics file; give --out NAME{STATS_SUFFIX}")
+    if args.source_name is not None and not to_file:
+        raise ValueError(f"--source-name names the source in a statistics file; give --out NAME{STATS_SUFFIX}")
     if to_file:
         inputs = [p for p in (getattr(args, "weights", None), getattr(args, "data", None)) if p is not None]
         check_output(args.out, inputs, args.force, "stats")
@@ -110,18 +114,19 @@ def check_floor(args, stats) -> None:
 
 
 def write_site(args, model, stats) -> None:
-    """``stats --out SITE.stats``: the statistics file, with the collection settings in its header."""
+    """``stats --out NAME.stats``: the statistics file, with the collection settings in its header."""
     from shiftbn.sites import save_stats
 
     extra = {"command": "stats", "mode": args.mode, "batch_size": args.batch_size, "num_samples": args.num_samples,
              "seed": args.seed, "amp": args.amp}
-    if args.site is not None and len(stats) != 1:
-        raise ValueError(f"--site {args.site!r} names one source, but --data holds {list(stats)}; give each source "
-                         "its own file (a manifest per site) or drop --site")
-    save_stats(stats, args.out, model=model, min_count=args.min_count, extra=extra, source=args.site)
-    sources = ", ".join(f"{k} ({v.num_samples} samples)" for k, v in stats.sources.items()) if args.site is None \
-        else f"{args.site} ({next(iter(stats.sources.values())).num_samples} samples)"
-    print(f"Wrote {args.out}: BN statistics of {sources}; merge site files with shiftbn merge")
+    name = args.source_name
+    if name is not None and len(stats) != 1:
+        raise ValueError(f"--source-name {name!r} names one source, but --data holds {list(stats)}; give each "
+                         "source its own file (a manifest per source) or drop --source-name")
+    save_stats(stats, args.out, model=model, min_count=args.min_count, extra=extra, source=name)
+    sources = ", ".join(f"{k} ({v.num_samples} samples)" for k, v in stats.sources.items()) if name is None \
+        else f"{name} ({next(iter(stats.sources.values())).num_samples} samples)"
+    print(f"Wrote {args.out}: BN statistics of {sources}; merge such files with shiftbn merge")
 
 
 def cmd_merge(args) -> None:
@@ -150,7 +155,8 @@ def _files_only(args, verb: str) -> None:
     """Refuse options that choose images for statistics when the statistics come from files."""
     if args.num_samples is not None:
         raise ValueError(f"--num-samples caps the samples statistics are computed from; with --stats {verb} takes "
-                         "them from the files: drop --num-samples (cap at the sites: shiftbn stats --num-samples)")
+                         "them from the files: drop --num-samples (cap where the files are written: shiftbn stats "
+                         "--num-samples)")
 
 
 def _merged(args):
@@ -169,7 +175,7 @@ def recalibrate_from_files(args, load_model) -> None:
         raise ValueError("--stats replaces --data for recalibrate; give one of them")
     _files_only(args, "recalibrate")
     if args.method == "precise":
-        raise ValueError("--method precise runs PreciseBN in random batches that mix the sites, which needs the "
+        raise ValueError("--method precise runs PreciseBN in random batches that mix the sources, which needs the "
                          "images (--data); with --stats use --pool (the exact pooled statistics of every source, "
                          "each seen in its own batches) or --target NAME")
     if args.pool and args.target is not None:
@@ -178,10 +184,10 @@ def recalibrate_from_files(args, load_model) -> None:
     if args.pool:
         bn, where = stats.pooled(), f"{len(stats)} source(s) pooled"
     elif args.target is not None:
-        bn, where = stats[args.target], f"site {args.target!r}"
+        bn, where = stats[args.target], f"source {args.target!r}"
     elif len(stats) == 1:
         (name, bn), = stats.sources.items()
-        where = f"site {name!r}"
+        where = f"source {name!r}"
     else:
         raise ValueError(f"the --stats files hold {len(stats)} sources {list(stats)}; choose one with --target NAME "
                          "or pool them all with --pool")
@@ -230,7 +236,7 @@ def matrix_from_files(model, ds, stats, args, level):
         missing = sorted({s for j in evals for s in st.stats_sources(j) if s not in stats})
         if missing:
             raise ValueError(f"strategy {st.name!r} needs statistics of source(s) {missing}, which the --stats files "
-                             f"do not hold (they hold {list(stats)}); add those sites' files or drop the strategy")
+                             f"do not hold (they hold {list(stats)}); add those sources' files or drop the strategy")
     parts = {s: ds.subset(s) for s in evals}
 
     def no_calibration(source):

@@ -16,6 +16,7 @@ import shiftbn.cli.files as cli_files
 import shiftbn.cli.types as cli_types
 from shiftbn._names import GRAMMAR, METRIC_NAMES
 from shiftbn._version import __version__
+from shiftbn.cli._renamed import old_spelling_notes
 from shiftbn.cli.monitor import cmd_monitor
 from shiftbn.cli.monitor import register as _register_monitor
 
@@ -127,7 +128,9 @@ def _add_user_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path-col", default="path", help="manifest column with image paths (default: path)")
     p.add_argument("--label-col", default="label",
                    help="manifest column with labels (default: label; 'none' for unlabeled data)")
-    p.add_argument("--source-col", default="source", help="manifest column with the source/site (default: source)")
+    p.add_argument("--source-col", default="source",
+                   help="manifest column with the source; its name is the report's word for a source, e.g. "
+                        "hospital (default: source)")
     p.add_argument("--image-size", type=cli_types.image_size, default=None, metavar="SIZE",
                    help=f"resize images to SIZE x SIZE before the model (1 to {cli_types.IMAGE_SIZE_MAX})")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
@@ -195,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("matrix", epilog=MATRIX_EPILOG, help="cross-source evaluation matrix of your model",
                        description="Evaluate your model on every source under every strategy; writes matrix.csv.")
     _user_model_command(m)
-    m.add_argument("--strategies", nargs="+", default=["source", "precise", "target", "stats:*"],
-                   metavar="SPEC", help="strategy specs, grammar below (default: source precise target stats:*)")
+    m.add_argument("--strategies", nargs="+", default=["ema", "precise", "target", "stats:*"],
+                   metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*)")
     m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
                    help="metric names, listed below (default: accuracy)")
     m.add_argument("--calibration", type=cli_types.fraction, default=None,
@@ -204,15 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
     _add_ci_args(m, "no intervals (faster)")
 
-    c = sub.add_parser("recalibrate", epilog=EPILOG, help="write a checkpoint with BN statistics for a target site",
-                       description="Recompute BN statistics (target: AdaBN on the target site's unlabeled data; "
-                                   "precise: PreciseBN over all data, or the target site's) and write them into a "
+    c = sub.add_parser("recalibrate", epilog=EPILOG, help="write a checkpoint with BN statistics for a target source",
+                       description="Recompute BN statistics (target: AdaBN on the target source's unlabeled data; "
+                                   "precise: PreciseBN over all data, or the target source's) and write them into a "
                                    "NEW checkpoint; the input checkpoint is never overwritten. Same as "
                                    "shiftbn.recalibrate(model, data, target=..., method=...).")
     _user_model_command(c)
-    c.add_argument("--target", default=None, help="target source/site name (required for --method target)")
+    c.add_argument("--target", default=None, metavar="SOURCE", help="target source name (required for --method target)")
     c.add_argument("--method", default="target", choices=["target", "precise"],
-                   help="target: the site's own statistics (AdaBN); precise: PreciseBN in random batches over "
+                   help="target: the source's own statistics (AdaBN); precise: PreciseBN in random batches over "
                         "all data, or over --target's when given (default: target)")
     c.add_argument("--output", required=True, type=Path, help="path of the new checkpoint")
     c.add_argument("--force", action="store_true", help="replace --output if it exists (never the input)")
@@ -225,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_ci_args(p: argparse.ArgumentParser, no_ci_help: str) -> None:
     """--ci, --no-ci and --n-boot, shared by the commands that print intervals."""
     p.add_argument("--ci", type=cli_types.fraction, default=0.95, metavar="LEVEL",
-                   help="bootstrap interval level of every cell, resampled within its site (default: 0.95)")
+                   help="bootstrap interval level of every cell, resampled within its source (default: 0.95)")
     p.add_argument("--no-ci", action="store_true", help=no_ci_help)
     p.add_argument("--n-boot", type=cli_types.count_type("resample", 10, cli_types.RESAMPLES_MAX), default=1000,
                    help=f"bootstrap resamples, 10 to {cli_types.RESAMPLES_MAX:,} (default: 1000)")
@@ -239,18 +242,19 @@ def _ci_level(args) -> float | None:
 def _add_report_parser(sub) -> None:
     """``shiftbn report``: the demo's HTML report for the user's model and data."""
     p = sub.add_parser("report", epilog=EPILOG, help="the demo's HTML report for your model and data",
-                       description="Per-site BN statistics and the layer shift profile, the cross-source matrix with "
-                                   "bootstrap intervals, paired strategy comparisons, the held-out-site view, per-site "
+                       description="Per-source BN statistics and the layer shift profile, the cross-source matrix with "
+                                   "bootstrap intervals, paired strategy comparisons, the held-out view, per-source "
                                    "calibration and confusion, and a generated reading; writes report.html, "
                                    "matrix.csv, comparisons.csv, pooled.csv, shift.csv and stats.json into --out. "
                                    "Nothing is trained.")
     _user_model_command(p)
-    p.add_argument("--held-out", nargs="+", default=[], metavar="SITE",
-                   help="sites the model was trained WITHOUT (marked in the matrix; their rows are the held-out view)")
-    p.add_argument("--strategies", nargs="+", default=["source", "precise", "target", "prior:16", "stats:*"],
-                   help="strategy specs (default: source precise target prior:16 stats:*)")
+    p.add_argument("--held-out", nargs="+", default=[], metavar="SOURCE",
+                   help="sources the model was trained WITHOUT (marked in the matrix; their rows are the held-out "
+                        "view)")
+    p.add_argument("--strategies", nargs="+", default=["ema", "precise", "target", "prior:16", "stats:*"],
+                   help="strategy specs (default: ema precise target prior:16 stats:*)")
     p.add_argument("--calibration", type=cli_types.fraction, default=0.5,
-                   help="fraction of each site used unlabeled for statistics; the rest is evaluated (default 0.5)")
+                   help="fraction of each source used unlabeled for statistics; the rest is evaluated (default 0.5)")
     _add_ci_args(p, "no intervals (faster; the reading then claims no difference)")
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="output folder (default: runs/report)")
 
@@ -564,7 +568,7 @@ def _cmd_recalibrate(args) -> None:
                         num_samples=args.num_samples, seed=args.seed, progress=_progress(args), amp=args.amp)
     if _dist.writer():
         atomic_save_torch(args.output, model.state_dict())
-    where = f"site {args.target!r}" if args.target else "all data"
+    where = f"source {args.target!r}" if args.target else "all data"
     print(f"Wrote {args.output}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")
 
 
@@ -585,7 +589,8 @@ def _cmd_report(args) -> None:
 
     matrix = pd.read_csv(args.out / "matrix.csv")
     acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"]]
-    print(f"Accuracy by strategy (rows) and site (columns){'' if level is None else f', [{level:.0%} interval]'}:")
+    word = ds.source_word
+    print(f"Accuracy by strategy (rows) and {word} (columns){'' if level is None else f', [{level:.0%} interval]'}:")
     print(interval_cells(acc, "strategy", "eval_source").to_string(index=False))
     print(f"\nReport: {report}")
 
@@ -622,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     _log.restart_clock()
     try:
         threads_before = _set_threads(getattr(args, "threads", None))
-        with _dist.session(args):
+        with _dist.session(args), old_spelling_notes(args):
             status = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"shiftbn {args.command}: interrupted", file=sys.stderr)

@@ -197,6 +197,8 @@ class SourceTaggedDataset(Dataset):
         class_names: one name per class id (default: none, or the sorted string labels).
         metadata: per-sample columns, one row per sample (default: none).
         keys: the field names of dict items (default ``ItemKeys()``: ``"image"``, ``"label"``).
+        source_word: what the data calls a source (``"hospital"``, ``"lab"``; default ``"source"``):
+            reports and the terminal title sources with it.
 
     Returns:
         A ``SourceTaggedDataset`` of N items ``(x, y, source_id)``, with ``source_ids`` (N,) int64,
@@ -218,6 +220,8 @@ class SourceTaggedDataset(Dataset):
         (1, 0)
     """
 
+    source_word: str = "source"
+
     def __init__(
         self,
         base: Dataset,
@@ -228,9 +232,13 @@ class SourceTaggedDataset(Dataset):
         class_names: Sequence[str] | None = None,
         metadata: pd.DataFrame | None = None,
         keys: ItemKeys | None = None,
+        source_word: str = "source",
     ) -> None:
         check_dataset(base, "base", "wrap inputs and labels first: SourceTaggedDataset(TensorDataset(x, y), sources) "
                       "(torch.utils.data.TensorDataset; y: one class id per sample)")
+        if not isinstance(source_word, str) or not source_word.strip():
+            raise ValueError(f"source_word must be a non-empty word for a source, such as 'hospital', "
+                             f"got {source_word!r}")
         if not hasattr(base, "__getitem__") or not hasattr(base, "__len__"):
             raise TypeError(f"base must be a map-style dataset with __len__/__getitem__, got {type(base).__name__}")
         if keys is not None and not isinstance(keys, ItemKeys):
@@ -262,6 +270,7 @@ class SourceTaggedDataset(Dataset):
         elif class_names is not None:
             self.class_names = encode_labels([], 0, class_names)[1]
         self.metadata: pd.DataFrame | None = metadata
+        self.source_word = source_word.strip()
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
