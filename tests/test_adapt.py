@@ -159,6 +159,6 @@ def test_old_class_name_source_is_ema_with_a_warning():
         with pytest.warns(DeprecationWarning, match="Source is now EMA"):
             assert module.Source is sb.adapt.EMA
     with pytest.warns(DeprecationWarning, match=r"shiftbn.Source moved to shiftbn.adapt.EMA"):
-        assert sb.adapt.Source is sb.adapt.EMA
+        assert sb.Source is sb.adapt.EMA
     with pytest.raises(AttributeError):
         shiftbn.adapt.NoSuchStrategy  # noqa: B018

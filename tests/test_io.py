@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shiftbn import _io, runs
+from shiftbn import _io
 from shiftbn._io import FolderLock, LockedError, atomic_save_torch, atomic_write_bytes, atomic_write_text
+from shiftbn.studies import runs
 
 IO_FILE = Path(_io.__file__)
 
