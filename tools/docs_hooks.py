@@ -54,7 +54,8 @@ def render() -> str:
              "Generated at build time from `shiftbn --help` and `shiftbn <command> --help`: what the installed",
              "version says, option for option. Every command prints one line and exits with status 2 on a",
              "bad argument; `SHIFTBN_DEBUG=1` shows a traceback instead. `python -m shiftbn` is the same",
-             "command line.", "", "## shiftbn", "", "```text", top, "```", ""]
+             "command line.", "", _ROOT.joinpath("tools", "cli_intro.md").read_text(encoding="utf-8"),
+             "## shiftbn", "", "```text", top, "```", ""]
     for name in _commands(top):
         parts += [f"## shiftbn {name}", "", "```text", _help(name), "```", ""]
     return "\n".join(parts)
