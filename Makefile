@@ -4,19 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow test-integrations demo lint bench bench-camelyon clean
+.PHONY: test test-slow test-integrations demo docs lint bench bench-camelyon clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned, so pip never resolves a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,parquet]"
+	$(BIN)/python -m pip install -q -e ".[dev,parquet,docs]"
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check shiftbn tests benchmarks
 	$(BIN)/python -m pytest
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# The documentation site (MkDocs + Material + mkdocstrings) into site/; broken links fail the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The libraries users train with, tested for real in their own environment (~5.5 GB: torch's CUDA build,
 # run on the CPU). torch and torchvision first, pinned, and kept by a constraints file so no later
@@ -65,4 +70,4 @@ bench-camelyon: $(STAMP)
 	$(BIN)/python benchmarks/bench_camelyon.py $(if $(CAMELYON_N),--n $(CAMELYON_N))
 
 clean:
-	rm -rf $(VENV) $(VENV_INT) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VENV_INT) .pytest_cache build site *.egg-info
