@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow test-integrations demo docs lint bench bench-camelyon clean
+.PHONY: help system-deps test test-slow test-integrations demo docs lint bench bench-camelyon clean
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,13 +17,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,parquet,docs]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# Chromium and Debian's Fashion-MNIST: installed with apt as root, else the command to run is printed.
+system-deps:  ## install what the tests need from the system (chromium, Fashion-MNIST)
+	@[ -n "$$SKIP_SYSTEM_DEPS" ] || tools/system-deps.sh
+
+test: $(STAMP) system-deps  ## lint, the core test suite and the docs build (< 5 min on 2 idle cores)
 	$(BIN)/ruff check shiftbn tests benchmarks
 	$(BIN)/python -m pytest
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The documentation site (MkDocs + Material + mkdocstrings) into site/; broken links fail the build.
-docs: $(STAMP)
+docs: $(STAMP)  ## build the documentation site into site/
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The libraries users train with, tested for real in their own environment (~5.5 GB: torch's CUDA build,
@@ -41,21 +48,21 @@ $(STAMP_INT): pyproject.toml
 	$(BIN_INT)/python -m pip install -q -c $(VENV_INT)/constraints.txt -e ".[dev]"
 	touch $(STAMP_INT)
 
-test-integrations: $(STAMP_INT)
+test-integrations: $(STAMP_INT)  ## timm, torchvision, MONAI, Lightning, datasets in .venv-integrations
 	$(BIN_INT)/python -m pytest tests/integrations
 
 # Slow tests (marked @pytest.mark.slow): full-size studies and long end-to-end runs.
-test-slow: $(STAMP)
+test-slow: $(STAMP)  ## the long end-to-end runs (marked slow)
 	$(BIN)/python -m pytest -m slow
 
-demo: $(STAMP)
+demo: $(STAMP)  ## the demo: train, matrix, report (shiftbn demo --quick for seconds)
 	$(BIN)/shiftbn demo
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check shiftbn tests benchmarks
 
 # Timings: 1 torch thread, functions interleaved round by round, fastest and median round printed.
-bench: $(STAMP)
+bench: $(STAMP)  ## the performance ratios (benchmarks/)
 	$(BIN)/python benchmarks/bench_samplers.py
 	$(BIN)/python benchmarks/bench_stats.py --model resnet18
 	$(BIN)/python benchmarks/bench_stats.py --model smallresnet
@@ -66,8 +73,8 @@ bench: $(STAMP)
 
 # Needs the generated data (benchmarks/make_camelyon_like.py, ~100k PNGs under /tmp); N=all rows by default.
 CAMELYON_N ?=
-bench-camelyon: $(STAMP)
+bench-camelyon: $(STAMP)  ## the Camelyon-shaped benchmark (needs its generated data)
 	$(BIN)/python benchmarks/bench_camelyon.py $(if $(CAMELYON_N),--n $(CAMELYON_N))
 
-clean:
+clean:  ## remove the environments and build outputs
 	rm -rf $(VENV) $(VENV_INT) .pytest_cache build site *.egg-info

@@ -22,6 +22,9 @@ from shiftbn.data import (
 )
 from shiftbn.data.builtin import FASHION_DEBIAN_ROOT
 
+FASHION_MISSING = ("Debian's dataset-fashion-mnist not installed: apt-get install dataset-fashion-mnist "
+                   "(make test installs it)")
+
 
 def _tiny(n=12):
     x = torch.arange(n * 2, dtype=torch.float32).view(n, 2)
@@ -261,7 +264,7 @@ def test_fashion_mnist_from_written_idx(tmp_path):
     assert len(ds) == 40 and ds[0][0].shape == (1, 28, 28)
 
 
-@pytest.mark.skipif(not FASHION_DEBIAN_ROOT.exists(), reason="Debian's dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not FASHION_DEBIAN_ROOT.exists(), reason=FASHION_MISSING)
 def test_fashion_mnist_from_debian_package():
     ds = load("fashion-mnist-labs", n=500)
     assert len(ds) == 500 and ds.source_names == ("lab_a", "lab_b", "lab_c", "lab_d")

@@ -18,6 +18,9 @@ from shiftbn.studies import (
 )
 from shiftbn.studies.common import data_fingerprint
 
+FASHION_MISSING = ("Debian's dataset-fashion-mnist not installed: apt-get install dataset-fashion-mnist "
+                   "(make test installs it)")
+
 ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 SPECS = sorted(ANALYSES.glob("*.toml"))
 
@@ -50,7 +53,7 @@ def test_every_protocol_has_a_spec():
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_quick_study_schema_determinism_and_no_mutation(path):
     if _needs_fashion(path) and not FASHION_DEBIAN_ROOT.exists():
-        pytest.skip("Debian's dataset-fashion-mnist not installed")
+        pytest.skip(FASHION_MISSING)
     spec = load_spec(path)
     ds = spec.load_dataset()
     before = data_fingerprint(ds)
