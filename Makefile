@@ -32,14 +32,15 @@ docs: $(STAMP)  ## build the documentation site into site/
 
 # The libraries users train with, tested for real in their own environment (~5.5 GB: torch's CUDA build,
 # run on the CPU). torch and torchvision first, pinned, and kept by a constraints file so no later
-# install pulls another torch; the libraries pinned to the versions the suite was written against.
+# install pulls another torch; the libraries pinned to the versions the suite was written against. The pins
+# live here, so a changed Makefile reinstalls (pip keeps what already matches).
 VENV_INT := .venv-integrations
 BIN_INT := $(VENV_INT)/bin
 STAMP_INT := $(VENV_INT)/.installed
 PINS_INT := torch==2.14.1 torchvision==0.29.1
 LIBS_INT := timm==1.0.31 monai==1.6.1 lightning==2.6.6 datasets==5.2.0 nibabel==5.4.2
 
-$(STAMP_INT): pyproject.toml
+$(STAMP_INT): pyproject.toml Makefile
 	test -x $(BIN_INT)/python || $(PY) -m venv $(VENV_INT)
 	$(BIN_INT)/python -m pip install -q --upgrade pip
 	$(BIN_INT)/python -m pip install -q $(PINS_INT)

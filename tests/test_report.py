@@ -297,12 +297,12 @@ def test_report_skips_a_one_image_site_naming_it(tmp_path, monkeypatch, capsys):
     Image.fromarray(np.full((8, 8), 90, np.uint8), mode="L").save(lone / "0.png")
     monkeypatch.chdir(tmp_path)
     args = ["report", "--model", "usernet_onesite:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4",
-            "--strategies", "source", "target", "--no-ci", "--no-progress", "--quiet", "--out", "rep"]
-    with pytest.warns(UserWarning, match=r"site 'site_c' skipped: 1 sample\(s\) leave no calibration sample"):
+            "--strategies", "ema", "target", "--no-ci", "--no-progress", "--quiet", "--out", "rep"]
+    with pytest.warns(UserWarning, match=r"source 'site_c' skipped: 1 sample\(s\) leave no calibration sample"):
         assert main(args) == 0, capsys.readouterr().err
     matrix = pd.read_csv(tmp_path / "rep" / "matrix.csv")
     assert sorted(set(matrix["eval_source"])) == ["site_a", "site_b"]
-    assert "sites skipped: site_c (1 sample(s)" in (tmp_path / "rep" / "report.html").read_text()
+    assert "sources skipped: site_c (1 sample(s)" in (tmp_path / "rep" / "report.html").read_text()
     with pytest.warns(UserWarning, match="site_c"):
         assert main([*args[:-1], "rep3", "--held-out", "site_c", "site_b", "site_a"]) == 2
-    assert "--held-out names every site" in capsys.readouterr().err
+    assert "--held-out names every source" in capsys.readouterr().err

@@ -1,15 +1,19 @@
 """timm, torchvision and MONAI models: exact statistics, restored models, matrix, per-site routing,
-export and statistics files. Random-init models, 32x32 (3-D: 16^3) inputs, a few samples per source."""
+export and statistics files. Random-init models, 32x32 (3-D: 16^3) inputs, a few samples per source.
+
+Every model gets the cheap checks; the costly ones (the all-layer reference, the matrix, export) run on
+one model per library and kind of BN layer (``DEEP``, ``MATRIX`` and the export parameters)."""
 
 import copy
 
 import numpy as np
 import pytest
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
 import shiftbn as sb
-from tests.helpers import assert_same_state, reference_moments, state_of
+from tests.helpers import assert_same_state, moments_of, reference_moments, state_of
 from tests.integrations._lib import need
 
 N_PER_SOURCE, BATCH = 8, 4
@@ -42,19 +46,24 @@ def _monai_unet3d():
                                             strides=(2, 2), num_res_units=1, norm="batch")
 
 
-# name -> (factory, input shape of one sample, classifier?)
+# name -> (factory, input shape of one sample)
 MODELS = {
-    "torchvision:resnet18": (_tv("resnet18"), (3, 32, 32), True),
-    "torchvision:densenet121": (_tv("densenet121"), (3, 32, 32), True),
-    "torchvision:efficientnet_b0": (_tv("efficientnet_b0"), (3, 32, 32), True),
-    "torchvision:mobilenet_v3_small": (_tv("mobilenet_v3_small"), (3, 32, 32), True),
-    "timm:resnet50d": (_timm("resnet50d"), (3, 32, 32), True),
-    "timm:efficientnet_b0": (_timm("efficientnet_b0"), (3, 32, 32), True),
-    "timm:regnety_002": (_timm("regnety_002"), (3, 32, 32), True),
-    "timm:resnet18+splitbn": (_timm("resnet18", split_bn=True), (3, 32, 32), True),
-    "monai:DenseNet121": (_monai_densenet, (3, 32, 32), True),
-    "monai:UNet-3d": (_monai_unet3d, (1, 16, 16, 16), False),
+    "torchvision:resnet18": (_tv("resnet18"), (3, 32, 32)),
+    "torchvision:densenet121": (_tv("densenet121"), (3, 32, 32)),
+    "torchvision:efficientnet_b0": (_tv("efficientnet_b0"), (3, 32, 32)),
+    "torchvision:mobilenet_v3_small": (_tv("mobilenet_v3_small"), (3, 32, 32)),
+    "timm:resnet50d": (_timm("resnet50d"), (3, 32, 32)),
+    "timm:efficientnet_b0": (_timm("efficientnet_b0"), (3, 32, 32)),
+    "timm:regnety_002": (_timm("regnety_002"), (3, 32, 32)),
+    "timm:resnet18+splitbn": (_timm("resnet18", split_bn=True), (3, 32, 32)),
+    "monai:DenseNet121": (_monai_densenet, (3, 32, 32)),
+    "monai:UNet-3d": (_monai_unet3d, (1, 16, 16, 16)),
 }
+# the all-layer reference: plain torch BN (torchvision), timm's BatchNormAct2d (a subclass with its own
+# forward) and SplitBatchNorm2d, MONAI's 3-D BN; the other models check the first layer and the layer set
+DEEP = {"torchvision:resnet18", "timm:efficientnet_b0", "timm:resnet18+splitbn", "monai:UNet-3d"}
+# the matrix once per library (a segmentation UNet has no classification matrix)
+MATRIX = {"torchvision:resnet18", "timm:efficientnet_b0", "monai:DenseNet121"}
 
 
 def _data(shape, classes=3):
@@ -73,31 +82,63 @@ def _data(shape, classes=3):
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request):
-    make, shape, classifier = MODELS[request.param]
+    make, shape = MODELS[request.param]
     torch.manual_seed(0)
     model = make().eval()
     ds, batches = _data(shape)
     stats = sb.collect_stats(model, batches, source_names=list(ds.source_names), progress=False)
-    return request.param, model, ds, batches, stats, classifier
+    return request.param, model, ds, batches, stats
 
 
 def test_statistics_equal_an_independent_float64_reference(case):
-    name, model, ds, batches, stats, _ = case
+    name, model, ds, batches, stats = case
     reference = _without_split(model) if "splitbn" in name else model
     for sid, source in enumerate(ds.source_names):
         xs = [b[0] for b in batches if int(b[2][0]) == sid]
-        ref = reference_moments(reference, xs, bn_train=True)
         got = stats[source]
-        first = next(k for k in got.layers if k in ref)
-        n, mean, var = ref[first]
+        if name in DEEP:
+            ref = reference_moments(reference, xs, bn_train=True)
+            called, (first, (n, mean, var)) = list(ref), next(iter(ref.items()))
+        else:
+            called, (first, (n, mean, var)) = _called_and_first(reference, xs)
         assert got.layers[first].count == n
         np.testing.assert_allclose(got.layers[first].mean, mean, rtol=0, atol=1e-12 * (1 + np.abs(mean).max()))
         np.testing.assert_allclose(got.layers[first].var, var, rtol=1e-12, atol=1e-14)
-        missing = [k for k in ref if k not in got.layers]
+        missing = [k for k in called if k not in got.layers]
         assert not missing, f"{name}: BN layers called but not measured: {missing}"
-        for layer, (_n, mean, var) in ref.items():  # deeper layers: float32 BN outputs differ in the last bits
-            np.testing.assert_allclose(got.layers[layer].mean, mean, rtol=1e-3, atol=1e-4 * (1 + np.sqrt(var).max()))
-            np.testing.assert_allclose(got.layers[layer].var, var, rtol=1e-3, atol=1e-6 * (1 + var.max()))
+        if name in DEEP:
+            for layer, (_n, mean, var) in ref.items():  # deeper layers: float32 BN outputs differ in the last bits
+                np.testing.assert_allclose(got.layers[layer].mean, mean, rtol=1e-3,
+                                           atol=1e-4 * (1 + np.sqrt(var).max()))
+                np.testing.assert_allclose(got.layers[layer].var, var, rtol=1e-3, atol=1e-6 * (1 + var.max()))
+
+
+def _called_and_first(model, xs):
+    """The names of the BN layers a train-mode forward of ``xs`` calls, in call order, and the float64
+    (count, mean, var) of the first one's input: the cheap part of ``reference_moments``."""
+    m = copy.deepcopy(model).eval()
+    called, first = [], []
+    hooks = []
+
+    def record(module, args, name):
+        if name not in called:
+            called.append(name)
+        if name == called[0]:
+            a = args[0].detach().double().numpy()
+            first.append(np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]))
+
+    for name, mod in m.named_modules():
+        if isinstance(mod, _BatchNorm):
+            mod.train(True)
+            hooks.append(mod.register_forward_pre_hook(lambda module, args, name=name: record(module, args, name)))
+    try:
+        with torch.no_grad():
+            for x in xs:
+                m(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called, (called[0], moments_of(first))
 
 
 def _without_split(model):
@@ -111,7 +152,7 @@ def _without_split(model):
 
 
 def test_every_verb_restores_the_model_bit_for_bit(case):
-    name, model, ds, batches, stats, classifier = case
+    name, model, ds, batches, stats = case
     before = state_of(model)
     sb.collect_stats(model, ds, batch_size=BATCH, mode="eval", progress=False)
     assert_same_state(model, before)
@@ -121,7 +162,7 @@ def test_every_verb_restores_the_model_bit_for_bit(case):
     unused = "keep" if "splitbn" in name else "refuse"
     sb.sites.per_site_model(model, stats, unused=unused)
     assert_same_state(model, before)
-    if classifier:  # the matrix (a segmentation UNet has no classification matrix)
+    if name in MATRIX:
         table = sb.cross_source_matrix(model, ds, ["source", "target"], ["accuracy"], batch_size=BATCH,
                                        progress=False)
         assert_same_state(model, before)
@@ -132,10 +173,10 @@ def test_every_verb_restores_the_model_bit_for_bit(case):
 def test_per_site_model_equals_use_stats(case):
     # in float64: a random-init deep net under batch-mode statistics is chaotic in eval (outputs up to ~1e4),
     # so float32 rounding differences between two correct forwards grow to O(1); in float64 they stay ~1e-13
-    name, model, ds, batches, _, _ = case
+    # (the statistics are the float32 run's: per_site_model and use_stats both cast them to the buffers' dtype)
+    name, model, ds, batches, stats = case
     model = copy.deepcopy(model).double()
     batches = [(x.double(), y, s) for x, y, s in batches]
-    stats = sb.collect_stats(model, batches, source_names=list(ds.source_names), progress=False)
     routed = sb.sites.per_site_model(model, stats, unused="keep" if "splitbn" in name else "refuse")
     x = torch.cat([batches[0][0][:2], batches[-1][0][:2]])
     sites = ["site_a", "site_a", "site_b", "site_b"]
@@ -161,7 +202,7 @@ def test_splitbn_statistics_refused_with_the_way_out():
 
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:efficientnet_b0"])
 def test_exported_per_site_model_equals_eager(name, tmp_path):
-    make, shape, _ = MODELS[name]
+    make, shape = MODELS[name]
     model = make().eval()
     ds, batches = _data(shape)
     stats = sb.collect_stats(model, batches, source_names=list(ds.source_names), progress=False)
@@ -176,7 +217,7 @@ def test_exported_per_site_model_equals_eager(name, tmp_path):
 
 
 def test_statistics_files_round_trip_and_are_tied_to_the_model(case, tmp_path):
-    _, model, _, _, stats, _ = case
+    _, model, _, _, stats = case
     sb.sites.save_stats(stats, tmp_path / "a.safetensors", model=model)
     back = sb.sites.read_stats(tmp_path / "a.safetensors", model=model)
     for layer, m in stats["site_a"].layers.items():

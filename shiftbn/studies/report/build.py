@@ -277,7 +277,7 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
             "strategies": " ".join(names), "evaluation samples": str(sum(len(v) for v in labels.values())),
             "bootstrap": f"{n_boot} resamples, {level:.0%}" if ci is not None else "off", "seed": str(seed)}
     if skipped:
-        meta["sites skipped"] = "; ".join(f"{site} ({why})" for site, why in skipped.items())
+        meta[f"{ds.source_word}s skipped"] = "; ".join(f"{site} ({why})" for site, why in skipped.items())
     return render_report(out, title=title or f"shiftbn report — {Path(out).name}", meta=meta, matrix=matrix,
                          shift=shift, samples=ds if images else None, held_out=held, comparisons=comparisons,
                          pooled=pooled, outputs=kept, num_classes=k, level=level, n_boot=n_boot, seed=seed,
@@ -297,19 +297,21 @@ def _sites_with_both_parts(ds: SourceTaggedDataset, calibration: float,
     sp = ds.split(fractions=(0.0, float(calibration), 1.0 - float(calibration)), seed=seed)
     cal, test = set(sp.calibration.sources_present), set(sp.test.sources_present)
     counts = pd.Series(ds.source_ids).value_counts()
+    word = ds.source_word
     skipped = {}
     for site in ds.sources_present:
         if site in cal and site in test:
             continue
         n = int(counts[ds.source_id(site)])
         part = "calibration" if site not in cal else "evaluation"
-        skipped[site] = (f"{n} sample(s) leave no {part} sample at calibration fraction {calibration:g}; a site "
+        skipped[site] = (f"{n} sample(s) leave no {part} sample at calibration fraction {calibration:g}; a {word} "
                          "needs one sample to calibrate and one to evaluate (per class: the split is stratified)")
     if not skipped:
         return ds, {}
     if len(skipped) == len(ds.sources_present):
-        raise ValueError(f"no site has samples for both calibration and evaluation: {skipped}; add images per site")
+        raise ValueError(f"no {word} has samples for both calibration and evaluation: {skipped}; add images per "
+                         f"{word}")
     for site, why in skipped.items():
-        warnings.warn(f"report: site {site!r} skipped: {why}", stacklevel=3)
+        warnings.warn(f"report: {word} {site!r} skipped: {why}", stacklevel=3)
     kept = [s for s in ds.sources_present if s not in skipped]
     return ds.subset(kept), skipped
