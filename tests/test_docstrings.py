@@ -23,7 +23,7 @@ from torch import nn
 
 import shiftbn as sb
 
-CORE = ("shiftbn.data", "shiftbn.samplers", "shiftbn.bn", "shiftbn.evaluate")
+CORE = ("shiftbn", "shiftbn.data", "shiftbn.samplers", "shiftbn.bn", "shiftbn.adapt", "shiftbn.evaluate")
 HEADERS = ("Args:", "Returns:", "Example:")
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -35,8 +35,12 @@ def _public(package: str) -> list[tuple[str, object]]:
             if inspect.isclass(getattr(mod, name)) or inspect.isfunction(getattr(mod, name))]
 
 
-def _methods(cls: type) -> list[tuple[str, object]]:
-    """The public methods (plain, class and static) defined in ``cls``'s own body; not properties."""
+def _methods(cls: type, public: set[type] = frozenset()) -> list[tuple[str, object]]:
+    """The public methods (plain, class and static) defined in ``cls``'s own body; not properties.
+
+    An override without a docstring of its own is left out when a class of ``public`` up the MRO
+    defines the method (it is checked there, and the reference shows that docstring for the override).
+    """
     out = []
     for name, attr in vars(cls).items():
         if name.startswith("_") or isinstance(attr, property):
@@ -44,6 +48,8 @@ def _methods(cls: type) -> list[tuple[str, object]]:
         if isinstance(attr, (classmethod, staticmethod)):
             attr = attr.__func__
         if inspect.isfunction(attr):
+            if attr.__doc__ is None and any(name in vars(base) for base in cls.__mro__[1:] if base in public):
+                continue
             out.append((name, attr))
     return out
 
@@ -52,10 +58,12 @@ def documented() -> list[tuple[str, str, object]]:
     """``(package, dotted name, object)`` of every name the API reference documents."""
     out = []
     for package in CORE:
-        for name, obj in _public(package):
+        names = _public(package)
+        public = {obj for _, obj in names if inspect.isclass(obj)}
+        for name, obj in names:
             out.append((package, name, obj))
             if inspect.isclass(obj):
-                out.extend((package, f"{name}.{m}", f) for m, f in _methods(obj))
+                out.extend((package, f"{name}.{m}", f) for m, f in _methods(obj, public))
     return out
 
 
