@@ -42,9 +42,36 @@ def fixed_stats_logits(ctx: AdaptContext, name: str, eval_source: str, stats: BN
 
 
 class Strategy:
-    """Base: evaluate with fixed BN statistics ``bn_stats(ctx, j)`` (``None`` = the model's own).
+    """Base of every strategy: evaluate with fixed BN statistics ``bn_stats(ctx, j)`` (``None`` = the model's own).
 
-    Subclasses set ``name`` and override ``stats_source`` and ``bn_stats`` (or ``logits``).
+    Why: the matrix only calls these methods, so a strategy of your own (given to
+    ``cross_source_matrix`` as an object, or by name after ``register_strategy``) is evaluated,
+    cached and reported exactly as the built-in ones. Subclasses set ``name`` (the ``strategy``
+    column) and override ``stats_source`` and ``bn_stats`` (fixed statistics) or ``logits`` (anything
+    else); they declare what they read with ``stats_sources``, ``calibration_sources`` and the class
+    attribute ``needs_precise``; ``cross_source = True`` marks cells of the cross-source matrix;
+    ``groupings`` > 1 (see ``Grouped``) scores outputs that depend on how samples are batched.
+
+    Args:
+        None.
+
+    Returns:
+        A strategy; ``name``, ``cross_source``, ``needs_precise`` and ``groupings`` are class attributes.
+
+    Example:
+        >>> class FromLab0(Strategy):
+        ...     name = "from-lab_0"
+        ...     def stats_source(self, ctx, eval_source):
+        ...         return "lab_0"
+        ...     def stats_sources(self, eval_source):
+        ...         return {"lab_0"}
+        ...     def bn_stats(self, ctx, eval_source):
+        ...         return ctx.source_stats("lab_0")
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [FromLab0()], progress=False)
+        >>> table.strategy.unique().tolist(), table.stats_source.unique().tolist(), len(table)
+        (['from-lab_0'], ['lab_0'], 4)
     """
 
     name: str = "strategy"
@@ -53,41 +80,187 @@ class Strategy:
     groupings: int = 1
 
     def stats_source(self, ctx: AdaptContext, eval_source: str) -> str:
-        """Label of the statistics used on ``eval_source`` (the table's ``stats_source`` column)."""
+        """Label of the statistics used on ``eval_source`` (the table's ``stats_source`` column).
+
+        Why: the table says which statistics each cell used, separately from the strategy's name;
+        a source's name for its statistics, else a label no source may take (``check_source_name``).
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+
+        Returns:
+            The label (str): a source name, ``"ema"``, ``"precise"``, ``"batch"``, ... .
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> [sb.parse_strategy(s).stats_source(ctx, "lab_1") for s in ["ema", "target", "stats:lab_0", "batch:8"]]
+            ['ema', 'lab_1', 'lab_0', 'batch']
+        """
         raise NotImplementedError
 
     def cache_key(self, ctx: AdaptContext, eval_source: str) -> Hashable | None:
         """Strategies with equal keys on a source give equal outputs there; ``None``: never shared.
 
-        Default: the statistics of the named source (``target`` on j, ``stats:j`` and ``per-source``
-        share); the model's own statistics and PreciseBN have keys of their own (and no source may be
-        named like their labels, see ``check_source_name``).
+        Why: the matrix computes each distinct output once (``target`` on j, ``stats:j`` and
+        ``per-source`` run one forward between them). Default: the statistics of the named source;
+        the model's own statistics and PreciseBN have keys of their own (and no source may be named
+        like their labels, see ``check_source_name``). Return ``None`` when outputs depend on anything
+        else (randomness, adaptation).
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+
+        Returns:
+            A hashable key, or ``None`` (the outputs are computed for this strategy alone).
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> key = sb.parse_strategy("target").cache_key
+            >>> key(ctx, "lab_1") == sb.parse_strategy("stats:lab_1").cache_key(ctx, "lab_1")
+            True
+            >>> print(sb.parse_strategy("batch:8").cache_key(ctx, "lab_1"))
+            None
         """
         return ("source-stats", self.stats_source(ctx, eval_source), eval_source)
 
     def stats_sources(self, eval_source: str) -> set[str]:
-        """Sources whose calibration statistics this strategy reads when evaluating ``eval_source``."""
+        """Sources whose calibration statistics this strategy reads when evaluating ``eval_source``.
+
+        Why: the matrix refuses a plan whose strategies read statistics of a source without
+        calibration samples before any pass runs, and skips the statistics pass when none is read.
+
+        Args:
+            eval_source: the source being evaluated.
+
+        Returns:
+            A set of source names (empty by default).
+
+        Example:
+            >>> sb.parse_strategy("stats:lab_0").stats_sources("lab_1"), sb.parse_strategy("ema").stats_sources("lab_1")
+            ({'lab_0'}, set())
+        """
         return set()
 
     def calibration_sources(self, eval_source: str) -> set[str]:
-        """Sources whose calibration inputs this strategy reads when evaluating ``eval_source``."""
+        """Sources whose calibration inputs this strategy reads when evaluating ``eval_source``.
+
+        Why: strategies that adapt on raw calibration samples (``tent-offline``, few-shot ``prior``)
+        need them kept; the matrix checks they exist before any pass runs.
+
+        Args:
+            eval_source: the source being evaluated.
+
+        Returns:
+            A set of source names (empty by default).
+
+        Example:
+            >>> sb.parse_strategy("tent-offline:5").calibration_sources("lab_1")
+            {'lab_1'}
+        """
         return set()
 
     def expand(self, sources: Sequence[str]) -> list[Strategy]:
-        """The strategies this one stands for, given the dataset's sources (itself, by default)."""
+        """The strategies this one stands for, given the dataset's sources (itself, by default).
+
+        Why: a spec such as ``stats:*`` means one strategy per source, known only once the data is.
+
+        Args:
+            sources: the dataset's source names.
+
+        Returns:
+            A list of strategies (``[self]`` by default).
+
+        Example:
+            >>> sb.parse_strategy("stats:*").expand(["a", "b"]), sb.parse_strategy("ema").expand(["a", "b"])
+            ([<strategy stats:a>, <strategy stats:b>], [<strategy ema>])
+        """
         return [self]
 
     def bn_stats(self, ctx: AdaptContext, eval_source: str) -> BNStats | None:
+        """The fixed BN statistics ``eval_source`` is evaluated with (``None``: the model's own).
+
+        Why: the default ``logits`` loads these with ``use_stats`` for one forward pass and restores
+        the model; a strategy that only chooses statistics overrides this and nothing else of ``logits``.
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation (``ctx.source_stats(name)``,
+                ``ctx.precise_stats()``).
+            eval_source: the source being evaluated.
+
+        Returns:
+            ``BNStats`` (one entry per BN layer) or ``None``.
+
+        Raises:
+            NotImplementedError: the base class, and strategies without fixed statistics (``batch:B``).
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> print(sb.parse_strategy("ema").bn_stats(ctx, "lab_1"))
+            None
+            >>> sb.parse_strategy("target").bn_stats(ctx, "lab_1") is ctx.source_stats("lab_1")
+            True
+        """
         raise NotImplementedError
 
     def outputs(self, ctx: AdaptContext, eval_source: str, x: Inputs) -> list[torch.Tensor]:
-        """Outputs (N, K) per seeded grouping of the test samples (``groupings`` of them); one list
-        item, ``logits``, for strategies whose outputs do not depend on how samples are grouped."""
+        """Outputs (N, K) per seeded grouping of the test samples (``groupings`` of them).
+
+        Why: when outputs depend on how samples are batched the matrix scores each grouping and
+        reports the mean and spread; for other strategies this is one list item, ``logits``.
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+            x: its inputs: a tensor (N, ...) or a dataset read batch by batch.
+
+        Returns:
+            A list of ``groupings`` float32 tensors (N, K).
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> x = ctx.eval_inputs("lab_1")
+            >>> [len(sb.parse_strategy(s).outputs(ctx, "lab_1", x)) for s in ["target", "batch:4", "batch:4:k=2"]]
+            [1, 5, 2]
+        """
         return [self.logits(ctx, eval_source, x)]
 
     def logits(self, ctx: AdaptContext, eval_source: str, x: Inputs) -> torch.Tensor:
-        """Outputs (N, K) float32 for the inputs ``x`` of ``eval_source`` (a tensor (N, ...) or a dataset
-        read batch by batch)."""
+        """Outputs (N, K) float32 for the inputs ``x`` of ``eval_source``.
+
+        Why: what the metrics score. The default runs ``ctx.model`` in eval mode with ``bn_stats``
+        loaded; override it for anything else, leaving ``ctx.model`` as it was (``use_stats``,
+        ``preserved`` or a copy).
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+            x: its inputs: a tensor (N, ...) or a dataset read batch by batch.
+
+        Returns:
+            A float32 tensor (N, K) on the model's device.
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> sb.parse_strategy("target").logits(ctx, "lab_1", ctx.eval_inputs("lab_1")).shape
+            torch.Size([6, 3])
+        """
         return fixed_stats_logits(ctx, self.name, eval_source, self.bn_stats(ctx, eval_source), x)
 
     def __repr__(self) -> str:
