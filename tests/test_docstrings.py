@@ -4,7 +4,8 @@ sections, and every example runs.
 
 Examples run as doctests in a fresh namespace holding ``np`` (numpy), ``torch``, ``nn``
 (``torch.nn``), ``sb`` (``shiftbn``) and the names of the example's own package's ``__all__``
-(as torch's docs use ``nn.BatchNorm1d`` without importing it); anything else an example imports.
+(as torch's docs use ``nn.BatchNorm1d`` without importing it; a top-level re-export's example sees
+its home package's names); anything else an example imports.
 """
 
 from __future__ import annotations
@@ -77,9 +78,16 @@ def missing_headers(obj: object) -> list[str]:
     return [h for h in HEADERS if h not in lines]
 
 
+def _home(package: str, obj: object) -> str:
+    """The innermost package of ``CORE`` that defines ``obj`` (a top-level re-export's own), else ``package``."""
+    module = getattr(obj, "__module__", None) or ""
+    homes = [p for p in CORE if module == p or module.startswith(p + ".")]
+    return max(homes, key=len) if homes else package
+
+
 def run_examples(package: str, name: str, obj: object) -> tuple[int, int, str]:
-    """Run ``obj``'s docstring examples; ``(examples, failures, report)``."""
-    mod = importlib.import_module(package)
+    """Run ``obj``'s docstring examples in its home package's namespace; ``(examples, failures, report)``."""
+    mod = importlib.import_module(_home(package, obj))
     globs = {"np": np, "torch": torch, "nn": nn, "sb": sb, **{n: getattr(mod, n) for n in mod.__all__}}
     tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs=globs)
     out = io.StringIO()

@@ -273,6 +273,19 @@ class EMA(Strategy):
     Why: the baseline every other strategy is compared with — the model as trained, no recalibration.
     Spelled ``source`` before (it collided with a data source); ``"source"`` and ``Source`` still work,
     with a ``DeprecationWarning``, for one release.
+
+    Args:
+        None.
+
+    Returns:
+        The strategy ``ema`` (``stats_source`` ``"ema"``; ``bn_stats`` is ``None``: the model's own).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [EMA()], progress=False)
+        >>> table.stats_source.unique().tolist(), table.eval_source.tolist()
+        (['ema'], ['lab_0', 'lab_1', 'lab_2', 'lab_3'])
     """
 
     name = "ema"
@@ -289,7 +302,24 @@ class EMA(Strategy):
 
 class Precise(Strategy):
     """``precise``: PreciseBN over the training sources' calibration data, in random batches that mix
-    the sources as training batches usually do (exact pooled moments; one more statistics pass)."""
+    the sources as training batches usually do (exact pooled moments; one more statistics pass).
+
+    Why: the running averages stored in training lag the final weights (Wu & Johnson 2021); exact
+    statistics of the training distribution separate that error from the shift between sources.
+
+    Args:
+        None.
+
+    Returns:
+        The strategy ``precise`` (``needs_precise``; statistics from ``ctx.precise_stats()``).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [Precise()], progress=False)
+        >>> table.stats_source.unique().tolist(), len(table)
+        (['precise'], 4)
+    """
 
     name = "precise"
     needs_precise = True
@@ -305,7 +335,24 @@ class Precise(Strategy):
 
 
 class Target(Strategy):
-    """``target`` (AdaBN): statistics of the evaluated source's own unlabeled calibration data."""
+    """``target`` (AdaBN, Li et al. 2016): statistics of the evaluated source's own unlabeled calibration data.
+
+    Why: the classic test-time fix for a shift of BN statistics: recalibrate on unlabeled target
+    samples, then predict with fixed statistics (independent of how test samples are batched).
+
+    Args:
+        None.
+
+    Returns:
+        The strategy ``target`` (``stats_source``: the evaluated source itself).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [Target()], progress=False)
+        >>> bool((table.stats_source == table.eval_source).all())
+        True
+    """
 
     name = "target"
 
@@ -322,14 +369,49 @@ class Target(Strategy):
 class PerSource(Target):
     """``per-source`` (DSBN-style): each sample normalized with its own source's statistics.
 
-    Evaluating one source at a time this equals ``target``; it needs the source tag at test time.
+    Why: the name of the deployment where each site keeps its own statistics (see ``shiftbn.sites``).
+    Evaluating one source at a time this equals ``target`` (the matrix computes it once for both);
+    it needs the source tag at test time.
+
+    Args:
+        None.
+
+    Returns:
+        The strategy ``per-source``, a ``Target`` under its own name.
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [PerSource(), Target()], progress=False)
+        >>> bool((table[table.strategy == "per-source"].value.values == table[table.strategy == "target"].value.values).all())
+        True
     """
 
     name = "per-source"
 
 
 class StatsFrom(Strategy):
-    """``stats:<name>``: statistics of another named source (recalibrate on i, evaluate on j)."""
+    """``stats:<name>``: statistics of another named source (recalibrate on i, evaluate on j).
+
+    Why: the cells of the cross-source matrix: how far source i's statistics carry to source j
+    says how much of the shift BN statistics explain.
+
+    Args:
+        source: the name of the source whose calibration statistics are used.
+
+    Returns:
+        The strategy ``stats:<source>`` (``cross_source``; ``source`` holds the name).
+
+    Raises:
+        ValueError: ``source`` is empty or a label of statistics that are no source's (``ema``, ...).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [StatsFrom("lab_0")], progress=False)
+        >>> table.strategy.unique().tolist(), table.stats_source.unique().tolist(), bool(table.is_cross_source.all())
+        (['stats:lab_0'], ['lab_0'], True)
+    """
 
     cross_source = True
 
@@ -356,6 +438,23 @@ def check_source_name(name: str, where: str) -> None:
     Why: the ``stats_source`` column and ``stats:<source>`` name sources; ``ema`` (the model's own
     statistics), ``precise``, ``batch``, ``mixed-batch`` and ``prior:...`` label strategies'
     statistics there, so a source may never be called so.
+
+    Args:
+        name: a source name.
+        where: what is being checked, to start the message with (e.g. ``"cross_source_matrix"``).
+
+    Returns:
+        None; ``name`` is a valid source name when this returns.
+
+    Raises:
+        ValueError: ``name`` is such a label; the message says what it labels and how to rename it.
+
+    Example:
+        >>> check_source_name("lab_a", "my data")
+        >>> check_source_name("ema", "my data")
+        Traceback (most recent call last):
+        ...
+        ValueError: my data: 'ema' labels statistics that are no source's (the model's own statistics ...
     """
     if name in STATS_LABELS or name.startswith(STATS_LABEL_PREFIXES):
         fixes = {"ema": "the model's own statistics are the strategy 'ema'",
@@ -369,7 +468,24 @@ def check_source_name(name: str, where: str) -> None:
 
 
 class StatsFromEach(Strategy):
-    """``stats:*``: one ``StatsFrom`` per source of the dataset (the full cross-source matrix)."""
+    """``stats:*``: one ``StatsFrom`` per source of the dataset (the full cross-source matrix).
+
+    Why: the sources are known only once the data is; ``expand`` turns this placeholder into one
+    ``stats:<name>`` per source.
+
+    Args:
+        None.
+
+    Returns:
+        The placeholder strategy ``stats:*`` (never evaluated itself).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [StatsFromEach()], progress=False)
+        >>> len(table), table.strategy.unique().tolist()
+        (16, ['stats:lab_0', 'stats:lab_1', 'stats:lab_2', 'stats:lab_3'])
+    """
 
     name = "stats:*"
     cross_source = True
@@ -383,7 +499,22 @@ DEFAULT_GROUPINGS = 5
 
 
 def grouping_seed(seed: int, k: int) -> int:
-    """Seed of the k-th grouping of the test samples: ``seed`` itself for k = 0, derived ones after."""
+    """Seed of the k-th grouping of the test samples: ``seed`` itself for k = 0, derived ones after.
+
+    Why: grouping-dependent strategies are scored over several seeded batchings; grouping 0 is the
+    batching ``seed`` alone gives, and the others are independent yet reproducible.
+
+    Args:
+        seed: the evaluation's seed (``ctx.seed``).
+        k: the grouping's index, 0 to ``groupings - 1``.
+
+    Returns:
+        The seed (int) of the k-th grouping.
+
+    Example:
+        >>> grouping_seed(7, 0), grouping_seed(7, 1) == grouping_seed(7, 1), grouping_seed(7, 1) == 7
+        (7, True, False)
+    """
     if k == 0:
         return int(seed)
     return int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
