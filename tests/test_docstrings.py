@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import sklearn.datasets  # noqa: F401 - imported once here, so no example's time includes it
 import torch
+import torch._dynamo  # noqa: F401 - an optimizer's first step imports it (seconds): so does Tent's, once per process
 from torch import nn
 
 import shiftbn as sb

@@ -532,6 +532,28 @@ class Grouped(Strategy):
     ``outputs`` returns one result per seeded grouping (``groupings`` of them, seeds from
     ``grouping_seed(ctx.seed, k)``); the matrix reports the metric's mean over them and its spread.
     ``logits`` is grouping 0. Subclasses implement ``grouped_logits(ctx, j, x, seed)``.
+
+    Why: one batching is one draw; a difference between strategies smaller than the spread over
+    groupings is noise, so the matrix reports both (``value``, ``value_sd``, ``groupings``).
+
+    Args:
+        None (subclasses set ``groupings``, default ``DEFAULT_GROUPINGS``).
+
+    Returns:
+        A strategy scored over ``groupings`` seeded groupings (``cache_key`` is ``None``).
+
+    Example:
+        >>> class Shuffled(Grouped):
+        ...     name, groupings = "shuffled-ema", 3
+        ...     def stats_source(self, ctx, eval_source):
+        ...         return "ema"
+        ...     def grouped_logits(self, ctx, eval_source, x, seed):
+        ...         return EMA().logits(ctx, eval_source, x)
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [Shuffled()], progress=False)
+        >>> table.groupings.tolist(), table.value_sd.tolist()
+        ([3, 3, 3, 3], [0.0, 0.0, 0.0, 0.0])
     """
 
     groupings: int = DEFAULT_GROUPINGS
@@ -543,6 +565,31 @@ class Grouped(Strategy):
         return "" if self.groupings == DEFAULT_GROUPINGS else f":k={self.groupings}"
 
     def grouped_logits(self, ctx: AdaptContext, eval_source: str, x: Inputs, seed: int) -> torch.Tensor:
+        """Outputs (N, K) float32 of ``x`` for the grouping of the test samples that ``seed`` draws.
+
+        Why: the one method a grouping-dependent strategy implements; ``logits`` and ``outputs``
+        call it with ``grouping_seed(ctx.seed, k)``.
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+            x: its inputs: a tensor (N, ...) or a dataset read batch by batch.
+            seed: seeds how the samples are shuffled into batches (or streamed).
+
+        Returns:
+            A float32 tensor (N, K), rows in the order of ``x``.
+
+        Raises:
+            NotImplementedError: on ``Grouped`` itself.
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["batch:4"]), progress=False)
+            >>> BatchStats(4).grouped_logits(ctx, "lab_1", ctx.eval_inputs("lab_1"), seed=1).shape
+            torch.Size([6, 3])
+        """
         raise NotImplementedError
 
     def logits(self, ctx, eval_source, x):
@@ -566,6 +613,32 @@ class Prior(Grouped):
     sample): the target statistics of n seeded calibration samples, mixed once, then used for every
     test sample. ``prior:0`` is ``batch:B`` (per batch) or inference-consistent AdaBN on the n
     samples (few-shot); a huge N is ``ema``.
+
+    Why: a few target samples give noisy statistics; the source's statistics as a prior interpolate
+    between the trained model (n << N) and AdaBN (n >> N).
+
+    Args:
+        n: the prior strength N >= 0 (in samples).
+        batch: test batch size B of the per-batch form (default 64).
+        samples: few-shot form: the number of seeded calibration samples n, or ``"all"``; ``None``
+            (default): per test batch.
+        groupings: seeded groupings K the per-batch form is scored over (the few-shot form has 1).
+
+    Returns:
+        The strategy ``prior:N[:B][:k=K]`` or ``prior:N@n``; ``n``, ``batch``, ``samples`` and
+        ``groupings`` hold the arguments.
+
+    Raises:
+        ValueError: N is negative or not finite, or B, n or K is not a positive integer.
+
+    Example:
+        >>> Prior(16).name, Prior(16, batch=32, groupings=3).name, Prior(0.5, samples=10).name
+        ('prior:16', 'prior:16:32:k=3', 'prior:0.5@10')
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [Prior(16, batch=4, groupings=2)], progress=False)
+        >>> table.strategy.unique().tolist(), table.groupings.tolist()
+        (['prior:16:4:k=2'], [2, 2, 2, 2])
     """
 
     def __init__(self, n: float, batch: int = 64, samples: int | str | None = None,
@@ -619,6 +692,29 @@ class BatchStats(Grouped):
     together, to show why batch composition matters at test time. Under ``torch.distributed`` the
     matrix deals each grouping's seeded batches to the ranks, each batch whole on one rank
     (``batch:B:mixed``: all on one rank), so the outputs equal one process's.
+
+    Why: the simplest test-time adaptation (prediction-time BN, Nado et al. 2020), and the
+    reference for how much batch size and composition move the result.
+
+    Args:
+        batch: the test batch size B >= 2.
+        mixed: draw each batch from all evaluated sources together (``stats_source`` ``"mixed-batch"``).
+        groupings: seeded groupings K the metric is scored over (default ``DEFAULT_GROUPINGS``).
+
+    Returns:
+        The strategy ``batch:B[:mixed][:k=K]``; ``batch``, ``mixed`` and ``groupings`` hold the arguments.
+
+    Raises:
+        ValueError: B is not an integer >= 2, or K not an integer >= 1.
+
+    Example:
+        >>> BatchStats(64).name, BatchStats(8, mixed=True, groupings=3).name
+        ('batch:64', 'batch:8:mixed:k=3')
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [BatchStats(4, groupings=2)], progress=False)
+        >>> table.stats_source.unique().tolist(), table.groupings.tolist()
+        (['batch'], [2, 2, 2, 2])
     """
 
     def __init__(self, batch: int, mixed: bool = False, groupings: int = DEFAULT_GROUPINGS) -> None:
@@ -651,7 +747,28 @@ class Tent(Grouped):
     layer normalizing with batch statistics; adaptation carries over (``tent-episodic``: reset per
     batch). Scored over ``groupings`` seeded stream orders (``tent:k=K``). Runs on a copy. Under
     ``torch.distributed`` the matrix adapts and predicts each source on one rank (sources spread
-    over ranks); outputs are gathered and equal one process's."""
+    over ranks); outputs are gathered and equal one process's.
+
+    Why: batch statistics correct the first two moments only; Tent also moves BN's scale and shift
+    from the predictions' entropy, without labels.
+
+    Args:
+        batch: test batch size (>= 2, default 64).
+        steps: Adam steps per batch (>= 1, default 1: the published form).
+        episodic: reset parameters and optimizer before each batch (``tent-episodic``).
+        lr: Adam's learning rate (> 0, default 1e-3).
+        groupings: seeded stream orders K the metric is scored over (default ``DEFAULT_GROUPINGS``).
+
+    Returns:
+        The strategy ``tent[-episodic][:k=K]``; the arguments are held as attributes.
+
+    Raises:
+        ValueError: an argument is out of range; the message names it.
+
+    Example:
+        >>> Tent().name, Tent(episodic=True, groupings=3).name, Tent(batch=16).batch
+        ('tent', 'tent-episodic:k=3', 16)
+    """
 
     def __init__(self, batch: int = 64, steps: int = 1, episodic: bool = False, lr: float = 1e-3,
                  groupings: int = DEFAULT_GROUPINGS) -> None:
@@ -673,7 +790,29 @@ class TentOffline(Strategy):
     """``tent-offline:S``: S Adam steps (lr 1e-3) of entropy minimization of every BN layer's affine
     parameters on random batches of ``batch`` of the target's unlabeled calibration data, on a copy
     of the model; then prediction with batch statistics in batches of ``batch`` (default 64).
-    Under ``torch.distributed``: one rank per source, like ``tent``."""
+    Under ``torch.distributed``: one rank per source, like ``tent``.
+
+    Why: adapting on calibration data first separates the adaptation from the test stream, so every
+    test sample is predicted by the same adapted model (``tent-offline:0`` is ``batch:B``).
+
+    Args:
+        steps: Adam steps S >= 0 on calibration batches.
+        lr: Adam's learning rate (> 0, default 1e-3).
+        batch: calibration and prediction batch size (>= 2, default 64).
+
+    Returns:
+        The strategy ``tent-offline:S``; ``steps``, ``lr`` and ``batch`` hold the arguments.
+
+    Raises:
+        ValueError: S is not an integer >= 0, or ``lr`` or ``batch`` is out of range.
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [TentOffline(2, batch=8)], progress=False)
+        >>> table.strategy.unique().tolist(), table.stats_source.unique().tolist()
+        (['tent-offline:2'], ['batch'])
+    """
 
     def __init__(self, steps: int, lr: float = 1e-3, batch: int = 64) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
