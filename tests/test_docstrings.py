@@ -80,9 +80,9 @@ def missing_headers(obj: object) -> list[str]:
 
 
 def _home(package: str, obj: object) -> str:
-    """The innermost package of ``CORE`` that defines ``obj`` (a top-level re-export's own), else ``package``."""
+    """The package of ``CORE`` under ``package`` defining ``obj`` (a top-level re-export's home), else ``package``."""
     module = getattr(obj, "__module__", None) or ""
-    homes = [p for p in CORE if module == p or module.startswith(p + ".")]
+    homes = [p for p in CORE if p.startswith(package + ".") and (module == p or module.startswith(p + "."))]
     return max(homes, key=len) if homes else package
 
 

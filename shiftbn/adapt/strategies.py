@@ -383,7 +383,8 @@ class PerSource(Target):
         >>> ds = sb.load("blobs-labs", n=60, n_features=4)
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
         >>> table = sb.cross_source_matrix(model, ds, [PerSource(), Target()], progress=False)
-        >>> bool((table[table.strategy == "per-source"].value.values == table[table.strategy == "target"].value.values).all())
+        >>> by = table.pivot(index="eval_source", columns="strategy", values="value")
+        >>> bool((by["per-source"] == by["target"]).all())
         True
     """
 
@@ -552,8 +553,8 @@ class Grouped(Strategy):
         >>> ds = sb.load("blobs-labs", n=60, n_features=4)
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
         >>> table = sb.cross_source_matrix(model, ds, [Shuffled()], progress=False)
-        >>> table.groupings.tolist(), table.value_sd.tolist()
-        ([3, 3, 3, 3], [0.0, 0.0, 0.0, 0.0])
+        >>> table.groupings.tolist(), bool(table.value_sd.max() < 1e-12)  # equal outputs: no spread
+        ([3, 3, 3, 3], True)
     """
 
     groupings: int = DEFAULT_GROUPINGS
