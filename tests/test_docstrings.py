@@ -4,7 +4,8 @@ sections, and every example runs.
 
 Examples run as doctests in a fresh namespace holding ``np`` (numpy), ``torch``, ``nn``
 (``torch.nn``), ``sb`` (``shiftbn``) and the names of the example's own package's ``__all__``
-(as torch's docs use ``nn.BatchNorm1d`` without importing it); anything else an example imports.
+(as torch's docs use ``nn.BatchNorm1d`` without importing it; a top-level re-export's example sees
+its home package's names); anything else an example imports.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import numpy as np
 import pytest
 import sklearn.datasets  # noqa: F401 - imported once here, so no example's time includes it
 import torch
+import torch._dynamo  # noqa: F401 - an optimizer's first step imports it (seconds): so does Tent's, once per process
 from torch import nn
 
 import shiftbn as sb
 
-CORE = ("shiftbn.data", "shiftbn.samplers", "shiftbn.bn", "shiftbn.evaluate")
+CORE = ("shiftbn", "shiftbn.data", "shiftbn.samplers", "shiftbn.bn", "shiftbn.adapt", "shiftbn.evaluate")
 HEADERS = ("Args:", "Returns:", "Example:")
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -35,8 +37,12 @@ def _public(package: str) -> list[tuple[str, object]]:
             if inspect.isclass(getattr(mod, name)) or inspect.isfunction(getattr(mod, name))]
 
 
-def _methods(cls: type) -> list[tuple[str, object]]:
-    """The public methods (plain, class and static) defined in ``cls``'s own body; not properties."""
+def _methods(cls: type, public: set[type] = frozenset()) -> list[tuple[str, object]]:
+    """The public methods (plain, class and static) defined in ``cls``'s own body; not properties.
+
+    An override without a docstring of its own is left out when a class of ``public`` up the MRO
+    defines the method (it is checked there, and the reference shows that docstring for the override).
+    """
     out = []
     for name, attr in vars(cls).items():
         if name.startswith("_") or isinstance(attr, property):
@@ -44,6 +50,8 @@ def _methods(cls: type) -> list[tuple[str, object]]:
         if isinstance(attr, (classmethod, staticmethod)):
             attr = attr.__func__
         if inspect.isfunction(attr):
+            if attr.__doc__ is None and any(name in vars(base) for base in cls.__mro__[1:] if base in public):
+                continue
             out.append((name, attr))
     return out
 
@@ -52,10 +60,12 @@ def documented() -> list[tuple[str, str, object]]:
     """``(package, dotted name, object)`` of every name the API reference documents."""
     out = []
     for package in CORE:
-        for name, obj in _public(package):
+        names = _public(package)
+        public = {obj for _, obj in names if inspect.isclass(obj)}
+        for name, obj in names:
             out.append((package, name, obj))
             if inspect.isclass(obj):
-                out.extend((package, f"{name}.{m}", f) for m, f in _methods(obj))
+                out.extend((package, f"{name}.{m}", f) for m, f in _methods(obj, public))
     return out
 
 
@@ -69,9 +79,16 @@ def missing_headers(obj: object) -> list[str]:
     return [h for h in HEADERS if h not in lines]
 
 
+def _home(package: str, obj: object) -> str:
+    """The package of ``CORE`` under ``package`` defining ``obj`` (a top-level re-export's home), else ``package``."""
+    module = getattr(obj, "__module__", None) or ""
+    homes = [p for p in CORE if p.startswith(package + ".") and (module == p or module.startswith(p + "."))]
+    return max(homes, key=len) if homes else package
+
+
 def run_examples(package: str, name: str, obj: object) -> tuple[int, int, str]:
-    """Run ``obj``'s docstring examples; ``(examples, failures, report)``."""
-    mod = importlib.import_module(package)
+    """Run ``obj``'s docstring examples in its home package's namespace; ``(examples, failures, report)``."""
+    mod = importlib.import_module(_home(package, obj))
     globs = {"np": np, "torch": torch, "nn": nn, "sb": sb, **{n: getattr(mod, n) for n in mod.__all__}}
     tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs=globs)
     out = io.StringIO()

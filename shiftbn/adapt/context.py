@@ -18,6 +18,11 @@ T = TypeVar("T")
 class AdaptContext:
     """The model and the unlabeled data strategies may use; built by keyword.
 
+    Why: a strategy declares what it reads and gets it from here, computed at most once per matrix
+    call, so built-in and user strategies share passes and the matrix never tests for a concrete class.
+    ``cross_source_matrix`` builds one (``shiftbn.evaluate.collect``); build one yourself to call a
+    strategy's ``logits`` directly.
+
     Args:
         model: the model under evaluation (strategies never leave it changed).
         source_stats_fn: computes per-source statistics of every source's calibration samples; called
@@ -32,8 +37,19 @@ class AdaptContext:
         amp: run forwards under autocast (mixed precision); outputs are float32 either way.
         progress: strategies show a bar per evaluation pass (samples/s, ETA) on a terminal.
 
-    ``memo(key, compute)`` caches any value for the lifetime of the context (one matrix call), so
-    user strategies registered with ``register_strategy`` can share work as built-in ones do.
+    Returns:
+        An ``AdaptContext`` holding these fields, and ``stats`` (per-source ``SourceStats``, computed on
+        first use). ``memo(key, compute)`` caches any value for the lifetime of the context (one matrix
+        call), so user strategies registered with ``register_strategy`` can share work as built-in ones do.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x = torch.randn(20, 4)
+        >>> ctx = AdaptContext(model=model, source_stats_fn=lambda: sb.collect_stats(model, [x], progress=False),
+        ...                    calibration_inputs=lambda s: x, eval_inputs=lambda s: x,
+        ...                    train_sources=["pooled"], eval_sources=["pooled"])
+        >>> ctx.source_stats("pooled").num_samples, Target().logits(ctx, "pooled", x).shape
+        (20, torch.Size([20, 3]))
     """
 
     model: nn.Module
@@ -50,7 +66,26 @@ class AdaptContext:
     _memo: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """``compute()`` once per ``key`` for this context; later calls return the cached value."""
+        """``compute()`` once per ``key`` for this context; later calls return the cached value.
+
+        Why: several strategies (or cells) may need the same pass over the data; the context lives for
+        one matrix call, so the cache never outlives the model state it was computed from.
+
+        Args:
+            key: any hashable; prefix it with your package's name to avoid clashing with shiftbn's keys.
+            compute: called with no argument on the first call for ``key``.
+
+        Returns:
+            The value ``compute()`` returned for ``key`` (the same object on every later call).
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> ctx.memo(("mine", "answer"), lambda: 42), ctx.memo(("mine", "answer"), lambda: 0)
+            (42, 42)
+        """
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
@@ -61,13 +96,55 @@ class AdaptContext:
         return self.memo(("shiftbn", "source-stats"), self.source_stats_fn)
 
     def source_stats(self, name: str) -> BNStats:
-        """Calibration statistics of source ``name``."""
+        """Calibration statistics of source ``name``.
+
+        Why: ``target``, ``stats:<name>`` and ``per-source`` normalize with these; the pass that computes
+        every source's statistics runs once, on the first call.
+
+        Args:
+            name: a source with calibration samples.
+
+        Returns:
+            ``BNStats`` of that source's calibration samples, one entry per BN layer.
+
+        Raises:
+            ValueError: ``name`` has no calibration samples.
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> ctx.source_stats("lab_0")["1"].mean.shape
+            (8,)
+        """
         if name not in self.stats:
             raise ValueError(f"no calibration statistics for source {name!r}; it has no calibration samples")
         return self.stats[name]
 
     def precise_stats(self) -> BNStats:
-        """PreciseBN statistics of the training sources (computed on first use)."""
+        """PreciseBN statistics of the training sources (computed on first use).
+
+        Why: ``precise`` (and any strategy with ``needs_precise = True``) normalizes with these; the
+        extra statistics pass runs only when some strategy asks.
+
+        Args:
+            None.
+
+        Returns:
+            ``BNStats`` of the training sources' calibration data in mixed random batches.
+
+        Raises:
+            ValueError: the context was built without ``precise_stats_fn``.
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["precise"]), progress=False)
+            >>> list(ctx.precise_stats())
+            ['1']
+        """
         if self.precise_stats_fn is None:
             raise ValueError("this context has no PreciseBN statistics (precise_stats_fn)")
         return self.memo(("shiftbn", "precise"), self.precise_stats_fn)

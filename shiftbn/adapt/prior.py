@@ -100,6 +100,28 @@ def prior_batch_logits(model: nn.Module, data: Inputs, prior: float, batch_size:
     of n samples every BN layer normalizes with N/(N+n) source + n/(N+n) statistics of its input in that
     forward. ``prior`` = 0 is prediction-time BN (``batch:B``); a huge ``prior`` is the source model.
     The model is left as it was (flags and buffers restored).
+
+    Why: the functional form of the strategy ``prior:N:B``, for use outside the matrix.
+
+    Args:
+        model: a model whose BN layers hold running statistics (the prior).
+        data: the test inputs: a tensor (N, ...) or a dataset read batch by batch.
+        prior: the prior strength N >= 0 (in samples).
+        batch_size: at most this many samples per test batch.
+        seed: seeds the shuffle of the samples into batches.
+        amp: run forwards under autocast.
+
+    Returns:
+        A float32 tensor (N, K), rows in the order of ``data``.
+
+    Raises:
+        ValueError: ``prior`` is negative or not finite, ``data`` is empty, or a BN layer has no
+            running statistics.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> prior_batch_logits(model, torch.randn(10, 4), prior=16, batch_size=4, seed=0).shape
+        torch.Size([10, 3])
     """
     prior = check_prior(prior)
     n = len(data)
@@ -122,8 +144,33 @@ def prior_stats(model: nn.Module, data: Inputs, prior: float, *, batch_size: int
     statistics (inference-consistent, as robusta's ``BayesianBatchNorm`` on one batch of n). When n
     fits one batch that is one forward; else one truncated pass per layer in call order (same result,
     memory O(batch)). ``prior`` = 0 gives the inference-consistent target statistics
-    (``collect_stats(mode="sequential")``). Returns ``PopulationStats`` (``num_samples`` = n) to load
-    with ``use_stats``; the model is left as it was.
+    (``collect_stats(mode="sequential")``). The model is left as it was.
+
+    Why: the functional form of the few-shot strategy ``prior:N@n``: adapt once from n target
+    samples, then predict every test sample with the same statistics.
+
+    Args:
+        model: a model whose BN layers hold running statistics (the prior).
+        data: the n target samples: a tensor (n, ...) or a dataset read batch by batch.
+        prior: the prior strength N >= 0 (in samples).
+        batch_size: samples per forward (more than one batch: one truncated pass per BN layer).
+        amp: run forwards under autocast.
+
+    Returns:
+        ``PopulationStats`` (``num_samples`` = n), one entry per BN layer, to load with ``use_stats``.
+
+    Raises:
+        ValueError: ``prior`` is negative or not finite, ``data`` is empty, a BN layer has no running
+            statistics, or (several batches) a BN module is called more than once per forward.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> stats = prior_stats(model, torch.randn(10, 4), prior=16)
+        >>> stats.num_samples, list(stats), stats["1"].mean.shape
+        (10, ['1'], (8,))
+        >>> with sb.use_stats(model, stats):
+        ...     model(torch.randn(5, 4)).shape
+        torch.Size([5, 3])
     """
     prior = check_prior(prior)
     n = len(data)

@@ -137,7 +137,28 @@ _DEPRECATED = frozenset({"source"})  # old spellings: parsed (with a warning), n
 
 
 def register_strategy(prefix: str, factory: StrategyFactory) -> None:
-    """Make ``"<prefix>"`` / ``"<prefix>:<arg>"`` specs build ``factory(arg)`` (arg ``None`` when absent)."""
+    """Make ``"<prefix>"`` / ``"<prefix>:<arg>"`` specs build ``factory(arg)`` (arg ``None`` when absent).
+
+    Why: the CLI and TOML study files name strategies as text; registering a prefix lets them name
+    your own ``Strategy`` as they name the built-in ones. A registered prefix replaces an earlier one.
+
+    Args:
+        prefix: the spec's name before the first ``:`` (non-empty, no ``:``).
+        factory: ``factory(arg) -> Strategy``; ``arg`` is the text after the first ``:``, or ``None``.
+
+    Returns:
+        None; ``parse_strategy`` builds the prefix's strategies from now on, in this process.
+
+    Raises:
+        ValueError: ``prefix`` is empty, not a string or contains ``:``.
+        TypeError: ``factory`` is not callable.
+
+    Example:
+        >>> from shiftbn.adapt import StatsFrom
+        >>> register_strategy("from", lambda arg: StatsFrom(arg or "lab_0"))
+        >>> parse_strategy("from"), parse_strategy("from:lab_2")
+        (<strategy stats:lab_0>, <strategy stats:lab_2>)
+    """
     if not isinstance(prefix, str) or not prefix or ":" in prefix:
         raise ValueError(f"a strategy prefix must be non-empty and contain no ':', got {prefix!r}")
     if not callable(factory):
@@ -146,7 +167,32 @@ def register_strategy(prefix: str, factory: StrategyFactory) -> None:
 
 
 def parse_strategy(spec: str | Strategy) -> Strategy:
-    """A strategy from its spec string (``"ema"``, ``"prior:16"``, ``"batch:64:mixed"``...) or itself."""
+    """A strategy from its spec string (``"ema"``, ``"prior:16"``, ``"batch:64:mixed"``...) or itself.
+
+    Why: the one reader of spec strings (``GRAMMAR`` lists them), shared by the library, the CLI and
+    study files, so a spec means the same everywhere. ``"source"`` still parses as ``ema``, with a
+    ``DeprecationWarning``.
+
+    Args:
+        spec: a spec ``<prefix>`` or ``<prefix>:<arg>`` (built-in or ``register_strategy``'d), or a
+            ``Strategy`` (returned as is).
+
+    Returns:
+        The ``Strategy``.
+
+    Raises:
+        ValueError: unknown prefix (the message lists the known ones) or a bad argument (the message
+            shows a valid spec).
+        TypeError: ``spec`` is neither a string nor a ``Strategy``, or a factory returned no ``Strategy``.
+
+    Example:
+        >>> parse_strategy("prior:16:32"), parse_strategy("batch:64:mixed:k=3"), parse_strategy("tent-offline:5")
+        (<strategy prior:16:32>, <strategy batch:64:mixed:k=3>, <strategy tent-offline:5>)
+        >>> parse_strategy("prior")
+        Traceback (most recent call last):
+        ...
+        ValueError: strategy 'prior' needs a prior strength N, as in 'prior:16', ...
+    """
     if isinstance(spec, Strategy):
         return spec
     if not isinstance(spec, str):
@@ -162,7 +208,25 @@ def parse_strategy(spec: str | Strategy) -> Strategy:
 
 
 def expand_strategies(specs: Iterable[str | Strategy] | str | Strategy, sources: Sequence[str]) -> list[Strategy]:
-    """Parse specs and expand them over ``sources`` (``stats:*`` becomes one ``stats:<name>`` per source)."""
+    """Parse specs and expand them over ``sources`` (``stats:*`` becomes one ``stats:<name>`` per source).
+
+    Why: the strategies of one matrix call, each once: a repeated name would make two rows of the
+    table indistinguishable.
+
+    Args:
+        specs: one spec or ``Strategy``, or an iterable of them.
+        sources: the dataset's source names.
+
+    Returns:
+        A list of ``Strategy`` with distinct names, in the order given.
+
+    Raises:
+        ValueError: a spec is invalid, or two strategies have the same name.
+
+    Example:
+        >>> expand_strategies(["ema", "stats:*"], ["lab_a", "lab_b"])
+        [<strategy ema>, <strategy stats:lab_a>, <strategy stats:lab_b>]
+    """
     if isinstance(specs, (str, Strategy)):
         specs = [specs]
     out = [s for spec in specs for s in parse_strategy(spec).expand(sources)]

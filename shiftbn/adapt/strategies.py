@@ -42,9 +42,36 @@ def fixed_stats_logits(ctx: AdaptContext, name: str, eval_source: str, stats: BN
 
 
 class Strategy:
-    """Base: evaluate with fixed BN statistics ``bn_stats(ctx, j)`` (``None`` = the model's own).
+    """Base of every strategy: evaluate with fixed BN statistics ``bn_stats(ctx, j)`` (``None`` = the model's own).
 
-    Subclasses set ``name`` and override ``stats_source`` and ``bn_stats`` (or ``logits``).
+    Why: the matrix only calls these methods, so a strategy of your own (given to
+    ``cross_source_matrix`` as an object, or by name after ``register_strategy``) is evaluated,
+    cached and reported exactly as the built-in ones. Subclasses set ``name`` (the ``strategy``
+    column) and override ``stats_source`` and ``bn_stats`` (fixed statistics) or ``logits`` (anything
+    else); they declare what they read with ``stats_sources``, ``calibration_sources`` and the class
+    attribute ``needs_precise``; ``cross_source = True`` marks cells of the cross-source matrix;
+    ``groupings`` > 1 (see ``Grouped``) scores outputs that depend on how samples are batched.
+
+    Args:
+        None.
+
+    Returns:
+        A strategy; ``name``, ``cross_source``, ``needs_precise`` and ``groupings`` are class attributes.
+
+    Example:
+        >>> class FromLab0(Strategy):
+        ...     name = "from-lab_0"
+        ...     def stats_source(self, ctx, eval_source):
+        ...         return "lab_0"
+        ...     def stats_sources(self, eval_source):
+        ...         return {"lab_0"}
+        ...     def bn_stats(self, ctx, eval_source):
+        ...         return ctx.source_stats("lab_0")
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [FromLab0()], progress=False)
+        >>> table.strategy.unique().tolist(), table.stats_source.unique().tolist(), len(table)
+        (['from-lab_0'], ['lab_0'], 4)
     """
 
     name: str = "strategy"
@@ -53,41 +80,187 @@ class Strategy:
     groupings: int = 1
 
     def stats_source(self, ctx: AdaptContext, eval_source: str) -> str:
-        """Label of the statistics used on ``eval_source`` (the table's ``stats_source`` column)."""
+        """Label of the statistics used on ``eval_source`` (the table's ``stats_source`` column).
+
+        Why: the table says which statistics each cell used, separately from the strategy's name;
+        a source's name for its statistics, else a label no source may take (``check_source_name``).
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+
+        Returns:
+            The label (str): a source name, ``"ema"``, ``"precise"``, ``"batch"``, ... .
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> [sb.parse_strategy(s).stats_source(ctx, "lab_1") for s in ["ema", "target", "stats:lab_0", "batch:8"]]
+            ['ema', 'lab_1', 'lab_0', 'batch']
+        """
         raise NotImplementedError
 
     def cache_key(self, ctx: AdaptContext, eval_source: str) -> Hashable | None:
         """Strategies with equal keys on a source give equal outputs there; ``None``: never shared.
 
-        Default: the statistics of the named source (``target`` on j, ``stats:j`` and ``per-source``
-        share); the model's own statistics and PreciseBN have keys of their own (and no source may be
-        named like their labels, see ``check_source_name``).
+        Why: the matrix computes each distinct output once (``target`` on j, ``stats:j`` and
+        ``per-source`` run one forward between them). Default: the statistics of the named source;
+        the model's own statistics and PreciseBN have keys of their own (and no source may be named
+        like their labels, see ``check_source_name``). Return ``None`` when outputs depend on anything
+        else (randomness, adaptation).
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+
+        Returns:
+            A hashable key, or ``None`` (the outputs are computed for this strategy alone).
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> key = sb.parse_strategy("target").cache_key
+            >>> key(ctx, "lab_1") == sb.parse_strategy("stats:lab_1").cache_key(ctx, "lab_1")
+            True
+            >>> print(sb.parse_strategy("batch:8").cache_key(ctx, "lab_1"))
+            None
         """
         return ("source-stats", self.stats_source(ctx, eval_source), eval_source)
 
     def stats_sources(self, eval_source: str) -> set[str]:
-        """Sources whose calibration statistics this strategy reads when evaluating ``eval_source``."""
+        """Sources whose calibration statistics this strategy reads when evaluating ``eval_source``.
+
+        Why: the matrix refuses a plan whose strategies read statistics of a source without
+        calibration samples before any pass runs, and skips the statistics pass when none is read.
+
+        Args:
+            eval_source: the source being evaluated.
+
+        Returns:
+            A set of source names (empty by default).
+
+        Example:
+            >>> sb.parse_strategy("stats:lab_0").stats_sources("lab_1"), sb.parse_strategy("ema").stats_sources("lab_1")
+            ({'lab_0'}, set())
+        """
         return set()
 
     def calibration_sources(self, eval_source: str) -> set[str]:
-        """Sources whose calibration inputs this strategy reads when evaluating ``eval_source``."""
+        """Sources whose calibration inputs this strategy reads when evaluating ``eval_source``.
+
+        Why: strategies that adapt on raw calibration samples (``tent-offline``, few-shot ``prior``)
+        need them kept; the matrix checks they exist before any pass runs.
+
+        Args:
+            eval_source: the source being evaluated.
+
+        Returns:
+            A set of source names (empty by default).
+
+        Example:
+            >>> sb.parse_strategy("tent-offline:5").calibration_sources("lab_1")
+            {'lab_1'}
+        """
         return set()
 
     def expand(self, sources: Sequence[str]) -> list[Strategy]:
-        """The strategies this one stands for, given the dataset's sources (itself, by default)."""
+        """The strategies this one stands for, given the dataset's sources (itself, by default).
+
+        Why: a spec such as ``stats:*`` means one strategy per source, known only once the data is.
+
+        Args:
+            sources: the dataset's source names.
+
+        Returns:
+            A list of strategies (``[self]`` by default).
+
+        Example:
+            >>> sb.parse_strategy("stats:*").expand(["a", "b"]), sb.parse_strategy("ema").expand(["a", "b"])
+            ([<strategy stats:a>, <strategy stats:b>], [<strategy ema>])
+        """
         return [self]
 
     def bn_stats(self, ctx: AdaptContext, eval_source: str) -> BNStats | None:
+        """The fixed BN statistics ``eval_source`` is evaluated with (``None``: the model's own).
+
+        Why: the default ``logits`` loads these with ``use_stats`` for one forward pass and restores
+        the model; a strategy that only chooses statistics overrides this and nothing else of ``logits``.
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation (``ctx.source_stats(name)``,
+                ``ctx.precise_stats()``).
+            eval_source: the source being evaluated.
+
+        Returns:
+            ``BNStats`` (one entry per BN layer) or ``None``.
+
+        Raises:
+            NotImplementedError: the base class, and strategies without fixed statistics (``batch:B``).
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> print(sb.parse_strategy("ema").bn_stats(ctx, "lab_1"))
+            None
+            >>> sb.parse_strategy("target").bn_stats(ctx, "lab_1") is ctx.source_stats("lab_1")
+            True
+        """
         raise NotImplementedError
 
     def outputs(self, ctx: AdaptContext, eval_source: str, x: Inputs) -> list[torch.Tensor]:
-        """Outputs (N, K) per seeded grouping of the test samples (``groupings`` of them); one list
-        item, ``logits``, for strategies whose outputs do not depend on how samples are grouped."""
+        """Outputs (N, K) per seeded grouping of the test samples (``groupings`` of them).
+
+        Why: when outputs depend on how samples are batched the matrix scores each grouping and
+        reports the mean and spread; for other strategies this is one list item, ``logits``.
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+            x: its inputs: a tensor (N, ...) or a dataset read batch by batch.
+
+        Returns:
+            A list of ``groupings`` float32 tensors (N, K).
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> x = ctx.eval_inputs("lab_1")
+            >>> [len(sb.parse_strategy(s).outputs(ctx, "lab_1", x)) for s in ["target", "batch:4", "batch:4:k=2"]]
+            [1, 5, 2]
+        """
         return [self.logits(ctx, eval_source, x)]
 
     def logits(self, ctx: AdaptContext, eval_source: str, x: Inputs) -> torch.Tensor:
-        """Outputs (N, K) float32 for the inputs ``x`` of ``eval_source`` (a tensor (N, ...) or a dataset
-        read batch by batch)."""
+        """Outputs (N, K) float32 for the inputs ``x`` of ``eval_source``.
+
+        Why: what the metrics score. The default runs ``ctx.model`` in eval mode with ``bn_stats``
+        loaded; override it for anything else, leaving ``ctx.model`` as it was (``use_stats``,
+        ``preserved`` or a copy).
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+            x: its inputs: a tensor (N, ...) or a dataset read batch by batch.
+
+        Returns:
+            A float32 tensor (N, K) on the model's device.
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["target"]), progress=False)
+            >>> sb.parse_strategy("target").logits(ctx, "lab_1", ctx.eval_inputs("lab_1")).shape
+            torch.Size([6, 3])
+        """
         return fixed_stats_logits(ctx, self.name, eval_source, self.bn_stats(ctx, eval_source), x)
 
     def __repr__(self) -> str:
@@ -100,6 +273,19 @@ class EMA(Strategy):
     Why: the baseline every other strategy is compared with — the model as trained, no recalibration.
     Spelled ``source`` before (it collided with a data source); ``"source"`` and ``Source`` still work,
     with a ``DeprecationWarning``, for one release.
+
+    Args:
+        None.
+
+    Returns:
+        The strategy ``ema`` (``stats_source`` ``"ema"``; ``bn_stats`` is ``None``: the model's own).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [EMA()], progress=False)
+        >>> table.stats_source.unique().tolist(), table.eval_source.tolist()
+        (['ema'], ['lab_0', 'lab_1', 'lab_2', 'lab_3'])
     """
 
     name = "ema"
@@ -116,7 +302,24 @@ class EMA(Strategy):
 
 class Precise(Strategy):
     """``precise``: PreciseBN over the training sources' calibration data, in random batches that mix
-    the sources as training batches usually do (exact pooled moments; one more statistics pass)."""
+    the sources as training batches usually do (exact pooled moments; one more statistics pass).
+
+    Why: the running averages stored in training lag the final weights (Wu & Johnson 2021); exact
+    statistics of the training distribution separate that error from the shift between sources.
+
+    Args:
+        None.
+
+    Returns:
+        The strategy ``precise`` (``needs_precise``; statistics from ``ctx.precise_stats()``).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [Precise()], progress=False)
+        >>> table.stats_source.unique().tolist(), len(table)
+        (['precise'], 4)
+    """
 
     name = "precise"
     needs_precise = True
@@ -132,7 +335,24 @@ class Precise(Strategy):
 
 
 class Target(Strategy):
-    """``target`` (AdaBN): statistics of the evaluated source's own unlabeled calibration data."""
+    """``target`` (AdaBN, Li et al. 2016): statistics of the evaluated source's own unlabeled calibration data.
+
+    Why: the classic test-time fix for a shift of BN statistics: recalibrate on unlabeled target
+    samples, then predict with fixed statistics (independent of how test samples are batched).
+
+    Args:
+        None.
+
+    Returns:
+        The strategy ``target`` (``stats_source``: the evaluated source itself).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [Target()], progress=False)
+        >>> bool((table.stats_source == table.eval_source).all())
+        True
+    """
 
     name = "target"
 
@@ -149,14 +369,50 @@ class Target(Strategy):
 class PerSource(Target):
     """``per-source`` (DSBN-style): each sample normalized with its own source's statistics.
 
-    Evaluating one source at a time this equals ``target``; it needs the source tag at test time.
+    Why: the name of the deployment where each site keeps its own statistics (see ``shiftbn.sites``).
+    Evaluating one source at a time this equals ``target`` (the matrix computes it once for both);
+    it needs the source tag at test time.
+
+    Args:
+        None.
+
+    Returns:
+        The strategy ``per-source``, a ``Target`` under its own name.
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [PerSource(), Target()], progress=False)
+        >>> by = table.pivot(index="eval_source", columns="strategy", values="value")
+        >>> bool((by["per-source"] == by["target"]).all())
+        True
     """
 
     name = "per-source"
 
 
 class StatsFrom(Strategy):
-    """``stats:<name>``: statistics of another named source (recalibrate on i, evaluate on j)."""
+    """``stats:<name>``: statistics of another named source (recalibrate on i, evaluate on j).
+
+    Why: the cells of the cross-source matrix: how far source i's statistics carry to source j
+    says how much of the shift BN statistics explain.
+
+    Args:
+        source: the name of the source whose calibration statistics are used.
+
+    Returns:
+        The strategy ``stats:<source>`` (``cross_source``; ``source`` holds the name).
+
+    Raises:
+        ValueError: ``source`` is empty or a label of statistics that are no source's (``ema``, ...).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [StatsFrom("lab_0")], progress=False)
+        >>> table.strategy.unique().tolist(), table.stats_source.unique().tolist(), bool(table.is_cross_source.all())
+        (['stats:lab_0'], ['lab_0'], True)
+    """
 
     cross_source = True
 
@@ -183,6 +439,23 @@ def check_source_name(name: str, where: str) -> None:
     Why: the ``stats_source`` column and ``stats:<source>`` name sources; ``ema`` (the model's own
     statistics), ``precise``, ``batch``, ``mixed-batch`` and ``prior:...`` label strategies'
     statistics there, so a source may never be called so.
+
+    Args:
+        name: a source name.
+        where: what is being checked, to start the message with (e.g. ``"cross_source_matrix"``).
+
+    Returns:
+        None; ``name`` is a valid source name when this returns.
+
+    Raises:
+        ValueError: ``name`` is such a label; the message says what it labels and how to rename it.
+
+    Example:
+        >>> check_source_name("lab_a", "my data")
+        >>> check_source_name("ema", "my data")
+        Traceback (most recent call last):
+        ...
+        ValueError: my data: 'ema' labels statistics that are no source's (the model's own statistics ...
     """
     if name in STATS_LABELS or name.startswith(STATS_LABEL_PREFIXES):
         fixes = {"ema": "the model's own statistics are the strategy 'ema'",
@@ -196,7 +469,24 @@ def check_source_name(name: str, where: str) -> None:
 
 
 class StatsFromEach(Strategy):
-    """``stats:*``: one ``StatsFrom`` per source of the dataset (the full cross-source matrix)."""
+    """``stats:*``: one ``StatsFrom`` per source of the dataset (the full cross-source matrix).
+
+    Why: the sources are known only once the data is; ``expand`` turns this placeholder into one
+    ``stats:<name>`` per source.
+
+    Args:
+        None.
+
+    Returns:
+        The placeholder strategy ``stats:*`` (never evaluated itself).
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [StatsFromEach()], progress=False)
+        >>> len(table), table.strategy.unique().tolist()
+        (16, ['stats:lab_0', 'stats:lab_1', 'stats:lab_2', 'stats:lab_3'])
+    """
 
     name = "stats:*"
     cross_source = True
@@ -210,7 +500,22 @@ DEFAULT_GROUPINGS = 5
 
 
 def grouping_seed(seed: int, k: int) -> int:
-    """Seed of the k-th grouping of the test samples: ``seed`` itself for k = 0, derived ones after."""
+    """Seed of the k-th grouping of the test samples: ``seed`` itself for k = 0, derived ones after.
+
+    Why: grouping-dependent strategies are scored over several seeded batchings; grouping 0 is the
+    batching ``seed`` alone gives, and the others are independent yet reproducible.
+
+    Args:
+        seed: the evaluation's seed (``ctx.seed``).
+        k: the grouping's index, 0 to ``groupings - 1``.
+
+    Returns:
+        The seed (int) of the k-th grouping.
+
+    Example:
+        >>> grouping_seed(7, 0), grouping_seed(7, 1) == grouping_seed(7, 1), grouping_seed(7, 1) == 7
+        (7, True, False)
+    """
     if k == 0:
         return int(seed)
     return int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
@@ -228,6 +533,28 @@ class Grouped(Strategy):
     ``outputs`` returns one result per seeded grouping (``groupings`` of them, seeds from
     ``grouping_seed(ctx.seed, k)``); the matrix reports the metric's mean over them and its spread.
     ``logits`` is grouping 0. Subclasses implement ``grouped_logits(ctx, j, x, seed)``.
+
+    Why: one batching is one draw; a difference between strategies smaller than the spread over
+    groupings is noise, so the matrix reports both (``value``, ``value_sd``, ``groupings``).
+
+    Args:
+        None (subclasses set ``groupings``, default ``DEFAULT_GROUPINGS``).
+
+    Returns:
+        A strategy scored over ``groupings`` seeded groupings (``cache_key`` is ``None``).
+
+    Example:
+        >>> class Shuffled(Grouped):
+        ...     name, groupings = "shuffled-ema", 3
+        ...     def stats_source(self, ctx, eval_source):
+        ...         return "ema"
+        ...     def grouped_logits(self, ctx, eval_source, x, seed):
+        ...         return EMA().logits(ctx, eval_source, x)
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [Shuffled()], progress=False)
+        >>> table.groupings.tolist(), bool(table.value_sd.max() < 1e-12)  # equal outputs: no spread
+        ([3, 3, 3, 3], True)
     """
 
     groupings: int = DEFAULT_GROUPINGS
@@ -239,6 +566,31 @@ class Grouped(Strategy):
         return "" if self.groupings == DEFAULT_GROUPINGS else f":k={self.groupings}"
 
     def grouped_logits(self, ctx: AdaptContext, eval_source: str, x: Inputs, seed: int) -> torch.Tensor:
+        """Outputs (N, K) float32 of ``x`` for the grouping of the test samples that ``seed`` draws.
+
+        Why: the one method a grouping-dependent strategy implements; ``logits`` and ``outputs``
+        call it with ``grouping_seed(ctx.seed, k)``.
+
+        Args:
+            ctx: the ``AdaptContext`` of the evaluation.
+            eval_source: the source being evaluated.
+            x: its inputs: a tensor (N, ...) or a dataset read batch by batch.
+            seed: seeds how the samples are shuffled into batches (or streamed).
+
+        Returns:
+            A float32 tensor (N, K), rows in the order of ``x``.
+
+        Raises:
+            NotImplementedError: on ``Grouped`` itself.
+
+        Example:
+            >>> from shiftbn.evaluate import collect, prepare
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+            >>> ctx, _ = collect(model, prepare(ds, ["batch:4"]), progress=False)
+            >>> BatchStats(4).grouped_logits(ctx, "lab_1", ctx.eval_inputs("lab_1"), seed=1).shape
+            torch.Size([6, 3])
+        """
         raise NotImplementedError
 
     def logits(self, ctx, eval_source, x):
@@ -262,6 +614,32 @@ class Prior(Grouped):
     sample): the target statistics of n seeded calibration samples, mixed once, then used for every
     test sample. ``prior:0`` is ``batch:B`` (per batch) or inference-consistent AdaBN on the n
     samples (few-shot); a huge N is ``ema``.
+
+    Why: a few target samples give noisy statistics; the source's statistics as a prior interpolate
+    between the trained model (n << N) and AdaBN (n >> N).
+
+    Args:
+        n: the prior strength N >= 0 (in samples).
+        batch: test batch size B of the per-batch form (default 64).
+        samples: few-shot form: the number of seeded calibration samples n, or ``"all"``; ``None``
+            (default): per test batch.
+        groupings: seeded groupings K the per-batch form is scored over (the few-shot form has 1).
+
+    Returns:
+        The strategy ``prior:N[:B][:k=K]`` or ``prior:N@n``; ``n``, ``batch``, ``samples`` and
+        ``groupings`` hold the arguments.
+
+    Raises:
+        ValueError: N is negative or not finite, or B, n or K is not a positive integer.
+
+    Example:
+        >>> Prior(16).name, Prior(16, batch=32, groupings=3).name, Prior(0.5, samples=10).name
+        ('prior:16', 'prior:16:32:k=3', 'prior:0.5@10')
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [Prior(16, batch=4, groupings=2)], progress=False)
+        >>> table.strategy.unique().tolist(), table.groupings.tolist()
+        (['prior:16:4:k=2'], [2, 2, 2, 2])
     """
 
     def __init__(self, n: float, batch: int = 64, samples: int | str | None = None,
@@ -315,6 +693,29 @@ class BatchStats(Grouped):
     together, to show why batch composition matters at test time. Under ``torch.distributed`` the
     matrix deals each grouping's seeded batches to the ranks, each batch whole on one rank
     (``batch:B:mixed``: all on one rank), so the outputs equal one process's.
+
+    Why: the simplest test-time adaptation (prediction-time BN, Nado et al. 2020), and the
+    reference for how much batch size and composition move the result.
+
+    Args:
+        batch: the test batch size B >= 2.
+        mixed: draw each batch from all evaluated sources together (``stats_source`` ``"mixed-batch"``).
+        groupings: seeded groupings K the metric is scored over (default ``DEFAULT_GROUPINGS``).
+
+    Returns:
+        The strategy ``batch:B[:mixed][:k=K]``; ``batch``, ``mixed`` and ``groupings`` hold the arguments.
+
+    Raises:
+        ValueError: B is not an integer >= 2, or K not an integer >= 1.
+
+    Example:
+        >>> BatchStats(64).name, BatchStats(8, mixed=True, groupings=3).name
+        ('batch:64', 'batch:8:mixed:k=3')
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [BatchStats(4, groupings=2)], progress=False)
+        >>> table.stats_source.unique().tolist(), table.groupings.tolist()
+        (['batch'], [2, 2, 2, 2])
     """
 
     def __init__(self, batch: int, mixed: bool = False, groupings: int = DEFAULT_GROUPINGS) -> None:
@@ -347,7 +748,28 @@ class Tent(Grouped):
     layer normalizing with batch statistics; adaptation carries over (``tent-episodic``: reset per
     batch). Scored over ``groupings`` seeded stream orders (``tent:k=K``). Runs on a copy. Under
     ``torch.distributed`` the matrix adapts and predicts each source on one rank (sources spread
-    over ranks); outputs are gathered and equal one process's."""
+    over ranks); outputs are gathered and equal one process's.
+
+    Why: batch statistics correct the first two moments only; Tent also moves BN's scale and shift
+    from the predictions' entropy, without labels.
+
+    Args:
+        batch: test batch size (>= 2, default 64).
+        steps: Adam steps per batch (>= 1, default 1: the published form).
+        episodic: reset parameters and optimizer before each batch (``tent-episodic``).
+        lr: Adam's learning rate (> 0, default 1e-3).
+        groupings: seeded stream orders K the metric is scored over (default ``DEFAULT_GROUPINGS``).
+
+    Returns:
+        The strategy ``tent[-episodic][:k=K]``; the arguments are held as attributes.
+
+    Raises:
+        ValueError: an argument is out of range; the message names it.
+
+    Example:
+        >>> Tent().name, Tent(episodic=True, groupings=3).name, Tent(batch=16).batch
+        ('tent', 'tent-episodic:k=3', 16)
+    """
 
     def __init__(self, batch: int = 64, steps: int = 1, episodic: bool = False, lr: float = 1e-3,
                  groupings: int = DEFAULT_GROUPINGS) -> None:
@@ -369,7 +791,29 @@ class TentOffline(Strategy):
     """``tent-offline:S``: S Adam steps (lr 1e-3) of entropy minimization of every BN layer's affine
     parameters on random batches of ``batch`` of the target's unlabeled calibration data, on a copy
     of the model; then prediction with batch statistics in batches of ``batch`` (default 64).
-    Under ``torch.distributed``: one rank per source, like ``tent``."""
+    Under ``torch.distributed``: one rank per source, like ``tent``.
+
+    Why: adapting on calibration data first separates the adaptation from the test stream, so every
+    test sample is predicted by the same adapted model (``tent-offline:0`` is ``batch:B``).
+
+    Args:
+        steps: Adam steps S >= 0 on calibration batches.
+        lr: Adam's learning rate (> 0, default 1e-3).
+        batch: calibration and prediction batch size (>= 2, default 64).
+
+    Returns:
+        The strategy ``tent-offline:S``; ``steps``, ``lr`` and ``batch`` hold the arguments.
+
+    Raises:
+        ValueError: S is not an integer >= 0, or ``lr`` or ``batch`` is out of range.
+
+    Example:
+        >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> table = sb.cross_source_matrix(model, ds, [TentOffline(2, batch=8)], progress=False)
+        >>> table.strategy.unique().tolist(), table.stats_source.unique().tolist()
+        (['tent-offline:2'], ['batch'])
+    """
 
     def __init__(self, steps: int, lr: float = 1e-3, batch: int = 64) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

@@ -115,6 +115,32 @@ def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     (lr, betas (0.9, 0.999), no weight decay: the official CIFAR config); the batch's outputs are
     those of the last forward, taken before its update (official ``forward_and_adapt``). Adaptation
     carries over to the next batch unless ``episodic`` (parameters and optimizer reset per batch).
+    Runs on a copy: ``model`` is never changed.
+
+    Why: the functional form of the strategy ``tent`` (``tent-episodic``), for use outside the matrix.
+
+    Args:
+        model: a model with ``BatchNorm2d`` layers with affine parameters (the ones adapted).
+        data: the test stream's inputs: a tensor (N, ...) or a dataset read batch by batch.
+        batch_size: at most this many samples per test batch.
+        seed: seeds the shuffle of the samples into the stream's batches.
+        steps: Adam steps per batch (>= 1).
+        episodic: reset parameters and optimizer before each batch.
+        lr: Adam's learning rate (> 0).
+        amp: run forwards under autocast.
+
+    Returns:
+        A float32 tensor (N, K), rows in the order of ``data``.
+
+    Raises:
+        ValueError: fewer than 2 samples, ``steps`` or ``lr`` out of range, or no affine
+            ``BatchNorm2d`` layer.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                       nn.Flatten(), nn.Linear(4, 3))
+        >>> tent_online_logits(model, torch.randn(20, 1, 6, 6), batch_size=8, seed=0).shape
+        torch.Size([20, 3])
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"online tent needs steps >= 1 per batch (an integer), got {steps!r}")
@@ -137,8 +163,35 @@ def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
 
 def tent_offline_logits(model: nn.Module, calibration: Inputs, data: Inputs, steps: int, batch_size: int,
                         seed: int, *, lr: float = 1e-3, amp: bool = False) -> torch.Tensor:
-    """Offline Tent: ``steps`` Adam steps on random calibration batches (every BN layer's affine
-    parameters), then prediction-time BN on ``data`` in seeded batches of ``batch_size``."""
+    """Offline Tent: ``steps`` Adam steps on random calibration batches, then prediction-time BN on ``data``.
+
+    Why: the functional form of the strategy ``tent-offline:S``: every BN layer's affine parameters
+    adapt on unlabeled calibration data (seeded random batches of ``batch_size``), then ``data`` is
+    predicted with batch statistics in seeded batches of ``batch_size``. Runs on a copy: ``model`` is
+    never changed.
+
+    Args:
+        model: a model with BN layers with affine parameters.
+        calibration: the target's unlabeled calibration inputs: a tensor (M, ...) or a dataset.
+        data: the test inputs: a tensor (N, ...) or a dataset read batch by batch.
+        steps: Adam steps (0: prediction-time BN alone).
+        batch_size: calibration and test batch size.
+        seed: seeds the calibration batches and the test batches.
+        lr: Adam's learning rate (> 0).
+        amp: run forwards under autocast.
+
+    Returns:
+        A float32 tensor (N, K), rows in the order of ``data``.
+
+    Raises:
+        ValueError: ``lr`` out of range, or no BN layer with affine parameters.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> out = tent_offline_logits(model, torch.randn(30, 4), torch.randn(10, 4), steps=3, batch_size=8, seed=0)
+        >>> out.shape
+        torch.Size([10, 3])
+    """
     ad = _Adapter(model, check_lr(lr), only_2d=False)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
