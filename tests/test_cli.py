@@ -397,14 +397,16 @@ def test_bare_shiftbn_prints_the_help_and_version_prints_the_version(capsys):
 
 
 def test_threads_and_quiet_hold_during_the_command_and_are_restored(monkeypatch):
-    from shiftbn import _log, cli
+    import shiftbn.cli.demo as demo
+    from shiftbn import _log
+    from shiftbn.cli._user import progress
 
     seen = {}
 
     def fake(args):
-        seen.update(threads=torch.get_num_threads(), quiet=_log.quiet(), progress=cli._progress(args))
+        seen.update(threads=torch.get_num_threads(), quiet=_log.quiet(), progress=progress(args))
 
-    monkeypatch.setitem(cli.COMMANDS, "demo", fake)
+    monkeypatch.setattr(demo, "run", fake)
     before = torch.get_num_threads()
     assert main(["demo", "--threads", "1", "--quiet"]) == 0
     assert seen == {"threads": 1, "quiet": True, "progress": False}
