@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli(*args, cwd=None, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "shiftbn.cli.main", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "shiftbn", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
 
 
@@ -49,6 +49,12 @@ def test_errors_are_one_line_without_traceback(args, msg, tmp_path):
     assert res.returncode == 2
     assert msg in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_an_error_raised_inside_shiftbn_is_its_message_alone(tmp_path, capsys):
+    spec = tmp_path / "nope.toml"  # refused by shiftbn.studies (not shiftbn.cli): still no "raised in"
+    assert main(["run", str(spec)]) == 2
+    assert capsys.readouterr().err == f"shiftbn run: error: study spec not found: {spec}\n"
 
 
 def _user_project(tmp_path):
@@ -114,7 +120,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     assert full.returncode == 0, full.stderr
     assert (tmp_path / "full" / "figure.png").stat().st_size > 1000
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "shiftbn.cli.main", "run", str(spec), "--out", str(tmp_path / "cut"),
+    proc = subprocess.Popen([sys.executable, "-m", "shiftbn", "run", str(spec), "--out", str(tmp_path / "cut"),
                              "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cells = tmp_path / "cut" / "cells"
     deadline = time.time() + 120

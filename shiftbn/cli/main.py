@@ -129,13 +129,13 @@ def _frames(e: BaseException) -> list:
 def _is_library(filename: str) -> bool:
     """Whether a traceback file belongs to shiftbn, an installed package or the standard library."""
     path = str(Path(filename).resolve())
-    roots = (str(Path(__file__).resolve().parent), sys.prefix, sys.base_prefix,
+    roots = (str(Path(__file__).resolve().parents[1]), sys.prefix, sys.base_prefix,
              str(Path(importlib.__file__).resolve().parents[1]))
     return path.startswith(roots) or filename.startswith("<")
 
 
 def run_as_script() -> None:
-    """``python -m shiftbn`` / ``python -m shiftbn.cli.main``: drop the working folder python put first on
+    """``python -m shiftbn``: drop the working folder python put first on
     ``sys.path`` (``--model`` searches it last, for its own module only), run ``main``, exit."""
     if not sys.flags.safe_path and sys.path and sys.path[0] in ("", str(Path.cwd())):
         del sys.path[0]
