@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo lint bench bench-camelyon clean
+.PHONY: test test-slow test-integrations demo lint bench bench-camelyon clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,27 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/ruff check shiftbn tests benchmarks
 	$(BIN)/python -m pytest
+
+# The libraries users train with, tested for real in their own environment (~5.5 GB: torch's CUDA build,
+# run on the CPU). torch and torchvision first, pinned, and kept by a constraints file so no later
+# install pulls another torch; the libraries pinned to the versions the suite was written against.
+VENV_INT := .venv-integrations
+BIN_INT := $(VENV_INT)/bin
+STAMP_INT := $(VENV_INT)/.installed
+PINS_INT := torch==2.14.1 torchvision==0.29.1
+LIBS_INT := timm==1.0.31 monai==1.6.1 lightning==2.6.6 datasets==5.2.0 nibabel==5.4.2
+
+$(STAMP_INT): pyproject.toml
+	test -x $(BIN_INT)/python || $(PY) -m venv $(VENV_INT)
+	$(BIN_INT)/python -m pip install -q --upgrade pip
+	$(BIN_INT)/python -m pip install -q $(PINS_INT)
+	printf '%s\n' $(PINS_INT) > $(VENV_INT)/constraints.txt
+	$(BIN_INT)/python -m pip install -q -c $(VENV_INT)/constraints.txt $(LIBS_INT)
+	$(BIN_INT)/python -m pip install -q -c $(VENV_INT)/constraints.txt -e ".[dev]"
+	touch $(STAMP_INT)
+
+test-integrations: $(STAMP_INT)
+	$(BIN_INT)/python -m pytest tests/integrations
 
 # Slow tests (marked @pytest.mark.slow): full-size studies and long end-to-end runs.
 test-slow: $(STAMP)
@@ -44,4 +65,4 @@ bench-camelyon: $(STAMP)
 	$(BIN)/python benchmarks/bench_camelyon.py $(if $(CAMELYON_N),--n $(CAMELYON_N))
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VENV_INT) .pytest_cache build *.egg-info

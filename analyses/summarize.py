@@ -48,7 +48,7 @@ def held_out(h: pd.DataFrame, name: str = "held_out") -> None:
     print("\nmean over held-out labs / over the training labs' test splits\n")
     print(_table(h, ["where"], ["strategy"]))
     print("\neffects (accuracy difference, mean over labs)\n")
-    print(_effects([(f"{a} − source", paired_effects(h, ["where"], "strategy", a, "source"))
+    print(_effects([(f"{a} − ema", paired_effects(h, ["where"], "strategy", a, "ema"))
                     for a in ("target", "batch:64", "prior:16") if a in set(h["strategy"])]))
 
 
@@ -58,7 +58,7 @@ def batch_composition(b: pd.DataFrame, name: str = "batch_composition") -> None:
     print(_table(b, ["train_mode", "batch_size"], ["strategy"]))
     print("\neffects\n")
     print(_effects([(f"per-source − {s}", paired_effects(b, ["train_mode", "batch_size"], "strategy", "per-source", s))
-                    for s in ("precise", "source")]))
+                    for s in ("precise", "ema")]))
 
 
 def ema_vs_precise(e: pd.DataFrame) -> None:
@@ -136,8 +136,15 @@ SECTIONS = {"held_out": held_out, "batch_composition": batch_composition, "ema_v
             "drift_fashion": lambda rows: drift(rows, "drift_fashion (fashion-mnist-labs)")}
 
 
+def _renamed(rows: pd.DataFrame) -> pd.DataFrame:
+    """Results written before the strategy ``source`` was spelled ``ema`` read with the new name."""
+    if "strategy" in rows:
+        rows = rows.assign(strategy=rows["strategy"].replace({"source": "ema"}))
+    return rows
+
+
 def main(folder: Path) -> None:
-    read = {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*.csv"))}
+    read = {p.stem: _renamed(pd.read_csv(p)) for p in sorted(folder.glob("*.csv"))}
     for stem, section in SECTIONS.items():
         if stem in read:
             section(read[stem])

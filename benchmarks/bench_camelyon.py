@@ -62,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("/tmp/shiftbn_data/camelyon_like"))
     ap.add_argument("--n", type=int, default=None, help="rows of the manifest to use (default: all)")
-    ap.add_argument("--strategies", nargs="+", default=["source", "target"])
+    ap.add_argument("--strategies", nargs="+", default=["ema", "target"])
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the run (default 2)")
     ap.add_argument("--nice", type=int, default=10, help="niceness of the run (default 10)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/shiftbn_bench/camelyon"))
@@ -106,7 +106,7 @@ def main() -> None:
     cpu = [float(v) for v in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", out)]
     load = os.getloadavg()
     # source+target: statistics over the calibration half, then the eval half twice (source, target).
-    passes = 0.5 + 0.5 * len(set(args.strategies) & {"source", "target", "precise"})
+    passes = 0.5 + 0.5 * len(set(args.strategies) & {"ema", "target", "precise"})
     print(f"wall {wall:.1f} s, peak RSS {rss_kb / 1024:.0f} MiB, {n_rows / wall:.1f} dataset samples/s "
           f"({passes * n_rows / wall:.1f} image forwards/s over {passes:g} passes-equivalent)"
           + (f"; CPU {sum(cpu):.0f} s (user + sys)" if cpu else "")

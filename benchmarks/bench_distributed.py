@@ -32,12 +32,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from resnets import resnet18
 from torch.utils.data import TensorDataset
 
 import shiftbn as sb
 from shiftbn.bn.distributed import _pack, all_merge
 from shiftbn.bn.moments import BNStats, Moments, SourceStats
-from shiftbn.studies.models import SmallResNet, resnet18
+from shiftbn.studies.models import SmallResNet
 
 
 def _data(samples: int) -> sb.SourceTaggedDataset:
@@ -54,7 +55,7 @@ def _tasks(samples: int) -> dict:
     return {
         "collect_stats": lambda: sb.collect_stats(model, ds, batch_size=64, progress=False),
         "precise_bn": lambda: sb.precise_bn(model, ds, num_samples=None, batch_size=64, progress=False),
-        "matrix": lambda: sb.cross_source_matrix(model, ds, ["source", "target", "stats:*"], batch_size=128,
+        "matrix": lambda: sb.cross_source_matrix(model, ds, ["ema", "target", "stats:*"], batch_size=128,
                                                  progress=False),
     }
 

@@ -32,7 +32,7 @@ from shiftbn._torch import stack_inputs
 from shiftbn.evaluate import cross_source_matrix
 from shiftbn.studies.models import SmallCNN
 
-STRATEGIES = ["source", "precise", "target", "prior:16:k=1", "batch:64:k=1", "stats:*"]
+STRATEGIES = ["ema", "precise", "target", "prior:16:k=1", "batch:64:k=1", "stats:*"]
 
 
 def synthetic(n_sources: int, per_source: int, seed: int = 0) -> sb.SourceTaggedDataset:

@@ -36,11 +36,12 @@ import sys
 import numpy as np
 import torch
 from _timing import PICKS, interleaved, pick
+from resnets import resnet18
 from torch import nn
 
 import shiftbn as sb
 import shiftbn.bn.collect as collect_mod
-from shiftbn.studies.models import SmallResNet, resnet18
+from shiftbn.studies.models import SmallResNet
 
 SHAPES = {"resnet18": (40, 32, 96), "smallresnet": (20, 64, 32)}
 TARGETS = {"resnet18": 0.95, "smallresnet": 0.85}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shiftbn.studies.models import resnet18
+from benchmarks.resnets import resnet18
 
 
 def resnet18_2():

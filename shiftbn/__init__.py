@@ -13,7 +13,7 @@ Example:
     >>> import shiftbn as sb
     >>> ds = sb.load("blobs-labs", n=120)
     >>> sorted(ds.sources_present)[:2]
-    ['lab_a', 'lab_b']
+    ['lab_0', 'lab_1']
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ _MOVED: dict[str, str] = {
                      "StrategyChoice", "Study", "TrainConfig", "load_spec", "run_spec", "run_study", "train"),
                     "shiftbn.studies"),
 }
+_NEW_NAME = {"Source": "EMA"}  # moved and renamed: the strategy 'source' is now 'ema'
 
 # Sub-modules reachable as ``sb.<name>`` before the wings existed, kept for one release.
 _MOVED_MODULES = {"models": "shiftbn.studies.models", "protocols": "shiftbn.studies",
@@ -65,10 +66,10 @@ def __getattr__(name: str):
     elif name in _SUBPACKAGES:
         value = importlib.import_module(f"{__name__}.{name}")
     elif name in _MOVED:
-        home = _MOVED[name]
-        warnings.warn(f"shiftbn.{name} moved to {home}.{name}; the old name goes in the next release",
+        home, new = _MOVED[name], _NEW_NAME.get(name, name)
+        warnings.warn(f"shiftbn.{name} moved to {home}.{new}; the old name goes in the next release",
                       DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(home), name)
+        return getattr(importlib.import_module(home), new)
     elif name in _MOVED_MODULES:
         warnings.warn(f"shiftbn.{name} moved to {_MOVED_MODULES[name]}; the old name goes in the next release",
                       DeprecationWarning, stacklevel=2)

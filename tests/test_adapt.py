@@ -30,14 +30,14 @@ def _acc(table, strategy, source):
 
 def test_target_rescues_strongly_shifted_lab_and_prior_moves_toward_source(trained):
     model, ds = trained
-    specs = ["source", "target", "batch:64", "prior:0", "prior:16", "prior:1e9", "prior:1e9@all"]
+    specs = ["ema", "target", "batch:64", "prior:0", "prior:16", "prior:1e9", "prior:1e9@all"]
     table = cross_source_matrix(model, ds, specs, ["accuracy"], train_sources=TRAIN, eval_sources=["lab_e"],
                                 progress=False)
-    assert _acc(table, "target", "lab_e") > _acc(table, "source", "lab_e") + 0.2
+    assert _acc(table, "target", "lab_e") > _acc(table, "ema", "lab_e") + 0.2
     assert _acc(table, "prior:0", "lab_e") == _acc(table, "batch:64", "lab_e")  # same seeded groupings
-    assert _acc(table, "prior:16", "lab_e") > _acc(table, "source", "lab_e") + 0.2
-    assert _acc(table, "prior:1e+09", "lab_e") == pytest.approx(_acc(table, "source", "lab_e"), abs=0.01)
-    assert _acc(table, "prior:1e+09@all", "lab_e") == pytest.approx(_acc(table, "source", "lab_e"), abs=0.01)
+    assert _acc(table, "prior:16", "lab_e") > _acc(table, "ema", "lab_e") + 0.2
+    assert _acc(table, "prior:1e+09", "lab_e") == pytest.approx(_acc(table, "ema", "lab_e"), abs=0.01)
+    assert _acc(table, "prior:1e+09@all", "lab_e") == pytest.approx(_acc(table, "ema", "lab_e"), abs=0.01)
     # the mixed statistics move monotonically from the target's toward the model's own
     stats = sb.collect_stats(model, ds.subset("lab_e"), progress=False)["lab_e"]
     ema = sb.bn.buffer_stats(model)
@@ -80,7 +80,7 @@ def test_model_unchanged_after_every_strategy_and_the_matrix(trained):
     model.train()  # a model left in train mode must stay so
     before = state_of(model)
     table = cross_source_matrix(
-        model, ds, ["source", "precise", "target", "prior:16", "batch:16", "batch:16:mixed:k=2", "per-source",
+        model, ds, ["ema", "precise", "target", "prior:16", "batch:16", "batch:16:mixed:k=2", "per-source",
                     "tent-offline:3", "tent:k=2", "prior:16@20", "stats:*"], ["accuracy", "nll"], train_sources=TRAIN,
         progress=False)
     assert_same_state(model, before)
@@ -90,7 +90,7 @@ def test_model_unchanged_after_every_strategy_and_the_matrix(trained):
     assert len(table) == (10 + 5) * 5 * 2
     groups = table.groupby("strategy")["groupings"].first().to_dict()
     assert groups["batch:16"] == groups["prior:16"] == 5 and groups["tent:k=2"] == 2
-    assert groups["source"] == groups["prior:16@20"] == groups["tent-offline:3"] == 1
+    assert groups["ema"] == groups["prior:16@20"] == groups["tent-offline:3"] == 1
     assert (table["value_sd"].isna() == (table["groupings"] == 1)).all()
     assert table["value"].between(0, np.inf).all()
     # logits are shared: target on j equals stats:j on j and per-source
@@ -122,19 +122,43 @@ def test_custom_strategy_registration(trained):
             return None
 
     register_strategy("my-ema", lambda arg: Ema())
-    table = cross_source_matrix(model, ds, ["source", "my-ema"], ["accuracy"], progress=False)
+    table = cross_source_matrix(model, ds, ["ema", "my-ema"], ["accuracy"], progress=False)
     for s in ds.source_names:
-        assert _acc(table, "source", s) == _acc(table, "my-ema", s)
+        assert _acc(table, "ema", s) == _acc(table, "my-ema", s)
 
 
 @pytest.mark.parametrize("spec, msg", [
     ("adabn", "unknown strategy"), ("prior:x", "needs a number"), ("batch", "batch size"), ("batch:1", "B >= 2"),
-    ("batch:8:shuffled", "unknown batch option"), ("stats", "source name"), ("source:3", "takes no argument"),
+    ("batch:8:shuffled", "unknown batch option"), ("stats", "source name"), ("ema:3", "takes no argument"),
     ("prior:-1", "N >= 0"), ("tent:10", "tent-offline:10"), ("prior:16@x", "needs a number"),
     ("prior:16@0", ">= 1"), ("prior:16:8:4", "unknown prior options"), ("batch:8:k=0", "K >= 1"),
     ("batch:k=3", "batch size first"), ("prior:k=3", "strength N first"), ("tent-episodic:2", "tent-offline:2"),
-    ("stats:ema", "strategy 'source'"), ("stats:precise", "no source's"), ("stats:prior:16", "rename the source"),
+    ("stats:ema", "strategy 'ema'"), ("stats:precise", "no source's"), ("stats:prior:16", "rename the source"),
 ])
 def test_bad_strategy_specs(spec, msg):
     with pytest.raises(ValueError, match=msg):
         parse_strategy(spec)
+
+
+def test_old_strategy_spelling_source_still_parses_to_ema_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="'source' is now spelled 'ema'.*goes in the next release"):
+        old = parse_strategy("source")
+    assert isinstance(old, sb.adapt.EMA) and old.name == "ema"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="'ema' takes no argument"):
+        parse_strategy("source:3")
+    with pytest.raises(ValueError, match="unknown strategy") as e:
+        parse_strategy("sourc")
+    assert "'source'" not in str(e.value) and "'ema'" in str(e.value)  # the old spelling is not advertised
+
+
+def test_old_class_name_source_is_ema_with_a_warning():
+    import shiftbn.adapt
+    import shiftbn.adapt.strategies
+
+    for module in (shiftbn.adapt, shiftbn.adapt.strategies):
+        with pytest.warns(DeprecationWarning, match="Source is now EMA"):
+            assert module.Source is sb.adapt.EMA
+    with pytest.warns(DeprecationWarning, match=r"shiftbn.Source moved to shiftbn.adapt.EMA"):
+        assert sb.adapt.Source is sb.adapt.EMA
+    with pytest.raises(AttributeError):
+        shiftbn.adapt.NoSuchStrategy  # noqa: B018

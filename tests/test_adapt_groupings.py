@@ -24,7 +24,7 @@ def blobs():
 def test_batch_value_is_the_mean_over_seeded_groupings(blobs):
     model, ds = blobs
     evals = list(ds.source_names[:2])
-    table = cross_source_matrix(model, ds, ["batch:8:k=3", "batch:8:k=1", "source"], ["accuracy"],
+    table = cross_source_matrix(model, ds, ["batch:8:k=3", "batch:8:k=1", "ema"], ["accuracy"],
                                 transductive=True, eval_sources=evals, seed=7, progress=False)
     for src in evals:
         part = ds.subset(src)
@@ -43,14 +43,14 @@ def test_batch_value_is_the_mean_over_seeded_groupings(blobs):
 
 def test_sources_and_statistics_labels_never_share_a_namespace(blobs):
     model, ds = blobs
-    table = cross_source_matrix(model, ds, ["source", "precise", "batch:8:k=1", "batch:8:mixed:k=1", "prior:4:k=1",
+    table = cross_source_matrix(model, ds, ["ema", "precise", "batch:8:k=1", "batch:8:mixed:k=1", "prior:4:k=1",
                                             "stats:*"], ["accuracy"], progress=False)
     own = set(table.loc[~table["strategy"].str.startswith("stats:"), "stats_source"])
     assert own == {"ema", "precise", "batch", "mixed-batch", "prior:4:k=1"} and not own & set(ds.source_names)
-    with pytest.raises(ValueError, match="strategy 'source'.*rename the source"):
+    with pytest.raises(ValueError, match="strategy 'ema'.*rename the source"):
         sb.parse_strategy("stats:ema")  # never the model's EMA, never a source: refused
     for bad in (*STATS_LABELS, "prior:16"):
         renamed = sb.SourceTaggedDataset(torch.utils.data.TensorDataset(torch.randn(8, 16), torch.zeros(8).long()),
                                          [0] * 4 + [1] * 4, source_names=[bad, "lab_x"])
         with pytest.raises(ValueError, match=f"cross_source_matrix: '{bad}' labels statistics.*rename the source"):
-            cross_source_matrix(model, renamed, ["source"], progress=False)
+            cross_source_matrix(model, renamed, ["ema"], progress=False)

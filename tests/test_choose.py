@@ -52,10 +52,10 @@ def test_choose_ranks_every_candidate_without_the_sites_labels(blobs_case):
     before = state_of(model)
     kept: dict = {}
     cal = (sp.calibration, sp.test)
-    table = sb.sites.choose_strategy(model, ds, "lab_3", ["source", "target", "prior:16"], calibration=cal,
+    table = sb.sites.choose_strategy(model, ds, "lab_3", ["ema", "target", "prior:16"], calibration=cal,
                                keep_outputs=kept)
     assert_same_state(model, before)
-    assert list(table["strategy"]) == ["source", "target", "prior:16"]
+    assert list(table["strategy"]) == ["ema", "target", "prior:16"]
     assert sorted(table["rank"]) == [1, 2, 3] and table["chosen"].sum() == 1
     assert table.loc[table["chosen"], "rank"].item() == 1
     assert table["pred_accuracy"].between(0, 1).all()
@@ -66,19 +66,19 @@ def test_choose_ranks_every_candidate_without_the_sites_labels(blobs_case):
         part.labels = part.labels.copy()
         site = part.source_ids == part.source_id("lab_3")
         part.labels[site] = np.random.default_rng(0).integers(0, 3, site.sum())
-    again = sb.sites.choose_strategy(model, ds, "lab_3", ["source", "target", "prior:16"], calibration=tuple(scrambled))
+    again = sb.sites.choose_strategy(model, ds, "lab_3", ["ema", "target", "prior:16"], calibration=tuple(scrambled))
     pd.testing.assert_frame_equal(table, again)
     # kept outputs are the matrix's: their accuracy equals cross_source_matrix's on the same split
-    m = cross_source_matrix(model, ds, ["source", "target"], calibration=cal, eval_sources=["lab_3"],
+    m = cross_source_matrix(model, ds, ["ema", "target"], calibration=cal, eval_sources=["lab_3"],
                             train_sources=["lab_0", "lab_1", "lab_2"], progress=False).set_index("strategy")["value"]
     y = sp.test.subset("lab_3").labels
-    for name in ("source", "target"):
+    for name in ("ema", "target"):
         assert np.mean(kept[name, "lab_3"].argmax(1) == y) == pytest.approx(m[name])
 
 
 def test_source_distance_matches_an_independent_w2(blobs_case):
     ds, sp, model = blobs_case
-    table = sb.sites.choose_strategy(model, ds, "lab_3", ["source"], calibration=(sp.calibration, sp.test))
+    table = sb.sites.choose_strategy(model, ds, "lab_3", ["ema"], calibration=(sp.calibration, sp.test))
     own = sb.collect_stats(model, sp.calibration.subset("lab_3"), progress=False)["lab_3"]
     ema = sb.buffer_stats(model)
     dists = []
@@ -93,11 +93,11 @@ def test_source_distance_matches_an_independent_w2(blobs_case):
 def test_choose_refuses_bad_sites(blobs_case):
     ds, sp, model = blobs_case
     with pytest.raises(ValueError, match="unknown source"):
-        sb.sites.choose_strategy(model, ds, "lab_9", ["source"])
+        sb.sites.choose_strategy(model, ds, "lab_9", ["ema"])
     with pytest.raises(ValueError, match="also in labeled"):
-        sb.sites.choose_strategy(model, ds, "lab_3", ["source"], labeled=["lab_3", "lab_0"])
+        sb.sites.choose_strategy(model, ds, "lab_3", ["ema"], labeled=["lab_3", "lab_0"])
     with pytest.raises(ValueError, match="range_factor"):
-        sb.sites.choose_strategy(model, ds, "lab_3", ["source"], range_factor=0)
+        sb.sites.choose_strategy(model, ds, "lab_3", ["ema"], range_factor=0)
 
 
 def test_chooser_avoids_source_statistics_on_the_far_shifted_lab():
@@ -105,25 +105,25 @@ def test_chooser_avoids_source_statistics_on_the_far_shifted_lab():
     sp = ds.split(fractions=(0.6, 0.2, 0.2), seed=0)
     rest = [s for s in ds.sources_present if s != "lab_e"]
     model = fit(TrainConfig(model={"name": "SmallCNN", "width": 8}, steps=100), sp.train.subset(rest), 0)
-    t = sb.sites.choose_strategy(model, ds, "lab_e", ["source", "target"], calibration=(sp.calibration, sp.test))
+    t = sb.sites.choose_strategy(model, ds, "lab_e", ["ema", "target"], calibration=(sp.calibration, sp.test))
     t = t.set_index("strategy")
-    assert not t.loc["source", "in_range"] and t.loc["target", "chosen"]
+    assert not t.loc["ema", "in_range"] and t.loc["target", "chosen"]
     # ATC alone would have picked the collapsed, confidently wrong source statistics
-    assert t.loc["source", "pred_accuracy"] > t.loc["target", "pred_accuracy"]
+    assert t.loc["ema", "pred_accuracy"] > t.loc["target", "pred_accuracy"]
 
 
 def test_choice_summary_regret_and_hits_by_hand():
     rows = []
     for seed, lab, vals, chosen, pred in [(0, "a", [0.5, 0.9], 1, [0.6, 0.8]), (0, "b", [0.7, 0.6], 1, [0.9, 0.7]),
                                           (1, "a", [0.4, 0.8], 0, [0.5, 0.5])]:
-        for i, s in enumerate(["source", "target"]):
+        for i, s in enumerate(["ema", "target"]):
             rows.append({"seed": seed, "held_out": lab, "strategy": s, "value": vals[i], "chosen": i == chosen,
                          "pred_accuracy": pred[i], "confidence": pred[i]})
     s = choice_summary(pd.DataFrame(rows)).set_index("policy")
     assert s.loc["chooser", "regret_mean"] == pytest.approx(100 * (0 + 0.1 + 0.4) / 3)
     assert s.loc["chooser", "hit_rate"] == pytest.approx(1 / 3)
     assert s.loc["always target", "regret_mean"] == pytest.approx(100 * 0.1 / 3)
-    assert s.loc["always source", "regret_max"] == pytest.approx(40)
+    assert s.loc["always ema", "regret_max"] == pytest.approx(40)
     assert s.loc["oracle", "regret_mean"] == 0
     # per-seed means 5 and 40 points: their sd
     assert s.loc["chooser", "regret_sd"] == pytest.approx(np.std([5.0, 40.0], ddof=1))

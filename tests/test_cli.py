@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import re
@@ -63,6 +64,22 @@ def _user_project(tmp_path):
     return tmp_path
 
 
+def test_old_strategy_spelling_runs_and_prints_one_note(tmp_path, monkeypatch, capsys):
+    proj = _user_project(tmp_path)
+    monkeypatch.chdir(proj)
+    common = ["--model", "usernet:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4", "--no-progress",
+              "--no-ci"]
+    assert main(["matrix", *common, "--strategies", "source", "--out", "old"]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert notes == ["shiftbn matrix: note: the strategy 'source' is now spelled 'ema' (the model's stored running "
+                     "statistics); 'source' goes in the next release"]
+    assert set(pd.read_csv(proj / "old" / "matrix.csv")["strategy"]) == {"ema"}
+    assert main(["matrix", *common, "--strategies", "ema", "--out", "new"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    pd.testing.assert_frame_equal(pd.read_csv(proj / "old" / "matrix.csv"), pd.read_csv(proj / "new" / "matrix.csv"))
+
+
 def test_stats_matrix_recalibrate_on_a_users_model(tmp_path, monkeypatch):
     proj = _user_project(tmp_path)
     monkeypatch.chdir(proj)
@@ -71,7 +88,7 @@ def test_stats_matrix_recalibrate_on_a_users_model(tmp_path, monkeypatch):
     stats = sb.SourceStats.from_dict(json.loads((proj / "st" / "stats.json").read_text()))
     assert list(stats) == ["site_a", "site_b"] and stats["site_a"]["1"].count == 12 * 36
     assert set(pd.read_csv(proj / "st" / "shift.csv")["metric"]) == {"w2", "kl", "smd"}
-    assert main(["matrix", *common, "--strategies", "source", "target", "--out", "mx"]) == 0
+    assert main(["matrix", *common, "--strategies", "ema", "target", "--out", "mx"]) == 0
     assert len(pd.read_csv(proj / "mx" / "matrix.csv")) == 4
     before = (proj / "w.pt").read_bytes()
     assert main(["recalibrate", *common, "--target", "site_b", "--output", "w.pt"]) == 2  # never the input
@@ -107,7 +124,7 @@ def _spec(tmp_path):
         [params]
         model = { name = "MLP", hidden = 16 }
         held_out = ["lab_1", "lab_3"]
-        strategies = ["source", "target"]
+        strategies = ["ema", "target"]
         steps = 150
         seeds = [0, 1]
     """))
@@ -205,7 +222,7 @@ def test_user_code_that_raises_anything_is_one_line_naming_where(tmp_path, monke
     for factory, exc in [("broken_assert", "AssertionError"), ("broken_index", "IndexError"),
                          ("broken_not_impl", "NotImplementedError")]:
         err = _one_line_error(capsys, main(["matrix", "--model", f"usernet:{factory}", "--weights", "broken.pt",
-                                            "--strategies", "source", *common]))
+                                            "--strategies", "ema", *common]))
         assert f"{exc}: inside forward (raised in forward (usernet.py:" in err and "SHIFTBN_DEBUG=1" in err
     assert main(["stats", "--model", "usernet:interrupt", "--weights", "w.pt", *common]) == 130
     monkeypatch.setenv("SHIFTBN_DEBUG", "1")
@@ -304,14 +321,14 @@ def test_resume_under_another_thread_count_is_refused_naming_both(tmp_path, caps
 def test_reference_model_with_kwargs_and_a_lightning_checkpoint(tmp_path, monkeypatch, capsys):
     proj = _user_project(tmp_path)
     monkeypatch.chdir(proj)
-    from shiftbn.studies.models import resnet18
+    from shiftbn.studies.models import SmallResNet
 
-    net = resnet18(num_classes=2, in_channels=1)
+    net = SmallResNet(num_classes=2, in_channels=1)
     lightning = {"epoch": 3, "global_step": 120, "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}
     torch.save(lightning, proj / "last.ckpt")
-    base = ["matrix", "--model", "shiftbn.studies.models:resnet18", "--model-kwargs", "num_classes=2", "in_channels=1",
-            "--weights", "last.ckpt", "--data", "data", "--batch-size", "4", "--strategies", "source", "--no-progress",
-            "--out", "mx"]
+    base = ["matrix", "--model", "shiftbn.studies.models:SmallResNet", "--model-kwargs", "num_classes=2",
+            "in_channels=1", "--weights", "last.ckpt", "--data", "data", "--batch-size", "4", "--strategies", "ema",
+            "--no-progress", "--out", "mx"]
     assert main(base) == 2
     assert "--state-key state_dict --strip-prefix model." in capsys.readouterr().err
     assert main([*base, "--state-key", "state_dict"]) == 2  # keys still carry the prefix
@@ -352,7 +369,7 @@ def test_real_folders_corrupt_grayscale_and_odd_size_files(tmp_path, monkeypatch
     big = rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)
     Image.fromarray(big, mode="RGB").save(data / "site_c" / "neg" / "big.png")
     common = ["--model", "usernet:make_rgb", "--weights", "rgb.pt", "--data", "rgb_data", "--batch-size", "4",
-              "--no-progress", "--strategies", "source", "target"]
+              "--no-progress", "--strategies", "ema", "target"]
     assert main(["matrix", *common, "--out", "plain"]) == 2  # the grayscale or the odd size, named
     assert re.search(r"g\.png|big\.png", capsys.readouterr().err)
     assert main(["matrix", *common, "--strict", "--channels", "3", "--image-size", "8", "--out", "strict"]) == 2
@@ -376,6 +393,9 @@ def test_every_option_has_help_and_shows_its_default():
     for cmd, sub in _subparsers(parser).items():
         for action in sub._actions:
             if not action.option_strings or action.dest == "help":
+                continue
+            if action.help == argparse.SUPPRESS:  # an old spelling kept for one release: hidden, prints a note
+                assert action.option_strings == ["--site"], f"{cmd} {action.option_strings[0]} is hidden"
                 continue
             assert action.help, f"{cmd} {action.option_strings[0]} has no help text"
             shown = sub._get_formatter()._get_help_string(action)
@@ -455,7 +475,7 @@ def test_matrix_prints_intervals_and_counts_by_default(tmp_path, monkeypatch, ca
     proj = _user_project(tmp_path)
     monkeypatch.chdir(proj)
     common = ["matrix", "--model", "usernet:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4",
-              "--no-progress", "--strategies", "source", "target", "--n-boot", "50"]
+              "--no-progress", "--strategies", "ema", "target", "--n-boot", "50"]
     assert main([*common, "--out", "mx"]) == 0
     out = capsys.readouterr().out
     assert "[95% interval]" in out and "(n=" in out and re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", out)

@@ -105,7 +105,7 @@ def test_matrix_takes_site_statistics_from_files(proj, capsys):
     for s in SITES:
         assert main(["stats", *_common(f"only_{s}"), "--out", f"{s}.stats"]) == 0
     files = [f"{s}.stats" for s in SITES]
-    assert main(["matrix", *_common(), "--stats", *files, "--strategies", "source", "target", "stats:*",
+    assert main(["matrix", *_common(), "--stats", *files, "--strategies", "ema", "target", "stats:*",
                  "--no-ci", "--out", "mx"]) == 0
     table = pd.read_csv(proj / "mx" / "matrix.csv")
     assert len(table) == 5 * 3 and set(table["n"]) == {8}  # all of --data evaluated, no calibration split
@@ -129,7 +129,7 @@ def test_matrix_takes_site_statistics_from_files(proj, capsys):
         assert msg in _err(capsys, main(["matrix", *_common(), "--stats", *files, *extra, "--no-ci", "--out", "mx2"]))
     # the default strategies without precise (it needs the images)
     assert main(["matrix", *_common(), "--stats", *files, "--no-ci", "--out", "mx2"]) == 0
-    assert set(pd.read_csv(proj / "mx2" / "matrix.csv")["strategy"]) == {"source", "target", *(f"stats:{s}" for s in
+    assert set(pd.read_csv(proj / "mx2" / "matrix.csv")["strategy"]) == {"ema", "target", *(f"stats:{s}" for s in
                                                                                                  SITES)}
     err = _err(capsys, main(["matrix", *_common(), "--stats", files[0], "--strategies", "target", "--out", "mx3"]))
     assert "needs statistics of source(s) ['site_b', 'site_c']" in err
@@ -137,15 +137,21 @@ def test_matrix_takes_site_statistics_from_files(proj, capsys):
 
 def test_statistics_file_errors_are_one_line(proj, capsys):
     assert main(["stats", *_common(), "--out", "two.stats"]) == 0
-    assert main(["stats", *_common("only_site_a"), "--out", "a.stats", "--site", "hospital_1"]) == 0
+    assert main(["stats", *_common("only_site_a"), "--out", "a.stats", "--source-name", "hospital_1"]) == 0
     assert list(sb.sites.read_stats("a.stats")) == ["hospital_1"]
+    capsys.readouterr()
+    # the old spelling still works for one release, with a one-line note naming the new flag
+    assert main(["stats", *_common("only_site_a"), "--out", "b.stats", "--site", "hospital_2"]) == 0
+    assert list(sb.sites.read_stats("b.stats")) == ["hospital_2"]
+    assert "shiftbn stats: note: --site is now --source-name; --site goes in the next release" in \
+        capsys.readouterr().err
     assert "{'site_a': 8} hold fewer than --min-count 9 samples" in _err(
         capsys, main(["stats", *_common("only_site_a"), "--out", "small.stats", "--min-count", "9"]))
     assert not (proj / "small.stats").exists()
     assert "give each source its own file" in _err(
-        capsys, main(["stats", *_common(), "--out", "x.stats", "--site", "h"]))
-    assert "--site names the source in a statistics file" in _err(
-        capsys, main(["stats", *_common(), "--out", "folder", "--site", "h"]))
+        capsys, main(["stats", *_common(), "--out", "x.stats", "--source-name", "h"]))
+    assert "--source-name names the source in a statistics file" in _err(
+        capsys, main(["stats", *_common(), "--out", "folder", "--source-name", "h"]))
     rec = ["recalibrate", *_model_args(), "--output", "r.pt"]
     assert "choose one with --target NAME or pool them all with --pool" in _err(
         capsys, main([*rec, "--stats", "two.stats"]))

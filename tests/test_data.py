@@ -163,6 +163,24 @@ def test_from_frame_csv_and_parquet(tmp_path):
         from_frame(df, path="nope")
 
 
+def test_the_data_names_its_sources_in_its_own_word(tmp_path):
+    rows = []
+    for i, src in enumerate("aab"):
+        _png(tmp_path / f"img{i}.png", 50 * i)
+        rows.append({"path": f"img{i}.png", "label": i % 2, "Hospital_ID": src, "source": src})
+    df = pd.DataFrame(rows)
+    ds = from_frame(df, source="Hospital_ID", root=tmp_path)
+    assert ds.source_word == "hospital id"
+    assert ds.subset("a").source_word == ds.take([0]).source_word == ds.split(seed=0).test.source_word == "hospital id"
+    assert from_frame(df, root=tmp_path).source_word == "source"  # the default column
+    assert load("blobs-labs", n=60).source_word == "lab" and load("digits-c").source_word == "lab"
+    tagged = sb.SourceTaggedDataset(_tiny(), np.zeros(12, dtype=int), source_word="scanner")
+    assert tagged.source_word == "scanner" and sb.SourceTaggedDataset(_tiny(), np.zeros(12)).source_word == "source"
+    for bad in ("", "  ", None, 3):
+        with pytest.raises(ValueError, match="source_word must be a non-empty word"):
+            sb.SourceTaggedDataset(_tiny(), np.zeros(12), source_word=bad)
+
+
 def test_camelyon17_layout(tmp_path):
     meta = pd.DataFrame({
         "patient": [4, 4, 17], "node": [4, 4, 1], "x_coord": [3328, 3360, 100], "y_coord": [21792, 21792, 7],

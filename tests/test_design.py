@@ -150,7 +150,7 @@ def test_cycle_finder_can_fail():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-CLI_SHARED = {"__init__", "main", "_user", "_parser", "types", "dist"}  # every other module of cli/ is a command
+CLI_SHARED = {"__init__", "main", "_user", "_parser", "_renamed", "types", "dist"}  # every other cli/ module: a command
 CLI_PRIVATE_FROM = {"_user", "_parser", "types"}  # the shared helpers a command may take private names from
 
 
@@ -243,9 +243,9 @@ def trained():
 
 def test_strategy_objects_equal_their_spec_strings(trained):
     model, ds = trained
-    strategies = [sb.adapt.Source(), sb.adapt.Prior(16), sb.adapt.Target(), sb.adapt.StatsFromEach()]
+    strategies = [sb.adapt.EMA(), sb.adapt.Prior(16), sb.adapt.Target(), sb.adapt.StatsFromEach()]
     objs = sb.cross_source_matrix(model, ds, strategies, progress=False)
-    strs = sb.cross_source_matrix(model, ds, ["source", "prior:16", "target", "stats:*"], progress=False)
+    strs = sb.cross_source_matrix(model, ds, ["ema", "prior:16", "target", "stats:*"], progress=False)
     pd.testing.assert_frame_equal(objs, strs)
     assert set(objs.loc[objs["is_cross_source"], "strategy"]) == {f"stats:{s}" for s in ds.sources_present}
     assert not objs.loc[~objs["is_cross_source"], "strategy"].str.startswith("stats:").any()
@@ -273,9 +273,9 @@ def test_a_new_strategy_is_one_class_and_caches_through_the_memo(trained):
 
             return ctx.memo(("half", eval_source), mix)
 
-    table = sb.cross_source_matrix(model, ds, [HalfPrior(), "source"], ["accuracy", "nll"], progress=False)
+    table = sb.cross_source_matrix(model, ds, [HalfPrior(), "ema"], ["accuracy", "nll"], progress=False)
     assert sorted(calls) == sorted(ds.sources_present)  # once per source, though two metrics
-    assert set(table["strategy"]) == {"half-prior", "source"}
+    assert set(table["strategy"]) == {"half-prior", "ema"}
     assert not table["is_cross_source"].any()
 
 
@@ -287,7 +287,7 @@ def test_source_alone_runs_no_statistics_pass(trained, monkeypatch):
         raise AssertionError("a statistics pass ran")
 
     monkeypatch.setattr(matrix, "collect_stats", boom)
-    table = sb.cross_source_matrix(model, ds, ["source", "batch:16"], progress=False)
+    table = sb.cross_source_matrix(model, ds, ["ema", "batch:16"], progress=False)
     assert len(table) == 2 * len(ds.sources_present)
 
 
@@ -296,7 +296,7 @@ def test_a_new_metric_is_one_table_entry(trained):
     register_metric(Metric("error_rate", lambda out, y: float((out.argmax(1) != y).mean()), higher_is_better=False,
                            bounded=True, task="classification"))
     try:
-        table = sb.cross_source_matrix(model, ds, ["source"], ["accuracy", "error_rate"], progress=False)
+        table = sb.cross_source_matrix(model, ds, ["ema"], ["accuracy", "error_rate"], progress=False)
         wide = table.pivot_table(index="eval_source", columns="metric", values="value")
         np.testing.assert_allclose(wide["error_rate"], 1 - wide["accuracy"], atol=1e-12)
         summary = sb.summarize(table).set_index("metric")
@@ -328,7 +328,7 @@ def test_a_new_study_is_one_class(tmp_path):
             sp = ds.split(fractions=self.train.fractions, seed=seed)
             config = sb.studies.TrainConfig(model={"name": "MLP", "hidden": value}, steps=self.train.steps)
             model = fit(config, sp.train, seed)
-            table = sb.cross_source_matrix(model, ds, ["source", "target"], calibration=(sp.calibration, sp.test),
+            table = sb.cross_source_matrix(model, ds, ["ema", "target"], calibration=(sp.calibration, sp.test),
                                            progress=False)
             return table.assign(width=value, seed=seed)
 

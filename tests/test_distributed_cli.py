@@ -23,7 +23,7 @@ dataset = { name = "blobs-labs", n = 90 }
 model = { name = "MLP", hidden = 8 }
 steps = 5
 seeds = [0]
-strategies = ["source", "target"]
+strategies = ["ema", "target"]
 """
 
 
@@ -39,7 +39,7 @@ COMMON = ["--model", "usernet_dist:make", "--weights", "w.pt", "--data", "data",
 
 def _commands(tag):
     return [["stats", *COMMON, "--out", f"st{tag}"],
-            ["matrix", *COMMON, "--strategies", "source", "precise", "target", "stats:*", "batch:3",
+            ["matrix", *COMMON, "--strategies", "ema", "precise", "target", "stats:*", "batch:3",
              "tent-offline:1", "tent",
              "--n-boot", "20", "--out", f"mx{tag}"],
             ["recalibrate", *COMMON, "--target", "site_b", "--output", f"b{tag}.pt"],

@@ -16,7 +16,7 @@ from tests.distributed_helpers import outcome, run_ranks
 
 SPEC = {"study": {"protocol": "held_out_sources", "dataset": {"name": "blobs-labs", "n": 120}},
         "params": {"model": {"name": "MLP", "hidden": 8}, "steps": 8, "seeds": [0, 1],
-                   "strategies": ["source", "precise", "target"]}}
+                   "strategies": ["ema", "precise", "target"]}}
 
 
 def _open(path, rank, resume=False):

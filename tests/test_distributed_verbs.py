@@ -17,7 +17,7 @@ from tests.distributed_helpers import (
 )
 from tests.test_evaluate_tapped import items_only
 
-STRATEGIES = ["source", "precise", "target", "prior:4", "stats:*", "per-source", "batch:4", "batch:4:mixed",
+STRATEGIES = ["ema", "precise", "target", "prior:4", "stats:*", "per-source", "batch:4", "batch:4:mixed",
               "tent-offline:2", "tent", "prior:4@all", "prior:2:8"]
 MATRIX = {"strategies": STRATEGIES, "metrics": ["accuracy", "nll"], "batch_size": 5, "stats_batch_size": 6,
           "ci": 0.9, "n_boot": 20, "progress": False}
@@ -54,12 +54,12 @@ def _verbs(rank, world, out_dir):
     res["recal_precise"] = outcome(lambda: sb.sites.recalibrate(model, ds, method="precise", batch_size=8,
                                                           progress=False).to_dict())
     res["recal_buffers"] = {k: v.clone() for k, v in model.state_dict().items()}
-    tapped = {"strategies": ["source", "batch:4", "tent-offline:1"], "transductive": True, "batch_size": 5,
+    tapped = {"strategies": ["ema", "batch:4", "tent-offline:1"], "transductive": True, "batch_size": 5,
               "progress": False}
     res["tapped"] = outcome(lambda: sb.cross_source_matrix(tiny_model(), items_only(ds), **tapped))
     bad = tiny_data()
     bad.base.tensors[0][-1, 0, 0, 0] = float("nan")  # the last sample of lab_c: evaluated by one rank only
-    res["nan_output"] = outcome(lambda: sb.cross_source_matrix(tiny_model(), bad, ["source"], transductive=True,
+    res["nan_output"] = outcome(lambda: sb.cross_source_matrix(tiny_model(), bad, ["ema"], transductive=True,
                                                                batch_size=5, progress=False))
     dist.barrier()
     return res
@@ -116,7 +116,7 @@ def test_every_verb_on_two_ranks_equals_one_process(tmp_path):
         for k, v in model.state_dict().items():
             torch.testing.assert_close(res["recal_buffers"][k], v, rtol=1e-10, atol=1e-12)
     # labels read from the evaluation batches (no label accessor): each rank read its rows, gathered
-    tapped = {"strategies": ["source", "batch:4", "tent-offline:1"], "transductive": True, "batch_size": 5,
+    tapped = {"strategies": ["ema", "batch:4", "tent-offline:1"], "transductive": True, "batch_size": 5,
               "progress": False}
     want = sb.cross_source_matrix(tiny_model(), ds, **tapped)
     for res in ranks:

@@ -144,9 +144,12 @@ def test_monitor_cli_alerts_with_exit_1_and_refuses_bad_input(tmp_path, monkeypa
     common = ["--model", "usernet:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4", "--no-progress"]
     assert main(["monitor", *common, "--reference", "site_a", "--save", "a.monitor", "--n-null", "50"]) == 1
     out = capsys.readouterr().out
-    assert "site site_b" in out and "ALERT" in out and OVERALL in out and (proj / "a.monitor").is_file()
-    assert main(["monitor", *common, "--stats", "a.monitor", "--site", "site_a"]) == 0
+    assert "source site_b" in out and "ALERT" in out and OVERALL in out and (proj / "a.monitor").is_file()
+    assert main(["monitor", *common, "--stats", "a.monitor", "--sources", "site_a"]) == 0
     assert "-> ok" in capsys.readouterr().out
+    assert main(["monitor", *common, "--stats", "a.monitor", "--site", "site_a"]) == 0  # the old spelling
+    cap = capsys.readouterr()
+    assert "-> ok" in cap.out and "note: --site is now --sources" in cap.err
     assert main(["monitor", *common, "--stats", "a.monitor"]) == 1  # every site, site_b alerts
     capsys.readouterr()
     for bad in (["--stats", "nope.monitor"], ["--reference", "site_a", "--alpha", "2"],

@@ -64,23 +64,23 @@ def test_bad_inputs_name_the_fix():
     with pytest.raises(ValueError, match="unknown strategy"):
         cross_source_matrix(model, ds, ["adabn"], progress=False)
     with pytest.raises(ValueError, match="unknown metric"):
-        cross_source_matrix(model, ds, ["source"], ["accurate"], progress=False)
+        cross_source_matrix(model, ds, ["ema"], ["accurate"], progress=False)
     with pytest.raises(ValueError, match="calibration must be"):
-        cross_source_matrix(model, ds, ["source"], calibration=1.5, progress=False)
+        cross_source_matrix(model, ds, ["ema"], calibration=1.5, progress=False)
     tiny = ds.take(np.r_[np.flatnonzero(ds.source_ids == 0), np.flatnonzero(ds.source_ids == 1)[:1]])
     with pytest.raises(ValueError, match="no calibration samples.*transductive"):
         cross_source_matrix(model, tiny, ["target"], calibration=0.3, progress=False)
     shifted = sb.SourceTaggedDataset(ArrayDataset(ds.base.x, ds.labels + 2), ds.source_ids, ds.labels + 2,
                                      source_names=ds.source_names)
     with pytest.raises(ValueError, match="model has 3 outputs"):
-        cross_source_matrix(model, shifted, ["source"], progress=False)
+        cross_source_matrix(model, shifted, ["ema"], progress=False)
     with pytest.raises(ValueError, match="unknown source"):
-        cross_source_matrix(model, ds, ["source"], eval_sources=["lab_9"], progress=False)
+        cross_source_matrix(model, ds, ["ema"], eval_sources=["lab_9"], progress=False)
 
 
 def test_transductive_ci_one_strategy_and_summary():
     ds, model = _blobs_model()
-    table = cross_source_matrix(model, ds, ["source", "target"], ["accuracy"], transductive=True, ci=0.9,
+    table = cross_source_matrix(model, ds, ["ema", "target"], ["accuracy"], transductive=True, ci=0.9,
                                 n_boot=50, progress=False)
     assert (table["n"] == ds.counts().groupby("source")["n"].sum().values.repeat(1).tolist() * 2).all()
     assert ((table["ci_low"] <= table["value"]) & (table["value"] <= table["ci_high"])).all()
@@ -104,7 +104,7 @@ def test_two_threads_running_the_matrix_on_one_model_get_serial_results():
     model = MLP(16, 3, hidden=16)
     sb.studies.train(model, ds, steps=5, batch_size=16, progress=False)
     model.eval()
-    strategies = ["source", "target", "batch:8", "tent-offline:2"]
+    strategies = ["ema", "target", "batch:8", "tent-offline:2"]
     serial = cross_source_matrix(model, ds, strategies, progress=False)
     before = state_of(model)
     results, errors = [], []
@@ -133,11 +133,11 @@ def test_amp_reaches_every_forward_of_the_matrix():
     model = MLP(16, 3, hidden=8).eval()
     seen = []
     hook = model.register_forward_hook(lambda m, a, out: seen.append(torch.is_autocast_enabled("cpu")))
-    cross_source_matrix(model, ds, ["source", "target", "batch:8"], amp=True, progress=False)
+    cross_source_matrix(model, ds, ["ema", "target", "batch:8"], amp=True, progress=False)
     hook.remove()
     assert seen and all(seen)
     with pytest.raises(ValueError, match="model is on cpu"):
-        cross_source_matrix(model, ds, ["source"], device="meta", progress=False)
+        cross_source_matrix(model, ds, ["ema"], device="meta", progress=False)
 def test_paired_difference_matches_a_hand_computation():
     from shiftbn.evaluate import paired_difference
 
@@ -206,7 +206,7 @@ def test_matrix_intervals_resample_within_each_eval_source():
     from shiftbn.evaluate import bootstrap_interval, collect, prepare, score
 
     ds, model = _blobs_model()
-    plan = prepare(ds, ["source", "target"], transductive=True)
+    plan = prepare(ds, ["ema", "target"], transductive=True)
     ctx, labels = collect(model, plan, progress=False)
     kept = {}
     table = score(ctx, plan, labels, ["accuracy", "ece"], ci=0.95, n_boot=100, progress=False, keep_outputs=kept)
@@ -216,9 +216,9 @@ def test_matrix_intervals_resample_within_each_eval_source():
         iv = bootstrap_interval(out, y, row.metric, n_boot=100, level=0.95, seed=0)
         assert (row.ci_low, row.ci_high) == pytest.approx((iv.low, iv.high))
     first = ds.sources_present[0]
-    ece_reps = bootstrap_interval(kept[("source", first)], labels[first], "ece", n_boot=20, seed=0)
+    ece_reps = bootstrap_interval(kept[("ema", first)], labels[first], "ece", n_boot=20, seed=0)
     idx = np.random.default_rng(0).integers(0, len(labels[first]), size=(20, len(labels[first])))
-    by_hand = [metric_value("ece", kept[("source", first)][i], labels[first][i]) for i in idx]
+    by_hand = [metric_value("ece", kept[("ema", first)][i], labels[first][i]) for i in idx]
     assert (ece_reps.low, ece_reps.high) == pytest.approx(tuple(np.quantile(by_hand, [0.025, 0.975])), abs=1e-5)
 
 
@@ -230,7 +230,7 @@ def test_sources_named_like_statistics_labels_are_refused():
     ds = sb.SourceTaggedDataset(base.base, names, base.labels)
     model = MLP(16, 3, hidden=8).eval()
     with pytest.raises(ValueError, match="'ema' labels statistics that are no source's.*rename the source"):
-        cross_source_matrix(model, ds, ["source", "precise"], ["nll"], progress=False)
+        cross_source_matrix(model, ds, ["ema", "precise"], ["nll"], progress=False)
     with pytest.raises(ValueError, match="'precise' labels statistics"):
         sb.parse_strategy("stats:precise")
 

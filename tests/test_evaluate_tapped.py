@@ -28,7 +28,7 @@ def items_only(labeled: sb.SourceTaggedDataset, with_labels: bool = True) -> sb.
     return sb.SourceTaggedDataset(ItemsOnly(x, y if with_labels else None), names)
 
 
-STRATS = ["source", "target", "batch:4", "tent-offline:1", "tent", "stats:*"]
+STRATS = ["ema", "target", "batch:4", "tent-offline:1", "tent", "stats:*"]
 
 
 def test_labels_come_with_the_evaluation_batches():
@@ -52,5 +52,5 @@ def test_labels_come_with_the_evaluation_batches():
 def test_items_without_labels_are_refused_before_any_pass():
     ds = items_only(tiny_data(), with_labels=False)
     with pytest.raises(ValueError, match=r"evaluation needs labels.*carry none.*labels="):
-        sb.cross_source_matrix(tiny_model(), ds, ["source"], progress=False)
+        sb.cross_source_matrix(tiny_model(), ds, ["ema"], progress=False)
     assert ds.base.reads <= 3

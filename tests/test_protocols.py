@@ -7,10 +7,12 @@ import pytest
 import shiftbn as sb
 from shiftbn.data.builtin import FASHION_DEBIAN_ROOT
 from shiftbn.studies import (
-    PROTOCOLS,
-    batch_composition,
-    held_out_sources,
+    STUDIES,
+    BatchComposition,
+    HeldOutSources,
+    TrainConfig,
     load_spec,
+    make_study,
     parse_spec,
     run_spec,
 )
@@ -42,7 +44,7 @@ COLUMNS = {
 
 
 def test_every_protocol_has_a_spec():
-    assert {load_spec(p).protocol for p in SPECS} == set(PROTOCOLS)
+    assert {load_spec(p).protocol for p in SPECS} == set(STUDIES)
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
@@ -52,7 +54,7 @@ def test_quick_study_schema_determinism_and_no_mutation(path):
     spec = load_spec(path)
     ds = spec.load_dataset()
     before = data_fingerprint(ds)
-    first = PROTOCOLS[spec.protocol](ds, progress=False, **spec.resolved(quick=True))
+    first = make_study(spec.protocol, spec.resolved(quick=True)).run(ds, progress=False)
     assert set(first.columns) == COLUMNS[spec.protocol]
     assert len(first) > 0 and first["value"].notna().all()
     assert set(first["seed"]) == set(spec.resolved(quick=True)["seeds"])
@@ -64,17 +66,19 @@ def test_quick_study_schema_determinism_and_no_mutation(path):
 
 def test_held_out_target_rescues_the_shifted_lab():
     ds = sb.load("digits-labs")
-    df = held_out_sources(ds, {"name": "SmallCNN", "width": 8}, held_out=["lab_e"], strategies=["source", "target"],
-                          steps=150, progress=False)
+    study = HeldOutSources(train=TrainConfig(model={"name": "SmallCNN", "width": 8}, steps=150), held_out=["lab_e"],
+                           strategies=["ema", "target"])
+    df = study.run(ds, progress=False)
     held = df.query("is_held_out and metric == 'accuracy'").set_index("strategy")["value"]
-    assert held["target"] > held["source"] + 0.2
+    assert held["target"] > held["ema"] + 0.2
     assert set(df["eval_source"]) == set(ds.source_names)
 
 
 def test_single_source_training_needs_per_source_statistics():
     ds = sb.load("digits-labs")
-    df = batch_composition(ds, {"name": "SmallCNN", "width": 8}, modes=["single"], strategies=["precise", "per-source"],
-                           steps=150, progress=False)
+    study = BatchComposition(train=TrainConfig(model={"name": "SmallCNN", "width": 8}, steps=150), modes=["single"],
+                             strategies=["precise", "per-source"])
+    df = study.run(ds, progress=False)
     mean = df.groupby("strategy")["value"].mean()
     assert mean["per-source"] > mean["precise"] + 0.2
 
@@ -89,8 +93,8 @@ def test_factory_models_are_built_per_seed():
         calls.append(seed)
         return MLP(16, 3, seed=seed)
 
-    df = held_out_sources(ds, factory, held_out=["lab_3"], strategies=["source"], steps=20, seeds=[0, 1],
-                          progress=False)
+    df = make_study("held_out_sources", {"model": factory, "held_out": ["lab_3"], "strategies": ["ema"],
+                                         "steps": 20, "seeds": [0, 1]}).run(ds, progress=False)
     assert calls == [0, 1] and set(df["seed"]) == {0, 1}
 
 

@@ -48,15 +48,24 @@ def _user_project(root):
     return root
 
 
+def _hospital_manifest(proj) -> str:
+    """The image folder as a manifest whose source column is called ``hospital`` (the data's own word)."""
+    files = sorted((proj / "data").glob("*/*/*.png"))
+    rows = [{"path": str(f.relative_to(proj / "data")), "label": f.parent.name, "hospital": f.parent.parent.name}
+            for f in files]
+    pd.DataFrame(rows).to_csv(proj / "data" / "manifest.csv", index=False)
+    return "data/manifest.csv"
+
+
 @pytest.fixture(scope="module")
 def user_report(tmp_path_factory):
     proj = _user_project(tmp_path_factory.mktemp("proj"))
     cwd = __import__("os").getcwd()
     __import__("os").chdir(proj)
     try:
-        status = main(["report", "--model", "reportnet:make", "--weights", "w.pt", "--data", "data",
-                       "--held-out", "site_c", "--batch-size", "4", "--n-boot", "200", "--out", "rep",
-                       "--no-progress"])
+        status = main(["report", "--model", "reportnet:make", "--weights", "w.pt", "--data", _hospital_manifest(proj),
+                       "--source-col", "hospital", "--held-out", "site_c", "--batch-size", "4", "--n-boot", "200",
+                       "--out", "rep", "--no-progress"])
     finally:
         __import__("os").chdir(cwd)
     assert status == 0
@@ -66,12 +75,18 @@ def user_report(tmp_path_factory):
 def test_report_command_writes_the_demo_report_for_a_users_model(user_report, capsys):
     html = (user_report / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "http://" not in html and "https://" not in html
+    assert "<title>shiftbn report" in html  # the report's own title, not a section's
     imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', html)
     assert imgs == ["samples", "matrix", "shift_profile", "reliability", "confusion"]
-    for heading in ("Findings", "Cross-source matrix", "Layer shift profile", "Calibration per site",
-                    "Confusion per site", "Accuracy by strategy and lab", "Paired differences to the source statistics",
-                    "Held-out sites (accuracy)", "Calibration (ECE) per site", "Per-class recall per site"):
+    # headings and the reading say the data's own word for a source (the manifest column "hospital")
+    for heading in ("Findings", "Cross-source matrix", "Layer shift profile", "Calibration per hospital",
+                    "Confusion per hospital", "Accuracy by strategy and hospital",
+                    "Paired differences to the stored statistics (ema)", "Held-out hospitals (accuracy)",
+                    "Calibration (ECE) per hospital", "Per-class recall per hospital", "Sample images per hospital"):
         assert heading in html
+    assert "the worst hospital is" in html and "Pooled over hospitals" in html
+    text = re.sub(r"<img[^>]*>", "", html).replace("site_", "")
+    assert not re.search(r"\b(labs?|sites?)\b", text)  # no other word for a source
     assert "site_c (n=12)" in html  # n next to every rate: 24 images per site, half for calibration
     assert "never seen in training" in html
     assert "<th></th>" not in html  # no empty index-name header cells
@@ -80,7 +95,7 @@ def test_report_command_writes_the_demo_report_for_a_users_model(user_report, ca
     assert {"ci_low", "ci_high", "n"} <= set(matrix.columns)
     assert ((matrix["ci_low"] <= matrix["value"] + 1e-9) | (matrix["metric"] == "ece")).all()
     comparisons = pd.read_csv(user_report / "comparisons.csv")
-    assert set(comparisons["eval_source"]) == set(SITES) and (comparisons["baseline"] == "source").all()
+    assert set(comparisons["eval_source"]) == set(SITES) and (comparisons["baseline"] == "ema").all()
     pooled = pd.read_csv(user_report / "pooled.csv")
     assert (pooled["n"] == 36).all() and (pooled["n_sources"] == 3).all()
     assert (user_report / "stats.json").exists() and (user_report / "shift.csv").exists()
@@ -94,7 +109,7 @@ def test_report_help_and_no_ci(tmp_path, monkeypatch):
     proj = _user_project(tmp_path)
     monkeypatch.chdir(proj)
     common = ["report", "--model", "reportnet:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4",
-              "--no-progress", "--strategies", "source", "target"]
+              "--no-progress", "--strategies", "ema", "target"]
     assert main([*common, "--held-out", "site_x", "--out", "bad"]) == 2  # unknown site, one line
     assert main([*common, "--ci", "95", "--out", "bad"]) == 2
     assert main([*common, "--no-ci", "--out", "noci"]) == 0
@@ -110,24 +125,25 @@ def _matrix(values: dict, n=100, ci=0.05) -> pd.DataFrame:
 
 
 def _pairs(rows) -> pd.DataFrame:
-    return pd.DataFrame([{"eval_source": s, "strategy": st, "baseline": "source", "metric": "accuracy", "diff": d,
+    return pd.DataFrame([{"eval_source": s, "strategy": st, "baseline": "ema", "metric": "accuracy", "diff": d,
                           "ci_low": lo, "ci_high": hi, "n": 100} for s, st, d, lo, hi in rows])
 
 
 def test_findings_say_within_noise_when_the_paired_interval_includes_zero():
-    m = _matrix({("source", "a"): 0.9, ("source", "b"): 0.6, ("target", "a"): 0.9, ("target", "b"): 0.63})
+    m = _matrix({("ema", "a"): 0.9, ("ema", "b"): 0.6, ("target", "a"): 0.9, ("target", "b"): 0.63})
     text = " ".join(findings(m, comparisons=_pairs([("b", "target", 0.03, -0.01, 0.07)]), num_classes=2))
-    assert "the worst lab is b at 60.0%" in text and "n=100" in text
+    assert "the worst source is b at 60.0%" in text and "n=100" in text
+    assert "the worst lab is b at 60.0%" in " ".join(findings(m, num_classes=2, word="lab"))
     assert "within noise (95% interval of the difference, -1.0 to +7.0, includes 0)" in text
     assert "the largest gain" not in text
     assert "no paired interval was computed, so no difference is claimed" in " ".join(findings(m, num_classes=2))
     text = " ".join(findings(m, comparisons=_pairs([("b", "target", 0.03, 0.01, 0.05)]), num_classes=2))
-    assert "the largest gain over the source statistics is target's (+3.0 points, 95% paired interval" in text
+    assert "the largest gain over the stored statistics (ema) is target's (+3.0 points, 95% paired interval" in text
 
 
 def test_findings_at_chance_rank_no_strategy():
-    m = _matrix({("source", "a"): 0.12, ("source", "b"): 0.09, ("target", "a"): 0.2, ("target", "b"): 0.3})
-    pooled = pd.DataFrame([{"strategy": "source", "value": 0.105, "ci_low": 0.07, "ci_high": 0.14, "n": 200},
+    m = _matrix({("ema", "a"): 0.12, ("ema", "b"): 0.09, ("target", "a"): 0.2, ("target", "b"): 0.3})
+    pooled = pd.DataFrame([{"strategy": "ema", "value": 0.105, "ci_low": 0.07, "ci_high": 0.14, "n": 200},
                            {"strategy": "target", "value": 0.25, "ci_low": 0.2, "ci_high": 0.3, "n": 200}])
     text = " ".join(findings(m, comparisons=_pairs([("b", "target", 0.21, 0.1, 0.3)]), pooled=pooled,
                              num_classes=10))
@@ -149,7 +165,7 @@ def test_html_tables_have_one_header_row(tmp_path):
 
 
 def test_heatmap_has_a_colour_bar_and_marks_held_out_sites():
-    m = _matrix({("source", "a"): 0.9, ("source", "b"): 0.6, ("target", "a"): 0.9, ("target", "b"): 0.7})
+    m = _matrix({("ema", "a"): 0.9, ("ema", "b"): 0.6, ("target", "a"): 0.9, ("target", "b"): 0.7})
     fig = matrix_heatmap(m, held_out=["b"])
     assert len(fig.axes) == 2  # the heatmap and its colour bar
     ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
@@ -248,7 +264,7 @@ def test_report_on_three_sites_with_a_corrupt_a_grayscale_and_an_odd_size_file(t
     Image.fromarray(odd, mode="RGB").save(tmp_path / "data" / "site_c" / "neg" / "odd.png")
     monkeypatch.chdir(tmp_path)
     args = ["report", "--model", "netmod:make", "--weights", "w.pt", "--data", "data", "--channels", "3",
-            "--image-size", "8", "--strategies", "source", "target", "--n-boot", "200", "--batch-size", "4",
+            "--image-size", "8", "--strategies", "ema", "target", "--n-boot", "200", "--batch-size", "4",
             "--no-progress", "--quiet", "--out", "rep"]
     assert main(args) == 0
     html = (tmp_path / "rep" / "report.html").read_text()
@@ -267,7 +283,7 @@ def test_report_refuses_only_cross_source_strategies(tmp_path):
     from shiftbn.studies.report import build_report
 
     ds = sb.load("blobs-labs", n=80)
-    with pytest.raises(ValueError, match="at least one strategy that is not stats:<site>"):
+    with pytest.raises(ValueError, match="at least one strategy that is not stats:<source>"):
         build_report(MLP(16, 3, hidden=8).eval(), ds, tmp_path, strategies=["stats:*"], ci=None, progress=False)
 
 

@@ -1,16 +1,18 @@
 """Test-time strategies: objects, the context they see and spec parsing."""
 
+import warnings
+
 from shiftbn.adapt.context import AdaptContext
 from shiftbn.adapt.prior import prior_batch_logits, prior_stats
 from shiftbn.adapt.spec import GRAMMAR, expand_strategies, parse_strategy, register_strategy
 from shiftbn.adapt.strategies import (
     DEFAULT_GROUPINGS,
+    EMA,
     BatchStats,
     Grouped,
     PerSource,
     Precise,
     Prior,
-    Source,
     StatsFrom,
     StatsFromEach,
     Strategy,
@@ -24,6 +26,7 @@ from shiftbn.adapt.tent import tent_offline_logits, tent_online_logits
 
 __all__ = [
     "DEFAULT_GROUPINGS",
+    "EMA",
     "GRAMMAR",
     "AdaptContext",
     "BatchStats",
@@ -31,7 +34,6 @@ __all__ = [
     "PerSource",
     "Precise",
     "Prior",
-    "Source",
     "StatsFrom",
     "StatsFromEach",
     "Strategy",
@@ -48,3 +50,11 @@ __all__ = [
     "tent_offline_logits",
     "tent_online_logits",
 ]
+
+
+def __getattr__(name: str):
+    if name == "Source":
+        warnings.warn("the strategy class Source is now EMA (strategy 'ema'); Source goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return EMA
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

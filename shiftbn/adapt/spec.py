@@ -8,16 +8,17 @@ Why: the CLI and TOML specs name strategies as text; the library works with obje
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 from shiftbn._names import GRAMMAR as GRAMMAR  # re-exported: the grammar lives in a torch-free module
 from shiftbn.adapt.strategies import (
     DEFAULT_GROUPINGS,
+    EMA,
     BatchStats,
     PerSource,
     Precise,
     Prior,
-    Source,
     StatsFrom,
     StatsFromEach,
     Strategy,
@@ -112,8 +113,15 @@ def _tent(episodic: bool):
     return make
 
 
+def _old_source(arg: str | None) -> Strategy:
+    warnings.warn("the strategy 'source' is now spelled 'ema' (the model's stored running statistics); "
+                  "'source' goes in the next release", DeprecationWarning, stacklevel=3)
+    return _no_arg(EMA)(arg)
+
+
 _BUILT_IN: dict[str, StrategyFactory] = {
-    "source": _no_arg(Source),
+    "ema": _no_arg(EMA),
+    "source": _old_source,
     "precise": _no_arg(Precise),
     "target": _no_arg(Target),
     "per-source": _no_arg(PerSource),
@@ -125,6 +133,7 @@ _BUILT_IN: dict[str, StrategyFactory] = {
     "stats": _stats,
 }
 _REGISTRY: dict[str, StrategyFactory] = dict(_BUILT_IN)
+_DEPRECATED = frozenset({"source"})  # old spellings: parsed (with a warning), not listed
 
 
 def register_strategy(prefix: str, factory: StrategyFactory) -> None:
@@ -137,14 +146,15 @@ def register_strategy(prefix: str, factory: StrategyFactory) -> None:
 
 
 def parse_strategy(spec: str | Strategy) -> Strategy:
-    """A strategy from its spec string (``"source"``, ``"prior:16"``, ``"batch:64:mixed"``...) or itself."""
+    """A strategy from its spec string (``"ema"``, ``"prior:16"``, ``"batch:64:mixed"``...) or itself."""
     if isinstance(spec, Strategy):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"a strategy is a spec string or a Strategy, got {type(spec).__name__}")
     prefix, _, arg = spec.partition(":")
     if prefix not in _REGISTRY:
-        raise ValueError(f"unknown strategy {spec!r}; known: {sorted(_REGISTRY)} (register_strategy adds more)")
+        known = sorted(set(_REGISTRY) - _DEPRECATED)
+        raise ValueError(f"unknown strategy {spec!r}; known: {known} (register_strategy adds more)")
     made = _REGISTRY[prefix](arg or None)
     if not isinstance(made, Strategy):
         raise TypeError(f"the factory registered for {prefix!r} returned {type(made).__name__}, not a Strategy")

@@ -14,6 +14,7 @@ samples are grouped into batches (``Grouped``: ``batch:B``, per-batch ``prior:N`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -93,10 +94,15 @@ class Strategy:
         return f"<strategy {self.name}>"
 
 
-class Source(Strategy):
-    """``source``: the running statistics stored in the model (the EMA from training)."""
+class EMA(Strategy):
+    """``ema``: the running statistics stored in the model (the exponential moving average from training).
 
-    name = "source"
+    Why: the baseline every other strategy is compared with — the model as trained, no recalibration.
+    Spelled ``source`` before (it collided with a data source); ``"source"`` and ``Source`` still work,
+    with a ``DeprecationWarning``, for one release.
+    """
+
+    name = "ema"
 
     def stats_source(self, ctx, eval_source):
         return "ema"
@@ -179,7 +185,7 @@ def check_source_name(name: str, where: str) -> None:
     statistics there, so a source may never be called so.
     """
     if name in STATS_LABELS or name.startswith(STATS_LABEL_PREFIXES):
-        fixes = {"ema": "the model's own statistics are the strategy 'source'",
+        fixes = {"ema": "the model's own statistics are the strategy 'ema'",
                  "precise": "PreciseBN statistics are the strategy 'precise'",
                  "batch": "prediction-time BN is the strategy 'batch:B'",
                  "mixed-batch": "prediction-time BN on mixed batches is 'batch:B:mixed'"}
@@ -255,7 +261,7 @@ class Prior(Grouped):
     ``prior:N:k=K``). Few-shot (``samples=n``, ``prior:N@n``; ``prior:N@all``: every calibration
     sample): the target statistics of n seeded calibration samples, mixed once, then used for every
     test sample. ``prior:0`` is ``batch:B`` (per batch) or inference-consistent AdaBN on the n
-    samples (few-shot); a huge N is ``source``.
+    samples (few-shot); a huge N is ``ema``.
     """
 
     def __init__(self, n: float, batch: int = 64, samples: int | str | None = None,
@@ -383,3 +389,11 @@ class TentOffline(Strategy):
     def logits(self, ctx, eval_source, x):
         return tent_offline_logits(ctx.model, ctx.calibration_inputs(eval_source), x, self.steps, self.batch,
                                    ctx.seed, lr=self.lr, amp=ctx.amp)
+
+
+def __getattr__(name: str):
+    if name == "Source":
+        warnings.warn("the strategy class Source is now EMA (strategy 'ema'); Source goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return EMA
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,6 +48,8 @@ class CollectOptions:
         num_workers: the DataLoader's worker processes (0: load in this process).
         keys: field names of dict batches (``ItemKeys(input="image", source="site")``; MONAI and
             Hugging Face style).
+        source_names: names of the integer source ids of batches (id ``s`` is ``source_names[s]``;
+            default: the dataset's names, else the ids written as strings).
         pin_memory: the DataLoader's ``pin_memory``.
         persistent_workers: the DataLoader's ``persistent_workers``.
         device: where inputs go; must be the model's device (default: the model's; the model is
@@ -81,6 +83,7 @@ class CollectOptions:
     sampler: Iterable[list[int]] | None = None
     num_workers: int = 0
     keys: ItemKeys | None = None
+    source_names: list[str] | tuple[str, ...] | None = None
     pin_memory: bool = False
     persistent_workers: bool = False
     device: str | torch.device | None = None
@@ -214,8 +217,8 @@ def _prepare(model, data, batch_size, by_source, num_samples, mode, seed, opts: 
              sync: RankSync) -> tuple[list[BNLayer], Batches]:
     """Validate the arguments and plan this rank's batches (``sampler``: ``opts.sampler`` as sharded here)."""
     max_passes, num_workers = opts.max_passes, opts.num_workers
-    loading = {"keys": opts.keys, "pin_memory": opts.pin_memory, "persistent_workers": opts.persistent_workers,
-               "shard": shard}
+    loading = {"keys": opts.keys, "source_names": opts.source_names, "pin_memory": opts.pin_memory,
+               "persistent_workers": opts.persistent_workers, "shard": shard}
     check_device(model, opts.device)
     if mode not in COLLECT_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {COLLECT_MODES}")

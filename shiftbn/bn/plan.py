@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,7 +69,12 @@ class Batches:
                 "or by_source=False"
             )
         i = int(ids[0])
-        return self.names[i] if self.names is not None else str(i)
+        if self.names is None:
+            return str(i)
+        if not 0 <= i < len(self.names):
+            raise ValueError(f"a batch has source id {i}, but there are {len(self.names)} source_names "
+                             f"{self.names}; give one name per id 0..{len(self.names) - 1}")
+        return self.names[i]
 
 
 class Replay:
@@ -137,23 +142,25 @@ def rank_share(num_samples: int | None, world: int, rank: int) -> int | None:
 
 def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
           sampler: Iterable[list[int]] | None, seed: int, num_workers: int, min_batch: int, *,
-          keys: ItemKeys | None = None, pin_memory: bool = False, persistent_workers: bool = False,
-          shard: tuple[int, int] | None = None) -> Batches:
+          keys: ItemKeys | None = None, source_names: Sequence[str] | None = None, pin_memory: bool = False,
+          persistent_workers: bool = False, shard: tuple[int, int] | None = None) -> Batches:
     """The batches ``collect_stats`` reads: from a Dataset (planned here, read by a DataLoader with
     ``num_workers``/``pin_memory``/``persistent_workers``) or a user's re-iterable of batches.
 
     ``shard=(world, rank)``: keep whole batches ``rank, rank + world, ...`` of a Dataset's plan (the
     data is the same on every rank; see ``distributed.plan_shard``).
 
-    ``keys`` (``ItemKeys``, default input ``"image"``, source ``"source"``) says how dict batches are read.
+    ``keys`` (``ItemKeys``, default input ``"image"``, source ``"source"``) says how dict batches are read;
+    ``source_names`` names the integer source ids of a user's batches (a ``SourceTaggedDataset`` has its own).
     """
     keys = _check_keys(keys)
+    given = _check_names(source_names)
     opts = _loader_options(num_workers, pin_memory, persistent_workers)
     check_dataset(data, "data", WRAP)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         tagged = isinstance(data, SourceTaggedDataset)
         data = data if tagged else LenChecked(data, "data")  # a __len__ that lies is named, not a bare IndexError
-        names = list(data.source_names) if tagged else None
+        names = list(data.source_names) if tagged else given
         if sampler is not None:  # the sampler's batches, the cap applied to them as they stream
             batches = _share([list(b) for b in sampler], shard)
             loader = DataLoader(data, batch_sampler=batches, **opts)
@@ -180,7 +187,7 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
     if not isinstance(data, Iterable):
         raise TypeError(f"data must be a Dataset or an iterable of batches, got {type(data).__name__}")
     base = getattr(data, "dataset", None)
-    names = list(base.source_names) if isinstance(base, SourceTaggedDataset) else None
+    names = list(base.source_names) if isinstance(base, SourceTaggedDataset) else given
     total = len(data) if hasattr(data, "__len__") else None
     return Batches(data, names, by_source, cap, total, min_batch, keys)
 
@@ -188,6 +195,17 @@ def plan_batches(data: Any, batch_size: int, by_source: bool, cap: int | None,
 def _share(batches: list[list[int]], shard: tuple[int, int] | None) -> list[list[int]]:
     """This rank's whole batches of a plan every rank made alike (all of them without ``shard``)."""
     return batches if shard is None else batches[shard[1]::shard[0]]
+
+
+def _check_names(names: Sequence[str] | None) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:
+        raise TypeError(f"source_names must be a non-empty list of names, one per integer source id, got {names!r}")
+    out = [str(n) for n in names]
+    if len(set(out)) != len(out):
+        raise ValueError(f"source_names must be distinct, got {out}")
+    return out
 
 
 def _check_keys(keys: ItemKeys | None) -> ItemKeys:

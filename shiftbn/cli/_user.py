@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,11 +27,13 @@ def add_user_options(p: argparse.ArgumentParser, data_or: str | None = None) -> 
     """The user's model, checkpoint and device, then the data and how it is batched; ``data_or`` names
     an option that can replace ``--data`` (then ``--data`` is not required and its help says so)."""
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                   help="import path of a function that returns the model, e.g. mypkg.nets:make_resnet; the working "
-                        "folder is searched last, only for this module")
+                   help="import path of a function that returns the model, e.g. mypkg.nets:make_resnet (the working "
+                        "folder is searched last, only for this module), or a library's model: timm:resnet50d, "
+                        "torchvision:resnet18, monai:DenseNet121 (built without pretrained weights)")
     p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="keyword arguments for the factory, e.g. num_classes=2 pretrained=false (values read as "
-                        "JSON: numbers, true/false, null; anything else is a string)")
+                   help="keyword arguments for the factory, e.g. num_classes=2 pretrained=false or "
+                        "spatial_dims=2,in_channels=3 (values: numbers, true/false, null, tuples such as 16,32 or "
+                        "(16,32); anything else is a string)")
     p.add_argument("--weights", required=True, type=Path,
                    help="state dict saved with torch.save(model.state_dict()); loaded with weights_only=True")
     p.add_argument("--state-key", default=None, metavar="KEY",
@@ -51,7 +52,9 @@ def add_user_options(p: argparse.ArgumentParser, data_or: str | None = None) -> 
     p.add_argument("--path-col", default="path", help="manifest column with image paths (default: path)")
     p.add_argument("--label-col", default="label",
                    help="manifest column with labels (default: label; 'none' for unlabeled data)")
-    p.add_argument("--source-col", default="source", help="manifest column with the source/site (default: source)")
+    p.add_argument("--source-col", default="source",
+                   help="manifest column with the source; its name is the report's word for a source, e.g. "
+                        "hospital (default: source)")
     p.add_argument("--image-size", type=cli_types.image_size, default=None, metavar="SIZE",
                    help=f"resize images to SIZE x SIZE before the model (1 to {cli_types.IMAGE_SIZE_MAX})")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
@@ -87,7 +90,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def add_ci_options(p: argparse.ArgumentParser, no_ci_help: str) -> None:
     """--ci, --no-ci and --n-boot, for the commands that print intervals."""
     p.add_argument("--ci", type=cli_types.fraction, default=0.95, metavar="LEVEL",
-                   help="bootstrap interval level of every cell, resampled within its site (default: 0.95)")
+                   help="bootstrap interval level of every cell, resampled within its source (default: 0.95)")
     p.add_argument("--no-ci", action="store_true", help=no_ci_help)
     p.add_argument("--n-boot", type=cli_types.count_type("resample", 10, cli_types.RESAMPLES_MAX), default=1000,
                    help=f"bootstrap resamples, 10 to {cli_types.RESAMPLES_MAX:,} (default: 1000)")
@@ -158,7 +161,13 @@ def load_model(args):
 
 
 def _import_factory(spec: str):
-    """The callable named by ``--model MODULE:FACTORY``."""
+    """The callable named by ``--model``: a library's model (``timm:NAME``, ``torchvision:NAME``,
+    ``monai:NAME``, see ``integrations.models``) or ``MODULE:FACTORY``."""
+    from shiftbn.integrations.models import model_factory
+
+    factory = model_factory(spec, "--model")
+    if factory is not None:
+        return factory
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--model must look like package.module:factory, got {spec!r}")
@@ -195,17 +204,10 @@ def _import_user_module(name: str):
 
 
 def _model_kwargs(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings as factory keyword arguments (values parsed as JSON where they are JSON)."""
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--model-kwargs takes KEY=VALUE pairs, got {item!r} (e.g. num_classes=2)")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
+    """``KEY=VALUE`` strings as factory keyword arguments (see ``integrations.models.parse_model_kwargs``)."""
+    from shiftbn.integrations.models import parse_model_kwargs
+
+    return parse_model_kwargs(items, "--model-kwargs")
 
 
 def _state_dict_of(state: dict, path: Path, key: str | None, prefix: str | None) -> dict:
@@ -302,7 +304,8 @@ def files_only(args, verb: str) -> None:
     """Refuse options that choose images for statistics when the statistics come from files."""
     if args.num_samples is not None:
         raise ValueError(f"--num-samples caps the samples statistics are computed from; with --stats {verb} takes "
-                         "them from the files: drop --num-samples (cap at the sites: shiftbn stats --num-samples)")
+                         "them from the files: drop --num-samples (cap where the files are written: shiftbn stats "
+                         "--num-samples)")
 
 
 # ---------------------------------------------------------------- outputs

@@ -13,6 +13,7 @@ import shiftbn.cli.dist as dist
 from shiftbn._version import __version__
 from shiftbn.cli import demo, matrix, merge, monitor, recalibrate, report, run, stats
 from shiftbn.cli._parser import EPILOG, Parser
+from shiftbn.cli._renamed import old_spelling_notes
 from shiftbn.cli._user import describe, first_line
 
 # Only the standard library and torch-free shiftbn modules above: ``--help`` and argument errors
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     _log.restart_clock()
     try:
         threads_before = _set_threads(getattr(args, "threads", None))
-        with dist.session(args):
+        with dist.session(args), old_spelling_notes(args):
             status = COMMANDS[args.command].run(args)
     except KeyboardInterrupt:
         print(f"shiftbn {args.command}: interrupted", file=sys.stderr)

@@ -27,8 +27,8 @@ def register(sub) -> None:
     user.add_user_options(m)
     user.add_run_options(m)
     # the default list is marked, so --stats can tell it from a user's choice
-    m.add_argument("--strategies", nargs="+", default=_Default(["source", "precise", "target", "stats:*"]),
-                   metavar="SPEC", help="strategy specs, grammar below (default: source precise target stats:*)")
+    m.add_argument("--strategies", nargs="+", default=_Default(["ema", "precise", "target", "stats:*"]),
+                   metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*)")
     m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
                    help="metric names, listed below (default: accuracy)")
     m.add_argument("--calibration", type=cli_types.fraction, default=None,
@@ -36,14 +36,14 @@ def register(sub) -> None:
     m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
     user.add_ci_options(m, "no intervals (faster)")
     m.add_argument("--stats", nargs="+", type=Path, default=None, metavar="FILE",
-                   help="statistics files (shiftbn stats --out SITE.stats, or merge) supplying every source's "
+                   help="statistics files (shiftbn stats --out NAME.stats, or merge) supplying every source's "
                         "statistics for target, per-source and stats:* (stats:* expands over the files' sources); "
                         "--data is then evaluation data only: all of it is evaluated, no calibration split. "
                         "Strategies that need calibration images (precise, prior:N@n, tent-offline:S) are "
-                        "refused; the default strategies become source target stats:*")
+                        "refused; the default strategies become ema target stats:*")
     m.add_argument("--merge-duplicates", action="store_true",
-                   help="with --stats: pool a source found in several files (shards of one site) instead of "
-                        "refusing it (one site exported twice counts twice)")
+                   help="with --stats: pool a source found in several files (shards of one source) instead of "
+                        "refusing it (one source exported twice counts twice)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -104,7 +104,7 @@ def _from_files(model, ds, stats, args, level):
         missing = sorted({s for j in evals for s in st.stats_sources(j) if s not in stats})
         if missing:
             raise ValueError(f"strategy {st.name!r} needs statistics of source(s) {missing}, which the --stats files "
-                             f"do not hold (they hold {list(stats)}); add those sites' files or drop the strategy")
+                             f"do not hold (they hold {list(stats)}); add those sources' files or drop the strategy")
     parts = {s: ds.subset(s) for s in evals}
 
     def no_calibration(source):

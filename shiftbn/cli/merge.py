@@ -12,16 +12,17 @@ from shiftbn.cli._parser import EPILOG
 def register(sub) -> None:
     """Add ``merge`` to ``sub`` (the top-level parser's subparsers)."""
     m = sub.add_parser("merge", epilog=EPILOG, help="pool statistics files exactly (no images needed)",
-                       description="Pool per-site statistics files (shiftbn stats ... --out SITE.stats) into one file, "
-                                   "exactly (Chan's merge in float64). The files must come from one model (same "
+                       description="Pool per-source statistics files (shiftbn stats ... --out NAME.stats) into one "
+                                   "file, exactly (Chan's merge in float64). The files must come from one model (same "
                                    "fingerprint) and the same 'stats --mode'; a source name in two files is refused "
                                    "unless --merge-duplicates.")
     m.add_argument("files", nargs="+", type=Path, metavar="FILE", help="statistics files to pool")
     m.add_argument("--out", required=True, type=Path, help="path of the merged statistics file")
     m.add_argument("--pool", action="store_true",
-                   help="write only the pooled statistics of all sources (one source named 'pooled'), not each site's")
+                   help="write only the pooled statistics of all sources (one source named 'pooled'), not each "
+                        "source's")
     m.add_argument("--merge-duplicates", action="store_true",
-                   help="pool a source found in several files (shards of one site) instead of refusing it")
+                   help="pool a source found in several files (shards of one source) instead of refusing it")
     user.add_floor_option(m)
     m.add_argument("--force", action="store_true", help="replace --out if it exists (never one of the FILEs)")
     m.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")

@@ -1,4 +1,4 @@
-"""``shiftbn monitor``: per-layer drift of sites' data against a reference site; exit 1 on an alert."""
+"""``shiftbn monitor``: per-layer drift of sources' data against a reference source; exit 1 on an alert."""
 
 from __future__ import annotations
 
@@ -6,31 +6,33 @@ import argparse
 from pathlib import Path
 
 import shiftbn.cli._user as user
+from shiftbn.cli._renamed import OldFlag
 from shiftbn.cli.types import RESAMPLES_MAX, count_type, fraction
 
 EXIT_ALERT = 1
-MONITOR_EPILOG = ("Exit status: 0 no alert, 1 at least one scored site alerts (overall p-value < --alpha), 2 bad "
+MONITOR_EPILOG = ("Exit status: 0 no alert, 1 at least one scored source alerts (overall p-value < --alpha), 2 bad "
                   "input (one line, no traceback). Docs: README.md (CLI reference).")
 
 
 def register(sub) -> None:
     """Add ``monitor`` to ``sub`` (the top-level parser's subparsers)."""
-    p = sub.add_parser("monitor", epilog=MONITOR_EPILOG, help="drift of sites' data against a reference site, per BN "
-                       "layer (exit 1 on an alert)",
-                       description="Score each site of --data (all its samples together: a batch or a day) by the "
+    p = sub.add_parser("monitor", epilog=MONITOR_EPILOG,
+                       help="drift of sources' data against a reference source, per BN layer (exit 1 on an alert)",
+                       description="Score each source of --data (all its samples together: a batch or a day) by the "
                                    "per-layer W2 distance of its BN-input statistics (model in eval mode) to a "
-                                   "reference site's, with a bootstrap p-value against the reference's own "
+                                   "reference source's, with a bootstrap p-value against the reference's own "
                                    "variation at the same sample size, and the accuracy drop ATC predicts when the "
-                                   "reference had labels. Fit the reference from a site of --data (--reference, "
+                                   "reference had labels. Fit the reference from a source of --data (--reference, "
                                    "optionally --save it) or load a fitted monitor (--stats).")
     user.add_user_options(p)
     user.add_run_options(p)
     ref = p.add_mutually_exclusive_group(required=True)
     ref.add_argument("--stats", type=Path, metavar="FILE",
                      help="a fitted monitor file (written by --save; safetensors, no pickle)")
-    ref.add_argument("--reference", metavar="SITE", help="fit the monitor on this site of --data")
-    p.add_argument("--site", nargs="+", default=None, metavar="SITE",
-                   help="sites of --data to score (default: every site but --reference)")
+    ref.add_argument("--reference", metavar="SOURCE", help="fit the monitor on this source of --data")
+    p.add_argument("--sources", nargs="+", default=None, metavar="SOURCE",
+                   help="sources of --data to score (default: every source but --reference)")
+    p.add_argument("--site", dest="sources", nargs="+", action=OldFlag, new="--sources")
     p.add_argument("--save", type=Path, default=None, metavar="FILE",
                    help="write the fitted monitor (with --reference)")
     p.add_argument("--force", action="store_true", help="replace --save if it exists")
@@ -42,7 +44,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fit or load the monitor, score the sites, print per-layer tables; returns the exit status."""
+    """Fit or load the monitor, score the sources, print per-layer tables; returns the exit status."""
     _check_args(args)
     from shiftbn.sites import DriftMonitor
 
@@ -53,18 +55,18 @@ def run(args: argparse.Namespace) -> int:
         monitor = DriftMonitor(model, ref, seed=args.seed, batch_size=args.batch_size, amp=args.amp, **opts)
         if args.save is not None:
             monitor.save(args.save)
-            print(f"Wrote {args.save}: monitor of site {args.reference!r} ({monitor.n_reference} samples"
+            print(f"Wrote {args.save}: monitor of {ds.source_word} {args.reference!r} ({monitor.n_reference} samples"
                   f"{', with an ATC fit' if monitor.atc is not None else ', no labels: no predicted accuracy'})")
     else:
         monitor = DriftMonitor.load(model, args.stats, batch_size=args.batch_size, amp=args.amp, **opts)
-    sites = args.site if args.site is not None else [s for s in ds.sources_present if s != args.reference]
+    sites = args.sources if args.sources is not None else [s for s in ds.sources_present if s != args.reference]
     if not sites and args.save is None:
-        raise ValueError("no site to score: --data holds only the reference site; name sites with --site")
+        raise ValueError("no source to score: --data holds only the reference source; name sources with --sources")
     alerts = []
     for site in sites:
         result = monitor.score(_site(ds, site, args))
         table = result.layers.copy()
-        print(f"\nsite {site} (n={result.n}): score {result.score:.2f}, p = {result.p_value:.4f} -> "
+        print(f"\n{ds.source_word} {site} (n={result.n}): score {result.score:.2f}, p = {result.p_value:.4f} -> "
               f"{'ALERT' if result.alert else 'ok'} (alpha {monitor.alpha:g})"
               + ("" if result.predicted_drop != result.predicted_drop
                  else f"; predicted accuracy {result.predicted_accuracy:.3f}, drop {result.predicted_drop:+.3f}"))
@@ -83,7 +85,7 @@ def _check_args(args: argparse.Namespace) -> None:
     from shiftbn._safefile import is_special
 
     if args.save is not None and args.reference is None:
-        raise ValueError("--save writes a monitor fitted with --reference SITE; give --reference")
+        raise ValueError("--save writes a monitor fitted with --reference SOURCE; give --reference")
     if args.save is not None and same_file(args.save, args.weights):
         raise ValueError(f"--save {args.save} is the --weights checkpoint; monitor never overwrites its input: give "
                          "another --save")
@@ -101,7 +103,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _site(ds, name: str, args: argparse.Namespace):
-    """The samples of site ``name`` of ``ds`` (at most --num-samples, a seeded subset)."""
+    """The samples of source ``name`` of ``ds`` (at most --num-samples, a seeded subset)."""
     import numpy as np
 
     part = ds.subset(name)

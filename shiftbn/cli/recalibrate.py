@@ -1,4 +1,4 @@
-"""``shiftbn recalibrate``: a NEW checkpoint with BN statistics for a target site, computed from images
+"""``shiftbn recalibrate``: a NEW checkpoint with BN statistics for a target source, computed from images
 (``--data``) or taken from statistics files (``--stats``); the input checkpoint is never overwritten."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from shiftbn.cli._parser import EPILOG
 
 def register(sub) -> None:
     """Add ``recalibrate`` to ``sub`` (the top-level parser's subparsers)."""
-    c = sub.add_parser("recalibrate", epilog=EPILOG, help="write a checkpoint with BN statistics for a target site",
-                       description="Recompute BN statistics (target: AdaBN on the target site's unlabeled data; "
-                                   "precise: PreciseBN over all data, or the target site's) and write them into a "
+    c = sub.add_parser("recalibrate", epilog=EPILOG, help="write a checkpoint with BN statistics for a target source",
+                       description="Recompute BN statistics (target: AdaBN on the target source's unlabeled data; "
+                                   "precise: PreciseBN over all data, or the target source's) and write them into a "
                                    "NEW checkpoint; the input checkpoint is never overwritten. Same as "
                                    "shiftbn.recalibrate(model, data, target=..., method=...).")
     user.add_user_options(c, data_or="--stats")  # --stats replaces --data here; run() requires one of them
     user.add_run_options(c)
-    c.add_argument("--target", default=None, help="target source/site name (required for --method target)")
+    c.add_argument("--target", default=None, metavar="SOURCE", help="target source name (required for --method target)")
     c.add_argument("--method", default="target", choices=["target", "precise"],
-                   help="target: the site's own statistics (AdaBN); precise: PreciseBN in random batches over "
+                   help="target: the source's own statistics (AdaBN); precise: PreciseBN in random batches over "
                         "all data, or over --target's when given (default: target)")
     c.add_argument("--output", required=True, type=Path, help="path of the new checkpoint")
     c.add_argument("--force", action="store_true", help="replace --output if it exists (never the input)")
@@ -32,8 +32,8 @@ def register(sub) -> None:
     c.add_argument("--pool", action="store_true",
                    help="with --stats: the exact pooled statistics of every source in the files")
     c.add_argument("--merge-duplicates", action="store_true",
-                   help="with --stats: pool a source found in several files (shards of one site) instead of "
-                        "refusing it (one site exported twice counts twice)")
+                   help="with --stats: pool a source found in several files (shards of one source) instead of "
+                        "refusing it (one source exported twice counts twice)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
                         num_samples=args.num_samples, seed=args.seed, progress=user.progress(args), amp=args.amp)
     if dist.writer():
         atomic_save_torch(args.output, model.state_dict())
-    where = f"site {args.target!r}" if args.target else "all data"
+    where = f"source {args.target!r}" if args.target else "all data"
     print(f"Wrote {args.output}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")
 
 
@@ -68,7 +68,7 @@ def _from_files(args) -> None:
         raise ValueError("--stats replaces --data for recalibrate; give one of them")
     user.files_only(args, "recalibrate")
     if args.method == "precise":
-        raise ValueError("--method precise runs PreciseBN in random batches that mix the sites, which needs the "
+        raise ValueError("--method precise runs PreciseBN in random batches that mix the sources, which needs the "
                          "images (--data); with --stats use --pool (the exact pooled statistics of every source, "
                          "each seen in its own batches) or --target NAME")
     if args.pool and args.target is not None:
@@ -77,10 +77,10 @@ def _from_files(args) -> None:
     if args.pool:
         bn, where = stats.pooled(), f"{len(stats)} source(s) pooled"
     elif args.target is not None:
-        bn, where = stats[args.target], f"site {args.target!r}"
+        bn, where = stats[args.target], f"source {args.target!r}"
     elif len(stats) == 1:
         (name, bn), = stats.sources.items()
-        where = f"site {name!r}"
+        where = f"source {name!r}"
     else:
         raise ValueError(f"the --stats files hold {len(stats)} sources {list(stats)}; choose one with --target NAME "
                          "or pool them all with --pool")

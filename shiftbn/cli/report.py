@@ -13,19 +13,20 @@ from shiftbn.cli._parser import EPILOG
 def register(sub) -> None:
     """Add ``report`` to ``sub`` (the top-level parser's subparsers)."""
     p = sub.add_parser("report", epilog=EPILOG, help="the demo's HTML report for your model and data",
-                       description="Per-site BN statistics and the layer shift profile, the cross-source matrix with "
-                                   "bootstrap intervals, paired strategy comparisons, the held-out-site view, per-site "
+                       description="Per-source BN statistics and the layer shift profile, the cross-source matrix with "
+                                   "bootstrap intervals, paired strategy comparisons, the held-out view, per-source "
                                    "calibration and confusion, and a generated reading; writes report.html, "
                                    "matrix.csv, comparisons.csv, pooled.csv, shift.csv and stats.json into --out. "
                                    "Nothing is trained.")
     user.add_user_options(p)
     user.add_run_options(p)
-    p.add_argument("--held-out", nargs="+", default=[], metavar="SITE",
-                   help="sites the model was trained WITHOUT (marked in the matrix; their rows are the held-out view)")
-    p.add_argument("--strategies", nargs="+", default=["source", "precise", "target", "prior:16", "stats:*"],
-                   help="strategy specs (default: source precise target prior:16 stats:*)")
+    p.add_argument("--held-out", nargs="+", default=[], metavar="SOURCE",
+                   help="sources the model was trained WITHOUT (marked in the matrix; their rows are the held-out "
+                        "view)")
+    p.add_argument("--strategies", nargs="+", default=["ema", "precise", "target", "prior:16", "stats:*"],
+                   help="strategy specs (default: ema precise target prior:16 stats:*)")
     p.add_argument("--calibration", type=cli_types.fraction, default=0.5,
-                   help="fraction of each site used unlabeled for statistics; the rest is evaluated (default 0.5)")
+                   help="fraction of each source used unlabeled for statistics; the rest is evaluated (default 0.5)")
     user.add_ci_options(p, "no intervals (faster; the reading then claims no difference)")
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="output folder (default: runs/report)")
 
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> None:
 
     matrix = pd.read_csv(args.out / "matrix.csv")
     acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"]]
-    print(f"Accuracy by strategy (rows) and site (columns){'' if level is None else f', [{level:.0%} interval]'}:")
+    word = ds.source_word
+    print(f"Accuracy by strategy (rows) and {word} (columns){'' if level is None else f', [{level:.0%} interval]'}:")
     print(interval_cells(acc, "strategy", "eval_source").to_string(index=False))
     print(f"\nReport: {report}")

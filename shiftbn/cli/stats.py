@@ -1,5 +1,5 @@
 """``shiftbn stats``: per-source BN statistics of the user's model on the user's data, as tables in a
-folder or as one statistics file (``--out SITE.stats``) for ``merge``, ``recalibrate --stats`` and
+folder or as one statistics file (``--out NAME.stats``) for ``merge``, ``recalibrate --stats`` and
 ``matrix --stats``.
 
 Why the file: sites that may not move images compute their statistics where the data lives; only
@@ -15,6 +15,7 @@ from pathlib import Path
 import shiftbn.cli._user as user
 import shiftbn.cli.dist as dist
 from shiftbn.cli._parser import EPILOG
+from shiftbn.cli._renamed import OldFlag
 
 STATS_SUFFIX = ".stats"
 
@@ -34,11 +35,12 @@ def register(sub) -> None:
                    help="folder for stats.json, stats.csv and shift.csv; a path ending in .stats writes one "
                         "statistics file instead (for merge, recalibrate --stats, matrix --stats)")
     user.add_floor_option(s)
-    s.add_argument("--site", default=None, metavar="NAME",
-                   help="with --out SITE.stats: store the statistics under this source name (the data must hold "
+    s.add_argument("--source-name", default=None, metavar="SOURCE",
+                   help="with --out NAME.stats: store the statistics under this source name (the data must hold "
                         "one source); merge refuses two files with the same source name")
     s.add_argument("--force", action="store_true",
-                   help="with --out SITE.stats: replace the file if it exists (never an input)")
+                   help="with --out NAME.stats: replace the file if it exists (never an input)")
+    s.add_argument("--site", dest="source_name", action=OldFlag, new="--source-name")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -74,23 +76,24 @@ def _writes_file(args) -> bool:
     to_file = args.out.suffix == STATS_SUFFIX
     if to_file and args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; a statistics file needs a new or file path")
-    if args.site is not None and not to_file:
-        raise ValueError(f"--site names the source in a statistics file; give --out NAME{STATS_SUFFIX}")
+    if args.source_name is not None and not to_file:
+        raise ValueError(f"--source-name names the source in a statistics file; give --out NAME{STATS_SUFFIX}")
     if to_file:
         user.check_output(args.out, [args.weights, args.data], args.force, "stats")
     return to_file
 
 
 def _write_file(args, model, stats) -> None:
-    """``--out SITE.stats``: the statistics file, with the collection settings in its header."""
+    """``--out NAME.stats``: the statistics file, with the collection settings in its header."""
     from shiftbn.sites import save_stats
 
     extra = {"command": "stats", "mode": args.mode, "batch_size": args.batch_size, "num_samples": args.num_samples,
              "seed": args.seed, "amp": args.amp}
-    if args.site is not None and len(stats) != 1:
-        raise ValueError(f"--site {args.site!r} names one source, but --data holds {list(stats)}; give each source "
-                         "its own file (a manifest per site) or drop --site")
-    save_stats(stats, args.out, model=model, min_count=args.min_count, extra=extra, source=args.site)
-    sources = ", ".join(f"{k} ({v.num_samples} samples)" for k, v in stats.sources.items()) if args.site is None \
-        else f"{args.site} ({next(iter(stats.sources.values())).num_samples} samples)"
-    print(f"Wrote {args.out}: BN statistics of {sources}; merge site files with shiftbn merge")
+    name = args.source_name
+    if name is not None and len(stats) != 1:
+        raise ValueError(f"--source-name {name!r} names one source, but --data holds {list(stats)}; give each "
+                         "source its own file (a manifest per source) or drop --source-name")
+    save_stats(stats, args.out, model=model, min_count=args.min_count, extra=extra, source=name)
+    sources = ", ".join(f"{k} ({v.num_samples} samples)" for k, v in stats.sources.items()) if name is None \
+        else f"{name} ({next(iter(stats.sources.values())).num_samples} samples)"
+    print(f"Wrote {args.out}: BN statistics of {sources}; merge such files with shiftbn merge")

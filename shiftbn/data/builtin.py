@@ -207,7 +207,7 @@ def _cached_copy(name: str, *args) -> SourceTaggedDataset:
     base = ds.base
     fresh = ArrayDataset(base.x.clone(), base.targets.copy())
     return SourceTaggedDataset(fresh, ds.source_ids.copy(), ds.labels.copy(), source_names=ds.source_names,
-                               class_names=ds.class_names)
+                               class_names=ds.class_names, source_word=ds.source_word)
 
 
 @lru_cache(maxsize=4)
@@ -267,7 +267,7 @@ def blobs_labs(n: int = 1200, n_features: int = 16, n_classes: int = 3, n_labs: 
         offset = 2.0 * k * rng.standard_normal(n_features)
         x[lab == k] = x[lab == k] * scale + offset
     names = [f"lab_{k}" for k in range(n_labs)]
-    return SourceTaggedDataset(ArrayDataset(x.astype(np.float32), y), lab, y, source_names=names)
+    return SourceTaggedDataset(ArrayDataset(x.astype(np.float32), y), lab, y, source_names=names, source_word="lab")
 
 
 DATASETS: dict[str, Callable[..., SourceTaggedDataset]] = {

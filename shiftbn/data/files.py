@@ -136,7 +136,8 @@ def from_frame(
     label or source still raise). Labels: class ids (ints or whole floats; -1 = unlabeled) or
     names, encoded in sorted order into ``ds.class_names``; missing or fractional labels raise
     naming their rows. ``label=None`` makes an unlabeled dataset. The other columns become
-    ``ds.metadata`` (one row per sample).
+    ``ds.metadata`` (one row per sample). The ``source`` column's name is what the data calls a
+    source: ``source="hospital"`` gives ``ds.source_word == "hospital"`` (reports say "hospital").
 
     Args:
         frame: a DataFrame, or the path of a CSV or Parquet manifest.
@@ -184,7 +185,12 @@ def from_frame(
     meta = df.drop(columns=[c for c in (path, label, source) if c is not None]).iloc[keep]
     files = FileDataset([paths[i] for i in keep], labels[keep], loader)
     return SourceTaggedDataset(files, df[source].to_numpy()[keep], labels[keep], class_names=class_names,
-                               metadata=meta)
+                               metadata=meta, source_word=_word(source))
+
+
+def _word(column: object) -> str:
+    """A column name as a word for sentences: ``"Hospital_ID"`` -> ``"hospital id"`` (``"source"`` if empty)."""
+    return " ".join(str(column).replace("_", " ").split()).lower() or "source"
 
 
 def from_folder(root: str | Path, loader: Callable[[str], Any] = load_image) -> SourceTaggedDataset:
@@ -327,7 +333,7 @@ def camelyon17(root: str | Path, loader: Callable[[str], Any] = load_image) -> S
         labels, names = np.full(len(meta), -1, dtype=np.int64), CAMELYON_CLASSES
     sources = pd.Categorical([f"center_{c}" for c in meta["center"]])
     return SourceTaggedDataset(FileDataset(paths, labels, loader), sources, labels, class_names=names,
-                               metadata=meta.reset_index(drop=True))
+                               metadata=meta.reset_index(drop=True), source_word="center")
 
 
 def _has_index_column(path: Path) -> bool:

@@ -141,7 +141,7 @@ def simulate_labs(
 
     Returns:
         A ``SourceTaggedDataset`` over the shifted float32 images (an ``ArrayDataset``), sources in
-        sorted name order.
+        sorted name order; its ``source_word`` is ``"lab"``.
 
     Raises:
         ValueError: no labs, images and labels of different lengths, or class priors that do not fit.
@@ -178,4 +178,5 @@ def simulate_labs(
         members = np.flatnonzero(assign == i)
         if members.size:
             out[torch.from_numpy(members)] = labs[name].apply(x[torch.from_numpy(members)])
-    return SourceTaggedDataset(ArrayDataset(out, y), assign, y, source_names=names, class_names=class_names)
+    return SourceTaggedDataset(ArrayDataset(out, y), assign, y, source_names=names, class_names=class_names,
+                               source_word="lab")

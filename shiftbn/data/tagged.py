@@ -20,6 +20,9 @@ LabelsArg = Sequence[int] | np.ndarray | pd.Series | str | Callable[[int], Any] 
 
 def _source_order(values: Sequence[Hashable] | np.ndarray | pd.Series) -> tuple[list[str], np.ndarray]:
     """Names in sorted order (categories order for a Categorical) and one int64 id per sample."""
+    values = _plain(values)
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
     if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
         values = pd.Categorical(values)
     if isinstance(values, pd.Categorical):
@@ -70,10 +73,64 @@ def _infer_labels(base: Dataset, keys: ItemKeys = DEFAULT_KEYS) -> tuple[object,
         return None
     columns = getattr(base, "column_names", None)
     if isinstance(columns, (list, tuple)) and keys.label in columns:
-        return list(base[keys.label]), f"base[{keys.label!r}]"
+        return _plain(base[keys.label]), f"base[{keys.label!r}]"
     records = getattr(base, "data", None)
     if _numeric_records(records, len(base), keys.label):
         return [r[keys.label] for r in records], f"base.data[i][{keys.label!r}]"
+    return None
+
+
+def _plain(values: Any) -> Any:
+    """A column of per-sample values with 0-d tensors and numpy scalars made Python numbers.
+
+    Why: a Hugging Face ``Dataset.with_format("torch")`` column iterates as 0-d tensors (and
+    ``"numpy"`` as numpy scalars); read one by one they looked like neither numbers nor names.
+    Tensors, arrays, Series and Categoricals are returned as they are (they are read whole).
+    """
+    if isinstance(values, (torch.Tensor, np.ndarray, pd.Series, pd.Categorical, pd.Index, str, bytes)):
+        return values
+    if not isinstance(values, Sequence):  # a Hugging Face Column or another iterable: read it once
+        try:
+            values = list(values)
+        except TypeError:
+            return values
+    if not any(isinstance(v, (torch.Tensor, np.generic, np.ndarray)) for v in values):
+        return values
+    return [_scalar(v) for v in values]
+
+
+def _scalar(v: Any) -> Any:
+    """``v`` as a Python number when it is a one-element tensor or array or a numpy scalar."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 or isinstance(v, np.ndarray) and v.size == 1:
+        return v.item()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _columns_held(base: Dataset, metadata: pd.DataFrame | None) -> str:
+    """What columns there are, for messages: metadata's, a Hugging Face dataset's, MONAI records' keys."""
+    held = [] if metadata is None else [str(c) for c in metadata.columns]
+    columns = getattr(base, "column_names", None)
+    if isinstance(columns, (list, tuple)):
+        held += [str(c) for c in columns]
+    records = getattr(base, "data", None)
+    if isinstance(records, Sequence) and records and isinstance(records[0], Mapping):
+        held += [str(k) for k in records[0]]
+    return f"metadata and base have the columns {sorted(set(held))}" if held else \
+        "there is no metadata and base has no columns (column_names) or dict records (data)"
+
+
+def _column(base: Dataset, name: str, metadata: pd.DataFrame | None, n: int) -> tuple[Any, str] | None:
+    """One value per sample from the column ``name``: of ``metadata``, of a Hugging Face dataset
+    (``base.column_names``), or of MONAI-style ``base.data`` records (a list of dicts)."""
+    if metadata is not None and name in metadata.columns:
+        return metadata[name], f"metadata column {name!r}"
+    columns = getattr(base, "column_names", None)
+    if isinstance(columns, (list, tuple)) and name in columns:
+        return _plain(base[name]), f"base[{name!r}]"
+    records = getattr(base, "data", None)
+    if (isinstance(records, Sequence) and not isinstance(records, (str, bytes)) and len(records) == n and n
+            and all(isinstance(r, Mapping) and name in r for r in records)):
+        return _plain([r[name] for r in records]), f"base.data[i][{name!r}]"
     return None
 
 
@@ -88,17 +145,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-def _given_labels(labels: LabelsArg, metadata: pd.DataFrame | None, n: int) -> tuple[object, str]:
-    """Explicit labels: a sequence, a ``metadata`` column name, or a label-only callable ``f(i)``."""
+def _given_labels(labels: LabelsArg, metadata: pd.DataFrame | None, n: int, base: Dataset) -> tuple[object, str]:
+    """Explicit labels: a sequence, a column name (see ``_column``), or a label-only callable ``f(i)``."""
     if isinstance(labels, str):
-        if metadata is None or labels not in metadata.columns:
-            has = [] if metadata is None else list(metadata.columns)
-            raise ValueError(f"labels={labels!r} names a metadata column, but metadata has columns {has}; pass "
+        found = _column(base, labels, metadata, n)
+        if found is None:
+            raise ValueError(f"labels={labels!r} names a column, but {_columns_held(base, metadata)}; pass "
                              "metadata=<DataFrame with that column> or the labels themselves")
-        return metadata[labels], f"metadata column {labels!r}"
+        return found
     if callable(labels):
-        return [labels(i) for i in range(n)], "labels(i)"
-    return labels, "labels"
+        return _plain([labels(i) for i in range(n)]), "labels(i)"
+    return _plain(labels), "labels"
 
 
 class SourceTaggedDataset(Dataset):
@@ -110,13 +167,15 @@ class SourceTaggedDataset(Dataset):
     ``{"image": x, "label": y, ...}``, read at ``keys`` (an ``ItemKeys``; default input ``"image"``,
     label ``"label"``). An item without a label gets ``labels[i]``, or -1 when the dataset is
     unlabeled. ``sources`` holds one hashable
-    label per sample (list, numpy array, pandas Series or Categorical); names are stored as
+    label per sample (list, numpy array, tensor, pandas Series or Categorical), or names a column: of
+    ``metadata``, of a Hugging Face dataset (``"hospital"``) or of MONAI ``base.data`` records; integer
+    ids with ``source_names`` (``source_names[s]`` names id ``s``) keep those names. Names are stored as
     strings in **sorted order** (a Categorical keeps its category order; labels of mixed types
     that cannot be sorted keep first-seen order). ``ds.source_names[s]`` is the name of id ``s``;
     the name -> id map is carried unchanged by ``subset`` and ``split``, so ids stay stable.
 
-    ``labels`` (one class id per sample, -1 = unlabeled): a sequence; the name of a ``metadata``
-    column; or a cheap label-only callable ``f(i)`` (e.g. reading a table, never decoding an image).
+    ``labels`` (one class id per sample, -1 = unlabeled): a sequence; the name of a column (as for
+    ``sources``); or a cheap label-only callable ``f(i)`` (e.g. reading a table, never decoding an image).
     When not given, they are read without loading items (see ``_infer_labels``): ``base.targets``/
     ``base.labels``, a ``TensorDataset``'s 1-D integer second tensor, a Hugging Face label column or
     MONAI ``base.data`` records. When none is available ``ds.labels`` is None: the dataset is
@@ -138,6 +197,8 @@ class SourceTaggedDataset(Dataset):
         class_names: one name per class id (default: none, or the sorted string labels).
         metadata: per-sample columns, one row per sample (default: none).
         keys: the field names of dict items (default ``ItemKeys()``: ``"image"``, ``"label"``).
+        source_word: what the data calls a source (``"hospital"``, ``"lab"``; default ``"source"``):
+            reports and the terminal title sources with it.
 
     Returns:
         A ``SourceTaggedDataset`` of N items ``(x, y, source_id)``, with ``source_ids`` (N,) int64,
@@ -159,6 +220,8 @@ class SourceTaggedDataset(Dataset):
         (1, 0)
     """
 
+    source_word: str = "source"
+
     def __init__(
         self,
         base: Dataset,
@@ -169,15 +232,26 @@ class SourceTaggedDataset(Dataset):
         class_names: Sequence[str] | None = None,
         metadata: pd.DataFrame | None = None,
         keys: ItemKeys | None = None,
+        source_word: str = "source",
     ) -> None:
         check_dataset(base, "base", "wrap inputs and labels first: SourceTaggedDataset(TensorDataset(x, y), sources) "
                       "(torch.utils.data.TensorDataset; y: one class id per sample)")
+        if not isinstance(source_word, str) or not source_word.strip():
+            raise ValueError(f"source_word must be a non-empty word for a source, such as 'hospital', "
+                             f"got {source_word!r}")
         if not hasattr(base, "__getitem__") or not hasattr(base, "__len__"):
             raise TypeError(f"base must be a map-style dataset with __len__/__getitem__, got {type(base).__name__}")
         if keys is not None and not isinstance(keys, ItemKeys):
             raise TypeError(f"keys must be an ItemKeys, e.g. ItemKeys(input='image', label='label'), got {keys!r}")
         self.keys: ItemKeys = keys if keys is not None else DEFAULT_KEYS
         n = dataset_length(base, "base")
+        metadata = _check_metadata(metadata, n)
+        if isinstance(sources, str):
+            found = _column(base, sources, metadata, n)
+            if found is None:
+                raise ValueError(f"sources={sources!r} names a column, but {_columns_held(base, metadata)}; name "
+                                 "one of them or pass one source label per sample")
+            sources = found[0]
         if source_names is None:
             names, ids = _source_order(sources)
         else:
@@ -188,8 +262,7 @@ class SourceTaggedDataset(Dataset):
         self.base = base
         self.source_names: tuple[str, ...] = tuple(names)
         self.source_ids: np.ndarray = ids
-        metadata = _check_metadata(metadata, n)
-        found = _infer_labels(base, self.keys) if labels is None else _given_labels(labels, metadata, n)
+        found = _infer_labels(base, self.keys) if labels is None else _given_labels(labels, metadata, n, base)
         self.labels: np.ndarray | None = None
         self.class_names: tuple[str, ...] | None = None
         if found is not None:
@@ -197,6 +270,7 @@ class SourceTaggedDataset(Dataset):
         elif class_names is not None:
             self.class_names = encode_labels([], 0, class_names)[1]
         self.metadata: pd.DataFrame | None = metadata
+        self.source_word = source_word.strip()
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -526,6 +600,9 @@ def require_tagged(ds: object, what: str) -> SourceTaggedDataset:
 
 def _source_ids(sources: Sequence[int] | np.ndarray, n_names: int) -> np.ndarray:
     """Integer source ids given with ``source_names``: each must index a name."""
+    sources = _plain(sources)
+    if isinstance(sources, torch.Tensor):
+        sources = sources.detach().cpu().numpy()
     arr = np.asarray(sources).reshape(-1)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"with source_names, sources must be integer ids 0..{n_names - 1}, got dtype {arr.dtype}")

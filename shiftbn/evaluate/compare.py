@@ -17,7 +17,7 @@ Outputs = dict[tuple[str, str], np.ndarray]
 
 
 def paired_table(outputs: Outputs, labels: dict[str, np.ndarray], strategies: Sequence[str], sources: Sequence[str],
-                 *, baseline: str = "source", metric: str = "accuracy", n_boot: int = 1000, level: float = 0.95,
+                 *, baseline: str = "ema", metric: str = "accuracy", n_boot: int = 1000, level: float = 0.95,
                  seed: int = 0) -> pd.DataFrame:
     """Every strategy minus ``baseline`` on every source, with paired bootstrap intervals.
 
@@ -69,7 +69,7 @@ def paired_table(outputs: Outputs, labels: dict[str, np.ndarray], strategies: Se
 
 
 def pooled_table(outputs: Outputs, labels: dict[str, np.ndarray], strategies: Sequence[str], sources: Sequence[str],
-                 *, baseline: str | None = "source", metric: str = "accuracy", n_boot: int = 1000,
+                 *, baseline: str | None = "ema", metric: str = "accuracy", n_boot: int = 1000,
                  level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Each strategy's metric over all ``sources`` pooled, resampled within each source (stratified).
 

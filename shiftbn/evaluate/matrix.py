@@ -298,7 +298,7 @@ def checked_outputs(strat: Strategy, src: str, out: torch.Tensor) -> np.ndarray:
 def cross_source_matrix(
     model: nn.Module,
     ds: SourceTaggedDataset,
-    strategies: Sequence[str | Strategy] | str | Strategy = ("source", "precise", "target", "stats:*"),
+    strategies: Sequence[str | Strategy] | str | Strategy = ("ema", "precise", "target", "stats:*"),
     metrics: Sequence[str] | str = ("accuracy",),
     *,
     calibration: Calibration = 0.5,
@@ -325,7 +325,7 @@ def cross_source_matrix(
     Args:
         model: the network under evaluation.
         ds: a labeled ``SourceTaggedDataset``.
-        strategies: ``Strategy`` objects (``sb.Source()``, ``sb.Prior(16)``...) or spec strings
+        strategies: ``Strategy`` objects (``sb.adapt.EMA()``, ``sb.adapt.Prior(16)``...) or spec strings
             (``"prior:16"``); ``StatsFromEach()``/``"stats:*"`` expands to one per source.
         metrics: names from the metric table (``shiftbn.evaluate.METRICS``).
         calibration: fraction of each source (stratified, ``seed``) used unlabeled for statistics, a

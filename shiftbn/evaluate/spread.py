@@ -4,7 +4,7 @@ Why: evaluation is most of a matrix's time; spread over W ranks it takes about 1
 shared depends on what its outputs depend on, so every rank ends with the outputs one process
 computes (the same batches, bit for bit):
 
-* fixed statistics (``source``, ``precise``, ``target``, ``prior:N@n``, ``stats:*``, ``per-source``
+* fixed statistics (``ema``, ``precise``, ``target``, ``prior:N@n``, ``stats:*``, ``per-source``
   and any strategy that only defines ``bn_stats``): whole evaluation batches of ``batch_size`` are
   dealt round-robin to the ranks; the statistics themselves were merged exactly beforehand;
 * ``batch:B``: each grouping's seeded prediction-time batches are dealt to the ranks, each batch whole;

@@ -21,7 +21,7 @@ from shiftbn.evaluate._distance import w2
 from shiftbn.evaluate.matrix import Calibration, checked_outputs, collect, prepare
 from shiftbn.sites.atc import ATC, confidence_scores, fit_atc
 
-DEFAULT_CANDIDATES = ("source", "precise", "target", "prior:16")
+DEFAULT_CANDIDATES = ("ema", "precise", "target", "prior:16")
 
 
 def choose_strategy(
@@ -53,7 +53,7 @@ def choose_strategy(
             The labeled sites' samples must be held out from the model's training data (ATC fitted
             on training samples would be overconfident).
         site: the site to choose for.
-        candidates: strategy specs or objects (``"source"``, ``"target"``, ``"prior:16"``...).
+        candidates: strategy specs or objects (``"ema"``, ``"target"``, ``"prior:16"``...).
         labeled: the labeled sites (default: every other site of ``ds``); ``precise`` pools them.
         calibration: as ``cross_source_matrix``: a fraction of each site, a ``Splits`` or a
             ``(calibration, eval)`` pair; statistics come from the calibration part, predictions and
@@ -62,7 +62,7 @@ def choose_strategy(
         range_factor: a candidate whose ``bn_distance`` on the site exceeds ``range_factor`` times the
             largest it has on a labeled site is ``out_of_range`` and ranked after every in-range one:
             ATC was fitted where the normalization matched the data this well, and collapsed outputs
-            (source statistics far from the site's) are confidently wrong, which ATC cannot see.
+            (stored statistics far from the site's) are confidently wrong, which ATC cannot see.
         keep_outputs: a dict filled with ``(strategy, source) -> (N, K)`` logits of the eval parts.
     Returns:
         One row per candidate: ``site, strategy, stats_source, pred_accuracy`` (ATC, fraction in [0, 1]),

@@ -423,7 +423,8 @@ class PerSiteModel(nn.Module):
         return routed.eval()
 
 
-def per_site_model(model: nn.Module, site_stats: Mapping[str, BNStats | PopulationStats]) -> PerSiteModel:
+def per_site_model(model: nn.Module, site_stats: Mapping[str, BNStats | PopulationStats], *,
+                   unused: str = "refuse") -> PerSiteModel:
     """A copy of ``model`` whose every BN layer normalizes each sample with its own site's statistics.
 
     Why: one model serves several sites (hospitals, scanners), each with its statistics (DSBN-style
@@ -432,7 +433,13 @@ def per_site_model(model: nn.Module, site_stats: Mapping[str, BNStats | Populati
     ``SourceStats``; ``BNStats`` or ``PopulationStats`` per site). ``model`` is never modified (deep
     copy). Returns a ``PerSiteModel`` in eval mode: ``routed(x, site=ids)`` equals evaluating
     each sample under ``use_stats(model, site_stats[its site])``.
+    ``unused``: what to do with BN layers the statistics lack because no forward calls them (timm's
+    SplitBN ``aux_bn``, a branch only used in training): ``"refuse"`` (default, ValueError naming them)
+    or ``"keep"`` (every site gets those layers' own running statistics).
     """
+    if unused not in ("refuse", "keep"):
+        raise ValueError(f"unused must be 'refuse' or 'keep' (keep the running statistics of BN layers the "
+                         f"statistics lack), got {unused!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(site_stats, Mapping) or not site_stats:
@@ -444,22 +451,39 @@ def per_site_model(model: nn.Module, site_stats: Mapping[str, BNStats | Populati
     with model_lock(model):
         layers = bn_layers(model)
         check_materialized(layers)
-        per_site = [_site_rows(model, name, site_stats[key]) for name, key in zip(names, site_stats, strict=True)]
+        per_site = [_site_rows(model, name, site_stats[key], unused)
+                    for name, key in zip(names, site_stats, strict=True)]
     tables = {layer.name: (torch.stack([rows[layer.name][0] for rows in per_site]),
                            torch.stack([rows[layer.name][1] for rows in per_site])) for layer in layers}
     return _build(model, names, tables)
 
 
-def _site_rows(model: nn.Module, site: str, stats: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Validated (mean, var) tensors per BN layer of ``model`` for one site (buffer dtype and device)."""
+def _site_rows(model: nn.Module, site: str, stats: Any,
+               unused: str = "refuse") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Validated (mean, var) tensors per BN layer of ``model`` for one site (buffer dtype and device);
+    layers the statistics lack keep their running statistics when ``unused == "keep"``."""
     if not isinstance(stats, (BNStats, PopulationStats)):
         raise TypeError(f"site {site!r}: statistics must be BNStats or PopulationStats, got {type(stats).__name__}")
     layers = bn_layers(model)
+    lacking = [layer.name for layer in layers if layer.name not in stats.layers]
+    if lacking and len(lacking) < len(layers) and unused == "refuse":
+        raise ValueError(f"site {site!r}: statistics lack BN layer(s) {lacking}. If they were collected on this "
+                         "model, no forward called these layers (e.g. timm's SplitBN aux_bn, used only in "
+                         "training); pass unused='keep' to give every site their running statistics")
+    no_buffers = [layer.name for layer in layers
+                  if layer.name in lacking and layer.module.running_mean is None and len(lacking) < len(layers)]
+    if no_buffers:
+        raise ValueError(f"site {site!r}: statistics lack BN layer(s) {no_buffers}, which keep no running "
+                         "statistics (track_running_stats=False) to fall back on; collect statistics that hold them")
     try:
-        plan = prepare_writes(layers, stats, strict=True)
+        plan = prepare_writes(layers, stats, strict=False)
     except ValueError as e:
         raise ValueError(f"site {site!r}: {e}") from None
     by_module = {id(m): (mean, var) for m, mean, var in plan}
+    for layer in layers:
+        if id(layer.module) not in by_module:
+            m = layer.module
+            by_module[id(m)] = (m.running_mean.detach().clone(), m.running_var.detach().clone())
     return {layer.name: by_module[id(layer.module)] for layer in layers}
 
 

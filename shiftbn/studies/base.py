@@ -69,8 +69,26 @@ STUDIES: dict[str, type[Study]] = {}
 class Study:
     """Base of every study: ``train`` config and ``seeds``; subclasses add their own parameters.
 
+    Why: one way to run a study. Build it with keyword arguments — how each model is trained as one
+    ``TrainConfig`` (omitted: the study's ``default_train``), ``seeds``, and the study's own fields —
+    then ``run(ds)`` for the tidy table, or ``run_study`` for a resumable run folder. Where the
+    parameters arrive flat (a TOML spec, a dict), ``make_study(name, params)`` builds the same object
+    and validates every value, naming the key.
+
     Class attributes: ``name`` (the protocol name in specs), ``axis`` (the parameter whose values
     are the grid's second dimension), ``figure`` (a ``FigureSpec``).
+
+    Example:
+        >>> import shiftbn as sb
+        >>> from shiftbn.studies import HeldOutSources, TrainConfig, make_study
+        >>> study = HeldOutSources(train=TrainConfig(model="MLP", steps=5), held_out=["lab_0"],
+        ...                        strategies=["ema", "target"])
+        >>> table = study.run(sb.load("blobs-labs", n=120), progress=False)
+        >>> sorted(set(table["strategy"]))
+        ['ema', 'target']
+        >>> flat = make_study("held_out_sources", {"model": "MLP", "steps": 5, "held_out": ["lab_0"]})
+        >>> flat.train == study.train
+        True
     """
 
     name: ClassVar[str]
@@ -125,7 +143,7 @@ class Study:
 def make_study(name: str, params: Mapping[str, Any] | None = None, *, where: str = "params") -> Study:
     """Build study ``name`` from flat parameters (train fields inline, or ``train=TrainConfig``).
 
-    Why: specs (TOML) and the function forms take flat keys; this is the one place they become a
+    Why: specs (TOML) and dicts give flat keys; this is the one place they become a
     validated ``Study``. Unknown keys and wrong types raise ``ValueError`` naming the key.
     """
     if name not in STUDIES:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import cross_source_matrix
-from shiftbn.studies.base import FigureSpec, Study, make_study
+from shiftbn.studies.base import FigureSpec, Study
 from shiftbn.studies.common import fit
 
 
@@ -41,7 +41,7 @@ class BatchComposition(Study):
 
     modes: Sequence[str] = ("random", "single", "mixed", "mixed:2")
     batch_sizes: Sequence[int] = (32,)
-    strategies: Sequence[str] = ("source", "precise", "target", "per-source")
+    strategies: Sequence[str] = ("ema", "precise", "target", "per-source")
     metrics: Sequence[str] = ("accuracy",)
 
     def __post_init__(self) -> None:
@@ -61,8 +61,3 @@ class BatchComposition(Study):
             table.insert(1, "batch_size", bs)
             frames.append(table.assign(seed=seed))
         return pd.concat(frames, ignore_index=True)
-
-
-def batch_composition(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
-    """Run ``BatchComposition`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(BatchComposition.name, {"model": model, **params}).run(ds, progress)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,9 @@ from shiftbn._log import phase
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.builtin import load
 from shiftbn.evaluate import summarize
-from shiftbn.studies import ema_vs_precise, held_out_sources
 from shiftbn.studies.common import make_model
+from shiftbn.studies.heldout import HeldOutSources
+from shiftbn.studies.population import EmaVsPrecise
 from shiftbn.studies.report import Outputs, render_report
 from shiftbn.studies.report.build import comparison_tables, matrix_with_outputs
 from shiftbn.studies.report.decisions import audit_table, drift_tables, site_choice_table
@@ -30,7 +31,7 @@ DEMO_DATASETS: dict[str, dict[str, Any]] = {
     "fashion-mnist-c": {"held_out": "gaussian_noise_5", "load": {"n": 6000}},
 }
 
-STRATEGIES = ["source", "precise", "target", "prior:16", "batch:64", "tent"]
+STRATEGIES = ["ema", "precise", "target", "prior:16", "batch:64", "tent"]
 TRAIN_MODE = "random"  # the demo's training batches (a SourceBatchSampler mode); the report audits it
 CI, N_BOOT = 0.95, 1000  # the report's intervals: percentile bootstrap within each lab
 
@@ -44,7 +45,7 @@ def demo_config(dataset: str = "digits-labs", quick: bool = False, seed: int = 0
         "dataset": dataset, "load": base["load"], "held_out": base["held_out"], "seed": seed, "quick": quick,
         "model": {"name": "SmallCNN", "width": 8 if quick else 16},
         "steps": 60 if quick else 400, "batch_size": 32, "fractions": [0.6, 0.2, 0.2],
-        "strategies": STRATEGIES, "heldout_strategies": ["source", "precise", "target", "prior:16"],
+        "strategies": STRATEGIES, "heldout_strategies": ["ema", "precise", "target", "prior:16"],
         "heldout_labs": [base["held_out"]] if quick else None, "heldout_steps": 60 if quick else 300,
         "ema": {"batch_sizes": [64] if quick else [16, 256], "steps": 40 if quick else 150,
                 "every": 20 if quick else 25, "precise_samples": 200 if quick else 1000,
@@ -129,15 +130,18 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     comparisons = run.cell("comparisons", lambda: comparison_tables(outputs(), n_boot=N_BOOT, level=CI, seed=seed)[0])
     pooled = run.cell("pooled", lambda: comparison_tables(outputs(), n_boot=N_BOOT, level=CI, seed=seed)[1])
     frames = []
+    heldout_train = replace(HeldOutSources.default_train, model=cfg["model"], steps=cfg["heldout_steps"],
+                            batch_size=cfg["batch_size"])
     for i, lab in enumerate(labs):
         announce(4 + i, f"heldout__{lab}", f"held-out protocol: {lab}")
-        frames.append(run.cell(f"heldout__{lab}", lambda lab=lab: held_out_sources(
-            ds, cfg["model"], held_out=[lab], strategies=cfg["heldout_strategies"], steps=cfg["heldout_steps"],
-            batch_size=cfg["batch_size"], seeds=[seed], progress=progress)))
+        study = HeldOutSources(train=heldout_train, held_out=[lab], strategies=cfg["heldout_strategies"], seeds=[seed])
+        frames.append(run.cell(f"heldout__{lab}", lambda study=study: study.run(ds, progress)))
     heldout = pd.concat(frames, ignore_index=True)
     announce(n - 3, "ema", "EMA vs PreciseBN")
-    ema = run.cell("ema", lambda: ema_vs_precise(ds.subset(train_labs), cfg["model"], seeds=[seed],
-                                                 progress=progress, **cfg["ema"]))
+    ema_params = {k: v for k, v in cfg["ema"].items() if k != "steps"}
+    ema_train = replace(EmaVsPrecise.default_train, model=cfg["model"], steps=cfg["ema"]["steps"])
+    ema_study = EmaVsPrecise(train=ema_train, seeds=[seed], **ema_params)
+    ema = run.cell("ema", lambda: ema_study.run(ds.subset(train_labs), progress))
     decisions = _decisions(run, model, split, train_labs, cfg, announce, n)
     summary = summarize(matrix[~matrix["is_cross_source"]])
     run.write_results(matrix, "matrix")
@@ -186,13 +190,14 @@ def _num_classes(ds) -> int:
 
 
 def _two_numbers(matrix: pd.DataFrame, heldout: pd.DataFrame, lab: str, cfg: dict) -> str:
-    """Why the matrix and this section give different numbers for the main held-out lab under source."""
-    in_matrix = matrix.query("strategy == 'source' and metric == 'accuracy' and eval_source == @lab")["value"]
-    here = heldout.query("held_out == @lab and is_held_out and strategy == 'source' and metric == 'accuracy'")
+    """Why the matrix and this section give different numbers for the main held-out lab under ema."""
+    in_matrix = matrix.query("strategy == 'ema' and metric == 'accuracy' and eval_source == @lab")["value"]
+    here = heldout.query("held_out == @lab and is_held_out and strategy == 'ema' and metric == 'accuracy'")
     text = ("Each bar comes from a separate model retrained without that lab "
             f"({cfg['heldout_steps']} steps, seed {cfg['seed']}); it is evaluated on the lab's test split. ")
     if len(in_matrix) and len(here):
-        text += (f"So {lab} under source reads {in_matrix.iloc[0]:.1%} in the cross-source matrix (the main model, "
+        text += (f"So {lab} under ema (the model's stored statistics) reads {in_matrix.iloc[0]:.1%} in the "
+                 "cross-source matrix (the main model, "
                  f"{cfg['steps']} steps, also trained without {lab}) and {here['value'].iloc[0]:.1%} here (n="
                  f"{int(here['n'].iloc[0])}): two training runs, not two measurements of one model. Their gap shows "
                  "training noise (steps, initialization, batch order), which the bootstrap intervals, computed over "

@@ -13,7 +13,7 @@ from shiftbn._torch import forward_batches
 from shiftbn.bn import collect_stats, use_stats
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
-from shiftbn.studies.base import FigureSpec, Study, TrainConfig, make_study
+from shiftbn.studies.base import FigureSpec, Study, TrainConfig
 from shiftbn.studies.common import make_model
 from shiftbn.studies.training import train
 
@@ -62,8 +62,3 @@ class SharedDomains(Study):
                              "metric": m, "value": metric_value(m, out, sp.test.labels), "seed": seed})
         net.joint = value == "joint"
         return pd.DataFrame(rows)
-
-
-def shared_domains(ds: SourceTaggedDataset, *, progress: bool = True, **params) -> pd.DataFrame:
-    """Run ``SharedDomains`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(SharedDomains.name, params).run(ds, progress)

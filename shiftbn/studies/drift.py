@@ -13,7 +13,7 @@ from shiftbn._torch import forward_batches, stack_inputs
 from shiftbn.data.labshift import LabShift
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.sites.drift import DriftMonitor
-from shiftbn.studies.base import FigureSpec, Study, make_study
+from shiftbn.studies.base import FigureSpec, Study
 from shiftbn.studies.common import fit
 
 SHIFTS = ("intensity", "blur", "noise", "gamma")
@@ -136,8 +136,3 @@ def drift_summary(table: pd.DataFrame) -> pd.DataFrame:
                 "detection_empirical": shifted["detection_empirical"].mean()}
         rows += [{"seed": seed, "quantity": k, "value": float(v)} for k, v in vals.items()]
     return pd.DataFrame(rows)
-
-
-def drift_detection(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
-    """Run ``DriftDetection`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(DriftDetection.name, {"model": model, **params}).run(ds, progress)

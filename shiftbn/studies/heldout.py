@@ -10,7 +10,7 @@ import pandas as pd
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import cross_source_matrix
 from shiftbn.samplers import SamplerMode
-from shiftbn.studies.base import FigureSpec, Study, make_study
+from shiftbn.studies.base import FigureSpec, Study
 from shiftbn.studies.common import fit_without, held_out_values
 
 
@@ -25,6 +25,15 @@ class HeldOutSources(Study):
     source; ``sampler_mode`` is the training batch composition.
     Rows: ``held_out, eval_source, is_held_out, strategy, is_cross_source, stats_source, metric,
     value, n, seed, sampler_mode``.
+
+    Example:
+        >>> import shiftbn as sb
+        >>> from shiftbn.studies import HeldOutSources, TrainConfig
+        >>> study = HeldOutSources(train=TrainConfig(model="MLP", steps=5), held_out=["lab_3"],
+        ...                        strategies=["ema", "target"], seeds=[0, 1])
+        >>> table = study.run(sb.load("blobs-labs", n=200), progress=False)
+        >>> table.query("is_held_out").groupby("strategy")["value"].count().to_dict()
+        {'ema': 2, 'target': 2}
     """
 
     name = "held_out_sources"
@@ -35,7 +44,7 @@ class HeldOutSources(Study):
 
     held_out: Sequence[str] | None = None
     sampler_mode: SamplerMode = "random"
-    strategies: Sequence[str] = ("source", "precise", "target", "prior:16")
+    strategies: Sequence[str] = ("ema", "precise", "target", "prior:16")
     metrics: Sequence[str] = ("accuracy",)
 
     def axis_values(self, ds: SourceTaggedDataset) -> list[str]:
@@ -48,8 +57,3 @@ class HeldOutSources(Study):
         table.insert(0, "held_out", value)
         table.insert(2, "is_held_out", table["eval_source"] == value)
         return table.assign(seed=seed, sampler_mode=self.sampler_mode)
-
-
-def held_out_sources(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
-    """Run ``HeldOutSources`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(HeldOutSources.name, {"model": model, **params}).run(ds, progress)

@@ -1,6 +1,6 @@
 """Study tables with their spread over seeds and a bootstrap interval, and paired effects between cells.
 
-Why: a study's finding is the difference between two cells (target vs source statistics, own batches
+Why: a study's finding is the difference between two cells (target vs the stored EMA statistics, own batches
 vs population statistics); it is reproduced only when that difference's interval excludes zero.
 Two sources of noise matter: which seed trained the model (the split, the initialisation, the batch
 order) and which test samples were scored. The interval is a two-level percentile bootstrap: each

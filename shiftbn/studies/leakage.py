@@ -15,7 +15,7 @@ from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
 from shiftbn.bn import freeze_bn, precise_bn
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.studies.bags import Bags, make_bags
-from shiftbn.studies.base import FigureSpec, Study, TrainConfig, make_study
+from shiftbn.studies.base import FigureSpec, Study, TrainConfig
 from shiftbn.studies.common import make_model
 from shiftbn.studies.minibatch import exact_batches, outputs_of_batches
 from shiftbn.studies.training import train
@@ -93,11 +93,6 @@ class LeakageProbe(Study):
         }
         return pd.DataFrame([{"composition": comp, "eval": ev, "metric": "accuracy", "value": v, "seed": seed}
                              for ev, v in results.items()])
-
-
-def leakage_probe(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
-    """Run ``LeakageProbe`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(LeakageProbe.name, {"model": model, **params}).run(ds, progress)
 
 
 Arm = str
@@ -204,8 +199,3 @@ class BagLeakage(Study):
                  for ev, out in scored.items()]
         return pd.DataFrame([{"arm": arm, **r, "metric": "accuracy", "seed": seed} for r in rows])[
             ["arm", "eval", "metric", "value", "n", "seed"]]
-
-
-def bag_leakage(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
-    """Run ``BagLeakage`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(BagLeakage.name, {"model": model, **params}).run(ds, progress)

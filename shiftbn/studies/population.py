@@ -14,7 +14,7 @@ from shiftbn._torch import forward_batches, stack_inputs
 from shiftbn.bn import bn_layers, freeze_bn, precise_bn, preserved
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import metric_value
-from shiftbn.studies.base import FigureSpec, Study, TrainConfig, make_study
+from shiftbn.studies.base import FigureSpec, Study, TrainConfig
 from shiftbn.studies.common import make_model
 from shiftbn.studies.minibatch import exact_batches, outputs_of_batches
 from shiftbn.studies.training import train
@@ -163,14 +163,3 @@ class NormalizationBatchSize(Study):
         rows = [{"ghost_batch": g, "eval": ev, "metric": m, "value": v, "n": n, "seed": seed}
                 for ev, (scores, n) in results.items() for m, v in scores.items()]
         return pd.DataFrame(rows)
-
-
-def ema_vs_precise(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
-    """Run ``EmaVsPrecise`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(EmaVsPrecise.name, {"model": model, **params}).run(ds, progress)
-
-
-def normalization_batch_size(ds: SourceTaggedDataset, model=None, *, progress: bool = True,
-                             **params) -> pd.DataFrame:
-    """Run ``NormalizationBatchSize`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(NormalizationBatchSize.name, {"model": model, **params}).run(ds, progress)

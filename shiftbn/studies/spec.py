@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,30 +20,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _STUDY_KEYS = {"protocol", "dataset", "sources", "name", "description"}
-
-
-class _Protocols(Mapping):
-    """``PROTOCOLS[name](ds, progress=..., **flat_params)``: every registered study as a function."""
-
-    def __getitem__(self, name: str):
-        if name not in STUDIES:
-            raise KeyError(name)
-
-        def run(ds: SourceTaggedDataset, progress: bool = True, **params: Any) -> pd.DataFrame:
-            return make_study(name, params).run(ds, progress)
-
-        run.__name__ = name
-        run.__doc__ = STUDIES[name].__doc__
-        return run
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(STUDIES)
-
-    def __len__(self) -> int:
-        return len(STUDIES)
-
-
-PROTOCOLS: Mapping = _Protocols()
 
 
 @dataclass

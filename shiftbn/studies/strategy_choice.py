@@ -11,7 +11,7 @@ import pandas as pd
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.samplers import SamplerMode
 from shiftbn.sites.choose import choose_strategy
-from shiftbn.studies.base import FigureSpec, Study, make_study
+from shiftbn.studies.base import FigureSpec, Study
 from shiftbn.studies.common import fit_without, held_out_values
 
 
@@ -38,7 +38,7 @@ class StrategyChoice(Study):
                         xlabel="held-out lab (chosen for without its labels)")
 
     held_out: Sequence[str] | None = None
-    candidates: Sequence[str] = ("source", "precise", "target", "prior:16")
+    candidates: Sequence[str] = ("ema", "precise", "target", "prior:16")
     score: str = "neg_entropy"
     range_factor: float = 2.0
     sampler_mode: SamplerMode = "random"
@@ -91,8 +91,3 @@ def choice_summary(table: pd.DataFrame) -> pd.DataFrame:
                      "regret_max": p["regret"].max(), "n_cells": len(p),
                      "mae": mae if policy in ("chooser", "atc only") else float("nan")})
     return pd.DataFrame(rows)
-
-
-def strategy_choice(ds: SourceTaggedDataset, model=None, *, progress: bool = True, **params) -> pd.DataFrame:
-    """Run ``StrategyChoice`` on ``ds``; ``params`` are its fields, training keys inline or as ``train=``."""
-    return make_study(StrategyChoice.name, {"model": model, **params}).run(ds, progress)

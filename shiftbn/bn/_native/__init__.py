@@ -28,7 +28,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from shiftbn import _log
+import shiftbn._log as _log
 from shiftbn._io import FolderLock, LockedError, atomic_write_text
 
 BUILD_TIMEOUT_S = 60.0

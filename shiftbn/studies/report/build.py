@@ -1,7 +1,8 @@
 """The report for any model and data (``build_report``) and the one writer the demo shares (``render_report``).
 
-Why: users ask the demo's questions of their own model: which sites shift it, in which layers, what
-each recalibration does per site, with honest intervals, and how calibration and classes fare.
+Why: users ask the demo's questions of their own model: which sources shift it, in which layers, what
+each recalibration does per source, with honest intervals, and how calibration and classes fare. Headings
+and sentences call a source by the data's own word (``SourceTaggedDataset.source_word``).
 """
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ from shiftbn.studies.report.calibration import (
 from shiftbn.studies.report.decisions import decision_sections
 from shiftbn.studies.report.figures import ema_curves, heldout_bars, lab_samples, matrix_heatmap, save, shift_profile
 from shiftbn.studies.report.html import write_report
-from shiftbn.studies.report.reading import findings
+from shiftbn.studies.report.reading import findings, plural
 
-REPORT_STRATEGIES = ("source", "precise", "target", "prior:16", "stats:*")
+REPORT_STRATEGIES = ("ema", "precise", "target", "prior:16", "stats:*")
+PAIRED_TITLE = "Paired differences to the stored statistics (ema)"
 
 
 @dataclass
 class Outputs:
-    """Model outputs kept for paired comparisons and calibration: ``(strategy, site) -> (N, K)`` logits,
-    each site's labels (same order) and the class names."""
+    """Model outputs kept for paired comparisons and calibration: ``(strategy, source) -> (N, K)`` logits,
+    each source's labels (same order) and the class names."""
 
     outputs: dict[tuple[str, str], np.ndarray]
     labels: dict[str, np.ndarray]
@@ -73,18 +75,22 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
                   comparisons: pd.DataFrame | None = None, pooled: pd.DataFrame | None = None,
                   outputs: Outputs | None = None, num_classes: int | None = None, level: float = 0.95,
                   n_boot: int = 1000, seed: int = 0, notes: dict[str, str] | None = None,
-                  decisions: dict[str, pd.DataFrame | str | None] | None = None) -> Path:
+                  decisions: dict[str, pd.DataFrame | str | None] | None = None, word: str | None = None) -> Path:
     """Write ``out_dir/report.html`` (figures also as ``out_dir/figures/*.png``) from tidy tables.
 
     The demo and ``build_report`` both call this. ``matrix``: ``cross_source_matrix`` rows (with
     ``ci_low``/``ci_high``: intervals shown); ``shift``: ``stats_shift`` rows; ``samples``: data for the
-    sample-image grid (images only); ``held_out``: sites the model never saw (marked in the matrix);
-    ``heldout``: ``held_out_sources`` rows (retrained models; the demo); ``ema``: EMA vs PreciseBN rows;
+    sample-image grid (images only); ``held_out``: sources the model never saw (marked in the matrix);
+    ``heldout``: ``HeldOutSources`` rows (retrained models; the demo); ``ema``: EMA vs PreciseBN rows;
     ``comparisons``/``pooled``: ``paired_table``/``pooled_table`` rows; ``outputs``: kept outputs, for
-    per-site calibration and confusion; ``notes``: extra captions by section name; ``decisions``: the
+    per-source calibration and confusion; ``notes``: extra captions by section name; ``decisions``: the
     decision panels' tables (``sites``, ``drift``, ``drift_layers``, ``reference``, ``audit``; see
-    ``report.decisions``).
+    ``report.decisions``); ``word``: what the data calls a source (default ``samples.source_word``,
+    else "source"), used in headings and sentences.
     """
+    if word is None:
+        word = samples.source_word if samples is not None else "source"
+    words = plural(word)
     out_dir = Path(out_dir)
     figs_dir = out_dir / "figures"
     figs_dir.mkdir(parents=True, exist_ok=True)
@@ -92,94 +98,103 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     figures: dict = {}
     captions = dict(notes or {})
     if samples is not None:
-        figures["Sample images per lab"] = (lab_samples(samples, seed=seed), "samples.png")
-        captions.setdefault("Sample images per lab", "Each lab's row is scaled to that lab's own 1st-99th percentile "
-                            "of intensities (printed at the row), so no lab renders near-black; compare the printed "
-                            "ranges, not the grey levels, across labs.")
+        heading = f"Sample images per {word}"
+        figures[heading] = (lab_samples(samples, seed=seed, word=word), "samples.png")
+        captions.setdefault(heading, f"Each {word}'s row is scaled to that {word}'s own 1st-99th percentile of "
+                            f"intensities (printed at the row), so no {word} renders near-black; compare the printed "
+                            f"ranges, not the grey levels, across {words}.")
     figures["Cross-source matrix (accuracy)"] = (matrix_heatmap(matrix, held_out=held_out), "matrix.png")
-    captions.setdefault("Cross-source matrix (accuracy)", _matrix_caption(matrix, held_out, level))
-    figures["Layer shift profile (W2 to pooled statistics)"] = (shift_profile(w2), "shift_profile.png")
+    captions.setdefault("Cross-source matrix (accuracy)", _matrix_caption(matrix, held_out, level, word))
+    figures["Layer shift profile (W2 to pooled statistics)"] = (shift_profile(w2, word=word), "shift_profile.png")
     if heldout is not None:
-        figures["Held-out labs"] = (heldout_bars(heldout), "heldout.png")
+        figures[f"Held-out {words}"] = (heldout_bars(heldout), "heldout.png")
     if ema is not None:
         figures["EMA vs PreciseBN"] = (ema_curves(ema), "ema_vs_precise.png")
     if outputs is not None:
         sites = [s for s in outputs.labels]
-        figures["Calibration per site"] = (reliability_diagrams(outputs.outputs, outputs.labels, sites),
-                                           "reliability.png")
-        figures["Confusion per site"] = (confusion_figure(outputs.outputs, outputs.labels, sites, "source",
-                                                          class_names=outputs.class_names), "confusion.png")
+        figures[f"Calibration per {word}"] = (reliability_diagrams(outputs.outputs, outputs.labels, sites, word=word),
+                                              "reliability.png")
+        figures[f"Confusion per {word}"] = (confusion_figure(outputs.outputs, outputs.labels, sites, "ema",
+                                                             class_names=outputs.class_names, word=word),
+                                            "confusion.png")
     paths = {}
     for name, (fig, file) in figures.items():
         save(fig, figs_dir / file)
         paths[name] = figs_dir / file
-    tables = _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed)
-    captions.update(_table_captions(level))
+    tables = _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed, word)
+    captions.update(_table_captions(level, word))
     if decisions:
         extra, extra_captions = decision_sections(decisions.get("sites"), decisions.get("drift"),
                                                   decisions.get("drift_layers"), decisions.get("reference"),
-                                                  decisions.get("audit"))
+                                                  decisions.get("audit"), word=word)
         tables.update(extra)
         captions.update(extra_captions)
     reading = findings(matrix, heldout, w2, comparisons=comparisons, pooled=pooled, num_classes=num_classes,
-                       held_out=held_out, level=level)
+                       held_out=held_out, level=level, word=word)
     return write_report(out_dir / "report.html", title=title, summary=reading, figures=paths, tables=tables,
                         meta=meta, captions=captions)
 
 
-def _matrix_caption(matrix: pd.DataFrame, held_out: Sequence[str], level: float) -> str:
-    text = ("Rows: strategy (left) or the source whose statistics are used (right); columns: the site evaluated. ")
+def _matrix_caption(matrix: pd.DataFrame, held_out: Sequence[str], level: float, word: str) -> str:
+    text = (f"Rows: strategy (left) or the {word} whose statistics are used (right); columns: the {word} evaluated. ")
     if "ci_low" in matrix:
-        text += (f"Each cell: value and {level:.0%} bootstrap interval over that site's evaluation samples "
-                 "(resampled within the site; sample counts in the tables below). ")
+        text += (f"Each cell: value and {level:.0%} bootstrap interval over that {word}'s evaluation samples "
+                 f"(resampled within the {word}; sample counts in the tables below). ")
     if held_out:
         text += f"Outlined in red: {', '.join(held_out)}, never seen in training (the held-out view)."
     return text
 
 
-def _table_captions(level: float) -> dict[str, str]:
+def _table_captions(level: float, word: str) -> dict[str, str]:
+    words = plural(word)
     return {
-        "Accuracy by strategy and lab": f"Cells: accuracy [{level:.0%} bootstrap interval]; n = evaluation samples.",
-        "Summary over labs": ("Pooled over sites, resampled within each site (stratified bootstrap); diff: paired "
-                              "difference to the source statistics."),
-        "Paired differences to the source statistics": (
-            f"Strategy minus source on each site, same resampled samples for both (paired {level:.0%} interval); "
+        f"Accuracy by strategy and {word}": f"Cells: accuracy [{level:.0%} bootstrap interval]; n = evaluation "
+                                            "samples.",
+        f"Summary over {words}": (f"Pooled over {words}, resampled within each {word} (stratified bootstrap); diff: "
+                                  "paired difference to the stored statistics (ema)."),
+        PAIRED_TITLE: (
+            f"Strategy minus ema on each {word}, same resampled samples for both (paired {level:.0%} interval); "
             "~0 marks an interval that includes 0 (no supported difference)."),
-        "Calibration (ECE) per site": ("ECE (15 bins) with the model's own statistics (before) and the site's own "
-                                       "statistics (after, target/AdaBN); change = after - before, paired interval."),
-        "Per-class recall per site": "Recall of each class (sklearn confusion_matrix); n = samples of that class at "
-                                     "that site.",
+        f"Calibration (ECE) per {word}": (f"ECE (15 bins) with the model's own statistics (before, ema) and the "
+                                          f"{word}'s own statistics (after, target/AdaBN); change = after - before, "
+                                          "paired interval."),
+        f"Per-class recall per {word}": f"Recall of each class (sklearn confusion_matrix); n = samples of that class "
+                                        f"at that {word}.",
     }
 
 
-def _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed) -> dict[str, pd.DataFrame]:
+def _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed,
+            word: str = "source") -> dict[str, pd.DataFrame]:
+    words = plural(word)
     acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"].astype(bool)]
-    tables = {"Accuracy by strategy and lab": interval_cells(acc, "strategy", "eval_source")}
+    tables = {f"Accuracy by strategy and {word}": interval_cells(acc, "strategy", "eval_source")}
     if pooled is not None and len(pooled):
-        tables["Summary over labs"] = pooled.drop(columns=["metric", "level"], errors="ignore")
+        tables[f"Summary over {words}"] = pooled.drop(columns=["metric", "level"], errors="ignore")
     else:
-        tables["Summary over labs"] = summarize(matrix[~matrix["is_cross_source"].astype(bool)])
+        tables[f"Summary over {words}"] = summarize(matrix[~matrix["is_cross_source"].astype(bool)])
     if comparisons is not None and len(comparisons):
         c = comparisons.copy()
         c["cell"] = (c["diff"].map("{:+.3f}".format) + " [" + c["ci_low"].map("{:+.3f}".format) + ", "
                      + c["ci_high"].map("{:+.3f}".format) + "]")
         c.loc[(c["ci_low"] <= 0) & (c["ci_high"] >= 0), "cell"] += " ~0"
-        tables["Paired differences to the source statistics"] = _pivot_text(c, "strategy", "eval_source")
+        tables[PAIRED_TITLE] = _pivot_text(c, "strategy", "eval_source")
     if held_out:
         rows = acc[acc["eval_source"].isin(list(held_out))]
-        tables["Held-out sites (accuracy)"] = interval_cells(rows, "strategy", "eval_source")
+        tables[f"Held-out {words} (accuracy)"] = interval_cells(rows, "strategy", "eval_source")
     if heldout is not None and len(heldout):
         h = heldout[heldout["is_held_out"].astype(bool) & (heldout["metric"] == "accuracy")]
-        tables["Held-out labs (accuracy)"] = h.pivot_table(index="held_out", columns="strategy", values="value",
-                                                           sort=False).assign(n=h.groupby("held_out")["n"].first())
+        table = h.pivot_table(index="held_out", columns="strategy", values="value", sort=False)
+        tables[f"Held-out {words}, each in a model retrained without it (accuracy)"] = table.assign(
+            n=h.groupby("held_out")["n"].first())
     if outputs is not None:
         sites = list(outputs.labels)
-        tables["Calibration (ECE) per site"] = calibration_table(outputs.outputs, outputs.labels, sites, n_boot=n_boot,
-                                                                 level=level, seed=seed)
-        pc = per_class_table(outputs.outputs, outputs.labels, sites, ["source", "target"], outputs.class_names)
+        ece = calibration_table(outputs.outputs, outputs.labels, sites, n_boot=n_boot, level=level, seed=seed)
+        tables[f"Calibration (ECE) per {word}"] = ece.rename(columns={"site": word})
+        pc = per_class_table(outputs.outputs, outputs.labels, sites, ["ema", "target"], outputs.class_names)
         if len(pc):
-            tables["Per-class recall per site"] = pc.pivot_table(index=["site", "class", "n"], columns="strategy",
-                                                                 values="recall", sort=False).reset_index()
+            tables[f"Per-class recall per {word}"] = pc.pivot_table(
+                index=["site", "class", "n"], columns="strategy", values="recall", sort=False).reset_index().rename(
+                columns={"site": word})
     return tables
 
 
@@ -202,7 +217,7 @@ def matrix_with_outputs(model: nn.Module, ds: SourceTaggedDataset, strategies: S
 
 def comparison_tables(outputs: Outputs, *, n_boot: int = 1000, level: float = 0.95,
                       seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``paired_table`` (each strategy minus source, per site) and ``pooled_table`` (stratified over sites)."""
+    """``paired_table`` (each strategy minus ema, per source) and ``pooled_table`` (stratified over sources)."""
     sites = list(outputs.labels)
     return (paired_table(outputs.outputs, outputs.labels, outputs.strategies, sites, n_boot=n_boot, level=level,
                          seed=seed),
@@ -217,13 +232,14 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
                  title: str | None = None) -> Path:
     """Write the demo's report for your model and data into ``out`` (``report.html``, figures, CSVs).
 
-    Why: the same questions as the demo, asked of a trained model: per-site BN statistics and the layer
+    Why: the same questions as the demo, asked of a trained model: per-source BN statistics and the layer
     shift profile, the cross-source matrix with bootstrap intervals (``ci``; None: none), paired
-    intervals of every strategy against the source statistics, per-site calibration and confusion, and
-    a reading that claims only differences its intervals support. No training happens: ``held_out``
-    names sites the model was trained without (their matrix rows are the held-out view); ``precise``
-    pools the other sites. ``calibration``: fraction of each site used unlabeled for statistics (the
-    rest is evaluated). Returns the path of ``report.html``. The model is not changed.
+    intervals of every strategy against the stored statistics (``ema``), per-source calibration and
+    confusion, and a reading that claims only differences its intervals support. No training happens:
+    ``held_out`` names sources the model was trained without (their matrix rows are the held-out view);
+    ``precise`` pools the other sources. ``calibration``: fraction of each source used unlabeled for
+    statistics (the rest is evaluated). Headings say ``ds.source_word`` ("hospital" for a manifest
+    column ``hospital``). Returns the path of ``report.html``. The model is not changed.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,12 +250,13 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     held = [h for h in held if h not in skipped]
     trains = [s for s in ds.sources_present if s not in held]
     if not trains:
-        raise ValueError(f"--held-out names every site ({held}); leave at least one site the model was trained on")
-    stats = collect_stats(model, prepare(ds, ["source"], calibration=calibration, seed=seed).calibration,
+        raise ValueError(f"--held-out names every source ({held}); leave at least one source the model was trained "
+                         "on")
+    stats = collect_stats(model, prepare(ds, ["ema"], calibration=calibration, seed=seed).calibration,
                           batch_size=stats_batch_size, num_samples=num_samples, seed=seed, amp=amp, progress=progress)
     shift = stats_shift(stats, metric="all")
     if all(parse_strategy(s).cross_source for s in ([strategies] if isinstance(strategies, str) else strategies)):
-        raise ValueError("the report needs at least one strategy that is not stats:<site> (e.g. source, target)")
+        raise ValueError("the report needs at least one strategy that is not stats:<source> (e.g. ema, target)")
     matrix, kept = matrix_with_outputs(model, ds, strategies, calibration=calibration, train_sources=trains, ci=ci,
                                        n_boot=n_boot, batch_size=batch_size, stats_batch_size=stats_batch_size,
                                        num_samples=num_samples, seed=seed, amp=amp, progress=progress)
@@ -255,14 +272,16 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
             table.to_csv(out / f"{name}.csv", index=False)
     x0 = ds[0][0]
     images = hasattr(x0, "ndim") and x0.ndim >= 2
-    meta = {"sites": ", ".join(ds.sources_present), "held out (never trained on)": ", ".join(held) or "none",
+    meta = {plural(ds.source_word): ", ".join(ds.sources_present),
+            "held out (never trained on)": ", ".join(held) or "none",
             "strategies": " ".join(names), "evaluation samples": str(sum(len(v) for v in labels.values())),
             "bootstrap": f"{n_boot} resamples, {level:.0%}" if ci is not None else "off", "seed": str(seed)}
     if skipped:
         meta["sites skipped"] = "; ".join(f"{site} ({why})" for site, why in skipped.items())
     return render_report(out, title=title or f"shiftbn report — {Path(out).name}", meta=meta, matrix=matrix,
                          shift=shift, samples=ds if images else None, held_out=held, comparisons=comparisons,
-                         pooled=pooled, outputs=kept, num_classes=k, level=level, n_boot=n_boot, seed=seed)
+                         pooled=pooled, outputs=kept, num_classes=k, level=level, n_boot=n_boot, seed=seed,
+                         word=ds.source_word)
 
 
 def _sites_with_both_parts(ds: SourceTaggedDataset, calibration: float,

@@ -36,8 +36,10 @@ def reliability_points(logits: np.ndarray, y: np.ndarray, bins: int = 10) -> pd.
 
 
 def reliability_diagrams(outputs: Outputs, labels: dict[str, np.ndarray], sites: Sequence[str], *,
-                         before: str = "source", after: str = "target", bins: int = 10) -> plt.Figure:
-    """One reliability diagram per site: accuracy vs confidence with ``before`` and ``after`` statistics."""
+                         before: str = "ema", after: str = "target", bins: int = 10,
+                         word: str = "source") -> plt.Figure:
+    """One reliability diagram per site: accuracy vs confidence with ``before`` and ``after`` statistics
+    (``word``: what the title calls a site)."""
     sites = list(sites)
     cols = min(4, len(sites))
     rows = -(-len(sites) // cols)
@@ -58,13 +60,13 @@ def reliability_diagrams(outputs: Outputs, labels: dict[str, np.ndarray], sites:
         ax.set_ylabel("accuracy", fontsize=8)
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False)
-    fig.suptitle(f"Reliability per site: {before} vs {after} statistics (diagonal = calibrated)", fontsize=10)
+    fig.suptitle(f"Reliability per {word}: {before} vs {after} statistics (diagonal = calibrated)", fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def calibration_table(outputs: Outputs, labels: dict[str, np.ndarray], sites: Sequence[str], *,
-                      before: str = "source", after: str = "target", n_boot: int = 1000, level: float = 0.95,
+                      before: str = "ema", after: str = "target", n_boot: int = 1000, level: float = 0.95,
                       seed: int = 0) -> pd.DataFrame:
     """ECE per site with ``before`` and ``after`` statistics, their intervals and the paired change.
 
@@ -111,8 +113,9 @@ def per_class_table(outputs: Outputs, labels: dict[str, np.ndarray], sites: Sequ
 
 
 def confusion_figure(outputs: Outputs, labels: dict[str, np.ndarray], sites: Sequence[str], strategy: str, *,
-                     class_names: Sequence[str] | None = None) -> plt.Figure:
-    """Row-normalized confusion matrices, one per site, under ``strategy`` (sklearn ``confusion_matrix``)."""
+                     class_names: Sequence[str] | None = None, word: str = "source") -> plt.Figure:
+    """Row-normalized confusion matrices, one per site, under ``strategy`` (sklearn ``confusion_matrix``;
+    ``word``: what the title calls a site)."""
     from sklearn.metrics import confusion_matrix
 
     sites = [s for s in sites if (strategy, s) in outputs]
@@ -133,7 +136,7 @@ def confusion_figure(outputs: Outputs, labels: dict[str, np.ndarray], sites: Seq
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"Confusion per site under {strategy} (rows: true class, normalized)", fontsize=10)
+    fig.suptitle(f"Confusion per {word} under {strategy} (rows: true class, normalized)", fontsize=10)
     fig.tight_layout()
     return fig
 

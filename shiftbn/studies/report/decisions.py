@@ -16,9 +16,10 @@ from torch import nn
 from shiftbn._torch import forward_batches
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
 from shiftbn.sites import DriftMonitor, audit_samplers, builtin_samplers, choose_strategy
+from shiftbn.studies.report.reading import plural
 
-SITES_TITLE = "Which statistics for each site"
-DRIFT_TITLE = "Drift of each site against the reference site"
+SITES_TITLE = "Which statistics for each {word}"
+DRIFT_TITLE = "Drift of each {word} against the reference {word}"
 DRIFT_LAYERS_TITLE = "Drift per layer (z against the reference's own variation)"
 AUDIT_TITLE = "Batch-composition audit of the training sampler"
 
@@ -89,26 +90,30 @@ def audit_table(ds: SourceTaggedDataset, batch_size: int, used: str, *, seed: in
 
 
 def decision_sections(sites: pd.DataFrame | None, drift: pd.DataFrame | None, drift_layers: pd.DataFrame | None,
-                      reference: str | None = None, audit: pd.DataFrame | None = None,
+                      reference: str | None = None, audit: pd.DataFrame | None = None, *, word: str = "source",
                       ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
-    """The report's tables and captions for the panels (only those given)."""
+    """The report's tables and captions for the panels (only those given); ``word``: what the data calls a
+    source (``SITES_TITLE`` and ``DRIFT_TITLE`` are formatted with it)."""
+    words = plural(word)
     tables: dict[str, pd.DataFrame] = {}
     captions: dict[str, str] = {}
     if sites is not None and len(sites):
-        tables[SITES_TITLE] = sites
-        captions[SITES_TITLE] = (
-            "For each site, the strategy chosen from its unlabeled data alone (ATC predicted accuracy, fitted per "
-            "strategy on the other training sites; strategies whose statistics are much farther from the site's "
-            "than on any labeled site ranked last), its predicted and measured accuracy on the site's test split, "
-            "and the measured best strategy. Regret: accuracy points lost to the best.")
+        title = SITES_TITLE.format(word=word)
+        tables[title] = sites
+        captions[title] = (
+            f"For each {word}, the strategy chosen from its unlabeled data alone (ATC predicted accuracy, fitted per "
+            f"strategy on the other training {words}; strategies whose statistics are much farther from the "
+            f"{word}'s than on any labeled {word} ranked last), its predicted and measured accuracy on the {word}'s "
+            "test split, and the measured best strategy. Regret: accuracy points lost to the best.")
     if drift is not None and len(drift):
-        tables[DRIFT_TITLE] = drift
-        captions[DRIFT_TITLE] = (
-            f"A drift monitor fitted on {reference or 'the reference site'}'s calibration split scores every site's "
-            "test split as one day: score = mean over BN layers of the W2 distance's z against the reference's own "
-            "variation at the same sample size (bootstrap), p-value of that score, alert at p < 0.05. Predicted "
-            "drop: ATC fitted on the reference; measured drop: the model's accuracy on the reference's test split "
-            "minus the site's.")
+        title = DRIFT_TITLE.format(word=word)
+        tables[title] = drift
+        captions[title] = (
+            f"A drift monitor fitted on {reference or f'the reference {word}'}'s calibration split scores every "
+            f"{word}'s test split as one day: score = mean over BN layers of the W2 distance's z against the "
+            "reference's own variation at the same sample size (bootstrap), p-value of that score, alert at "
+            "p < 0.05. Predicted drop: ATC fitted on the reference; measured drop: the model's accuracy on the "
+            f"reference's test split minus the {word}'s.")
     if drift_layers is not None and len(drift_layers):
         wide = drift_layers.pivot_table(index=["layer", "depth"], columns="site", values="z", sort=False)
         tables[DRIFT_LAYERS_TITLE] = wide.reset_index().sort_values("depth")
@@ -117,9 +122,9 @@ def decision_sections(sites: pd.DataFrame | None, drift: pd.DataFrame | None, dr
     if audit is not None and len(audit):
         tables[AUDIT_TITLE] = audit
         captions[AUDIT_TITLE] = (
-            "How much per-batch input statistics reveal each batch's site mix and label mix (a cross-validated "
+            f"How much per-batch input statistics reveal each batch's {word} mix and label mix (a cross-validated "
             "probe on per-batch moments against the same probe on shuffled targets; a leak when the lower end of "
             "its 95% interval beats chance's 97.5% quantile by 0.05), for the sampler the model was trained with "
             "(trained_with) and the other built-in ones, and the test-time statistics that match each sampler "
-            "(paper Section 5: single-site batches want per-site statistics, mixed batches pooled ones).")
+            f"(paper Section 5: single-{word} batches want per-{word} statistics, mixed batches pooled ones).")
     return tables, captions

@@ -58,8 +58,9 @@ def matrix_heatmap(table: pd.DataFrame, metric: str = "accuracy", held_out: Sequ
     return fig
 
 
-def shift_profile(shift: pd.DataFrame) -> plt.Figure:
-    """Distance of each source's BN statistics to the reference, by layer depth (one line per source)."""
+def shift_profile(shift: pd.DataFrame, word: str = "source") -> plt.Figure:
+    """Distance of each source's BN statistics to the reference, by layer depth (one line per source);
+    ``word``: what the data calls a source (the title and the legend say it)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     sns.lineplot(data=shift, x="depth", y="value", hue="source", marker="o", ax=ax)
     metric = shift["metric"].iloc[0] if len(shift) else ""
@@ -67,9 +68,9 @@ def shift_profile(shift: pd.DataFrame) -> plt.Figure:
     ax.set_xticks(layers["depth"], layers["layer"], rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("BN layer (depth order)")
     ax.set_ylabel(f"{metric} distance to {shift['reference'].iloc[0] if len(shift) else ''}")
-    ax.set_title("Layer shift profile: where each lab's shift shows")
+    ax.set_title(f"Layer shift profile: where each {word}'s shift shows")
     if ax.get_legend() is not None:
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="source")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, title=word)
     fig.tight_layout()
     return fig
 
@@ -84,12 +85,14 @@ def heldout_bars(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
     return study_figure(HeldOutSources.figure, table, metric)
 
 
-def lab_samples(ds: SourceTaggedDataset, per_lab: int = 6, seed: int = 0) -> plt.Figure:
-    """A grid of sample images, one row per lab, each lab scaled to its own 1st-99th percentile range.
+def lab_samples(ds: SourceTaggedDataset, per_lab: int = 6, seed: int = 0, word: str | None = None) -> plt.Figure:
+    """A grid of sample images, one row per source, each source scaled to its own 1st-99th percentile range.
 
-    Why: one common scale left labs with a low gain near-black; the per-lab ranges are printed at each
-    row, so intensity shifts between labs stay readable from the numbers.
+    Why: one common scale left sources with a low gain near-black; the per-source ranges are printed at
+    each row, so intensity shifts between sources stay readable from the numbers. ``word``: what the
+    title calls a source (default ``ds.source_word``).
     """
+    word = ds.source_word if word is None else word
     rng = np.random.default_rng(seed)
     labs = ds.sources_present
     shown = {}
@@ -109,7 +112,7 @@ def lab_samples(ds: SourceTaggedDataset, per_lab: int = 6, seed: int = 0) -> plt
                 img = x[0] if x.shape[0] == 1 else x[:3].permute(1, 2, 0)
                 ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
         axes[r, 0].set_title(f"{lab}: {vmin:.2f} to {vmax:.2f}", fontsize=8, loc="left")
-    fig.suptitle("Sample images per lab (each lab scaled to its own 1st-99th percentile)", fontsize=10)
+    fig.suptitle(f"Sample images per {word} (each {word} scaled to its own 1st-99th percentile)", fontsize=10)
     fig.tight_layout()
     return fig
 

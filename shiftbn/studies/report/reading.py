@@ -1,8 +1,9 @@
 """The report's plain-language reading, generated from the numbers and their intervals.
 
-Why: a sentence such as "target beats source on lab_e" is only written when the paired interval of
+Why: a sentence such as "target beats ema on lab_e" is only written when the paired interval of
 the difference excludes 0; otherwise the reading says the difference is within noise. A model whose
-accuracy is within noise of chance gets no strategy ranking at all.
+accuracy is within noise of chance gets no strategy ranking at all. Sources are called by the data's
+own word (``SourceTaggedDataset.source_word``: "lab", "hospital", ...).
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ import pandas as pd
 from shiftbn.evaluate import supports_difference
 
 _Z = {0.8: 1.2816, 0.9: 1.6449, 0.95: 1.96, 0.99: 2.5758}
+
+
+def plural(word: str) -> str:
+    """English plural of a source word: lab -> labs, center -> centers, batch -> batches, study -> studies."""
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
 
 
 def _pct(v: float) -> str:
@@ -54,13 +64,13 @@ def _normal_diff(a: float, b: float, na: int, nb: int, level: float) -> tuple[fl
 
 
 def _chance(pooled: pd.DataFrame | None, src_rows: pd.DataFrame, num_classes: int | None,
-            level: float) -> tuple[bool, str]:
-    """Whether the source accuracy pooled over sites is within noise of 1/K, and the sentence saying so."""
+            level: float, word: str) -> tuple[bool, str]:
+    """Whether the ema accuracy pooled over sources is within noise of 1/K, and the sentence saying so."""
     if not num_classes:
         return False, ""
     chance = 1.0 / num_classes
-    if pooled is not None and len(pooled) and "source" in set(pooled["strategy"]):
-        r = pooled.set_index("strategy").loc["source"]
+    if pooled is not None and len(pooled) and "ema" in set(pooled["strategy"]):
+        r = pooled.set_index("strategy").loc["ema"]
         value, low, high, n = r["value"], r["ci_low"], r["ci_high"], int(r["n"])
     else:
         n = int(src_rows["n"].sum())
@@ -70,7 +80,7 @@ def _chance(pooled: pd.DataFrame | None, src_rows: pd.DataFrame, num_classes: in
         low, high = value - half, value + half
     if low > chance:
         return False, ""
-    return True, (f"The model's accuracy with its own statistics, pooled over sites, is {_pct(value)} "
+    return True, (f"The model's accuracy with its own statistics, pooled over {plural(word)}, is {_pct(value)} "
                   f"({_ci(low, high, level)}, n={n}): within noise of chance level (1/{num_classes} = "
                   f"{_pct(chance)}). Strategy differences of a model at chance are noise, so no strategy is "
                   "ranked here; train longer (the --quick demo trains for seconds) or check the labels.")
@@ -79,26 +89,27 @@ def _chance(pooled: pd.DataFrame | None, src_rows: pd.DataFrame, num_classes: in
 def findings(matrix: pd.DataFrame, heldout: pd.DataFrame | None = None, shift: pd.DataFrame | None = None,
              metric: str = "accuracy", *, comparisons: pd.DataFrame | None = None,
              pooled: pd.DataFrame | None = None, num_classes: int | None = None, held_out: Sequence[str] = (),
-             level: float = 0.95) -> list[str]:
-    """Paragraphs of plain language from the numbers: worst site, what helps there, held-out sites, and
+             level: float = 0.95, word: str = "source") -> list[str]:
+    """Paragraphs of plain language from the numbers: worst source, what helps there, held-out sources, and
     where in the network the shift shows; every claimed difference has a supporting interval.
 
     ``matrix``: ``cross_source_matrix`` rows (``ci_low``/``ci_high`` used when present);
-    ``heldout``: rows of ``held_out_sources`` (models retrained without each site), or None;
+    ``heldout``: rows of ``HeldOutSources`` (models retrained without each source), or None;
     ``shift``: one metric of ``stats_shift``; ``comparisons``: ``paired_table`` rows (strategy minus
-    source per site); ``pooled``: ``pooled_table`` rows; ``num_classes``: K, for the chance check;
-    ``held_out``: sites the model never saw in training (their matrix rows are the held-out view).
+    ema per source); ``pooled``: ``pooled_table`` rows; ``num_classes``: K, for the chance check;
+    ``held_out``: sources the model never saw in training (their matrix rows are the held-out view);
+    ``word``: what the data calls a source (``ds.source_word``), used in every sentence.
     """
     m = matrix[matrix["metric"] == metric]
     main = m[~m["is_cross_source"].astype(bool)]
-    src_rows = main[main["strategy"] == "source"].set_index("eval_source")
+    src_rows = main[main["strategy"] == "ema"].set_index("eval_source")
     src = src_rows["value"]
     worst = src.idxmin()
-    first = (f"With the statistics stored in the model (its training EMA), the worst lab is {worst} at "
+    first = (f"With the statistics stored in the model (its training EMA), the worst {word} is {worst} at "
              f"{_pct(src[worst])} {metric}{_cell_note(src_rows.loc[worst], level)}, against "
              f"{_pct(src.drop(worst).mean()) if len(src) > 1 else 'n/a'} on average elsewhere.")
     at_chance, chance_text = _chance(pooled, src_rows.reset_index(), num_classes if metric == "accuracy" else None,
-                                     level)
+                                     level, word)
     if at_chance:
         return [first, chance_text]
     if num_classes and metric == "accuracy" and "ci_low" in src_rows:
@@ -107,10 +118,10 @@ def findings(matrix: pd.DataFrame, heldout: pd.DataFrame | None = None, shift: p
             first += (f" On {', '.join(noisy)} the model's accuracy with its own statistics is within noise of "
                       f"chance (1/{num_classes}).")
     first += " " + _worst_site_text(main, comparisons, worst, metric, level)
-    first += _pooled_text(pooled, level)
+    first += _pooled_text(pooled, level, word)
     parts = [first]
     held = " ".join(t for t in (_held_out_text(main, comparisons, held_out, metric, level),
-                                _retrained_text(heldout, metric, level)) if t)
+                                _retrained_text(heldout, metric, level, word)) if t)
     if held:
         parts.append(held + _shift_text(shift, worst))
     elif shift is not None and len(shift):
@@ -130,16 +141,16 @@ def _worst_site_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, worst
         return ""
     best = c.loc[c["diff"].idxmax()]
     if supports_difference(best["ci_low"], best["ci_high"]) and best["diff"] > 0:
-        return (f"On {worst}, the largest gain over the source statistics is {best['strategy']}'s "
+        return (f"On {worst}, the largest gain over the stored statistics (ema) is {best['strategy']}'s "
                 f"({_diff_text(best['diff'], best['ci_low'], best['ci_high'], level)}).")
-    return (f"On {worst}, no strategy beats the source statistics beyond noise: the best, {best['strategy']}, is "
+    return (f"On {worst}, no strategy beats the stored statistics (ema) beyond noise: the best, {best['strategy']}, is "
             f"{_diff_text(best['diff'], best['ci_low'], best['ci_high'], level)}.")
 
 
-def _pooled_text(pooled: pd.DataFrame | None, level: float) -> str:
+def _pooled_text(pooled: pd.DataFrame | None, level: float, word: str) -> str:
     if pooled is None or not len(pooled) or "diff" not in pooled:
         return ""
-    others = pooled[pooled["strategy"] != "source"]
+    others = pooled[pooled["strategy"] != "ema"]
     better = others[[supports_difference(lo, hi) and d > 0 for d, lo, hi in
                      zip(others["diff"], others["diff_low"], others["diff_high"], strict=True)]]
     worse = others[[supports_difference(lo, hi) and d < 0 for d, lo, hi in
@@ -151,10 +162,11 @@ def _pooled_text(pooled: pd.DataFrame | None, level: float) -> str:
                          f"{100 * r.diff_high:+.1f})" for r in rows.sort_values("diff", ascending=False).itertuples())
 
     n = int(pooled["n"].iloc[0])
-    text = f" Pooled over sites (n={n}, resampled within each site, {level:.0%} paired intervals against source): "
+    text = (f" Pooled over {plural(word)} (n={n}, resampled within each {word}, {level:.0%} paired intervals against "
+            "ema): ")
     parts = []
     if len(better):
-        parts.append(f"better than the source statistics beyond noise: {listed(better)}")
+        parts.append(f"better than the stored statistics beyond noise: {listed(better)}")
     if len(worse):
         parts.append(f"worse beyond noise: {listed(worse)}")
     if len(noise):
@@ -167,9 +179,9 @@ def _held_out_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, held_ou
     texts = []
     for h in held_out:
         rows = main[main["eval_source"] == h].set_index("strategy")
-        if "source" not in rows.index:
+        if "ema" not in rows.index:
             continue
-        value = _pct(rows.loc["source", "value"])
+        value = _pct(rows.loc["ema", "value"])
         text = f"{h} was never seen in training: with the model's own statistics it scores {value}"
         c = None if comparisons is None else comparisons[(comparisons["eval_source"] == h)
                                                            & (comparisons["strategy"] == "target")]
@@ -181,23 +193,23 @@ def _held_out_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, held_ou
     return " ".join(texts)
 
 
-def _retrained_text(heldout: pd.DataFrame | None, metric: str, level: float) -> str:
+def _retrained_text(heldout: pd.DataFrame | None, metric: str, level: float, word: str) -> str:
     if heldout is None or not len(heldout):
         return ""
     h = heldout[heldout["is_held_out"].astype(bool) & (heldout["metric"] == metric)]
     by = h.groupby(["held_out", "strategy"])[["value", "n"]].mean().unstack()
-    text = "When a lab is held out of training and seen only at test (a model retrained without it), "
-    if ("value", "source") in by and ("value", "target") in by:
-        gain = by[("value", "target")] - by[("value", "source")]
+    text = f"When a {word} is held out of training and seen only at test (a model retrained without it), "
+    if ("value", "ema") in by and ("value", "target") in by:
+        gain = by[("value", "target")] - by[("value", "ema")]
         top = gain.idxmax()
-        s, t = by.loc[top, ("value", "source")], by.loc[top, ("value", "target")]
+        s, t = by.loc[top, ("value", "ema")], by.loc[top, ("value", "target")]
         n = int(by.loc[top, ("n", "target")])
         low, high = _normal_diff(t, s, n, n, level)
         verdict = _diff_text(t - s, low, high, level).replace("paired interval", "approximate unpaired interval")
         text += (f"recomputing BN statistics on its unlabeled data (target/AdaBN) takes {top} from {_pct(s)} to "
                  f"{_pct(t)} (n={n}; {verdict})")
         if len(gain) > 1:
-            text += f"; {100 * gain.mean():+.1f} points on average over {len(gain)} held-out labs"
+            text += f"; {100 * gain.mean():+.1f} points on average over {len(gain)} held-out {plural(word)}"
         text += ". "
     return text
 
