@@ -80,6 +80,13 @@ def test_old_strategy_spelling_runs_and_prints_one_note(tmp_path, monkeypatch, c
     pd.testing.assert_frame_equal(pd.read_csv(proj / "old" / "matrix.csv"), pd.read_csv(proj / "new" / "matrix.csv"))
 
 
+def test_a_refused_old_strategy_spelling_is_one_error_line_without_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(_user_project(tmp_path))
+    err = _one_line_error(capsys, main(["matrix", "--model", "usernet:make", "--weights", "w.pt", "--data", "data",
+                                        "--no-progress", "--strategies", "source:0", "--out", "bad"]))
+    assert "error: strategy 'ema' takes no argument, got '0'" in err
+
+
 def test_stats_matrix_recalibrate_on_a_users_model(tmp_path, monkeypatch):
     proj = _user_project(tmp_path)
     monkeypatch.chdir(proj)
