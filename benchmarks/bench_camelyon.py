@@ -80,7 +80,7 @@ def main() -> None:
     torch.save(resnet18_2().state_dict(), weights)
     matrix_out = args.out / f"matrix_{n_rows}"
     shutil.rmtree(matrix_out, ignore_errors=True)
-    cli = [sys.executable, "-m", "shiftbn.cli.main", "matrix", "--model", "benchmarks.camelyon_model:resnet18_2",
+    cli = [sys.executable, "-m", "shiftbn", "matrix", "--model", "benchmarks.camelyon_model:resnet18_2",
            "--weights", str(weights), "--data", str(manifest), "--strategies", *args.strategies,
            "--out", str(matrix_out), "--no-progress"]
     timer = shutil.which("time") and Path("/usr/bin/time").exists()

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli(*args, cwd=None, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "shiftbn.cli.main", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "shiftbn", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
 
 
@@ -52,6 +52,12 @@ def test_errors_are_one_line_without_traceback(args, msg, tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_an_error_raised_inside_shiftbn_is_its_message_alone(tmp_path, capsys):
+    spec = tmp_path / "nope.toml"  # refused by shiftbn.studies (not shiftbn.cli): still no "raised in"
+    assert main(["run", str(spec)]) == 2
+    assert capsys.readouterr().err == f"shiftbn run: error: study spec not found: {spec}\n"
+
+
 def _user_project(tmp_path):
     """A user's own package with a model factory, a checkpoint and an image folder of two sites."""
     write_user_project(tmp_path, "usernet", (("site_a", 40, 6), ("site_b", 150, 6)))
@@ -72,6 +78,13 @@ def test_old_strategy_spelling_runs_and_prints_one_note(tmp_path, monkeypatch, c
     assert main(["matrix", *common, "--strategies", "ema", "--out", "new"]) == 0
     assert "note:" not in capsys.readouterr().err
     pd.testing.assert_frame_equal(pd.read_csv(proj / "old" / "matrix.csv"), pd.read_csv(proj / "new" / "matrix.csv"))
+
+
+def test_a_refused_old_strategy_spelling_is_one_error_line_without_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(_user_project(tmp_path))
+    err = _one_line_error(capsys, main(["matrix", "--model", "usernet:make", "--weights", "w.pt", "--data", "data",
+                                        "--no-progress", "--strategies", "source:0", "--out", "bad"]))
+    assert "error: strategy 'ema' takes no argument, got '0'" in err
 
 
 def test_stats_matrix_recalibrate_on_a_users_model(tmp_path, monkeypatch):
@@ -131,7 +144,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     assert full.returncode == 0, full.stderr
     assert (tmp_path / "full" / "figure.png").stat().st_size > 1000
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "shiftbn.cli.main", "run", str(spec), "--out", str(tmp_path / "cut"),
+    proc = subprocess.Popen([sys.executable, "-m", "shiftbn", "run", str(spec), "--out", str(tmp_path / "cut"),
                              "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cells = tmp_path / "cut" / "cells"
     deadline = time.time() + 120
@@ -417,14 +430,16 @@ def test_bare_shiftbn_prints_the_help_and_version_prints_the_version(capsys):
 
 
 def test_threads_and_quiet_hold_during_the_command_and_are_restored(monkeypatch):
-    from shiftbn import _log, cli
+    import shiftbn.cli.demo as demo
+    from shiftbn import _log
+    from shiftbn.cli._user import progress
 
     seen = {}
 
     def fake(args):
-        seen.update(threads=torch.get_num_threads(), quiet=_log.quiet(), progress=cli._progress(args))
+        seen.update(threads=torch.get_num_threads(), quiet=_log.quiet(), progress=progress(args))
 
-    monkeypatch.setitem(cli.COMMANDS, "demo", fake)
+    monkeypatch.setattr(demo, "run", fake)
     before = torch.get_num_threads()
     assert main(["demo", "--threads", "1", "--quiet"]) == 0
     assert seen == {"threads": 1, "quiet": True, "progress": False}

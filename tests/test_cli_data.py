@@ -1,4 +1,4 @@
-"""The CLI's data options (``_add_user_model_args``/``_load_user_data``): --allow-outside, --image-size,
+"""The CLI's data options (``shiftbn.cli._user``: ``add_user_options``/``load_data``): --allow-outside, --image-size,
 --normalize, --strict."""
 
 import argparse
@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from shiftbn.cli.main import _add_user_model_args, _load_user_data, main
+from shiftbn.cli._user import add_user_options, load_data
+from shiftbn.cli.main import main
 from tests.helpers import write_user_project
 
 
 def _args(*argv):
     p = argparse.ArgumentParser()
-    _add_user_model_args(p)
+    add_user_options(p)
     return p.parse_args(["--model", "m:f", "--weights", "w.pt", *argv])
 
 
@@ -31,8 +32,8 @@ def _outside_manifest(tmp_path):
 def test_allow_outside_flag_reaches_from_frame(tmp_path):
     m = _outside_manifest(tmp_path)
     with pytest.raises(ValueError, match=r"point outside .*--allow-outside"):
-        _load_user_data(_args("--data", str(m)))
-    ds = _load_user_data(_args("--data", str(m), "--allow-outside"))
+        load_data(_args("--data", str(m)))
+    ds = load_data(_args("--data", str(m), "--allow-outside"))
     assert len(ds) == 1 and ds[0][0].shape == (1, 4, 4)
 
 
@@ -48,8 +49,8 @@ def test_image_size_that_would_not_fit_in_memory_is_refused_before_reading(tmp_p
     m = tmp_path / "m.csv"
     pd.DataFrame({"path": ["a.png"], "label": [0], "source": ["a"]}).to_csv(m, index=False)
     with pytest.raises(ValueError, match=r"--image-size 8192 with --batch-size 100000: .* GiB.*lower --image-size"):
-        _load_user_data(_args("--data", str(m), "--image-size", "8192", "--batch-size", "100000"))
-    ds = _load_user_data(_args("--data", str(m), "--image-size", "6"))
+        load_data(_args("--data", str(m), "--image-size", "8192", "--batch-size", "100000"))
+    ds = load_data(_args("--data", str(m), "--image-size", "6"))
     assert ds[0][0].shape == (1, 6, 6)
 
 
@@ -75,6 +76,6 @@ def test_normalize_std_must_match_the_images_channels(tmp_path):
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "a.png")
     m = tmp_path / "m.csv"
     pd.DataFrame({"path": ["a.png"], "label": [0], "source": ["a"]}).to_csv(m, index=False)
-    ds = _load_user_data(_args("--data", str(m), "--normalize", "0.5", "0.2,0.2,0.2"))
+    ds = load_data(_args("--data", str(m), "--normalize", "0.5", "0.2,0.2,0.2"))
     with pytest.raises(ValueError, match=r"1 channel\(s\) but mean/std have 3 values"):
         ds[0]  # a gray image divided by 3 stds would silently become 3 channels

@@ -167,7 +167,8 @@ def test_statistics_file_errors_are_one_line(proj, capsys):
     data = (proj / "two.stats").read_bytes()
     (proj / "bad.stats").write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
     assert "failed its checksum" in _err(capsys, main(["merge", "bad.stats", "a.stats", "--out", "m.stats"]))
-    assert "is in both" in _err(capsys, main(["merge", "two.stats", "two.stats", "--out", "m.stats"]))
+    err = _err(capsys, main(["merge", "two.stats", "two.stats", "--out", "m.stats"]))
+    assert "is in both" in err and "shiftbn stats --source-name NAME" in err  # the flag of today, not the old --site
     assert main(["merge", "two.stats", "two.stats", "--merge-duplicates", "--out", "m.stats", "-q"]) == 0
     assert sb.sites.read_stats_header("m.stats").sources == {"site_a": 16, "site_b": 16, "site_c": 16}
     assert "is a folder" in _err(capsys, main(["merge", "a.stats", "--out", "data"]))

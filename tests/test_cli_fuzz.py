@@ -214,7 +214,7 @@ _REQUIRED["matrix"] = _REQUIRED["report"] = _REQUIRED["stats"]
 
 
 def _flag_cases():
-    from shiftbn.cli import build_parser
+    from shiftbn.cli.main import build_parser
 
     commands = {a.dest: a for a in build_parser()._actions}["command"].choices
     for name, parser in commands.items():

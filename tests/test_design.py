@@ -150,6 +150,70 @@ def test_cycle_finder_can_fail():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+CLI_SHARED = {"__init__", "main", "_user", "_parser", "_renamed", "types", "dist"}  # every other cli/ module: a command
+CLI_PRIVATE_FROM = {"_user", "_parser", "types"}  # the shared helpers a command may take private names from
+
+
+def _cli_violations(folder: Path) -> list[str]:
+    """Ways the modules of ``folder`` (a ``cli/``) break "one module per command, each declaring its own
+    options": a command without ``register``/``run``, a command importing another command, a private
+    name taken from a module other than the shared helpers, a parser's ``_actions`` edited after the fact."""
+    commands = {p.stem for p in folder.glob("*.py")} - CLI_SHARED
+    out = []
+    for path in sorted(folder.glob("*.py")):
+        name, tree = path.stem, ast.parse(path.read_text())
+        if name in commands:
+            defs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+            out += [f"{name} defines no {f}()" for f in ("register", "run") if f not in defs]
+        aliases = {}  # local name -> cli module it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                aliases |= {a.asname or a.name: a.name.rpartition(".")[2] for a in node.names
+                            if a.name.startswith("shiftbn.cli.")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("shiftbn.cli"):
+                module = node.module.removeprefix("shiftbn.cli").lstrip(".")
+                for a in node.names:
+                    target = module or a.name
+                    if not module:
+                        aliases[a.asname or a.name] = target
+                    elif a.name.startswith("_") and target not in CLI_PRIVATE_FROM:
+                        out.append(f"{name} imports the private {a.name} from {target}")
+                    if name in commands and target in commands and target != name:
+                        out.append(f"{name} imports the command module {target}")
+            elif isinstance(node, ast.Attribute) and node.attr == "_actions":
+                out.append(f"{name} edits a parser's _actions (declare the option where the parser is built)")
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_")
+                  and not node.attr.startswith("__") and aliases.get(node.value.id, "") not in ("", *CLI_PRIVATE_FROM)):
+                out.append(f"{name} uses the private {node.value.id}.{node.attr}")
+        for alias, target in aliases.items():
+            if name in commands and target in commands and target != name:
+                out.append(f"{name} imports the command module {target} (as {alias})")
+    return sorted(set(out))
+
+
+def test_each_cli_command_is_one_module_declaring_its_own_options():
+    from shiftbn.cli.main import COMMAND_MODULES, build_parser
+
+    folder = PKG / "cli"
+    assert not _cli_violations(folder), _cli_violations(folder)
+    commands = sorted({p.stem for p in folder.glob("*.py")} - CLI_SHARED)
+    assert sorted(m.__name__.rpartition(".")[2] for m in COMMAND_MODULES) == commands
+    assert sorted({a.dest: a for a in build_parser()._actions}["command"].choices) == commands
+
+
+def test_cli_rules_can_fail(tmp_path):
+    (tmp_path / "_user.py").write_text("def _helper():\n    pass\n")
+    (tmp_path / "good.py").write_text("import shiftbn.cli._user as user\nfrom shiftbn.cli._user import _helper\n"
+                                      "def register(sub):\n    user._helper()\ndef run(args):\n    pass\n")
+    assert _cli_violations(tmp_path) == []
+    (tmp_path / "bad.py").write_text("from shiftbn.cli.good import _x\nimport shiftbn.cli.good as g\n"
+                                     "def register(sub):\n    g._y\n    sub._actions[0].help = ''\n")
+    assert _cli_violations(tmp_path) == [
+        "bad defines no run()", "bad edits a parser's _actions (declare the option where the parser is built)",
+        "bad imports the command module good", "bad imports the command module good (as g)",
+        "bad imports the private _x from good", "bad uses the private g._y"]
+
+
 def test_the_top_level_is_the_core_only():
     assert len(sb.__all__) <= 30, sb.__all__
     wings = ("shiftbn.sites", "shiftbn.studies", "shiftbn.cli", "shiftbn.integrations")

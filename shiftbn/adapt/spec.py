@@ -114,9 +114,10 @@ def _tent(episodic: bool):
 
 
 def _old_source(arg: str | None) -> Strategy:
+    strategy = _no_arg(EMA)(arg)  # a refused spec is an error alone, without a note about its spelling
     warnings.warn("the strategy 'source' is now spelled 'ema' (the model's stored running statistics); "
                   "'source' goes in the next release", DeprecationWarning, stacklevel=3)
-    return _no_arg(EMA)(arg)
+    return strategy
 
 
 _BUILT_IN: dict[str, StrategyFactory] = {

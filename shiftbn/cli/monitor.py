@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import shiftbn.cli._user as user
 from shiftbn.cli._renamed import OldFlag
 from shiftbn.cli.types import RESAMPLES_MAX, count_type, fraction
 
@@ -14,9 +15,7 @@ MONITOR_EPILOG = ("Exit status: 0 no alert, 1 at least one scored source alerts 
 
 
 def register(sub) -> None:
-    """Add the ``monitor`` subcommand to ``sub`` (the parser's subparsers)."""
-    from shiftbn.cli.main import _user_model_command
-
+    """Add ``monitor`` to ``sub`` (the top-level parser's subparsers)."""
     p = sub.add_parser("monitor", epilog=MONITOR_EPILOG,
                        help="drift of sources' data against a reference source, per BN layer (exit 1 on an alert)",
                        description="Score each source of --data (all its samples together: a batch or a day) by the "
@@ -25,7 +24,8 @@ def register(sub) -> None:
                                    "variation at the same sample size, and the accuracy drop ATC predicts when the "
                                    "reference had labels. Fit the reference from a source of --data (--reference, "
                                    "optionally --save it) or load a fitted monitor (--stats).")
-    _user_model_command(p)
+    user.add_user_options(p)
+    user.add_run_options(p)
     ref = p.add_mutually_exclusive_group(required=True)
     ref.add_argument("--stats", type=Path, metavar="FILE",
                      help="a fitted monitor file (written by --save; safetensors, no pickle)")
@@ -43,14 +43,12 @@ def register(sub) -> None:
                         "monitor's, 500)")
 
 
-def cmd_monitor(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Fit or load the monitor, score the sources, print per-layer tables; returns the exit status."""
-    from shiftbn.cli.main import _load_user_data, _load_user_model
-
     _check_args(args)
     from shiftbn.sites import DriftMonitor
 
-    model, ds = _load_user_model(args), _load_user_data(args)
+    model, ds = user.load_model(args), user.load_data(args)
     opts = {k: v for k, v in (("alpha", args.alpha), ("n_null", args.n_null)) if v is not None}
     if args.reference is not None:
         ref = _site(ds, args.reference, args)

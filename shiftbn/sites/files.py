@@ -202,9 +202,9 @@ def merge_stats(*sources: str | Path | SourceStats, model: nn.Module | None = No
     for where, st, _ in loaded:
         for name, bn in st.sources.items():
             if name in out and duplicates == "refuse":
-                raise ValueError(f"source {name!r} is in both {origin[name]} and {where}; one site exported twice "
-                                 "would count its samples twice. Give each site its own name (shiftbn stats --site "
-                                 "NAME), or pool shards of one site on purpose (duplicates='merge', "
+                raise ValueError(f"source {name!r} is in both {origin[name]} and {where}; one source exported "
+                                 "twice would count its samples twice. Give each source its own name (shiftbn stats "
+                                 "--source-name NAME), or pool shards of one source on purpose (duplicates='merge', "
                                  "shiftbn merge --merge-duplicates)")
             out[name] = out[name].merge(bn) if name in out else bn
             origin.setdefault(name, where)

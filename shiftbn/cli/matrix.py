@@ -1,0 +1,118 @@
+"""``shiftbn matrix``: the cross-source evaluation matrix of the user's model, with statistics computed
+from ``--data`` or taken from statistics files (``--stats``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import shiftbn.cli._user as user
+import shiftbn.cli.dist as dist
+import shiftbn.cli.types as cli_types
+from shiftbn._names import GRAMMAR, METRIC_NAMES
+from shiftbn.cli._parser import EPILOG, listing
+
+MATRIX_EPILOG = (f"strategies (--strategies SPEC ...):\n{listing(GRAMMAR.split(' | '), ' | ')}\n"
+                 f"metrics (--metrics NAME ...):\n{listing(list(METRIC_NAMES), ', ')}\n\n{EPILOG}\n")
+
+
+class _Default(list):
+    """A default option value, recognizable by type after parsing (a user's value is a plain list)."""
+
+
+def register(sub) -> None:
+    """Add ``matrix`` to ``sub`` (the top-level parser's subparsers)."""
+    m = sub.add_parser("matrix", epilog=MATRIX_EPILOG, help="cross-source evaluation matrix of your model",
+                       description="Evaluate your model on every source under every strategy; writes matrix.csv.")
+    user.add_user_options(m)
+    user.add_run_options(m)
+    # the default list is marked, so --stats can tell it from a user's choice
+    m.add_argument("--strategies", nargs="+", default=_Default(["ema", "precise", "target", "stats:*"]),
+                   metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*)")
+    m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
+                   help="metric names, listed below (default: accuracy)")
+    m.add_argument("--calibration", type=cli_types.fraction, default=None,
+                   help="calibration fraction per source (default: 0.5)")
+    m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
+    user.add_ci_options(m, "no intervals (faster)")
+    m.add_argument("--stats", nargs="+", type=Path, default=None, metavar="FILE",
+                   help="statistics files (shiftbn stats --out NAME.stats, or merge) supplying every source's "
+                        "statistics for target, per-source and stats:* (stats:* expands over the files' sources); "
+                        "--data is then evaluation data only: all of it is evaluated, no calibration split. "
+                        "Strategies that need calibration images (precise, prior:N@n, tent-offline:S) are "
+                        "refused; the default strategies become ema target stats:*")
+    m.add_argument("--merge-duplicates", action="store_true",
+                   help="with --stats: pool a source found in several files (shards of one source) instead of "
+                        "refusing it (one source exported twice counts twice)")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Compute the matrix, write matrix.csv and print one table per metric."""
+    from shiftbn._io import atomic_write_text
+    from shiftbn.evaluate import cross_source_matrix
+    from shiftbn.studies.report import interval_cells
+
+    level = user.ci_level(args)
+    user.check_out(args.out)
+    files = _files_stats(args)
+    model, ds = user.load_model(args), user.load_data(args)
+    if files is not None:
+        table = _from_files(model, ds, files, args, level)
+    else:
+        table = cross_source_matrix(model, ds, args.strategies, args.metrics,
+                                    calibration=0.5 if args.calibration is None else args.calibration,
+                                    stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
+                                    ci=level, n_boot=args.n_boot, progress=user.progress(args), amp=args.amp)
+    if dist.writer():
+        atomic_write_text(user.out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
+        user.write_skipped(args, args.out)
+    for metric, g in table.groupby("metric", sort=False):
+        print(f"\n{metric}{'' if level is None else f' [{level:.0%} interval]'}:")
+        print(interval_cells(g, "strategy", "eval_source").to_string(index=False))
+    print(f"\nWrote {args.out / 'matrix.csv'}")
+
+
+def _files_stats(args):
+    """``--stats``: the files' statistics, checked before the model and data load (None: no --stats)."""
+    if args.stats is None:
+        return None
+    if args.calibration is not None:
+        raise ValueError("--calibration splits --data into calibration and evaluation samples; with --stats the "
+                         "statistics come from the files and all of --data is evaluated: drop --calibration")
+    user.files_only(args, "matrix")
+    if isinstance(args.strategies, _Default):  # precise needs images; the files give every other default
+        args.strategies = [s for s in args.strategies if s != "precise"]
+    return user.stats_files(args)
+
+
+def _from_files(model, ds, stats, args, level):
+    """The cross-source matrix with every source's statistics from the files; ``ds`` is evaluated whole."""
+    from shiftbn.adapt import AdaptContext, expand_strategies
+    from shiftbn.evaluate.matrix import MatrixPlan, score
+    from shiftbn.evaluate.metrics import check_metrics
+    from shiftbn.sites.files import check_model, read_stats_header
+
+    check_model(read_stats_header(args.stats[0]), model, args.stats[0])
+    metrics = check_metrics(args.metrics)
+    ds.require_labels("evaluation")
+    evals = ds.sources_present
+    strategies = expand_strategies(args.strategies, list(stats))
+    for st in strategies:
+        if st.needs_precise or any(st.calibration_sources(j) for j in evals):
+            raise ValueError(f"strategy {st.name!r} needs calibration images, which --stats does not provide (the "
+                             "files hold statistics only); drop it, or run matrix with --data alone")
+        missing = sorted({s for j in evals for s in st.stats_sources(j) if s not in stats})
+        if missing:
+            raise ValueError(f"strategy {st.name!r} needs statistics of source(s) {missing}, which the --stats files "
+                             f"do not hold (they hold {list(stats)}); add those sources' files or drop the strategy")
+    parts = {s: ds.subset(s) for s in evals}
+
+    def no_calibration(source):
+        raise ValueError("with --stats there are no calibration images")
+
+    ctx = AdaptContext(model=model, source_stats_fn=lambda: stats, calibration_inputs=no_calibration,
+                       eval_inputs=parts.__getitem__, train_sources=list(stats), eval_sources=evals,
+                       seed=args.seed, amp=args.amp, progress=user.progress(args))
+    plan = MatrixPlan(ds, ds, strategies, evals, list(stats))
+    return score(ctx, plan, {s: p.labels for s, p in parts.items()}, metrics, ci=level, n_boot=args.n_boot,
+                 progress=user.progress(args))
