@@ -17,7 +17,7 @@ from PIL import Image
 
 from shiftbn.adapt import parse_strategy
 from shiftbn.cli.main import main
-from tests.test_cli import _cli
+from tests.cli.test_cli import _cli
 from tests.timeouts import deadline
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True,

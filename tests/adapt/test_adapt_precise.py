@@ -5,8 +5,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import shiftbn as sb
+from tests.adapt.test_prior import _net
 from tests.helpers import capture_bn_inputs, moments_of
-from tests.test_prior import _net
 
 
 def _two_sources(n=48):

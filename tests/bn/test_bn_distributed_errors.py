@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 import shiftbn as sb
 from shiftbn.bn.moments import SourceStats
-from tests.test_bn_distributed import _batches, _model
+from tests.bn.test_bn_distributed import _batches, _model
 
 TIMEOUT_S = 60
 

@@ -16,8 +16,8 @@ from shiftbn.cli.main import main
 from shiftbn.sites.drift import OVERALL
 from shiftbn.sites.sample_moments import sample_moments
 from shiftbn.studies import drift_summary
+from tests.cli.test_cli import _user_project
 from tests.helpers import assert_same_state, reference_moments, state_of
-from tests.test_cli import _user_project
 
 
 def _net(seed: int = 0) -> nn.Module:

@@ -19,7 +19,7 @@ import torch
 from shiftbn.bn import _native, native
 from tests.timeouts import deadline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler here: the torch paths are tested")
 
 # a child process: load the kernel, check one batch's sums and BN output against float64 torch; with

@@ -21,7 +21,7 @@ from shiftbn.studies.common import data_fingerprint
 FASHION_MISSING = ("Debian's dataset-fashion-mnist not installed: apt-get install dataset-fashion-mnist "
                    "(make test installs it)")
 
-ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+ANALYSES = Path(__file__).resolve().parents[2] / "analyses"
 SPECS = sorted(ANALYSES.glob("*.toml"))
 
 

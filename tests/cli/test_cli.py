@@ -19,7 +19,7 @@ import shiftbn as sb
 from shiftbn.cli.main import build_parser, main
 from tests.helpers import write_user_project
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args, cwd=None, timeout=300):

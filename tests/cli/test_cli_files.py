@@ -239,7 +239,7 @@ def test_the_file_size_limit_is_named_and_leaves_no_partial_file(proj, capsys):
 
 
 def test_recalibrate_and_merge_refuse_a_file_whose_layers_disagree_with_its_fingerprint(proj, capsys):
-    from tests.test_file_headers import forge_stats
+    from tests.sites.test_file_headers import forge_stats
 
     assert main(["stats", *_common("only_site_a"), "--out", "a.stats"]) == 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import shiftbn as sb
 from shiftbn import _names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "pandas", "seaborn", "matplotlib", "numpy")
 
 

@@ -17,7 +17,7 @@ from shiftbn.bn.reduce import RunningMoments, fused_sums
 from shiftbn.studies.models import SmallCNN3d
 from tests.helpers import assert_same_state, capture_bn_inputs, moments_of, reference_moments, state_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _collect_checked(model, batches, **kwargs):

@@ -15,7 +15,7 @@ from tests.distributed_helpers import (
     tiny_data,
     tiny_model,
 )
-from tests.test_evaluate_tapped import items_only
+from tests.evaluate.test_evaluate_tapped import items_only
 
 STRATEGIES = ["ema", "precise", "target", "prior:4", "stats:*", "per-source", "batch:4", "batch:4:mixed",
               "tent-offline:2", "tent", "prior:4@all", "prior:2:8"]
