@@ -96,6 +96,40 @@ def add_ci_options(p: argparse.ArgumentParser, no_ci_help: str) -> None:
                    help=f"bootstrap resamples, 10 to {cli_types.RESAMPLES_MAX:,} (default: 1000)")
 
 
+PRECISE_HELP = "precise = PreciseBN over the training sources' calibration data (every source not in --held-out)"
+
+
+def add_held_out_option(p: argparse.ArgumentParser, api: str) -> None:
+    """``--held-out``: the sources the model was trained without, which ``precise`` leaves out;
+    ``api`` names the library argument that does the same."""
+    p.add_argument("--held-out", nargs="+", default=[], metavar="SOURCE",
+                   help=f"sources the model was trained WITHOUT (marked as the held-out view); {PRECISE_HELP}; "
+                        f"default: none held out, every source counts as a training source (API: {api})")
+
+
+def check_held_out(held_out, sources) -> None:
+    """Refuse a ``--held-out`` name that is not one of ``sources``, suggesting the closest one."""
+    import difflib
+
+    known = [str(s) for s in sources]
+    for h in held_out:
+        if h not in known:
+            close = difflib.get_close_matches(h, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"--held-out {h!r} is not a source of the data; {hint}(sources: {', '.join(known)})")
+
+
+def training_sources(held_out, sources) -> list[str]:
+    """The sources not in ``--held-out``; unknown names and holding out every source are refused."""
+    check_held_out(held_out, sources)
+    known = [str(s) for s in sources]
+    trains = [s for s in known if s not in set(held_out)]
+    if not trains:
+        raise ValueError(f"--held-out names every source ({', '.join(known)}); leave at least one source the model "
+                         "was trained on")
+    return trains
+
+
 def ci_level(args) -> float | None:
     """The interval level the command asked for (None with --no-ci); --ci and --n-boot are checked as parsed."""
     return None if args.no_ci else args.ci

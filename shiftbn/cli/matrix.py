@@ -31,6 +31,7 @@ def register(sub) -> None:
                    metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*)")
     m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
                    help="metric names, listed below (default: accuracy)")
+    user.add_held_out_option(m, "cross_source_matrix(train_sources=[every source not held out])")
     m.add_argument("--calibration", type=cli_types.fraction, default=None,
                    help="calibration fraction per source (default: 0.5)")
     m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
@@ -56,18 +57,26 @@ def run(args: argparse.Namespace) -> None:
     user.check_out(args.out)
     files = _files_stats(args)
     model, ds = user.load_model(args), user.load_data(args)
+    trains = None
     if files is not None:
         table = _from_files(model, ds, files, args, level)
     else:
-        table = cross_source_matrix(model, ds, args.strategies, args.metrics,
+        trains = user.training_sources(args.held_out, ds.sources_present)
+        table = cross_source_matrix(model, ds, args.strategies, args.metrics, train_sources=trains,
                                     calibration=0.5 if args.calibration is None else args.calibration,
                                     stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
                                     ci=level, n_boot=args.n_boot, progress=user.progress(args), amp=args.amp)
     if dist.writer():
         atomic_write_text(user.out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
         user.write_skipped(args, args.out)
+    held = set(args.held_out)
+    if held:  # the held-out view: marked in the printed columns (matrix.csv keeps the names, as report's does)
+        pools = "none (--stats gives no calibration images)" if trains is None else ", ".join(trains)
+        print(f"held out (never trained on): {', '.join(args.held_out)}; precise pools the calibration data of: "
+              f"{pools}")
     for metric, g in table.groupby("metric", sort=False):
         print(f"\n{metric}{'' if level is None else f' [{level:.0%} interval]'}:")
+        g = g.assign(eval_source=[f"{s} [held out]" if s in held else s for s in g["eval_source"]])
         print(interval_cells(g, "strategy", "eval_source").to_string(index=False))
     print(f"\nWrote {args.out / 'matrix.csv'}")
 
@@ -96,6 +105,8 @@ def _from_files(model, ds, stats, args, level):
     metrics = check_metrics(args.metrics)
     ds.require_labels("evaluation")
     evals = ds.sources_present
+    user.training_sources(args.held_out, [*evals, *(s for s in stats if s not in evals)])
+    trains = [s for s in stats if s not in set(args.held_out)]
     strategies = expand_strategies(args.strategies, list(stats))
     for st in strategies:
         if st.needs_precise or any(st.calibration_sources(j) for j in evals):
@@ -111,8 +122,8 @@ def _from_files(model, ds, stats, args, level):
         raise ValueError("with --stats there are no calibration images")
 
     ctx = AdaptContext(model=model, source_stats_fn=lambda: stats, calibration_inputs=no_calibration,
-                       eval_inputs=parts.__getitem__, train_sources=list(stats), eval_sources=evals,
+                       eval_inputs=parts.__getitem__, train_sources=trains, eval_sources=evals,
                        seed=args.seed, amp=args.amp, progress=user.progress(args))
-    plan = MatrixPlan(ds, ds, strategies, evals, list(stats))
+    plan = MatrixPlan(ds, ds, strategies, evals, trains)
     return score(ctx, plan, {s: p.labels for s, p in parts.items()}, metrics, ci=level, n_boot=args.n_boot,
                  progress=user.progress(args))

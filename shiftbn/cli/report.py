@@ -20,9 +20,7 @@ def register(sub) -> None:
                                    "Nothing is trained.")
     user.add_user_options(p)
     user.add_run_options(p)
-    p.add_argument("--held-out", nargs="+", default=[], metavar="SOURCE",
-                   help="sources the model was trained WITHOUT (marked in the matrix; their rows are the held-out "
-                        "view)")
+    user.add_held_out_option(p, "build_report(held_out=[...])")
     p.add_argument("--strategies", nargs="+", default=["ema", "precise", "target", "prior:16", "stats:*"],
                    help="strategy specs (default: ema precise target prior:16 stats:*)")
     p.add_argument("--calibration", type=cli_types.fraction, default=0.5,
@@ -38,6 +36,7 @@ def run(args: argparse.Namespace) -> None:
     level = user.ci_level(args)
     user.check_out(args.out)
     model, ds = user.load_model(args), user.load_data(args)
+    user.check_held_out(args.held_out, ds.sources_present)  # build_report refuses holding out every source
     report = build_report(model, ds, user.out_folder(args.out), held_out=args.held_out, strategies=args.strategies,
                           calibration=args.calibration, ci=level, n_boot=args.n_boot,
                           stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,

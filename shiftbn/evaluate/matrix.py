@@ -332,7 +332,8 @@ def cross_source_matrix(
             ``Splits`` (its calibration and test parts) or a ``(calibration, eval)`` pair.
         transductive: calibrate and evaluate on all samples.
         train_sources: the sources the model was trained on (``precise`` pools their calibration
-            data in random mixed batches); default: all.
+            data in random mixed batches); default: all. Leave out the held-out sources (the CLI's
+            ``--held-out``), or ``precise`` counts them as training sources.
         eval_sources: the sources to evaluate (default: all).
         batch_size: evaluation batch size. ``stats_batch_size``, ``stats_mode``, ``num_samples``:
             as ``collect_stats``'s ``batch_size``, ``mode``, ``num_samples``.

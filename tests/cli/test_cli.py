@@ -491,3 +491,34 @@ def test_matrix_prints_intervals_and_counts_by_default(tmp_path, monkeypatch, ca
     assert "interval" not in capsys.readouterr().out
     assert "ci_low" not in pd.read_csv(proj / "plain" / "matrix.csv").columns
     assert main([*common, "--ci", "2", "--out", "bad"]) == 2
+
+
+def test_matrix_held_out_gives_reports_matrix_cell_for_cell(tmp_path, monkeypatch, capsys):
+    write_user_project(tmp_path, "heldnet", (("site_a", 40, 4), ("site_b", 150, 4), ("site_c", 230, 4)))
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", "heldnet:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4", "--no-progress",
+              "--no-ci", "--strategies", "ema", "precise", "target", "--seed", "3", "--calibration", "0.5"]
+    assert main(["report", *common, "--held-out", "site_c", "--out", "rep"]) == 0
+    report = pd.read_csv(tmp_path / "rep" / "matrix.csv")
+    metrics = ["--metrics", *report["metric"].unique()]
+    assert main(["matrix", *common, *metrics, "--held-out", "site_c", "--out", "held"]) == 0
+    out = capsys.readouterr().out
+    assert "held out (never trained on): site_c; precise pools the calibration data of: site_a, site_b" in out
+    assert "site_c [held out]" in out
+    held = pd.read_csv(tmp_path / "held" / "matrix.csv")
+    pd.testing.assert_frame_equal(held, report)  # same rows, same columns, same values exactly
+    assert main(["matrix", *common, *metrics, "--out", "all"]) == 0
+    every = pd.read_csv(tmp_path / "all" / "matrix.csv")
+    cell = "strategy == 'precise' and eval_source == 'site_c' and metric == 'nll'"
+    assert every.query(cell)["value"].item() != held.query(cell)["value"].item()  # the flag changes precise
+    # --held-out in both helps says which sources feed precise; bad names are one line naming the flag
+    sub = {a.dest: a for a in build_parser()._actions}["command"].choices
+    for cmd in ("matrix", "report"):
+        helps = {a.dest: a.help for a in sub[cmd]._actions}
+        assert "precise = PreciseBN over the training sources' calibration data (every source not in --held-out)" \
+            in helps["held_out"]
+    capsys.readouterr()
+    assert main(["matrix", *common, "--held-out", "site_bb", "--out", "bad"]) == 2
+    assert "--held-out 'site_bb' is not a source of the data; did you mean site_b?" in capsys.readouterr().err
+    assert main(["matrix", *common, "--held-out", "site_a", "site_b", "site_c", "--out", "bad"]) == 2
+    assert "--held-out names every source" in capsys.readouterr().err
