@@ -59,6 +59,13 @@ def add_user_options(p: argparse.ArgumentParser, data_or: str | None = None) -> 
                    help=f"resize images to SIZE x SIZE before the model (1 to {cli_types.IMAGE_SIZE_MAX})")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="convert every image to 1 (grayscale) or 3 (RGB) channels (default: as stored)")
+    p.add_argument("--transform", default=None, metavar="MODULE:FUNCTION",
+                   help="your own preprocessing, called on each image as a float tensor (C, H, W) in [0, 1]: the "
+                        "order is read -> --channels -> --image-size -> the transform -> --normalize; it returns a "
+                        "tensor or numpy array. FUNCTION is the transform itself (one image argument), or a factory "
+                        "called with no arguments that returns it (a class such as "
+                        "monai.transforms:ScaleIntensity, or make() returning Compose([...])); MONAI array "
+                        "transforms work, dict transforms (...d) do not (the working folder is searched last)")
     p.add_argument("--normalize", nargs=2, type=cli_types.numbers, action=cli_types.Normalize, default=None,
                    metavar=("MEAN", "STD"),
                    help="normalize as (x - MEAN) / STD after scaling to [0, 1]; one number or one per channel, "
@@ -212,7 +219,7 @@ def _import_factory(spec: str):
     return factory
 
 
-def _import_user_module(name: str):
+def _import_user_module(name: str, flag: str = "--model"):
     """Import ``name``; the working folder is searched last, and only for this import.
 
     Why: putting the working folder first let any stray ``PIL/`` or ``json.py`` there shadow the
@@ -229,12 +236,45 @@ def _import_user_module(name: str):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise ValueError(f"cannot import {name!r} for --model: {e}") from None
+        raise ValueError(f"cannot import {name!r} for {flag}: {e}") from None
     except Exception as e:  # the user's module itself failed while importing
-        raise ValueError(f"importing {name!r} for --model raised {describe(e)}") from e
+        raise ValueError(f"importing {name!r} for {flag} raised {describe(e)}") from e
     finally:
         if appended and sys.path and sys.path[-1] == cwd:
             sys.path.pop()
+
+
+def load_transform(spec: str):
+    """The callable named by ``--transform MODULE:FUNCTION``: FUNCTION itself when it needs an argument
+    (the transform), else what FUNCTION() returns (a factory, or a class whose instances transform)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--transform must look like package.module:function, got {spec!r}")
+    module = _import_user_module(module_name, "--transform")
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{module_name} has no callable {attr!r} for --transform")
+    if not _takes_no_arguments(fn):
+        return fn
+    try:
+        made = fn()
+    except Exception as e:  # noqa: BLE001 - any failure of the user's factory is reported as one line
+        raise ValueError(f"--transform {spec}: calling it with no arguments (as a factory) raised {describe(e)}") from e
+    if not callable(made):
+        raise TypeError(f"--transform {spec}: {attr}() returned {type(made).__name__}, not a callable; name a function "
+                        "of one image tensor, or a factory with no arguments that returns one")
+    return made
+
+
+def _takes_no_arguments(fn) -> bool:
+    """Whether ``fn()`` binds (no required parameter); False when its signature cannot be read."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind()
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _model_kwargs(items: list[str]) -> dict:
@@ -286,7 +326,8 @@ def load_data(args):
 
     _check_batch_memory(args)
     mean, std = (None, None) if args.normalize is None else args.normalize  # checked as parsed (cli_types.Normalize)
-    loader = ImageLoader(channels=args.channels, size=args.image_size, mean=mean, std=std)
+    transform = None if args.transform is None else load_transform(args.transform)
+    loader = ImageLoader(channels=args.channels, size=args.image_size, mean=mean, std=std, transform=transform)
     if not args.data.exists():
         raise FileNotFoundError(f"--data not found: {args.data}")
     if args.data.is_dir() and (args.data / "metadata.csv").is_file():
