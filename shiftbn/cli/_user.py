@@ -121,9 +121,9 @@ def check_held_out(held_out, sources) -> None:
     known = [str(s) for s in sources]
     for h in held_out:
         if h not in known:
-            close = difflib.get_close_matches(h, known, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ValueError(f"--held-out {h!r} is not a source of the data; {hint}(sources: {', '.join(known)})")
+            close = [k for k in known if k.lower() == h.lower()] or difflib.get_close_matches(h, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"--held-out {h!r} is not a source of the data (sources: {', '.join(known)}){hint}")
 
 
 def training_sources(held_out, sources) -> list[str]:

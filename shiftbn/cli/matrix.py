@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> None:
     held = set(args.held_out)
     if held:  # the held-out view: marked in the printed columns (matrix.csv keeps the names, as report's does)
         pools = "none (--stats gives no calibration images)" if trains is None else ", ".join(trains)
-        print(f"held out (never trained on): {', '.join(args.held_out)}; precise pools the calibration data of: "
-              f"{pools}")
+        print(f"held out (never trained on): {', '.join(dict.fromkeys(args.held_out))}; precise pools the "
+              f"calibration data of: {pools}")
     for metric, g in table.groupby("metric", sort=False):
         print(f"\n{metric}{'' if level is None else f' [{level:.0%} interval]'}:")
         g = g.assign(eval_source=[f"{s} [held out]" if s in held else s for s in g["eval_source"]])

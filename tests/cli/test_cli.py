@@ -519,6 +519,7 @@ def test_matrix_held_out_gives_reports_matrix_cell_for_cell(tmp_path, monkeypatc
             in helps["held_out"]
     capsys.readouterr()
     assert main(["matrix", *common, "--held-out", "site_bb", "--out", "bad"]) == 2
-    assert "--held-out 'site_bb' is not a source of the data; did you mean site_b?" in capsys.readouterr().err
+    assert "--held-out 'site_bb' is not a source of the data (sources: site_a, site_b, site_c); did you mean site_b?" \
+        in capsys.readouterr().err
     assert main(["matrix", *common, "--held-out", "site_a", "site_b", "site_c", "--out", "bad"]) == 2
     assert "--held-out names every source" in capsys.readouterr().err
