@@ -12,3 +12,12 @@ def _quiet_tqdm(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         yield
+
+
+@pytest.fixture(autouse=True)
+def _same_threads_for_every_test():
+    """Every test starts with 2 torch threads: an in-process CLI call with ``--threads N`` sets torch's
+    global count, and float32 kernels may block differently under another count (last-digit changes)."""
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(2)

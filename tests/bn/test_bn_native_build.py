@@ -132,6 +132,8 @@ def test_a_damaged_cache_heals_inside_one_process_too(monkeypatch, tmp_path, cap
     monkeypatch.setattr(native, "_state", {})
     assert native.available()
     (so,) = (tmp_path / "kernels").glob("*.so")
+    # a new file at the same path: truncating the loaded library in place would crash this process (SIGBUS)
+    so.unlink()
     so.write_bytes(b"\0" * 100)
     (record,) = (tmp_path / "kernels").glob("*.json")
     record.write_text("{not json")  # a damaged record as well: never trusted
