@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 import shiftbn.cli._user as user
+from shiftbn.cli._parser import DOCS
 from shiftbn.cli._renamed import OldFlag
 from shiftbn.cli.types import RESAMPLES_MAX, count_type, fraction
 
 EXIT_ALERT = 1
 MONITOR_EPILOG = ("Exit status: 0 no alert, 1 at least one scored source alerts (overall p-value < --alpha), 2 bad "
-                  "input (one line, no traceback). Docs: README.md (CLI reference).")
+                  f"input (one line, no traceback). Docs: {DOCS}.")
 
 
 def register(sub) -> None:

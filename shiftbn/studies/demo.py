@@ -36,8 +36,13 @@ TRAIN_MODE = "random"  # the demo's training batches (a SourceBatchSampler mode)
 CI, N_BOOT = 0.95, 1000  # the report's intervals: percentile bootstrap within each lab
 
 
-def demo_config(dataset: str = "digits-labs", quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """The resolved configuration of a demo run (what ``config.json`` records)."""
+def demo_config(dataset: str = "digits-labs", quick: bool = False, seed: int = 0,
+                held_out_protocol: bool = False) -> dict[str, Any]:
+    """The resolved configuration of a demo run (what ``config.json`` records).
+
+    ``held_out_protocol``: also retrain one model without each lab (``HeldOutSources``); off by default,
+    since it is most of a full run's time and a first look does not need it.
+    """
     if dataset not in DEMO_DATASETS:
         raise ValueError(f"unknown demo dataset {dataset!r}; choose from {sorted(DEMO_DATASETS)}")
     base = DEMO_DATASETS[dataset]
@@ -46,6 +51,7 @@ def demo_config(dataset: str = "digits-labs", quick: bool = False, seed: int = 0
         "model": {"name": "SmallCNN", "width": 8 if quick else 16},
         "steps": 60 if quick else 400, "batch_size": 32, "fractions": [0.6, 0.2, 0.2],
         "strategies": STRATEGIES, "heldout_strategies": ["ema", "precise", "target", "prior:16"],
+        "held_out_protocol": held_out_protocol,
         "heldout_labs": [base["held_out"]] if quick else None, "heldout_steps": 60 if quick else 300,
         "ema": {"batch_sizes": [64] if quick else [16, 256], "steps": 40 if quick else 150,
                 "every": 20 if quick else 25, "precise_samples": 200 if quick else 1000,
@@ -58,15 +64,15 @@ class DemoResult:
     """What ``run_demo`` returns: its tidy tables and the report's path.
 
     ``matrix``: the cross-source matrix (``cross_source_matrix`` rows); ``summary``: ``summarize``
-    of its strategy rows; ``heldout``: held-out-lab rows; ``shift``: the layer shift profile;
-    ``ema``: EMA vs PreciseBN rows; ``report``: path of ``report.html``; ``sites``: the strategy chosen
-    per site without labels (``site_choice_table``); ``drift``: each site's drift against the reference
-    lab (``drift_tables``).
+    of its strategy rows; ``heldout``: held-out-lab rows (None without ``held_out_protocol``); ``shift``:
+    the layer shift profile; ``ema``: EMA vs PreciseBN rows; ``report``: path of ``report.html``;
+    ``sites``: the strategy chosen per site without labels (``site_choice_table``); ``drift``: each
+    site's drift against the reference lab (``drift_tables``).
     """
 
     matrix: pd.DataFrame
     summary: pd.DataFrame
-    heldout: pd.DataFrame
+    heldout: pd.DataFrame | None
     shift: pd.DataFrame
     ema: pd.DataFrame
     report: Path
@@ -75,9 +81,14 @@ class DemoResult:
 
 
 def run_demo(out: str | Path = "runs/demo", *, dataset: str = "digits-labs", quick: bool = False,
-             resume: bool = False, seed: int = 0, progress: bool = True) -> DemoResult:
-    """Run the demo into ``out`` (resumable cell by cell) and write ``report.html``."""
-    cfg = demo_config(dataset, quick, seed)
+             resume: bool = False, seed: int = 0, progress: bool = True,
+             held_out_protocol: bool = False) -> DemoResult:
+    """Run the demo into ``out`` (resumable cell by cell) and write ``report.html``.
+
+    ``held_out_protocol``: also retrain one model without each lab (the report's "Held-out labs" bars);
+    without it the report's panel says how to get them.
+    """
+    cfg = demo_config(dataset, quick, seed, held_out_protocol)
     with RunFolder(out, cfg, resume=resume) as run:
         return _demo(run, cfg, progress)
 
@@ -87,7 +98,7 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     ds = load(cfg["dataset"], **cfg["load"])
     split = ds.split(fractions=tuple(cfg["fractions"]), seed=seed)
     train_labs = [s for s in ds.sources_present if s != cfg["held_out"]]
-    labs = cfg["heldout_labs"] or ds.sources_present
+    labs = (cfg["heldout_labs"] or ds.sources_present) if cfg["held_out_protocol"] else []
     n = 7 + len(labs)
 
     def announce(i: int, key: str, text: str) -> None:
@@ -136,7 +147,7 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
         announce(4 + i, f"heldout__{lab}", f"held-out protocol: {lab}")
         study = HeldOutSources(train=heldout_train, held_out=[lab], strategies=cfg["heldout_strategies"], seeds=[seed])
         frames.append(run.cell(f"heldout__{lab}", lambda study=study: study.run(ds, progress)))
-    heldout = pd.concat(frames, ignore_index=True)
+    heldout = pd.concat(frames, ignore_index=True) if frames else None
     announce(n - 3, "ema", "EMA vs PreciseBN")
     ema_params = {k: v for k, v in cfg["ema"].items() if k != "steps"}
     ema_train = replace(EmaVsPrecise.default_train, model=cfg["model"], steps=cfg["ema"]["steps"])
@@ -145,7 +156,8 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     decisions = _decisions(run, model, split, train_labs, cfg, announce, n)
     summary = summarize(matrix[~matrix["is_cross_source"]])
     run.write_results(matrix, "matrix")
-    run.write_results(heldout, "heldout")
+    if heldout is not None:
+        run.write_results(heldout, "heldout")
     phase(n, n, "figures and report.html")
     report = _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled, decisions)
     return DemoResult(matrix, summary, heldout, shift, ema, report, decisions["sites"], decisions["drift"])
@@ -185,12 +197,29 @@ def _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled
                          notes={"Held-out labs": _two_numbers(matrix, heldout, lab, cfg)}, decisions=decisions)
 
 
+def protocol_command(cfg: dict[str, Any], out: str = "runs/demo-protocol") -> str:
+    """The command that reruns this demo with the held-out protocol into a new folder ``out``."""
+    args = ["shiftbn demo --held-out-protocol"]
+    if cfg["dataset"] != "digits-labs":
+        args.append(f"--dataset {cfg['dataset']}")
+    if cfg["quick"]:
+        args.append("--quick")
+    if cfg["seed"] != 0:
+        args.append(f"--seed {cfg['seed']}")
+    return " ".join([*args, f"--out {out}"])
+
+
 def _num_classes(ds) -> int:
     return len(ds.class_names) if ds.class_names is not None else int(ds.labels.max()) + 1
 
 
-def _two_numbers(matrix: pd.DataFrame, heldout: pd.DataFrame, lab: str, cfg: dict) -> str:
-    """Why the matrix and this section give different numbers for the main held-out lab under ema."""
+def _two_numbers(matrix: pd.DataFrame, heldout: pd.DataFrame | None, lab: str, cfg: dict) -> str:
+    """Why the matrix and this section give different numbers for the main held-out lab under ema
+    (without the protocol: how to get this section)."""
+    if heldout is None:
+        return ("Not run: retraining one model without each lab (the held-out protocol) is most of a full run's "
+                f"time, and the cross-source matrix already shows {lab}, which the main model never saw. To retrain "
+                f"and measure each lab held out, run: {protocol_command(cfg)}")
     in_matrix = matrix.query("strategy == 'ema' and metric == 'accuracy' and eval_source == @lab")["value"]
     here = heldout.query("held_out == @lab and is_held_out and strategy == 'ema' and metric == 'accuracy'")
     text = ("Each bar comes from a separate model retrained without that lab "

@@ -41,6 +41,19 @@ def test_help_is_complete_for_every_command():
         assert "--model" in text and "--weights" in text and "--data" in text
 
 
+def test_help_names_the_local_docs_command_and_the_page_mkdocs_writes():
+    config = (ROOT / "mkdocs.yml").read_text()
+    assert "use_directory_urls: false" not in config  # directory URLs: reference/cli.md -> reference/cli/index.html
+    site = re.search(r"^site_dir: (\S+)", config, re.M).group(1)
+    page = re.search(r'^PAGE = "(.+)\.md"', (ROOT / "tools" / "docs_hooks.py").read_text(), re.M).group(1)
+    parser = build_parser()
+    sub = {a.dest: a for a in parser._actions}["command"].choices
+    for text in [parser.format_help(), *(p.format_help() for p in sub.values())]:
+        flat = " ".join(text.split())
+        assert f"Docs: make docs, then open {site}/{page}/index.html" in flat, text
+        assert "README.md (CLI reference)" not in flat
+
+
 @pytest.mark.parametrize("args, msg", [
     (["run", "nope.toml"], "study spec not found"),
     (["stats", "--model", "nomodule:f", "--weights", "w.pt", "--data", "d.csv"], "cannot import"),
@@ -467,7 +480,8 @@ def test_threads_are_recorded_and_a_resume_under_another_count_is_refused(tmp_pa
 def test_demo_through_a_pipe_prints_one_line_per_phase_and_no_bars(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # bars asked for: only the pipe stops them
     env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-m", "shiftbn", "demo", "--quick", "--out", str(tmp_path / "d")],
+    out = tmp_path / "d"  # with the held-out protocol (the default run skips it: tests/studies/test_demo.py)
+    res = subprocess.run([sys.executable, "-m", "shiftbn", "demo", "--quick", "--held-out-protocol", "--out", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stderr and "\r" not in res.stdout
@@ -475,7 +489,10 @@ def test_demo_through_a_pipe_prints_one_line_per_phase_and_no_bars(tmp_path):
     assert [line.split("]")[0] for line in lines] == [f"[{i}/8" for i in range(1, 9)], res.stderr
     assert "training SmallCNN on lab_a, lab_b, lab_c, lab_d" in lines[0]
     assert "held-out protocol: lab_e" in lines[3] and "EMA vs PreciseBN" in lines[4]
-    assert "Report:" in res.stdout
+    assert set(pd.read_csv(out / "heldout.csv")["held_out"]) == {"lab_e"}
+    assert "<h2>Held-out labs</h2><img" in (out / "report.html").read_text()  # the bars, not the how-to note
+    assert res.stdout.strip().splitlines()[-2] == f"Report: {out / 'report.html'}"
+    assert res.stdout.strip().splitlines()[-1].startswith("Next, your own model: shiftbn report --model ")
 
 
 def test_matrix_prints_intervals_and_counts_by_default(tmp_path, monkeypatch, capsys):

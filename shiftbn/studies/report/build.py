@@ -83,7 +83,8 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     sample-image grid (images only); ``held_out``: sources the model never saw (marked in the matrix);
     ``heldout``: ``HeldOutSources`` rows (retrained models; the demo); ``ema``: EMA vs PreciseBN rows;
     ``comparisons``/``pooled``: ``paired_table``/``pooled_table`` rows; ``outputs``: kept outputs, for
-    per-source calibration and confusion; ``notes``: extra captions by section name; ``decisions``: the
+    per-source calibration and confusion; ``notes``: extra captions by section name (a note for the
+    held-out section without ``heldout`` is shown alone, e.g. how to get it); ``decisions``: the
     decision panels' tables (``sites``, ``drift``, ``drift_layers``, ``reference``, ``audit``; see
     ``report.decisions``); ``word``: what the data calls a source (default ``samples.source_word``,
     else "source"), used in headings and sentences.
@@ -108,6 +109,8 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     figures["Layer shift profile (W2 to pooled statistics)"] = (shift_profile(w2, word=word), "shift_profile.png")
     if heldout is not None:
         figures[f"Held-out {words}"] = (heldout_bars(heldout), "heldout.png")
+    elif captions.get(f"Held-out {words}"):  # not run: the section keeps its heading and says how to get it
+        figures[f"Held-out {words}"] = (None, None)
     if ema is not None:
         figures["EMA vs PreciseBN"] = (ema_curves(ema), "ema_vs_precise.png")
     if outputs is not None:
@@ -119,6 +122,9 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
                                             "confusion.png")
     paths = {}
     for name, (fig, file) in figures.items():
+        if fig is None:
+            paths[name] = None
+            continue
         save(fig, figs_dir / file)
         paths[name] = figs_dir / file
     tables = _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed, word)

@@ -34,11 +34,12 @@ def _caption(text: str | None) -> list[str]:
     return [f'<p class="caption">{html.escape(text)}</p>'] if text else []
 
 
-def write_report(path: str | Path, *, title: str, summary: list[str], figures: dict[str, Path],
+def write_report(path: str | Path, *, title: str, summary: list[str], figures: dict[str, Path | None],
                  tables: dict[str, pd.DataFrame], meta: dict[str, str], captions: dict[str, str] | None = None) -> Path:
     """Write ``report.html``: title, findings, figures (embedded PNG) and tables; no network access.
 
-    ``captions``: text shown under the figure or above the table of the same name.
+    ``captions``: text shown under the figure or above the table of the same name; a figure None is a
+    section of its caption alone.
     """
     captions = captions or {}
     path = Path(path)
@@ -52,7 +53,8 @@ def write_report(path: str | Path, *, title: str, summary: list[str], figures: d
             + "</p>", "<h2>Findings</h2>"]
     body += [f"<p>{html.escape(p)}</p>" for p in summary]
     for name, fig in figures.items():
-        body += [f"<h2>{html.escape(name)}</h2>", _img(fig)] + _caption(captions.get(name))
+        image = [_img(fig)] if fig is not None else []
+        body += [f"<h2>{html.escape(name)}</h2>", *image] + _caption(captions.get(name))
     for name, table in tables.items():
         body += [f"<h2>{html.escape(name)}</h2>"] + _caption(captions.get(name)) + [_table_html(table)]
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
