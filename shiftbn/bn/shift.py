@@ -12,20 +12,29 @@ METRICS = ("w2", "kl", "smd")
 _EPS = 1e-5  # BN's default eps: keeps ratios finite for dead channels
 
 
+def w2(mean_a: np.ndarray, var_a: np.ndarray, mean_b: np.ndarray, var_b: np.ndarray) -> np.ndarray:
+    """2-Wasserstein distance between per-channel Gaussians, averaged over the last axis (channels).
+
+    ``sqrt((ma - mb)^2 + (sa - sb)^2)`` with ``s = sqrt(var + eps)``; arrays broadcast against each
+    other, e.g. (B, C) batches against a (C,) reference -> (B,). Units: those of the activations; float64.
+    """
+    sa, sb = np.sqrt(np.asarray(var_a, np.float64) + _EPS), np.sqrt(np.asarray(var_b, np.float64) + _EPS)
+    d2 = (np.asarray(mean_a, np.float64) - np.asarray(mean_b, np.float64)) ** 2
+    return np.sqrt(d2 + (sa - sb) ** 2).mean(axis=-1)
+
+
 def _distances(metric: str, ma: np.ndarray, va: np.ndarray, mb: np.ndarray, vb: np.ndarray) -> np.ndarray:
     """Channel-averaged distance between every row of ``a`` and every row of ``b``.
 
     ``ma``, ``va``: (A, C) means and variances; ``mb``, ``vb``: (B, C). Returns (A, B) float64.
     """
+    if metric == "w2":  # 2-Wasserstein between 1-D Gaussians
+        return w2(ma[:, None, :], va[:, None, :], mb[None, :, :], vb[None, :, :])
     va, vb = va[:, None, :] + _EPS, vb[None, :, :] + _EPS
     d2 = (ma[:, None, :] - mb[None, :, :]) ** 2
-    if metric == "w2":  # 2-Wasserstein between 1-D Gaussians
-        val = np.sqrt(d2 + (np.sqrt(va) - np.sqrt(vb)) ** 2)
-    elif metric == "kl":  # symmetric KL (Jeffreys divergence)
-        val = 0.5 * ((va + d2) / vb + (vb + d2) / va) - 1.0
-    else:  # standardized mean difference
-        val = np.sqrt(d2 / (0.5 * (va + vb)))
-    return val.mean(axis=-1)
+    if metric == "kl":  # symmetric KL (Jeffreys divergence)
+        return (0.5 * ((va + d2) / vb + (vb + d2) / va) - 1.0).mean(axis=-1)
+    return np.sqrt(d2 / (0.5 * (va + vb))).mean(axis=-1)  # standardized mean difference
 
 
 def _stack(group: list[BNStats], layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

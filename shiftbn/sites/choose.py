@@ -16,8 +16,8 @@ from torch import nn
 
 from shiftbn.adapt import AdaptContext, Strategy
 from shiftbn.bn import BNStats, PopulationStats, buffer_stats, split_site
+from shiftbn.bn.shift import w2
 from shiftbn.data.tagged import SourceTaggedDataset, Splits
-from shiftbn.evaluate._distance import w2
 from shiftbn.evaluate.matrix import Calibration, checked_outputs, collect, prepare
 from shiftbn.sites.atc import ATC, confidence_scores, fit_atc
 

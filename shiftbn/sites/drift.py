@@ -15,7 +15,7 @@ import pandas as pd
 from torch import nn
 
 from shiftbn._torch import Inputs
-from shiftbn.evaluate._distance import w2
+from shiftbn.bn.shift import w2
 from shiftbn.sites.atc import ATC, fit_atc
 from shiftbn.sites.sample_moments import SampleMoments, sample_moments
 

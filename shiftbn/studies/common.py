@@ -52,12 +52,3 @@ def fit_without(cfg: TrainConfig, ds: SourceTaggedDataset, held_out: str, seed: 
     sp = ds.split(fractions=cfg.fractions, seed=seed)
     rest = [s for s in ds.sources_present if s != held_out]
     return sp, rest, fit(cfg, sp.train.subset(rest), seed, mode=mode)
-
-
-def as_seeds(seeds: int | Sequence[int]) -> list[int]:
-    return [int(seeds)] if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
-
-
-def data_fingerprint(ds: SourceTaggedDataset) -> tuple:
-    """Cheap fingerprint of a dataset's ids and labels, to check protocols do not modify it."""
-    return (ds.source_ids.copy(), None if ds.labels is None else ds.labels.copy())
