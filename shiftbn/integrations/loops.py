@@ -16,7 +16,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shiftbn.bn import BNStats, SourceStats, buffer_stats, collect_stats, load_stats, model_lock, stats_shift
+from shiftbn.bn import (
+    BNStats,
+    CollectOptions,
+    SourceStats,
+    buffer_stats,
+    collect_stats,
+    load_stats,
+    model_lock,
+    stats_shift,
+)
 from shiftbn.data.items import ItemKeys
 
 RUNNING = "running"
@@ -98,7 +107,8 @@ def refresh_bn(
                 table = _drift(model, data, num_samples, batch_size, keys, metric, seed, progress)
             if precise:
                 stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
-                                      mode="batch", keys=keys, seed=seed, progress=progress).pooled()
+                                      mode="batch", seed=seed, progress=progress,
+                                      options=CollectOptions(keys=keys)).pooled()
                 load_stats(model, stats)
     finally:
         for m, training in modes:
@@ -121,7 +131,7 @@ def _drift(model, data, num_samples, batch_size, keys, metric, seed, progress) -
     """Per source and layer: running statistics vs the statistics of the inputs they normalize."""
     running = buffer_stats(model)
     seen = collect_stats(model, data, batch_size=batch_size, by_source=True, num_samples=num_samples, mode="eval",
-                         keys=keys, seed=seed, progress=progress)
+                         seed=seed, progress=progress, options=CollectOptions(keys=keys))
     ref = RUNNING
     while ref in seen:
         ref = f"_{ref}_"
