@@ -69,7 +69,7 @@ def run_ranks(fn, tmp_path, world: int = 2, env: dict | None = None, allow_death
     """Run ``fn(rank, world, out_dir) -> picklable`` on ``world`` gloo ranks; each rank's result (None
     for a rank that wrote none when ``allow_death``). Fails, instead of hanging, past TIMEOUT_S."""
     ctx = mp.start_processes(_entry, args=(world, free_port(), str(tmp_path), fn.__name__, fn.__module__,
-                                           env or {}), nprocs=world, join=False, start_method="fork")
+                                           env or {}), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     if allow_death:  # wait on each process: ctx.join() would SIGTERM the others as soon as one dies
         for p in ctx.processes:

@@ -70,9 +70,10 @@ def _worker(rank, world, port, out_dir, names):
 
 
 def _run(tmp_path, names):
-    """Two gloo ranks run the scenarios; fails (instead of hanging) past TIMEOUT_S."""
+    """Two gloo ranks run the scenarios (spawned: a fork of a process whose torch already ran on
+    several threads can hang in its first convolution); fails (instead of hanging) past TIMEOUT_S."""
     ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), names), nprocs=2, join=False,
-                             start_method="fork")
+                             start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

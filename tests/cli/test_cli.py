@@ -151,6 +151,7 @@ def _spec(tmp_path):
     return spec
 
 
+@pytest.mark.slow  # ~30 s: a real demo killed mid-run and resumed; make test-slow
 def test_killed_run_resumes_to_the_same_results(tmp_path):
     spec = _spec(tmp_path)
     full = _cli("run", str(spec), "--out", str(tmp_path / "full"), "--no-progress")
@@ -477,6 +478,7 @@ def test_threads_are_recorded_and_a_resume_under_another_count_is_refused(tmp_pa
         assert f"torch_threads was 1, now {threads}" in err
 
 
+@pytest.mark.slow  # ~30 s: the quick demo with --held-out-protocol in a subprocess; make test-slow
 def test_demo_through_a_pipe_prints_one_line_per_phase_and_no_bars(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # bars asked for: only the pipe stops them
     env["PYTHONPATH"] = str(ROOT)
