@@ -77,7 +77,7 @@ def test_hugging_face_torch_format_labels_and_sources_from_columns():
     ref = _per_source_reference(model, xs, [i % 2 for i in range(12)])
     np.testing.assert_allclose(stats["bern"].layers["1"].mean, ref[1]["1"][1], rtol=0, atol=1e-12)
     table = sb.cross_source_matrix(nn.Sequential(_net(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)),
-                                   ds, ["source", "target"], ["accuracy"], batch_size=6, progress=False)
+                                   ds, ["ema", "target"], ["accuracy"], batch_size=6, progress=False)
     assert set(table["eval_source"]) == {"basel", "bern"}
 
 

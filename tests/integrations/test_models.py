@@ -163,10 +163,10 @@ def test_every_verb_restores_the_model_bit_for_bit(case):
     sb.sites.per_site_model(model, stats, unused=unused)
     assert_same_state(model, before)
     if name in MATRIX:
-        table = sb.cross_source_matrix(model, ds, ["source", "target"], ["accuracy"], batch_size=BATCH,
+        table = sb.cross_source_matrix(model, ds, ["ema", "target"], ["accuracy"], batch_size=BATCH,
                                        progress=False)
         assert_same_state(model, before)
-        assert set(table["eval_source"]) == {"site_a", "site_b"} and set(table["strategy"]) == {"source", "target"}
+        assert set(table["eval_source"]) == {"site_a", "site_b"} and set(table["strategy"]) == {"ema", "target"}
         assert table["value"].between(0, 1).all()
 
 
