@@ -95,7 +95,7 @@ def prepare(
         (['target', 'precise'], 31, 29)
     """
     require_tagged(ds, "cross_source_matrix")
-    cal_ds, eval_ds = _calibration_split(ds, calibration, transductive, seed)
+    cal_ds, eval_ds = calibration_split(ds, calibration, transductive, seed)
     sources = ds.sources_present
     for s in sources:  # source names and the labels of strategies' statistics share the stats_source column
         check_source_name(s, "cross_source_matrix")
@@ -118,7 +118,8 @@ def prepare(
     return MatrixPlan(cal_ds, eval_ds, strats, evals, trains)
 
 
-def _calibration_split(ds: SourceTaggedDataset, calibration: Calibration, transductive: bool, seed: int):
+def calibration_split(ds: SourceTaggedDataset, calibration: Calibration, transductive: bool, seed: int):
+    """The (calibration, evaluation) datasets ``prepare`` uses: the one rule for splitting each source."""
     if transductive:
         return ds, ds
     if isinstance(calibration, Splits):

@@ -22,6 +22,7 @@ from shiftbn.adapt import parse_strategy
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import collect, paired_table, pooled_table, prepare, score, summarize
+from shiftbn.evaluate.matrix import calibration_split
 from shiftbn.studies.report.calibration import (
     calibration_table,
     confusion_figure,
@@ -300,8 +301,8 @@ def _sites_with_both_parts(ds: SourceTaggedDataset, calibration: float,
     """
     if isinstance(calibration, bool) or not isinstance(calibration, (int, float)) or not 0 < calibration < 1:
         return ds, {}  # ``prepare`` refuses it, naming the value
-    sp = ds.split(fractions=(0.0, float(calibration), 1.0 - float(calibration)), seed=seed)
-    cal, test = set(sp.calibration.sources_present), set(sp.test.sources_present)
+    cal_ds, eval_ds = calibration_split(ds, calibration, False, seed)  # the split ``prepare`` will make
+    cal, test = set(cal_ds.sources_present), set(eval_ds.sources_present)
     counts = pd.Series(ds.source_ids).value_counts()
     word = ds.source_word
     skipped = {}
