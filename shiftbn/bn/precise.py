@@ -11,6 +11,7 @@ from shiftbn.bn.collect import CollectMode, CollectOptions, collect_stats
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats
 from shiftbn.bn.state import load_stats
+from shiftbn.data.items import ItemKeys
 
 
 def precise_bn(
@@ -23,6 +24,7 @@ def precise_bn(
     sampler: Iterable[list[int]] | None = None,
     seed: int = 0,
     fused: bool | None = None,
+    keys: ItemKeys | None = None,
     progress: bool = True,
 ) -> BNStats:
     """Recompute population BN statistics over ``num_samples`` samples and write them into the model.
@@ -48,6 +50,7 @@ def precise_bn(
         sampler: index lists giving the batches of a Dataset (default: shuffled batches).
         seed: seeds the shuffle and the ``num_samples`` subset.
         fused: the kernel choice of ``CollectOptions.fused``.
+        keys: field names of dict items or batches (MONAI, Hugging Face), as ``CollectOptions.keys``.
         progress: show a progress bar (default True).
 
     Returns:
@@ -66,6 +69,6 @@ def precise_bn(
     with model_lock(model):
         stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
                               mode=mode, seed=seed, progress=progress,
-                              options=CollectOptions(sampler=sampler, fused=fused)).pooled()
+                              options=CollectOptions(sampler=sampler, fused=fused, keys=keys)).pooled()
         load_stats(model, stats)
     return stats

@@ -22,8 +22,8 @@ from shiftbn.bn import (
     SourceStats,
     buffer_stats,
     collect_stats,
-    load_stats,
     model_lock,
+    precise_bn,
     stats_shift,
 )
 from shiftbn.data.items import ItemKeys
@@ -106,10 +106,8 @@ def refresh_bn(
             if drift:
                 table = _drift(model, data, num_samples, batch_size, keys, metric, seed, progress)
             if precise:
-                stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
-                                      mode="batch", seed=seed, progress=progress,
-                                      options=CollectOptions(keys=keys)).pooled()
-                load_stats(model, stats)
+                stats = precise_bn(model, data, num_samples=num_samples, batch_size=batch_size, seed=seed, keys=keys,
+                                   progress=progress)
     finally:
         for m, training in modes:
             m.training = training

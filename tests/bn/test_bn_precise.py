@@ -81,3 +81,31 @@ def test_precise_bn_caps_samples_and_keeps_flags():
     assert stats.num_samples == 100 and stats["1"].count == 100
     assert model.training and model[1].momentum == 0.3
     assert int(model[1].num_batches_tracked) == 0
+
+
+def test_precise_bn_reads_dict_items_through_keys():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 4, 4, generator=g) * 2 + 5
+
+    class Items(torch.utils.data.Dataset):  # a map-style dataset of tuples or of dicts
+        def __init__(self, as_dict):
+            self.as_dict = as_dict
+
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return {"img": x[i], "label": 0} if self.as_dict else (x[i], 0)
+
+    tuples, dicts = Items(False), Items(True)
+    a, b = _bn_model(), _bn_model()
+    b.load_state_dict(a.state_dict())
+    want = sb.precise_bn(a, tuples, num_samples=None, batch_size=8, progress=False)
+    with pytest.raises((TypeError, ValueError, KeyError)):  # without keys a dict item has no input to find
+        sb.precise_bn(copy.deepcopy(b), dicts, num_samples=None, batch_size=8, progress=False)
+    got = sb.precise_bn(b, dicts, num_samples=None, batch_size=8, keys=sb.ItemKeys(input="img"), progress=False)
+    for layer in want.layers:
+        np.testing.assert_array_equal(got[layer].mean, want[layer].mean)
+        np.testing.assert_array_equal(got[layer].var, want[layer].var)
+    for (ka, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), ka
