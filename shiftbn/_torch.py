@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from shiftbn._forward import PLAIN, Runner
 from shiftbn._lock import model_lock
 from shiftbn._log import bars_wanted
 
@@ -203,6 +204,15 @@ Inputs = torch.Tensor | Dataset
 """Model inputs: a tensor (N, ...) or a map-style dataset whose items are ``x`` or ``(x, ...)``."""
 
 
+def _targets_of(batch: Any, label_key: str = "label") -> Any:
+    """The targets of a batch: the second element of a tuple, ``batch[label_key]`` of a dict, else None."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        return batch.get(label_key)
+    return None
+
+
 def _input_of(batch: Any, input_key: str = "image") -> torch.Tensor:
     """The inputs of a batch: a tensor ``x``, the first element of a tuple, or ``batch[input_key]`` of a dict.
 
@@ -243,6 +253,20 @@ def iter_inputs(
         yield _input_of(batch)
 
 
+def iter_batches(
+    data: Inputs, batches: Sequence[Sequence[int] | torch.Tensor], num_workers: int = 0
+) -> Iterator[tuple[Any, Any]]:
+    """``(inputs, targets)`` of each index batch of ``data``, one batch in memory at a time (targets: the
+    items' second element, ``None`` for a tensor or items without one)."""
+    if isinstance(data, torch.Tensor):
+        for idx in batches:
+            yield data[torch.as_tensor(idx, dtype=torch.long)], None
+        return
+    plan = [[int(i) for i in idx] for idx in batches]
+    for batch in DataLoader(LenChecked(data), batch_sampler=plan, num_workers=num_workers):
+        yield _input_of(batch), _targets_of(batch)
+
+
 def take_inputs(data: Inputs, idx: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """The inputs at positions ``idx`` of ``data`` as one batch."""
     return next(iter_inputs(data, [idx]))
@@ -261,21 +285,23 @@ def _chunks(n: int, batch_size: int) -> list[range]:
 
 @torch.no_grad()
 def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: bool = False,
-                    progress: bool = False, desc: str = "forward") -> torch.Tensor:
+                    progress: bool = False, desc: str = "forward", runner: Runner = PLAIN) -> torch.Tensor:
     """Outputs of ``model`` on ``data`` in order, batches of ``batch_size``, as the model is; float32 (N, K) on CPU.
 
     Only the outputs are kept: inputs are read one batch at a time, moved to the model's device.
     ``amp``: run the forward under autocast. ``progress``: a bar with samples/s and ETA (on a terminal).
+    ``runner``: the user's forward and the per-batch reduction (``runner.keep``: (N, R) rows instead).
     """
     if len(data) == 0:
         raise ValueError("no inputs to evaluate: the data is empty")
     device = device_of(model)
     outs = []
     with autocast(device, amp), _bar(len(data), desc, progress) as bar:
-        for x in iter_inputs(data, _chunks(len(data), batch_size)):
+        for idx, (x, t) in zip(_chunks(len(data), batch_size),
+                               iter_batches(data, _chunks(len(data), batch_size)), strict=True):
             with explained_errors(model, x):
-                outs.append(model(x.to(device)).float().cpu())
-            bar.update(len(x))
+                outs.append(runner.keep(runner.outputs(model, x, device), t))
+            bar.update(len(idx))
     return torch.cat(outs)
 
 
@@ -315,12 +341,13 @@ def batch_chunks(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
     return list(torch.tensor_split(order, max(1, -(-n // batch_size))))
 
 
-def outputs_in_order(data: Inputs, chunks: list[torch.Tensor], forward: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-    """``forward`` on the samples of each chunk of positions (``batch_chunks``), outputs (N, ...) float32
-    put back in the original order of ``data``."""
+def outputs_in_order(data: Inputs, chunks: list[torch.Tensor], forward: Callable[[Any], torch.Tensor],
+                     runner: Runner = PLAIN) -> torch.Tensor:
+    """``forward`` on the inputs of each chunk of positions (``batch_chunks``), outputs (N, ...) float32
+    put back in the original order of ``data``; ``runner.keep`` reduces each chunk's outputs."""
     out: torch.Tensor | None = None
-    for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
-        part = forward(x).float().cpu()
+    for idx, (x, t) in zip(chunks, iter_batches(data, chunks), strict=True):
+        part = runner.keep(forward(x), t).float()
         if out is None:
             out = torch.empty((len(data), *part.shape[1:]))
         out[idx] = part
@@ -330,7 +357,7 @@ def outputs_in_order(data: Inputs, chunks: list[torch.Tensor], forward: Callable
 @torch.no_grad()
 def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int, *,
                        amp: bool = False, progress: bool = False, desc: str = "batch statistics",
-                       part: tuple[int, int] | None = None) -> torch.Tensor:
+                       part: tuple[int, int] | None = None, runner: Runner = PLAIN) -> torch.Tensor:
     """Outputs with every BN layer normalizing each batch by its own statistics (prediction-time BN).
 
     Samples of ``data`` (N of them) are shuffled with ``seed`` into the batches ``batch_chunks``
@@ -339,6 +366,7 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     as it was (flags restored, buffers never written). ``part=(world, rank)``: run only batches
     ``rank, rank + world, ...`` (each batch whole) and return their outputs in the order of
     ``torch.cat(batch_chunks(...)[rank::world])`` (possibly none: (0, ...) when K is unknown, shape (0,)).
+    ``runner``: the user's forward and the per-batch reduction.
     """
     n = len(data)
     if n == 0:
@@ -352,14 +380,14 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     out: torch.Tensor | None = None
     pos = 0
     with _batch_statistics(model), autocast(device, amp), _bar(sum(map(len, chunks)), desc, progress) as bar:
-        for idx, x in zip(chunks, iter_inputs(data, chunks), strict=True):
+        for idx, (x, t) in zip(chunks, iter_batches(data, chunks), strict=True):
             try:
                 with explained_errors(model, x):
-                    part_out = model(x.to(device)).float().cpu()
+                    part_out = runner.keep(runner.outputs(model, x, device), t).float()
             except ValueError as e:  # BN in training refuses one value per channel (one sample, no positions)
                 if "more than 1 value per channel" not in str(e):
                     raise
-                raise ValueError(f"a batch of {len(x)} sample(s) gives a BN layer one value per channel, which "
+                raise ValueError(f"a batch of {len(idx)} sample(s) gives a BN layer one value per channel, which "
                                  "batch statistics cannot normalize; use at least 2 samples per batch") from e
             if out is None:
                 out = torch.empty((n if part is None else sum(map(len, chunks)), *part_out.shape[1:]))
@@ -368,7 +396,7 @@ def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
             else:
                 out[pos:pos + len(idx)] = part_out
                 pos += len(idx)
-            bar.update(len(x))
+            bar.update(len(idx))
     return out
 
 

@@ -23,7 +23,7 @@ PKG = Path(sb.__file__).resolve().parent
 # Bottom to top; a module may import only from its own layer or below (../shared/DESIGN.md).
 LAYERS = [
     ("shiftbn._torch", "shiftbn._io", "shiftbn._lock", "shiftbn._log", "shiftbn._names", "shiftbn._version",
-     "shiftbn._safefile"),
+     "shiftbn._safefile", "shiftbn._forward"),
     ("shiftbn.data", "shiftbn.samplers"),
     ("shiftbn.bn",),
     ("shiftbn.adapt",),

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from torch import nn
 
+from shiftbn._forward import PLAIN, Runner
 from shiftbn._torch import Inputs
 from shiftbn.bn import BNStats, SourceStats
 
@@ -36,6 +37,9 @@ class AdaptContext:
         batch_size: evaluation batch size; ``seed``: seed of every random choice a strategy makes.
         amp: run forwards under autocast (mixed precision); outputs are float32 either way.
         progress: strategies show a bar per evaluation pass (samples/s, ETA) on a terminal.
+        runner: how a batch runs through the model (the user's ``forward(model, x)``) and what of its
+            outputs strategies return (``reduce``: e.g. per-case segmentation scores instead of logits).
+        task: ``"classification"``, ``"regression"`` or ``"segmentation"`` (what the outputs are scored as).
 
     Returns:
         An ``AdaptContext`` holding these fields, and ``stats`` (per-source ``SourceStats``, computed on
@@ -63,6 +67,8 @@ class AdaptContext:
     seed: int = 0
     amp: bool = False
     progress: bool = False
+    runner: Runner = PLAIN
+    task: str = "classification"
     _memo: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from shiftbn._forward import PLAIN, Forward, Runner
 from shiftbn._lock import model_lock
 from shiftbn._torch import Inputs, autocast, batch_chunks, device_of, iter_inputs, outputs_in_order
 from shiftbn.bn import BNLayer, PopulationStats, bn_layers, buffer_stats
@@ -93,7 +94,7 @@ def _mixer(source: PopulationStats, prior: float, measure: dict | None):
 
 @torch.no_grad()
 def prior_batch_logits(model: nn.Module, data: Inputs, prior: float, batch_size: int, seed: int, *,
-                       amp: bool = False) -> torch.Tensor:
+                       amp: bool = False, runner: Runner = PLAIN) -> torch.Tensor:
     """Outputs (N, K) float32 with prior-weighted BN per test batch (the paper's prediction-time form).
 
     Samples are shuffled with ``seed`` into near-equal batches of at most ``batch_size``; in each batch
@@ -110,6 +111,7 @@ def prior_batch_logits(model: nn.Module, data: Inputs, prior: float, batch_size:
         batch_size: at most this many samples per test batch.
         seed: seeds the shuffle of the samples into batches.
         amp: run forwards under autocast.
+        runner: the user's forward and the per-batch reduction (``shiftbn._forward.Runner``).
 
     Returns:
         A float32 tensor (N, K), rows in the order of ``data``.
@@ -131,12 +133,13 @@ def prior_batch_logits(model: nn.Module, data: Inputs, prior: float, batch_size:
     layers = bn_layers(model)
     device = device_of(model)
     with _mixed_normalization(model, layers, source, prior), autocast(device, amp):
-        return outputs_in_order(data, batch_chunks(n, batch_size, seed), lambda x: model(x.to(device)))
+        return outputs_in_order(data, batch_chunks(n, batch_size, seed), lambda x: runner.outputs(model, x, device),
+                                runner)
 
 
 @torch.no_grad()
 def prior_stats(model: nn.Module, data: Inputs, prior: float, *, batch_size: int = 256,
-                amp: bool = False) -> PopulationStats:
+                amp: bool = False, forward: Forward | None = None) -> PopulationStats:
     """Prior-weighted statistics of every BN layer from the n samples of ``data`` (few-shot adaptation).
 
     Per layer: N/(N+n) source (the model's running statistics) + n/(N+n) exact mean and variance of the
@@ -155,6 +158,7 @@ def prior_stats(model: nn.Module, data: Inputs, prior: float, *, batch_size: int
         prior: the prior strength N >= 0 (in samples).
         batch_size: samples per forward (more than one batch: one truncated pass per BN layer).
         amp: run forwards under autocast.
+        forward: ``forward(model, x) -> outputs`` run on each batch instead of ``model(x)``.
 
     Returns:
         ``PopulationStats`` (``num_samples`` = n), one entry per BN layer, to load with ``use_stats``.
@@ -179,21 +183,22 @@ def prior_stats(model: nn.Module, data: Inputs, prior: float, *, batch_size: int
     source = source_stats_of(model, f"prior:{prior:g}")
     layers = bn_layers(model)
     device = device_of(model)
+    runner = Runner(forward=forward)
     if n <= batch_size:
         measured: dict[str, Population] = {}
         with _mixed_normalization(model, layers, source, prior, measured), autocast(device, amp):
-            model(next(iter_inputs(data, [range(n)])).to(device))
+            runner.outputs(model, next(iter_inputs(data, [range(n)])), device)
         return PopulationStats({layer.name: measured[layer.name] for layer in layers if layer.name in measured}, n)
-    return _layer_by_layer(model, layers, data, source, prior, batch_size, amp)
+    return _layer_by_layer(model, layers, data, source, prior, batch_size, amp, runner)
 
 
-def _layer_by_layer(model, layers, data, source, prior, batch_size, amp) -> PopulationStats:
+def _layer_by_layer(model, layers, data, source, prior, batch_size, amp, runner) -> PopulationStats:
     """Layer j's moments over all batches, with layers before it loaded with their final mixed statistics."""
     n = len(data)
     chunks = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     device = device_of(model)
     by_name = {layer.name: layer for layer in layers}
-    order = _call_order(model, layers, data, device, amp)
+    order = _call_order(model, layers, data, device, amp, runner)
     w = prior_weight(prior, n)
     done: dict[str, Population] = {}
     with model_lock(model):
@@ -202,12 +207,14 @@ def _layer_by_layer(model, layers, data, source, prior, batch_size, amp) -> Popu
             model.eval()
             for name in order:
                 acc = RunningMoments()
-                # the rest of each forward is not needed once the measured layer has seen its input
+                # the rest of each forward is not needed once the measured layer has seen its input; a user's
+                # forward may call the model several times per batch (micro-batches), so it is never cut short
+                stop = name if runner.forward is None else None
                 with observe_bn_inputs(model, [by_name[name]], lambda layer, k, x, acc=acc: acc.add(x),
-                                       stop_after=name) as hooks:
+                                       stop_after=stop) as hooks:
                     for x in iter_inputs(data, chunks):
                         with autocast(device, amp):
-                            hooks.run(x.to(device))
+                            hooks.call(lambda x=x: runner.outputs(model, x, device))
                 if acc.mean is None:
                     raise ValueError(f"BN layer {name!r} saw no input in the layer-by-layer pass")
                 mean, var = _mix(source[name], acc.mean, acc.m2 / acc.count, w)
@@ -220,14 +227,14 @@ def _layer_by_layer(model, layers, data, source, prior, batch_size, amp) -> Popu
     return PopulationStats({layer.name: done[layer.name] for layer in layers if layer.name in done}, n)
 
 
-def _call_order(model, layers, data, device, amp) -> list[str]:
+def _call_order(model, layers, data, device, amp, runner) -> list[str]:
     """BN modules in first-call order on one sample batch; refused when a module is called twice."""
     with model_lock(model), observe_bn_inputs(model, layers, lambda layer, k, x: None) as hooks:
         snap = ModelSnapshot(model, layers)
         try:
             model.eval()
             with autocast(device, amp):
-                model(next(iter_inputs(data, [range(min(2, len(data)))])).to(device))
+                runner.outputs(model, next(iter_inputs(data, [range(min(2, len(data)))])), device)
         finally:
             snap.restore()
     twice = [k for k, c in hooks.calls.items() if c > 1]

@@ -104,11 +104,13 @@ def _tent(episodic: bool):
 
     def make(arg: str | None) -> Strategy:
         parts, k = _options(kind, [] if arg is None else arg.split(":"))
-        if parts:
+        all_bn = parts == ["all"]
+        if parts and not all_bn:
             raise ValueError(f"'{kind}:{arg}': {kind} is the published online form and takes no step count "
                              f"('{kind}' or '{kind}:k=K'); the offline form (S steps on calibration data, then "
-                             f"predict) is 'tent-offline:{parts[0]}'")
-        return Tent(episodic=episodic, groupings=k)
+                             f"predict) is 'tent-offline:{parts[0]}'; '{kind}:all' adapts every BN layer "
+                             "(BatchNorm1d/3d too)")
+        return Tent(episodic=episodic, groupings=k, all_bn=all_bn)
 
     return make
 

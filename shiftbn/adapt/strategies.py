@@ -36,9 +36,11 @@ def fixed_stats_logits(ctx: AdaptContext, name: str, eval_source: str, stats: BN
     if stats is None:
         with preserved(ctx.model):
             ctx.model.eval()
-            return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress, desc=desc)
+            return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress, desc=desc,
+                                   runner=ctx.runner)
     with use_stats(ctx.model, stats):
-        return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress, desc=desc)
+        return forward_batches(ctx.model, x, ctx.batch_size, amp=ctx.amp, progress=ctx.progress, desc=desc,
+                               runner=ctx.runner)
 
 
 class Strategy:
@@ -669,7 +671,7 @@ class Prior(Grouped):
             raise NotImplementedError(f"{self.name!r} mixes each test batch's own statistics; it has no fixed ones")
         cal = ctx.calibration_inputs(eval_source)
         data = cal if self.samples == "all" else take_samples(cal, self.samples, ctx.seed)
-        return prior_stats(ctx.model, data, self.n, batch_size=ctx.batch_size, amp=ctx.amp)
+        return prior_stats(ctx.model, data, self.n, batch_size=ctx.batch_size, amp=ctx.amp, forward=ctx.runner.forward)
 
     def logits(self, ctx, eval_source, x):
         if self.samples is not None:
@@ -682,7 +684,7 @@ class Prior(Grouped):
         return super().outputs(ctx, eval_source, x)
 
     def grouped_logits(self, ctx, eval_source, x, seed):
-        return prior_batch_logits(ctx.model, x, self.n, self.batch, seed, amp=ctx.amp)
+        return prior_batch_logits(ctx.model, x, self.n, self.batch, seed, amp=ctx.amp, runner=ctx.runner)
 
 
 class BatchStats(Grouped):
@@ -731,13 +733,13 @@ class BatchStats(Grouped):
     def grouped_logits(self, ctx, eval_source, x, seed):
         if not self.mixed:
             return batch_stats_logits(ctx.model, x, self.batch, seed, amp=ctx.amp, progress=ctx.progress,
-                                      desc=f"{self.name} on {eval_source}")
+                                      desc=f"{self.name} on {eval_source}", runner=ctx.runner)
         return ctx.memo(("shiftbn", "mixed-batch", self.batch, seed), lambda: self._mixed(ctx, seed))[eval_source]
 
     def _mixed(self, ctx: AdaptContext, seed: int) -> dict[str, torch.Tensor]:
         names = list(ctx.eval_sources)
         xs = [ctx.eval_inputs(s) for s in names]
-        out = batch_stats_logits(ctx.model, concat_inputs(xs), self.batch, seed, amp=ctx.amp)
+        out = batch_stats_logits(ctx.model, concat_inputs(xs), self.batch, seed, amp=ctx.amp, runner=ctx.runner)
         return dict(zip(names, torch.split(out, [len(v) for v in xs]), strict=True))
 
 
@@ -759,9 +761,11 @@ class Tent(Grouped):
         episodic: reset parameters and optimizer before each batch (``tent-episodic``).
         lr: Adam's learning rate (> 0, default 1e-3).
         groupings: seeded stream orders K the metric is scored over (default ``DEFAULT_GROUPINGS``).
+        all_bn: adapt every BN layer's affine parameters (``BatchNorm1d``/``3d`` too: a 3-D U-Net;
+            ``tent:all``); the published form, and the default, adapts ``BatchNorm2d`` only.
 
     Returns:
-        The strategy ``tent[-episodic][:k=K]``; the arguments are held as attributes.
+        The strategy ``tent[-episodic][:all][:k=K]``; the arguments are held as attributes.
 
     Raises:
         ValueError: an argument is out of range; the message names it.
@@ -772,19 +776,19 @@ class Tent(Grouped):
     """
 
     def __init__(self, batch: int = 64, steps: int = 1, episodic: bool = False, lr: float = 1e-3,
-                 groupings: int = DEFAULT_GROUPINGS) -> None:
+                 groupings: int = DEFAULT_GROUPINGS, all_bn: bool = False) -> None:
         self.batch = _check_count(batch, "tent's test batch size", 2)
         self.steps = _check_count(steps, "tent's steps per batch", 1)
-        self.lr, self.episodic = check_lr(lr), bool(episodic)
+        self.lr, self.episodic, self.all_bn = check_lr(lr), bool(episodic), bool(all_bn)
         self.groupings = _check_count(groupings, "groupings K", 1)
-        self.name = ("tent-episodic" if episodic else "tent") + self._suffix()
+        self.name = ("tent-episodic" if episodic else "tent") + (":all" if self.all_bn else "") + self._suffix()
 
     def stats_source(self, ctx, eval_source):
         return "batch"
 
     def grouped_logits(self, ctx, eval_source, x, seed):
         return tent_online_logits(ctx.model, x, self.batch, seed, steps=self.steps, episodic=self.episodic,
-                                  lr=self.lr, amp=ctx.amp)
+                                  lr=self.lr, amp=ctx.amp, all_bn=self.all_bn, runner=ctx.runner)
 
 
 class TentOffline(Strategy):
@@ -832,7 +836,7 @@ class TentOffline(Strategy):
 
     def logits(self, ctx, eval_source, x):
         return tent_offline_logits(ctx.model, ctx.calibration_inputs(eval_source), x, self.steps, self.batch,
-                                   ctx.seed, lr=self.lr, amp=ctx.amp)
+                                   ctx.seed, lr=self.lr, amp=ctx.amp, runner=ctx.runner)
 
 
 def __getattr__(name: str):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from shiftbn._forward import PLAIN, Runner
 from shiftbn._lock import model_lock
 from shiftbn._torch import (
     Inputs,
@@ -36,9 +37,10 @@ def check_lr(lr: float) -> float:
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean softmax entropy over the batch (the official ``softmax_entropy(x).mean(0)``), float32."""
+    """Mean softmax entropy over the batch (the official ``softmax_entropy(x).mean(0)``), float32; for dense
+    outputs (N, K, *S) the mean over samples and positions (Tent for segmentation)."""
     x = logits.float()
-    return -(x.softmax(1) * x.log_softmax(1)).sum(1).mean(0)
+    return -(x.softmax(1) * x.log_softmax(1)).sum(1).mean()
 
 
 class _Adapter:
@@ -51,7 +53,7 @@ class _Adapter:
     Masters keep Adam exact for float32 models and free of NaN for half-precision ones.
     """
 
-    def __init__(self, model: nn.Module, lr: float, only_2d: bool) -> None:
+    def __init__(self, model: nn.Module, lr: float, only_2d: bool, runner: Runner = PLAIN) -> None:
         with model_lock(model):  # never copy buffers another thread has swapped
             self.model = copy.deepcopy(model)
         self.model.eval()
@@ -67,13 +69,14 @@ class _Adapter:
         if not self.params:
             what = "BatchNorm2d layers with affine parameters (as published)" if only_2d else \
                 "BN layers with affine parameters (affine=True)"
-            hint = "; tent-offline:S adapts every BN layer" if only_2d else ""
+            hint = "; tent:B:all (all_bn=True) and tent-offline:S adapt every BN layer" if only_2d else ""
             raise ValueError(f"tent adapts {what}, and this model has none{hint}")
         for p in self.params:
             p.requires_grad_(True)
         self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         self.opt = torch.optim.Adam(self.masters, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
         self.device = device_of(self.model)
+        self.runner = runner
         self._initial = None
 
     def save(self) -> None:
@@ -92,7 +95,7 @@ class _Adapter:
     def step(self, x: torch.Tensor, amp: bool) -> torch.Tensor:
         """Forward ``x``, one Adam step on its mean entropy; returns that forward's outputs (detached)."""
         with autocast(self.device, amp):
-            out = self.model(x.to(self.device))
+            out = self.runner.outputs(self.model, x, self.device)
         loss = _entropy(out)
         for p in self.params:
             p.grad = None
@@ -107,7 +110,8 @@ class _Adapter:
 
 
 def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int, *, steps: int = 1,
-                       episodic: bool = False, lr: float = 1e-3, amp: bool = False) -> torch.Tensor:
+                       episodic: bool = False, lr: float = 1e-3, amp: bool = False, all_bn: bool = False,
+                       runner: Runner = PLAIN) -> torch.Tensor:
     """Published (online) Tent: outputs (N, K) float32 of the test stream, adapted batch by batch.
 
     The samples of ``data`` are shuffled with ``seed`` into near-equal batches of at most
@@ -128,13 +132,17 @@ def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
         episodic: reset parameters and optimizer before each batch.
         lr: Adam's learning rate (> 0).
         amp: run forwards under autocast.
+        all_bn: adapt the affine parameters of every BN layer (``BatchNorm1d``/``3d`` too, e.g. a 3-D
+            U-Net); the published form, and the default, adapts ``BatchNorm2d`` only.
+        runner: the user's forward and the per-batch reduction (``shiftbn._forward.Runner``); the
+            entropy is that of the forward's outputs (mean over positions for dense outputs).
 
     Returns:
         A float32 tensor (N, K), rows in the order of ``data``.
 
     Raises:
         ValueError: fewer than 2 samples, ``steps`` or ``lr`` out of range, or no affine
-            ``BatchNorm2d`` layer.
+            ``BatchNorm2d`` layer (any BN layer with ``all_bn``).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -147,7 +155,7 @@ def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     n = len(data)
     if n < 2:
         raise ValueError("tent normalizes with batch statistics and needs at least 2 test samples")
-    ad = _Adapter(model, check_lr(lr), only_2d=True)
+    ad = _Adapter(model, check_lr(lr), only_2d=not all_bn, runner=runner)
     if episodic:
         ad.save()
 
@@ -158,11 +166,11 @@ def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
             part = ad.step(x, amp)
         return part
 
-    return outputs_in_order(data, batch_chunks(n, batch_size, seed), adapt_and_predict)
+    return outputs_in_order(data, batch_chunks(n, batch_size, seed), adapt_and_predict, runner)
 
 
 def tent_offline_logits(model: nn.Module, calibration: Inputs, data: Inputs, steps: int, batch_size: int,
-                        seed: int, *, lr: float = 1e-3, amp: bool = False) -> torch.Tensor:
+                        seed: int, *, lr: float = 1e-3, amp: bool = False, runner: Runner = PLAIN) -> torch.Tensor:
     """Offline Tent: ``steps`` Adam steps on random calibration batches, then prediction-time BN on ``data``.
 
     Why: the functional form of the strategy ``tent-offline:S``: every BN layer's affine parameters
@@ -179,6 +187,7 @@ def tent_offline_logits(model: nn.Module, calibration: Inputs, data: Inputs, ste
         seed: seeds the calibration batches and the test batches.
         lr: Adam's learning rate (> 0).
         amp: run forwards under autocast.
+        runner: the user's forward and the per-batch reduction (``shiftbn._forward.Runner``).
 
     Returns:
         A float32 tensor (N, K), rows in the order of ``data``.
@@ -192,9 +201,9 @@ def tent_offline_logits(model: nn.Module, calibration: Inputs, data: Inputs, ste
         >>> out.shape
         torch.Size([10, 3])
     """
-    ad = _Adapter(model, check_lr(lr), only_2d=False)
+    ad = _Adapter(model, check_lr(lr), only_2d=False, runner=runner)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randperm(len(calibration), generator=gen)[: min(batch_size, len(calibration))]
         ad.step(take_inputs(calibration, idx), amp)
-    return batch_stats_logits(ad.model, data, batch_size, seed, amp=amp)
+    return batch_stats_logits(ad.model, data, batch_size, seed, amp=amp, runner=runner)

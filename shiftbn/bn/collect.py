@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from shiftbn._forward import PLAIN, Forward, Runner, check_forward
 from shiftbn._log import bars_wanted
 from shiftbn._torch import autocast, check_device, explained_errors
 from shiftbn.bn import native
@@ -105,6 +106,7 @@ def collect_stats(
     amp: bool = False,
     progress: bool = True,
     options: CollectOptions | None = None,
+    forward: Forward | None = None,
     **legacy: Any,
 ) -> SourceStats:
     """Exact per-channel mean and population variance of every BN layer's input, per source.
@@ -142,6 +144,12 @@ def collect_stats(
             each BN layer actually receives.
         progress: show a progress bar.
         options: loading, kernel and sequential-schedule settings (``CollectOptions``).
+        forward: ``forward(model, x)`` run on each batch of inputs ``x`` (on the model's device) instead of
+            ``model(x)``: multi-input models, sliding-window inference, micro-batches. Statistics stay
+            exact per source whatever the forward does, because every call of a BN layer merges its
+            input's moments; in ``"batch"`` mode each *model call* normalizes with its own statistics,
+            so micro-batches set the normalization batch size (``"eval"`` and ``"sequential"`` give the
+            same statistics as one call).
         **legacy: the ``CollectOptions`` fields as keywords (``sampler=``, ``fused=``, ...): still
             accepted, with a ``DeprecationWarning``; they override ``options``.
 
@@ -173,16 +181,20 @@ def collect_stats(
         try:
             device = device_of(model)
             job = _Job(model, layers, plan, sync, progress, fused=_use_fused(opts.fused, plan, device),
-                       native=_use_native(opts.fused, device), precision=partial(autocast, device, amp))
+                       native=_use_native(opts.fused, device), precision=partial(autocast, device, amp),
+                       runner=Runner(forward=check_forward(forward)))
             first = "batch" if mode == "sequential" else mode
             spec = _PassSpec(f"stats ({first})", first, fingerprint=sync.world > 1)
-            stats, infos = sync.merge(lambda: _one_pass(job, replace(spec, probe=mode == "sequential")))
+            # a user's forward may call the model several times per batch (micro-batches, windows): a forward
+            # stopped after one module's input would measure only its first call, so no pass is truncated
+            truncate = mode == "sequential" and forward is None
+            stats, infos = sync.merge(lambda: _one_pass(job, replace(spec, probe=truncate)))
             _check_sharded(infos, sync.world)
             if not stats.sources:
                 raise ValueError("no data reached the BN layers: data is empty"
                                  + (f" on all {sync.world} ranks" if sync.world > 1 else ""))
             if mode == "sequential":
-                once = all(i["once"] for i in infos if i["samples"])
+                once = truncate and all(i["once"] for i in infos if i["samples"])
                 if not once and any(i["truncated"] for i in infos):  # ranks disagree: measure every layer
                     stats, infos = sync.merge(lambda: _one_pass(job, spec))
                 order = next((i["order"] for i in infos if i["order"]), [])
@@ -381,6 +393,7 @@ class _Job:
     fused: bool  # batch moments from the fused torch.compile kernel (``_use_fused``)
     native: bool  # batch-mode BN through the C kernel (``_use_native``)
     precision: Callable[[], contextlib.AbstractContextManager]  # autocast or not
+    runner: Runner = PLAIN  # the user's forward(model, x)
 
 
 @dataclass(frozen=True)
@@ -551,7 +564,7 @@ def _feed(job: _Job, spec: _PassSpec, rec: _Recorder, hooks: BNInputHooks) -> di
             written = src
         rec.source = src
         with job.precision(), explained_errors(job.model, x):
-            hooks.run(x.to(device) if isinstance(x, torch.Tensor) else x)
+            hooks.call(lambda x=x: job.runner.run(job.model, x, device))
         set_positions(cycles)
         rec.n_samples[src] = rec.n_samples.get(src, 0) + len(x)
         if first and spec.probe:

@@ -118,6 +118,30 @@ class BNInputHooks:
         except _StopForward:
             return None
 
+    def call(self, forward: Callable[[], Any]) -> Any:
+        """Run ``forward()``, a closure that runs the model (e.g. a user's ``forward(model, x)``), catching
+        the stop after ``stop_after`` as ``run`` does.
+
+        Why: a user's forward may call the model in its own way (several inputs, micro-batches).
+
+        Args:
+            forward: called with no argument.
+
+        Returns:
+            What ``forward()`` returned, or ``None`` when the forward stopped after ``stop_after``.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+            >>> with observe_bn_inputs(model, bn_layers(model), lambda *a: None) as hooks:
+            ...     out = hooks.call(lambda: torch.cat([model(torch.randn(3, 4)), model(torch.randn(3, 4))]))
+            >>> out.shape, hooks.calls
+            (torch.Size([6, 3]), {'1': 1})
+        """
+        try:
+            return forward()
+        except _StopForward:
+            return None
+
     def release(self, name: str) -> None:
         """Stop observing layer ``name``.
 

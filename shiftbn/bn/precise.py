@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from shiftbn._forward import Forward
 from shiftbn.bn.collect import CollectMode, CollectOptions, collect_stats
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats
@@ -26,6 +27,7 @@ def precise_bn(
     fused: bool | None = None,
     keys: ItemKeys | None = None,
     progress: bool = True,
+    forward: Forward | None = None,
 ) -> BNStats:
     """Recompute population BN statistics over ``num_samples`` samples and write them into the model.
 
@@ -52,6 +54,8 @@ def precise_bn(
         fused: the kernel choice of ``CollectOptions.fused``.
         keys: field names of dict items or batches (MONAI, Hugging Face), as ``CollectOptions.keys``.
         progress: show a progress bar (default True).
+        forward: ``forward(model, x)`` run on each batch instead of ``model(x)`` (multi-input models,
+            sliding windows, micro-batches), as ``collect_stats``'s.
 
     Returns:
         The pooled ``BNStats`` written into the buffers.
@@ -68,7 +72,7 @@ def precise_bn(
     """
     with model_lock(model):
         stats = collect_stats(model, data, batch_size=batch_size, by_source=False, num_samples=num_samples,
-                              mode=mode, seed=seed, progress=progress,
+                              mode=mode, seed=seed, progress=progress, forward=forward,
                               options=CollectOptions(sampler=sampler, fused=fused, keys=keys)).pooled()
         load_stats(model, stats)
     return stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from shiftbn._forward import Forward, Runner, check_forward
 from shiftbn._log import bars_wanted
 from shiftbn._torch import check_device
 from shiftbn.adapt import AdaptContext, Strategy, check_source_name, expand_strategies
@@ -19,8 +21,9 @@ from shiftbn.bn import CollectMode, collect_stats
 from shiftbn.bn.distributed import world_and_rank
 from shiftbn.data.tagged import SourceTaggedDataset, Splits, require_tagged
 from shiftbn.evaluate import spread
-from shiftbn.evaluate.metrics import check_metrics, metric_value
+from shiftbn.evaluate.metrics import METRICS, check_metrics, get_metric, metric_value
 from shiftbn.evaluate.tapped import TappedLabels
+from shiftbn.evaluate.task import DEFAULT_METRICS, infer_task
 from shiftbn.evaluate.uncertainty import bootstrap_interval
 
 Calibration = float | Splits | tuple[SourceTaggedDataset, SourceTaggedDataset]
@@ -144,6 +147,8 @@ def collect(
     seed: int = 0,
     amp: bool = False,
     progress: bool = True,
+    forward: Forward | None = None,
+    task: str | None = None,
 ) -> tuple[AdaptContext, Mapping[str, np.ndarray]]:
     """The context strategies see (statistics computed on first use) and each eval source's labels.
 
@@ -162,12 +167,19 @@ def collect(
         seed: seed of the statistics' batches and of strategies' groupings.
         amp: forwards under autocast.
         progress: show progress bars.
+        forward: ``forward(model, x)`` run on every batch instead of ``model(x)`` (statistics and
+            strategies alike).
+        task: ``"classification"``, ``"regression"`` or ``"segmentation"``; default: read from the
+            targets (``evaluate.task.infer_task``). For segmentation every batch's outputs are scored
+            per case as they stream (``evaluate.dense.CaseScorer``) and strategies return those
+            per-case rows, never the dense outputs.
 
     Returns:
         ``(ctx, labels)``: the ``AdaptContext`` strategies read, and eval source -> (N,) labels. Labels
         are the dataset's own, else read from the items as the first evaluation of each source reads
         them (``TappedLabels``: never a pass over the images just for labels), then available once
-        that source's first cell is computed.
+        that source's first cell is computed. Segmentation: the case positions 0..N-1 (the targets
+        are scored inside the pass).
 
     Example:
         >>> ds = sb.load("blobs-labs", n=60, n_features=4)
@@ -176,24 +188,32 @@ def collect(
         >>> type(ctx).__name__, list(labels), labels["lab_0"].shape
         ('AdaptContext', ['lab_0', 'lab_1', 'lab_2', 'lab_3'], (6,))
     """
+    check_forward(forward)
+    task = infer_task(plan.evaluation, task)
     eval_parts = {s: plan.evaluation.subset(s) for s in plan.eval_sources}
-    labels = TappedLabels(eval_parts)
-    labels.check_first()
+    if task == "segmentation":
+        labels: Mapping[str, np.ndarray] = {s: np.arange(len(p)) for s, p in eval_parts.items()}
+        runner = Runner(forward=forward, reduce=case_scores)
+    else:
+        labels = TappedLabels(eval_parts, regression=task == "regression")
+        labels.check_first()
+        runner = Runner(forward=forward)
     cal = plan.calibration
 
     def source_stats():
         return collect_stats(model, cal, batch_size=stats_batch_size, mode=stats_mode, num_samples=num_samples,
-                             seed=seed, amp=amp, progress=progress)
+                             seed=seed, amp=amp, progress=progress, forward=forward)
 
     def precise_stats():
         return collect_stats(model, cal.subset(plan.train_sources), by_source=False, batch_size=stats_batch_size,
-                             mode=stats_mode, num_samples=num_samples, seed=seed, amp=amp, progress=progress).pooled()
+                             mode=stats_mode, num_samples=num_samples, seed=seed, amp=amp, progress=progress,
+                             forward=forward).pooled()
 
     ctx = AdaptContext(model=model, source_stats_fn=source_stats,
                        calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s), lambda: cal.subset(s)),
                        eval_inputs=labels.inputs, train_sources=plan.train_sources,
                        eval_sources=plan.eval_sources, precise_stats_fn=precise_stats, batch_size=batch_size,
-                       seed=seed, amp=amp, progress=progress)
+                       seed=seed, amp=amp, progress=progress, runner=runner, task=task)
     return ctx, labels
 
 
@@ -300,7 +320,7 @@ def cross_source_matrix(
     model: nn.Module,
     ds: SourceTaggedDataset,
     strategies: Sequence[str | Strategy] | str | Strategy = ("ema", "precise", "target", "stats:*"),
-    metrics: Sequence[str] | str = ("accuracy",),
+    metrics: Sequence[str] | str | None = None,
     *,
     calibration: Calibration = 0.5,
     transductive: bool = False,
@@ -316,6 +336,8 @@ def cross_source_matrix(
     device: str | torch.device | None = None,
     amp: bool = False,
     progress: bool = True,
+    forward: Forward | None = None,
+    task: str | None = None,
 ) -> pd.DataFrame:
     """Every strategy on every source: how the model does on each lab with which statistics.
 
@@ -328,7 +350,8 @@ def cross_source_matrix(
         ds: a labeled ``SourceTaggedDataset``.
         strategies: ``Strategy`` objects (``sb.adapt.EMA()``, ``sb.adapt.Prior(16)``...) or spec strings
             (``"prior:16"``); ``StatsFromEach()``/``"stats:*"`` expands to one per source.
-        metrics: names from the metric table (``shiftbn.evaluate.METRICS``).
+        metrics: names from the metric table (``shiftbn.evaluate.METRICS``); default: the task's
+            (``accuracy``; ``mae``; ``dice`` and ``hd95`` for segmentation).
         calibration: fraction of each source (stratified, ``seed``) used unlabeled for statistics, a
             ``Splits`` (its calibration and test parts) or a ``(calibration, eval)`` pair.
         transductive: calibrate and evaluate on all samples.
@@ -346,6 +369,13 @@ def cross_source_matrix(
             accumulated in float64 from the tensor each BN layer receives.
         seed: seed of the calibration split, the statistics' batches, groupings and resamples.
         progress: show progress bars.
+        forward: ``forward(model, x) -> outputs`` run on every batch of inputs ``x`` (on the model's
+            device) instead of ``model(x)``: multi-input models, dict inputs, sliding-window inference,
+            micro-batches. Used for the statistics and by every strategy.
+        task: ``"classification"``, ``"regression"`` or ``"segmentation"``; default: read from the
+            targets (a label map per sample is segmentation). Segmentation is scored per case (sample
+            or volume) as the outputs stream, never keeping them: ``value`` is the mean over cases,
+            ``n`` the number of cases, intervals resample cases.
 
     Returns:
         Tidy DataFrame ``strategy, is_cross_source, stats_source, eval_source, metric, value, n,
@@ -364,10 +394,30 @@ def cross_source_matrix(
         >>> table.shape, sorted(table.strategy.unique()), int(table["n"].sum())
         ((8, 9), ['precise', 'target'], 58)
     """
-    metrics = check_metrics(metrics)
     check_device(model, device)
     plan = prepare(ds, strategies, calibration=calibration, transductive=transductive, train_sources=train_sources,
                    eval_sources=eval_sources, seed=seed)
+    task = infer_task(plan.evaluation, task)
+    metrics = task_metrics(metrics, task)
     ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size,
-                          stats_mode=stats_mode, num_samples=num_samples, seed=seed, amp=amp, progress=progress)
+                          stats_mode=stats_mode, num_samples=num_samples, seed=seed, amp=amp, progress=progress,
+                          forward=forward, task=task)
     return score(ctx, plan, labels, metrics, ci=ci, n_boot=n_boot, progress=progress)
+
+
+def case_scores(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+    """Per-case segmentation scores (B, R) of one batch (``evaluate.dense.CaseScorer``; K from the outputs)."""
+    from shiftbn.evaluate.dense import CaseScorer
+
+    return CaseScorer(int(outputs.shape[1]))(outputs, targets)
+
+
+def task_metrics(metrics: Sequence[str] | str | None, task: str) -> list[str]:
+    """The metric names to score: ``metrics`` checked against the task, or the task's defaults."""
+    names = list(DEFAULT_METRICS[task]) if metrics is None else check_metrics(metrics)
+    wrong = [m for m in names if get_metric(m).task != task]
+    if wrong:
+        fit = [n for n, m in METRICS.items() if m.task == task]
+        raise ValueError(f"metric(s) {wrong} do not fit this {task} data (its targets decide the task; pass task= "
+                         f"if that is wrong); use one of {fit}")
+    return names

@@ -111,7 +111,7 @@ def strategy_outputs(ctx: AdaptContext, strat: Strategy, sources: Sequence[str])
                     seed = grouping_seed(ctx.seed, g)
                     chunks = batch_chunks(n, strat.batch, seed)
                     out = batch_stats_logits(ctx.model, x, strat.batch, seed, amp=ctx.amp, progress=ctx.progress,
-                                             desc=f"{strat.name} on {j}", part=part)
+                                             desc=f"{strat.name} on {j}", part=part, runner=ctx.runner)
                     if len(out):
                         # a rank's batches are the same rows in every grouping only by chance: keep each
                         # grouping's own row order (idx per grouping) and scatter them separately below

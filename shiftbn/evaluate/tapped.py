@@ -26,15 +26,16 @@ class LabelTap(Dataset):
     Items are recorded in the process that reads them (evaluation reads in the main process).
     """
 
-    def __init__(self, ds: SourceTaggedDataset) -> None:
+    def __init__(self, ds: SourceTaggedDataset, regression: bool = False) -> None:
         self.ds = ds
-        self.seen = np.full(len(ds), -2, dtype=np.int64)
+        self.regression = regression  # float targets, NaN = unread
+        self.seen = np.full(len(ds), np.nan, dtype=np.float64) if regression else np.full(len(ds), -2, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def _note(self, i: int, item: Any) -> Any:
-        self.seen[i] = int(item[1])
+        self.seen[i] = float(item[1]) if self.regression else int(item[1])
         return item
 
     def __getitem__(self, i: int) -> Any:
@@ -48,10 +49,11 @@ class LabelTap(Dataset):
 class TappedLabels(Mapping):
     """Eval source -> labels (N,) int64: the dataset's own where it has them, else read by a ``LabelTap``."""
 
-    def __init__(self, parts: Mapping[str, SourceTaggedDataset]) -> None:
+    def __init__(self, parts: Mapping[str, SourceTaggedDataset], regression: bool = False) -> None:
         self.parts = dict(parts)
-        self.known = {s: p.labels for s, p in parts.items() if p.labels is not None}
-        self.taps = {s: LabelTap(p) for s, p in parts.items() if p.labels is None}
+        self.regression = regression
+        self.known = {s: p.labels for s, p in parts.items() if p.labels is not None and not regression}
+        self.taps = {s: LabelTap(p, regression) for s, p in parts.items() if s not in self.known}
         self._done: dict[str, np.ndarray] = {}
 
     def inputs(self, source: str) -> Dataset:
@@ -68,10 +70,11 @@ class TappedLabels(Mapping):
             if sync.world > 1:  # each rank read its rows only
                 views = sync.gather(lambda: tap.seen)
                 seen = np.max(np.stack(views), axis=0)
-            if (seen == -2).any():
-                raise RuntimeError(f"the labels of {int((seen == -2).sum())} samples of source {source!r} were not "
+            unread = np.isnan(seen) if self.regression else seen == -2
+            if unread.any():
+                raise RuntimeError(f"the labels of {int(unread.sum())} samples of source {source!r} were not "
                                    "read by its evaluation; give the dataset labels (labels=...)")
-            if (seen == UNLABELED).any():
+            if not self.regression and (seen == UNLABELED).any():
                 raise ValueError(
                     f"evaluation needs labels, but {int((seen == UNLABELED).sum())} items of source {source!r} carry "
                     "none and the dataset has no labels; pass them to SourceTaggedDataset(base, sources, "
@@ -83,7 +86,7 @@ class TappedLabels(Mapping):
     def check_first(self) -> None:
         """Read one item of each source without labels: an early error when items carry none either."""
         for source, tap in self.taps.items():
-            if len(tap) and int(tap.ds[0][1]) == UNLABELED:
+            if not self.regression and len(tap) and int(tap.ds[0][1]) == UNLABELED:
                 raise ValueError(
                     f"evaluation needs labels, but this dataset has none (its base exposes no targets/labels and "
                     f"its items, e.g. of source {source!r}, carry none); pass them to SourceTaggedDataset(base, "

@@ -368,8 +368,9 @@ class PerSiteModel(nn.Module):
 
         ``data``: anything ``collect_stats`` takes (all of it pooled into this one site);
         ``collect_kwargs``: its options (``batch_size``, ``num_samples``, ``mode="batch"`` or
-        ``"sequential"``, ``seed``...). Statistics come from a plain copy of this model (the same
-        weights), so they equal ``collect_stats(base_model, data, by_source=False)["pooled"]``.
+        ``"sequential"``, ``seed``, ``forward=`` the user's ``forward(model, x)``...). Statistics come
+        from a plain copy of this model (the same weights), so they equal
+        ``collect_stats(base_model, data, by_source=False)["pooled"]``.
         Returns those statistics.
         """
         self._check_new_name(name)
