@@ -198,7 +198,11 @@ def _unpack(target, shape: torch.Size) -> tuple[torch.Tensor, np.ndarray]:
     else:
         mask = target
     if not isinstance(mask, torch.Tensor):
-        mask = torch.as_tensor(np.asarray(mask))
+        try:
+            mask = torch.as_tensor(np.asarray(mask))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"target must be an int label map (B, *S) or a dict with 'mask'; got "
+                            f"{type(mask).__name__}") from None
     if tuple(mask.shape) != (batch, *spatial):
         raise ValueError(f"target mask has shape {tuple(mask.shape)} but the logits {tuple(shape)} need "
                          f"{(batch, *spatial)}; a one-hot mask (B, K, *S) must be passed as mask.argmax(1)")
@@ -206,21 +210,30 @@ def _unpack(target, shape: torch.Size) -> tuple[torch.Tensor, np.ndarray]:
         raise TypeError(f"target mask must be an integer label map, got {mask.dtype}; cast it with .long()")
     if spacing is None:
         return mask.cpu().long(), np.ones((batch, len(spatial)))
-    spacing = np.asarray(spacing.detach().cpu() if isinstance(spacing, torch.Tensor) else spacing, dtype=np.float64)
+    try:
+        spacing = np.asarray(spacing.detach().cpu() if isinstance(spacing, torch.Tensor) else spacing, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing must be numbers, (B, {len(spatial)}) physical voxel sizes; got {spacing!r}"
+                         ) from None
     if spacing.shape == (len(spatial),):
         spacing = np.broadcast_to(spacing, (batch, len(spatial)))
     if spacing.shape != (batch, len(spatial)):
         raise ValueError(f"spacing has shape {spacing.shape}; give one spacing per case and spatial axis, "
                          f"({batch}, {len(spatial)}) (or ({len(spatial)},) for all cases)")
     if not np.all(np.isfinite(spacing) & (spacing > 0)):
-        raise ValueError(f"spacing must be finite and positive (physical size of a voxel per axis); got {spacing}")
+        raise ValueError("spacing must be finite and positive (physical size of a voxel per axis); got "
+                         f"{spacing.tolist()}")
     return mask.cpu().long(), spacing
 
 
 def _check_labels(mask: torch.Tensor, k: int) -> None:
-    if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= k):
-        raise ValueError(f"target labels span [{int(mask.min())}, {int(mask.max())}] but the scorer has {k} classes "
-                         f"[0, {k}); build CaseScorer with num_classes={int(mask.max()) + 1} or fix the label map")
+    if not mask.numel():
+        return
+    low, high = int(mask.min()), int(mask.max())
+    if low < 0 or high >= k:
+        fix = (f"build CaseScorer with num_classes={high + 1}" if low >= 0 and high < 64 else
+               "give every voxel a class (an ignore label such as -1 or 255 is not supported: map it to a class)")
+        raise ValueError(f"target labels span [{low}, {high}] but the scorer has {k} classes [0, {k}); {fix}")
 
 
 def _overlap(pred: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:

@@ -112,11 +112,15 @@ def _coverage90(out, y):
     if out.ndim != 2 or out.shape[1] != 2:
         raise ValueError(f"coverage90 needs outputs (N, 2) = (mean, standard deviation); got shape {out.shape}. "
                          "Have the model (or its forward) return both per sample")
-    mean, sd = out[:, 0].astype(np.float64), out[:, 1].astype(np.float64)
+    mean, sd, y = out[:, 0].astype(np.float64), out[:, 1].astype(np.float64), np.asarray(y, dtype=np.float64)
+    if y.shape != mean.shape:
+        raise ValueError(f"coverage90: {len(mean)} outputs but targets of shape {y.shape}; give one target per sample")
+    if np.isnan(mean).any() or np.isnan(sd).any() or np.isnan(y).any():
+        raise ValueError("coverage90: outputs or targets contain NaN; an interval with NaN covers nothing defined")
     if np.any(sd < 0):
         raise ValueError(f"coverage90: column 1 must be a standard deviation >= 0; got a minimum of {sd.min()}. "
                          "If the model gives a log-variance, return exp(0.5 * log_var)")
-    return float(np.mean(np.abs(np.asarray(y, dtype=np.float64) - mean) <= _Z90 * sd))
+    return float(np.mean(np.abs(y - mean) <= _Z90 * sd))
 
 
 def _dense_mean(name, rows, y):
@@ -317,8 +321,9 @@ def _segmentation_value(metric: Metric, rows, y) -> float:
     if rows.ndim != 2:
         raise ValueError(f"metric {metric.name!r} takes the per-case rows (N, R) of evaluate.dense.CaseScorer, not "
                          f"outputs of shape {rows.shape}; score each batch with CaseScorer(num_classes)")
-    if y is not None and len(y) != len(rows):
-        raise ValueError(f"metric {metric.name!r}: {len(rows)} case rows but {len(y)} targets; give one row per case")
+    if y is not None and (not hasattr(y, "__len__") or len(y) != len(rows)):
+        raise ValueError(f"metric {metric.name!r}: {len(rows)} case rows but targets {y!r:.60}; give a length-"
+                         f"{len(rows)} sequence (one per case) or None")
     return metric.fn(rows, y)
 
 

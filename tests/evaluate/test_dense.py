@@ -218,6 +218,12 @@ def test_bad_inputs_get_clear_errors():
         scorer(logits, {"mask": gt, "spacing": [[1.0, 0.0], [1.0, 1.0]]})
     with pytest.raises(ValueError, match="needs a 'mask' key"):
         scorer(logits, {"label": gt})
+    with pytest.raises(ValueError, match="an ignore label such as -1 or 255 is not supported"):
+        scorer(logits, torch.where(gt == 0, 255, gt))
+    with pytest.raises(ValueError, match="spacing must be numbers"):
+        scorer(logits, {"mask": gt, "spacing": ["a", "b"]})
+    with pytest.raises(TypeError, match="int label map .* got NoneType"):
+        scorer(logits, None)
 
 
 def test_metric_table_reads_the_rows():
@@ -240,7 +246,7 @@ def test_metric_table_reads_the_rows():
         check_metrics(["dice:x"])
     with pytest.raises(ValueError, match="asks for class 3 but the rows hold foreground classes 1..2"):
         metric_value("dice:3", rows, y)
-    with pytest.raises(ValueError, match="2 case rows but 3 targets"):
+    with pytest.raises(ValueError, match="2 case rows but targets"):
         metric_value("dice", rows, np.zeros(3))
     with pytest.raises(ValueError, match=r"shape \(2, 7\)"):
         metric_value("dice", rows[:, :7], y)
@@ -290,6 +296,10 @@ def test_regression_reads_mean_and_sd_outputs():
     assert get_metric("coverage90").higher_is_better and get_metric("coverage90").bounded
     with pytest.raises(ValueError, match=r"coverage90 needs outputs \(N, 2\)"):
         metric_value("coverage90", mean, y)
+    with pytest.raises(ValueError, match="contain NaN"):
+        metric_value("coverage90", np.stack([mean, np.where(sd > 0.9, np.nan, sd)], 1), y)
+    with pytest.raises(ValueError, match="one target per sample"):  # a length-1 target must not broadcast
+        metric_value("coverage90", out, y[:1])
     with pytest.raises(ValueError, match="standard deviation >= 0"):
         metric_value("coverage90", np.stack([mean, -sd - 1], 1), y)
     with pytest.raises(ValueError, match="is for regression"):  # three columns are no (mean, sd)
