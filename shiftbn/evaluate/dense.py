@@ -193,7 +193,7 @@ def _unpack(target, shape: torch.Size) -> tuple[torch.Tensor, np.ndarray]:
     spacing = None
     if isinstance(target, Mapping):
         if "mask" not in target:
-            raise ValueError(f"a dict target needs a 'mask' key (and optionally 'spacing'); got keys {sorted(target)}")
+            raise ValueError(f"a dict target needs a 'mask' key (and optionally 'spacing'); got keys {list(target)}")
         mask, spacing = target["mask"], target.get("spacing")
     else:
         mask = target
