@@ -16,4 +16,5 @@ STATS_LABELS = ("ema", "precise", "batch", "mixed-batch")
 STATS_LABEL_PREFIXES = ("prior:",)
 """Prefixes of such labels (``prior:16``, ``prior:16@32``); no source name may start with one."""
 
-METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "nll", "auroc", "ece", "mae", "r2")
+METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "nll", "auroc", "ece", "mae", "r2", "coverage90", "dice",
+                "iou", "hd95", "asd")

@@ -310,7 +310,8 @@ def test_a_new_metric_is_one_table_entry(trained):
 def test_metric_table_drives_direction_and_bounds():
     assert not METRICS["nll"].higher_is_better and not METRICS["ece"].higher_is_better
     assert METRICS["accuracy"].bounded and not METRICS["nll"].bounded
-    assert {m.task for m in METRICS.values()} == {"classification", "regression"}
+    assert {m.task for m in METRICS.values()} == {"classification", "regression", "segmentation"}
+    assert not METRICS["hd95"].higher_is_better and not METRICS["hd95"].bounded and METRICS["dice"].bounded
 
 
 def test_a_new_study_is_one_class(tmp_path):

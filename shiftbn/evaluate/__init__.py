@@ -1,6 +1,7 @@
 """Metrics (one table), the cross-source matrix (prepare -> collect -> score), summaries."""
 
 from shiftbn.evaluate.compare import paired_table, pooled_table
+from shiftbn.evaluate.dense import CaseScorer, case_values, dense_columns
 from shiftbn.evaluate.matrix import MatrixPlan, collect, cross_source_matrix, prepare, score
 from shiftbn.evaluate.metrics import METRICS, Metric, check_metrics, get_metric, metric_value, register_metric
 from shiftbn.evaluate.summary import summarize
@@ -14,13 +15,16 @@ from shiftbn.evaluate.uncertainty import (
 
 __all__ = [
     "METRICS",
+    "CaseScorer",
     "Interval",
     "MatrixPlan",
     "Metric",
     "bootstrap_interval",
+    "case_values",
     "check_metrics",
     "collect",
     "cross_source_matrix",
+    "dense_columns",
     "get_metric",
     "metric_value",
     "paired_difference",

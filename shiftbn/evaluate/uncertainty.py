@@ -13,7 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from shiftbn.evaluate.metrics import metric_value
+from shiftbn.evaluate.dense import case_values
+from shiftbn.evaluate.metrics import get_metric, metric_value
 
 _ECE_BINS = 15
 
@@ -94,9 +95,12 @@ def _check(outputs: np.ndarray, y: np.ndarray, n_boot: int, level: float) -> tup
 
 
 def _per_sample(name: str, outputs: np.ndarray, y: np.ndarray) -> np.ndarray | None:
-    """Per-sample terms whose weighted mean is the metric (accuracy, nll), or ``None``."""
+    """Per-sample terms whose weighted mean is the metric (accuracy, nll, segmentation's per-case values), or
+    ``None``."""
     if outputs.ndim != 2 or outputs.shape[1] < 2:
         return None
+    if get_metric(name).task == "segmentation":
+        return case_values(name, outputs)
     if name == "accuracy":
         return (outputs.argmax(1) == y).astype(np.float64)
     if name == "nll":

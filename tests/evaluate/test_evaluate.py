@@ -45,7 +45,7 @@ def test_regression_metrics_and_task_mismatch():
     with pytest.raises(ValueError, match="needs class logits"):
         metric_value("accuracy", y, y)
     with pytest.raises(ValueError, match="is for regression"):
-        metric_value("mae", np.zeros((3, 2)), np.zeros(3))
+        metric_value("mae", np.zeros((3, 3)), np.zeros(3))  # (N, 2) is (mean, sd) for a regression metric
     with pytest.raises(ValueError, match="model has 2 outputs"):
         metric_value("accuracy", np.zeros((3, 2)), np.array([0, 1, 2]))
     with pytest.raises(ValueError, match="unknown metric"):
