@@ -2,7 +2,8 @@
 
 Why: segmenters (U-Nets with BatchNorm) meet scanner shift as classifiers do, and a set built in
 seconds from a seed lets tests, examples and the CLI show it without a download. Every case is a
-body with an organ (bright, class 1) and a lesion (dark, class 2), each sometimes absent; every
+body with an organ (bright, class 1) and a lesion (darker than the organ, brighter than the body,
+class 2), each sometimes absent; every
 site is a simulated scanner with its own voxel spacing, resolution, intensity scale and offset,
 gamma, bias field and noise (``SegSite``).
 """
@@ -22,7 +23,7 @@ from shiftbn.data._checks import as_count
 from shiftbn.data.tagged import SourceTaggedDataset
 
 SEG_CLASSES = ("background", "organ", "lesion")
-_TISSUE = {"air": 0.0, "body": (0.38, 0.46), "organ": (0.78, 0.92), "lesion": (0.06, 0.18)}
+_TISSUE = {"air": 0.0, "body": (0.30, 0.38), "organ": (0.85, 0.95), "lesion": (0.56, 0.66)}
 _ABSENT = {"organ": 0.1, "lesion": 0.25}  # probability that a case lacks the structure
 
 
@@ -107,14 +108,14 @@ class SegSite:
 # Site 0 is the reference: the anatomy is drawn to fill its field of view.
 SEG_SITES: dict[str, SegSite] = {
     "site_a": SegSite(noise_std=0.02, bias=0.05, spacing=(2.0, 1.0, 1.0)),
-    "site_b": SegSite(scale=1.8, offset=0.3, gamma=0.8, bias=0.15, noise_std=0.04, blur_sigma=0.6,
+    "site_b": SegSite(scale=1.25, offset=0.1, gamma=0.8, bias=0.15, noise_std=0.04, blur_sigma=0.6,
                       spacing=(3.0, 0.85, 0.85)),
-    "site_c": SegSite(scale=0.6, offset=-0.2, gamma=1.4, bias=0.25, noise_std=0.03, blur_sigma=1.0,
+    "site_c": SegSite(scale=0.8, offset=-0.05, gamma=1.3, bias=0.25, noise_std=0.03, blur_sigma=1.0,
                       spacing=(2.5, 1.2, 1.2)),
-    "site_d": SegSite(scale=2.5, offset=0.8, bias=0.1, noise_std=0.07, blur_sigma=0.3, spacing=(1.5, 1.0, 1.0)),
-    "site_e": SegSite(scale=1.2, offset=0.1, gamma=0.6, bias=0.3, noise_std=0.05, blur_sigma=1.4,
+    "site_d": SegSite(scale=1.5, offset=0.2, bias=0.1, noise_std=0.07, blur_sigma=0.3, spacing=(1.5, 1.0, 1.0)),
+    "site_e": SegSite(scale=2.5, offset=0.8, gamma=0.6, bias=0.3, noise_std=0.05, blur_sigma=1.4,
                       spacing=(4.0, 0.9, 0.9)),
-    "site_f": SegSite(scale=0.8, offset=0.5, gamma=1.8, bias=0.05, noise_std=0.1, spacing=(1.0, 1.1, 1.1)),
+    "site_f": SegSite(scale=0.5, offset=-0.2, gamma=1.8, bias=0.05, noise_std=0.1, spacing=(1.0, 1.1, 1.1)),
 }
 
 
