@@ -323,6 +323,7 @@ def load_data(args):
     from shiftbn.data.files import camelyon17, from_folder, from_frame
     from shiftbn.data.images import FileDataset
     from shiftbn.data.loaders import ImageLoader, find_unreadable
+    from shiftbn.data.segfiles import seg_layout
 
     _check_batch_memory(args)
     mean, std = (None, None) if args.normalize is None else args.normalize  # checked as parsed (cli_types.Normalize)
@@ -330,6 +331,9 @@ def load_data(args):
     loader = ImageLoader(channels=args.channels, size=args.image_size, mean=mean, std=std, transform=transform)
     if not args.data.exists():
         raise FileNotFoundError(f"--data not found: {args.data}")
+    if seg_layout(args.data) is not None:
+        args.skipped = None
+        return _seg_data(args, loader)
     if args.data.is_dir() and (args.data / "metadata.csv").is_file():
         ds = camelyon17(args.data, loader=loader)  # the WILDS Camelyon17 layout
     elif args.data.is_dir():
@@ -348,6 +352,27 @@ def load_data(args):
             unreadable = set(bad["path"])
             ds = ds.take([i for i, p in enumerate(ds.base.paths) if p not in unreadable])
             args.skipped = bad  # main() reports them once the command succeeded: a failure stays one line
+    return ds
+
+
+def _seg_data(args, loader):
+    """Segmentation data (``root/<source>/images|masks/`` or a manifest with image, mask columns): 2-D
+    image files go through ``loader``; NIfTI volumes are read as stored, so options that would not
+    reach them, or would not reach the masks (--image-size), are refused rather than ignored."""
+    from shiftbn.data.segfiles import from_seg_folder, from_seg_frame, is_nifti
+
+    if args.image_size is not None:
+        raise ValueError("--image-size resizes images but not their masks, so it is not available for segmentation "
+                         "data; resize images and masks beforehand, or drop --image-size")
+    if args.data.is_dir():
+        ds = from_seg_folder(args.data, loader=loader)
+    else:
+        ds = from_seg_frame(args.data, source=args.source_col, loader=loader, allow_outside=args.allow_outside)
+    given = [flag for flag, value in (("--channels", args.channels), ("--normalize", args.normalize),
+                                      ("--transform", args.transform)) if value is not None]
+    if given and any(is_nifti(p) for p in ds.base.images):
+        raise ValueError(f"{given[0]} is applied to 2-D image files only, and --data holds NIfTI volumes (read as "
+                         f"stored); drop {given[0]} and normalize inside the model")
     return ds
 
 

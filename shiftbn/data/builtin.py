@@ -1,8 +1,9 @@
 """Built-in multi-lab datasets, loadable by name: ``digits-labs``, ``fashion-mnist-labs``, ``blobs-labs``,
-and the corruption-shifted ``digits-c`` and ``fashion-mnist-c``.
+the corruption-shifted ``digits-c`` and ``fashion-mnist-c``, and the segmentation sets ``seg-sites-2d``
+and ``seg-sites-3d``.
 
 Nothing here downloads: digits ship with scikit-learn, Fashion-MNIST with Debian's
-``dataset-fashion-mnist`` package, blobs are generated.
+``dataset-fashion-mnist`` package, blobs and the segmentation sites are generated.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from shiftbn.data.arrays import ArrayDataset
 from shiftbn.data.corruptions import Corruption
 from shiftbn.data.idx import read_idx
 from shiftbn.data.labshift import LabShift, simulate_labs
+from shiftbn.data.segsites import seg_sites_2d, seg_sites_3d
 from shiftbn.data.tagged import SourceTaggedDataset
 
 FASHION_DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -276,6 +278,8 @@ DATASETS: dict[str, Callable[..., SourceTaggedDataset]] = {
     "blobs-labs": blobs_labs,
     "digits-c": digits_c,
     "fashion-mnist-c": fashion_mnist_c,
+    "seg-sites-2d": seg_sites_2d,
+    "seg-sites-3d": seg_sites_3d,
 }
 
 
@@ -285,8 +289,9 @@ def load(name: str, **kwargs) -> SourceTaggedDataset:
     Why: one entry point for examples, the CLI and studies; nothing is downloaded.
 
     Args:
-        name: ``"digits-labs"``, ``"fashion-mnist-labs"``, ``"blobs-labs"``, ``"digits-c"`` or
-            ``"fashion-mnist-c"`` (the keys of ``DATASETS``).
+        name: ``"digits-labs"``, ``"fashion-mnist-labs"``, ``"blobs-labs"``, ``"digits-c"``,
+            ``"fashion-mnist-c"``, or the segmentation sets ``"seg-sites-2d"``/``"seg-sites-3d"``
+            (the keys of ``DATASETS``).
         **kwargs: passed to that dataset's function (e.g. ``n=``, ``seed=``).
 
     Returns:

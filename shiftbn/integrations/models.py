@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 LIBRARIES = ("timm", "torchvision", "monai")
+BUILTIN = ("unet2d", "unet3d")  # shiftbn's own small models, named without a library: --model unet3d
 _PAIR_START = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_]*=)")
 
 
@@ -37,7 +38,8 @@ def _unknown(flag: str, spec: str, known: Sequence[str], what: str) -> ValueErro
 
 
 def model_factory(spec: str, flag: str = "model") -> Callable[..., Any] | None:
-    """The library's factory for ``"timm:NAME"``, ``"torchvision:NAME"`` or ``"monai:NAME"``, else None.
+    """The library's factory for ``"timm:NAME"``, ``"torchvision:NAME"`` or ``"monai:NAME"``, shiftbn's own
+    ``"unet2d"``/``"unet3d"`` (``shiftbn.studies.models``), else None.
 
     Why: names are parsed once, at the boundary; a spec of another form (``package.module:factory``)
     is left to the caller. A library module's own callable (``timm:create_model``) is also left to
@@ -47,6 +49,8 @@ def model_factory(spec: str, flag: str = "model") -> Callable[..., Any] | None:
     """
     if not isinstance(spec, str):
         raise TypeError(f"{flag} must be a string such as 'timm:resnet50d', got {spec!r}")
+    if spec in BUILTIN:
+        return getattr(importlib.import_module("shiftbn.studies.models"), spec)
     lib, sep, name = spec.partition(":")
     if not sep or lib not in LIBRARIES:
         return None

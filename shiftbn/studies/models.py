@@ -1,5 +1,6 @@
 """Small BN networks for studies, demos and tests: ``SmallCNN``, ``SmallResNet``, ``MLP``, ``SharedHeadNet``,
-``SmallCNN3d``. For ImageNet ResNets use ``torchvision.models`` (or ``benchmarks/resnets.py`` in the repository)."""
+``SmallCNN3d``, and the segmenters ``UNet2d``/``UNet3d`` (``unet2d``/``unet3d``). For ImageNet ResNets use
+``torchvision.models`` (or ``benchmarks/resnets.py`` in the repository)."""
 
 from __future__ import annotations
 
@@ -149,8 +150,111 @@ class SmallCNN3d(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _double_conv(cin: int, cout: int, conv: type, bn: type) -> nn.Sequential:
+    return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU(),
+                         conv(cout, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU())
+
+
+class _UNet(nn.Module):
+    """Two levels down, two up, skip connections; Conv-BN-ReLU twice per level; logits (B, K, *spatial).
+
+    Up-sampling is nearest-neighbour to the skip's exact size, so any input of side >= 4 works
+    (odd sides included); widths w, 2w, 4w (bottleneck), 2w, w; 10 BN layers.
+    """
+
+    sample_ndim = 3
+    _layers: tuple[type, type, type] = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 3, width: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__} {name} must be an integer >= 1, got {value!r}")
+        conv, bn, pool = self._layers
+        w = width
+        with _seeded(seed):
+            self.enc0 = _double_conv(in_channels, w, conv, bn)
+            self.enc1 = _double_conv(w, 2 * w, conv, bn)
+            self.bottleneck = _double_conv(2 * w, 4 * w, conv, bn)
+            self.dec1 = _double_conv(4 * w + 2 * w, 2 * w, conv, bn)
+            self.dec0 = _double_conv(2 * w + w, w, conv, bn)
+            self.head = conv(w, num_classes, 1)
+        self.pool = pool(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != self.sample_ndim + 1:
+            raise ValueError(f"{type(self).__name__} takes (B, C, {'D, ' if self.sample_ndim == 4 else ''}H, W) "
+                             f"inputs, got shape {tuple(x.shape)}")
+        if min(x.shape[2:]) < 4:
+            raise ValueError(f"{type(self).__name__} needs spatial sides >= 4 (two 2x poolings), got "
+                             f"{tuple(x.shape[2:])}")
+        s0 = self.enc0(x)
+        s1 = self.enc1(self.pool(s0))
+        b = self.bottleneck(self.pool(s1))
+        d1 = self.dec1(torch.cat([nn.functional.interpolate(b, size=s1.shape[2:]), s1], dim=1))
+        d0 = self.dec0(torch.cat([nn.functional.interpolate(d1, size=s0.shape[2:]), s0], dim=1))
+        return self.head(d0)
+
+
+class UNet2d(_UNet):
+    """A small 2-D U-Net with BatchNorm2d (see ``unet2d``). Input (B, C, H, W), logits (B, K, H, W)."""
+
+
+class UNet3d(_UNet):
+    """A small 3-D U-Net with BatchNorm3d (see ``unet3d``). Input (B, C, D, H, W), logits (B, K, D, H, W)."""
+
+    sample_ndim = 4
+    _layers = (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d)
+
+
+def unet2d(in_channels: int = 1, num_classes: int = 3, width: int = 8, seed: int = 0) -> UNet2d:
+    """A small 2-D U-Net with BatchNorm: 2 levels down, 2 up, Conv-BN-ReLU twice per level.
+
+    Why: most multi-site medical models are BN segmenters; this is the smallest faithful one for
+    tests, demos and the CLI (``--model unet2d``). Up-sampling is nearest-neighbour, so any side >= 4 works.
+
+    Args:
+        in_channels: input channels C (default 1).
+        num_classes: output classes K, background included (default 3).
+        width: channels of the first level (default 8; then 2x and 4x).
+        seed: seeds the initial weights (the global RNG is left alone).
+
+    Returns:
+        A ``UNet2d`` mapping (B, C, H, W) to logits (B, K, H, W), with 10 BatchNorm2d layers.
+
+    Example:
+        >>> net = unet2d(num_classes=3, width=4)
+        >>> tuple(net(torch.zeros(2, 1, 16, 16)).shape)
+        (2, 3, 16, 16)
+    """
+    return UNet2d(in_channels, num_classes, width, seed)
+
+
+def unet3d(in_channels: int = 1, num_classes: int = 3, width: int = 8, seed: int = 0) -> UNet3d:
+    """A small 3-D U-Net with BatchNorm3d: 2 levels down, 2 up, Conv-BN-ReLU twice per level.
+
+    Why: volumetric segmenters (3-D U-Nets with ``norm="batch"``) are the main multi-site medical
+    models; this one trains on CPU in seconds (``--model unet3d``).
+
+    Args:
+        in_channels: input channels C (default 1).
+        num_classes: output classes K, background included (default 3).
+        width: channels of the first level (default 8; then 2x and 4x).
+        seed: seeds the initial weights.
+
+    Returns:
+        A ``UNet3d`` mapping (B, C, D, H, W) to logits (B, K, D, H, W), with 10 BatchNorm3d layers.
+
+    Example:
+        >>> net = unet3d(width=2)
+        >>> tuple(net(torch.zeros(1, 1, 8, 8, 8)).shape)
+        (1, 3, 8, 8, 8)
+    """
+    return UNet3d(in_channels, num_classes, width, seed)
+
+
 MODELS = {"SmallCNN": SmallCNN, "SmallResNet": SmallResNet, "MLP": MLP, "SharedHeadNet": SharedHeadNet,
-          "SmallCNN3d": SmallCNN3d}
+          "SmallCNN3d": SmallCNN3d, "UNet2d": UNet2d, "UNet3d": UNet3d}
 _ELSEWHERE = {"ResNet18": "resnet18", "ResNet50": "resnet50"}
 
 
@@ -158,7 +262,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     """A named model for inputs of ``input_shape`` (one sample, e.g. (1, 16, 16), (1, 8, 16, 16) or (16,)).
 
     ``name``: one of ``MODELS``; extra keyword arguments (``width``, ``hidden``, ...) go to it. Image
-    models take (C, H, W) samples; a model with ``sample_ndim = 4`` (``SmallCNN3d``) takes (C, D, H, W).
+    models take (C, H, W) samples; a model with ``sample_ndim = 4`` (``SmallCNN3d``, ``UNet3d``) takes
+    (C, D, H, W). ``UNet2d``/``UNet3d`` are segmenters: ``num_classes`` counts the background.
     """
     if name in _ELSEWHERE:
         raise ValueError(f"{name} is no longer built in; give the model as a factory instead, e.g. "
