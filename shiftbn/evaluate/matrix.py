@@ -194,10 +194,12 @@ def collect(
     if task == "segmentation":
         labels: Mapping[str, np.ndarray] = {s: np.arange(len(p)) for s, p in eval_parts.items()}
         runner = Runner(forward=forward, reduce=case_scores)
+        inputs = eval_parts.__getitem__
     else:
         labels = TappedLabels(eval_parts, regression=task == "regression")
         labels.check_first()
         runner = Runner(forward=forward)
+        inputs = labels.inputs
     cal = plan.calibration
 
     def source_stats():
@@ -211,7 +213,7 @@ def collect(
 
     ctx = AdaptContext(model=model, source_stats_fn=source_stats,
                        calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s), lambda: cal.subset(s)),
-                       eval_inputs=labels.inputs, train_sources=plan.train_sources,
+                       eval_inputs=inputs, train_sources=plan.train_sources,
                        eval_sources=plan.eval_sources, precise_stats_fn=precise_stats, batch_size=batch_size,
                        seed=seed, amp=amp, progress=progress, runner=runner, task=task)
     return ctx, labels
