@@ -1,8 +1,11 @@
 """The report and the matrix on a site without labels: a decision per site first, a label-free panel, provenance."""
 
+import contextlib
 import datetime
 import hashlib
+import io
 import json
+import os
 import re
 import subprocess
 
@@ -40,13 +43,17 @@ def project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(project):
-    cwd = __import__("os").getcwd()
-    __import__("os").chdir(project)
+    """``shiftbn report --held-out site_d`` on the four sites; its folder and what it printed."""
+    cwd = os.getcwd()
+    os.chdir(project)
+    printed = io.StringIO()
     try:
-        status = main(["report", *COMMON, "--held-out", "site_d", "--out", "rep"])
+        with contextlib.redirect_stdout(printed):
+            status = main(["report", *COMMON, "--held-out", "site_d", "--out", "rep"])
     finally:
-        __import__("os").chdir(cwd)
+        os.chdir(cwd)
     assert status == 0
+    (project / "rep" / "printed.txt").write_text(printed.getvalue())
     return project / "rep"
 
 
@@ -92,14 +99,13 @@ def test_report_names_model_checkpoint_data_date_and_version(report, project):
         assert value in title
 
 
-def test_report_terminal_prints_the_decision_first(project, capsys, monkeypatch):
-    monkeypatch.chdir(project)
-    assert main(["report", *COMMON, "--no-ci", "--unlabeled", "site_c", "--held-out", "site_d", "--out", "rep2"]) == 0
-    out = capsys.readouterr().out
+def test_report_terminal_prints_the_decision_first(report, project, capsys, monkeypatch):
+    out = (report / "printed.txt").read_text()
     assert out.startswith("Decision per source:")
-    assert "site_c (labels: none)" in out and "site_d (labels: none)" in out
+    assert "site_d (labels: none)" in out and "site_a (labels: all)" in out
     assert out.index("next:") < out.index("Accuracy by strategy")
-    assert "no labels, so no accuracy: site_c, site_d" in out
+    assert "no labels, so no accuracy: site_d" in out
+    monkeypatch.chdir(project)
     assert main(["report", *COMMON, "--unlabeled", "site_x", "--out", "rep3"]) == 2
     assert "--unlabeled 'site_x' is not a source" in capsys.readouterr().err
 
@@ -114,6 +120,10 @@ def test_matrix_held_out_with_an_unlabeled_site_equals_the_reports_cells(report,
     got, want = got.sort_values(key).reset_index(drop=True), want.sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(got[[*key, "value", "n", "ci_low", "ci_high"]],
                                   want[[*key, "value", "n", "ci_low", "ci_high"]])
+    # --unlabeled: a labeled site's labels are not used, as if it had none
+    assert main(["matrix", *COMMON, "--no-ci", "--unlabeled", "site_c", "--held-out", "site_d", "--out", "m2"]) == 0
+    assert "no labels, so no metric (their samples still feed statistics): site_c, site_d" in capsys.readouterr().out
+    assert set(pd.read_csv(project / "m2" / "matrix.csv")["eval_source"]) == {"site_a", "site_b"}
 
 
 def test_decision_table_is_the_first_thing_on_the_page(report, tmp_path):
@@ -138,9 +148,9 @@ def test_decision_table_is_the_first_thing_on_the_page(report, tmp_path):
     assert got["top"] < 900  # on the first screen
 
 
-def _blobs_with_unlabeled():
-    ds = sb.load("blobs-labs", n=160, n_features=4)
-    ds = ds.without_labels("lab_3")
+def _blobs_with_unlabeled(unlabel=True):
+    ds = sb.load("blobs-labs", n=120, n_features=4)
+    ds = ds.without_labels("lab_3") if unlabel else ds
     part = np.flatnonzero(ds.source_ids == ds.source_id("lab_2"))[::2]
     ds.labels[part] = -1  # lab_2 partly labeled
     return ds
@@ -170,10 +180,10 @@ def test_build_report_api_with_partly_labeled_and_unlabeled_sources(tmp_path):
     from shiftbn.studies.models import MLP
     from shiftbn.studies.report import build_report
 
-    ds = _blobs_with_unlabeled()
+    ds = _blobs_with_unlabeled(unlabel=False)
     model = MLP(4, 3, hidden=8).eval()
-    page = build_report(model, ds, tmp_path, held_out=["lab_3"], strategies=["ema", "target"], n_boot=30,
-                        progress=False)
+    page = build_report(model, ds, tmp_path, held_out=["lab_3"], unlabeled=["lab_3"], strategies=["ema", "target"],
+                        n_boot=20, progress=False)
     html = page.read_text()
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["labels"]["lab_3"] == "none" and re.fullmatch(r"\d+ of \d+", data["labels"]["lab_2"])

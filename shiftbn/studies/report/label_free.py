@@ -170,8 +170,8 @@ def _why(choice: pd.DataFrame | None, validation: Validation, drift: pd.DataFram
     if validation.known:
         regrets = list(validation.regret.values())
         evidence = (f"chosen without labels (ATC and statistics distance); on the {len(regrets)} labeled "
-                    f"{plural(word)}, each treated as unlabeled, the chooser lost {np.mean(regrets):.1f} points on average "
-                    f"(at most {max(regrets):.1f}) to the best strategy there")
+                    f"{plural(word)}, each treated as unlabeled, the chooser lost {np.mean(regrets):.1f} points on "
+                    f"average (at most {max(regrets):.1f}) to the best strategy there")
     else:
         evidence = (f"chosen without labels (ATC and statistics distance); its regret is unknown: validating it "
                     f"needs two labeled {plural(word)}")
