@@ -150,11 +150,11 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     tables = _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed, word)
     captions.update(_table_captions(level, word))
     if decisions:
-        extra, extra_captions = decision_sections(decisions.get("sites"), decisions.get("drift"),
-                                                  decisions.get("drift_layers"), decisions.get("reference"),
-                                                  decisions.get("audit"), word=word)
-        tables.update(extra)
-        captions.update(extra_captions)
+        panel_tables, panel_captions = decision_sections(decisions.get("sites"), decisions.get("drift"),
+                                                         decisions.get("drift_layers"), decisions.get("reference"),
+                                                         decisions.get("audit"), word=word)
+        tables.update(panel_tables)
+        captions.update(panel_captions)
     panels, panel_captions = label_free_sections(extra.label_free, word)
     tables.update(panels)
     captions.update(panel_captions)
