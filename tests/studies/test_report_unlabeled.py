@@ -242,3 +242,17 @@ def test_from_folder_and_manifest_read_an_unlabeled_site(tmp_path):
     frame.loc[0, "label"] = None  # one empty cell among a labeled site's rows: still a mistake, named
     with pytest.raises(ValueError, match="1 missing label"):
         from_frame(frame, source="hospital", root=tmp_path)
+
+
+def test_build_report_with_no_labeled_source_says_what_labels_would_give(tmp_path):
+    from shiftbn.studies.models import MLP
+    from shiftbn.studies.report import build_report
+
+    ds = sb.load("blobs-labs", n=60, n_features=4)
+    page = build_report(MLP(4, 3, hidden=8).eval(), ds, tmp_path, unlabeled=ds.sources_present, strategies=["ema"],
+                        n_boot=20, progress=False)
+    html = page.read_text()
+    assert "Accuracy by strategy" not in html and "Cross-source matrix" not in html
+    decisions = json.loads((tmp_path / "report.json").read_text())["decisions"]
+    assert {d["recommended"] for d in decisions} == {"no recommendation"}
+    assert all(d["next_command"].startswith("label some of") for d in decisions)

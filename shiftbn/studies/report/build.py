@@ -124,8 +124,9 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
         captions.setdefault(heading, f"Each {word}'s row is scaled to that {word}'s own 1st-99th percentile of "
                             f"intensities (printed at the row), so no {word} renders near-black; compare the printed "
                             f"ranges, not the grey levels, across {words}.")
-    figures["Cross-source matrix (accuracy)"] = (matrix_heatmap(matrix, held_out=held_out), "matrix.png")
-    captions.setdefault("Cross-source matrix (accuracy)", _matrix_caption(matrix, held_out, level, word))
+    if (matrix["metric"] == "accuracy").any():  # no labeled source: no cell to draw (label-free panels follow)
+        figures["Cross-source matrix (accuracy)"] = (matrix_heatmap(matrix, held_out=held_out), "matrix.png")
+        captions.setdefault("Cross-source matrix (accuracy)", _matrix_caption(matrix, held_out, level, word))
     figures["Layer shift profile (W2 to pooled statistics)"] = (shift_profile(w2, word=word), "shift_profile.png")
     if heldout is not None:
         figures[f"Held-out {words}"] = (heldout_bars(heldout), "heldout.png")
@@ -203,6 +204,8 @@ def _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_bo
             word: str = "source") -> dict[str, pd.DataFrame]:
     words = plural(word)
     acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"].astype(bool)]
+    if not len(acc):
+        return {}
     tables = {f"Accuracy by strategy and {word}": interval_cells(acc, "strategy", "eval_source")}
     if pooled is not None and len(pooled):
         tables[f"Summary over {words}"] = pooled.drop(columns=["metric", "level"], errors="ignore")
