@@ -256,3 +256,25 @@ def test_build_report_with_no_labeled_source_says_what_labels_would_give(tmp_pat
     decisions = json.loads((tmp_path / "report.json").read_text())["decisions"]
     assert {d["recommended"] for d in decisions} == {"no recommendation"}
     assert all(d["next_command"].startswith("label some of") for d in decisions)
+
+
+def test_decision_names_the_gain_its_cost_the_worst_class_and_a_per_site_loss():
+    from shiftbn.studies.report.recommend import decision_table
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    ema = rng.normal(0, 1, (80, 2))
+    ema[:, 1] += 3  # ema predicts class 1 for all: recall 0 for class 0, 1 for class 1
+    target = np.zeros((80, 2))
+    target[np.arange(80), y] = 1.0  # target right everywhere but class 1 loses a few
+    target[40:50] = [1.0, 0.0]
+    comps = _pairs([("b", "target", 0.375, 0.25, 0.5), ("b", "precise", -0.1, -0.2, -0.05)])
+    table = decision_table(["b"], {"b": "all"}, comparisons=comps, outputs={("ema", "b"): ema, ("target", "b"): target},
+                           labels={"b": y}, label_free={}, base="shiftbn recalibrate --model m:f --weights w.pt "
+                           "--data d", class_names=("benign", "tumor"), n_boot=50, word="hospital")
+    row = table.iloc[0]
+    assert row["strategy"] == "target" and row["recommended"] == "target (the hospital's own statistics, AdaBN)"
+    assert "+37.5 points [+25.0, +50.0]" in row["why"] and "worse beyond noise here: precise -10.0 points" in row["why"]
+    assert row["cost"].startswith("ECE ")
+    assert "worst class: tumor recall 1.00 -> 0.75 (-25.0 points, n=40)" in row["cost"]
+    assert row["next_command"] == "shiftbn recalibrate --model m:f --weights w.pt --data d --target b --out model_b.pt"
