@@ -114,8 +114,8 @@ def add_held_out_option(p: argparse.ArgumentParser, api: str) -> None:
                         f"default: none held out, every source counts as a training source (API: {api})")
 
 
-def check_held_out(held_out, sources) -> None:
-    """Refuse a ``--held-out`` name that is not one of ``sources``, suggesting the closest one."""
+def check_held_out(held_out, sources, flag: str = "--held-out") -> None:
+    """Refuse a ``--held-out`` (or ``flag``) name that is not one of ``sources``, suggesting the closest one."""
     import difflib
 
     known = [str(s) for s in sources]
@@ -123,7 +123,7 @@ def check_held_out(held_out, sources) -> None:
         if h not in known:
             close = [k for k in known if k.lower() == h.lower()] or difflib.get_close_matches(h, known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""
-            raise ValueError(f"--held-out {h!r} is not a source of the data (sources: {', '.join(known)}){hint}")
+            raise ValueError(f"{flag} {h!r} is not a source of the data (sources: {', '.join(known)}){hint}")
 
 
 def training_sources(held_out, sources) -> list[str]:

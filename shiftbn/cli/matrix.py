@@ -32,6 +32,10 @@ def register(sub) -> None:
     m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
                    help="metric names, listed below (default: accuracy)")
     user.add_held_out_option(m, "cross_source_matrix(train_sources=[every source not held out])")
+    m.add_argument("--unlabeled", nargs="+", default=[], metavar="SOURCE",
+                   help="sources whose labels are not used (as sources labeled -1, empty label cells or a folder "
+                        "without class folders): they feed statistics and get no metric row; shiftbn report shows "
+                        "their label-free panel")
     m.add_argument("--calibration", type=cli_types.fraction, default=None,
                    help="calibration fraction per source (default: 0.5)")
     m.add_argument("--out", type=Path, default=Path("runs/matrix"), help="folder for matrix.csv")
@@ -57,6 +61,9 @@ def run(args: argparse.Namespace) -> None:
     user.check_out(args.out)
     files = _files_stats(args)
     model, ds = user.load_model(args), user.load_data(args)
+    if args.unlabeled:
+        user.check_held_out(args.unlabeled, ds.sources_present, flag="--unlabeled")
+        ds = ds.without_labels(args.unlabeled)
     trains = None
     if files is not None:
         table = _from_files(model, ds, files, args, level)
@@ -74,6 +81,10 @@ def run(args: argparse.Namespace) -> None:
         pools = "none (--stats gives no calibration images)" if trains is None else ", ".join(trains)
         print(f"held out (never trained on): {', '.join(dict.fromkeys(args.held_out))}; precise pools the "
               f"calibration data of: {pools}")
+    unscored = [s for s in ds.sources_present if s not in set(table["eval_source"])]
+    if unscored:
+        print(f"no labels, so no metric (their samples still feed statistics): {', '.join(unscored)}; shiftbn report "
+              "shows their label-free panel")
     for metric, g in table.groupby("metric", sort=False):
         print(f"\n{metric}{'' if level is None else f' [{level:.0%} interval]'}:")
         g = g.assign(eval_source=[f"{s} [held out]" if s in held else s for s in g["eval_source"]])

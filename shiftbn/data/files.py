@@ -134,10 +134,11 @@ def from_frame(
     that folder are refused unless ``allow_outside=True``. A file listed twice is refused
     (``duplicates="error"``) or kept once with a warning (``duplicates="drop"``; rows that disagree on
     label or source still raise). Labels: class ids (ints or whole floats; -1 = unlabeled) or
-    names, encoded in sorted order into ``ds.class_names``; missing or fractional labels raise
-    naming their rows. ``label=None`` makes an unlabeled dataset. The other columns become
-    ``ds.metadata`` (one row per sample). The ``source`` column's name is what the data calls a
-    source: ``source="hospital"`` gives ``ds.source_word == "hospital"`` (reports say "hospital").
+    names, encoded in sorted order into ``ds.class_names``; a source whose label cells are all empty
+    is unlabeled (-1); other missing or fractional labels raise naming their rows. ``label=None`` makes
+    an unlabeled dataset. The other columns become ``ds.metadata`` (one row per sample). The
+    ``source`` column's name is what the data calls a source: ``source="hospital"`` gives
+    ``ds.source_word == "hospital"`` (reports say "hospital").
 
     Args:
         frame: a DataFrame, or the path of a CSV or Parquet manifest.
@@ -177,7 +178,7 @@ def from_frame(
     if label is None:
         labels, class_names = np.full(len(df), -1, dtype=np.int64), None
     else:
-        labels, class_names = encode_labels(df[label], len(df), where=f"{where}, column {label!r}")
+        labels, class_names = _frame_labels(df, label, source, where)
     no_source = df[source].isna().to_numpy()
     if no_source.any():
         raise ValueError(f"{where}, column {source!r}: missing source at {rows(no_source)}; give every row a source")
@@ -188,6 +189,20 @@ def from_frame(
                                metadata=meta, source_word=_word(source))
 
 
+def _frame_labels(df: pd.DataFrame, label: str, source: str, where: str) -> tuple[np.ndarray, tuple | None]:
+    """Class ids and names of the ``label`` column; a source whose label cells are all empty is unlabeled (-1).
+
+    Why: a new site arrives without labels, and its rows say so by leaving the label empty; an empty
+    cell among a labeled source's rows is more likely a mistake and is still refused, naming its row.
+    """
+    blank = df[label].isna().to_numpy()
+    whole = blank & df[source].map(pd.Series(blank).groupby(df[source].to_numpy()).all()).fillna(False).to_numpy(bool)
+    labels = np.full(len(df), -1, dtype=np.int64)
+    ids, names = encode_labels(df[label][~whole], int((~whole).sum()), where=f"{where}, column {label!r}")
+    labels[~whole] = ids
+    return labels, names
+
+
 def _word(column: object) -> str:
     """A column name as a word for sentences: ``"Hospital_ID"`` -> ``"hospital id"`` (``"source"`` if empty)."""
     return " ".join(str(column).replace("_", " ").split()).lower() or "source"
@@ -196,8 +211,10 @@ def _word(column: object) -> str:
 def from_folder(root: str | Path, loader: Callable[[str], Any] = load_image) -> SourceTaggedDataset:
     """A dataset from an image tree ``root/<source>/<class>/<file>``; classes sorted by name.
 
-    Class ids are shared across sources (the union of class folder names, sorted) and named in
-    ``ds.class_names``. Anything else in the tree (a file directly under ``root/<source>/``, a
+    A source folder holding images and no class folders (``root/<source>/<file>``) is an unlabeled
+    source: its samples get label -1 (statistics and label-free indicators, no label metric). Class
+    ids are shared across sources (the union of class folder names, sorted) and named in
+    ``ds.class_names``. Anything else in the tree (a file beside class folders in ``root/<source>/``, a
     non-image file or a sub-folder in a class folder) is skipped with one warning naming it;
     hidden entries (``.DS_Store``) are skipped silently. A broken (dangling or looping) symlink with an
     image suffix is kept as a file that cannot be read: loading it raises naming it, and
@@ -243,8 +260,8 @@ def from_folder(root: str | Path, loader: Callable[[str], Any] = load_image) -> 
     if not found:
         raise ValueError(f"no images found under {root}; expected root/<source>/<class>/<image file>")
     df = pd.DataFrame(found, columns=["path", "source", "label"])
-    classes = sorted(df["label"].unique())
-    labels = df["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+    classes = sorted(df["label"].dropna().unique())
+    labels = df["label"].map({c: i for i, c in enumerate(classes)}).fillna(-1).to_numpy(np.int64)
     return SourceTaggedDataset(FileDataset(df["path"].tolist(), labels, loader), df["source"].to_numpy(), labels,
                                class_names=classes)
 
@@ -257,19 +274,28 @@ def _walk(root: Path) -> tuple[list[tuple[str, str, str]], list[Path]]:
         if not src.is_dir():
             skipped.append(src)
             continue
-        for cls in _visible(src):
+        entries = _visible(src)
+        if entries and not any(e.is_dir() for e in entries) and any(_is_image(f) for f in entries):
+            # a source folder of images without class folders: an unlabeled source (label -1)
+            found += [(str(f), src.name, None) for f in entries if _is_image(f)]
+            skipped += [f for f in entries if not _is_image(f)]
+            continue
+        for cls in entries:
             if not cls.is_dir():
                 skipped.append(cls)
                 continue
             for f in _visible(cls):
-                # a dangling or looping symlink named like an image is kept: it fails as an unreadable file
-                # (CLI: listed in skipped.csv, refused under --strict) instead of vanishing among non-images
-                image = f.suffix.lower() in IMAGE_SUFFIXES and (f.is_file() or (f.is_symlink() and not f.exists()))
-                if image:
+                if _is_image(f):
                     found.append((str(f), src.name, cls.name))
                 else:
                     skipped.append(f)
     return found, skipped
+
+
+def _is_image(f: Path) -> bool:
+    # a dangling or looping symlink named like an image is kept: it fails as an unreadable file
+    # (CLI: listed in skipped.csv, refused under --strict) instead of vanishing among non-images
+    return f.suffix.lower() in IMAGE_SUFFIXES and (f.is_file() or (f.is_symlink() and not f.exists()))
 
 
 def _visible(folder: Path) -> list[Path]:

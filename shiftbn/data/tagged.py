@@ -535,6 +535,33 @@ class SourceTaggedDataset(Dataset):
         ids = [self.source_id(s) for s in wanted]
         return self.take(np.flatnonzero(np.isin(self.source_ids, ids)))
 
+    def without_labels(self, sources: Sequence[Hashable] | Hashable) -> SourceTaggedDataset:
+        """A view whose samples of ``sources`` carry label -1 (unlabeled); other samples keep theirs.
+
+        Why: a site whose labels are not to be used (not yet trusted, or kept for later) is evaluated
+        as an unlabeled site: statistics and label-free indicators, never a label metric.
+
+        Args:
+            sources: one source name, or a list of them.
+
+        Returns:
+            A ``SourceTaggedDataset`` view (see ``take``) of every sample, those sources' labels -1.
+
+        Raises:
+            ValueError: an unknown source name.
+
+        Example:
+            >>> ds = sb.load("blobs-labs", n=60, n_features=4)
+            >>> int((ds.without_labels("lab_1").labels == -1).sum()) == int((ds.source_ids == 1).sum())
+            True
+        """
+        wanted = [sources] if isinstance(sources, (str, int)) else list(sources)
+        ids = [self.source_id(s) for s in wanted]
+        view = self.take(np.arange(len(self)))
+        labels = self.require_labels("without_labels") if self.labels is None else self.labels
+        view.labels = np.where(np.isin(view.source_ids, ids), UNLABELED, labels).astype(np.int64)
+        return view
+
     def split(
         self,
         by: str = "source",

@@ -292,20 +292,42 @@ def score(
                 outputs[key] = outs
         if key is not None and last_use[key] == i:
             outputs.pop(key, None)
-        y = labels[src]
         if keep_outputs is not None:
             keep_outputs[(strat.name, src)] = outs[0]
+        y, scored = labeled_part(labels[src], outs)
+        if not len(y):
+            continue  # an unlabeled source: no label metric, no row (its outputs are still kept)
         for m in metrics:
-            values = [metric_value(m, o, y) for o in outs]
+            values = [metric_value(m, o, y) for o in scored]
             row = {"strategy": strat.name, "is_cross_source": strat.cross_source,
                    "stats_source": strat.stats_source(ctx, src), "eval_source": src, "metric": m,
-                   "value": float(np.mean(values)), "n": len(y), "groupings": len(outs),
-                   "value_sd": float(np.std(values, ddof=1)) if len(outs) > 1 else np.nan}
+                   "value": float(np.mean(values)), "n": len(y), "groupings": len(scored),
+                   "value_sd": float(np.std(values, ddof=1)) if len(scored) > 1 else np.nan}
             if ci is not None:
-                _, row["ci_low"], row["ci_high"] = bootstrap_interval(outs[0], y, m, n_boot=n_boot, level=ci,
+                _, row["ci_low"], row["ci_high"] = bootstrap_interval(scored[0], y, m, n_boot=n_boot, level=ci,
                                                                       seed=ctx.seed)
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=None if rows else _COLUMNS)
+
+
+_COLUMNS = ["strategy", "is_cross_source", "stats_source", "eval_source", "metric", "value", "n", "groupings",
+            "value_sd"]
+
+
+def labeled_part(y: np.ndarray, outs: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The labeled samples of one cell: class labels -1 (unlabeled) dropped from ``y`` and every output.
+
+    Why: a new site often has no labels, or some; label metrics score the labeled part only, and a
+    source with none gets no label-metric row rather than a failure or a number about nothing.
+    Only integer class labels of classification outputs (N, K) are masked: -1 is a valid regression
+    target and a label map's -1 is the metric's own business.
+    """
+    y = np.asarray(y)
+    o = np.asarray(outs[0])
+    if y.ndim != 1 or y.dtype.kind not in "iu" or o.ndim != 2 or o.shape[1] < 2 or not (y < 0).any():
+        return y, outs
+    keep = y >= 0
+    return y[keep], [np.asarray(out)[keep] for out in outs]
 
 
 def checked_outputs(strat: Strategy, src: str, out: torch.Tensor) -> np.ndarray:
@@ -385,6 +407,8 @@ def cross_source_matrix(
         groupings of the test samples ``value`` averages (1 unless the strategy depends on them),
         ``value_sd`` their standard deviation (NaN for 1). Source names may not be labels of
         strategies' statistics (``ema``, ``precise``, ``batch``, ``mixed-batch``, ``prior:...``).
+        Unlabeled samples (class label -1) are used for statistics but never scored: ``n`` counts
+        the labeled evaluation samples, and a source with none has no rows.
 
     Raises:
         ValueError: an unknown metric, a device other than the model's, or any of ``prepare``'s.

@@ -7,9 +7,10 @@ and sentences call a source by the data's own word (``SourceTaggedDataset.source
 
 from __future__ import annotations
 
+import datetime
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pandas as pd
 from torch import nn
 
 from shiftbn._io import atomic_write_text
+from shiftbn._version import __version__
 from shiftbn.adapt import parse_strategy
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.tagged import SourceTaggedDataset
@@ -32,9 +34,23 @@ from shiftbn.studies.report.calibration import (
 from shiftbn.studies.report.decisions import decision_sections
 from shiftbn.studies.report.figures import ema_curves, heldout_bars, lab_samples, matrix_heatmap, save, shift_profile
 from shiftbn.studies.report.html import write_report
+from shiftbn.studies.report.label_free import label_free_panel, label_free_sections, validate_chooser
 from shiftbn.studies.report.reading import findings, plural
+from shiftbn.studies.report.recommend import decision_caption, decision_lines, decision_table, labels_status
 
 REPORT_STRATEGIES = ("ema", "precise", "target", "prior:16", "stats:*")
+DECISION_TITLE = "Decision per {word}"
+
+
+@dataclass
+class ReportExtras:
+    """What ``build_report`` adds to the demo's page: ``decisions`` (``recommend.decision_table``), the
+    label-free panels of unlabeled sites (site -> ``LabelFree``) and ``ece``: paired ECE changes of each
+    strategy against ema per site (``eval_source, strategy, before, after, diff, ci_low, ci_high``)."""
+
+    decisions: pd.DataFrame | None = None
+    label_free: dict = field(default_factory=dict)
+    ece: pd.DataFrame | None = None
 PAIRED_TITLE = "Paired differences to the stored statistics (ema)"
 
 
@@ -76,7 +92,8 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
                   comparisons: pd.DataFrame | None = None, pooled: pd.DataFrame | None = None,
                   outputs: Outputs | None = None, num_classes: int | None = None, level: float = 0.95,
                   n_boot: int = 1000, seed: int = 0, notes: dict[str, str] | None = None,
-                  decisions: dict[str, pd.DataFrame | str | None] | None = None, word: str | None = None) -> Path:
+                  decisions: dict[str, pd.DataFrame | str | None] | None = None, word: str | None = None,
+                  extra: ReportExtras | None = None) -> Path:
     """Write ``out_dir/report.html`` (figures also as ``out_dir/figures/*.png``) from tidy tables.
 
     The demo and ``build_report`` both call this. ``matrix``: ``cross_source_matrix`` rows (with
@@ -88,8 +105,10 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     held-out section without ``heldout`` is shown alone, e.g. how to get it); ``decisions``: the
     decision panels' tables (``sites``, ``drift``, ``drift_layers``, ``reference``, ``audit``; see
     ``report.decisions``); ``word``: what the data calls a source (default ``samples.source_word``,
-    else "source"), used in headings and sentences.
+    else "source"), used in headings and sentences; ``extra``: the decision per site (shown first),
+    unlabeled sites' label-free panels and what the reading adds (``ReportExtras``).
     """
+    extra = extra or ReportExtras()
     if word is None:
         word = samples.source_word if samples is not None else "source"
     words = plural(word)
@@ -105,8 +124,9 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
         captions.setdefault(heading, f"Each {word}'s row is scaled to that {word}'s own 1st-99th percentile of "
                             f"intensities (printed at the row), so no {word} renders near-black; compare the printed "
                             f"ranges, not the grey levels, across {words}.")
-    figures["Cross-source matrix (accuracy)"] = (matrix_heatmap(matrix, held_out=held_out), "matrix.png")
-    captions.setdefault("Cross-source matrix (accuracy)", _matrix_caption(matrix, held_out, level, word))
+    if (matrix["metric"] == "accuracy").any():  # no labeled source: no cell to draw (label-free panels follow)
+        figures["Cross-source matrix (accuracy)"] = (matrix_heatmap(matrix, held_out=held_out), "matrix.png")
+        captions.setdefault("Cross-source matrix (accuracy)", _matrix_caption(matrix, held_out, level, word))
     figures["Layer shift profile (W2 to pooled statistics)"] = (shift_profile(w2, word=word), "shift_profile.png")
     if heldout is not None:
         figures[f"Held-out {words}"] = (heldout_bars(heldout), "heldout.png")
@@ -131,15 +151,24 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     tables = _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed, word)
     captions.update(_table_captions(level, word))
     if decisions:
-        extra, extra_captions = decision_sections(decisions.get("sites"), decisions.get("drift"),
-                                                  decisions.get("drift_layers"), decisions.get("reference"),
-                                                  decisions.get("audit"), word=word)
-        tables.update(extra)
-        captions.update(extra_captions)
+        panel_tables, panel_captions = decision_sections(decisions.get("sites"), decisions.get("drift"),
+                                                         decisions.get("drift_layers"), decisions.get("reference"),
+                                                         decisions.get("audit"), word=word)
+        tables.update(panel_tables)
+        captions.update(panel_captions)
+    panels, panel_captions = label_free_sections(extra.label_free, word)
+    tables.update(panels)
+    captions.update(panel_captions)
+    lead = {}
+    if extra.decisions is not None and len(extra.decisions):
+        title_d = DECISION_TITLE.format(word=word)
+        lead[title_d] = extra.decisions.drop(columns=["strategy"])
+        captions[title_d] = decision_caption(word, level)
     reading = findings(matrix, heldout, w2, comparisons=comparisons, pooled=pooled, num_classes=num_classes,
-                       held_out=held_out, level=level, word=word)
+                       held_out=held_out, level=level, word=word, ece=extra.ece, decisions=extra.decisions,
+                       unlabeled=list(extra.label_free))
     return write_report(out_dir / "report.html", title=title, summary=reading, figures=paths, tables=tables,
-                        meta=meta, captions=captions)
+                        meta=meta, captions=captions, lead=lead)
 
 
 def _matrix_caption(matrix: pd.DataFrame, held_out: Sequence[str], level: float, word: str) -> str:
@@ -147,8 +176,9 @@ def _matrix_caption(matrix: pd.DataFrame, held_out: Sequence[str], level: float,
     if "ci_low" in matrix:
         text += (f"Each cell: value and {level:.0%} bootstrap interval over that {word}'s evaluation samples "
                  f"(resampled within the {word}; sample counts in the tables below). ")
-    if held_out:
-        text += f"Outlined in red: {', '.join(held_out)}, never seen in training (the held-out view)."
+    scored = [h for h in held_out if h in set(matrix["eval_source"])]  # an unlabeled source has no cell
+    if scored:
+        text += f"Outlined in red: {', '.join(scored)}, never seen in training (the held-out view)."
     return text
 
 
@@ -174,6 +204,8 @@ def _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_bo
             word: str = "source") -> dict[str, pd.DataFrame]:
     words = plural(word)
     acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"].astype(bool)]
+    if not len(acc):
+        return {}
     tables = {f"Accuracy by strategy and {word}": interval_cells(acc, "strategy", "eval_source")}
     if pooled is not None and len(pooled):
         tables[f"Summary over {words}"] = pooled.drop(columns=["metric", "level"], errors="ignore")
@@ -187,7 +219,8 @@ def _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_bo
         tables[PAIRED_TITLE] = _pivot_text(c, "strategy", "eval_source")
     if held_out:
         rows = acc[acc["eval_source"].isin(list(held_out))]
-        tables[f"Held-out {words} (accuracy)"] = interval_cells(rows, "strategy", "eval_source")
+        if len(rows):  # a held-out source without labels has no accuracy (its label-free panel follows)
+            tables[f"Held-out {words} (accuracy)"] = interval_cells(rows, "strategy", "eval_source")
     if heldout is not None and len(heldout):
         h = heldout[heldout["is_held_out"].astype(bool) & (heldout["metric"] == "accuracy")]
         table = h.pivot_table(index="held_out", columns="strategy", values="value", sort=False)
@@ -236,7 +269,8 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
                  strategies: Sequence[str] = REPORT_STRATEGIES, calibration: float = 0.5, ci: float | None = 0.95,
                  n_boot: int = 1000, batch_size: int = 256, stats_batch_size: int = 64,
                  num_samples: int | None = None, seed: int = 0, amp: bool = False, progress: bool = True,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, unlabeled: Sequence[str] | None = None,
+                 provenance: Mapping[str, str] | None = None, command: str | None = None) -> Path:
     """Write the demo's report for your model and data into ``out`` (``report.html``, figures, CSVs).
 
     Why: the same questions as the demo, asked of a trained model: per-source BN statistics and the layer
@@ -247,12 +281,23 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     ``precise`` pools the other sources. ``calibration``: fraction of each source used unlabeled for
     statistics (the rest is evaluated). Headings say ``ds.source_word`` ("hospital" for a manifest
     column ``hospital``). Returns the path of ``report.html``. The model is not changed.
+
+    The page opens with a decision per source (``report.json`` holds it too): the statistics to deploy,
+    why, what it costs and the next command. A source without labels (class label -1, or named in
+    ``unlabeled``) gets no label metric; its label-free panel shows the shift per layer, per-strategy
+    indicators, the drift test and ``choose_strategy``'s pick. A partly labeled source is scored on
+    its labeled part; its statistics use all of it. ``provenance``: model, checkpoint, checkpoint_sha256
+    and data as the title and ``report.json`` name them (default: the model's class and the in-memory
+    weights' digest). ``command``: ``shiftbn recalibrate`` with the model and data options, the start of
+    each next command (default: placeholders).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     held = [str(h) for h in (held_out or [])]
-    for h in held:
+    for h in [*held, *(unlabeled or [])]:
         ds.source_id(h)
+    if unlabeled:
+        ds = ds.without_labels([str(u) for u in unlabeled])
     ds, skipped = _sites_with_both_parts(ds, calibration, seed)
     held = [h for h in held if h not in skipped]
     trains = [s for s in ds.sources_present if s not in held]
@@ -264,31 +309,122 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     shift = stats_shift(stats, metric="all")
     if all(parse_strategy(s).cross_source for s in ([strategies] if isinstance(strategies, str) else strategies)):
         raise ValueError("the report needs at least one strategy that is not stats:<source> (e.g. ema, target)")
-    matrix, kept = matrix_with_outputs(model, ds, strategies, calibration=calibration, train_sources=trains, ci=ci,
-                                       n_boot=n_boot, batch_size=batch_size, stats_batch_size=stats_batch_size,
-                                       num_samples=num_samples, seed=seed, amp=amp, progress=progress)
+    matrix, everything = matrix_with_outputs(model, ds, strategies, calibration=calibration, train_sources=trains,
+                                             ci=ci, n_boot=n_boot, batch_size=batch_size,
+                                             stats_batch_size=stats_batch_size, num_samples=num_samples, seed=seed,
+                                             amp=amp, progress=progress)
+    status = labels_status(everything.labels)
+    kept = _labeled_part(everything, status)
     level = ci if ci is not None else 0.95
-    comparisons = pooled = None
-    if ci is not None:
+    comparisons = pooled = ece = None
+    if ci is not None and kept.labels:
         comparisons, pooled = comparison_tables(kept, n_boot=n_boot, level=level, seed=seed)
+        ece = ece_changes(kept, n_boot=n_boot, level=level, seed=seed)
+    word = ds.source_word
     names, labels = kept.strategies, kept.labels
-    k = next(iter(kept.outputs.values())).shape[1]
+    k = next(iter(everything.outputs.values())).shape[1]
+    panels = _label_free(model, ds, everything, status, trains, shift, calibration, seed, word)
+    prov = dict(provenance) if provenance is not None else default_provenance(model, ds)
+    prov.setdefault("date", datetime.date.today().isoformat())
+    prov.setdefault("shiftbn_version", __version__)
+    base = command or "shiftbn recalibrate --model MODULE:FACTORY --weights CHECKPOINT --data DATA"
+    decisions = decision_table(ds.sources_present, status, comparisons=comparisons, outputs=kept.outputs,
+                               labels=kept.labels, label_free=panels, base=base, class_names=ds.class_names,
+                               level=level, n_boot=n_boot, seed=seed, word=word)
     atomic_write_text(out / "stats.json", json.dumps(stats.to_dict()))
     for name, table in (("matrix", matrix), ("comparisons", comparisons), ("pooled", pooled), ("shift", shift)):
         if table is not None:
             table.to_csv(out / f"{name}.csv", index=False)
+    atomic_write_text(out / "report.json", json.dumps({
+        "provenance": prov, "labels": status, "held_out": held,
+        "decisions": decisions.rename(columns={word: "source"}).to_dict("records"),
+        "decision_lines": decision_lines(decisions, word)}, indent=1))
     x0 = ds[0][0]
     images = hasattr(x0, "ndim") and x0.ndim >= 2
-    meta = {plural(ds.source_word): ", ".join(ds.sources_present),
+    meta = {**{f"{key.replace('_', ' ')}": str(v) for key, v in prov.items()},
+            plural(word): ", ".join(ds.sources_present),
             "held out (never trained on)": ", ".join(held) or "none",
-            "strategies": " ".join(names), "evaluation samples": str(sum(len(v) for v in labels.values())),
+            "strategies": " ".join(names), "labeled evaluation samples": str(sum(len(v) for v in labels.values())),
             "bootstrap": f"{n_boot} resamples, {level:.0%}" if ci is not None else "off", "seed": str(seed)}
+    unl = [s for s, v in status.items() if v == "none"]
+    part = {s: v for s, v in status.items() if v not in ("all", "none")}
+    if unl:
+        meta["without labels (no label metric; label-free panel)"] = ", ".join(unl)
+    if part:
+        meta["partly labeled (scored on the labeled part; statistics from all samples)"] = "; ".join(
+            f"{s}: {v} evaluation samples labeled" for s, v in part.items())
     if skipped:
-        meta[f"{ds.source_word}s skipped"] = "; ".join(f"{site} ({why})" for site, why in skipped.items())
-    return render_report(out, title=title or f"shiftbn report — {Path(out).name}", meta=meta, matrix=matrix,
+        meta[f"{word}s skipped"] = "; ".join(f"{site} ({why})" for site, why in skipped.items())
+    return render_report(out, title=title or provenance_title(prov), meta=meta, matrix=matrix,
                          shift=shift, samples=ds if images else None, held_out=held, comparisons=comparisons,
-                         pooled=pooled, outputs=kept, num_classes=k, level=level, n_boot=n_boot, seed=seed,
-                         word=ds.source_word)
+                         pooled=pooled, outputs=kept if kept.labels else None, num_classes=k, level=level,
+                         n_boot=n_boot, seed=seed, word=word,
+                         extra=ReportExtras(decisions=decisions, label_free=panels, ece=ece))
+
+
+def provenance_title(prov: Mapping[str, str]) -> str:
+    """The report's title: model, checkpoint and its sha256, data, date, shiftbn version."""
+    return (f"shiftbn report: model {prov.get('model')}, checkpoint {prov.get('checkpoint')} (sha256 "
+            f"{prov.get('checkpoint_sha256')}), data {prov.get('data')}, {prov.get('date')}, shiftbn "
+            f"{prov.get('shiftbn_version')}")
+
+
+def default_provenance(model: nn.Module, ds: SourceTaggedDataset) -> dict[str, str]:
+    """Provenance for a model and data given as objects: the class, the digest of the in-memory weights."""
+    from shiftbn.sites.fingerprint import model_fingerprint
+
+    cls = type(model)
+    return {"model": f"{cls.__module__}.{cls.__qualname__}", "checkpoint": "in memory (no file)",
+            "checkpoint_sha256": model_fingerprint(model)["weights_sha256"],
+            "data": f"{len(ds)} samples, {len(ds.sources_present)} {plural(ds.source_word)} (given as an object)"}
+
+
+def _labeled_part(outputs: Outputs, status: Mapping[str, str]) -> Outputs:
+    """``outputs`` restricted to labeled samples: partly labeled sites keep their labeled part, unlabeled ones go."""
+    labels, kept = {}, {}
+    for site, y in outputs.labels.items():
+        if status[site] == "none":
+            continue
+        keep = np.asarray(y) >= 0 if status[site] != "all" else slice(None)
+        labels[site] = np.asarray(y)[keep]
+        kept.update({key: v[keep] for key, v in outputs.outputs.items() if key[1] == site})
+    return Outputs(kept, labels, outputs.class_names, outputs.strategies)
+
+
+def ece_changes(outputs: Outputs, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Per site and strategy: ECE with ema (before) and with the strategy (after), the paired change and its
+    interval; rows ``eval_source, strategy, before, after, diff, ci_low, ci_high``."""
+    from shiftbn.evaluate import paired_difference
+    from shiftbn.evaluate.metrics import metric_value
+
+    rows = []
+    for site, y in outputs.labels.items():
+        if ("ema", site) not in outputs.outputs:
+            continue
+        b = outputs.outputs["ema", site]
+        for name in outputs.strategies:
+            if name == "ema" or (name, site) not in outputs.outputs:
+                continue
+            a = outputs.outputs[name, site]
+            d = paired_difference(a, b, y, "ece", n_boot=n_boot, level=level, seed=seed)
+            rows.append({"eval_source": site, "strategy": name, "before": metric_value("ece", b, y),
+                         "after": metric_value("ece", a, y), "diff": d.value, "ci_low": d.low, "ci_high": d.high})
+    return pd.DataFrame(rows)
+
+
+def _label_free(model, ds, everything: Outputs, status, trains, shift, calibration, seed, word) -> dict:
+    """The label-free panel of every site without labels (none: an empty dict)."""
+    unl = [s for s, v in status.items() if v == "none"]
+    if not unl:
+        return {}
+    full = {s for s in ds.sources_present if (ds.subset(s).labels >= 0).all()}
+    labeled = [s for s in trains if s in full]
+    candidates = [n for n in everything.strategies]
+    validation = validate_chooser(model, ds, labeled, candidates, calibration=calibration, seed=seed)
+    return {site: label_free_panel(model, ds, site, outputs=everything.outputs, strategies=everything.strategies,
+                                   labeled=labeled, candidates=candidates, shift=shift, validation=validation,
+                                   calibration=calibration, seed=seed, class_names=ds.class_names, word=word)
+            for site in unl}
 
 
 def _sites_with_both_parts(ds: SourceTaggedDataset, calibration: float,

@@ -35,11 +35,12 @@ def _caption(text: str | None) -> list[str]:
 
 
 def write_report(path: str | Path, *, title: str, summary: list[str], figures: dict[str, Path | None],
-                 tables: dict[str, pd.DataFrame], meta: dict[str, str], captions: dict[str, str] | None = None) -> Path:
-    """Write ``report.html``: title, findings, figures (embedded PNG) and tables; no network access.
+                 tables: dict[str, pd.DataFrame], meta: dict[str, str], captions: dict[str, str] | None = None,
+                 lead: dict[str, pd.DataFrame] | None = None) -> Path:
+    """Write ``report.html``: title, lead tables, findings, figures (embedded PNG) and tables; no network access.
 
     ``captions``: text shown under the figure or above the table of the same name; a figure None is a
-    section of its caption alone.
+    section of its caption alone. ``lead``: tables shown right after the title (the decision per site).
     """
     captions = captions or {}
     path = Path(path)
@@ -47,9 +48,13 @@ def write_report(path: str | Path, *, title: str, summary: list[str], figures: d
            "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}"
            "table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}"
            "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}"
-           ".meta{color:#666;font-size:13px}.caption{color:#444;font-size:14px;max-width:900px}")
-    body = [f"<h1>{html.escape(title)}</h1>",
-            '<p class="meta">' + " · ".join(f"{html.escape(k)}: {html.escape(str(v))}" for k, v in meta.items())
+           "h1{font-size:20px;overflow-wrap:anywhere}#decision td{text-align:left;max-width:420px}"
+           ".meta{color:#666;font-size:13px;overflow-wrap:anywhere}.caption{color:#444;font-size:14px;max-width:900px}")
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for name, table in (lead or {}).items():
+        body += [f'<section id="decision"><h2>{html.escape(name)}</h2>', _table_html(table)]
+        body += _caption(captions.get(name)) + ["</section>"]
+    body += ['<p class="meta">' + " · ".join(f"{html.escape(k)}: {html.escape(str(v))}" for k, v in meta.items())
             + "</p>", "<h2>Findings</h2>"]
     body += [f"<p>{html.escape(p)}</p>" for p in summary]
     for name, fig in figures.items():

@@ -8,6 +8,7 @@ own word (``SourceTaggedDataset.source_word``: "lab", "hospital", ...).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,7 +90,8 @@ def _chance(pooled: pd.DataFrame | None, src_rows: pd.DataFrame, num_classes: in
 def findings(matrix: pd.DataFrame, heldout: pd.DataFrame | None = None, shift: pd.DataFrame | None = None,
              metric: str = "accuracy", *, comparisons: pd.DataFrame | None = None,
              pooled: pd.DataFrame | None = None, num_classes: int | None = None, held_out: Sequence[str] = (),
-             level: float = 0.95, word: str = "source") -> list[str]:
+             level: float = 0.95, word: str = "source", ece: pd.DataFrame | None = None,
+             decisions: pd.DataFrame | None = None, unlabeled: Sequence[str] = ()) -> list[str]:
     """Paragraphs of plain language from the numbers: worst source, what helps there, held-out sources, and
     where in the network the shift shows; every claimed difference has a supporting interval.
 
@@ -98,12 +100,39 @@ def findings(matrix: pd.DataFrame, heldout: pd.DataFrame | None = None, shift: p
     ``shift``: one metric of ``stats_shift``; ``comparisons``: ``paired_table`` rows (strategy minus
     ema per source); ``pooled``: ``pooled_table`` rows; ``num_classes``: K, for the chance check;
     ``held_out``: sources the model never saw in training (their matrix rows are the held-out view);
-    ``word``: what the data calls a source (``ds.source_word``), used in every sentence.
+    ``word``: what the data calls a source (``ds.source_word``), used in every sentence; ``ece``: paired
+    ECE changes per source and strategy (``build.ece_changes``); ``decisions``: the decision per source
+    (``recommend.decision_table``), summarized last; ``unlabeled``: sources without labels (no metric).
+    No sentence is written twice.
     """
+    return _once(_paragraphs(matrix, heldout, shift, metric, comparisons, pooled, num_classes, held_out, level, word,
+                             ece, decisions, unlabeled))
+
+
+def _once(paragraphs: list[str]) -> list[str]:
+    """The paragraphs with every sentence after its first occurrence dropped (empty paragraphs too)."""
+    seen: set[str] = set()
+    out = []
+    for para in paragraphs:
+        kept = []
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", para.strip()):
+            if sentence and sentence not in seen:
+                seen.add(sentence)
+                kept.append(sentence)
+        if kept:
+            out.append(" ".join(kept))
+    return out
+
+
+def _paragraphs(matrix, heldout, shift, metric, comparisons, pooled, num_classes, held_out, level, word, ece,
+                decisions, unlabeled) -> list[str]:
+    closing = _decision_text(decisions, word) + _unlabeled_text(unlabeled, word)
     m = matrix[matrix["metric"] == metric]
     main = m[~m["is_cross_source"].astype(bool)]
     src_rows = main[main["strategy"] == "ema"].set_index("eval_source")
     src = src_rows["value"]
+    if not len(src):  # no labeled source: nothing to score
+        return [closing.strip()]
     worst = src.idxmin()
     first = (f"With the statistics stored in the model (its training EMA), the worst {word} is {worst} at "
              f"{_pct(src[worst])} {metric}{_cell_note(src_rows.loc[worst], level)}, against "
@@ -111,7 +140,7 @@ def findings(matrix: pd.DataFrame, heldout: pd.DataFrame | None = None, shift: p
     at_chance, chance_text = _chance(pooled, src_rows.reset_index(), num_classes if metric == "accuracy" else None,
                                      level, word)
     if at_chance:
-        return [first, chance_text]
+        return [first, chance_text, closing.strip()]
     if num_classes and metric == "accuracy" and "ci_low" in src_rows:
         noisy = [s for s in src.index if src_rows.loc[s, "ci_low"] <= 1.0 / num_classes]
         if noisy:
@@ -119,14 +148,54 @@ def findings(matrix: pd.DataFrame, heldout: pd.DataFrame | None = None, shift: p
                       f"chance (1/{num_classes}).")
     first += " " + _worst_site_text(main, comparisons, worst, metric, level)
     first += _pooled_text(pooled, level, word)
-    parts = [first]
+    parts = [first + _losses_text(comparisons, level, word) + _ece_text(ece, level)]
     held = " ".join(t for t in (_held_out_text(main, comparisons, held_out, metric, level),
                                 _retrained_text(heldout, metric, level, word)) if t)
     if held:
         parts.append(held + _shift_text(shift, worst))
     elif shift is not None and len(shift):
         parts.append(_shift_text(shift, worst).strip())
-    return parts
+    return [*parts, closing.strip()]
+
+
+def _losses_text(comparisons: pd.DataFrame | None, level: float, word: str) -> str:
+    """Every per-source loss whose paired interval excludes 0: a pooled "within noise" must not hide one."""
+    if comparisons is None or not len(comparisons):
+        return ""
+    c = comparisons[(comparisons["ci_high"] < 0) & (comparisons["strategy"] != "ema")]
+    if not len(c):
+        return ""
+    listed = "; ".join(f"{r.strategy} on {r.eval_source} ({_diff_text(r.diff, r.ci_low, r.ci_high, level)})"
+                       for r in c.sort_values("diff").itertuples())
+    return f" Per {word}, worse than the stored statistics beyond noise: {listed}."
+
+
+def _ece_text(ece: pd.DataFrame | None, level: float) -> str:
+    """Every ECE increase a strategy causes at a source (paired interval above 0)."""
+    if ece is None or not len(ece):
+        return ""
+    up = ece[ece["ci_low"] > 0]
+    if not len(up):
+        return ""
+    listed = "; ".join(f"{r.strategy} raises {r.eval_source}'s ECE from {r.before:.2f} to {r.after:.2f} "
+                       f"({r.diff:+.2f}, {level:.0%} paired interval {r.ci_low:+.2f} to {r.ci_high:+.2f})"
+                       for r in up.sort_values("diff", ascending=False).itertuples())
+    return f" Calibration gets worse: {listed}."
+
+
+def _decision_text(decisions: pd.DataFrame | None, word: str) -> str:
+    if decisions is None or not len(decisions):
+        return ""
+    said = [f"{r[word]}: {r['recommended']}" for r in decisions.to_dict("records")]
+    return f" Recommendation per {word} (why, cost and the next command: the table at the top): {'; '.join(said)}."
+
+
+def _unlabeled_text(unlabeled: Sequence[str], word: str) -> str:
+    if not unlabeled:
+        return ""
+    return (f" {', '.join(unlabeled)} {'has' if len(unlabeled) == 1 else 'have'} no labels: no accuracy, ECE or "
+            f"recall is reported for {'it' if len(unlabeled) == 1 else 'them'}; the label-free panel shows what the "
+            f"unlabeled {word} data alone supports.")
 
 
 def _worst_site_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, worst: str, metric: str,
@@ -222,5 +291,4 @@ def _shift_text(shift: pd.DataFrame | None, worst: str) -> str:
         return ""
     top = s.loc[s["value"].idxmax()]
     return (f" The shift profile places {worst}'s largest statistics shift at layer {top['layer']} "
-            f"(depth {int(top['depth'])}); a shift that enters early, as an intensity change does, is the kind BN "
-            "recalibration can undo.")
+            f"(depth {int(top['depth'])}).")

@@ -1,0 +1,213 @@
+"""What the report can say about a site without labels: shift, label-free indicators, drift, a chosen strategy.
+
+Why: a new site rarely comes with labels, and a number that needs them (accuracy, ECE, recall) must
+not be printed for it. What needs none is shown instead: the per-layer shift of its BN statistics,
+per strategy the outputs' own indicators (agreement with the model's statistics, entropy,
+confidence, predicted-class mix), ATC's accuracy estimate only beside the error it made on labeled
+sites left out one at a time, the drift test against the training sites, and ``choose_strategy``'s pick
+with the regret it had when each labeled site was treated as unlabeled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from shiftbn.data.tagged import SourceTaggedDataset
+from shiftbn.sites import DriftMonitor, choose_strategy
+from shiftbn.sites.atc import confidence_scores
+from shiftbn.studies.report.reading import plural
+
+
+@dataclass
+class Validation:
+    """How ``choose_strategy`` and ATC did on the labeled sites, each treated as unlabeled in turn.
+
+    ``regret``: per labeled site, accuracy points lost to the best candidate measured there;
+    ``atc_error``: per candidate, the mean |ATC estimate - measured accuracy| over those sites.
+    """
+
+    sites: list[str]
+    regret: dict[str, float] = field(default_factory=dict)
+    atc_error: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def known(self) -> bool:
+        return len(self.sites) >= 2
+
+
+@dataclass
+class LabelFree:
+    """One unlabeled site's panel: tables (shift, indicators, drift), the chooser's pick and its evidence."""
+
+    site: str
+    shift: pd.DataFrame
+    indicators: pd.DataFrame
+    drift: pd.DataFrame | None
+    chosen: str | None
+    why: str
+
+
+def validate_chooser(model: nn.Module, ds: SourceTaggedDataset, labeled: Sequence[str], candidates: Sequence[str], *,
+                     calibration: float, seed: int = 0) -> Validation:
+    """Treat each labeled site as unlabeled in turn (the others labeled): the chooser's regret there and
+    ATC's error per candidate. Needs two labeled sites (fewer: nothing is validated)."""
+    labeled = list(labeled)
+    val = Validation(labeled)
+    if len(labeled) < 2:
+        return val
+    errors: dict[str, list[float]] = {}
+    parts = _parts(ds, calibration, seed)
+    for site in labeled:
+        kept: dict = {}
+        t = choose_strategy(model, ds, site, candidates, labeled=[s for s in labeled if s != site],
+                            calibration=parts, seed=seed, keep_outputs=kept)
+        y = parts[1].subset(site).labels  # the true labels, masked for the chooser
+        measured = {name: float(np.mean(kept[name, site].argmax(axis=1) == y)) for name in t["strategy"]}
+        pick = t.loc[t["chosen"], "strategy"].iloc[0]
+        val.regret[site] = 100 * (max(measured.values()) - measured[pick])
+        for row in t.itertuples():
+            errors.setdefault(row.strategy, []).append(abs(row.pred_accuracy - measured[row.strategy]))
+    val.atc_error = {k: float(np.mean(v)) for k, v in errors.items()}
+    return val
+
+
+def _parts(ds: SourceTaggedDataset, calibration: float, seed: int) -> tuple[SourceTaggedDataset, SourceTaggedDataset]:
+    """The report's (calibration, evaluation) split, given explicitly so the chooser's masking cannot change it."""
+    from shiftbn.evaluate.matrix import calibration_split
+
+    return tuple(calibration_split(ds, calibration, False, seed))
+
+
+def label_free_panel(model: nn.Module, ds: SourceTaggedDataset, site: str, *, outputs: dict, strategies: Sequence[str],
+                     labeled: Sequence[str], candidates: Sequence[str], shift: pd.DataFrame, validation: Validation,
+                     calibration: float, seed: int = 0, class_names: Sequence[str] | None = None,
+                     word: str = "source") -> LabelFree:
+    """The panel for one unlabeled ``site``; ``outputs``: the report's kept ``(strategy, site) -> logits``.
+
+    ``labeled``: the fully labeled sites (the chooser's ATC is fitted there); ``shift``: ``stats_shift``
+    rows. The model is not changed.
+    """
+    profile = shift[(shift["source"] == site) & (shift["metric"] == "w2")][["layer", "depth", "value"]]
+    profile = profile.rename(columns={"value": "w2_to_pooled"}).sort_values("depth").reset_index(drop=True)
+    choice = None
+    if labeled:
+        choice = choose_strategy(model, ds, site, candidates, labeled=labeled,
+                                 calibration=_parts(ds, calibration, seed), seed=seed)
+    rows = []
+    base = outputs.get(("ema", site))
+    for name in strategies:
+        if (name, site) not in outputs:
+            continue
+        out = outputs[name, site]
+        pred = out.argmax(axis=1)
+        row = {"strategy": name, "n": len(out),
+               "agreement_with_ema": float(np.mean(pred == base.argmax(axis=1))) if base is not None else np.nan,
+               "mean_confidence": float(confidence_scores(out, "confidence").mean()),
+               "mean_entropy": float(-confidence_scores(out, "neg_entropy").mean()),
+               "predicted_classes": _histogram(pred, out.shape[1], class_names),
+               "atc_estimate": _atc_cell(choice, name, validation, word)}
+        rows.append(row)
+    indicators = pd.DataFrame(rows)
+    drift = _drift(model, ds, site, labeled, calibration, seed)
+    chosen, why = _why(choice, validation, drift, site, word)
+    return LabelFree(site, profile, indicators, drift, chosen, why)
+
+
+def _histogram(pred: np.ndarray, k: int, class_names: Sequence[str] | None) -> str:
+    counts = np.bincount(pred, minlength=k)
+    names = list(class_names) if class_names is not None and len(class_names) == k else [str(c) for c in range(k)]
+    return ", ".join(f"{n} {c / max(len(pred), 1):.0%}" for n, c in zip(names, counts, strict=True))
+
+
+def _atc_cell(choice: pd.DataFrame | None, name: str, validation: Validation, word: str) -> str:
+    """ATC's estimate with its measured error, or why it is not shown (never an estimate alone)."""
+    if choice is None:
+        return f"not shown: no labeled {word} to fit ATC on"
+    row = choice[choice["strategy"] == name]
+    if not len(row):
+        return "not a candidate"
+    r = row.iloc[0]
+    err = validation.atc_error.get(name, np.nan)
+    if not np.isfinite(err):
+        return f"not shown: its error is unknown (measuring it needs two labeled {plural(word)})"
+    if not bool(r["in_range"]):
+        return "not shown: the statistics lie outside the range ATC was fitted on"
+    return f"{r['pred_accuracy']:.2f} ± {err:.2f}"
+
+
+def _drift(model: nn.Module, ds: SourceTaggedDataset, site: str, reference: Sequence[str], calibration: float,
+           seed: int) -> pd.DataFrame | None:
+    """One row: the site's evaluation part scored by a monitor fitted on the reference sites' calibration part."""
+    if not reference:
+        return None
+    cal, evaluation = _parts(ds, calibration, seed)
+    ref = cal.subset(list(reference))
+    part = evaluation.subset(site)
+    if len(ref) < 2 or len(part) < 2:
+        return None
+    r = DriftMonitor(model, ref.without_labels(list(reference)), n_null=200, seed=seed).score(part)
+    layers = r.layers[r.layers["layer"] != "(all layers)"]
+    top = layers.loc[layers["z"].idxmax()]
+    return pd.DataFrame([{"reference": ", ".join(reference), "n": r.n, "score_z": r.score, "p_value": r.p_value,
+                          "largest_layer": top["layer"], "largest_z": float(top["z"])}])
+
+
+def _why(choice: pd.DataFrame | None, validation: Validation, drift: pd.DataFrame | None, site: str,
+         word: str) -> tuple[str | None, str]:
+    drift_text = ""
+    if drift is not None:
+        d = drift.iloc[0]
+        drift_text = (f"; drift against the training {plural(word)}: score {d['score_z']:.1f} z, "
+                      f"p = {d['p_value']:.3f} (largest at {d['largest_layer']})")
+    if choice is None:
+        return None, "no labeled " + word + " to fit the chooser on" + drift_text
+    pick = choice[choice["chosen"]].iloc[0]
+    if validation.known:
+        regrets = list(validation.regret.values())
+        evidence = (f"chosen without labels (ATC and statistics distance); on the {len(regrets)} labeled "
+                    f"{plural(word)}, each treated as unlabeled, the chooser lost {np.mean(regrets):.1f} points on "
+                    f"average (at most {max(regrets):.1f}) to the best strategy there")
+    else:
+        evidence = (f"chosen without labels (ATC and statistics distance); its regret is unknown: validating it "
+                    f"needs two labeled {plural(word)}")
+    return str(pick["strategy"]), evidence + drift_text
+
+
+ABSENT = {
+    "shift": ("Needs no labels: distances between {site}'s BN statistics and the pooled ones, per layer. Absent: "
+              "how much accuracy this shift costs, which needs {site}'s labels."),
+    "indicators": ("Computed from the outputs alone. Absent: accuracy, ECE, per-class recall and the confusion "
+                   "matrix at {site}, which need its labels; ATC's estimate is shown only beside the error it made "
+                   "on labeled {words} left out one at a time."),
+    "drift": ("Whether {site}'s BN-input statistics differ from the training {words}' beyond their own sampling "
+              "variation (bootstrap null). Absent: the accuracy drop this drift causes, which needs {site}'s "
+              "labels."),
+}
+
+
+def label_free_sections(panels: dict[str, LabelFree], word: str) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """The report's tables and captions for each unlabeled site's panel; each caption names what is absent."""
+    tables: dict[str, pd.DataFrame] = {}
+    captions: dict[str, str] = {}
+    words = plural(word)
+    for site, p in panels.items():
+        head = f"{site}, without labels"
+        parts = ((f"{head}: BN statistics shift per layer", p.shift, "shift"),
+                 (f"{head}: label-free indicators per strategy", p.indicators, "indicators"),
+                 (f"{head}: drift test against the training {words}", p.drift, "drift"))
+        for title, table, key in parts:
+            if table is None or not len(table):
+                tables[title] = pd.DataFrame({"note": [f"not computed: no labeled training {word} to compare with"]})
+            else:
+                tables[title] = table
+            captions[title] = ABSENT[key].format(site=site, words=words)
+        title = f"{head}: recommendation"
+        tables[title] = pd.DataFrame([{"recommended": p.chosen or "none", "evidence": p.why}])
+        captions[title] = (f"Chosen from {site}'s unlabeled data alone (choose_strategy). Absent: the paired interval "
+                           f"of the recommended statistics against the model's own at {site}, which needs its labels.")
+    return tables, captions
