@@ -100,19 +100,25 @@ def gather(base: Any, indices: list[int]) -> list[Any] | None:
     and any dataset with its own ``__getitems__``. Items equal per-item indexing bit for bit (views of
     one gathered tensor per field), so ``default_collate`` builds the same batch.
     """
-    if isinstance(base, Subset):
+    if isinstance(base, Subset) and _own(base, Subset):
         mapped = [int(base.indices[i]) for i in indices]
         found = gather(base.dataset, mapped)
         return found if found is not None else [base.dataset[i] for i in mapped]
-    if isinstance(base, TensorDataset):
+    if isinstance(base, TensorDataset) and _own(base, TensorDataset):
         idx = np.asarray(indices, dtype=np.int64)
         return list(zip(*(rows_of(t, idx).unbind(0) for t in base.tensors), strict=True))
-    if isinstance(base, ConcatDataset):
+    if isinstance(base, ConcatDataset) and _own(base, ConcatDataset):
         return _gather_concat(base, indices)
     fetch = getattr(base, "__getitems__", None)
     if callable(fetch):
         return list(fetch(indices))
     return None
+
+
+def _own(base: Any, cls: type) -> bool:
+    """Whether ``base`` reads items as ``cls`` does: a subclass with its own ``__getitem__`` (e.g. a
+    ``TensorDataset`` whose items add a target) must be read item by item, never as ``cls``'s tensors."""
+    return type(base).__getitem__ is cls.__getitem__
 
 
 def rows_of(t: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
