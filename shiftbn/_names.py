@@ -5,11 +5,11 @@ Why: ``shiftbn matrix --help`` must answer without importing torch; this module 
 metric table of ``shiftbn.evaluate.metrics``.
 """
 
-GRAMMAR = ("ema | precise | target | per-source | prior:N[:B] (N >= 0; each test batch of B, default 64) | "
+GRAMMAR = ("ema | precise | target | per-source | prior:N[:B] (N >= 0; each test batch of B (default: 64)) | "
            "prior:N@n | prior:N@all (few-shot: n calibration samples) | batch:B[:mixed] (B >= 2) | tent | "
            "tent-episodic (online, batches of 64) | tent-offline:S (S >= 0 steps) | stats:<source> | stats:* (every "
            "source); append :k=K to prior:N[:B], batch:B[:mixed], tent, tent-episodic to score K seeded groupings of "
-           "the test samples (default 5)")
+           "the test samples (default: 5)")
 
 STATS_LABELS = ("ema", "precise", "batch", "mixed-batch")
 """``stats_source`` labels of statistics that are no source's; no source may be named so."""

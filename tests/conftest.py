@@ -21,3 +21,13 @@ def _same_threads_for_every_test():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_phase_lines():
+    """Phase lines off in every test, as bars are (``TQDM_DISABLE``); a test of them turns them on."""
+    from shiftbn import _log
+
+    _log.set_quiet(True)
+    yield
+    _log.set_quiet(False)

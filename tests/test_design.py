@@ -421,14 +421,28 @@ def test_tent_on_a_half_precision_model_gives_finite_outputs(trained):
     assert table["value"].notna().all()
 
 
-def test_phase_lines_are_plain_and_quiet_silences_them(capsys):
+def test_phase_lines_print_the_duration_of_finished_phases_and_quiet_silences_them(capsys, monkeypatch):
     from shiftbn import _log
 
-    _log.phase(2, 5, "cross-source matrix")
-    assert capsys.readouterr().err.startswith("[2/5] cross-source matrix (")
+    _log.set_quiet(False)  # the tests' default is quiet (conftest)
+    clock = iter([100.0, 103.25, 103.25, 230.0])  # phase 1 takes 3.25 s, phase 2 126.75 s
+    monkeypatch.setattr(_log.time, "monotonic", lambda: next(clock))
+    with _log.Phases(2) as phases:
+        phases.start("loading the model and data")
+        assert capsys.readouterr().err == "[1/2] loading the model and data ...\n"  # no time: nothing finished yet
+        phases.start("cross-source matrix")
+    assert capsys.readouterr().err.splitlines() == [
+        "[1/2] loading the model and data: done (3.2 s)", "[2/2] cross-source matrix ...",
+        "[2/2] cross-source matrix: done (2 min 07 s)"]
+    with pytest.raises(KeyError), _log.Phases(1) as phases:  # a failed phase is not "done"
+        monkeypatch.setattr(_log.time, "monotonic", lambda: 0.0)
+        phases.start("scoring")
+        raise KeyError("boom")
+    assert capsys.readouterr().err == "[1/1] scoring ...\n"
     _log.set_quiet(True)
     try:
-        _log.phase(3, 5, "held-out protocol")
+        with _log.Phases(5) as phases:
+            phases.start("held-out protocol")
         assert capsys.readouterr().err == "" and not _log.bars_wanted()
     finally:
         _log.set_quiet(False)

@@ -74,7 +74,7 @@ def add_user_options(p: argparse.ArgumentParser, data_or: str | None = None) -> 
                    help="refuse unreadable image files instead of skipping them (skipped files are listed in "
                         "skipped.csv in the output folder)")
     p.add_argument("--allow-outside", action="store_true",
-                   help="let manifest paths point outside the manifest's folder (refused by default)")
+                   help="let manifest paths point outside the manifest's folder (otherwise refused)")
     p.add_argument("--batch-size", type=cli_types.count_type("sample"), default=64,
                    help="batch size for statistics (default: 64)")
     p.add_argument("--num-samples", type=cli_types.count_type("sample"), default=None,
@@ -85,11 +85,12 @@ def add_user_options(p: argparse.ArgumentParser, data_or: str | None = None) -> 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options of every command that computes: threads, quiet."""
+    resume = ", and a --resume under another count is refused" if "--resume" in p._option_string_actions else ""
     p.add_argument("--threads", type=cli_types.threads, default=None, metavar="N",
                    help="torch threads for this run, set before any work and recorded in environment.json; "
-                        "numbers can differ in the last digits between thread counts, and a --resume under "
-                        "another count is refused (default: torch's own: the physical cores, or "
-                        "$OMP_NUM_THREADS; running P processes side by side, give each cores/P)")
+                        f"numbers can differ in the last digits between thread counts{resume} (default: torch's "
+                        "own: the physical cores, or $OMP_NUM_THREADS; running P processes side by side, give each "
+                        "cores/P)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="no phase lines and no progress bars on stderr (results and errors still print)")
 
@@ -111,15 +112,21 @@ def add_held_out_option(p: argparse.ArgumentParser, api: str) -> None:
     ``api`` names the library argument that does the same."""
     p.add_argument("--held-out", nargs="+", default=[], metavar="SOURCE",
                    help=f"sources the model was trained WITHOUT (marked as the held-out view); {PRECISE_HELP}; "
-                        f"default: none held out, every source counts as a training source (API: {api})")
+                        f"API: {api} (default: none held out: every source counts as a training source)")
 
 
 def check_held_out(held_out, sources, flag: str = "--held-out") -> None:
     """Refuse a ``--held-out`` (or ``flag``) name that is not one of ``sources``, suggesting the closest one."""
+    check_sources(held_out, sources, flag)
+
+
+def check_sources(names, sources, flag: str) -> None:
+    """Refuse a name in ``names`` (given with ``flag``) that is not one of ``sources``, suggesting the
+    closest one (same letters in another case first, then difflib's closest spelling)."""
     import difflib
 
     known = [str(s) for s in sources]
-    for h in held_out:
+    for h in names:
         if h not in known:
             close = [k for k in known if k.lower() == h.lower()] or difflib.get_close_matches(h, known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""

@@ -27,7 +27,7 @@ def register(sub) -> None:
     d.add_argument("--quick", action="store_true", help="a small run in seconds (for a first look and tests)")
     d.add_argument("--held-out-protocol", action="store_true",
                    help="also retrain one model without each lab and measure it there (the report's held-out "
-                        "bars); most of a full run's time, so off by default")
+                        "bars); most of a full run's time, so only when asked")
     d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     d.add_argument("--seed", type=cli_types.seed, default=0,
                    help="seed of the data split, the model's initialization and training, and every random batch")

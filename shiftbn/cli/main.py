@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def build_parser() -> Parser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")  # bare `shiftbn` prints this help (main)
     for module in COMMAND_MODULES:
         module.register(sub)
+    ap.commands = sub.choices  # each command's parser: its options name the keywords of its errors (_as_flags)
     return ap
 
 
@@ -62,10 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("SHIFTBN_DEBUG", "") not in ("", "0")
     was_quiet, threads_before = _log.quiet(), None
     _log.set_quiet(was_quiet or getattr(args, "quiet", False))
-    _log.restart_clock()
     try:
         threads_before = _set_threads(getattr(args, "threads", None))
-        with dist.session(args), old_spelling_notes(args):
+        with dist.session(args), old_spelling_notes(args), _log.sized_bars():
             status = COMMANDS[args.command].run(args)
     except KeyboardInterrupt:
         print(f"shiftbn {args.command}: interrupted", file=sys.stderr)
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         if dist.should_print(e):
-            print(f"shiftbn {args.command}: {dist.prefix(e)}error: {_error_line(e)}", file=sys.stderr)
+            line = _as_flags(_error_line(e), _options(parser, args.command))
+            print(f"shiftbn {args.command}: {dist.prefix(e)}error: {line}", file=sys.stderr)
         return 2
     finally:  # main() called in-process (tests, notebooks) leaves the process as it found it
         _log.set_quiet(was_quiet)
@@ -89,7 +91,8 @@ def _note_skipped(args) -> None:
     bad = getattr(args, "skipped", None)
     if bad is None or not len(bad):
         return
-    listed = f"; listed in {args.out / 'skipped.csv'}" if getattr(args, "out", None) else ""
+    listed = getattr(args, "out", None) and args.out / "skipped.csv"
+    listed = f"; listed in {listed}" if listed and listed.is_file() else ""
     print(f"shiftbn {args.command}: skipped {len(bad)} unreadable image file(s), e.g. {bad['path'].iloc[0]}{listed}",
           file=sys.stderr)
 
@@ -119,6 +122,27 @@ def _error_line(e: BaseException) -> str:
     frame = (user or frames)[-1]
     where = f"{frame.name} ({Path(frame.filename).name}:{frame.lineno})"
     return f"{describe(e)} (raised in {where}); run with SHIFTBN_DEBUG=1 for the traceback"
+
+
+_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:()\[\]]*)")
+
+
+def _as_flags(text: str, options: set[str]) -> str:
+    """A library message in the command line's words: ``method='target' needs target=`` becomes
+    ``--method target needs --target`` where the command has those options (other keywords stay)."""
+    def flag(m: re.Match) -> str:
+        name = "--" + m.group(1).replace("_", "-")
+        if name not in options:
+            return m.group(0)
+        value = m.group(2).strip("'\"")
+        return f"{name} {value}" if value else name
+
+    return _KEYWORD.sub(flag, text)
+
+
+def _options(parser: Parser, command: str) -> set[str]:
+    """The option strings of ``command``'s sub-parser."""
+    return set(parser.commands[command]._option_string_actions)
 
 
 def _frames(e: BaseException) -> list:

@@ -4,11 +4,13 @@ from ``--data`` or taken from statistics files (``--stats``)."""
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import shiftbn.cli._user as user
 import shiftbn.cli.dist as dist
 import shiftbn.cli.types as cli_types
+from shiftbn._log import Phases
 from shiftbn._names import GRAMMAR, METRIC_NAMES
 from shiftbn.cli._parser import EPILOG, listing
 
@@ -45,7 +47,7 @@ def register(sub) -> None:
                         "statistics for target, per-source and stats:* (stats:* expands over the files' sources); "
                         "--data is then evaluation data only: all of it is evaluated, no calibration split. "
                         "Strategies that need calibration images (precise, prior:N@n, tent-offline:S) are "
-                        "refused; the default strategies become ema target stats:*")
+                        "refused; without --strategies it runs ema target stats:*")
     m.add_argument("--merge-duplicates", action="store_true",
                    help="with --stats: pool a source found in several files (shards of one source) instead of "
                         "refusing it (one source exported twice counts twice)")
@@ -54,25 +56,35 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     """Compute the matrix, write matrix.csv and print one table per metric."""
     from shiftbn._io import atomic_write_text
+    from shiftbn.adapt import StatsFrom, parse_strategy
     from shiftbn.evaluate import cross_source_matrix
     from shiftbn.studies.report import interval_cells
 
     level = user.ci_level(args)
     user.check_out(args.out)
     files = _files_stats(args)
-    model, ds = user.load_model(args), user.load_data(args)
-    if args.unlabeled:
-        user.check_held_out(args.unlabeled, ds.sources_present, flag="--unlabeled")
-        ds = ds.without_labels(args.unlabeled)
-    trains = None
-    if files is not None:
-        table = _from_files(model, ds, files, args, level)
-    else:
-        trains = user.training_sources(args.held_out, ds.sources_present)
-        table = cross_source_matrix(model, ds, args.strategies, args.metrics, train_sources=trains,
-                                    calibration=0.5 if args.calibration is None else args.calibration,
-                                    stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                                    ci=level, n_boot=args.n_boot, progress=user.progress(args), amp=args.amp)
+    with Phases(2) as phases:
+        phases.start("loading the model and data")
+        model, ds = user.load_model(args), user.load_data(args)
+        if args.unlabeled:
+            user.check_held_out(args.unlabeled, ds.sources_present, flag="--unlabeled")
+            ds = ds.without_labels(args.unlabeled)
+        trains = None
+        phases.start(f"the cross-source matrix: {len(args.strategies)} strategy spec(s) x "
+                     f"{len(ds.sources_present)} {ds.source_word}(s)")
+        if files is not None:
+            table = _from_files(model, ds, files, args, level)
+        else:
+            trains = user.training_sources(args.held_out, ds.sources_present)
+            with warnings.catch_warnings():  # an old spelling's note prints once, when the matrix parses it
+                warnings.simplefilter("ignore", DeprecationWarning)
+                named = [st.source for st in map(parse_strategy, args.strategies) if isinstance(st, StatsFrom)]
+            user.check_sources(named, ds.sources_present, "--strategies stats:SOURCE")
+            table = cross_source_matrix(model, ds, args.strategies, args.metrics, train_sources=trains,
+                                        calibration=0.5 if args.calibration is None else args.calibration,
+                                        stats_batch_size=args.batch_size, num_samples=args.num_samples,
+                                        seed=args.seed, ci=level, n_boot=args.n_boot, progress=user.progress(args),
+                                        amp=args.amp)
     if dist.writer():
         atomic_write_text(user.out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
         user.write_skipped(args, args.out)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import shiftbn.cli._user as user
+from shiftbn._log import Phases
 from shiftbn.cli._parser import EPILOG
 
 
@@ -36,13 +37,16 @@ def run(args: argparse.Namespace) -> None:
     if args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the path of the merged file, e.g. pooled.stats")
     user.check_output(args.out, args.files, args.force, "merge")
-    headers = [read_stats_header(f) for f in args.files]
-    merged = merge_stats(*args.files, duplicates="merge" if args.merge_duplicates else "refuse")
-    if args.pool:
-        merged = SourceStats({"pooled": merged.pooled()}, merged.mode, merged.passes)
-    sources = [{"file": Path(f).name, "sources": h.sources} for f, h in zip(args.files, headers, strict=True)]
-    extra = {"command": "merge", "pooled": bool(args.pool), "merged_from": sources}
-    save_stats(merged, args.out, model=headers[0].fingerprint, min_count=args.min_count, extra=extra)
+    with Phases(2) as phases:
+        phases.start(f"reading {len(args.files)} statistics file(s)")
+        headers = [read_stats_header(f) for f in args.files]
+        merged = merge_stats(*args.files, duplicates="merge" if args.merge_duplicates else "refuse")
+        phases.start(f"writing {args.out}")
+        if args.pool:
+            merged = SourceStats({"pooled": merged.pooled()}, merged.mode, merged.passes)
+        sources = [{"file": Path(f).name, "sources": h.sources} for f, h in zip(args.files, headers, strict=True)]
+        extra = {"command": "merge", "pooled": bool(args.pool), "merged_from": sources}
+        save_stats(merged, args.out, model=headers[0].fingerprint, min_count=args.min_count, extra=extra)
     if not args.quiet:
         for name, bn in merged.sources.items():
             print(f"  {name}: {bn.num_samples} samples")

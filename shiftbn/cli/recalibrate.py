@@ -8,6 +8,7 @@ from pathlib import Path
 
 import shiftbn.cli._user as user
 import shiftbn.cli.dist as dist
+from shiftbn._log import Phases
 from shiftbn.cli._parser import EPILOG
 
 
@@ -24,8 +25,9 @@ def register(sub) -> None:
     c.add_argument("--method", default="target", choices=["target", "precise"],
                    help="target: the source's own statistics (AdaBN); precise: PreciseBN in random batches over "
                         "all data, or over --target's when given (default: target)")
-    c.add_argument("--output", required=True, type=Path, help="path of the new checkpoint")
-    c.add_argument("--force", action="store_true", help="replace --output if it exists (never the input)")
+    c.add_argument("--out", type=Path, default=None, metavar="FILE", help="path of the new checkpoint (required)")
+    c.add_argument("--output", dest="out", type=Path, help=argparse.SUPPRESS)  # the first spelling, kept: hidden
+    c.add_argument("--force", action="store_true", help="replace --out if it exists (never the input)")
     c.add_argument("--stats", nargs="+", type=Path, default=None, metavar="FILE",
                    help="take the statistics from these files instead of --data (no images needed): the "
                         "source named by --target, the only source of the files, or all pooled (--pool)")
@@ -41,21 +43,29 @@ def run(args: argparse.Namespace) -> None:
     from shiftbn._io import atomic_save_torch
     from shiftbn.sites import recalibrate
 
-    if args.output.resolve() == args.weights.resolve():
-        raise ValueError("--output is the input checkpoint; recalibrate never overwrites its input")
-    if args.output.exists() and not args.force:
-        raise FileExistsError(f"{args.output} exists; pass --force to replace it")
+    if args.out is None:
+        raise ValueError("recalibrate writes a new checkpoint: give its path with --out FILE")
+    user.check_output(args.out, [args.weights], args.force, "recalibrate")
     if args.stats is not None:
         return _from_files(args)
     if args.data is None:
         raise ValueError("recalibrate needs --data (images) or --stats (statistics files)")
-    model, ds = user.load_model(args), user.load_data(args)
-    stats = recalibrate(model, ds, target=args.target, method=args.method, batch_size=args.batch_size,
-                        num_samples=args.num_samples, seed=args.seed, progress=user.progress(args), amp=args.amp)
-    if dist.writer():
-        atomic_save_torch(args.output, model.state_dict())
-    where = f"source {args.target!r}" if args.target else "all data"
-    print(f"Wrote {args.output}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")
+    with Phases(2) as phases:
+        phases.start("loading the model and data")
+        model, ds = user.load_model(args), user.load_data(args)
+        if args.target is not None:
+            user.check_sources([args.target], ds.sources_present, "--target")
+        elif args.method == "target":
+            raise ValueError(f"--method target (the default) recomputes one source's statistics: name it with "
+                             f"--target SOURCE, one of {', '.join(map(str, ds.sources_present))} (or --method precise "
+                             "for all data)")
+        where = f"{ds.source_word} {args.target!r}" if args.target else "all data"
+        phases.start(f"BN statistics of {where} ({args.method})")
+        stats = recalibrate(model, ds, target=args.target, method=args.method, batch_size=args.batch_size,
+                            num_samples=args.num_samples, seed=args.seed, progress=user.progress(args), amp=args.amp)
+        if dist.writer():
+            atomic_save_torch(args.out, model.state_dict())
+    print(f"Wrote {args.out}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")
 
 
 def _from_files(args) -> None:
@@ -87,8 +97,8 @@ def _from_files(args) -> None:
     model = user.load_model(args)
     check_model(read_stats_header(args.stats[0]), model, args.stats[0])
     load_stats(model, bn)
-    atomic_save_torch(args.output, model.state_dict())
-    print(f"Wrote {args.output}: BN statistics from {bn.num_samples} samples of {where} (from {len(args.stats)} "
+    atomic_save_torch(args.out, model.state_dict())
+    print(f"Wrote {args.out}: BN statistics from {bn.num_samples} samples of {where} (from {len(args.stats)} "
           "statistics file(s))")
     kept = [layer.name for layer in bn_layers(model) if layer.name not in bn.layers]
     if kept:  # layers never called while the sites collected: nothing to load, said rather than silent

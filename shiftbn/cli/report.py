@@ -7,6 +7,7 @@ from pathlib import Path
 
 import shiftbn.cli._user as user
 import shiftbn.cli.types as cli_types
+from shiftbn._log import Phases
 from shiftbn.cli._parser import EPILOG
 
 
@@ -30,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--strategies", nargs="+", default=["ema", "precise", "target", "prior:16", "stats:*"],
                    help="strategy specs (default: ema precise target prior:16 stats:*)")
     p.add_argument("--calibration", type=cli_types.fraction, default=0.5,
-                   help="fraction of each source used unlabeled for statistics; the rest is evaluated (default 0.5)")
+                   help="fraction of each source used unlabeled for statistics; the rest is evaluated")
     user.add_ci_options(p, "no intervals (faster; the reading then claims no difference)")
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="output folder (default: runs/report)")
 
@@ -41,15 +42,19 @@ def run(args: argparse.Namespace) -> None:
 
     level = user.ci_level(args)
     user.check_out(args.out)
-    model, ds = user.load_model(args), user.load_data(args)
-    user.check_held_out(args.held_out, ds.sources_present)  # build_report refuses holding out every source
-    if args.unlabeled:
-        user.check_held_out(args.unlabeled, ds.sources_present, flag="--unlabeled")
-    report = build_report(model, ds, user.out_folder(args.out), held_out=args.held_out, strategies=args.strategies,
-                          calibration=args.calibration, ci=level, n_boot=args.n_boot,
-                          stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                          amp=args.amp, progress=user.progress(args), unlabeled=args.unlabeled,
-                          provenance=provenance(args), command=recalibrate_command(args))
+    with Phases(2) as phases:
+        phases.start("loading the model and data")
+        model, ds = user.load_model(args), user.load_data(args)
+        user.check_held_out(args.held_out, ds.sources_present)  # build_report refuses holding out every source
+        if args.unlabeled:
+            user.check_held_out(args.unlabeled, ds.sources_present, flag="--unlabeled")
+        phases.start(f"the report on {len(ds)} samples of {len(ds.sources_present)} {ds.source_word}(s): "
+                     "statistics, matrix, comparisons, figures")
+        report = build_report(model, ds, user.out_folder(args.out), held_out=args.held_out,
+                              strategies=args.strategies, calibration=args.calibration, ci=level, n_boot=args.n_boot,
+                              stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
+                              amp=args.amp, progress=user.progress(args), unlabeled=args.unlabeled,
+                              provenance=provenance(args), command=recalibrate_command(args))
     user.write_skipped(args, args.out)
     import json
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import shiftbn.cli._user as user
 import shiftbn.cli.dist as dist
+from shiftbn._log import Phases
 from shiftbn.cli._parser import EPILOG
 from shiftbn.cli._renamed import OldFlag
 
@@ -52,9 +53,12 @@ def run(args: argparse.Namespace) -> None:
     to_file = _writes_file(args)
     if not to_file:
         user.check_out(args.out)
-    model, ds = user.load_model(args), user.load_data(args)
-    stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
-                          seed=args.seed, progress=user.progress(args), amp=args.amp)
+    with Phases(2) as phases:
+        phases.start("loading the model and data")
+        model, ds = user.load_model(args), user.load_data(args)
+        phases.start(f"BN statistics of {len(ds.sources_present)} {ds.source_word}(s), {args.mode} mode")
+        stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
+                              seed=args.seed, progress=user.progress(args), amp=args.amp)
     check_min_count(stats, args.min_count, flag="--min-count")  # before anything is written
     if to_file:
         return _write_file(args, model, stats) if dist.writer() else None

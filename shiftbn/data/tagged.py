@@ -423,7 +423,11 @@ class SourceTaggedDataset(Dataset):
         try:
             return self.source_names.index(str(name))
         except ValueError:
-            raise ValueError(f"unknown source {name!r}; known sources: {list(self.source_names)}") from None
+            import difflib
+
+            close = difflib.get_close_matches(str(name), [str(s) for s in self.source_names], n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown source {name!r}; known sources: {list(self.source_names)}{hint}") from None
 
     def indices_of(self, name: Hashable) -> np.ndarray:
         """Dataset positions of the samples of source ``name``, in increasing order.

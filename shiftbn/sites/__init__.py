@@ -9,7 +9,7 @@ the label-free strategy chooser and the batch-composition audit.
 from shiftbn.sites.atc import ATC, fit_atc
 from shiftbn.sites.audit import BatchAudit, audit_batches, audit_samplers, builtin_samplers
 from shiftbn.sites.choose import choose_strategy
-from shiftbn.sites.drift import DriftMonitor, DriftResult
+from shiftbn.sites.drift import DriftMonitor, DriftResult, rank_sites
 from shiftbn.sites.files import StatsHeader, merge_stats, read_stats, read_stats_header, save_stats
 from shiftbn.sites.fingerprint import model_fingerprint
 from shiftbn.sites.recalibration import RecalibrationMethod, recalibrate
@@ -32,6 +32,7 @@ __all__ = [
     "merge_stats",
     "model_fingerprint",
     "per_site_model",
+    "rank_sites",
     "read_stats",
     "read_stats_header",
     "recalibrate",

@@ -7,6 +7,7 @@ size, so the monitor keeps that null (per-sample moments of the reference data) 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,19 +16,27 @@ import pandas as pd
 from torch import nn
 
 from shiftbn._torch import Inputs
+from shiftbn.bn import buffer_stats, split_site
 from shiftbn.bn.shift import w2
-from shiftbn.sites.atc import ATC, fit_atc
+from shiftbn.sites.atc import ATC, RANGE_FACTOR, VALIDATED_ERROR, fit_atc
 from shiftbn.sites.sample_moments import SampleMoments, sample_moments
 
-OVERALL = "(all layers)"
+CORRECTION = "Benjamini-Hochberg"
+"""How ``rank_sites`` adjusts p-values over the sites scored together (false discovery rate)."""
 
 
 @dataclass
 class DriftResult:
-    """One scored batch: ``score`` (mean over layers of the distance's z against the null), ``p_value``,
-    ``alert`` (p < alpha), ``n`` samples, ``predicted_accuracy``/``predicted_drop`` (ATC; NaN without
-    reference labels) and ``layers``: a tidy table ``layer, depth, distance, null_mean, null_q95, z,
-    p_value`` (one row per BN layer, then the overall row named ``"(all layers)"``)."""
+    """One scored batch: ``score`` (mean over layers of the distance's z against the null: the evidence),
+    ``p_value``, ``alert`` (p < alpha, this batch alone), ``n`` samples, ``effect`` (mean over layers of the
+    distance in the reference's standard deviations: the size of the shift, whatever n), ``layers``: a
+    tidy table ``layer, depth, distance, effect, null_mean, null_q95, z, p_value`` (one row per BN layer).
+
+    ATC (with reference labels; else NaN and None): ``predicted_accuracy`` and ``predicted_drop``
+    (reference accuracy minus it), ``atc_in_range`` (whether the batch's statistics lie within
+    ``RANGE_FACTOR`` times the reference's distance from the model's stored ones, ``range_ratio`` the
+    ratio: the only place the estimate was validated) and ``predicted_error``: the validated error of
+    the estimate (``VALIDATED_ERROR``) in range, NaN outside, where the estimate means nothing."""
 
     score: float
     p_value: float
@@ -36,6 +45,10 @@ class DriftResult:
     predicted_accuracy: float
     predicted_drop: float
     layers: pd.DataFrame
+    effect: float = float("nan")
+    atc_in_range: bool | None = None
+    range_ratio: float = float("nan")
+    predicted_error: float = float("nan")
 
 
 class DriftMonitor:
@@ -84,6 +97,7 @@ class DriftMonitor:
         self.reference_var = {k: np.maximum(self.moments.sq[k].mean(0) - self.reference_mean[k] ** 2, 0.0)
                               for k in self.layer_names}
         self._nulls: dict[int, np.ndarray] = {}
+        self._stored_reference = self._from_stored(self.reference_mean, self.reference_var)
 
     @property
     def n_reference(self) -> int:
@@ -115,11 +129,26 @@ class DriftMonitor:
         if len(new) < 2:
             raise ValueError("score needs at least 2 samples (one sample has no variance to compare)")
         ones = np.ones((1, len(new)))
-        dist = np.array([float(w2(*new.batch_moments(k, ones), self.reference_mean[k], self.reference_var[k])[0])
+        moments = {k: new.batch_moments(k, ones) for k in self.layer_names}
+        dist = np.array([float(w2(*moments[k], self.reference_mean[k], self.reference_var[k])[0])
                          for k in self.layer_names])
-        return self._result(dist, len(new), new.logits)
+        stored = self._from_stored({k: m[0] for k, (m, _) in moments.items()},
+                                   {k: v[0] for k, (_, v) in moments.items()})
+        return self._result(dist, len(new), new.logits, stored)
 
-    def _result(self, dist: np.ndarray, n: int, logits: np.ndarray | None) -> DriftResult:
+    def _from_stored(self, mean: dict, var: dict) -> float:
+        """Mean over the BN layers of the W2 distance of (mean, var) to the model's stored statistics (NaN
+        when the model keeps none, or only BN's initial ones): ATC's range check, as in ``choose_strategy``."""
+        try:
+            stored = buffer_stats(self.model)
+        except ValueError:  # track_running_stats=False: no stored statistics to compare with
+            return float("nan")
+        plain = [k for k in self.layer_names if split_site(k)[1] is None and k in stored.layers]
+        if not plain or all((stored.layers[k].mean == 0).all() and (stored.layers[k].var == 1).all() for k in plain):
+            return float("nan")  # BN's initial buffers: a model never run in train mode has no range to check
+        return float(np.mean([w2(stored.layers[k].mean, stored.layers[k].var, mean[k], var[k]) for k in plain]))
+
+    def _result(self, dist: np.ndarray, n: int, logits: np.ndarray | None, stored: float) -> DriftResult:
         null = self.null(n)
         mu, sd = null.mean(0), null.std(0, ddof=1) + 1e-12
         z = (dist - mu) / sd
@@ -127,16 +156,18 @@ class DriftMonitor:
         score = float(z.mean())
         p_layers = (1 + (null >= dist).sum(0)) / (1 + len(null))
         p = float((1 + (z_null >= score).sum()) / (1 + len(null)))
-        depth = [self.moments.depth[k] for k in self.layer_names]
-        table = pd.DataFrame({"layer": self.layer_names + [OVERALL], "depth": depth + [len(depth)],
-                              "distance": [*dist, np.nan], "null_mean": [*mu, np.nan],
-                              "null_q95": [*np.quantile(null, 0.95, axis=0), np.nan], "z": [*z, score],
-                              "p_value": [*p_layers, p]})
-        pred = drop = float("nan")
+        effect = dist / np.array([np.sqrt(self.reference_var[k].mean()) + 1e-12 for k in self.layer_names])
+        table = pd.DataFrame({"layer": self.layer_names, "depth": [self.moments.depth[k] for k in self.layer_names],
+                              "distance": dist, "effect": effect, "null_mean": mu,
+                              "null_q95": np.quantile(null, 0.95, axis=0), "z": z, "p_value": p_layers})
+        result = DriftResult(score, p, p < self.alpha, n, float("nan"), float("nan"), table, float(effect.mean()))
         if self.atc is not None and logits is not None:
-            pred = self.atc.predict(logits)
-            drop = self.atc.accuracy - pred
-        return DriftResult(score, p, p < self.alpha, n, pred, drop, table)
+            result.predicted_accuracy = self.atc.predict(logits)
+            result.predicted_drop = self.atc.accuracy - result.predicted_accuracy
+            result.range_ratio = stored / self._stored_reference if self._stored_reference > 0 else float("nan")
+            result.atc_in_range = bool(stored <= RANGE_FACTOR * self._stored_reference + 1e-12)
+            result.predicted_error = VALIDATED_ERROR if result.atc_in_range else float("nan")
+        return result
 
     def save(self, path: str | Path) -> Path:
         """Write the fitted monitor (safetensors + JSON header, atomic; no pickle). See ``drift_file``."""
@@ -152,3 +183,36 @@ class DriftMonitor:
         moments, atc, header = read_monitor(path, model)
         opts = {"n_null": header["n_null"], "alpha": header["alpha"], "seed": header["seed"], **kwargs}
         return cls(model, _moments=moments, _atc=atc, **opts)
+
+
+def rank_sites(results: Mapping[str, DriftResult], alpha: float = 0.05) -> pd.DataFrame:
+    """The sites scored by one monitor, ranked, with p-values adjusted over them (Benjamini-Hochberg).
+
+    Why: scoring many sites at once, some p-values fall below alpha by chance, and every site differs a
+    little from the reference; the adjustment keeps the expected share of false alarms among the alerts
+    at ``alpha`` (with no drifted site, the chance of any alert), and ``effect`` says how large each
+    shift is. Rows: alerts first, then by ``effect``, largest first.
+
+    Args:
+        results: site name -> its ``DriftResult`` (``DriftMonitor.score``).
+        alpha: false discovery rate of the alerts, in (0, 1).
+
+    Returns:
+        One row per site: ``rank, site, n, effect, score, p_value, p_adjusted, alert, predicted_accuracy,
+        predicted_error, atc_in_range, range_ratio``.
+    """
+    from scipy.stats import false_discovery_control
+
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    if not results:
+        raise ValueError("rank_sites needs at least one scored site")
+    rows = pd.DataFrame([{"site": str(site), "n": r.n, "effect": r.effect, "score": r.score, "p_value": r.p_value,
+                          "predicted_accuracy": r.predicted_accuracy, "predicted_error": r.predicted_error,
+                          "atc_in_range": r.atc_in_range, "range_ratio": r.range_ratio}
+                         for site, r in results.items()])
+    rows.insert(5, "p_adjusted", false_discovery_control(rows["p_value"].to_numpy(), method="bh"))
+    rows.insert(6, "alert", rows["p_adjusted"] < alpha)
+    rows = rows.sort_values(["alert", "effect"], ascending=False, kind="stable").reset_index(drop=True)
+    rows.insert(0, "rank", np.arange(1, len(rows) + 1))
+    return rows

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from shiftbn._io import atomic_save_torch, atomic_write_text
-from shiftbn._log import phase
+from shiftbn._log import Phases
 from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.builtin import load
 from shiftbn.evaluate import summarize
@@ -100,9 +100,10 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     train_labs = [s for s in ds.sources_present if s != cfg["held_out"]]
     labs = (cfg["heldout_labs"] or ds.sources_present) if cfg["held_out_protocol"] else []
     n = 7 + len(labs)
+    phases = Phases(n)
 
-    def announce(i: int, key: str, text: str) -> None:
-        phase(i, n, text + (" (finished before: read back)" if run.done(key) else ""))
+    def announce(key: str, text: str) -> None:
+        phases.start(text + (" (finished before: read back)" if run.done(key) else ""))
 
     model = make_model(cfg["model"], ds, seed)
     ckpt = run.path / "model.pt"
@@ -113,7 +114,7 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
         atomic_save_torch(ckpt, model.state_dict())
         return log
 
-    announce(1, "train", f"training {cfg['model']['name']} on {', '.join(train_labs)} ({cfg['steps']} steps)")
+    announce("train", f"training {cfg['model']['name']} on {', '.join(train_labs)} ({cfg['steps']} steps)")
     run.cell("train", do_train)
     model.load_state_dict(torch.load(ckpt, weights_only=True))
     model.eval()
@@ -123,10 +124,10 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
         atomic_write_text(run.path / "stats.json", json.dumps(stats.to_dict()))
         return stats_shift(stats, metric="all")
 
-    announce(2, "shift_profile", "per-lab BN statistics and the layer shift profile")
+    announce("shift_profile", "per-lab BN statistics and the layer shift profile")
     shift = run.cell("shift_profile", do_stats)
-    announce(3, "matrix", f"cross-source matrix: {len(cfg['strategies']) + 1} strategies x "
-                          f"{len(ds.sources_present)} labs, with paired bootstrap comparisons")
+    announce("matrix", f"cross-source matrix: {len(cfg['strategies']) + 1} strategies x "
+                       f"{len(ds.sources_present)} labs, with paired bootstrap comparisons")
     kept: dict = {}
 
     def outputs() -> Outputs:
@@ -143,34 +144,35 @@ def _demo(run: RunFolder, cfg: dict[str, Any], progress: bool) -> DemoResult:
     frames = []
     heldout_train = replace(HeldOutSources.default_train, model=cfg["model"], steps=cfg["heldout_steps"],
                             batch_size=cfg["batch_size"])
-    for i, lab in enumerate(labs):
-        announce(4 + i, f"heldout__{lab}", f"held-out protocol: {lab}")
+    for lab in labs:
+        announce(f"heldout__{lab}", f"held-out protocol: {lab}")
         study = HeldOutSources(train=heldout_train, held_out=[lab], strategies=cfg["heldout_strategies"], seeds=[seed])
         frames.append(run.cell(f"heldout__{lab}", lambda study=study: study.run(ds, progress)))
     heldout = pd.concat(frames, ignore_index=True) if frames else None
-    announce(n - 3, "ema", "EMA vs PreciseBN")
+    announce("ema", "EMA vs PreciseBN")
     ema_params = {k: v for k, v in cfg["ema"].items() if k != "steps"}
     ema_train = replace(EmaVsPrecise.default_train, model=cfg["model"], steps=cfg["ema"]["steps"])
     ema_study = EmaVsPrecise(train=ema_train, seeds=[seed], **ema_params)
     ema = run.cell("ema", lambda: ema_study.run(ds.subset(train_labs), progress))
-    decisions = _decisions(run, model, split, train_labs, cfg, announce, n)
+    decisions = _decisions(run, model, split, train_labs, cfg, announce)
     summary = summarize(matrix[~matrix["is_cross_source"]])
     run.write_results(matrix, "matrix")
     if heldout is not None:
         run.write_results(heldout, "heldout")
-    phase(n, n, "figures and report.html")
+    phases.start("figures and report.html")
     report = _write_report(run, ds, cfg, matrix, heldout, shift, ema, comparisons, pooled, decisions)
+    phases.finish()
     return DemoResult(matrix, summary, heldout, shift, ema, report, decisions["sites"], decisions["drift"])
 
 
-def _decisions(run: RunFolder, model, split, train_labs: list[str], cfg: dict[str, Any], announce,
-               n: int) -> dict[str, Any]:
+def _decisions(run: RunFolder, model, split, train_labs: list[str], cfg: dict[str, Any],
+               announce) -> dict[str, Any]:
     """The decision panels: the strategy chosen per site without labels, and drift against the first lab."""
     reference = train_labs[0]
-    announce(n - 2, "sites", "which statistics for each site (chosen without its labels)")
+    announce("sites", "which statistics for each site (chosen without its labels)")
     sites = run.cell("sites", lambda: site_choice_table(model, split, train_labs, cfg["heldout_strategies"],
                                                         seed=cfg["seed"]))
-    announce(n - 1, "drift", f"drift of each lab against {reference}")
+    announce("drift", f"drift of each lab against {reference}")
     kept: dict = {}
 
     def tables():

@@ -62,7 +62,8 @@ def test_errors_are_one_line_without_traceback(args, msg, tmp_path):
     res = _cli(*args, cwd=tmp_path)
     assert res.returncode == 2
     assert msg in res.stderr and "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    errors = [line for line in res.stderr.splitlines() if not re.match(r"\[\d+/\d+\] ", line)]  # after phase lines
+    assert len(errors) == 1 and errors[0].startswith(f"shiftbn {args[0]}: error: ")
 
 
 def test_an_error_raised_inside_shiftbn_is_its_message_alone(tmp_path, capsys):
@@ -409,18 +410,39 @@ def _subparsers(parser):
     return {a.dest: a for a in parser._actions}["command"].choices
 
 
+HIDDEN = {*((cmd, "--site") for cmd in ("stats", "monitor")), ("recalibrate", "--output"), ("monitor", "--save")}
+
+
+def test_helps_name_only_options_their_command_has_and_spell_defaults_one_way():
+    """Every ``--flag`` in a command's help is one of its own options, or follows the name of the command
+    that has it (``recalibrate --stats``); every default is spelled ``(default: X)``; no flag is cut at a
+    hyphen by the line wrapping. (The top-level help speaks of the commands' options: not scanned for flags.)"""
+    parser = build_parser()
+    sub = _subparsers(parser)
+    own = {cmd: set(p._option_string_actions) for cmd, p in sub.items()}
+    own["shiftbn"] = set(parser._option_string_actions)
+    for cmd, text in [("shiftbn", parser.format_help()), *((c, p.format_help()) for c, p in sub.items())]:
+        assert not re.search(r"--[a-z-]*-\n", text), f"{cmd}: a flag is cut at a hyphen in\n{text}"
+        flat = " ".join(text.split())
+        for m in re.finditer(r"(?:\b([a-z]+) )?(--[a-z][a-z0-9-]*[a-z0-9])", flat if cmd in sub else ""):
+            owner = m.group(1) if m.group(1) in sub else cmd
+            assert m.group(2) in own[owner], f"{cmd}'s help names {m.group(2)}, an option {owner} lacks: {m.group(0)!r}"
+        for m in re.finditer(r"default", flat):
+            assert flat[m.start() - 1:m.start() + 9] == "(default: ", f"{cmd}: {flat[m.start() - 40:m.end() + 20]!r}"
+
+
 def test_every_option_has_help_and_shows_its_default():
     parser = build_parser()
     for cmd, sub in _subparsers(parser).items():
         for action in sub._actions:
             if not action.option_strings or action.dest == "help":
                 continue
-            if action.help == argparse.SUPPRESS:  # an old spelling kept for one release: hidden, prints a note
-                assert action.option_strings == ["--site"], f"{cmd} {action.option_strings[0]} is hidden"
+            if action.help == argparse.SUPPRESS:  # an old spelling, hidden: --site (prints a note) or a kept alias
+                assert (cmd, *action.option_strings) in HIDDEN, f"{cmd} {action.option_strings[0]} is hidden"
                 continue
             assert action.help, f"{cmd} {action.option_strings[0]} has no help text"
             shown = sub._get_formatter()._get_help_string(action)
-            if not action.required and action.nargs != 0:
+            if not action.required and action.nargs != 0 and not shown.endswith("(required)"):
                 assert "default" in shown, f"{cmd} {action.option_strings[0]}: no default in {shown!r}"
     sub = _subparsers(parser)
     for cmd in ("demo", "run", "stats", "matrix", "recalibrate"):
@@ -454,6 +476,7 @@ def test_threads_and_quiet_hold_during_the_command_and_are_restored(monkeypatch)
         seen.update(threads=torch.get_num_threads(), quiet=_log.quiet(), progress=progress(args))
 
     monkeypatch.setattr(demo, "run", fake)
+    _log.set_quiet(False)  # the tests' default is quiet (conftest)
     before = torch.get_num_threads()
     assert main(["demo", "--threads", "1", "--quiet"]) == 0
     assert seen == {"threads": 1, "quiet": True, "progress": False}
@@ -487,10 +510,11 @@ def test_demo_through_a_pipe_prints_one_line_per_phase_and_no_bars(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stderr and "\r" not in res.stdout
-    lines = res.stderr.strip().splitlines()
-    assert [line.split("]")[0] for line in lines] == [f"[{i}/8" for i in range(1, 9)], res.stderr
+    lines = res.stderr.strip().splitlines()  # a line when each phase starts, one with its duration when it ends
+    assert [line.split("]")[0] for line in lines] == [f"[{i}/8" for i in range(1, 9) for _ in "se"], res.stderr
+    assert all(re.search(r": done \((\d+\.\d s|\d+ min \d\d s)\)$", line) for line in lines[1::2]), res.stderr
     assert "training SmallCNN on lab_a, lab_b, lab_c, lab_d" in lines[0]
-    assert "held-out protocol: lab_e" in lines[3] and "EMA vs PreciseBN" in lines[4]
+    assert "held-out protocol: lab_e" in lines[6] and "EMA vs PreciseBN" in lines[8]
     assert set(pd.read_csv(out / "heldout.csv")["held_out"]) == {"lab_e"}
     assert "<h2>Held-out labs</h2><img" in (out / "report.html").read_text()  # the bars, not the how-to note
     assert res.stdout.strip().splitlines()[-2] == f"Report: {out / 'report.html'}"
@@ -542,3 +566,112 @@ def test_matrix_held_out_gives_reports_matrix_cell_for_cell(tmp_path, monkeypatc
         in capsys.readouterr().err
     assert main(["matrix", *common, "--held-out", "site_a", "site_b", "site_c", "--out", "bad"]) == 2
     assert "--held-out names every source" in capsys.readouterr().err
+
+
+def _tiny_project(tmp_path, module):
+    write_user_project(tmp_path, module, (("site_a", 40, 4), ("site_b", 150, 4)))
+    return ["--model", f"{module}:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4"]
+
+
+PHASE = re.compile(r"^\[\d+/\d+\] ")
+
+
+def test_report_on_a_terminal_shows_phase_lines_with_durations_and_bars_with_rate_and_eta(tmp_path):
+    """stderr is a pseudo-terminal (what a person sees): numbered phases, each finished one with its
+    duration, and tqdm bars with their rate and time left."""
+    import pty
+
+    common = _tiny_project(tmp_path, "ptynet")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    env["PYTHONPATH"] = str(ROOT)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "shiftbn", "report", *common, "--strategies", "ema", "target",
+                             "--n-boot", "10", "--out", "rep"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    out = proc.communicate(timeout=300)[0].decode()
+    err = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, err
+    lines = [line for line in re.split(r"[\r\n]+", err) if PHASE.match(line)]
+    assert lines[0] == "[1/2] loading the model and data ..."
+    assert re.fullmatch(r"\[1/2\] loading the model and data: done \(\d+\.\d s\)", lines[1])
+    assert lines[2].startswith("[2/2] the report on 16 samples of 2 source(s)") and len(lines) == 4
+    assert re.search(r"\d+/\d+ \[\d\d:\d\d<\d\d:\d\d, +[\d.]+ ?\w+/s\]", err), err  # a bar: elapsed<left, rate
+    assert "Report: rep/report.html" in out and "\r" not in out
+
+
+def test_quiet_on_a_pipe_prints_nothing_but_the_results_and_a_notebook_sees_phase_lines(tmp_path, monkeypatch,
+                                                                                      capsys):
+    common = _tiny_project(tmp_path, "pipenet")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # bars asked for: only the pipe stops them
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-m", "shiftbn", "matrix", *common, "--strategies", "ema", "--no-ci", "-q",
+                          "--out", "mx"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    lines = res.stdout.splitlines()  # the table and where it was written, nothing else
+    assert len(lines) == 6 and lines[:2] == ["", "accuracy:"] and lines[4:] == ["", "Wrote mx/matrix.csv"], lines
+    assert lines[2].split() == ["strategy", "site_a", "(n=4)", "site_b", "(n=4)"] and lines[3].split()[0] == "ema"
+    # in a notebook (stderr not a terminal, not quiet): the phase lines are the sign of life, no bars
+    from shiftbn import _log
+
+    monkeypatch.chdir(tmp_path)
+    _log.set_quiet(False)  # the tests' default is quiet (conftest)
+    assert main(["matrix", *common, "--strategies", "ema", "--no-ci", "--out", "nb"]) == 0
+    err = capsys.readouterr().err
+    assert [line.split(" ...")[0].split(": done")[0] for line in err.splitlines()] == [
+        "[1/2] loading the model and data", "[1/2] loading the model and data",
+        "[2/2] the cross-source matrix: 1 strategy spec(s) x 2 source(s)",
+        "[2/2] the cross-source matrix: 1 strategy spec(s) x 2 source(s)"], err
+    assert "\r" not in err
+
+
+def test_out_is_the_output_flag_errors_name_flags_and_suggest_the_closest_name(tmp_path, monkeypatch, capsys):
+    common = _tiny_project(tmp_path, "outnet")
+    monkeypatch.chdir(tmp_path)
+    assert main(["recalibrate", *common, "--target", "site_b", "--out", "b.pt"]) == 0
+    assert main(["recalibrate", *common, "--target", "site_b", "--output", "c.pt"]) == 0  # the first spelling, kept
+    assert (tmp_path / "b.pt").read_bytes() == (tmp_path / "c.pt").read_bytes()
+    assert "note:" not in capsys.readouterr().err
+    for args, want in (
+            (["recalibrate", *common, "--target", "site_b"], "give its path with --out FILE"),
+            (["recalibrate", *common, "--out", "d.pt"],
+             "--method target (the default) recomputes one source's statistics: name it with --target SOURCE, one of "
+             "site_a, site_b"),
+            (["recalibrate", *common, "--target", "site_bb", "--out", "d.pt"],
+             "--target 'site_bb' is not a source of the data (sources: site_a, site_b); did you mean site_b?"),
+            (["monitor", *common, "--reference", "Site_A"], "--reference 'Site_A' is not a source of the data "
+                                                            "(sources: site_a, site_b); did you mean site_a?"),
+            (["monitor", *common, "--reference", "site_a", "--sources", "site_c"], "--sources 'site_c'"),
+            (["matrix", *common, "--strategies", "stats:site_q", "--out", "mx"],
+             "--strategies stats:SOURCE 'site_q' is not a source of the data"),
+            (["monitr"], "invalid choice: 'monitr'"),
+            (["stats", *common, "--mode", "bach"], "invalid choice: 'bach'")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert want in err and len(err.strip().splitlines()) == 1 and "=" not in err, err
+        if "invalid choice" in err:
+            assert re.search(r"(did you mean|maybe you meant) '(monitor|batch)'", err), err
+    # a library message that reaches the command line speaks of its options, not of Python keywords
+    import shiftbn.cli.recalibrate as recalibrate_cmd
+
+    ds = sb.data.from_folder(tmp_path / "data")
+    monkeypatch.setattr(recalibrate_cmd, "run", lambda args: sb.sites.recalibrate(torch.nn.BatchNorm1d(2), ds))
+    assert main(["recalibrate", *common, "--out", "e.pt"]) == 2
+    assert capsys.readouterr().err == ("shiftbn recalibrate: error: --method target needs --target, one of "
+                                       "['site_a', 'site_b']\n")
+    from shiftbn.cli.main import _as_flags
+
+    assert _as_flags("n=3 and seed=4", {"--seed"}) == "n=3 and --seed 4"  # a keyword the command lacks stays
+    with pytest.raises(ValueError, match=r"unknown source 'site_bb'; known sources: \['site_a', 'site_b'\]; did you "
+                                         r"mean 'site_b'\?"):
+        sb.data.from_folder(tmp_path / "data").source_id("site_bb")

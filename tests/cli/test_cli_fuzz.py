@@ -4,6 +4,7 @@ status 2 with exactly one stderr line — never a traceback, never a hang."""
 import contextlib
 import io
 import itertools
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -62,7 +63,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 def _assert_one_line_error(status: int, err: str) -> None:
     assert status == 2, err
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not re.match(r"\[\d+/\d+\] ", line)]  # after phase lines
     assert len(lines) == 1 and lines[0].startswith(("shiftbn ", "shiftbn:")) and ": error: " in lines[0], err
     assert "Traceback" not in err
 

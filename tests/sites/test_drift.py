@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,6 @@ from torch import nn
 
 import shiftbn as sb
 from shiftbn.cli.main import main
-from shiftbn.sites.drift import OVERALL
 from shiftbn.sites.sample_moments import sample_moments
 from shiftbn.studies import drift_summary
 from tests.cli.test_cli import _user_project
@@ -68,7 +69,11 @@ def test_score_distance_equals_stats_shift_w2():
     got = res.layers.set_index("layer")["distance"]
     for layer in ("1", "4"):
         assert got[layer] == pytest.approx(want[layer], rel=1e-8)
-    assert res.layers["layer"].iloc[-1] == OVERALL and res.alert and res.p_value < 0.05
+    assert list(res.layers["layer"]) == ["1", "4"] and res.alert and res.p_value < 0.05
+    assert res.layers.notna().all().all()  # one row per layer, every cell a number (no summary row of NaN)
+    scale = np.sqrt(mon.reference_var["4"].mean())
+    assert res.layers.set_index("layer")["effect"]["4"] == pytest.approx(got["4"] / scale, rel=1e-9)
+    assert res.effect == pytest.approx(res.layers["effect"].mean())
 
 
 def test_p_values_are_uniform_without_shift_and_small_with_one():
@@ -142,9 +147,11 @@ def test_monitor_cli_alerts_with_exit_1_and_refuses_bad_input(tmp_path, monkeypa
     proj = _user_project(tmp_path)
     monkeypatch.chdir(proj)
     common = ["--model", "usernet:make", "--weights", "w.pt", "--data", "data", "--batch-size", "4", "--no-progress"]
-    assert main(["monitor", *common, "--reference", "site_a", "--save", "a.monitor", "--n-null", "50"]) == 1
+    assert main(["monitor", *common, "--reference", "site_a", "--out", "a.monitor", "--n-null", "50"]) == 1
     out = capsys.readouterr().out
-    assert "source site_b" in out and "ALERT" in out and OVERALL in out and (proj / "a.monitor").is_file()
+    assert "source site_b" in out and "ALERT" in out and (proj / "a.monitor").is_file()
+    assert main(["monitor", *common, "--reference", "site_a", "--save", "b.monitor", "--n-null", "50"]) == 1
+    assert (proj / "b.monitor").is_file()  # --save: the first spelling of --out, kept as a hidden alias
     assert main(["monitor", *common, "--stats", "a.monitor", "--sources", "site_a"]) == 0
     assert "-> ok" in capsys.readouterr().out
     assert main(["monitor", *common, "--stats", "a.monitor", "--site", "site_a"]) == 0  # the old spelling
@@ -154,7 +161,7 @@ def test_monitor_cli_alerts_with_exit_1_and_refuses_bad_input(tmp_path, monkeypa
     capsys.readouterr()
     for bad in (["--stats", "nope.monitor"], ["--reference", "site_a", "--alpha", "2"],
                 ["--reference", "site_z"], ["--stats", "w.pt"],
-                ["--reference", "site_a", "--save", "a.monitor"]):  # exists, no --force
+                ["--reference", "site_a", "--out", "a.monitor"]):  # exists, no --force
         assert main(["monitor", *common, *bad]) == 2, bad
         err = capsys.readouterr().err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -227,10 +234,74 @@ def test_monitor_save_never_replaces_the_checkpoint_and_a_folder_is_no_monitor_f
     (tmp_path / "w.pt").write_bytes(b"weights")
     (tmp_path / "link.pt").symlink_to(tmp_path / "w.pt")
     common = ["monitor", "--model", "nowhere:make", "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path)]
-    for args, msg in ((["--reference", "a", "--save", str(tmp_path / "link.pt"), "--force"],
+    for args, msg in ((["--reference", "a", "--out", str(tmp_path / "link.pt"), "--force"],
                        "is the --weights checkpoint; monitor never overwrites its input"),
                       (["--stats", str(tmp_path)], "is a folder; give a monitor file")):
         assert main([*common, *args]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "w.pt").read_bytes() == b"weights"
+
+
+def test_validated_error_is_the_largest_in_range_error_of_the_validation_runs():
+    """``VALIDATED_ERROR`` is recomputed from the strategy-choice runs: ATC's error for the model's stored
+    statistics on a lab it never saw, inside the range check (outside it, the error is far larger)."""
+    from shiftbn.sites.atc import OUT_OF_RANGE_ERROR, VALIDATED_ERROR
+
+    root = Path(__file__).resolve().parents[2] / "analyses" / "results"
+    t = pd.concat([pd.read_csv(root / f"strategy_choice{x}.csv") for x in ("", "_fashion")])
+    t = t[t["strategy"].isin(["source", "ema"])]
+    err = (t["pred_accuracy"] - t["value"]).abs()
+    assert np.ceil(err[t["in_range"]].max() * 100) / 100 == VALIDATED_ERROR and t["in_range"].sum() == 29
+    assert round(err[~t["in_range"]].max(), 2) == OUT_OF_RANGE_ERROR and (~t["in_range"]).sum() == 8
+
+
+def _result(p, effect, n=30):
+    return sb.sites.DriftResult(effect * 10, p, p < 0.05, n, float("nan"), float("nan"), pd.DataFrame(), effect)
+
+
+def test_rank_sites_adjusts_p_values_by_benjamini_hochberg_and_ranks_alerts_by_effect():
+    results = {"a": _result(0.04, 0.2), "b": _result(0.01, 0.1), "c": _result(0.03, 0.9), "d": _result(0.5, 2.0)}
+    table = sb.sites.rank_sites(results, alpha=0.05)
+    # by hand: sorted p 0.01, 0.03, 0.04, 0.5 (m = 4); adjusted = min over k >= i of p_k m / k
+    want = {"b": 0.04, "c": 0.04 * 4 / 3, "a": 0.04 * 4 / 3, "d": 0.5}
+    assert dict(zip(table["site"], table["p_adjusted"], strict=True)) == pytest.approx(want)
+    assert list(table["site"]) == ["b", "d", "c", "a"]  # the one alert, then the others by effect
+    assert list(table["alert"]) == [True, False, False, False] and list(table["rank"]) == [1, 2, 3, 4]
+    assert sum(r.alert for r in results.values()) == 3  # unadjusted, three of four would alert
+    with pytest.raises(ValueError, match="alpha"):
+        sb.sites.rank_sites(results, alpha=1.5)
+
+
+def test_monitor_prints_atc_only_with_its_validated_error_and_none_out_of_range(tmp_path, monkeypatch, capsys):
+    """A model trained on site_a and site_c (its stored statistics: theirs, pooled), the reference site_a:
+    site_c lies in range (an estimate with its band), site_b far outside (no estimate, one line why)."""
+    from tests.helpers import write_user_project
+
+    write_user_project(tmp_path, "monnet", (("site_a", 40, 12), ("site_b", 150, 12), ("site_c", 45, 12)))
+    monkeypatch.chdir(tmp_path)
+    import monnet
+
+    from shiftbn.data.files import from_folder
+
+    model = monnet.make()
+    sb.sites.recalibrate(model, from_folder(tmp_path / "data").subset(["site_a", "site_c"]), method="precise",
+                         batch_size=8)
+    torch.save(model.state_dict(), tmp_path / "ac.pt")
+    common = ["--model", "monnet:make", "--data", "data", "--batch-size", "8", "--no-progress", "--n-null", "50"]
+    assert main(["monitor", *common, "--weights", "ac.pt", "--reference", "site_a"]) == 1
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line for line in out.splitlines() if re.match(r"\s+\d+ site_", line)}
+    assert list(rows) == ["site_b", "site_c"]  # ranked: the larger effect first
+    assert rows["site_b"].endswith("none (out of range)") and re.search(r"\d\.\d\d ± 0\.32$", rows["site_c"])
+    assert re.search(r"site_b: no estimate: its statistics lie [\d.]+x as far from the model's stored ones", out)
+    assert "NaN" not in out and "nan" not in out and "predicted accuracy 1.000" not in out
+    assert "adjusted over 2 source(s) by Benjamini-Hochberg < 0.05" in out
+    # one drifted source of 2 alerts only with p < 0.025, finer than 1/(20+1): said, with the --n-null that suffices
+    assert main(["monitor", *common[:-2], "--n-null", "20", "--weights", "ac.pt", "--reference", "site_a"]) == 1
+    err = capsys.readouterr().err  # (here both drifted: each p = 1/21 stays 1/21 adjusted, both alert)
+    assert "one drifted source alone cannot alert at alpha 0.05: raise --n-null to at least 40" in err
+    # an untrained model (BN's initial statistics): no range to check, so no estimate at all
+    assert main(["monitor", *common, "--weights", "w.pt", "--reference", "site_a"]) == 1
+    out = capsys.readouterr().out
+    assert "±" not in out.split("predicted accuracy:")[0] and "stores no trained running statistics" in out

@@ -38,8 +38,9 @@ def reliability_points(logits: np.ndarray, y: np.ndarray, bins: int = 10) -> pd.
 def reliability_diagrams(outputs: Outputs, labels: dict[str, np.ndarray], sites: Sequence[str], *,
                          before: str = "ema", after: str = "target", bins: int = 10,
                          word: str = "source") -> plt.Figure:
-    """One reliability diagram per site: accuracy vs confidence with ``before`` and ``after`` statistics
-    (``word``: what the title calls a site)."""
+    """One reliability diagram per site: accuracy vs confidence with ``before`` and ``after`` statistics,
+    over bars of each one's sample count per confidence bin (a point of 2 samples weighs little);
+    ``word``: what the title calls a site."""
     sites = list(sites)
     cols = min(4, len(sites))
     rows = -(-len(sites) // cols)
@@ -48,11 +49,17 @@ def reliability_diagrams(outputs: Outputs, labels: dict[str, np.ndarray], sites:
         ax.axis("off")
     for ax, site in zip(axes.flat, sites, strict=False):
         ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--")
-        for strat, colour in ((before, "#e4572e"), (after, "#1f77b4")):
+        counts = ax.twinx()  # behind the curves: the bin counts
+        ax.set_zorder(counts.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        for i, (strat, colour) in enumerate(((before, "#e4572e"), (after, "#1f77b4"))):
             if (strat, site) not in outputs:
                 continue
             pts = reliability_points(outputs[(strat, site)], labels[site], bins)
             ax.plot(pts["confidence"], pts["accuracy"], marker="o", ms=3, color=colour, label=strat)
+            counts.bar((pts["bin"] + 0.25 + 0.5 * i) / bins, pts["n"], width=0.5 / bins, color=colour, alpha=0.25)
+        counts.set_ylabel("samples per bin", fontsize=7)
+        counts.tick_params(labelsize=6)
         ax.set_title(f"{site} (n={len(labels[site])})", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -60,7 +67,8 @@ def reliability_diagrams(outputs: Outputs, labels: dict[str, np.ndarray], sites:
         ax.set_ylabel("accuracy", fontsize=8)
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False)
-    fig.suptitle(f"Reliability per {word}: {before} vs {after} statistics (diagonal = calibrated)", fontsize=10)
+    fig.suptitle(f"Reliability per {word}: {before} vs {after} statistics (diagonal = calibrated; bars: samples "
+                 "per confidence bin)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -130,8 +138,10 @@ def confusion_figure(outputs: Outputs, labels: dict[str, np.ndarray], sites: Seq
     for ax, site in zip(axes.flat, sites, strict=False):
         cm = confusion_matrix(labels[site], outputs[(strategy, site)].argmax(1), labels=np.arange(k))
         norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        # only the cells something fell into are labeled (not a hundred "0.00"), and only while they are legible
+        annot = np.where(cm > 0, np.char.mod("%.2f", norm), "") if k <= 10 else False
         sns.heatmap(norm, ax=ax, vmin=0, vmax=1, cmap="Blues", cbar=True, xticklabels=names, yticklabels=names,
-                    annot=k <= 10, fmt=".2f", annot_kws={"fontsize": 6}, cbar_kws={"shrink": 0.8})
+                    annot=annot, fmt="", annot_kws={"fontsize": 6}, cbar_kws={"shrink": 0.8})
         ax.set_title(f"{site} (n={len(labels[site])})", fontsize=9)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
