@@ -65,7 +65,8 @@ def target_task(y: Any) -> str | None:
 
 def infer_task(ds: Any, task: str | None = None) -> str:
     """The task of a ``SourceTaggedDataset``: ``task`` when given, else classification when the dataset holds
-    class ids (``labels``), else what the first labeled item's target implies (at most 64 items are read).
+    class ids (``labels``), else what the target of the first item of a source implies (one item per source
+    is read, until one is labeled).
 
     Args:
         ds: a ``SourceTaggedDataset``.
@@ -85,7 +86,9 @@ def infer_task(ds: Any, task: str | None = None) -> str:
         return task
     if getattr(ds, "labels", None) is not None:
         return "classification"
-    for i in range(min(len(ds), 64)):
+    ids = getattr(ds, "source_ids", None)
+    firsts = range(min(len(ds), 1)) if ids is None else np.unique(np.asarray(ids), return_index=True)[1]
+    for i in sorted(int(i) for i in firsts):  # one item per source: an unlabeled source's says nothing
         found = target_task(ds[i][1])
         if found is not None:
             return found

@@ -40,17 +40,18 @@ def test_labels_come_with_the_evaluation_batches():
     got = sb.cross_source_matrix(tiny_model(), ds, STRATS, ["accuracy", "nll"], batch_size=7, transductive=True,
                                  progress=False)
     assert_same_table(got, want)
-    # reads: what the same matrix reads with given labels, plus one item per source for the early check
+    # reads: what the same matrix reads with given labels, plus one item per source for the early check and
+    # one item whose target tells the task (a class id: classification)
     counted = items_only(labeled)
     names = [labeled.source_names[i] for i in labeled.source_ids]
     ref = sb.SourceTaggedDataset(ItemsOnly(*labeled.base.tensors), names, labeled.labels)
     sb.cross_source_matrix(tiny_model(), counted, STRATS, batch_size=7, transductive=True, progress=False)
     sb.cross_source_matrix(tiny_model(), ref, STRATS, batch_size=7, transductive=True, progress=False)
-    assert counted.base.reads == ref.base.reads + 3
+    assert counted.base.reads == ref.base.reads + 3 + 1
 
 
 def test_items_without_labels_are_refused_before_any_pass():
     ds = items_only(tiny_data(), with_labels=False)
     with pytest.raises(ValueError, match=r"evaluation needs labels.*carry none.*labels="):
         sb.cross_source_matrix(tiny_model(), ds, ["ema"], progress=False)
-    assert ds.base.reads <= 3
+    assert ds.base.reads <= 3 + 3  # one item per source for the task, one per source for the early check
