@@ -121,6 +121,13 @@ def _report(title: str, times: dict, repeats: int, rows: Callable[[dict[str, flo
                 print(f"     {line}")
 
 
+def _summary(part: str, times: dict, figures: dict[str, Callable[[dict[str, float]], float]], notes: str = "") -> None:
+    """One line per part for benchmarks/gpu.sh's table: each figure of the min and the median wall round."""
+    t = {stat: pick(times, "wall", stat) for stat, _ in PICKS}
+    body = ", ".join(f"{name} " + " / ".join(f"{fn(t[stat]):.3g}" for stat, _ in PICKS) for name, fn in figures.items())
+    print(f"summary {part}, {torch.get_num_threads()} thread(s), wall min / median: {body}{notes}")
+
+
 def part_stats(model, batches, repeats, device) -> None:
     xs = [b[0] for b in batches]
 
@@ -156,6 +163,8 @@ def part_stats(model, batches, repeats, device) -> None:
         return out
 
     _report("(a) statistics of the 3-D U-Net vs its eval-mode forward", times, repeats, rows)
+    _summary("a", times, {"stats/forward throughput": lambda t: t["floor"] / t["batch"],
+                          "sequential (forwards)": lambda t: t["sequential"] / t["floor"]}, f" (goal >= {GOAL})")
 
 
 def part_window(model, batches, roi, overlap, sw_batch, repeats, device) -> None:
@@ -209,6 +218,9 @@ def part_window(model, batches, roi, overlap, sw_batch, repeats, device) -> None
         return out
 
     _report("(b) sliding-window forward vs a plain forward", times, repeats, rows)
+    _summary("b", times, {"window/plain": lambda t: t["window"] / t["plain"],
+                          "stats throughput through it": lambda t: t["window"] / t["stats_window"]},
+             f" (windows cover {covered:.2f}x the voxels)")
 
 
 def part_metrics(model, batches, targets, repeats, device) -> None:
@@ -248,6 +260,8 @@ def part_metrics(model, batches, targets, repeats, device) -> None:
 
     _report(f"(c) per-case metrics (Dice, IoU, HD95, ASD; 2 foreground classes) vs the forward, {n_cases} cases",
             times, repeats, rows)
+    _summary("c", times, {"CaseScorer ms/case": lambda t: 1e3 * t["score_shifted"] / n_cases,
+                          "x the forward": lambda t: t["score_shifted"] / t["forward"]})
 
 
 def main() -> None:
