@@ -69,6 +69,7 @@ bench: $(STAMP)  ## the performance ratios (benchmarks/)
 	$(BIN)/python benchmarks/bench_stats.py --model smallresnet
 	$(BIN)/python benchmarks/bench_sequential.py
 	$(BIN)/python benchmarks/bench_matrix.py
+	$(BIN)/python benchmarks/bench_dense.py
 	$(BIN)/python benchmarks/bench_getitems.py
 	$(BIN)/python benchmarks/bench_memory.py
 

@@ -15,7 +15,11 @@ Data: ``--dataset synthetic`` (default): S sources of ``--per-source`` 3x32x32 i
 offset and scale, 10 classes) held in memory, half calibration, half evaluation; or a built-in
 dataset name (e.g. digits-labs). Model: SmallCNN (width 16), untrained.
 
+``--device cuda``: the model on the GPU (the matrix moves each batch there; the bare loop's tensors are
+there already, so the ratio includes the matrix's host-to-device copies), each timed call synchronized.
+
 Run: python benchmarks/bench_matrix.py [--sources 5 20] [--per-source 300] [--repeats 3] [--threads 1]
+     [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -45,14 +49,15 @@ def synthetic(n_sources: int, per_source: int, seed: int = 0) -> sb.SourceTagged
     return sb.SourceTaggedDataset(TensorDataset(x, y), [f"s{int(s):02d}" for s in src])
 
 
-def run(ds: sb.SourceTaggedDataset, repeats: int, width: int) -> None:
-    model = SmallCNN(in_channels=ds[0][0].shape[0], width=width).eval()
+def run(ds: sb.SourceTaggedDataset, repeats: int, width: int, device: torch.device | str = "cpu") -> None:
+    device = torch.device(device)
+    model = SmallCNN(in_channels=ds[0][0].shape[0], width=width).eval().to(device)
     sources = ds.sources_present
     s = len(sources)
     split = ds.split(fractions=(0.0, 0.5, 0.5), seed=0)
-    cal = stack_inputs(split.calibration)
-    cal_parts = [stack_inputs(split.calibration.subset(k)) for k in sources]
-    ev = {k: stack_inputs(split.test.subset(k)) for k in sources}
+    cal = stack_inputs(split.calibration).to(device)
+    cal_parts = [stack_inputs(split.calibration.subset(k)).to(device) for k in sources]
+    ev = {k: stack_inputs(split.test.subset(k)).to(device) for k in sources}
     n_eval = s * s + 4 * s
     print(f"-- {s} sources, {len(ds):,} samples ({len(cal):,} calibration); SmallCNN width {width}; unavoidable: "
           f"2 statistics passes over the calibration data + {n_eval} evaluation passes (S*S + 4S)")
@@ -77,9 +82,12 @@ def run(ds: sb.SourceTaggedDataset, repeats: int, width: int) -> None:
     def matrix():
         cross_source_matrix(model, ds, STRATEGIES, metrics=["accuracy"], calibration=split, progress=False)
 
-    bare()
-    matrix()
-    times = interleaved({"bare": bare, "matrix": matrix}, repeats)
+    fns = {"bare": bare, "matrix": matrix}
+    if device.type == "cuda":
+        fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
+    for fn in fns.values():
+        fn()
+    times = interleaved(fns, repeats)
     for clock in ("wall", "cpu"):
         for stat, _ in PICKS:
             t = pick(times, clock, stat)
@@ -95,15 +103,20 @@ def main() -> None:
                     help="torch threads (default 1: on a 2-core VM two threads make timings vary by +-40%%)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False here; run with --device cpu")
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
-          f"strategies {' '.join(STRATEGIES)}")
+          f"strategies {' '.join(STRATEGIES)}; device "
+          + (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"))
     if args.dataset != "synthetic":
-        run(sb.load(args.dataset), args.repeats, args.width)
+        run(sb.load(args.dataset), args.repeats, args.width, device)
         return
     for s in args.sources:
-        run(synthetic(s, args.per_source), args.repeats, args.width)
+        run(synthetic(s, args.per_source), args.repeats, args.width, device)
 
 
 if __name__ == "__main__":

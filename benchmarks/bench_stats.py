@@ -13,9 +13,13 @@ floor and ours alike); this re-runs the script with MALLOC_MMAP_THRESHOLD_/MALLO
 MALLOC_TOP_PAD_ fixed so the allocator keeps its memory, to time the computation alone. The page faults
 of each path are printed either way.
 
-Run: python benchmarks/bench_stats.py [--model resnet18|smallresnet] [--batches N] [--batch-size B]
-     [--repeats R] [--threads 1] [--skip-precise] [--steady-malloc]
-Defaults: resnet18(num_classes=2), 40 batches of 32x3x96x96; smallresnet (width 16), 20 of 64x3x32x32.
+``--device cuda``: model and batches on the GPU, each timed call ends with ``torch.cuda.synchronize()``;
+there the C kernel does not apply, so "native" is the default path on CUDA (the compiled reduction).
+
+Run: python benchmarks/bench_stats.py [--model resnet18|resnet50|smallresnet] [--batches N] [--batch-size B]
+     [--repeats R] [--threads 1] [--skip-precise] [--steady-malloc] [--device cpu|cuda]
+Defaults: resnet18(num_classes=2), 40 batches of 32x3x96x96; smallresnet (width 16), 20 of 64x3x32x32;
+resnet50(num_classes=2), 8 batches of 256x3x224x224 (meant for a GPU: ``--device cuda``).
 All timings come from one run, the functions interleaved round by round; printed are the fastest
 and the median round, of the wall time and of the process's CPU time (1 torch thread: CPU time is
 what other processes on a shared machine disturb least). Throughput ratio = floor time / our time
@@ -36,15 +40,15 @@ import sys
 import numpy as np
 import torch
 from _timing import PICKS, interleaved, pick
-from resnets import resnet18
+from resnets import resnet18, resnet50
 from torch import nn
 
 import shiftbn as sb
 import shiftbn.bn.collect as collect_mod
 from shiftbn.studies.models import SmallResNet
 
-SHAPES = {"resnet18": (40, 32, 96), "smallresnet": (20, 64, 32)}
-TARGETS = {"resnet18": 0.95, "smallresnet": 0.85}
+SHAPES = {"resnet18": (40, 32, 96), "resnet50": (8, 256, 224), "smallresnet": (20, 64, 32)}
+TARGETS = {"resnet18": 0.95, "resnet50": 0.95, "smallresnet": 0.85}
 
 
 def exactness(offset: float = 1e4, batches: int = 20, shape: tuple = (32, 64, 24, 24)) -> dict[str, float]:
@@ -97,21 +101,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-precise", action="store_true", help="time collect_stats only (not precise_bn, fvcore)")
     ap.add_argument("--steady-malloc", action="store_true", help="fix glibc malloc's thresholds (see above)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch.cuda.is_available() is False here; run with --device cpu")
     if args.steady_malloc and not os.environ.get("SHIFTBN_BENCH_STEADY"):
         _steady_malloc()
     torch.set_num_threads(args.threads)
     n_batches, bs, size = SHAPES[args.model]
     n_batches, bs = args.batches or n_batches, args.batch_size or bs
-    model = resnet18(num_classes=2) if args.model == "resnet18" else SmallResNet(in_channels=3, width=16)
-    model.eval()
+    model = {"resnet18": lambda: resnet18(num_classes=2), "resnet50": lambda: resnet50(num_classes=2),
+             "smallresnet": lambda: SmallResNet(in_channels=3, width=16)}[args.model]()
+    model.eval().to(device)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(bs, 3, size, size, generator=g) + k % args.sources, torch.zeros(bs),
+    batches = [((torch.randn(bs, 3, size, size, generator=g) + k % args.sources).to(device), torch.zeros(bs),
                 torch.full((bs,), k % args.sources)) for k in range(n_batches)]
     xs = [b[0] for b in batches]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
           f"{args.model} with {len(sb.bn_layers(model))} BN layers, {n_batches} batches of {bs}x3x{size}x{size}, "
-          f"{args.sources} sources; {args.repeats} interleaved rounds")
+          f"{args.sources} sources; {args.repeats} interleaved rounds; device "
+          + (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"))
 
     def floor():
         m = model.eval()
@@ -151,6 +161,8 @@ def main() -> None:
     except ImportError:
         if not args.skip_precise:
             print("fvcore not installed: pip install fvcore to compare precise_bn with it")
+    if device.type == "cuda":  # the GPU runs asynchronously: a call is done when its kernels are
+        fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
     for fn in fns.values():  # warm-up, and the fused kernel's one-time compile, outside the timings
         fn()
     times = interleaved(fns, args.repeats)
@@ -162,7 +174,8 @@ def main() -> None:
             print(f"floor: eval-mode no_grad forward   {t['floor']:7.3f} s   (initial BN buffers)")
             print(f"floor_pop: the same, population BN {t['floor_pop']:7.3f} s   (buffers = the data's statistics)")
             for path in ("eager", "compiled", "native"):
-                print(f"collect_stats batch, {path:8s}    {t[path]:7.3f} s   throughput ratio "
+                label = "default" if path == "native" and device.type == "cuda" else path
+                print(f"collect_stats batch, {label:8s}    {t[path]:7.3f} s   throughput ratio "
                       f"{t['floor'] / t[path]:5.3f}  vs pop {t['floor_pop'] / t[path]:5.3f}  (target >= {target})")
             if "fvcore" in t:
                 print(f"fvcore update_bn_stats             {t['fvcore']:7.3f} s")

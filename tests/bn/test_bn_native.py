@@ -234,6 +234,46 @@ def test_batchnorm3d_through_the_kernel_matches_torch():
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 9), (2, 2, 39, 41, 43)])  # in cache / second sweep; L % 16 != 0
+def test_5d_kernel_sums_are_float64_exact_and_output_is_torchs_bn(shape):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g) * 3 + 1e3
+    c = shape[1]
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    shift = torch.full((c,), 1e3 + 0.7, dtype=torch.float64)
+    t1, t2 = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    y = native.batch_norm_sums(x, shift, t1, t2, w, b, 1e-5)
+    rows = x.double().numpy().swapaxes(0, 1).reshape(c, -1) - (1e3 + 0.7)
+    np.testing.assert_allclose(t1.numpy(), rows.sum(1), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(t2.numpy(), (rows ** 2).sum(1), rtol=1e-12)
+    mean, var = 1e3 + 0.7 + rows.mean(1), rows.var(1)
+    ref = F.batch_norm(x, torch.as_tensor(mean).float(), torch.as_tensor(var).float(), w, b, False, 0.0, 1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=2e-6)
+
+
+@needs_kernel
+def test_unet3d_statistics_through_the_kernel_equal_the_eager_float64_reduction():
+    from shiftbn.studies.models import unet3d
+
+    model = unet3d(width=2).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 1, 8, 8, 12, generator=g) * 4 + 100 for _ in range(3)]
+    calls = []
+    real = native.batch_norm_sums
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "batch_norm_sums", lambda x, *a, **k: calls.append(x.dim()) or real(x, *a, **k))
+        ours = sb.collect_stats(model, batches, by_source=False, progress=False)["pooled"]
+    assert calls == [5] * 30  # every BatchNorm3d of every batch went through the kernel
+    eager = sb.collect_stats(model, batches, by_source=False, options=sb.CollectOptions(fused=False),
+                             progress=False)["pooled"]
+    ref = reference_moments(model, batches)  # torch's own train-mode BN3d: the same normalization
+    for name in ours.layers:
+        np.testing.assert_allclose(ours[name].mean, eager[name].mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(ours[name].var, eager[name].var, rtol=1e-12)
+        np.testing.assert_allclose(ours[name].var, ref[name][2], rtol=1e-5)  # float32 forward of torch's BN
+
+
+@needs_kernel
 def test_a_batch_far_from_the_first_one_is_normalized_with_its_own_exact_statistics():
     # the totals' shift is the first batch's mean (1e7 here); a later batch at 0 with std 1e-3 must not
     # have its variance cancel against that shift (its output and every later layer would be wrong)
