@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     from shiftbn.sites import DriftMonitor
 
+    forward = user.load_forward(args)
     model, ds = user.load_model(args), user.load_data(args)
-    opts = {k: v for k, v in (("alpha", args.alpha), ("n_null", args.n_null)) if v is not None}
+    opts = {k: v for k, v in (("alpha", args.alpha), ("n_null", args.n_null), ("forward", forward)) if v is not None}
     if args.reference is not None:
         ref = _site(ds, args.reference, args)
         monitor = DriftMonitor(model, ref, seed=args.seed, batch_size=args.batch_size, amp=args.amp, **opts)

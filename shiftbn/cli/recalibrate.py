@@ -49,9 +49,11 @@ def run(args: argparse.Namespace) -> None:
         return _from_files(args)
     if args.data is None:
         raise ValueError("recalibrate needs --data (images) or --stats (statistics files)")
+    forward = user.load_forward(args)
     model, ds = user.load_model(args), user.load_data(args)
     stats = recalibrate(model, ds, target=args.target, method=args.method, batch_size=args.batch_size,
-                        num_samples=args.num_samples, seed=args.seed, progress=user.progress(args), amp=args.amp)
+                        num_samples=args.num_samples, seed=args.seed, progress=user.progress(args), amp=args.amp,
+                        forward=forward)
     if dist.writer():
         atomic_save_torch(args.output, model.state_dict())
     where = f"source {args.target!r}" if args.target else "all data"
@@ -67,6 +69,9 @@ def _from_files(args) -> None:
     if args.data is not None:
         raise ValueError("--stats replaces --data for recalibrate; give one of them")
     user.files_only(args, "recalibrate")
+    if args.forward is not None:
+        raise ValueError("--forward runs the model on --data; with --stats the statistics come from the files and the "
+                         "model is not run: drop --forward")
     if args.method == "precise":
         raise ValueError("--method precise runs PreciseBN in random batches that mix the sources, which needs the "
                          "images (--data); with --stats use --pool (the exact pooled statistics of every source, "

@@ -52,9 +52,10 @@ def run(args: argparse.Namespace) -> None:
     to_file = _writes_file(args)
     if not to_file:
         user.check_out(args.out)
+    forward = user.load_forward(args)
     model, ds = user.load_model(args), user.load_data(args)
     stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
-                          seed=args.seed, progress=user.progress(args), amp=args.amp)
+                          seed=args.seed, progress=user.progress(args), amp=args.amp, forward=forward)
     check_min_count(stats, args.min_count, flag="--min-count")  # before anything is written
     if to_file:
         return _write_file(args, model, stats) if dist.writer() else None
