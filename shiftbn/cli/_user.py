@@ -104,7 +104,7 @@ def load_forward(args):
     module = _import_user_module(module_name, "--forward")
     fn = getattr(module, attr, None)
     if not callable(fn):
-        found = "" if fn is None else f" ({attr} is a {type(fn).__name__})"
+        found = "" if fn is None else f" ({attr} is of type {type(fn).__name__})"
         raise ValueError(f"--forward {spec}: {module_name} has no callable {attr!r}{found}; name a function "
                          "forward(model, x) -> outputs")
     return fn

@@ -124,8 +124,9 @@ def _by_interval(comparisons: pd.DataFrame | None, site: str, level: float,
     else:
         best = c.loc[(sign * c["diff"]).idxmax()]
         strategy = "ema"
+        named = "" if metric == "accuracy" else f"{name} "
         why = (f"no strategy beats the model's own statistics beyond noise (best: {best['strategy']} "
-               f"{pts(best['diff'], best['ci_low'], best['ci_high'])}, n={n}{unit})")
+               f"{named}{pts(best['diff'], best['ci_low'], best['ci_high'])}, n={n}{unit})")
     if len(losses):
         why += "; worse beyond noise here: " + ", ".join(
             f"{r.strategy} {pts(r.diff, r.ci_low, r.ci_high)}"

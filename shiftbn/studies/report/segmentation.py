@@ -9,6 +9,7 @@ rows only, never dense outputs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -60,7 +61,9 @@ def case_distributions(cases: pd.DataFrame, metrics: Sequence[str], word: str = 
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.2), squeeze=False)
     for ax, m in zip(axes[0], metrics, strict=True):
         part = cases[cases["metric"] == m]
-        sns.boxplot(data=part, x="eval_source", y="value", hue="strategy", ax=ax, showfliers=False, fill=False)
+        with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib 3.11's deprecated ``vert``
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sns.boxplot(data=part, x="eval_source", y="value", hue="strategy", ax=ax, showfliers=False, fill=False)
         sns.stripplot(data=part, x="eval_source", y="value", hue="strategy", ax=ax, dodge=True, size=3,
                       palette="dark:black", alpha=0.6, legend=False)
         ax.set_xlabel(f"{word} evaluated")
