@@ -30,6 +30,10 @@ FORWARD = textwrap.dedent('''
         raise RuntimeError("my forward is broken")
 
 
+    def ignores_the_model(model, x):
+        return x
+
+
     NOT_CALLABLE = 3
 ''')
 
@@ -104,6 +108,11 @@ def test_a_bad_forward_is_one_line_exit_2_on_every_verb(root, capsys, verb, spec
 def test_a_forward_that_raises_is_one_line_naming_it(root, capsys):
     assert main(["stats", *_user(root, "--forward", "segfwd_mod:broken", "--out", str(root / "broken"))]) == 2
     _one_line_error(capsys, "RuntimeError: my forward is broken", "broken")
+
+
+def test_a_forward_that_never_calls_the_model_is_named(root, capsys):
+    assert main(["stats", *_user(root, "--forward", "segfwd_mod:ignores_the_model", "--out", str(root / "no")), ]) == 2
+    _one_line_error(capsys, "no data reached the BN layers", "the forward never called the model")
 
 
 def test_matrix_defaults_to_dice_and_hd95_with_case_intervals(root, capsys):

@@ -69,7 +69,7 @@ def test_the_decision_rests_on_dice(report):
 
 def test_unlabeled_sites_are_refused_for_segmentation(tmp_path):
     ds = sb.load("seg-sites-2d", n=2, size=8, sites=2)
-    with pytest.raises(ValueError, match="label-free panel reads class predictions"):
+    with pytest.raises(ValueError, match=r"--unlabeled\) \['site_b'\]: the label-free panel reads class predictions"):
         build_report(unet2d(width=2), ds, tmp_path, unlabeled=["site_b"], progress=False)
 
 

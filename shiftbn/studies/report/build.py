@@ -334,8 +334,9 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
         ds.source_id(h)
     dense = infer_task(ds) == "segmentation"
     if dense and unlabeled:
-        raise ValueError(f"unlabeled={list(unlabeled)}: the label-free panel reads class predictions, which a "
-                         "segmenter does not make; evaluate only sources with masks (leave the others out of the data)")
+        raise ValueError(f"unlabeled (--unlabeled) {list(unlabeled)}: the label-free panel reads class predictions, "
+                         "which a segmenter does not make; evaluate only sources with masks (leave the others out of "
+                         "the data)")
     if unlabeled:
         ds = ds.without_labels([str(u) for u in unlabeled])
     ds, skipped = _sites_with_both_parts(ds, calibration, seed)
