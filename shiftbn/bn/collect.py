@@ -191,7 +191,8 @@ def collect_stats(
             stats, infos = sync.merge(lambda: _one_pass(job, replace(spec, probe=truncate)))
             _check_sharded(infos, sync.world)
             if not stats.sources:
-                raise ValueError("no data reached the BN layers: data is empty"
+                why = "data is empty" if forward is None else "the data is empty, or the forward never called the model"
+                raise ValueError(f"no data reached the BN layers: {why}"
                                  + (f" on all {sync.world} ranks" if sync.world > 1 else ""))
             if mode == "sequential":
                 once = truncate and all(i["once"] for i in infos if i["samples"])

@@ -44,6 +44,7 @@ def add_user_options(p: argparse.ArgumentParser, data_or: str | None = None) -> 
                    help="device for the model and inputs: cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--amp", action="store_true", help="run forwards under autocast (mixed precision); BN statistics "
                                                      "stay exact in float64")
+    add_forward_option(p)
     data_help = ("manifest CSV/Parquet (columns path,label,source) or an image folder root/<source>/<class>/; "
                  "pixels are mapped to [0, 1]: 8-bit files / 255, 16-bit grayscale / 65535, 32-bit float as "
                  "stored (refused outside [0, 1]), 32-bit integer refused")
@@ -81,6 +82,32 @@ def add_user_options(p: argparse.ArgumentParser, data_or: str | None = None) -> 
                    help="at most this many samples per source")
     p.add_argument("--seed", type=cli_types.seed, default=0, help=SEED_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_forward_option(p: argparse.ArgumentParser) -> None:
+    """``--forward MODULE:FUNCTION``: the user's ``forward(model, x)``, for the commands that run the model."""
+    p.add_argument("--forward", default=None, metavar="MODULE:FUNCTION",
+                   help="your own forward(model, x) -> outputs, called on every batch instead of model(x) (x: the "
+                        "batch's inputs on --device): multi-input models, micro-batches, sliding-window inference "
+                        "(e.g. MONAI's sliding_window_inference); statistics stay exact per source (API: forward=; "
+                        "the working folder is searched last)")
+
+
+def load_forward(args):
+    """The callable named by ``--forward MODULE:FUNCTION`` (None without ``--forward``)."""
+    spec = getattr(args, "forward", None)
+    if spec is None:
+        return None
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--forward must look like package.module:function, got {spec!r}")
+    module = _import_user_module(module_name, "--forward")
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        found = "" if fn is None else f" ({attr} is of type {type(fn).__name__})"
+        raise ValueError(f"--forward {spec}: {module_name} has no callable {attr!r}{found}; name a function "
+                         "forward(model, x) -> outputs")
+    return fn
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

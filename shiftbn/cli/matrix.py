@@ -31,8 +31,9 @@ def register(sub) -> None:
     # the default list is marked, so --stats can tell it from a user's choice
     m.add_argument("--strategies", nargs="+", default=_Default(["ema", "precise", "target", "stats:*"]),
                    metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*)")
-    m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
-                   help="metric names, listed below (default: accuracy)")
+    m.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
+                   help="metric names, listed below (default: the task's, read from the labels: accuracy for class "
+                        "labels, dice hd95 for masks)")
     user.add_held_out_option(m, "cross_source_matrix(train_sources=[every source not held out])")
     m.add_argument("--unlabeled", nargs="+", default=[], metavar="SOURCE",
                    help="sources whose labels are not used (as sources labeled -1, empty label cells or a folder "
@@ -65,15 +66,17 @@ def run(args: argparse.Namespace) -> None:
     files = _files_stats(args)
     with Phases(2) as phases:
         phases.start("loading the model and data")
+        forward = user.load_forward(args)
         model, ds = user.load_model(args), user.load_data(args)
         if args.unlabeled:
             user.check_held_out(args.unlabeled, ds.sources_present, flag="--unlabeled")
             ds = ds.without_labels(args.unlabeled)
         trains = None
+        args.metrics = _task_metrics(args.metrics, ds)
         phases.start(f"the cross-source matrix: {len(args.strategies)} strategy spec(s) x "
                      f"{len(ds.sources_present)} {ds.source_word}(s)")
         if files is not None:
-            table = _from_files(model, ds, files, args, level)
+            table = _from_files(model, ds, files, args, level, forward)
         else:
             trains = user.training_sources(args.held_out, ds.sources_present)
             with warnings.catch_warnings():  # an old spelling's note prints once, when the matrix parses it
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
                                         calibration=0.5 if args.calibration is None else args.calibration,
                                         stats_batch_size=args.batch_size, num_samples=args.num_samples,
                                         seed=args.seed, ci=level, n_boot=args.n_boot, progress=user.progress(args),
-                                        amp=args.amp)
+                                        amp=args.amp, forward=forward)
     if dist.writer():
         atomic_write_text(user.out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
         user.write_skipped(args, args.out)
@@ -104,6 +107,23 @@ def run(args: argparse.Namespace) -> None:
     print(f"\nWrote {args.out / 'matrix.csv'}")
 
 
+def _task_metrics(metrics, ds) -> list[str]:
+    """``--metrics`` checked against the task the labels imply (segmentation: masks), or that task's defaults."""
+    from shiftbn.evaluate.matrix import task_metrics
+    from shiftbn.evaluate.task import infer_task
+
+    task = infer_task(ds)
+    try:
+        return task_metrics(metrics, task)
+    except ValueError as e:
+        if metrics is None or "do not fit" not in str(e):
+            raise ValueError(f"--metrics: {e}") from None
+        wrong = str(e).partition("metric(s) ")[2].partition(" do not fit")[0]
+        fit = str(e).rpartition("use one of ")[2]
+        raise ValueError(f"--metrics {wrong} do not fit {task} data (read from --data's labels); use one of "
+                         f"{fit}, or leave --metrics out for the task's defaults") from None
+
+
 def _files_stats(args):
     """``--stats``: the files' statistics, checked before the model and data load (None: no --stats)."""
     if args.stats is None:
@@ -117,16 +137,22 @@ def _files_stats(args):
     return user.stats_files(args)
 
 
-def _from_files(model, ds, stats, args, level):
+def _from_files(model, ds, stats, args, level, forward=None):
     """The cross-source matrix with every source's statistics from the files; ``ds`` is evaluated whole."""
+    import numpy as np
+
+    from shiftbn._forward import Runner
     from shiftbn.adapt import AdaptContext, expand_strategies
-    from shiftbn.evaluate.matrix import MatrixPlan, score
+    from shiftbn.evaluate.matrix import MatrixPlan, case_scores, score
     from shiftbn.evaluate.metrics import check_metrics
+    from shiftbn.evaluate.task import infer_task
     from shiftbn.sites.files import check_model, read_stats_header
 
     check_model(read_stats_header(args.stats[0]), model, args.stats[0])
     metrics = check_metrics(args.metrics)
-    ds.require_labels("evaluation")
+    task = infer_task(ds)
+    if task != "segmentation":  # masks are read with the images; a segmentation set has no class-label column
+        ds.require_labels("evaluation")
     evals = ds.sources_present
     user.training_sources(args.held_out, [*evals, *(s for s in stats if s not in evals)])
     trains = [s for s in stats if s not in set(args.held_out)]
@@ -144,9 +170,11 @@ def _from_files(model, ds, stats, args, level):
     def no_calibration(source):
         raise ValueError("with --stats there are no calibration images")
 
+    seg = task == "segmentation"  # scored per case as outputs stream; labels are the case positions
     ctx = AdaptContext(model=model, source_stats_fn=lambda: stats, calibration_inputs=no_calibration,
                        eval_inputs=parts.__getitem__, train_sources=trains, eval_sources=evals,
-                       seed=args.seed, amp=args.amp, progress=user.progress(args))
+                       seed=args.seed, amp=args.amp, progress=user.progress(args), task=task,
+                       runner=Runner(forward=forward, reduce=case_scores if seg else None))
     plan = MatrixPlan(ds, ds, strategies, evals, trains)
-    return score(ctx, plan, {s: p.labels for s, p in parts.items()}, metrics, ci=level, n_boot=args.n_boot,
-                 progress=user.progress(args))
+    labels = {s: np.arange(len(p)) if seg else p.labels for s, p in parts.items()}
+    return score(ctx, plan, labels, metrics, ci=level, n_boot=args.n_boot, progress=user.progress(args))

@@ -59,12 +59,14 @@ def run(args: argparse.Namespace) -> int:
         phases.start("loading the model and data")
         from shiftbn.sites import DriftMonitor
 
+        forward = user.load_forward(args)
         model, ds = user.load_model(args), user.load_data(args)
         if args.reference is not None:
             user.check_sources([args.reference], ds.sources_present, "--reference")
         if args.sources is not None:
             user.check_sources(args.sources, ds.sources_present, "--sources")
-        opts = {k: v for k, v in (("alpha", args.alpha), ("n_null", args.n_null)) if v is not None}
+        opts = {k: v for k, v in (("alpha", args.alpha), ("n_null", args.n_null), ("forward", forward))
+                if v is not None}
         if args.reference is not None:
             phases.start(f"fitting the monitor on {ds.source_word} {args.reference}")
             ref = _site(ds, args.reference, args)

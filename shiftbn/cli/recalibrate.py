@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("recalibrate needs --data (images) or --stats (statistics files)")
     with Phases(2) as phases:
         phases.start("loading the model and data")
+        forward = user.load_forward(args)
         model, ds = user.load_model(args), user.load_data(args)
         if args.target is not None:
             user.check_sources([args.target], ds.sources_present, "--target")
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> None:
         where = f"{ds.source_word} {args.target!r}" if args.target else "all data"
         phases.start(f"BN statistics of {where} ({args.method})")
         stats = recalibrate(model, ds, target=args.target, method=args.method, batch_size=args.batch_size,
-                            num_samples=args.num_samples, seed=args.seed, progress=user.progress(args), amp=args.amp)
+                            num_samples=args.num_samples, seed=args.seed, progress=user.progress(args), amp=args.amp,
+                            forward=forward)
         if dist.writer():
             atomic_save_torch(args.out, model.state_dict())
     print(f"Wrote {args.out}: BN statistics from {stats.num_samples} samples of {where} ({args.method})")
@@ -77,6 +79,9 @@ def _from_files(args) -> None:
     if args.data is not None:
         raise ValueError("--stats replaces --data for recalibrate; give one of them")
     user.files_only(args, "recalibrate")
+    if args.forward is not None:
+        raise ValueError("--forward runs the model on --data; with --stats the statistics come from the files and the "
+                         "model is not run: drop --forward")
     if args.method == "precise":
         raise ValueError("--method precise runs PreciseBN in random batches that mix the sources, which needs the "
                          "images (--data); with --stats use --pool (the exact pooled statistics of every source, "

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> None:
     user.check_out(args.out)
     with Phases(2) as phases:
         phases.start("loading the model and data")
+        forward = user.load_forward(args)
         model, ds = user.load_model(args), user.load_data(args)
         user.check_held_out(args.held_out, ds.sources_present)  # build_report refuses holding out every source
         if args.unlabeled:
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> None:
                               strategies=args.strategies, calibration=args.calibration, ci=level, n_boot=args.n_boot,
                               stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
                               amp=args.amp, progress=user.progress(args), unlabeled=args.unlabeled,
-                              provenance=provenance(args), command=recalibrate_command(args))
+                              provenance=provenance(args), command=recalibrate_command(args),
+                              forward=forward)
     user.write_skipped(args, args.out)
     import json
 
@@ -63,13 +65,15 @@ def run(args: argparse.Namespace) -> None:
     from shiftbn.studies.report import interval_cells
 
     matrix = pd.read_csv(args.out / "matrix.csv")
-    acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"]]
+    score = "dice" if (matrix["metric"] == "dice").any() else "accuracy"  # segmentation: Dice is the score
+    acc = matrix[(matrix["metric"] == score) & ~matrix["is_cross_source"]]
     word = ds.source_word
     summary = json.loads((args.out / "report.json").read_text())
     print(f"Decision per {word}:")
     print("\n".join(summary["decision_lines"]))
     unlabeled = [s for s, v in summary["labels"].items() if v == "none"]
-    print(f"\nAccuracy by strategy (rows) and {word} (columns){'' if level is None else f', [{level:.0%} interval]'}"
+    name = "Dice (mean over cases)" if score == "dice" else "Accuracy"
+    print(f"\n{name} by strategy (rows) and {word} (columns){'' if level is None else f', [{level:.0%} interval]'}"
           f"{'' if not unlabeled else '; no labels, so no accuracy: ' + ', '.join(unlabeled)}:")
     if len(acc):
         print(interval_cells(acc, "strategy", "eval_source").to_string(index=False))
@@ -101,7 +105,7 @@ def recalibrate_command(args: argparse.Namespace) -> str:
                         ("--label-col", None if args.label_col == "label" else args.label_col),
                         ("--source-col", None if args.source_col == "source" else args.source_col),
                         ("--image-size", args.image_size), ("--channels", args.channels),
-                        ("--transform", args.transform)):
+                        ("--transform", args.transform), ("--forward", args.forward)):
         if value is not None:
             parts += [flag, str(value)]
     if args.normalize is not None:

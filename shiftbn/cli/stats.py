@@ -55,10 +55,11 @@ def run(args: argparse.Namespace) -> None:
         user.check_out(args.out)
     with Phases(2) as phases:
         phases.start("loading the model and data")
+        forward = user.load_forward(args)
         model, ds = user.load_model(args), user.load_data(args)
         phases.start(f"BN statistics of {len(ds.sources_present)} {ds.source_word}(s), {args.mode} mode")
         stats = collect_stats(model, ds, batch_size=args.batch_size, num_samples=args.num_samples, mode=args.mode,
-                              seed=args.seed, progress=user.progress(args), amp=args.amp)
+                              seed=args.seed, progress=user.progress(args), amp=args.amp, forward=forward)
     check_min_count(stats, args.min_count, flag="--min-count")  # before anything is written
     if to_file:
         return _write_file(args, model, stats) if dist.writer() else None

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from shiftbn._forward import Forward, check_forward
 from shiftbn._torch import Inputs
 from shiftbn.bn import buffer_stats, split_site
 from shiftbn.bn.shift import w2
@@ -66,21 +67,24 @@ class DriftMonitor:
             (default: the reference's own when it is a labeled ``SourceTaggedDataset``; -1 anywhere: no ATC).
         n_null: null draws per batch size; ``alpha``: alert level of ``score``; ``seed``: of the draws.
         batch_size: forward batch size.
+        forward: the user's ``forward(model, x)`` (default ``model(x)``), for fitting and scoring alike. A
+            segmenter's dense outputs are not kept: its monitor scores BN statistics only (no ATC).
     """
 
     def __init__(self, model: nn.Module, reference: Inputs | None = None, *, labels=None, n_null: int = 500,
                  alpha: float = 0.05, seed: int = 0, batch_size: int = 256, amp: bool = False,
-                 _moments: SampleMoments | None = None, _atc: ATC | None = None) -> None:
+                 forward: Forward | None = None, _moments: SampleMoments | None = None,
+                 _atc: ATC | None = None) -> None:
         if isinstance(n_null, bool) or not isinstance(n_null, int) or n_null < 20:
             raise ValueError(f"n_null must be an integer >= 20 (p-values have resolution 1/(n_null+1)), got {n_null!r}")
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
         self.model, self.n_null, self.alpha, self.seed = model, n_null, float(alpha), int(seed)
-        self.batch_size, self.amp = batch_size, amp
+        self.batch_size, self.amp, self.forward = batch_size, amp, check_forward(forward)
         if _moments is None:
             if reference is None:
                 raise ValueError("DriftMonitor needs reference data (or DriftMonitor.load of a saved monitor)")
-            _moments = sample_moments(model, reference, batch_size=batch_size, amp=amp)
+            _moments = sample_moments(model, reference, batch_size=batch_size, amp=amp, forward=forward)
             if len(_moments) < 2:
                 raise ValueError(f"the reference holds {len(_moments)} sample; it needs at least 2")
             if labels is None:
@@ -89,7 +93,7 @@ class DriftMonitor:
                 y = np.asarray(labels).reshape(-1)
                 if len(y) != len(_moments):
                     raise ValueError(f"labels has {len(y)} entries for {len(_moments)} reference samples")
-                if (y >= 0).all():
+                if (y >= 0).all() and _moments.logits.shape[1] >= 2:  # class logits: ATC applies
                     _atc = fit_atc(_moments.logits, y)
         self.moments, self.atc = _moments, _atc
         self.layer_names = sorted(self.moments.mean, key=self.moments.depth.__getitem__)
@@ -121,7 +125,7 @@ class DriftMonitor:
 
     def score(self, data: Inputs) -> DriftResult:
         """Score ``data`` (a tensor (N, ...) or a dataset; a batch or a whole day) as one sample of N."""
-        new = sample_moments(self.model, data, batch_size=self.batch_size, amp=self.amp)
+        new = sample_moments(self.model, data, batch_size=self.batch_size, amp=self.amp, forward=self.forward)
         missing = [k for k in self.layer_names if k not in new.mean]
         if missing:
             raise ValueError(f"the model's BN layers {missing} saw no input; is this the model the monitor was "
@@ -161,7 +165,7 @@ class DriftMonitor:
                               "distance": dist, "effect": effect, "null_mean": mu,
                               "null_q95": np.quantile(null, 0.95, axis=0), "z": z, "p_value": p_layers})
         result = DriftResult(score, p, p < self.alpha, n, float("nan"), float("nan"), table, float(effect.mean()))
-        if self.atc is not None and logits is not None:
+        if self.atc is not None and logits is not None and logits.ndim == 2 and logits.shape[1] >= 2:
             result.predicted_accuracy = self.atc.predict(logits)
             result.predicted_drop = self.atc.accuracy - result.predicted_accuracy
             result.range_ratio = stored / self._stored_reference if self._stored_reference > 0 else float("nan")

@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import nn
 
+from shiftbn._forward import Forward
 from shiftbn.bn import BNStats, collect_stats, load_stats
 from shiftbn.data.tagged import SourceTaggedDataset, require_tagged
 
@@ -23,6 +24,7 @@ def recalibrate(
     seed: int = 0,
     amp: bool = False,
     progress: bool = True,
+    forward: Forward | None = None,
 ) -> BNStats:
     """Recompute BN statistics and write them into ``model``'s buffers (in place); returns them.
 
@@ -36,8 +38,8 @@ def recalibrate(
             ``"precise"`` it restricts the data to that site (default: all sources pooled).
         method: ``"target"`` (AdaBN: the site's own statistics, seen in single-site batches) or
             ``"precise"`` (PreciseBN over the data in random batches).
-        batch_size, num_samples, seed, amp, progress: as for ``collect_stats`` (``num_samples`` per
-            source).
+        batch_size, num_samples, seed, amp, progress, forward: as for ``collect_stats`` (``num_samples``
+            per source; ``forward(model, x)`` runs each batch instead of ``model(x)``).
     """
     if method not in ("target", "precise"):
         raise ValueError(f"unknown method {method!r}; use 'target' (AdaBN on one site) or 'precise' (PreciseBN)")
@@ -46,10 +48,10 @@ def recalibrate(
         if target is None:
             raise ValueError(f"method='target' needs target=, one of {data.sources_present}")
         stats = collect_stats(model, data.subset(target), batch_size=batch_size, num_samples=num_samples,
-                              seed=seed, amp=amp, progress=progress)[str(target)]
+                              seed=seed, amp=amp, progress=progress, forward=forward)[str(target)]
     else:
         subset = data if target is None else data.subset(target)
         stats = collect_stats(model, subset, by_source=False, batch_size=batch_size, num_samples=num_samples,
-                              seed=seed, amp=amp, progress=progress).pooled()
+                              seed=seed, amp=amp, progress=progress, forward=forward).pooled()
     load_stats(model, stats)
     return stats

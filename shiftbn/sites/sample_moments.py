@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shiftbn._forward import Forward, Runner
 from shiftbn._torch import Inputs, autocast, device_of, iter_inputs
 from shiftbn.bn import BNLayer, bn_layers, preserved, site_key
 from shiftbn.bn.hooks import observe_bn_inputs
@@ -21,7 +22,8 @@ from shiftbn.bn.hooks import observe_bn_inputs
 @dataclass
 class SampleMoments:
     """Per BN call site: ``mean`` and ``sq`` (N, C) float64, each sample's spatial mean of x and of x^2;
-    ``depth``: the site's order of first call; ``logits``: the model's outputs (N, K) float32."""
+    ``depth``: the site's order of first call; ``logits``: the model's outputs (N, K) float32, or (N, 0) when
+    they are dense (a segmenter's (N, K, ...) logits are never kept: the monitor reads BN statistics only)."""
 
     mean: dict[str, np.ndarray]
     sq: dict[str, np.ndarray]
@@ -42,12 +44,14 @@ class SampleMoments:
 
 
 @torch.no_grad()
-def sample_moments(model: nn.Module, data: Inputs, *, batch_size: int = 256, amp: bool = False) -> SampleMoments:
+def sample_moments(model: nn.Module, data: Inputs, *, batch_size: int = 256, amp: bool = False,
+                   forward: Forward | None = None) -> SampleMoments:
     """One pass of ``model`` in eval mode (stored statistics) over ``data`` (a tensor (N, ...) or a dataset):
     every BN layer's input reduced to per-sample, per-channel spatial means of x and x^2 (float64).
 
     A module called k > 0 times more in one forward gets keys ``"<name>@<k>"`` for its later calls.
-    The model is restored bit for bit afterwards.
+    The model is restored bit for bit afterwards. ``forward``: the user's ``forward(model, x)`` (default
+    ``model(x)``). Outputs of more than two dimensions (dense: a logit per voxel) are not kept.
     """
     n = len(data)
     if n == 0:
@@ -65,6 +69,7 @@ def sample_moments(model: nn.Module, data: Inputs, *, batch_size: int = 256, amp
         sqs.setdefault(key, []).append(flat.square().mean(dim=2).cpu().numpy())
 
     device = device_of(model)
+    runner = Runner(forward=forward)
     logits = []
     with preserved(model):
         model.eval()
@@ -72,7 +77,8 @@ def sample_moments(model: nn.Module, data: Inputs, *, batch_size: int = 256, amp
             chunks = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
             with autocast(device, amp):
                 for x in iter_inputs(data, chunks):
-                    logits.append(model(x.to(device)).float().cpu())
+                    out = runner.outputs(model, x, device)
+                    logits.append(out.float().cpu() if out.ndim == 2 else out.new_zeros((len(out), 0)).float().cpu())
     mean = {k: np.concatenate(v) for k, v in parts.items()}
     sq = {k: np.concatenate(v) for k, v in sqs.items()}
     return SampleMoments(mean, sq, depth, torch.cat(logits).numpy())

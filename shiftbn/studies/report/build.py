@@ -25,6 +25,7 @@ from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import collect, paired_table, pooled_table, prepare, score, summarize
 from shiftbn.evaluate.matrix import calibration_split
+from shiftbn.evaluate.task import DEFAULT_METRICS, infer_task
 from shiftbn.studies.report.calibration import (
     calibration_table,
     confusion_figure,
@@ -37,6 +38,7 @@ from shiftbn.studies.report.html import write_report
 from shiftbn.studies.report.label_free import label_free_panel, label_free_sections, validate_chooser
 from shiftbn.studies.report.reading import findings, plural
 from shiftbn.studies.report.recommend import decision_caption, decision_lines, decision_table, labels_status
+from shiftbn.studies.report.segmentation import display
 
 REPORT_STRATEGIES = ("ema", "precise", "target", "prior:16", "stats:*")
 DECISION_TITLE = "Decision per {word}"
@@ -51,6 +53,10 @@ class ReportExtras:
     decisions: pd.DataFrame | None = None
     label_free: dict = field(default_factory=dict)
     ece: pd.DataFrame | None = None
+    metrics: tuple[str, ...] = ("accuracy",)
+    figures: dict = field(default_factory=dict)
+
+
 PAIRED_TITLE = "Paired differences to the stored statistics (ema)"
 
 
@@ -106,7 +112,9 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     decision panels' tables (``sites``, ``drift``, ``drift_layers``, ``reference``, ``audit``; see
     ``report.decisions``); ``word``: what the data calls a source (default ``samples.source_word``,
     else "source"), used in headings and sentences; ``extra``: the decision per site (shown first),
-    unlabeled sites' label-free panels and what the reading adds (``ReportExtras``).
+    unlabeled sites' label-free panels and what the reading adds (``ReportExtras``; its ``metrics``: the
+    task's metrics, the first one the score, and ``figures``: heading -> (figure, file) shown after the
+    matrix, e.g. the segmentation report's per-case distributions and overlays).
     """
     extra = extra or ReportExtras()
     if word is None:
@@ -124,9 +132,14 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
         captions.setdefault(heading, f"Each {word}'s row is scaled to that {word}'s own 1st-99th percentile of "
                             f"intensities (printed at the row), so no {word} renders near-black; compare the printed "
                             f"ranges, not the grey levels, across {words}.")
-    if (matrix["metric"] == "accuracy").any():  # no labeled source: no cell to draw (label-free panels follow)
-        figures["Cross-source matrix (accuracy)"] = (matrix_heatmap(matrix, held_out=held_out), "matrix.png")
-        captions.setdefault("Cross-source matrix (accuracy)", _matrix_caption(matrix, held_out, level, word))
+    metrics = extra.metrics
+    for m in metrics:
+        if (matrix["metric"] == m).any():  # no labeled source: no cell to draw (label-free panels follow)
+            heading = f"Cross-source matrix ({m})"
+            figures[heading] = (matrix_heatmap(matrix, metric=m, held_out=held_out),
+                                "matrix.png" if m == metrics[0] else f"matrix_{m.replace(':', '_')}.png")
+            captions.setdefault(heading, _matrix_caption(matrix, held_out, level, word))
+    figures.update(extra.figures)
     figures["Layer shift profile (W2 to pooled statistics)"] = (shift_profile(w2, word=word), "shift_profile.png")
     if heldout is not None:
         figures[f"Held-out {words}"] = (heldout_bars(heldout), "heldout.png")
@@ -148,8 +161,8 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
             continue
         save(fig, figs_dir / file)
         paths[name] = figs_dir / file
-    tables = _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed, word)
-    captions.update(_table_captions(level, word))
+    tables = _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed, word, metrics)
+    captions.update(_table_captions(level, word, metrics))
     if decisions:
         panel_tables, panel_captions = decision_sections(decisions.get("sites"), decisions.get("drift"),
                                                          decisions.get("drift_layers"), decisions.get("reference"),
@@ -163,8 +176,8 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     if extra.decisions is not None and len(extra.decisions):
         title_d = DECISION_TITLE.format(word=word)
         lead[title_d] = extra.decisions.drop(columns=["strategy"])
-        captions[title_d] = decision_caption(word, level)
-    reading = findings(matrix, heldout, w2, comparisons=comparisons, pooled=pooled, num_classes=num_classes,
+        captions[title_d] = decision_caption(word, level, metrics)
+    reading = findings(matrix, heldout, w2, metrics[0], comparisons=comparisons, pooled=pooled, num_classes=num_classes,
                        held_out=held_out, level=level, word=word, ece=extra.ece, decisions=extra.decisions,
                        unlabeled=list(extra.label_free))
     return write_report(out_dir / "report.html", title=title, summary=reading, figures=paths, tables=tables,
@@ -182,9 +195,11 @@ def _matrix_caption(matrix: pd.DataFrame, held_out: Sequence[str], level: float,
     return text
 
 
-def _table_captions(level: float, word: str) -> dict[str, str]:
+def _table_captions(level: float, word: str, metrics: Sequence[str] = ("accuracy",)) -> dict[str, str]:
     words = plural(word)
-    return {
+    dense = {f"{display(m)} by strategy and {word}": f"Cells: mean {display(m)} over cases [{level:.0%} bootstrap "
+             "interval, resampling cases]; n = evaluation cases." for m in metrics if m != "accuracy"}
+    return {**dense,
         f"Accuracy by strategy and {word}": f"Cells: accuracy [{level:.0%} bootstrap interval]; n = evaluation "
                                             "samples.",
         f"Summary over {words}": (f"Pooled over {words}, resampled within each {word} (stratified bootstrap); diff: "
@@ -201,12 +216,15 @@ def _table_captions(level: float, word: str) -> dict[str, str]:
 
 
 def _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_boot, seed,
-            word: str = "source") -> dict[str, pd.DataFrame]:
+            word: str = "source", metrics: Sequence[str] = ("accuracy",)) -> dict[str, pd.DataFrame]:
     words = plural(word)
-    acc = matrix[(matrix["metric"] == "accuracy") & ~matrix["is_cross_source"].astype(bool)]
+    main = matrix[~matrix["is_cross_source"].astype(bool)]
+    acc = main[main["metric"] == metrics[0]]
     if not len(acc):
         return {}
-    tables = {f"Accuracy by strategy and {word}": interval_cells(acc, "strategy", "eval_source")}
+    tables = {f"{display(m)} by strategy and {word}": interval_cells(main[main["metric"] == m], "strategy",
+                                                                      "eval_source")
+              for m in metrics if (main["metric"] == m).any()}
     if pooled is not None and len(pooled):
         tables[f"Summary over {words}"] = pooled.drop(columns=["metric", "level"], errors="ignore")
     else:
@@ -220,7 +238,7 @@ def _tables(matrix, heldout, comparisons, pooled, outputs, held_out, level, n_bo
     if held_out:
         rows = acc[acc["eval_source"].isin(list(held_out))]
         if len(rows):  # a held-out source without labels has no accuracy (its label-free panel follows)
-            tables[f"Held-out {words} (accuracy)"] = interval_cells(rows, "strategy", "eval_source")
+            tables[f"Held-out {words} ({metrics[0]})"] = interval_cells(rows, "strategy", "eval_source")
     if heldout is not None and len(heldout):
         h = heldout[heldout["is_held_out"].astype(bool) & (heldout["metric"] == "accuracy")]
         table = h.pivot_table(index="held_out", columns="strategy", values="value", sort=False)
@@ -242,27 +260,37 @@ def matrix_with_outputs(model: nn.Module, ds: SourceTaggedDataset, strategies: S
                         metrics: Sequence[str] = ("accuracy", "nll", "ece"), *, calibration=0.5,
                         train_sources: Sequence[str] | None = None, ci: float | None = 0.95, n_boot: int = 1000,
                         batch_size: int = 256, stats_batch_size: int = 64, num_samples: int | None = None,
-                        seed: int = 0, amp: bool = False, progress: bool = True) -> tuple[pd.DataFrame, Outputs]:
+                        seed: int = 0, amp: bool = False, progress: bool = True,
+                        forward=None) -> tuple[pd.DataFrame, Outputs]:
     """``cross_source_matrix`` (same arguments, same numbers) plus the outputs of every non-cross-source
-    cell, for paired comparisons and calibration. Returns ``(matrix, Outputs)``."""
+    cell, for paired comparisons and calibration (segmentation: the per-case rows, never dense outputs).
+    Returns ``(matrix, Outputs)``."""
+    return _matrix_ctx(model, ds, strategies, metrics, calibration=calibration, train_sources=train_sources, ci=ci,
+                       n_boot=n_boot, batch_size=batch_size, stats_batch_size=stats_batch_size,
+                       num_samples=num_samples, seed=seed, amp=amp, progress=progress, forward=forward)[:2]
+
+
+def _matrix_ctx(model, ds, strategies, metrics, *, calibration, train_sources, ci, n_boot, batch_size,
+                stats_batch_size, num_samples, seed, amp, progress, forward):
+    """``matrix_with_outputs``'s result, then the strategies' context and the plan (for the overlays' pass)."""
     plan = prepare(ds, list(strategies), calibration=calibration, train_sources=train_sources, seed=seed)
     ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size,
-                          num_samples=num_samples, seed=seed, amp=amp, progress=progress)
+                          num_samples=num_samples, seed=seed, amp=amp, progress=progress, forward=forward)
     kept: dict = {}
     matrix = score(ctx, plan, labels, list(metrics), ci=ci, n_boot=n_boot, progress=progress, keep_outputs=kept)
     names = [st.name for st in plan.strategies if not st.cross_source]
     kept = {key: v for key, v in kept.items() if key[0] in names}
-    return matrix, Outputs(kept, labels, ds.class_names, names)
+    return matrix, Outputs(kept, labels, ds.class_names, names), ctx, plan
 
 
-def comparison_tables(outputs: Outputs, *, n_boot: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def comparison_tables(outputs: Outputs, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                      metric: str = "accuracy") -> tuple[pd.DataFrame, pd.DataFrame]:
     """``paired_table`` (each strategy minus ema, per source) and ``pooled_table`` (stratified over sources)."""
     sites = list(outputs.labels)
-    return (paired_table(outputs.outputs, outputs.labels, outputs.strategies, sites, n_boot=n_boot, level=level,
-                         seed=seed),
-            pooled_table(outputs.outputs, outputs.labels, outputs.strategies, sites, n_boot=n_boot, level=level,
-                         seed=seed))
+    return (paired_table(outputs.outputs, outputs.labels, outputs.strategies, sites, metric=metric, n_boot=n_boot,
+                         level=level, seed=seed),
+            pooled_table(outputs.outputs, outputs.labels, outputs.strategies, sites, metric=metric, n_boot=n_boot,
+                         level=level, seed=seed))
 
 
 def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, held_out: Sequence[str] | None = None,
@@ -270,7 +298,7 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
                  n_boot: int = 1000, batch_size: int = 256, stats_batch_size: int = 64,
                  num_samples: int | None = None, seed: int = 0, amp: bool = False, progress: bool = True,
                  title: str | None = None, unlabeled: Sequence[str] | None = None,
-                 provenance: Mapping[str, str] | None = None, command: str | None = None) -> Path:
+                 provenance: Mapping[str, str] | None = None, command: str | None = None, forward=None) -> Path:
     """Write the demo's report for your model and data into ``out`` (``report.html``, figures, CSVs).
 
     Why: the same questions as the demo, asked of a trained model: per-source BN statistics and the layer
@@ -290,12 +318,25 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     and data as the title and ``report.json`` name them (default: the model's class and the in-memory
     weights' digest). ``command``: ``shiftbn recalibrate`` with the model and data options, the start of
     each next command (default: placeholders).
+
+    Segmentation data (a label map per sample, ``evaluate.task.infer_task``) gets a segmentation report:
+    Dice and HD95 matrices with case-level intervals, per-case distributions per source and strategy,
+    overlays of prediction vs ground truth for the first two evaluation cases of each source under ema,
+    target and precise (middle slice of 3-D cases; a separate pass over those cases only), and the
+    decision table with Dice as the score. Calibration, confusion and per-class recall need class
+    predictions and are left out (the report says so); so are label-free panels (``unlabeled`` is
+    refused). ``forward``: the user's ``forward(model, x)``, used by every pass over the model.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     held = [str(h) for h in (held_out or [])]
     for h in [*held, *(unlabeled or [])]:
         ds.source_id(h)
+    dense = infer_task(ds) == "segmentation"
+    if dense and unlabeled:
+        raise ValueError(f"unlabeled (--unlabeled) {list(unlabeled)}: the label-free panel reads class predictions, "
+                         "which a segmenter does not make; evaluate only sources with masks (leave the others out of "
+                         "the data)")
     if unlabeled:
         ds = ds.without_labels([str(u) for u in unlabeled])
     ds, skipped = _sites_with_both_parts(ds, calibration, seed)
@@ -305,21 +346,24 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
         raise ValueError(f"--held-out names every source ({held}); leave at least one source the model was trained "
                          "on")
     stats = collect_stats(model, prepare(ds, ["ema"], calibration=calibration, seed=seed).calibration,
-                          batch_size=stats_batch_size, num_samples=num_samples, seed=seed, amp=amp, progress=progress)
+                          batch_size=stats_batch_size, num_samples=num_samples, seed=seed, amp=amp, progress=progress,
+                          forward=forward)
     shift = stats_shift(stats, metric="all")
     if all(parse_strategy(s).cross_source for s in ([strategies] if isinstance(strategies, str) else strategies)):
         raise ValueError("the report needs at least one strategy that is not stats:<source> (e.g. ema, target)")
-    matrix, everything = matrix_with_outputs(model, ds, strategies, calibration=calibration, train_sources=trains,
-                                             ci=ci, n_boot=n_boot, batch_size=batch_size,
-                                             stats_batch_size=stats_batch_size, num_samples=num_samples, seed=seed,
-                                             amp=amp, progress=progress)
+    scores = tuple(DEFAULT_METRICS["segmentation"]) if dense else ("accuracy",)
+    matrix, everything, ctx, plan = _matrix_ctx(model, ds, strategies, scores if dense else ("accuracy", "nll", "ece"),
+                                                calibration=calibration, train_sources=trains, ci=ci, n_boot=n_boot,
+                                                batch_size=batch_size, stats_batch_size=stats_batch_size,
+                                                num_samples=num_samples, seed=seed, amp=amp, progress=progress,
+                                                forward=forward)
     status = labels_status(everything.labels)
     kept = _labeled_part(everything, status)
     level = ci if ci is not None else 0.95
     comparisons = pooled = ece = None
     if ci is not None and kept.labels:
-        comparisons, pooled = comparison_tables(kept, n_boot=n_boot, level=level, seed=seed)
-        ece = ece_changes(kept, n_boot=n_boot, level=level, seed=seed)
+        comparisons, pooled = comparison_tables(kept, n_boot=n_boot, level=level, seed=seed, metric=scores[0])
+        ece = None if dense else ece_changes(kept, n_boot=n_boot, level=level, seed=seed)
     word = ds.source_word
     names, labels = kept.strategies, kept.labels
     k = next(iter(everything.outputs.values())).shape[1]
@@ -330,7 +374,8 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     base = command or "shiftbn recalibrate --model MODULE:FACTORY --weights CHECKPOINT --data DATA"
     decisions = decision_table(ds.sources_present, status, comparisons=comparisons, outputs=kept.outputs,
                                labels=kept.labels, label_free=panels, base=base, class_names=ds.class_names,
-                               level=level, n_boot=n_boot, seed=seed, word=word)
+                               level=level, n_boot=n_boot, seed=seed, word=word, metrics=scores)
+    figures, notes = _segmentation_figures(model, ctx, plan, kept, scores, word, forward, out) if dense else ({}, {})
     atomic_write_text(out / "stats.json", json.dumps(stats.to_dict()))
     for name, table in (("matrix", matrix), ("comparisons", comparisons), ("pooled", pooled), ("shift", shift)):
         if table is not None:
@@ -340,11 +385,12 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
         "decisions": decisions.rename(columns={word: "source"}).to_dict("records"),
         "decision_lines": decision_lines(decisions, word)}, indent=1))
     x0 = ds[0][0]
-    images = hasattr(x0, "ndim") and x0.ndim >= 2
+    images = hasattr(x0, "ndim") and x0.ndim >= 2 and not dense  # segmentation: the overlays show the images
     meta = {**{f"{key.replace('_', ' ')}": str(v) for key, v in prov.items()},
             plural(word): ", ".join(ds.sources_present),
             "held out (never trained on)": ", ".join(held) or "none",
-            "strategies": " ".join(names), "labeled evaluation samples": str(sum(len(v) for v in labels.values())),
+            "strategies": " ".join(names),
+            "evaluation cases" if dense else "labeled evaluation samples": str(sum(len(v) for v in labels.values())),
             "bootstrap": f"{n_boot} resamples, {level:.0%}" if ci is not None else "off", "seed": str(seed)}
     unl = [s for s, v in status.items() if v == "none"]
     part = {s: v for s, v in status.items() if v not in ("all", "none")}
@@ -357,9 +403,44 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
         meta[f"{word}s skipped"] = "; ".join(f"{site} ({why})" for site, why in skipped.items())
     return render_report(out, title=title or provenance_title(prov), meta=meta, matrix=matrix,
                          shift=shift, samples=ds if images else None, held_out=held, comparisons=comparisons,
-                         pooled=pooled, outputs=kept if kept.labels else None, num_classes=k, level=level,
-                         n_boot=n_boot, seed=seed, word=word,
-                         extra=ReportExtras(decisions=decisions, label_free=panels, ece=ece))
+                         pooled=pooled, outputs=kept if kept.labels and not dense else None,
+                         num_classes=None if dense else k, level=level, n_boot=n_boot, seed=seed, word=word,
+                         notes=notes or None,
+                         extra=ReportExtras(decisions=decisions, label_free=panels, ece=ece, metrics=scores,
+                                            figures=figures))
+
+
+SEG_DISTRIBUTIONS = "Per-case distributions per {word}"
+SEG_OVERLAYS = "Prediction vs ground truth"
+SEG_SKIPPED = "Calibration and confusion"
+
+
+def _segmentation_figures(model, ctx, plan, kept: Outputs, scores, word: str, forward, out: Path) -> tuple[dict, dict]:
+    """The segmentation report's figures (heading -> (figure, file)) and their captions; writes cases.csv.
+
+    Why: a mean Dice hides the cases a strategy fails on (the distributions) and what the failure looks
+    like (the overlays: one extra pass over two cases per source with each main strategy's statistics).
+    """
+    from shiftbn.evaluate.dense import case_values
+    from shiftbn.studies.report import segmentation as seg
+
+    cases = seg.case_table(kept.outputs, scores, kept.strategies)
+    atomic_write_text(out / "cases.csv", cases.to_csv(index=False))
+    shown_strategies = seg.overlay_strategies(kept.strategies)
+    parts = {s: plan.evaluation.subset(s) for s in plan.eval_sources}
+    shown = seg.overlay_cases(model, ctx, parts, shown_strategies, forward=forward)
+    dice = {key: case_values("dice", rows) for key, rows in kept.outputs.items()}
+    dist = SEG_DISTRIBUTIONS.format(word=word)
+    figures = {dist: (seg.case_distributions(cases, scores, word), "cases.png"),
+               SEG_OVERLAYS: (seg.overlay_figure(shown, shown_strategies, dice, word), "overlays.png"),
+               SEG_SKIPPED: (None, None)}
+    notes = {dist: (f"Each dot is one evaluation case of that {word} under that strategy (cases.csv); boxes: "
+                    "quartiles and median. A mean can hide a few failed cases: look for dots far below the box."),
+             SEG_OVERLAYS: (f"The first {min(2, max((len(p) for p in parts.values()), default=0))} evaluation cases "
+                            f"of each {word} under {', '.join(shown_strategies)} (columns), each with its "
+                            "statistics; the case's Dice in the title."),
+             SEG_SKIPPED: seg.SKIPPED_SENTENCE}
+    return figures, notes
 
 
 def provenance_title(prov: Mapping[str, str]) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from shiftbn.evaluate import paired_difference, supports_difference
+from shiftbn.evaluate import get_metric, paired_difference, supports_difference
 from shiftbn.studies.report.label_free import LabelFree
 from shiftbn.studies.report.reading import plural
 
@@ -59,11 +59,15 @@ def _shown(strategy: str | None, word: str) -> str:
 def decision_table(sites: Sequence[str], status: Mapping[str, str], *, comparisons: pd.DataFrame | None,
                    outputs: Mapping[tuple[str, str], np.ndarray], labels: Mapping[str, np.ndarray],
                    label_free: Mapping[str, LabelFree], base: str, class_names: Sequence[str] | None = None,
-                   level: float = 0.95, n_boot: int = 1000, seed: int = 0, word: str = "source") -> pd.DataFrame:
+                   level: float = 0.95, n_boot: int = 1000, seed: int = 0, word: str = "source",
+                   metrics: Sequence[str] = ("accuracy",)) -> pd.DataFrame:
     """One row per site: ``<word>, labels, recommended, strategy, why, cost, next_command``.
 
     ``outputs``/``labels``: the labeled part of each site's kept outputs and labels; ``label_free``:
-    the panels of sites without labels; ``comparisons``: ``paired_table`` rows (None: no intervals).
+    the panels of sites without labels; ``comparisons``: ``paired_table`` rows of ``metrics[0]`` (None:
+    no intervals). ``metrics``: the task's metrics; the first is the score (its direction:
+    ``get_metric(m).higher_is_better``); for a task other than classification the cost is the paired
+    change of the second metric (e.g. HD95 for Dice), since ECE and recall need class predictions.
     """
     rows = []
     for site in sites:
@@ -72,8 +76,11 @@ def decision_table(sites: Sequence[str], status: Mapping[str, str], *, compariso
             strategy, why = lf.chosen, lf.why
             cost = "unknown without labels: the ECE change and per-class recall need them" + _mix(lf, strategy)
         else:
-            strategy, why = _by_interval(comparisons, site, level)
-            cost = _cost(strategy, site, outputs, labels, class_names, level, n_boot, seed)
+            strategy, why = _by_interval(comparisons, site, level, metrics[0])
+            if get_metric(metrics[0]).task == "classification":
+                cost = _cost(strategy, site, outputs, labels, class_names, level, n_boot, seed)
+            else:
+                cost = _dense_cost(strategy, site, outputs, labels, metrics, level, n_boot, seed)
             if status.get(site, "all") != "all":
                 why += f" (scored on the {status[site]} labeled samples; statistics from all)"
         rows.append({word: site, "labels": status.get(site, "all"), "recommended": _shown(strategy, word),
@@ -82,35 +89,73 @@ def decision_table(sites: Sequence[str], status: Mapping[str, str], *, compariso
     return pd.DataFrame(rows)
 
 
-def _points(d: float, lo: float, hi: float) -> str:
+def _points(d: float, lo: float, hi: float, bounded: bool = True) -> str:
+    if not bounded:  # a distance (HD95, in the data's units): the difference itself, not points
+        return f"{d:+.3g} [{lo:+.3g}, {hi:+.3g}]"
     return f"{100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
-def _by_interval(comparisons: pd.DataFrame | None, site: str, level: float) -> tuple[str, str]:
-    """The strategy with the largest gain over ema whose paired interval excludes 0 (else ema), and why."""
+def _by_interval(comparisons: pd.DataFrame | None, site: str, level: float,
+                 metric: str = "accuracy") -> tuple[str, str]:
+    """The strategy with the largest gain over ema in ``metric`` (a rise, or a fall when lower is better)
+    whose paired interval excludes 0 (else ema), and why."""
     if comparisons is None or not len(comparisons):
         return "ema", "no paired interval was computed (--no-ci), so no change is supported"
     c = comparisons[(comparisons["eval_source"] == site) & (comparisons["strategy"] != "ema")]
     if not len(c):
         return "ema", "no other strategy was evaluated here"
+    m = get_metric(metric)
+    sign = 1.0 if m.higher_is_better else -1.0  # gain = sign * diff
     sig = [supports_difference(lo, hi) for lo, hi in zip(c["ci_low"], c["ci_high"], strict=True)]
-    gains = c[[s and d > 0 for s, d in zip(sig, c["diff"], strict=True)]]
-    losses = c[[s and d < 0 for s, d in zip(sig, c["diff"], strict=True)]]
+    gains = c[[s and sign * d > 0 for s, d in zip(sig, c["diff"], strict=True)]]
+    losses = c[[s and sign * d < 0 for s, d in zip(sig, c["diff"], strict=True)]]
     n = int(c["n"].iloc[0])
+    name = metric if metric == "accuracy" else _display(metric)
+    unit = "" if metric == "accuracy" else " cases"
+
+    def pts(d, lo, hi):
+        return _points(d, lo, hi, m.bounded)
+
     if len(gains):
-        best = gains.loc[gains["diff"].idxmax()]
+        best = gains.loc[(sign * gains["diff"]).idxmax()]
         strategy = str(best["strategy"])
-        why = (f"accuracy {_points(best['diff'], best['ci_low'], best['ci_high'])} over the model's own statistics "
-               f"({level:.0%} paired interval, n={n})")
+        why = (f"{name} {pts(best['diff'], best['ci_low'], best['ci_high'])} over the model's own statistics "
+               f"({level:.0%} paired interval, n={n}{unit})")
     else:
-        best = c.loc[c["diff"].idxmax()]
+        best = c.loc[(sign * c["diff"]).idxmax()]
         strategy = "ema"
+        named = "" if metric == "accuracy" else f"{name} "
         why = (f"no strategy beats the model's own statistics beyond noise (best: {best['strategy']} "
-               f"{_points(best['diff'], best['ci_low'], best['ci_high'])}, n={n})")
+               f"{named}{pts(best['diff'], best['ci_low'], best['ci_high'])}, n={n}{unit})")
     if len(losses):
         why += "; worse beyond noise here: " + ", ".join(
-            f"{r.strategy} {_points(r.diff, r.ci_low, r.ci_high)}" for r in losses.sort_values("diff").itertuples())
+            f"{r.strategy} {pts(r.diff, r.ci_low, r.ci_high)}"
+            for r in losses.assign(gain=sign * losses["diff"]).sort_values("gain").itertuples())
     return strategy, why
+
+
+def _display(metric: str) -> str:
+    from shiftbn.studies.report.segmentation import display
+
+    return display(metric)
+
+
+def _dense_cost(strategy: str, site: str, outputs, labels, metrics: Sequence[str], level, n_boot, seed) -> str:
+    """The paired change of the task's second metric (e.g. HD95 when the score is Dice) against ema."""
+    if strategy == "ema":
+        return "none: nothing changes"
+    if len(metrics) < 2:
+        return "ECE and per-class recall need class predictions; no second metric was scored"
+    if (strategy, site) not in outputs or ("ema", site) not in outputs:
+        return "not measured"
+    from shiftbn.evaluate.metrics import metric_value
+
+    second = metrics[1]
+    a, b, y = outputs[strategy, site], outputs["ema", site], labels[site]
+    d = paired_difference(a, b, y, second, n_boot=n_boot, level=level, seed=seed)
+    return (f"{_display(second)} {metric_value(second, b, y):.3g} -> {metric_value(second, a, y):.3g} "
+            f"({d.value:+.3g} [{d.low:+.3g}, {d.high:+.3g}], {level:.0%} paired interval); ECE and per-class "
+            "recall need class predictions")
 
 
 def _cost(strategy: str, site: str, outputs, labels, class_names, level, n_boot, seed) -> str:
@@ -157,8 +202,13 @@ def decision_lines(table: pd.DataFrame, word: str) -> list[str]:
     return lines
 
 
-def decision_caption(word: str, level: float) -> str:
+def decision_caption(word: str, level: float, metrics: Sequence[str] = ("accuracy",)) -> str:
     """What the decision table's columns mean."""
+    if metrics[0] != "accuracy" and get_metric(metrics[0]).task != "classification":
+        second = f"the {_display(metrics[1])} change with its paired interval" if len(metrics) > 1 else "nothing"
+        return (f"For each {word}: the statistics to deploy and why ({level:.0%} paired interval over cases of "
+                f"{_display(metrics[0])} against the model's own statistics), what the change costs ({second}) and "
+                "the command that deploys it.")
     return (f"For each {word}: the statistics to deploy and why ({level:.0%} paired interval of accuracy against the "
             f"model's own statistics when the {word} has labels; without labels, the label-free chooser with the "
             f"regret it had on the labeled {plural(word)} and the drift test), what the change costs (ECE change "

@@ -1,0 +1,100 @@
+"""The segmentation report (``build_report`` on data whose targets are masks) and the decision table on a
+metric other than accuracy."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import shiftbn as sb
+from shiftbn.studies.models import unet2d
+from shiftbn.studies.report import build_report
+from shiftbn.studies.report.recommend import _by_interval, decision_table
+from shiftbn.studies.report.segmentation import SKIPPED_SENTENCE, case_table
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One 2-D report (two sites of four 16 x 16 cases), built through a user forward that counts its calls."""
+    out = tmp_path_factory.mktemp("segreport")
+    ds = sb.load("seg-sites-2d", n=4, size=16, sites=2)
+    model = unet2d(width=4).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def forward(m, x):
+        calls.append(len(x))
+        return m(x)
+
+    page = build_report(model, ds, out, strategies=["ema", "target", "precise"], n_boot=10,
+                        stats_batch_size=4, progress=False, forward=forward)
+    return {"out": out, "page": page, "model": model, "before": before, "calls": calls}
+
+
+def test_the_page_has_the_dice_matrix_distributions_overlays_and_decisions(report):
+    html = report["page"].read_text()
+    for heading in ("Decision per site", "Cross-source matrix (dice)", "Cross-source matrix (hd95)",
+                    "Per-case distributions per site", "Prediction vs ground truth", "Dice by strategy and site",
+                    "Paired differences to the stored statistics (ema)"):
+        assert f"<h2>{heading}</h2>" in html, heading
+    assert SKIPPED_SENTENCE in html
+    assert "Calibration (ECE) per site" not in html and "Confusion per site" not in html
+    assert "Sample images per site" not in html  # the overlays show the images
+    figures = report["out"] / "figures"
+    assert {p.name for p in figures.iterdir()} >= {"matrix.png", "matrix_hd95.png", "cases.png", "overlays.png"}
+
+
+def test_the_matrix_is_per_case_dice_and_hd95_with_intervals_and_the_model_is_unchanged(report):
+    matrix = pd.read_csv(report["out"] / "matrix.csv")
+    assert set(matrix["metric"]) == {"dice", "hd95"}
+    assert (matrix["n"] == 2).all() and matrix["ci_low"].notna().all()
+    cases = pd.read_csv(report["out"] / "cases.csv")
+    main = matrix[~matrix["is_cross_source"]]
+    means = cases.groupby(["strategy", "eval_source", "metric"])["value"].mean()
+    for r in main.itertuples():  # the matrix's cells are the means of the cases the distributions draw
+        assert means[(r.strategy, r.eval_source, r.metric)] == pytest.approx(r.value, rel=1e-12, abs=1e-12)
+    assert report["calls"], "the user's forward was not used"
+    for k, v in report["model"].state_dict().items():
+        assert torch.equal(v, report["before"][k]), k
+
+
+def test_the_decision_rests_on_dice(report):
+    decisions = json.loads((report["out"] / "report.json").read_text())["decisions"]
+    assert [d["source"] for d in decisions] == ["site_a", "site_b"]
+    for d in decisions:
+        assert "Dice" in d["why"] and "cases" in d["why"]
+        assert d["cost"].startswith(("none", "HD95"))
+
+
+def test_unlabeled_sites_are_refused_for_segmentation(tmp_path):
+    ds = sb.load("seg-sites-2d", n=2, size=8, sites=2)
+    with pytest.raises(ValueError, match=r"--unlabeled\) \['site_b'\]: the label-free panel reads class predictions"):
+        build_report(unet2d(width=2), ds, tmp_path, unlabeled=["site_b"], progress=False)
+
+
+def _comparisons(metric):
+    return pd.DataFrame({"eval_source": "s", "strategy": ["target", "precise"], "baseline": "ema", "metric": metric,
+                         "diff": [-5.0, 3.0], "ci_low": [-6.0, 2.0], "ci_high": [-4.0, 4.0], "n": 10, "level": 0.95})
+
+
+def test_a_lower_is_better_score_picks_the_strategy_that_lowers_it():
+    strategy, why = _by_interval(_comparisons("hd95"), "s", 0.95, "hd95")
+    assert strategy == "target"
+    assert why.startswith("HD95 -5 [-6, -4] over the model's own statistics") and "worse beyond noise here: precise" \
+        in why
+    strategy, why = _by_interval(_comparisons("accuracy"), "s", 0.95)  # higher is better: the rise wins
+    assert strategy == "precise" and why.startswith("accuracy +300.0 points")
+
+
+def test_the_decision_table_scores_dice_and_costs_hd95():
+    rows = {("ema", "s"): torch.tensor([[0.5, 0.5, 4.0, 4.0]] * 6).numpy(),
+            ("target", "s"): torch.tensor([[0.9, 0.8, 1.0, 1.0]] * 6).numpy()}  # K = 2: dice, iou, hd95, asd
+    comparisons = pd.DataFrame({"eval_source": "s", "strategy": ["target"], "baseline": "ema", "metric": "dice",
+                                "diff": [0.4], "ci_low": [0.3], "ci_high": [0.5], "n": 6, "level": 0.95})
+    t = decision_table(["s"], {"s": "all"}, comparisons=comparisons, outputs=rows, labels={"s": list(range(6))},
+                       label_free={}, base="shiftbn recalibrate", n_boot=20, metrics=("dice", "hd95"))
+    row = t.iloc[0]
+    assert row["strategy"] == "target" and row["why"].startswith("Dice +40.0 points [+30.0, +50.0]")
+    assert row["cost"].startswith("HD95 4 -> 1 (-3 [-3, -3]") and "need class predictions" in row["cost"]
+    assert len(case_table(rows, ["dice"], ["ema", "target"])) == 12
