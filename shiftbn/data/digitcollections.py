@@ -7,7 +7,7 @@ downloaded: every pixel comes from an installed package. Recipe, licences and co
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -147,14 +147,14 @@ def _to_grid(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 
 
 def _package_file(package: str, *parts: str) -> Path:
-    """A data file inside an installed package, found without importing the package's modules."""
-    try:
-        path = importlib.resources.files(package).joinpath(*parts)
-    except ModuleNotFoundError:
-        raise ImportError(f"digit-collections needs {package}, which is not installed: {_INSTALL}") from None
+    """A data file inside an installed package, found without importing the package (nor its dependencies)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"digit-collections needs {package}, which is not installed: {_INSTALL}")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
     if not path.is_file():
         raise ImportError(f"{package} is installed but has no {'/'.join(parts)}; {_INSTALL} with a full wheel")
-    return Path(str(path))
+    return path
 
 
 def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +178,10 @@ def _blend_over_patches(digits: np.ndarray, rng: np.random.Generator) -> tuple[n
     """
     from PIL import Image
 
-    images = [Image.open(_package_file("skimage", "data", name)).convert("RGB") for name in BACKGROUNDS]
+    images = []
+    for name in BACKGROUNDS:
+        with Image.open(_package_file("skimage", "data", name)) as image:
+            images.append(image.convert("RGB"))
     out = np.empty((len(digits), 3, 28, 28), dtype=np.float32)
     which = rng.integers(len(images), size=len(digits))
     sides = rng.integers(28, 85, size=len(digits))
