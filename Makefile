@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,parquet,docs]"
 	touch $(STAMP)
 
-# Chromium and Debian's Fashion-MNIST: installed with apt as root, else the command to run is printed.
-system-deps:  ## install what the tests need from the system (chromium, Fashion-MNIST)
+# Chromium, Debian's Fashion-MNIST and fonts: installed with apt as root, else the command to run is printed.
+system-deps:  ## install what the tests need from the system (chromium, Fashion-MNIST, fonts)
 	@[ -n "$$SKIP_SYSTEM_DEPS" ] || tools/system-deps.sh
 
 test: $(STAMP) system-deps  ## lint, the core test suite and the docs build (< 5 min on 2 idle cores)

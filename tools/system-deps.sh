@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # What the test suite needs from the system, beyond Python packages: Chromium (the report is opened in a real
-# headless browser) and Debian's Fashion-MNIST files (the Fashion-MNIST studies). Installed with apt when run as
+# headless browser), Debian's Fashion-MNIST files (the Fashion-MNIST studies) and the DejaVu and Liberation fonts
+# (the printed digits of digit-collections). Installed with apt when run as
 # root; otherwise the exact command is printed and the script fails, so no test is skipped silently.
 set -uo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+fonts=/usr/share/fonts/truetype
+[ -f $fonts/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+[ -f $fonts/dejavu/DejaVuSerifCondensed.ttf ] || missing+=(fonts-dejavu-extra)
+[ -f $fonts/liberation/LiberationSans-Regular.ttf ] || missing+=(fonts-liberation)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${missing[*]} with apt-get (needed by the tests)" >&2

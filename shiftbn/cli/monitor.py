@@ -129,7 +129,9 @@ def _print_results(results: dict, monitor, word: str, reference: str | None) -> 
         index=False, formatters={"effect": "{:.3g}".format, "score": "{:.2f}".format, "p_value": "{:.4f}".format,
                                  "p_adjusted": "{:.4f}".format}))
     if monitor.atc is None:
-        print(f"No predicted accuracy: {ref} had no labels when the monitor was fitted (ATC needs them).")
+        print(f"No predicted accuracy: ATC needs {ref}'s labels and one class prediction per sample (a classifier's "
+              "logits, not a segmenter's or a regressor's outputs), and this monitor has no ATC fit; the ranking "
+              "above uses BN statistics only.")
     else:
         print(f"predicted accuracy: ATC fitted on {ref}'s labels, ± its validated error (the largest error on labs "
               f"it never saw, inside the range below); none where a {word}'s BN statistics lie more than "

@@ -3,6 +3,7 @@
 from shiftbn.data.arrays import ArrayDataset
 from shiftbn.data.builtin import DATASETS, blobs_labs, digits_c, digits_labs, fashion_mnist_c, fashion_mnist_labs, load
 from shiftbn.data.corruptions import Corruption
+from shiftbn.data.digitcollections import digit_collections
 from shiftbn.data.files import camelyon17, from_folder, from_frame
 from shiftbn.data.idx import read_idx, write_idx
 from shiftbn.data.images import FileDataset, load_image
@@ -27,6 +28,7 @@ __all__ = [
     "Splits",
     "blobs_labs",
     "camelyon17",
+    "digit_collections",
     "digits_c",
     "digits_labs",
     "fashion_mnist_c",

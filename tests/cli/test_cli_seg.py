@@ -153,8 +153,9 @@ def test_monitor_scores_bn_statistics_of_a_segmenter(root, capsys):
                                      "segfwd_mod:micro")])
     assert status in (0, 1)
     printed = capsys.readouterr().out
-    assert "source site_b (n=4): score" in printed and "(all layers)" in printed
-    assert "predicted accuracy" not in printed  # no class predictions: no ATC
+    assert "source site_b (n=4): effect" in printed and "(all layers)" not in printed
+    assert "one class prediction per sample" in printed  # no class predictions: no estimate
+    assert "±" not in printed
 
 
 def test_report_on_a_nifti_folder_is_a_segmentation_report(root, capsys):
