@@ -45,8 +45,9 @@ def test_tiny_run_gives_one_row_per_case_strategy_and_metric(tiny):
 
 
 def test_same_seed_same_table(tiny):
-    a = _study(strategies=["ema"], online=["tent"]).run(tiny, progress=False).drop(columns="seconds")
-    b = _study(strategies=["ema"], online=["tent"]).run(tiny, progress=False).drop(columns="seconds")
+    kw = dict(strategies=["ema"], online=["tent"], streams=["sequence"], metrics=["dice"])
+    a = _study(**kw).run(tiny, progress=False).drop(columns="seconds")
+    b = _study(**kw).run(tiny, progress=False).drop(columns="seconds")
     pd.testing.assert_frame_equal(a, b)
 
 
