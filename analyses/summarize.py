@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from shiftbn.studies import choice_summary, drift_summary
+from shiftbn.studies.caseintervals import case_intervals, paired_case_effects
 from shiftbn.studies.intervals import format_interval, interval_table, paired_effects
 
 
@@ -122,6 +123,71 @@ def drift(rows: pd.DataFrame, name: str) -> None:
     print(drift_summary(rows).to_markdown(index=False, floatfmt=".3f"))
 
 
+def _seg_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per-case segmentation rows with ``row`` (strategy, and its mode and stream when online) and ``where``."""
+    rows = rows.assign(stream=rows["stream"].fillna(""))
+    label = rows["strategy"] + rows["mode"].map({"offline": "", "online": " (online"}) + \
+        rows["stream"].map(lambda s: f", {s})" if s else "")
+    return rows.assign(row=label, where=rows["is_held_out"].map({True: "held-out site", False: "training sites"}))
+
+
+def seg_held_out(rows: pd.DataFrame, name: str) -> None:
+    """Segmentation held-out site: means with two-level (seed, case) intervals and paired effects vs ema."""
+    rows = _seg_rows(rows)
+    order = list(dict.fromkeys(rows["row"]))
+    cells = case_intervals(rows, ["where", "row", "metric"])
+    cells["text"] = [format_interval(r.mean, r.std, r.low, r.high, 3 if r.metric.startswith("dice") else 2)
+                     for r in cells.itertuples()]
+    for where in ("held-out site", "training sites"):
+        part = cells[cells["where"] == where]
+        wide = part.pivot(index="row", columns="metric", values="text").reindex(order)
+        counts = part.drop_duplicates("row").set_index("row")[["n", "seeds"]].reindex(order)
+        wide["cases"] = counts["n"].astype(int)  # case rows of one metric, over held-out sites and seeds
+        wide["seeds"] = counts["seeds"]
+        print(f"\n## {name}: {where} (mean over held-out sites of the case mean)\n")
+        print(wide.to_markdown())
+    held = rows[rows["is_held_out"]]
+    per_site = case_intervals(held, ["held_out", "row", "metric"])
+    per_site = per_site[per_site["metric"] == "dice"]
+    per_site["text"] = [format_interval(r.mean, r.std, r.low, r.high) for r in per_site.itertuples()]
+    print(f"\n## {name}: Dice on each held-out site\n")
+    print(per_site.pivot(index="row", columns="held_out", values="text").reindex(order).to_markdown())
+    print(f"\n## {name}: effects (paired by seed and case; row − ema)\n")
+    out = []
+    for metric in [m for m in ("dice", "dice:2", "hd95") if m in set(rows["metric"])]:
+        part = rows[rows["metric"] == metric]
+        for row in order:
+            if row == "ema":
+                continue
+            eff = paired_case_effects(part, ["where"], "row", row, "ema")
+            for r in eff.itertuples():
+                out.append({"row": row, "metric": metric, "where": r.where,
+                            "effect [95% interval]": format_interval(r.effect, r.std, r.low, r.high),
+                            "cases": r.n, "seeds": r.seeds, "excludes 0": "yes" if r.supported else "no"})
+    print(pd.DataFrame(out).to_markdown(index=False))
+    online = [r for r in order if "(online, site)" in r or "(online, sequence)" in r]
+    pairs = [(r, "batch (online, case)") for r in online] + \
+        [(r.replace("site)", "sequence)"), r) for r in online if r.endswith("site)")]
+    out = []
+    for a, b in pairs:
+        if not {a, b} <= set(order):
+            continue
+        for metric in [m for m in ("dice", "hd95") if m in set(rows["metric"])]:
+            eff = paired_case_effects(rows[rows["metric"] == metric], ["where"], "row", a, b)
+            for r in eff.itertuples():
+                out.append({"effect": f"{a} − {b}", "metric": metric, "where": r.where,
+                            "effect [95% interval]": format_interval(r.effect, r.std, r.low, r.high),
+                            "cases": r.n, "seeds": r.seeds, "excludes 0": "yes" if r.supported else "no"})
+    if out:
+        print(f"\n## {name}: online Tent against per-case batch statistics, and carried across sites\n")
+        print(pd.DataFrame(out).to_markdown(index=False))
+    if "seconds" in rows:
+        t = rows.drop_duplicates(["seed", "held_out", "eval_source", "row"]).groupby("row")["seconds"].sum()
+        cells_run = rows.drop_duplicates(["seed", "held_out"]).shape[0]
+        print(f"\n## {name}: seconds per trained model (all sites' test cases), mean over {cells_run} models\n")
+        print((t / cells_run).reindex(order).round(1).to_markdown())
+
+
 SECTIONS = {"held_out": held_out, "batch_composition": batch_composition, "ema_vs_precise": ema_vs_precise,
             "held_out_c": lambda rows: held_out(rows, "held_out_c (fashion-mnist-c)"),
             "held_out_digits_c": lambda rows: held_out(rows, "held_out_digits_c (digits-c)"),
@@ -133,7 +199,9 @@ SECTIONS = {"held_out": held_out, "batch_composition": batch_composition, "ema_v
             "strategy_choice": lambda rows: choice(rows, "strategy_choice (digits-labs)"),
             "strategy_choice_fashion": lambda rows: choice(rows, "strategy_choice_fashion (fashion-mnist-labs)"),
             "drift": lambda rows: drift(rows, "drift (digits-labs)"),
-            "drift_fashion": lambda rows: drift(rows, "drift_fashion (fashion-mnist-labs)")}
+            "drift_fashion": lambda rows: drift(rows, "drift_fashion (fashion-mnist-labs)"),
+            "seg_held_out_2d": lambda rows: seg_held_out(rows, "seg_held_out_2d (seg-sites-2d, UNet2d)"),
+            "seg_held_out_3d": lambda rows: seg_held_out(rows, "seg_held_out_3d (seg-sites-3d, UNet3d)")}
 
 
 def _renamed(rows: pd.DataFrame) -> pd.DataFrame:

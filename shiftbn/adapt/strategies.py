@@ -700,7 +700,8 @@ class BatchStats(Grouped):
     reference for how much batch size and composition move the result.
 
     Args:
-        batch: the test batch size B >= 2.
+        batch: the test batch size B >= 1 (B = 1: each case normalized by its own statistics, which needs
+            dense inputs such as images; a BN layer that gets one value per channel is refused when it runs).
         mixed: draw each batch from all evaluated sources together (``stats_source`` ``"mixed-batch"``).
         groupings: seeded groupings K the metric is scored over (default ``DEFAULT_GROUPINGS``).
 
@@ -708,7 +709,7 @@ class BatchStats(Grouped):
         The strategy ``batch:B[:mixed][:k=K]``; ``batch``, ``mixed`` and ``groupings`` hold the arguments.
 
     Raises:
-        ValueError: B is not an integer >= 2, or K not an integer >= 1.
+        ValueError: B is not an integer >= 1, or K not an integer >= 1.
 
     Example:
         >>> BatchStats(64).name, BatchStats(8, mixed=True, groupings=3).name
@@ -721,8 +722,9 @@ class BatchStats(Grouped):
     """
 
     def __init__(self, batch: int, mixed: bool = False, groupings: int = DEFAULT_GROUPINGS) -> None:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
-            raise ValueError(f"batch:B needs an integer B >= 2 (BN cannot normalize one sample), got {batch!r}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch:B needs an integer B >= 1 (B = 1 only for dense outputs: one image has many "
+                             f"positions per channel, one feature vector has one), got {batch!r}")
         self.batch, self.mixed = batch, mixed
         self.groupings = _check_count(groupings, "groupings K", 1)
         self.name = f"batch:{batch}" + (":mixed" if mixed else "") + self._suffix()
@@ -756,7 +758,7 @@ class Tent(Grouped):
     from the predictions' entropy, without labels.
 
     Args:
-        batch: test batch size (>= 2, default 64).
+        batch: test batch size (>= 1, default 64; 1: case by case, for dense outputs such as a U-Net's).
         steps: Adam steps per batch (>= 1, default 1: the published form).
         episodic: reset parameters and optimizer before each batch (``tent-episodic``).
         lr: Adam's learning rate (> 0, default 1e-3).
@@ -777,7 +779,7 @@ class Tent(Grouped):
 
     def __init__(self, batch: int = 64, steps: int = 1, episodic: bool = False, lr: float = 1e-3,
                  groupings: int = DEFAULT_GROUPINGS, all_bn: bool = False) -> None:
-        self.batch = _check_count(batch, "tent's test batch size", 2)
+        self.batch = _check_count(batch, "tent's test batch size", 1)
         self.steps = _check_count(steps, "tent's steps per batch", 1)
         self.lr, self.episodic, self.all_bn = check_lr(lr), bool(episodic), bool(all_bn)
         self.groupings = _check_count(groupings, "groupings K", 1)

@@ -95,7 +95,14 @@ class _Adapter:
     def step(self, x: torch.Tensor, amp: bool) -> torch.Tensor:
         """Forward ``x``, one Adam step on its mean entropy; returns that forward's outputs (detached)."""
         with autocast(self.device, amp):
-            out = self.runner.outputs(self.model, x, self.device)
+            try:
+                out = self.runner.outputs(self.model, x, self.device)
+            except ValueError as e:  # BN in training refuses one value per channel (one sample, no positions)
+                if "more than 1 value per channel" not in str(e):
+                    raise
+                raise ValueError("a tent batch gives a BN layer one value per channel, which batch statistics "
+                                 "cannot normalize; use at least 2 samples per batch (batch 1 works for dense "
+                                 "inputs such as images, whose positions give each channel many values)") from e
         loss = _entropy(out)
         for p in self.params:
             p.grad = None
@@ -111,7 +118,7 @@ class _Adapter:
 
 def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int, *, steps: int = 1,
                        episodic: bool = False, lr: float = 1e-3, amp: bool = False, all_bn: bool = False,
-                       runner: Runner = PLAIN) -> torch.Tensor:
+                       runner: Runner = PLAIN, chunks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Published (online) Tent: outputs (N, K) float32 of the test stream, adapted batch by batch.
 
     The samples of ``data`` are shuffled with ``seed`` into near-equal batches of at most
@@ -136,13 +143,17 @@ def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
             U-Net); the published form, and the default, adapts ``BatchNorm2d`` only.
         runner: the user's forward and the per-batch reduction (``shiftbn._forward.Runner``); the
             entropy is that of the forward's outputs (mean over positions for dense outputs).
+        chunks: the stream itself, its batches in order as tensors of positions of ``data`` (each
+            position once); default the seeded shuffle ``batch_chunks(N, batch_size, seed)``. A study
+            streaming several sources one after another passes its own order here.
 
     Returns:
         A float32 tensor (N, K), rows in the order of ``data``.
 
     Raises:
-        ValueError: fewer than 2 samples, ``steps`` or ``lr`` out of range, or no affine
-            ``BatchNorm2d`` layer (any BN layer with ``all_bn``).
+        ValueError: no samples, a batch that gives a BN layer one value per channel (batch 1 of
+            feature vectors), ``chunks`` not covering each position once, ``steps`` or ``lr`` out of
+            range, or no affine ``BatchNorm2d`` layer (any BN layer with ``all_bn``).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -153,8 +164,12 @@ def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"online tent needs steps >= 1 per batch (an integer), got {steps!r}")
     n = len(data)
-    if n < 2:
-        raise ValueError("tent normalizes with batch statistics and needs at least 2 test samples")
+    if n < 1:
+        raise ValueError("no inputs to evaluate: the data is empty")
+    if chunks is None:
+        chunks = batch_chunks(n, batch_size, seed)
+    elif sorted(int(i) for c in chunks for i in c) != list(range(n)):
+        raise ValueError(f"chunks must hold every position 0..{n - 1} of data exactly once")
     ad = _Adapter(model, check_lr(lr), only_2d=not all_bn, runner=runner)
     if episodic:
         ad.save()
@@ -166,7 +181,7 @@ def tent_online_logits(model: nn.Module, data: Inputs, batch_size: int, seed: in
             part = ad.step(x, amp)
         return part
 
-    return outputs_in_order(data, batch_chunks(n, batch_size, seed), adapt_and_predict, runner)
+    return outputs_in_order(data, chunks, adapt_and_predict, runner)
 
 
 def tent_offline_logits(model: nn.Module, calibration: Inputs, data: Inputs, steps: int, batch_size: int,

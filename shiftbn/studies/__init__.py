@@ -16,6 +16,7 @@ from shiftbn.studies.leakage import BagLeakage, LeakageProbe
 from shiftbn.studies.population import EmaVsPrecise, NormalizationBatchSize
 from shiftbn.studies.runner import run_study
 from shiftbn.studies.runs import RunFolder
+from shiftbn.studies.segheldout import SegHeldOutSites
 from shiftbn.studies.spec import StudySpec, load_spec, parse_spec, run_spec
 from shiftbn.studies.strategy_choice import StrategyChoice, choice_summary
 from shiftbn.studies.training import train
@@ -31,6 +32,7 @@ __all__ = [
     "HeldOutSources",
     "LeakageProbe",
     "NormalizationBatchSize",
+    "SegHeldOutSites",
     "SharedDomains",
     "StrategyChoice",
     "Study",

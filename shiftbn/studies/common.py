@@ -23,7 +23,11 @@ def make_model(spec: ModelSpec, ds: SourceTaggedDataset, seed: int) -> nn.Module
         spec = {"name": spec}
     spec = dict(spec)
     name = spec.pop("name")
-    num_classes = int(np.max(ds.labels)) + 1
+    # segmentation sets have no class id per sample; their class names count the classes (background too)
+    num_classes = int(np.max(ds.labels)) + 1 if ds.labels is not None else len(ds.class_names or ())
+    if num_classes == 0:
+        raise ValueError("the dataset has neither labels nor class_names, so the number of classes is unknown; "
+                         "give the dataset class_names (background included) or the model as a factory(seed)")
     return build_model(name, tuple(ds[0][0].shape), num_classes, seed=seed, **spec)
 
 

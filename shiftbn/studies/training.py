@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ def train(
     callback: Callable[[int, nn.Module], None] | None = None,
     every: int = 0,
     progress: bool = True,
+    dice_weight: float = 1.0,
 ) -> pd.DataFrame:
     """Train ``model`` in place with SGD (cosine schedule) for ``steps`` steps; cross-entropy.
 
@@ -44,10 +45,19 @@ def train(
     size, paper Section 4). ``callback(step, model)`` runs every ``every`` steps and at the end
     (the model is in train mode again afterwards). Returns a tidy DataFrame
     ``step, epoch, loss, accuracy`` (batch accuracy with BN in train mode).
+
+    Segmentation (a dataset whose targets are label maps, or ``{"mask": ...}`` dicts, and logits
+    (B, K, *S)): the loss is per-voxel cross-entropy + ``dice_weight`` x (1 - soft Dice), the soft
+    Dice averaged over the foreground classes of the batch (V-Net style, so a small lesion weighs as
+    much as the background does not); ``accuracy`` is the voxel accuracy. ``dice_weight=0``: plain
+    cross-entropy.
     """
     require_tagged(ds, "train")
-    if ds.labels is None:
-        raise ValueError("training needs labels; the dataset has none")
+    segmentation = ds.labels is None and _segmentation(ds)
+    if ds.labels is None and not segmentation:
+        raise ValueError("training needs labels (class ids) or label maps (segmentation); the dataset has none")
+    if isinstance(dice_weight, bool) or not isinstance(dice_weight, (int, float)) or not dice_weight >= 0:
+        raise ValueError(f"dice_weight must be a number >= 0 (0: cross-entropy alone), got {dice_weight!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if ghost_batch is not None and not 2 <= ghost_batch <= batch_size:
@@ -68,10 +78,13 @@ def train(
             sampler.set_epoch(epoch)
             before = step
             for x, y, _ in loader:
-                x, y = x.to(device), torch.as_tensor(y, device=device)
+                y = y["mask"] if isinstance(y, Mapping) else y
+                x, y = x.to(device), torch.as_tensor(y, device=device).long()
                 chunks = range(0, len(x), ghost_batch or len(x))
                 logits = torch.cat([model(x[i : i + (ghost_batch or len(x))]) for i in chunks])
                 loss = nn.functional.cross_entropy(logits, y)
+                if segmentation and dice_weight:
+                    loss = loss + dice_weight * _soft_dice_loss(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -91,6 +104,25 @@ def train(
         callback(step, model)
         model.train()
     return pd.DataFrame(rows, columns=["step", "epoch", "loss", "accuracy"])
+
+
+def _segmentation(ds: SourceTaggedDataset) -> bool:
+    from shiftbn.evaluate.task import infer_task
+
+    return infer_task(ds) == "segmentation"
+
+
+def _soft_dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice of the softmax against one-hot ``y``, summed over the batch's voxels, mean over the
+    foreground classes (classes 1..K-1); a class absent from both scores 1 (eps-smoothed)."""
+    k = logits.shape[1]
+    prob = logits.float().softmax(1)
+    onehot = nn.functional.one_hot(y, k).movedim(-1, 1).to(prob.dtype)
+    dims = (0, *range(2, prob.ndim))
+    inter = (prob * onehot).sum(dims)[1:]
+    total = (prob + onehot).sum(dims)[1:]
+    eps = 1.0
+    return 1 - ((2 * inter + eps) / (total + eps)).mean()
 
 
 def _no_batch_message(ids: np.ndarray, batch_size: int, mode: str) -> str:

@@ -128,7 +128,7 @@ def test_custom_strategy_registration(trained):
 
 
 @pytest.mark.parametrize("spec, msg", [
-    ("adabn", "unknown strategy"), ("prior:x", "needs a number"), ("batch", "batch size"), ("batch:1", "B >= 2"),
+    ("adabn", "unknown strategy"), ("prior:x", "needs a number"), ("batch", "batch size"), ("batch:0", "B >= 1"),
     ("batch:8:shuffled", "unknown batch option"), ("stats", "source name"), ("ema:3", "takes no argument"),
     ("prior:-1", "N >= 0"), ("tent:10", "tent-offline:10"), ("prior:16@x", "needs a number"),
     ("prior:16@0", ">= 1"), ("prior:16:8:4", "unknown prior options"), ("batch:8:k=0", "K >= 1"),

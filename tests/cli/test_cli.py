@@ -452,7 +452,7 @@ def test_every_option_has_help_and_shows_its_default():
     matrix = " ".join(sub["matrix"].format_help().split())
     from shiftbn._names import GRAMMAR, METRIC_NAMES
 
-    assert "batch:B[:mixed] (B >= 2)" in matrix and "stats:*" in matrix and GRAMMAR.split(" | ")[0] in matrix
+    assert "batch:B[:mixed] (B >= 1)" in matrix and "stats:*" in matrix and GRAMMAR.split(" | ")[0] in matrix
     assert all(name in matrix for name in METRIC_NAMES)
 
 
