@@ -7,7 +7,8 @@ metric table of ``shiftbn.evaluate.metrics``.
 
 GRAMMAR = ("ema | precise | target | per-source | prior:N[:B] (N >= 0; each test batch of B (default: 64)) | "
            "prior:N@n | prior:N@all (few-shot: n calibration samples) | batch:B[:mixed] (B >= 1) | tent | "
-           "tent-episodic (online, batches of 64; tent:all adapts every BN layer, BatchNorm1d/3d too) | tent-offline:S (S >= 0 steps) | stats:<source> | stats:* (every "
+           "tent-episodic (online, batches of 64; tent:all adapts every BN layer, BatchNorm1d/3d too) | "
+           "tent-offline:S (S >= 0 steps) | stats:<source> | stats:* (every "
            "source); append :k=K to prior:N[:B], batch:B[:mixed], tent, tent-episodic to score K seeded groupings of "
            "the test samples (default: 5)")
 
