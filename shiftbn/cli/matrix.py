@@ -26,6 +26,7 @@ def register(sub) -> None:
                        description="Evaluate your model on every source under every strategy; writes matrix.csv.")
     user.add_user_options(m)
     user.add_run_options(m)
+    user.add_cache_options(m)
     # the default list is marked, so --stats can tell it from a user's choice
     m.add_argument("--strategies", nargs="+", default=_Default(["ema", "precise", "target", "stats:*"]),
                    metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*)")
@@ -65,14 +66,16 @@ def run(args: argparse.Namespace) -> None:
         user.check_held_out(args.unlabeled, ds.sources_present, flag="--unlabeled")
         ds = ds.without_labels(args.unlabeled)
     trains = None
-    if files is not None:
-        table = _from_files(model, ds, files, args, level)
-    else:
-        trains = user.training_sources(args.held_out, ds.sources_present)
-        table = cross_source_matrix(model, ds, args.strategies, args.metrics, train_sources=trains,
-                                    calibration=0.5 if args.calibration is None else args.calibration,
-                                    stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                                    ci=level, n_boot=args.n_boot, progress=user.progress(args), amp=args.amp)
+    with user.cached_data(args, ds) as once:
+        if files is not None:
+            table = _from_files(model, once, files, args, level)
+        else:
+            trains = user.training_sources(args.held_out, ds.sources_present)
+            table = cross_source_matrix(model, once, args.strategies, args.metrics, train_sources=trains,
+                                        calibration=0.5 if args.calibration is None else args.calibration,
+                                        stats_batch_size=args.batch_size, num_samples=args.num_samples,
+                                        seed=args.seed, ci=level, n_boot=args.n_boot, progress=user.progress(args),
+                                        amp=args.amp)
     if dist.writer():
         atomic_write_text(user.out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
         user.write_skipped(args, args.out)

@@ -23,6 +23,7 @@ def register(sub) -> None:
                                    "into --out. Nothing is trained.")
     user.add_user_options(p)
     user.add_run_options(p)
+    user.add_cache_options(p)
     user.add_held_out_option(p, "build_report(held_out=[...])")
     p.add_argument("--unlabeled", nargs="+", default=[], metavar="SOURCE",
                    help="sources whose labels are not used: no label metric for them, a label-free panel instead "
@@ -45,11 +46,12 @@ def run(args: argparse.Namespace) -> None:
     user.check_held_out(args.held_out, ds.sources_present)  # build_report refuses holding out every source
     if args.unlabeled:
         user.check_held_out(args.unlabeled, ds.sources_present, flag="--unlabeled")
-    report = build_report(model, ds, user.out_folder(args.out), held_out=args.held_out, strategies=args.strategies,
-                          calibration=args.calibration, ci=level, n_boot=args.n_boot,
-                          stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                          amp=args.amp, progress=user.progress(args), unlabeled=args.unlabeled,
-                          provenance=provenance(args), command=recalibrate_command(args))
+    with user.cached_data(args, ds) as once:
+        report = build_report(model, once, user.out_folder(args.out), held_out=args.held_out,
+                              strategies=args.strategies, calibration=args.calibration, ci=level, n_boot=args.n_boot,
+                              stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
+                              amp=args.amp, progress=user.progress(args), unlabeled=args.unlabeled,
+                              provenance=provenance(args), command=recalibrate_command(args))
     user.write_skipped(args, args.out)
     import json
 

@@ -2,6 +2,7 @@
 
 from shiftbn.data.arrays import ArrayDataset
 from shiftbn.data.builtin import DATASETS, blobs_labs, digits_c, digits_labs, fashion_mnist_c, fashion_mnist_labs, load
+from shiftbn.data.cache import DecodeCache, cached
 from shiftbn.data.corruptions import Corruption
 from shiftbn.data.files import camelyon17, from_folder, from_frame
 from shiftbn.data.idx import read_idx, write_idx
@@ -16,6 +17,7 @@ __all__ = [
     "DATASETS",
     "ArrayDataset",
     "Corruption",
+    "DecodeCache",
     "FileDataset",
     "ItemKeys",
     "LabShift",
@@ -26,6 +28,7 @@ __all__ = [
     "SourceTaggedDataset",
     "Splits",
     "blobs_labs",
+    "cached",
     "camelyon17",
     "digits_c",
     "digits_labs",
