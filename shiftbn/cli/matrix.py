@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
     """Compute the matrix, write matrix.csv and print one table per metric."""
     from shiftbn._io import atomic_write_text
     from shiftbn.evaluate import cross_source_matrix
-    from shiftbn.studies.report import interval_cells
+    from shiftbn.evaluate.summary import interval_cells
 
     level = user.ci_level(args)
     user.check_out(args.out)
