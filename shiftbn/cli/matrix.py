@@ -29,7 +29,11 @@ def register(sub) -> None:
     user.add_cache_options(m)
     # the default list is marked, so --stats can tell it from a user's choice
     m.add_argument("--strategies", nargs="+", default=_Default(["ema", "precise", "target", "stats:*"]),
-                   metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*)")
+                   metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*). Cost: "
+                                        "one pass over the evaluation samples per strategy (stats:* one per source), "
+                                        "except that batch:B, per-batch prior:N and tent are scored over 5 seeded "
+                                        "groupings, one pass each (:k=1 for one); a batch:B grouping costs about a "
+                                        "plain forward, a prior:N one about 1.2x, tent a backward pass more")
     m.add_argument("--metrics", nargs="+", default=["accuracy"], metavar="NAME",
                    help="metric names, listed below (default: accuracy)")
     user.add_held_out_option(m, "cross_source_matrix(train_sources=[every source not held out])")

@@ -29,7 +29,9 @@ def register(sub) -> None:
                    help="sources whose labels are not used: no label metric for them, a label-free panel instead "
                         "(same as build_report(unlabeled=[...]))")
     p.add_argument("--strategies", nargs="+", default=["ema", "precise", "target", "prior:16", "stats:*"],
-                   help="strategy specs (default: ema precise target prior:16 stats:*)")
+                   help="strategy specs (default: ema precise target prior:16 stats:*); batch:B and per-batch "
+                        "prior:N are scored over 5 seeded groupings, one pass over the evaluation samples each "
+                        "(:k=1 for one), see shiftbn matrix --help")
     p.add_argument("--calibration", type=cli_types.fraction, default=0.5,
                    help="fraction of each source used unlabeled for statistics; the rest is evaluated (default 0.5)")
     user.add_ci_options(p, "no intervals (faster; the reading then claims no difference)")

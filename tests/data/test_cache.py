@@ -162,6 +162,10 @@ def test_cli_matrix_is_identical_with_and_without_the_cache_and_checks_cache_dir
     assert (tmp_path / "disk" / "matrix.csv").read_text() == plain == (tmp_path / "mem" / "matrix.csv").read_text()
     assert list((tmp_path / "c").iterdir()) == []
     capsys.readouterr()
-    assert main([*common, "--out", "x", "--cache-dir", "nowhere"]) == 2
-    err = capsys.readouterr().err
-    assert "--cache-dir nowhere is not an existing folder" in err and "Traceback" not in err
+    (tmp_path / "a_file").write_text("")
+    for flags in (["--cache-dir", "nowhere"], ["--cache-dir", "a_file"], ["--cache-mb", "-1"],
+                  ["--cache-disk-mb", "1.5"], ["--cache-mb", "lots"]):
+        assert main([*common, "--out", "x", *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"argument {flags[0]}: " in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+    assert not (tmp_path / "x").exists()
