@@ -181,13 +181,19 @@ def main() -> None:
                     v = {k: f(t[j] for t in ts) for k, ts in times.items()}
                     rows.append((f"{name} {n}", verb, s, clock, stat, v))
             print(f"done {name} {verb} S={s}; load {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"\n{'data':14s} {'verb':7s} {'S':>2s} {'clock':5s} {'stat':6s} {'command s':>10s} {'floor s':>8s} "
+            _table(rows[-4:])
+    print("\nall:")
+    _table(rows)
+    print(f"load at the end {os.getloadavg()[0]:.1f}")
+
+
+def _table(rows: list) -> None:
+    print(f"{'data':14s} {'verb':7s} {'S':>2s} {'clock':5s} {'stat':6s} {'command s':>10s} {'floor s':>8s} "
           f"{'ratio':>6s} {'uncached s':>11s}")
     for data, verb, s, clock, stat, v in rows:
         unc = f"{v['uncached']:11.1f}" if "uncached" in v else ""
         print(f"{data:14s} {verb:7s} {s:2d} {clock:5s} {stat:6s} {v['command']:10.1f} {v['floor']:8.1f} "
-              f"{v['command'] / v['floor']:6.2f} {unc}")
-    print(f"load at the end {os.getloadavg()[0]:.1f}")
+              f"{v['command'] / v['floor']:6.2f} {unc}", flush=True)
 
 
 if __name__ == "__main__":
