@@ -107,7 +107,23 @@ class DecodeCache(Dataset):
         return [self[i] for i in indices]
 
     def close(self) -> None:
-        """Free the memory and remove the file (also done when the cache is garbage collected)."""
+        """Free the memory and remove the file (also done when the cache is garbage collected).
+
+        Why: ``cached`` calls it on leaving its block, also on an exception or Ctrl-C.
+
+        Args:
+            None.
+
+        Returns:
+            None; later reads go to ``base`` (``where`` is ``"off"``).
+
+        Example:
+            >>> data = DecodeCache([torch.zeros(2)], max_bytes=64)
+            >>> _ = data[0]
+            >>> data.close()
+            >>> data.nbytes, data.where
+            (0, 'off')
+        """
         self._memory.clear()
         self._finalizer()
         self.nbytes = 0
