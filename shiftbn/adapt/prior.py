@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from shiftbn._lock import model_lock
 from shiftbn._torch import Inputs, autocast, batch_chunks, device_of, iter_inputs, outputs_in_order
 from shiftbn.bn import BNLayer, PopulationStats, bn_layers, buffer_stats
 from shiftbn.bn.hooks import observe_bn_inputs
-from shiftbn.bn.moments import batch_moments
+from shiftbn.bn.moments import Workspace, batch_moments
 from shiftbn.bn.population import Population
 from shiftbn.bn.reduce import RunningMoments
 from shiftbn.bn.state import ModelSnapshot
@@ -51,7 +52,15 @@ def source_stats_of(model: nn.Module, what: str) -> PopulationStats:
         raise ValueError(f"{what} mixes the model's running statistics with the target's, but {e}") from None
 
 
-def _mix(src: Population, mean: torch.Tensor, var: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor]:
+class _Source(NamedTuple):
+    """A layer's source statistics as float64 tensors on the device of its inputs (read by ``_mix``)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+
+
+def _mix(src: Population | _Source, mean: torch.Tensor, var: torch.Tensor,
+         w: float) -> tuple[torch.Tensor, torch.Tensor]:
     """w * source + (1 - w) * target, for means and variances, float64 on the target's device."""
     sm = torch.as_tensor(src.mean, dtype=torch.float64, device=mean.device)
     sv = torch.as_tensor(src.var, dtype=torch.float64, device=mean.device)
@@ -78,9 +87,23 @@ def _mixed_normalization(model: nn.Module, layers: list[BNLayer], source: Popula
 
 
 def _mixer(source: PopulationStats, prior: float, measure: dict | None):
+    # per forward of the matrix's per-batch prior:N, every BN call needs a float64 copy of its input and the
+    # source statistics as tensors: one reused buffer and one conversion per layer instead of a fresh
+    # allocation (page faults) and a numpy -> tensor conversion per call; the values are the same
+    space = Workspace()
+    held: dict[tuple[str, torch.device], _Source] = {}
+
+    def source_of(name: str, device: torch.device) -> _Source:
+        if (name, device) not in held:
+            src = source[name]
+            held[name, device] = _Source(torch.as_tensor(src.mean, dtype=torch.float64, device=device),
+                                         torch.as_tensor(src.var, dtype=torch.float64, device=device))
+        return held[name, device]
+
     def mix(layer: BNLayer, k: int, x: torch.Tensor) -> None:
-        count, mean, m2 = batch_moments(x)
-        mixed_mean, mixed_var = _mix(source[layer.name], mean, m2 / count, prior_weight(prior, x.shape[0]))
+        count, mean, m2 = batch_moments(x, space)
+        mixed_mean, mixed_var = _mix(source_of(layer.name, mean.device), mean, m2 / count,
+                                     prior_weight(prior, x.shape[0]))
         layer.module.running_mean.copy_(mixed_mean)
         layer.module.running_var.copy_(mixed_var)
         if measure is not None:

@@ -122,6 +122,39 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="no phase lines and no progress bars on stderr (results and errors still print)")
 
 
+CACHE_MB = 1024
+
+
+def add_cache_options(p: argparse.ArgumentParser) -> None:
+    """``--cache-mb``, ``--cache-dir``, ``--cache-disk-mb``: the decode cache of commands that read the data
+    many times (``shiftbn.data.cached``)."""
+    p.add_argument("--cache-mb", type=cli_types.count_type("MiB", 0), default=CACHE_MB, metavar="MB",
+                   help="memory for decoded images, so that each file is decoded once for all passes of the run "
+                        f"(default {CACHE_MB}); data larger than that goes to a memory-mapped file in --cache-dir; "
+                        "0 with --cache-disk-mb 0: decode every file on every pass")
+    p.add_argument("--cache-dir", type=_existing_folder, default=None, metavar="DIR",
+                   help="folder (on local disk) of that file, removed when the run ends, also on Ctrl-C "
+                        "(default: the system's temporary folder)")
+    p.add_argument("--cache-disk-mb", type=cli_types.count_type("MiB", 0), default=None, metavar="MB",
+                   help="size limit of that file (default: what the data needs while 1 GiB stays free); files past "
+                        "the limit are decoded on every pass")
+
+
+def _existing_folder(text: str) -> Path:
+    """``--cache-dir``: an existing folder (checked as parsed, before any slow work)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not an existing folder; create it or choose another")
+    return Path(text)
+
+
+def cached_data(args, ds):
+    """``ds`` decoded once for the whole command (``--cache-mb``, ``--cache-dir``, ``--cache-disk-mb``)."""
+    from shiftbn.data.cache import cached
+
+    disk = None if args.cache_disk_mb is None else args.cache_disk_mb << 20
+    return cached(ds, args.cache_mb << 20, dir=args.cache_dir, disk_bytes=disk)
+
+
 def add_ci_options(p: argparse.ArgumentParser, no_ci_help: str) -> None:
     """--ci, --no-ci and --n-boot, for the commands that print intervals."""
     p.add_argument("--ci", type=cli_types.fraction, default=0.95, metavar="LEVEL",

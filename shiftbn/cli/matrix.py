@@ -28,9 +28,14 @@ def register(sub) -> None:
                        description="Evaluate your model on every source under every strategy; writes matrix.csv.")
     user.add_user_options(m)
     user.add_run_options(m)
+    user.add_cache_options(m)
     # the default list is marked, so --stats can tell it from a user's choice
     m.add_argument("--strategies", nargs="+", default=_Default(["ema", "precise", "target", "stats:*"]),
-                   metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*)")
+                   metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*). Cost: "
+                                        "one pass over the evaluation samples per strategy (stats:* one per source), "
+                                        "except that batch:B, per-batch prior:N and tent are scored over 5 seeded "
+                                        "groupings, one pass each (:k=1 for one); a batch:B grouping costs about a "
+                                        "plain forward, a prior:N one about 1.2x, tent a backward pass more")
     m.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
                    help="metric names, listed below (default: the task's, read from the labels: accuracy for class "
                         "labels, dice hd95 for masks)")
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
     from shiftbn._io import atomic_write_text
     from shiftbn.adapt import StatsFrom, parse_strategy
     from shiftbn.evaluate import cross_source_matrix
-    from shiftbn.studies.report import interval_cells
+    from shiftbn.evaluate.summary import interval_cells
 
     level = user.ci_level(args)
     user.check_out(args.out)
@@ -75,19 +80,20 @@ def run(args: argparse.Namespace) -> None:
         args.metrics = _task_metrics(args.metrics, ds)
         phases.start(f"the cross-source matrix: {len(args.strategies)} strategy spec(s) x "
                      f"{len(ds.sources_present)} {ds.source_word}(s)")
-        if files is not None:
-            table = _from_files(model, ds, files, args, level, forward)
-        else:
-            trains = user.training_sources(args.held_out, ds.sources_present)
-            with warnings.catch_warnings():  # an old spelling's note prints once, when the matrix parses it
-                warnings.simplefilter("ignore", DeprecationWarning)
-                named = [st.source for st in map(parse_strategy, args.strategies) if isinstance(st, StatsFrom)]
-            user.check_sources(named, ds.sources_present, "--strategies stats:SOURCE")
-            table = cross_source_matrix(model, ds, args.strategies, args.metrics, train_sources=trains,
-                                        calibration=0.5 if args.calibration is None else args.calibration,
-                                        stats_batch_size=args.batch_size, num_samples=args.num_samples,
-                                        seed=args.seed, ci=level, n_boot=args.n_boot, progress=user.progress(args),
-                                        amp=args.amp, forward=forward)
+        with user.cached_data(args, ds) as once:
+            if files is not None:
+                table = _from_files(model, once, files, args, level, forward)
+            else:
+                trains = user.training_sources(args.held_out, ds.sources_present)
+                with warnings.catch_warnings():  # an old spelling's note prints once, when the matrix parses it
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    named = [st.source for st in map(parse_strategy, args.strategies) if isinstance(st, StatsFrom)]
+                user.check_sources(named, ds.sources_present, "--strategies stats:SOURCE")
+                table = cross_source_matrix(model, once, args.strategies, args.metrics, train_sources=trains,
+                                            calibration=0.5 if args.calibration is None else args.calibration,
+                                            stats_batch_size=args.batch_size, num_samples=args.num_samples,
+                                            seed=args.seed, ci=level, n_boot=args.n_boot,
+                                            progress=user.progress(args), amp=args.amp, forward=forward)
     if dist.writer():
         atomic_write_text(user.out_folder(args.out) / "matrix.csv", table.to_csv(index=False))
         user.write_skipped(args, args.out)

@@ -24,12 +24,15 @@ def register(sub) -> None:
                                    "into --out. Nothing is trained.")
     user.add_user_options(p)
     user.add_run_options(p)
+    user.add_cache_options(p)
     user.add_held_out_option(p, "build_report(held_out=[...])")
     p.add_argument("--unlabeled", nargs="+", default=[], metavar="SOURCE",
                    help="sources whose labels are not used: no label metric for them, a label-free panel instead "
                         "(same as build_report(unlabeled=[...]))")
     p.add_argument("--strategies", nargs="+", default=["ema", "precise", "target", "prior:16", "stats:*"],
-                   help="strategy specs (default: ema precise target prior:16 stats:*)")
+                   help="strategy specs (default: ema precise target prior:16 stats:*); batch:B and per-batch "
+                        "prior:N are scored over 5 seeded groupings, one pass over the evaluation samples each "
+                        "(:k=1 for one), see shiftbn matrix --help")
     p.add_argument("--calibration", type=cli_types.fraction, default=0.5,
                    help="fraction of each source used unlabeled for statistics; the rest is evaluated")
     user.add_ci_options(p, "no intervals (faster; the reading then claims no difference)")
@@ -51,12 +54,13 @@ def run(args: argparse.Namespace) -> None:
             user.check_held_out(args.unlabeled, ds.sources_present, flag="--unlabeled")
         phases.start(f"the report on {len(ds)} samples of {len(ds.sources_present)} {ds.source_word}(s): "
                      "statistics, matrix, comparisons, figures")
-        report = build_report(model, ds, user.out_folder(args.out), held_out=args.held_out,
-                              strategies=args.strategies, calibration=args.calibration, ci=level, n_boot=args.n_boot,
-                              stats_batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
-                              amp=args.amp, progress=user.progress(args), unlabeled=args.unlabeled,
-                              provenance=provenance(args), command=recalibrate_command(args),
-                              forward=forward)
+        with user.cached_data(args, ds) as once:
+            report = build_report(model, once, user.out_folder(args.out), held_out=args.held_out,
+                                  strategies=args.strategies, calibration=args.calibration, ci=level,
+                                  n_boot=args.n_boot, stats_batch_size=args.batch_size, num_samples=args.num_samples,
+                                  seed=args.seed, amp=args.amp, progress=user.progress(args),
+                                  unlabeled=args.unlabeled, provenance=provenance(args),
+                                  command=recalibrate_command(args), forward=forward)
     user.write_skipped(args, args.out)
     import json
 

@@ -2,6 +2,7 @@
 
 from shiftbn.data.arrays import ArrayDataset
 from shiftbn.data.builtin import DATASETS, blobs_labs, digits_c, digits_labs, fashion_mnist_c, fashion_mnist_labs, load
+from shiftbn.data.cache import DecodeCache, cached
 from shiftbn.data.corruptions import Corruption
 from shiftbn.data.digitcollections import digit_collections
 from shiftbn.data.files import camelyon17, from_folder, from_frame
@@ -17,6 +18,7 @@ __all__ = [
     "DATASETS",
     "ArrayDataset",
     "Corruption",
+    "DecodeCache",
     "FileDataset",
     "ItemKeys",
     "LabShift",
@@ -27,6 +29,7 @@ __all__ = [
     "SourceTaggedDataset",
     "Splits",
     "blobs_labs",
+    "cached",
     "camelyon17",
     "digit_collections",
     "digits_c",

@@ -43,3 +43,21 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
                      "best_source": best["eval_source"], "best": best["value"],
                      "gap": abs(best["value"] - worst["value"]), "n_sources": len(g)})
     return pd.DataFrame(rows)
+
+
+def interval_cells(table: pd.DataFrame, index: str, columns: str, *, digits: int = 3) -> pd.DataFrame:
+    """A pivot of ``value`` with each cell as ``value [low, high]`` (when present) and ``n`` in the column names.
+
+    Why: ``shiftbn matrix`` prints it; it lives here, beside the tables it shows, so that the command does
+    not import the report (matplotlib and seaborn: about a second of start-up).
+    """
+    fmt = f"{{:.{digits}f}}"
+    t = table.copy()
+    t["cell"] = t["value"].map(fmt.format)
+    if {"ci_low", "ci_high"} <= set(t.columns):
+        t["cell"] += " [" + t["ci_low"].map(fmt.format) + ", " + t["ci_high"].map(fmt.format) + "]"
+    grid = t.pivot_table(index=index, columns=columns, values="cell", aggfunc="first", sort=False)
+    ns = t.groupby(columns, sort=False)["n"].first()
+    grid.columns = [f"{c} (n={int(ns[c])})" for c in grid.columns]
+    grid.columns.name = None
+    return grid.reset_index()

@@ -169,3 +169,31 @@ def test_spec_forms_and_names():
     with pytest.raises(ValueError, match="only 10 calibration samples"):
         sb.adapt.prior.take_samples(torch.zeros(10, 1), 11, seed=0)
     assert Prior(16).cache_key(None, "a") is None and Prior(16, samples=8).cache_key(None, "a") is not None
+
+
+def test_per_batch_prior_is_bit_identical_to_fresh_moments_per_call():
+    # the mixer reuses one float64 buffer and converts the source statistics once; this is the plain
+    # form (a fresh float64 copy and a numpy -> tensor conversion per BN call), which it must equal bit for bit
+    from shiftbn._torch import batch_chunks
+    from shiftbn.bn.moments import batch_moments
+
+    net, x, n_prior = _net(), _target(50), 16.0
+    ours = prior_batch_logits(net, x, n_prior, 16, seed=4)
+    ref = copy.deepcopy(net)
+    source = {m: (m.running_mean.double().numpy().copy(), m.running_var.double().numpy().copy())
+              for m in ref.modules() if isinstance(m, nn.BatchNorm2d)}
+
+    def mix(m, args):
+        count, mean, m2 = batch_moments(args[0])
+        w = n_prior / (n_prior + args[0].shape[0])
+        sm, sv = (torch.as_tensor(a, dtype=torch.float64) for a in source[m])
+        m.running_mean.copy_(w * sm + (1 - w) * mean)
+        m.running_var.copy_(w * sv + (1 - w) * (m2 / count))
+
+    for m in source:
+        m.register_forward_pre_hook(mix)
+    want = torch.empty_like(ours)
+    with torch.no_grad():
+        for idx in batch_chunks(len(x), 16, 4):
+            want[idx] = ref(x[idx])
+    assert torch.equal(ours, want)

@@ -247,3 +247,15 @@ def test_a_given_calibration_set_is_checked_by_source_name():
     assert list(table["eval_source"]) == ["lab_1"]
     with pytest.raises(ValueError, match=r"\['lab_0'\] have no calibration samples"):
         cross_source_matrix(model, ds, ["target"], calibration=(cal, sp.test), eval_sources=["lab_0"], progress=False)
+
+
+def test_accuracy_equals_sklearn_bit_for_bit():
+    # accuracy is computed without sklearn (its import costs seconds of every matrix's start-up)
+    from sklearn.metrics import accuracy_score
+
+    from shiftbn.evaluate.metrics import metric_value
+
+    rng = np.random.default_rng(0)
+    for n, k in [(1, 2), (7, 3), (1000, 10), (999, 2), (12345, 5)]:
+        out, y = rng.normal(size=(n, k)), rng.integers(0, k, n)
+        assert metric_value("accuracy", out, y) == float(accuracy_score(y, out.argmax(1)))

@@ -25,6 +25,7 @@ from shiftbn.bn import collect_stats, stats_shift
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import collect, paired_table, pooled_table, prepare, score, summarize
 from shiftbn.evaluate.matrix import calibration_split
+from shiftbn.evaluate.summary import interval_cells
 from shiftbn.evaluate.task import DEFAULT_METRICS, infer_task
 from shiftbn.studies.report.calibration import (
     calibration_table,
@@ -69,20 +70,6 @@ class Outputs:
     labels: dict[str, np.ndarray]
     class_names: Sequence[str] | None = None
     strategies: list[str] = field(default_factory=list)
-
-
-def interval_cells(table: pd.DataFrame, index: str, columns: str, *, digits: int = 3) -> pd.DataFrame:
-    """A pivot of ``value`` with each cell as ``value [low, high]`` (when present) and ``n`` in the column names."""
-    fmt = f"{{:.{digits}f}}"
-    t = table.copy()
-    t["cell"] = t["value"].map(fmt.format)
-    if {"ci_low", "ci_high"} <= set(t.columns):
-        t["cell"] += " [" + t["ci_low"].map(fmt.format) + ", " + t["ci_high"].map(fmt.format) + "]"
-    grid = t.pivot_table(index=index, columns=columns, values="cell", aggfunc="first", sort=False)
-    ns = t.groupby(columns, sort=False)["n"].first()
-    grid.columns = [f"{c} (n={int(ns[c])})" for c in grid.columns]
-    grid.columns.name = None
-    return grid.reset_index()
 
 
 def _pivot_text(c: pd.DataFrame, index: str, columns: str) -> pd.DataFrame:
