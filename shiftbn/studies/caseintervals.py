@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from shiftbn.evaluate.uncertainty import supports_difference
+from shiftbn.studies.intervals import check_rows
 
 GROUP = ("held_out", "eval_source")
 
@@ -133,12 +134,4 @@ def paired_case_effects(rows: pd.DataFrame, by: Sequence[str], column: str, a: o
 
 
 def _check(rows: pd.DataFrame, keys: Sequence[str], n_boot: int, level: float) -> None:
-    missing = sorted({"seed", "value", *keys} - set(rows.columns))
-    if missing:
-        raise ValueError(f"rows lack column(s) {missing}; per-case study rows have 'seed', 'case' and 'value'")
-    if len(rows) == 0:
-        raise ValueError("rows is empty; give the rows of at least one seed")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
-    if int(n_boot) < 10:
-        raise ValueError(f"n_boot must be at least 10 resamples; got {n_boot!r}")
+    check_rows(rows, keys, n_boot, level, have="per-case study rows have 'seed', 'case' and 'value'")

@@ -59,7 +59,7 @@ def seed_intervals(rows: pd.DataFrame, by: Sequence[str], *, n_boot: int = 2000,
     ``rows``: tidy study rows with ``seed`` and ``value`` (and optionally ``metric``, ``n``); a seed's
     value in a cell is the mean of its rows there (e.g. over labs). ``level``: interval coverage.
     """
-    _check(rows, by, n_boot, level)
+    check_rows(rows, by, n_boot, level)
     rng = np.random.default_rng(seed)
     out = []
     for key, g in rows.groupby(list(by), sort=True):
@@ -83,7 +83,7 @@ def paired_effects(rows: pd.DataFrame, by: Sequence[str], column: str, a: object
     ignores that A and B score the same samples). Returns ``by..., effect, std, low, high, seeds,
     supported`` (``supported``: the interval excludes 0). Seeds missing A or B are dropped.
     """
-    _check(rows, [*by, column], n_boot, level)
+    check_rows(rows, [*by, column], n_boot, level)
     rng = np.random.default_rng(seed)
     out = []
     groups = rows.groupby(list(by), sort=True) if by else [((), rows)]
@@ -119,10 +119,12 @@ def interval_table(rows: pd.DataFrame, index: Sequence[str], columns: Sequence[s
     return text.unstack(list(range(len(index), len(index) + len(columns))))
 
 
-def _check(rows: pd.DataFrame, keys: Sequence[str], n_boot: int, level: float) -> None:
+def check_rows(rows: pd.DataFrame, keys: Sequence[str], n_boot: int, level: float,
+               have: str = "study rows have 'seed' and 'value' plus their keys") -> None:
+    """Refuse rows without the columns an interval needs, an empty table, a level outside (0, 1), n_boot < 10."""
     missing = sorted({"seed", "value", *keys} - set(rows.columns))
     if missing:
-        raise ValueError(f"rows lack column(s) {missing}; study rows have 'seed' and 'value' plus their keys")
+        raise ValueError(f"rows lack column(s) {missing}; {have}")
     if len(rows) == 0:
         raise ValueError("rows is empty; give the rows of at least one seed")
     if not 0 < level < 1:
