@@ -129,9 +129,9 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     """``--cache-mb``, ``--cache-dir``, ``--cache-disk-mb``: the decode cache of commands that read the data
     many times (``shiftbn.data.cached``)."""
     p.add_argument("--cache-mb", type=cli_types.count_type("MiB", 0), default=CACHE_MB, metavar="MB",
-                   help="memory for decoded images, so that each file is decoded once for all passes of the run "
-                        f"(default {CACHE_MB}); data larger than that goes to a memory-mapped file in --cache-dir; "
-                        "0 with --cache-disk-mb 0: decode every file on every pass")
+                   help="memory for decoded images, so that each file is decoded once for all passes of the run; "
+                        "data larger than that goes to a memory-mapped file in --cache-dir; 0 with --cache-disk-mb "
+                        f"0: decode every file on every pass (default: {CACHE_MB})")
     p.add_argument("--cache-dir", type=_existing_folder, default=None, metavar="DIR",
                    help="folder (on local disk) of that file, removed when the run ends, also on Ctrl-C "
                         "(default: the system's temporary folder)")

@@ -20,6 +20,17 @@ from shiftbn.bn import _native, native
 from tests.timeouts import deadline
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_lines_heard():
+    """These tests read the kernel's own lines on stderr, which the suite's quiet default would silence."""
+    from shiftbn import _log
+
+    _log.set_quiet(False)
+    yield
+
+
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler here: the torch paths are tested")
 
 # a child process: load the kernel, check one batch's sums and BN output against float64 torch; with
