@@ -109,6 +109,7 @@ _DAMAGE = {
 
 
 @needs_kernel
+@pytest.mark.slow  # an end-to-end run of 10+ s: make test-slow
 def test_a_damaged_cached_kernel_is_rebuilt_by_the_next_process_with_one_line(monkeypatch, tmp_path):
     built = tmp_path / "built"
     monkeypatch.setenv("SHIFTBN_CACHE_DIR", str(built))
@@ -215,6 +216,7 @@ def test_a_bad_build_timeout_is_named_with_its_fix(monkeypatch, value):
 
 
 @needs_kernel
+@pytest.mark.slow  # an end-to-end run of 10+ s: make test-slow
 def test_concurrent_processes_build_the_kernel_once(tmp_path):
     log = tmp_path / "cc.log"
     real = shutil.which("cc") or "cc"

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 import shiftbn as sb
@@ -59,6 +60,7 @@ def _cli(rank, world, out_dir):
     return {"codes": codes, "outs": outs}
 
 
+@pytest.mark.slow  # an end-to-end run of 10+ s: make test-slow
 def test_cli_under_torchrun_equals_one_process(tmp_path, capsys):
     proj = _project(tmp_path)
     env = {"RANK": "", "WORLD_SIZE": "2", "LOCAL_RANK": "", "NO_INIT": "1"}

@@ -109,6 +109,7 @@ def test_bad_input(labs):
         audit_batches(sampler, labs, epochs=0)
 
 
+@pytest.mark.slow  # an end-to-end run of 10+ s: make test-slow
 def test_report_audit_marks_the_training_sampler(labs):
     from shiftbn.studies.report.decisions import audit_table
 

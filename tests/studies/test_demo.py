@@ -2,11 +2,13 @@ import json
 import re
 
 import pandas as pd
+import pytest
 
 import shiftbn.studies.demo as demo
 from shiftbn.cli.main import build_parser, main
 
 
+@pytest.mark.slow  # an end-to-end run of 10+ s: make test-slow
 def test_quick_demo_writes_a_self_contained_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0

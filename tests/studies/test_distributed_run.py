@@ -6,6 +6,7 @@ import os
 import time
 
 import pandas as pd
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -43,6 +44,7 @@ def _study(rank, world, out_dir):
     return {"first": first, "again": again, "refused": refused}
 
 
+@pytest.mark.slow  # an end-to-end run of 10+ s: make test-slow
 def test_study_on_two_ranks_equals_one_process_and_resumes(tmp_path):
     ranks = run_ranks(_study, tmp_path)
     torch.set_num_threads(1)
@@ -79,6 +81,7 @@ def _dies(rank, world, out_dir):
     return {**res, "seconds": time.monotonic() - t0}
 
 
+@pytest.mark.slow  # an end-to-end run of 10+ s: make test-slow
 def test_a_rank_that_dies_mid_pass_stops_the_others_cleanly(tmp_path):
     ranks = run_ranks(_dies, tmp_path, env={"PG_TIMEOUT": "20"}, allow_death=True)
     assert ranks[1] is None  # it died
