@@ -244,13 +244,8 @@ def iter_inputs(
     its batch sampler and ``num_workers`` worker processes (only the inputs of each item are kept:
     the first element of a tuple, ``"image"`` of a dict).
     """
-    if isinstance(data, torch.Tensor):
-        for idx in batches:
-            yield data[torch.as_tensor(idx, dtype=torch.long)]
-        return
-    plan = [[int(i) for i in idx] for idx in batches]
-    for batch in DataLoader(LenChecked(data), batch_sampler=plan, num_workers=num_workers):
-        yield _input_of(batch)
+    for x, _ in iter_batches(data, batches, num_workers):
+        yield x
 
 
 def iter_batches(
@@ -297,8 +292,8 @@ def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: boo
     device = device_of(model)
     outs = []
     with autocast(device, amp), _bar(len(data), desc, progress) as bar:
-        for idx, (x, t) in zip(_chunks(len(data), batch_size),
-                               iter_batches(data, _chunks(len(data), batch_size)), strict=True):
+        chunks = _chunks(len(data), batch_size)
+        for idx, (x, t) in zip(chunks, iter_batches(data, chunks), strict=True):
             with explained_errors(model, x):
                 outs.append(runner.keep(runner.outputs(model, x, device), t))
             bar.update(len(idx))

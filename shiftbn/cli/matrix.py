@@ -115,19 +115,22 @@ def run(args: argparse.Namespace) -> None:
 
 def _task_metrics(metrics, ds) -> list[str]:
     """``--metrics`` checked against the task the labels imply (segmentation: masks), or that task's defaults."""
-    from shiftbn.evaluate.matrix import task_metrics
+    from shiftbn.evaluate.matrix import misfit_metrics, task_metric_names, task_metrics
+    from shiftbn.evaluate.metrics import check_metrics
     from shiftbn.evaluate.task import infer_task
 
     task = infer_task(ds)
+    if metrics is None:
+        return task_metrics(None, task)
     try:
-        return task_metrics(metrics, task)
+        names = check_metrics(metrics)
     except ValueError as e:
-        if metrics is None or "do not fit" not in str(e):
-            raise ValueError(f"--metrics: {e}") from None
-        wrong = str(e).partition("metric(s) ")[2].partition(" do not fit")[0]
-        fit = str(e).rpartition("use one of ")[2]
+        raise ValueError(f"--metrics: {e}") from None
+    wrong = misfit_metrics(names, task)
+    if wrong:
         raise ValueError(f"--metrics {wrong} do not fit {task} data (read from --data's labels); use one of "
-                         f"{fit}, or leave --metrics out for the task's defaults") from None
+                         f"{task_metric_names(task)}, or leave --metrics out for the task's defaults")
+    return names
 
 
 def _files_stats(args):

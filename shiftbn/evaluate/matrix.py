@@ -441,9 +441,18 @@ def case_scores(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
 def task_metrics(metrics: Sequence[str] | str | None, task: str) -> list[str]:
     """The metric names to score: ``metrics`` checked against the task, or the task's defaults."""
     names = list(DEFAULT_METRICS[task]) if metrics is None else check_metrics(metrics)
-    wrong = [m for m in names if get_metric(m).task != task]
+    wrong = misfit_metrics(names, task)
     if wrong:
-        fit = [n for n, m in METRICS.items() if m.task == task]
         raise ValueError(f"metric(s) {wrong} do not fit this {task} data (its targets decide the task; pass task= "
-                         f"if that is wrong); use one of {fit}")
+                         f"if that is wrong); use one of {task_metric_names(task)}")
     return names
+
+
+def misfit_metrics(names: Sequence[str], task: str) -> list[str]:
+    """The names among ``names`` whose metric is for another task than ``task``."""
+    return [m for m in names if get_metric(m).task != task]
+
+
+def task_metric_names(task: str) -> list[str]:
+    """The names of the metric table's entries for ``task``."""
+    return [n for n, m in METRICS.items() if m.task == task]
