@@ -208,8 +208,27 @@ class SegFileDataset(Dataset):
         return items
 
     def spatial_shape(self, i: int) -> tuple[int, ...] | None:
-        """The spatial shape of image ``i`` read from its NIfTI header alone (no voxel is decoded); ``None``
-        for a 2-D image file, whose shape the loader (a transform) may change."""
+        """The spatial shape of image ``i`` read from its NIfTI header alone (no voxel is decoded).
+
+        Why: checking that a source's volumes share one shape, before any pass, must not decode them.
+
+        Args:
+            i: the item's position.
+
+        Returns:
+            The spatial axes' sizes (a 4th, channel axis left out), or ``None`` for a 2-D image file,
+            whose shape the loader (a transform) may change.
+
+        Raises:
+            ValueError: the header cannot be read (names the file).
+
+        Example:
+            >>> import tempfile, nibabel
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), f"{tmp}/a.nii.gz")
+            ...     SegFileDataset([f"{tmp}/a.nii.gz"], [None]).spatial_shape(0)
+            (4, 5, 6)
+        """
         if not is_nifti(self.images[i]):
             return None
         try:
