@@ -441,8 +441,11 @@ def _seg_data(args, loader):
         raise ValueError(f"{given[0]} is applied to 2-D image files only, and --data holds NIfTI volumes (read as "
                          f"stored); drop {given[0]} and normalize inside the model")
     if args.command in ("matrix", "report"):  # cases are evaluated in batches of up to 256, whatever --batch-size
+        pooled = [s for s in ds.source_names if s not in set(getattr(args, "held_out", []))] \
+            if "precise" in (getattr(args, "strategies", None) or []) else []
         check_one_shape(ds, f"resample or crop them to one shape (shiftbn {args.command} evaluates several cases "
-                            "per batch)")
+                            "per batch)", pooled, "drop precise from --strategies, or resample or crop the volumes "
+                            "to one shape")
     elif args.batch_size > 1:
         check_one_shape(ds, "use --batch-size 1, or resample or crop them to one shape")
     return ds

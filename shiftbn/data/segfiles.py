@@ -268,7 +268,7 @@ SHAPE_FIX = ("use batch size 1 (batch_size=1, stats_batch_size=1) so that each b
 """What to do about images of two shapes in one batch (the CLI reads ``batch_size=1`` as ``--batch-size 1``)."""
 
 
-def check_one_shape(ds: SourceTaggedDataset, fix: str) -> None:
+def check_one_shape(ds: SourceTaggedDataset, fix: str, pooled: Sequence[str] = (), pooled_fix: str = "") -> None:
     """``ValueError`` naming the first two NIfTI images of one source with different spatial shapes, and ``fix``.
 
     Why: a source's cases are batched together, and torch's collation of two shapes fails deep in a pass
@@ -278,9 +278,12 @@ def check_one_shape(ds: SourceTaggedDataset, fix: str) -> None:
     Args:
         ds: a ``SourceTaggedDataset`` (over a ``SegFileDataset`` for anything to be checked).
         fix: the end of the message: what the caller can change.
+        pooled: sources batched together as well (``precise`` pools the training sources in mixed batches).
+        pooled_fix: the end of the message for two shapes among ``pooled``.
 
     Raises:
-        ValueError: a source holds volumes of two shapes (names the source, both files and shapes).
+        ValueError: a source (or two of ``pooled``) holds volumes of two shapes (names them, both files and
+            shapes).
     """
     base = getattr(ds, "base", None)
     if not isinstance(base, SegFileDataset):
@@ -296,6 +299,12 @@ def check_one_shape(ds: SourceTaggedDataset, fix: str) -> None:
             path, seen = first[sid]
             raise ValueError(f"{ds.source_word} {ds.source_names[sid]!r} holds volumes of two shapes: {path} {seen} "
                              f"and {base.images[i]} {shape}; its cases are batched together, so {fix}")
+    together = [(ds.source_names[sid], *first[sid]) for sid in sorted(first) if ds.source_names[sid] in set(pooled)]
+    for name, path, shape in together[1:]:
+        if shape != together[0][2]:
+            raise ValueError(f"{ds.source_word}s {together[0][0]!r} and {name!r} hold volumes of two shapes: "
+                             f"{together[0][1]} {together[0][2]} and {path} {shape}; precise pools them in mixed "
+                             f"batches, so {pooled_fix}")
 
 
 def _class_names(class_names: Sequence[str] | None, folder: Path | None) -> tuple[str, ...] | None:
