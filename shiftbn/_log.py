@@ -62,6 +62,11 @@ def sized_bars() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+class ShiftbnWarning(UserWarning):
+    """A result a person should doubt (statistics from few samples): the CLI prints it as one line
+    ``shiftbn COMMAND: warning: ...``; the API raises it through ``warnings`` (filter it by this class)."""
+
+
 def duration(seconds: float) -> str:
     """``0.4 s``, ``12.3 s``, ``2 min 05 s``: a duration as a person reads it."""
     if seconds < 60:

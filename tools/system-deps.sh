@@ -7,9 +7,13 @@ set -uo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
-fonts=/usr/share/fonts/truetype
+fonts=${SHIFTBN_FONTS_ROOT:-/usr/share/fonts/truetype}
 [ -f $fonts/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 [ -f $fonts/dejavu/DejaVuSerifCondensed.ttf ] || missing+=(fonts-dejavu-extra)
+# The DejaVu Sans Mono faces ship in fonts-dejavu-core up to Debian 12 and in fonts-dejavu-mono from Debian 13.
+mono=fonts-dejavu-core
+apt-cache show fonts-dejavu-mono >/dev/null 2>&1 && mono=fonts-dejavu-mono
+if [ ! -f $fonts/dejavu/DejaVuSansMono.ttf ] && [[ " ${missing[*]} " != *" $mono "* ]]; then missing+=("$mono"); fi
 [ -f $fonts/liberation/LiberationSans-Regular.ttf ] || missing+=(fonts-liberation)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

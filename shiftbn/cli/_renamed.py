@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from shiftbn._log import ShiftbnWarning
+
 OLD_SPELLING = "goes in the next release"
 """Every deprecation message of shiftbn ends its sentence with this; the CLI prints those as notes."""
 
@@ -33,7 +35,8 @@ class OldFlag(argparse.Action):
 @contextmanager
 def old_spelling_notes(args: argparse.Namespace) -> Iterator[None]:
     """Print each old spelling used, on the command line or met inside (shiftbn's deprecation warnings),
-    as one line ``shiftbn COMMAND: note: ...`` on stderr; other warnings show as Python shows them."""
+    as one line ``shiftbn COMMAND: note: ...`` on stderr, and each ``ShiftbnWarning`` as one line
+    ``shiftbn COMMAND: warning: ...``; other warnings show as Python shows them."""
     for note in getattr(args, "old_spellings", []):
         print(f"shiftbn {args.command}: note: {note}", file=sys.stderr)
     with warnings.catch_warnings():
@@ -43,6 +46,8 @@ def old_spelling_notes(args: argparse.Namespace) -> Iterator[None]:
         def show(message, category, filename, lineno, file=None, line=None) -> None:
             if issubclass(category, DeprecationWarning) and OLD_SPELLING in str(message):
                 print(f"shiftbn {args.command}: note: {message}", file=sys.stderr)
+            elif issubclass(category, ShiftbnWarning):
+                print(f"shiftbn {args.command}: warning: {message}", file=sys.stderr)
             else:
                 shown(message, category, filename, lineno, file, line)
 

@@ -426,7 +426,7 @@ def _seg_data(args, loader):
     """Segmentation data (``root/<source>/images|masks/`` or a manifest with image, mask columns): 2-D
     image files go through ``loader``; NIfTI volumes are read as stored, so options that would not
     reach them, or would not reach the masks (--image-size), are refused rather than ignored."""
-    from shiftbn.data.segfiles import from_seg_folder, from_seg_frame, is_nifti
+    from shiftbn.data.segfiles import check_one_shape, from_seg_folder, from_seg_frame, is_nifti
 
     if args.image_size is not None:
         raise ValueError("--image-size resizes images but not their masks, so it is not available for segmentation "
@@ -440,6 +440,14 @@ def _seg_data(args, loader):
     if given and any(is_nifti(p) for p in ds.base.images):
         raise ValueError(f"{given[0]} is applied to 2-D image files only, and --data holds NIfTI volumes (read as "
                          f"stored); drop {given[0]} and normalize inside the model")
+    if args.command in ("matrix", "report"):  # cases are evaluated in batches of up to 256, whatever --batch-size
+        pooled = [s for s in ds.source_names if s not in set(getattr(args, "held_out", []))] \
+            if "precise" in (getattr(args, "strategies", None) or []) else []
+        check_one_shape(ds, f"resample or crop them to one shape (shiftbn {args.command} evaluates several cases "
+                            "per batch)", pooled, "drop precise from --strategies, or resample or crop the volumes "
+                            "to one shape")
+    elif args.batch_size > 1:
+        check_one_shape(ds, "use --batch-size 1, or resample or crop them to one shape")
     return ds
 
 

@@ -64,10 +64,12 @@ def run(args: argparse.Namespace) -> None:
     from shiftbn._io import atomic_write_text
     from shiftbn.adapt import StatsFrom, parse_strategy
     from shiftbn.evaluate import cross_source_matrix
+    from shiftbn.evaluate.matrix import check_num_samples
     from shiftbn.evaluate.summary import interval_cells
 
     level = user.ci_level(args)
     user.check_out(args.out)
+    check_num_samples(args.num_samples, "--num-samples")  # before the model and data load
     files = _files_stats(args)
     with Phases(2) as phases:
         phases.start("loading the model and data")
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _task_metrics(metrics, ds) -> list[str]:
     """``--metrics`` checked against the task the labels imply (segmentation: masks), or that task's defaults."""
-    from shiftbn.evaluate.matrix import misfit_metrics, task_metric_names, task_metrics
+    from shiftbn.evaluate.matrix import check_metric_classes, misfit_metrics, task_metric_names, task_metrics
     from shiftbn.evaluate.metrics import check_metrics
     from shiftbn.evaluate.task import infer_task
 
@@ -130,6 +132,8 @@ def _task_metrics(metrics, ds) -> list[str]:
     if wrong:
         raise ValueError(f"--metrics {wrong} do not fit {task} data (read from --data's labels); use one of "
                          f"{task_metric_names(task)}, or leave --metrics out for the task's defaults")
+    if task == "segmentation" and ds.class_names is not None:  # else the first batch's channels decide
+        check_metric_classes(names, len(ds.class_names), "--metrics")
     return names
 
 
@@ -152,7 +156,7 @@ def _from_files(model, ds, stats, args, level, forward=None):
 
     from shiftbn._forward import Runner
     from shiftbn.adapt import AdaptContext, expand_strategies
-    from shiftbn.evaluate.matrix import MatrixPlan, case_scores, score
+    from shiftbn.evaluate.matrix import MatrixPlan, case_scorer, score
     from shiftbn.evaluate.metrics import check_metrics
     from shiftbn.evaluate.task import infer_task
     from shiftbn.sites.files import check_model, read_stats_header
@@ -183,7 +187,7 @@ def _from_files(model, ds, stats, args, level, forward=None):
     ctx = AdaptContext(model=model, source_stats_fn=lambda: stats, calibration_inputs=no_calibration,
                        eval_inputs=parts.__getitem__, train_sources=trains, eval_sources=evals,
                        seed=args.seed, amp=args.amp, progress=user.progress(args), task=task,
-                       runner=Runner(forward=forward, reduce=case_scores if seg else None))
+                       runner=Runner(forward=forward, reduce=case_scorer(metrics) if seg else None))
     plan = MatrixPlan(ds, ds, strategies, evals, trains)
     labels = {s: np.arange(len(p)) if seg else p.labels for s, p in parts.items()}
     return score(ctx, plan, labels, metrics, ci=level, n_boot=args.n_boot, progress=user.progress(args))

@@ -41,10 +41,12 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Build the report into --out and print the accuracy table."""
+    from shiftbn.evaluate.matrix import check_num_samples
     from shiftbn.studies.report import build_report
 
     level = user.ci_level(args)
     user.check_out(args.out)
+    check_num_samples(args.num_samples, "--num-samples")  # before the model and data load
     with Phases(2) as phases:
         phases.start("loading the model and data")
         forward = user.load_forward(args)

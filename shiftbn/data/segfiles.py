@@ -196,6 +196,48 @@ class SegFileDataset(Dataset):
             return x, mask
         return x, {"mask": mask, "spacing": torch.tensor(spacing[:mask.ndim], dtype=torch.float64)}
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, Any]]:
+        """The items at ``indices`` (one batch): images of two spatial shapes are refused naming both files,
+        where torch's collation would only say that tensors differ."""
+        items = [self[int(i)] for i in indices]
+        for (x, _), i in zip(items[1:], indices[1:], strict=True):
+            if x.shape[1:] != items[0][0].shape[1:]:
+                raise ValueError(f"one batch holds images {self.images[int(indices[0])]} "
+                                 f"{tuple(items[0][0].shape[1:])} and {self.images[int(i)]} {tuple(x.shape[1:])}, "
+                                 f"which cannot be stacked; {SHAPE_FIX}")
+        return items
+
+    def spatial_shape(self, i: int) -> tuple[int, ...] | None:
+        """The spatial shape of image ``i`` read from its NIfTI header alone (no voxel is decoded).
+
+        Why: checking that a source's volumes share one shape, before any pass, must not decode them.
+
+        Args:
+            i: the item's position.
+
+        Returns:
+            The spatial axes' sizes (a 4th, channel axis left out), or ``None`` for a 2-D image file,
+            whose shape the loader (a transform) may change.
+
+        Raises:
+            ValueError: the header cannot be read (names the file).
+
+        Example:
+            >>> import tempfile, nibabel
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), f"{tmp}/a.nii.gz")
+            ...     SegFileDataset([f"{tmp}/a.nii.gz"], [None]).spatial_shape(0)
+            (4, 5, 6)
+        """
+        if not is_nifti(self.images[i]):
+            return None
+        try:
+            shape = tuple(int(n) for n in _nibabel().load(self.images[i]).shape)
+        except Exception as e:  # noqa: BLE001 - nibabel raises many kinds for a bad file
+            raise ValueError(f"cannot read NIfTI file {self.images[i]}: {type(e).__name__}: {e}; remove or re-save "
+                             "it") from None
+        return shape[:3] if len(shape) == 4 else shape
+
     def _mask(self, mask_path: str, image_path: str, spatial: tuple[int, ...]) -> torch.Tensor:
         arr = _mask_array(mask_path)
         pair = f"mask {mask_path} (for image {image_path})"
@@ -219,6 +261,50 @@ class SegFileDataset(Dataset):
             raise ValueError(f"{pair} holds class id {int(arr.max())}, but there are {self.num_classes} classes "
                              f"(class_names); add the class to {CLASSES_FILE} / class_names or fix the mask")
         return torch.from_numpy(arr)
+
+
+SHAPE_FIX = ("use batch size 1 (batch_size=1, stats_batch_size=1) so that each batch holds one case, or resample or "
+             "crop the volumes to one shape")
+"""What to do about images of two shapes in one batch (the CLI reads ``batch_size=1`` as ``--batch-size 1``)."""
+
+
+def check_one_shape(ds: SourceTaggedDataset, fix: str, pooled: Sequence[str] = (), pooled_fix: str = "") -> None:
+    """``ValueError`` naming the first two NIfTI images of one source with different spatial shapes, and ``fix``.
+
+    Why: a source's cases are batched together, and torch's collation of two shapes fails deep in a pass
+    with a message that names no file; NIfTI headers give every shape without decoding a voxel, so the
+    check costs one header read per case. 2-D image files and datasets not read from files pass.
+
+    Args:
+        ds: a ``SourceTaggedDataset`` (over a ``SegFileDataset`` for anything to be checked).
+        fix: the end of the message: what the caller can change.
+        pooled: sources batched together as well (``precise`` pools the training sources in mixed batches).
+        pooled_fix: the end of the message for two shapes among ``pooled``.
+
+    Raises:
+        ValueError: a source (or two of ``pooled``) holds volumes of two shapes (names them, both files and
+            shapes).
+    """
+    base = getattr(ds, "base", None)
+    if not isinstance(base, SegFileDataset):
+        return
+    first: dict[int, tuple[str, tuple[int, ...]]] = {}
+    for i, sid in enumerate(ds.source_ids.tolist()):
+        shape = base.spatial_shape(i)
+        if shape is None:
+            continue
+        if sid not in first:
+            first[sid] = (base.images[i], shape)
+        elif shape != first[sid][1]:
+            path, seen = first[sid]
+            raise ValueError(f"{ds.source_word} {ds.source_names[sid]!r} holds volumes of two shapes: {path} {seen} "
+                             f"and {base.images[i]} {shape}; its cases are batched together, so {fix}")
+    together = [(ds.source_names[sid], *first[sid]) for sid in sorted(first) if ds.source_names[sid] in set(pooled)]
+    for name, path, shape in together[1:]:
+        if shape != together[0][2]:
+            raise ValueError(f"{ds.source_word}s {together[0][0]!r} and {name!r} hold volumes of two shapes: "
+                             f"{together[0][1]} {together[0][2]} and {path} {shape}; precise pools them in mixed "
+                             f"batches, so {pooled_fix}")
 
 
 def _class_names(class_names: Sequence[str] | None, folder: Path | None) -> tuple[str, ...] | None:

@@ -3,6 +3,8 @@ score every (strategy, eval source) cell."""
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shiftbn._forward import Forward, Runner, check_forward
-from shiftbn._log import bars_wanted
+from shiftbn._log import ShiftbnWarning, bars_wanted
 from shiftbn._torch import check_device
 from shiftbn.adapt import AdaptContext, Strategy, check_source_name, expand_strategies
 from shiftbn.bn import CollectMode, collect_stats
@@ -27,6 +29,11 @@ from shiftbn.evaluate.task import DEFAULT_METRICS, infer_task
 from shiftbn.evaluate.uncertainty import bootstrap_interval
 
 Calibration = float | Splits | tuple[SourceTaggedDataset, SourceTaggedDataset]
+
+MIN_STATS_SAMPLES = 16
+"""Statistics from fewer samples per source draw a ``ShiftbnWarning``: BN's batch statistics degrade
+markedly below 16 samples (Wu & He 2018, Group Normalization, Fig. 1), and the relative standard error
+of a channel's variance is still sqrt(2 / 15) ~ 37% there."""
 
 
 @dataclass
@@ -149,6 +156,7 @@ def collect(
     progress: bool = True,
     forward: Forward | None = None,
     task: str | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> tuple[AdaptContext, Mapping[str, np.ndarray]]:
     """The context strategies see (statistics computed on first use) and each eval source's labels.
 
@@ -173,6 +181,8 @@ def collect(
             targets (``evaluate.task.infer_task``). For segmentation every batch's outputs are scored
             per case as they stream (``evaluate.dense.CaseScorer``) and strategies return those
             per-case rows, never the dense outputs.
+        metrics: the metric names ``score`` will compute; segmentation: per-class ones (``dice:<c>``) are
+            checked against the outputs' channel count at the first batch (default: unchecked).
 
     Returns:
         ``(ctx, labels)``: the ``AdaptContext`` strategies read, and eval source -> (N,) labels. Labels
@@ -189,11 +199,12 @@ def collect(
         ('AdaptContext', ['lab_0', 'lab_1', 'lab_2', 'lab_3'], (6,))
     """
     check_forward(forward)
+    check_num_samples(num_samples)
     task = infer_task(plan.evaluation, task)
     eval_parts = {s: plan.evaluation.subset(s) for s in plan.eval_sources}
     if task == "segmentation":
         labels: Mapping[str, np.ndarray] = {s: np.arange(len(p)) for s, p in eval_parts.items()}
-        runner = Runner(forward=forward, reduce=case_scores)
+        runner = Runner(forward=forward, reduce=case_scorer(metrics))
         inputs = eval_parts.__getitem__
     else:
         labels = TappedLabels(eval_parts, regression=task == "regression")
@@ -203,13 +214,14 @@ def collect(
     cal = plan.calibration
 
     def source_stats():
-        return collect_stats(model, cal, batch_size=stats_batch_size, mode=stats_mode, num_samples=num_samples,
-                             seed=seed, amp=amp, progress=progress, forward=forward)
+        return warn_few_samples(collect_stats(model, cal, batch_size=stats_batch_size, mode=stats_mode,
+                                              num_samples=num_samples, seed=seed, amp=amp, progress=progress,
+                                              forward=forward))
 
     def precise_stats():
-        return collect_stats(model, cal.subset(plan.train_sources), by_source=False, batch_size=stats_batch_size,
-                             mode=stats_mode, num_samples=num_samples, seed=seed, amp=amp, progress=progress,
-                             forward=forward).pooled()
+        return warn_few_samples(collect_stats(model, cal.subset(plan.train_sources), by_source=False,
+                                              batch_size=stats_batch_size, mode=stats_mode, num_samples=num_samples,
+                                              seed=seed, amp=amp, progress=progress, forward=forward)).pooled()
 
     ctx = AdaptContext(model=model, source_stats_fn=source_stats,
                        calibration_inputs=lambda s: ctx.memo(("shiftbn", "calibration", s), lambda: cal.subset(s)),
@@ -424,11 +436,33 @@ def cross_source_matrix(
     plan = prepare(ds, strategies, calibration=calibration, transductive=transductive, train_sources=train_sources,
                    eval_sources=eval_sources, seed=seed)
     task = infer_task(plan.evaluation, task)
-    metrics = task_metrics(metrics, task)
+    names = plan.evaluation.class_names
+    metrics = task_metrics(metrics, task, None if names is None else len(names))
     ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size,
                           stats_mode=stats_mode, num_samples=num_samples, seed=seed, amp=amp, progress=progress,
-                          forward=forward, task=task)
+                          forward=forward, task=task, metrics=metrics)
     return score(ctx, plan, labels, metrics, ci=ci, n_boot=n_boot, progress=progress)
+
+
+def check_num_samples(num_samples: int | None, flag: str = "num_samples") -> None:
+    """``ValueError`` for a cap below 2 samples per source: one sample has no variance to estimate (BN layers
+    without spatial positions refuse it; a conv layer would silently take one image's spatial spread)."""
+    if isinstance(num_samples, numbers.Integral) and not isinstance(num_samples, bool) and num_samples < 2:
+        raise ValueError(f"{flag} must be >= 2 samples per source (one sample has no variance to estimate), got "
+                         f"{num_samples}; leave {flag} out to use every calibration sample, or give "
+                         f"{MIN_STATS_SAMPLES} or more")
+
+
+def warn_few_samples(stats):
+    """``stats`` (``SourceStats``), after one ``ShiftbnWarning`` naming the sources whose statistics come
+    from fewer than ``MIN_STATS_SAMPLES`` samples."""
+    few = {name: int(bn.num_samples) for name, bn in stats.sources.items() if bn.num_samples < MIN_STATS_SAMPLES}
+    if few:
+        listed = ", ".join(f"{name}: {n}" for name, n in few.items())
+        warnings.warn(f"BN statistics from fewer than {MIN_STATS_SAMPLES} samples ({listed}) are noisy; their "
+                      "matrix cells are doubtful: calibrate on more samples (num_samples / --num-samples, "
+                      "calibration / --calibration)", ShiftbnWarning, stacklevel=2)
+    return stats
 
 
 def case_scores(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
@@ -438,14 +472,48 @@ def case_scores(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
     return CaseScorer(int(outputs.shape[1]))(outputs, targets)
 
 
-def task_metrics(metrics: Sequence[str] | str | None, task: str) -> list[str]:
-    """The metric names to score: ``metrics`` checked against the task, or the task's defaults."""
+def task_metrics(metrics: Sequence[str] | str | None, task: str, num_classes: int | None = None) -> list[str]:
+    """The metric names to score: ``metrics`` checked against the task, or the task's defaults; per-class
+    segmentation metrics (``dice:<c>``) also against ``num_classes`` (the data's, background included) when known."""
     names = list(DEFAULT_METRICS[task]) if metrics is None else check_metrics(metrics)
     wrong = misfit_metrics(names, task)
     if wrong:
         raise ValueError(f"metric(s) {wrong} do not fit this {task} data (its targets decide the task; pass task= "
                          f"if that is wrong); use one of {task_metric_names(task)}")
+    if task == "segmentation" and num_classes is not None:
+        check_metric_classes(names, num_classes, "metrics=")
     return names
+
+
+def check_metric_classes(names: Sequence[str], num_classes: int, flag: str, *, source: str = "data") -> None:
+    """``ValueError`` naming ``flag`` (the option) when a per-class metric (``dice:<c>``) of ``names`` asks for a class
+    that is not a foreground class 1..K-1 of ``num_classes`` K; ``source``: ``"data"`` (its class names) or
+    ``"outputs"`` (the model's channels)."""
+    from shiftbn.evaluate.dense import parse_dense_name
+
+    parsed = {n: parse_dense_name(n) for n in names}
+    bad = [n for n, p in parsed.items() if p is not None and p[1] is not None and not 1 <= p[1] < num_classes]
+    if not bad:
+        return
+    has = (f"the data has {num_classes} classes (0 is background)" if source == "data" else
+           f"the model's outputs have {num_classes} channels, classes 0..{num_classes - 1} (0 is background)")
+    fix = (f"a per-class metric takes a foreground class 1..{num_classes - 1}, e.g. "
+           f"'{parsed[bad[0]][0]}:{num_classes - 1}'" if num_classes > 1 else "there is no foreground class")
+    raise ValueError(f"metric(s) {bad} ({flag}) ask for a class that is not there: {has}, so {fix}")
+
+
+def case_scorer(metrics: Sequence[str] | None = None):
+    """``case_scores`` that first checks the per-class metrics of ``metrics`` against the first batch's
+    channel count (K), so a class the model does not output fails at once, not after a full pass."""
+    checked = []
+
+    def reduce(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        if metrics and not checked:
+            check_metric_classes(metrics, int(outputs.shape[1]), "metrics=", source="outputs")
+            checked.append(True)
+        return case_scores(outputs, targets)
+
+    return reduce
 
 
 def misfit_metrics(names: Sequence[str], task: str) -> list[str]:

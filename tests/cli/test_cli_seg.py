@@ -132,6 +132,17 @@ def test_matrix_refuses_a_classification_metric_for_masks(root, capsys):
     _one_line_error(capsys, "--metrics", "accuracy", "segmentation", "dice")
 
 
+def test_matrix_refuses_a_class_the_masks_do_not_have_before_any_forward(root, capsys):
+    import segfwd_mod
+
+    segfwd_mod.CALLS.clear()
+    out = root / "m7"
+    assert main(["matrix", *_user(root, "--metrics", "dice", "dice:7", "--forward", "segfwd_mod:micro", "--out",
+                                  str(out))]) == 2
+    _one_line_error(capsys, "['dice:7'] (--metrics)", "3 classes", "foreground class 1..2", "'dice:2'")
+    assert segfwd_mod.CALLS == [] and not (out / "matrix.csv").exists()
+
+
 def test_recalibrate_writes_the_target_sites_statistics(root):
     out = root / "recal.pt"
     assert main(["recalibrate", *_user(root, "--target", "site_b", "--forward", "segfwd_mod:micro", "--output",

@@ -141,3 +141,28 @@ def test_png_refuses_3d_and_format_is_checked(tmp_path):
         write_seg_folder(ds, tmp_path, format="png")
     with pytest.raises(ValueError, match="format must be 'nifti' or 'png'"):
         write_seg_folder(ds, tmp_path, format="tiff")
+
+
+def _mixed_site(tmp_path):
+    """A NIfTI folder whose site_a holds one volume of another shape (case 1: 8 x 8 x 10)."""
+    write_seg_folder(sb.load("seg-sites-3d", n=3, size=8, sites=2), tmp_path)
+    img = tmp_path / "site_a" / "images" / "site_a_001.nii.gz"
+    _save_nifti(img, np.ones((8, 8, 10), np.float32))
+    _save_nifti(tmp_path / "site_a" / "masks" / img.name, np.zeros((8, 8, 10), np.uint8))
+    return from_seg_folder(tmp_path), img
+
+
+def test_volumes_of_two_shapes_in_one_batch_are_named_at_the_boundary(tmp_path):
+    from shiftbn.data.segfiles import check_one_shape
+
+    ds, odd = _mixed_site(tmp_path)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2))
+    with pytest.raises(ValueError, match=rf"site_a_00[02].nii.gz \(8, 8, 8\) and .*{odd.name} \(8, 8, 10\).*"
+                                         r"batch_size=1"):
+        sb.collect_stats(model, ds, batch_size=3, progress=False)
+    stats = sb.collect_stats(model, ds, batch_size=1, progress=False)  # one case per batch: any shapes
+    assert stats["site_a"].num_samples == 3
+    with pytest.raises(ValueError, match=rf"source 'site_a'.*site_a_000.nii.gz \(8, 8, 8\) and .*{odd.name} "
+                                         r"\(8, 8, 10\).*resample or crop"):
+        check_one_shape(ds, "resample or crop them to one shape")
+    check_one_shape(ds.subset("site_b"), "unused")  # one shape per site: nothing to say

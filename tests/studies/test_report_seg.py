@@ -98,3 +98,32 @@ def test_the_decision_table_scores_dice_and_costs_hd95():
     assert row["strategy"] == "target" and row["why"].startswith("Dice +40.0 points [+30.0, +50.0]")
     assert row["cost"].startswith("HD95 4 -> 1 (-3 [-3, -3]") and "need class predictions" in row["cost"]
     assert len(case_table(rows, ["dice"], ["ema", "target"])) == 12
+
+
+def _seg_matrix(metric, values):
+    return pd.DataFrame([{"strategy": st, "is_cross_source": False, "eval_source": src, "metric": metric,
+                          "value": v, "n": 4, "ci_low": v - 0.01, "ci_high": v + 0.01}
+                         for (st, src), v in values.items()])
+
+
+def test_the_reading_says_dice_as_a_score_and_hd95_in_mm_lower_better():
+    from shiftbn.studies.report import findings
+
+    dice = _seg_matrix("dice", {("ema", "site_a"): 0.005, ("ema", "site_b"): 0.8, ("target", "site_a"): 0.3,
+                                ("target", "site_b"): 0.8})
+    pairs = pd.DataFrame([{"eval_source": "site_a", "strategy": "target", "baseline": "ema", "metric": "dice",
+                           "diff": 0.295, "ci_low": 0.2, "ci_high": 0.4, "n": 4}])
+    text = " ".join(findings(dice, metric="dice", comparisons=pairs, word="site"))
+    assert "the worst site is site_a at Dice 0.005 (0 to 1, higher is better; 95% CI -0.005 to 0.015, n=4)" in text
+    assert "0.5%" not in text and "% dice" not in text and "% hd95" not in text and "points" not in text, text
+    assert "target's (+0.295 Dice, 95% paired interval +0.200 to +0.400)" in text, text
+    hd = _seg_matrix("hd95", {("ema", "site_a"): 2.0, ("ema", "site_b"): 9.5, ("target", "site_a"): 2.0,
+                              ("target", "site_b"): 4.0})
+    pairs = pd.DataFrame([{"eval_source": "site_b", "strategy": "target", "baseline": "ema", "metric": "hd95",
+                           "diff": -5.5, "ci_low": -7.0, "ci_high": -4.0, "n": 4}])
+    text = " ".join(findings(hd, metric="hd95", comparisons=pairs, word="site"))
+    assert "the worst site is site_b at HD95 9.50 mm (lower is better; 95% CI 9.49 to 9.51 mm, n=4)" in text, text
+    assert "against 2.00 mm on average elsewhere" in text, text
+    assert "the largest gain over the stored statistics (ema) is target's (-5.50 mm, 95% paired interval -7.00 " \
+           "to -4.00 mm)" in text, text
+    assert "0.5%" not in text and "% dice" not in text and "% hd95" not in text and "points" not in text, text

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from shiftbn.evaluate import supports_difference
+from shiftbn.evaluate.dense import parse_dense_name
+from shiftbn.evaluate.metrics import get_metric
 
 _Z = {0.8: 1.2816, 0.9: 1.6449, 0.95: 1.96, 0.99: 2.5758}
 
@@ -32,29 +34,71 @@ def _pct(v: float) -> str:
     return f"{v:.1%}"
 
 
-def _ci(low: float, high: float, level: float, pct: bool = True) -> str:
+def _kind(metric: str) -> str:
+    """How ``metric`` reads: ``"pct"`` (a proportion: 61.0%, differences in points), ``"score"`` (Dice, IoU: a
+    0-1 score) or ``"mm"`` (HD95, ASD: a distance in the data's spacing unit, mm for NIfTI; lower is better)."""
+    parsed = parse_dense_name(metric)
+    if parsed is None:
+        return "pct"
+    return "score" if parsed[0] in ("dice", "iou") else "mm"
+
+
+def _label(metric: str) -> str:
+    """``dice`` -> Dice, ``hd95:2`` -> HD95:2 (the report's headings' spelling)."""
+    from shiftbn.studies.report.segmentation import display
+
+    return display(metric)
+
+
+def _value(v: float, metric: str) -> str:
+    kind = _kind(metric)
+    return _pct(v) if kind == "pct" else f"{v:.3f}" if kind == "score" else f"{v:.2f} mm"
+
+
+def _higher_is_better(metric: str) -> bool:
+    try:
+        return bool(get_metric(metric).higher_is_better)
+    except ValueError:  # a metric the table does not know: the accuracy reading
+        return True
+
+
+def _ci(low: float, high: float, level: float, pct: bool = True, metric: str = "accuracy") -> str:
     if not (np.isfinite(low) and np.isfinite(high)):
         return ""
-    fmt = _pct if pct else (lambda v: f"{v:.3f}")
+    kind = _kind(metric)
+    if kind == "mm":
+        return f"{level:.0%} CI {low:.2f} to {high:.2f} mm"
+    fmt = _pct if pct and kind == "pct" else (lambda v: f"{v:.3f}")
     return f"{level:.0%} CI {fmt(low)} to {fmt(high)}"
 
 
-def _cell_note(row: pd.Series, level: float) -> str:
-    """``(95% CI a to b, n=N)`` for a matrix row (just ``(n=N)`` without an interval)."""
+def _cell_note(row: pd.Series, level: float, metric: str = "accuracy") -> str:
+    """``(95% CI a to b, n=N)`` for a matrix row (just ``(n=N)`` without an interval); Dice/IoU rows say the
+    score's range first, HD95/ASD rows that lower is better."""
     parts = []
+    kind = _kind(metric)
+    if kind != "pct":
+        parts.append("0 to 1, higher is better" if kind == "score" else "lower is better")
     if "ci_low" in row and pd.notna(row.get("ci_low")):
-        parts.append(_ci(row["ci_low"], row["ci_high"], level))
+        parts.append(_ci(row["ci_low"], row["ci_high"], level, metric=metric))
     if "n" in row and pd.notna(row.get("n")):
         parts.append(f"n={int(row['n'])}")
+    if kind != "pct" and len(parts) > 1:
+        return f" ({parts[0]}; {', '.join(p for p in parts[1:] if p)})"
     return f" ({', '.join(p for p in parts if p)})" if parts else ""
 
 
-def _diff_text(diff: float, low: float, high: float, level: float) -> str:
-    points = f"{100 * diff:+.1f} points"
+def _diff_text(diff: float, low: float, high: float, level: float, metric: str = "accuracy") -> str:
+    kind = _kind(metric)
+    if kind == "pct":
+        points, lo, hi, unit = f"{100 * diff:+.1f} points", f"{100 * low:+.1f}", f"{100 * high:+.1f}", ""
+    elif kind == "score":
+        points, lo, hi, unit = f"{diff:+.3f} {_label(metric)}", f"{low:+.3f}", f"{high:+.3f}", ""
+    else:
+        points, lo, hi, unit = f"{diff:+.2f} mm", f"{low:+.2f}", f"{high:+.2f}", " mm"
     if supports_difference(low, high):
-        return f"{points}, {level:.0%} paired interval {100 * low:+.1f} to {100 * high:+.1f}"
-    return (f"{points}, within noise ({level:.0%} interval of the difference, {100 * low:+.1f} to "
-            f"{100 * high:+.1f}, includes 0)")
+        return f"{points}, {level:.0%} paired interval {lo} to {hi}{unit}"
+    return f"{points}, within noise ({level:.0%} interval of the difference, {lo} to {hi}{unit}, includes 0)"
 
 
 def _normal_diff(a: float, b: float, na: int, nb: int, level: float) -> tuple[float, float]:
@@ -133,10 +177,12 @@ def _paragraphs(matrix, heldout, shift, metric, comparisons, pooled, num_classes
     src = src_rows["value"]
     if not len(src):  # no labeled source: nothing to score
         return [closing.strip()]
-    worst = src.idxmin()
+    worst = src.idxmin() if _higher_is_better(metric) else src.idxmax()
+    at = (f"{_pct(src[worst])} {metric}" if _kind(metric) == "pct" else
+          f"{_label(metric)} {_value(src[worst], metric)}")
     first = (f"With the statistics stored in the model (its training EMA), the worst {word} is {worst} at "
-             f"{_pct(src[worst])} {metric}{_cell_note(src_rows.loc[worst], level)}, against "
-             f"{_pct(src.drop(worst).mean()) if len(src) > 1 else 'n/a'} on average elsewhere.")
+             f"{at}{_cell_note(src_rows.loc[worst], level, metric)}, against "
+             f"{_value(src.drop(worst).mean(), metric) if len(src) > 1 else 'n/a'} on average elsewhere.")
     at_chance, chance_text = _chance(pooled, src_rows.reset_index(), num_classes if metric == "accuracy" else None,
                                      level, word)
     if at_chance:
@@ -147,8 +193,8 @@ def _paragraphs(matrix, heldout, shift, metric, comparisons, pooled, num_classes
             first += (f" On {', '.join(noisy)} the model's accuracy with its own statistics is within noise of "
                       f"chance (1/{num_classes}).")
     first += " " + _worst_site_text(main, comparisons, worst, metric, level)
-    first += _pooled_text(pooled, level, word)
-    parts = [first + _losses_text(comparisons, level, word) + _ece_text(ece, level)]
+    first += _pooled_text(pooled, level, word, metric)
+    parts = [first + _losses_text(comparisons, level, word, metric) + _ece_text(ece, level)]
     held = " ".join(t for t in (_held_out_text(main, comparisons, held_out, metric, level),
                                 _retrained_text(heldout, metric, level, word)) if t)
     if held:
@@ -158,15 +204,17 @@ def _paragraphs(matrix, heldout, shift, metric, comparisons, pooled, num_classes
     return [*parts, closing.strip()]
 
 
-def _losses_text(comparisons: pd.DataFrame | None, level: float, word: str) -> str:
+def _losses_text(comparisons: pd.DataFrame | None, level: float, word: str, metric: str = "accuracy") -> str:
     """Every per-source loss whose paired interval excludes 0: a pooled "within noise" must not hide one."""
     if comparisons is None or not len(comparisons):
         return ""
-    c = comparisons[(comparisons["ci_high"] < 0) & (comparisons["strategy"] != "ema")]
+    up = _higher_is_better(metric)
+    worse = comparisons["ci_high"] < 0 if up else comparisons["ci_low"] > 0
+    c = comparisons[worse & (comparisons["strategy"] != "ema")]
     if not len(c):
         return ""
-    listed = "; ".join(f"{r.strategy} on {r.eval_source} ({_diff_text(r.diff, r.ci_low, r.ci_high, level)})"
-                       for r in c.sort_values("diff").itertuples())
+    listed = "; ".join(f"{r.strategy} on {r.eval_source} ({_diff_text(r.diff, r.ci_low, r.ci_high, level, metric)})"
+                       for r in c.sort_values("diff", ascending=up).itertuples())
     return f" Per {word}, worse than the stored statistics beyond noise: {listed}."
 
 
@@ -200,35 +248,46 @@ def _unlabeled_text(unlabeled: Sequence[str], word: str) -> str:
 
 def _worst_site_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, worst: str, metric: str,
                      level: float) -> str:
+    up = _higher_is_better(metric)
     if comparisons is None or not len(comparisons):
         on = main[main["eval_source"] == worst]
-        best = on.loc[on["value"].idxmax()]
-        return (f"On {worst}, the highest {metric} is {best['strategy']}'s ({_pct(best['value'])}); no paired "
-                "interval was computed, so no difference is claimed.")
+        best = on.loc[on["value"].idxmax() if up else on["value"].idxmin()]
+        name = metric if _kind(metric) == "pct" else _label(metric)
+        return (f"On {worst}, the {'highest' if up else 'lowest'} {name} is {best['strategy']}'s "
+                f"({_value(best['value'], metric)}); no paired interval was computed, so no difference is claimed.")
     c = comparisons[comparisons["eval_source"] == worst]
     if not len(c):
         return ""
-    best = c.loc[c["diff"].idxmax()]
-    if supports_difference(best["ci_low"], best["ci_high"]) and best["diff"] > 0:
+    best = c.loc[c["diff"].idxmax() if up else c["diff"].idxmin()]
+    diff = _diff_text(best["diff"], best["ci_low"], best["ci_high"], level, metric)
+    if supports_difference(best["ci_low"], best["ci_high"]) and (best["diff"] > 0 if up else best["diff"] < 0):
         return (f"On {worst}, the largest gain over the stored statistics (ema) is {best['strategy']}'s "
-                f"({_diff_text(best['diff'], best['ci_low'], best['ci_high'], level)}).")
+                f"({diff}).")
     return (f"On {worst}, no strategy beats the stored statistics (ema) beyond noise: the best, {best['strategy']}, is "
-            f"{_diff_text(best['diff'], best['ci_low'], best['ci_high'], level)}.")
+            f"{diff}.")
 
 
-def _pooled_text(pooled: pd.DataFrame | None, level: float, word: str) -> str:
+def _pooled_text(pooled: pd.DataFrame | None, level: float, word: str, metric: str = "accuracy") -> str:
     if pooled is None or not len(pooled) or "diff" not in pooled:
         return ""
     others = pooled[pooled["strategy"] != "ema"]
-    better = others[[supports_difference(lo, hi) and d > 0 for d, lo, hi in
+    sign = 1 if _higher_is_better(metric) else -1  # a gain in HD95 is a decrease
+    better = others[[supports_difference(lo, hi) and sign * d > 0 for d, lo, hi in
                      zip(others["diff"], others["diff_low"], others["diff_high"], strict=True)]]
-    worse = others[[supports_difference(lo, hi) and d < 0 for d, lo, hi in
+    worse = others[[supports_difference(lo, hi) and sign * d < 0 for d, lo, hi in
                     zip(others["diff"], others["diff_low"], others["diff_high"], strict=True)]]
     noise = others[~others["strategy"].isin(set(better["strategy"]) | set(worse["strategy"]))]
+    kind = _kind(metric)
+
+    def one(r) -> str:
+        if kind == "pct":
+            return f"{r.strategy} ({100 * r.diff:+.1f} points, {100 * r.diff_low:+.1f} to {100 * r.diff_high:+.1f})"
+        if kind == "score":
+            return f"{r.strategy} ({r.diff:+.3f} {_label(metric)}, {r.diff_low:+.3f} to {r.diff_high:+.3f})"
+        return f"{r.strategy} ({r.diff:+.2f} mm, {r.diff_low:+.2f} to {r.diff_high:+.2f} mm)"
 
     def listed(rows: pd.DataFrame) -> str:
-        return ", ".join(f"{r.strategy} ({100 * r.diff:+.1f} points, {100 * r.diff_low:+.1f} to "
-                         f"{100 * r.diff_high:+.1f})" for r in rows.sort_values("diff", ascending=False).itertuples())
+        return ", ".join(one(r) for r in rows.sort_values("diff", ascending=sign < 0).itertuples())
 
     n = int(pooled["n"].iloc[0])
     text = (f" Pooled over {plural(word)} (n={n}, resampled within each {word}, {level:.0%} paired intervals against "
@@ -250,14 +309,14 @@ def _held_out_text(main: pd.DataFrame, comparisons: pd.DataFrame | None, held_ou
         rows = main[main["eval_source"] == h].set_index("strategy")
         if "ema" not in rows.index:
             continue
-        value = _pct(rows.loc["ema", "value"])
+        value = _value(rows.loc["ema", "value"], metric)
         text = f"{h} was never seen in training: with the model's own statistics it scores {value}"
         c = None if comparisons is None else comparisons[(comparisons["eval_source"] == h)
                                                            & (comparisons["strategy"] == "target")]
         if c is not None and len(c) and "target" in rows.index:
             r = c.iloc[0]
-            text += (f", with its own statistics (target/AdaBN) {_pct(rows.loc['target', 'value'])} "
-                     f"({_diff_text(r['diff'], r['ci_low'], r['ci_high'], level)})")
+            text += (f", with its own statistics (target/AdaBN) {_value(rows.loc['target', 'value'], metric)} "
+                     f"({_diff_text(r['diff'], r['ci_low'], r['ci_high'], level, metric)})")
         texts.append(text + ".")
     return " ".join(texts)
 
