@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from shiftbn.studies import choice_summary, drift_summary
+from shiftbn.studies import choice_picks, choice_summary, drift_summary
 from shiftbn.studies.caseintervals import case_intervals, paired_case_effects
-from shiftbn.studies.intervals import format_interval, interval_table, paired_effects
+from shiftbn.studies.intervals import format_interval, interval_table, paired_effects, seed_intervals
 
 
 def _table(rows: pd.DataFrame, index, columns) -> str:
@@ -41,30 +41,53 @@ def _effects(parts: list[tuple[str, pd.DataFrame]]) -> str:
     return pd.DataFrame(out).to_markdown(index=False)
 
 
-def held_out(h: pd.DataFrame, name: str = "held_out") -> None:
-    h = h.query("metric == 'accuracy'").assign(
-        where=lambda d: d["is_held_out"].map({True: "held-out lab", False: "training labs"}))
-    print(f"\n## {name}: accuracy on the held-out lab\n")
+def held_out(h: pd.DataFrame, name: str = "held_out", unit: str = "lab",
+             versus: tuple[str, ...] = ("target", "batch:64", "prior:16"), detail: bool = False) -> None:
+    """Held-out accuracy per ``unit`` (lab, collection), effects ``versus`` − ema; ``detail``: also the effects
+    on each held-out source and the same tables for NLL."""
+    everything = h.assign(where=lambda d: d["is_held_out"].map({True: f"held-out {unit}", False: f"training {unit}s"}))
+    h = everything.query("metric == 'accuracy'")
+    print(f"\n## {name}: accuracy on the held-out {unit}\n")
     print(_table(h[h["is_held_out"]], ["held_out"], ["strategy"]))
-    print("\nmean over held-out labs / over the training labs' test splits\n")
+    print(f"\nmean over held-out {unit}s / over the training {unit}s' test splits\n")
     print(_table(h, ["where"], ["strategy"]))
-    print("\neffects (accuracy difference, mean over labs)\n")
+    print(f"\neffects (accuracy difference, mean over {unit}s)\n")
     print(_effects([(f"{a} − ema", paired_effects(h, ["where"], "strategy", a, "ema"))
-                    for a in ("target", "batch:64", "prior:16") if a in set(h["strategy"])]))
+                    for a in versus if a in set(h["strategy"])]))
+    if detail:
+        print(f"\neffects on each held-out {unit} (accuracy difference)\n")
+        held = h[h["is_held_out"]]
+        print(_effects([(f"{a} − ema", paired_effects(held, ["held_out"], "strategy", a, "ema"))
+                        for a in versus if a in set(held["strategy"])]))
+        if {"tent", "batch:64"} <= set(h["strategy"]):  # does Tent's entropy step add to batch statistics?
+            print(f"\ntent − batch:64 (accuracy difference, mean over {unit}s and on each held-out {unit})\n")
+            print(_effects([("tent − batch:64", paired_effects(h, ["where"], "strategy", "tent", "batch:64")),
+                            ("tent − batch:64", paired_effects(held, ["held_out"], "strategy", "tent", "batch:64"))]))
+        n = everything.query("metric == 'nll'")
+        print(f"\n## {name}: NLL (nats per sample; lower is better), mean over {unit}s\n")
+        print(_table(n, ["where"], ["strategy"]))
+        print("\neffects (NLL difference; negative: better than ema)\n")
+        print(_effects([(f"{a} − ema", paired_effects(n, ["where"], "strategy", a, "ema"))
+                        for a in versus if a in set(n["strategy"])]))
 
 
-def batch_composition(b: pd.DataFrame, name: str = "batch_composition") -> None:
+def batch_composition(b: pd.DataFrame, name: str = "batch_composition", detail: bool = False) -> None:
+    """Accuracy per training mode and batch size (mean over sources); ``detail``: also each source's
+    accuracy after single-source training."""
     b = b.query("metric == 'accuracy'") if "metric" in b else b
     print(f"\n## {name}: accuracy (mean over labs)\n")
     print(_table(b, ["train_mode", "batch_size"], ["strategy"]))
+    if detail:
+        print(f"\n## {name}: accuracy on each source, single-source training batches\n")
+        print(_table(b[b["train_mode"] == "single"], ["batch_size", "eval_source"], ["strategy"]))
     print("\neffects\n")
     print(_effects([(f"per-source − {s}", paired_effects(b, ["train_mode", "batch_size"], "strategy", "per-source", s))
                     for s in ("precise", "ema")]))
 
 
-def ema_vs_precise(e: pd.DataFrame) -> None:
+def ema_vs_precise(e: pd.DataFrame, name: str = "ema_vs_precise") -> None:
     curve = e[e["kind"] == "curve"]
-    print("\n## ema_vs_precise: accuracy during training\n")
+    print(f"\n## {name}: accuracy during training\n")
     print(_table(curve, ["batch_size", "step"], ["stats"]))
     print("\nPreciseBN accuracy vs samples, end of training\n")
     print(_table(e[e["kind"] == "samples"], ["batch_size"], ["num_samples"]))
@@ -116,6 +139,29 @@ def leakage_probe(lp: pd.DataFrame) -> None:
 def choice(rows: pd.DataFrame, name: str) -> None:
     print(f"\n## {name}: label-free strategy choice (regret and MAE in accuracy points)\n")
     print(choice_summary(rows).to_markdown(index=False, floatfmt=".2f"))
+
+
+def choice_with_intervals(rows: pd.DataFrame, name: str) -> None:
+    """``choice`` plus, per policy, its regret with a seed-level interval, the picks per held-out
+    source, and the chooser's regret minus each fixed rule's, paired by seed."""
+    choice(rows, name)
+    picks = choice_picks(rows).rename(columns={"value": "accuracy"})
+    regret = picks.assign(value=picks["regret"], n=float("nan"))  # points; seed-only intervals
+    order = list(dict.fromkeys(regret["policy"]))
+    cells = seed_intervals(regret, ["policy"]).set_index("policy").reindex(order)
+    cells["regret, mean ± std [95% interval]"] = [format_interval(r.mean, r.std, r.low, r.high, 2)
+                                                  for r in cells.itertuples()]
+    print(f"\n## {name}: regret (accuracy points; mean over held-out sources, then over seeds)\n")
+    print(cells[["regret, mean ± std [95% interval]", "seeds"]].to_markdown())
+    print(f"\n## {name}: picks (seeds picking each candidate) per held-out source\n")
+    counts = picks[picks["policy"].isin(["chooser", "oracle"])].groupby(["held_out", "policy"])["strategy"]
+    print(counts.agg(lambda s: ", ".join(f"{k} {v}" for k, v in s.value_counts().sort_index().items()))
+          .unstack().to_markdown())
+    fixed = [p for p in order if p.startswith("always ")]
+    best = min(fixed, key=lambda p: regret.loc[regret["policy"] == p, "value"].mean())
+    print(f"\n## {name}: chooser's regret minus each rule's (paired by seed; positive: the chooser loses)\n")
+    print(_effects([(f"chooser − {p}" + (" (best fixed rule)" if p == best else ""),
+                     paired_effects(regret, [], "policy", "chooser", p)) for p in [*fixed, "atc only"]]))
 
 
 def drift(rows: pd.DataFrame, name: str) -> None:
@@ -201,7 +247,16 @@ SECTIONS = {"held_out": held_out, "batch_composition": batch_composition, "ema_v
             "drift": lambda rows: drift(rows, "drift (digits-labs)"),
             "drift_fashion": lambda rows: drift(rows, "drift_fashion (fashion-mnist-labs)"),
             "seg_held_out_2d": lambda rows: seg_held_out(rows, "seg_held_out_2d (seg-sites-2d, UNet2d)"),
-            "seg_held_out_3d": lambda rows: seg_held_out(rows, "seg_held_out_3d (seg-sites-3d, UNet3d)")}
+            "seg_held_out_3d": lambda rows: seg_held_out(rows, "seg_held_out_3d (seg-sites-3d, UNet3d)"),
+            "held_out_collections": lambda rows: held_out(
+                rows, "held_out_collections (digit-collections)", unit="collection",
+                versus=("target", "batch:64", "prior:16", "tent", "precise"), detail=True),
+            "batch_composition_collections": lambda rows: batch_composition(
+                rows, "batch_composition_collections (digit-collections)", detail=True),
+            "ema_vs_precise_collections": lambda rows: ema_vs_precise(
+                rows, "ema_vs_precise_collections (digit-collections)"),
+            "strategy_choice_collections": lambda rows: choice_with_intervals(
+                rows, "strategy_choice_collections (digit-collections)")}
 
 
 def _renamed(rows: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from shiftbn.studies.runner import run_study
 from shiftbn.studies.runs import RunFolder
 from shiftbn.studies.segheldout import SegHeldOutSites
 from shiftbn.studies.spec import StudySpec, load_spec, parse_spec, run_spec
-from shiftbn.studies.strategy_choice import StrategyChoice, choice_summary
+from shiftbn.studies.strategy_choice import StrategyChoice, choice_picks, choice_summary
 from shiftbn.studies.training import train
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "Study",
     "StudySpec",
     "TrainConfig",
+    "choice_picks",
     "choice_summary",
     "drift_summary",
     "load_spec",

@@ -59,6 +59,30 @@ class StrategyChoice(Study):
         return table.assign(seed=seed)
 
 
+def choice_picks(table: pd.DataFrame) -> pd.DataFrame:
+    """Each policy's pick per (seed, held-out lab), from ``StrategyChoice`` rows.
+
+    Why: regret is a per-lab, per-seed number; its interval over seeds (and the paired difference
+    between two policies) needs these rows, not only ``choice_summary``'s means. Policies as in
+    ``choice_summary``. Returns one row per (policy, seed, held-out lab): ``policy, seed, held_out,
+    strategy`` (the pick), ``value`` (the pick's true accuracy), ``regret`` (oracle accuracy minus the
+    pick's, in accuracy points), ``hit`` (the pick is oracle-best; ties count).
+    """
+    items = []
+    for (seed, lab), g in table.groupby(["seed", "held_out"], sort=True):
+        best = g["value"].max()
+        choices = {"chooser": g.loc[g["chosen"]].iloc[0],
+                   "atc only": g.loc[g["pred_accuracy"].idxmax()],
+                   "max confidence": g.loc[g["confidence"].idxmax()],
+                   **{f"always {s}": g.loc[g["strategy"] == s].iloc[0] for s in g["strategy"]},
+                   "oracle": g.loc[g["value"].idxmax()]}
+        for policy, row in choices.items():
+            items.append({"policy": policy, "seed": seed, "held_out": lab, "strategy": row["strategy"],
+                          "value": row["value"], "regret": 100 * (best - row["value"]),
+                          "hit": bool(row["value"] >= best)})
+    return pd.DataFrame(items)
+
+
 def choice_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Hit rate, regret and predicted-accuracy error of the chooser and of fixed rules, from ``StrategyChoice`` rows.
 
@@ -68,23 +92,13 @@ def choice_summary(table: pd.DataFrame) -> pd.DataFrame:
     regret = oracle accuracy minus the pick's, in accuracy points; hit = the pick is oracle-best (ties
     count). Returns one row per policy: ``policy, hit_rate, regret_mean, regret_sd`` (sd over seeds of
     the per-seed mean), ``regret_max, n_cells``; and for ``chooser`` and ``atc only`` ``mae`` (mean
-    |pred_accuracy - accuracy| over every candidate row, in points), else NaN.
+    |pred_accuracy - accuracy| over every candidate row, in points), else NaN. Per-cell picks:
+    ``choice_picks``.
     """
-    picks: dict[str, list] = {}
-    for (seed, lab), g in table.groupby(["seed", "held_out"], sort=True):
-        best = g["value"].max()
-        choices = {"chooser": g.loc[g["chosen"]].iloc[0],
-                   "atc only": g.loc[g["pred_accuracy"].idxmax()],
-                   "max confidence": g.loc[g["confidence"].idxmax()],
-                   **{f"always {s}": g.loc[g["strategy"] == s].iloc[0] for s in g["strategy"]},
-                   "oracle": g.loc[g["value"].idxmax()]}
-        for policy, row in choices.items():
-            picks.setdefault(policy, []).append({"seed": seed, "held_out": lab, "regret": 100 * (best - row["value"]),
-                                                 "hit": bool(row["value"] >= best)})
+    picks = choice_picks(table)
     mae = 100 * float((table["pred_accuracy"] - table["value"]).abs().mean())
     rows = []
-    for policy, items in picks.items():
-        p = pd.DataFrame(items)
+    for policy, p in picks.groupby("policy", sort=False):
         per_seed = p.groupby("seed")["regret"].mean()
         rows.append({"policy": policy, "hit_rate": p["hit"].mean(), "regret_mean": p["regret"].mean(),
                      "regret_sd": per_seed.std(ddof=1) if len(per_seed) > 1 else float("nan"),

@@ -9,7 +9,7 @@ from scipy.stats import entropy
 import shiftbn as sb
 from shiftbn.evaluate import cross_source_matrix
 from shiftbn.sites.atc import confidence_scores, fit_atc
-from shiftbn.studies import choice_summary
+from shiftbn.studies import choice_picks, choice_summary
 from shiftbn.studies.base import TrainConfig
 from shiftbn.studies.common import fit
 from tests.helpers import assert_same_state, state_of
@@ -112,14 +112,18 @@ def test_chooser_avoids_source_statistics_on_the_far_shifted_lab():
     assert t.loc["ema", "pred_accuracy"] > t.loc["target", "pred_accuracy"]
 
 
-def test_choice_summary_regret_and_hits_by_hand():
+def _choice_rows():
     rows = []
     for seed, lab, vals, chosen, pred in [(0, "a", [0.5, 0.9], 1, [0.6, 0.8]), (0, "b", [0.7, 0.6], 1, [0.9, 0.7]),
                                           (1, "a", [0.4, 0.8], 0, [0.5, 0.5])]:
         for i, s in enumerate(["ema", "target"]):
             rows.append({"seed": seed, "held_out": lab, "strategy": s, "value": vals[i], "chosen": i == chosen,
                          "pred_accuracy": pred[i], "confidence": pred[i]})
-    s = choice_summary(pd.DataFrame(rows)).set_index("policy")
+    return pd.DataFrame(rows)
+
+
+def test_choice_summary_regret_and_hits_by_hand():
+    s = choice_summary(_choice_rows()).set_index("policy")
     assert s.loc["chooser", "regret_mean"] == pytest.approx(100 * (0 + 0.1 + 0.4) / 3)
     assert s.loc["chooser", "hit_rate"] == pytest.approx(1 / 3)
     assert s.loc["always target", "regret_mean"] == pytest.approx(100 * 0.1 / 3)
@@ -128,3 +132,15 @@ def test_choice_summary_regret_and_hits_by_hand():
     # per-seed means 5 and 40 points: their sd
     assert s.loc["chooser", "regret_sd"] == pytest.approx(np.std([5.0, 40.0], ddof=1))
     assert s.loc["chooser", "mae"] == pytest.approx(100 * np.mean([0.1, 0.1, 0.2, 0.1, 0.1, 0.3]))
+
+
+def test_choice_picks_by_hand_and_consistent_with_the_summary():
+    picks = choice_picks(_choice_rows()).set_index(["policy", "seed", "held_out"])
+    # seed 1, lab a: the chooser took ema (0.4) where target reached 0.8
+    row = picks.loc[("chooser", 1, "a")]
+    assert (row["strategy"], row["value"], row["regret"], row["hit"]) == ("ema", 0.4, pytest.approx(40), False)
+    assert picks.loc[("oracle", 0, "b"), "strategy"] == "ema"
+    assert len(picks) == 3 * 6  # 3 cells x (chooser, atc only, max confidence, always ema, always target, oracle)
+    summary = choice_summary(_choice_rows()).set_index("policy")
+    means = picks.groupby("policy")["regret"].mean()
+    assert np.allclose(means.reindex(summary.index), summary["regret_mean"])
