@@ -278,3 +278,56 @@ def test_decision_names_the_gain_its_cost_the_worst_class_and_a_per_site_loss():
     assert row["cost"].startswith("ECE ")
     assert "worst class: tumor recall 1.00 -> 0.75 (-25.0 points, n=40)" in row["cost"]
     assert row["next_command"] == "shiftbn recalibrate --model m:f --weights w.pt --data d --target b --out model_b.pt"
+
+
+def _choice(pick: str, names=("ema", "target")) -> pd.DataFrame:
+    return pd.DataFrame({"strategy": list(names), "chosen": [n == pick for n in names]})
+
+
+def test_a_fixed_rule_that_lost_less_than_the_chooser_on_the_labeled_sites_is_recommended():
+    from shiftbn.studies.report.label_free import Validation, _why
+
+    # the chooser picked ema on both validated sites and lost 40 and 10 points; "always target" lost 0 and 2
+    rules = {"ema": {"a": 40.0, "b": 10.0}, "target": {"a": 0.0, "b": 2.0}}
+    val = Validation(["a", "b"], {"a": 40.0, "b": 10.0}, rules)
+    chosen, why = _why(_choice("ema"), val, None, "new", "hospital")
+    assert chosen == "target"
+    assert "always target lost 1.0 points on average (at most 2.0)" in why and "chooser 25.0" in why
+    assert "it would pick ema here" in why and "2 labeled hospitals" in why
+    # where the chooser did at least as well as every fixed rule, its pick stands (ties keep the chooser)
+    val = Validation(["a", "b"], {"a": 0.0, "b": 2.0}, rules)
+    chosen, why = _why(_choice("ema"), val, None, "new", "hospital")
+    assert chosen == "ema" and "the chooser lost 1.0 points" in why and "no fixed rule less" in why
+    # one labeled site validates nothing: the chooser's pick, with its regret unknown
+    one = Validation(["a"], {"a": 40.0}, {"target": {"a": 0.0}})
+    assert one.best_rule() is None and _why(_choice("ema"), one, None, "new", "hospital")[0] == "ema"
+
+
+def test_validation_measures_every_fixed_rule_on_the_same_sites_as_the_chooser(project):
+    from shiftbn.studies.report.label_free import validate_chooser
+
+    model, ds = _user_model_and_data(project)
+    labeled = ["site_a", "site_b", "site_c"]
+    val = validate_chooser(model, ds, labeled, ["ema", "target", "precise"], calibration=0.5, seed=0)
+    assert set(val.rule_regret) == {"ema", "target", "precise"}
+    for site in labeled:
+        regrets = {name: r[site] for name, r in val.rule_regret.items()}
+        assert min(regrets.values()) == 0.0  # the best candidate there loses nothing
+        assert val.regret[site] in regrets.values()  # the chooser's regret is its pick's
+
+
+def _user_model_and_data(root):
+    """The fixture project's model and its three labeled sites."""
+    import importlib
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(root))
+    try:
+        model = importlib.import_module("usernet_unlabeled").make()
+    finally:
+        sys.path.remove(str(root))
+    model.load_state_dict(torch.load(root / "w.pt"))
+    ds = sb.data.from_folder(root / "data")
+    return model.eval(), ds.subset(["site_a", "site_b", "site_c"])

@@ -1,10 +1,10 @@
 """The report's first table: for each site, which statistics to deploy, why, at what cost, and the next command.
 
 Why: a user reads a report to decide. With labels the decision rests on the paired interval of each
-strategy against the model's own statistics (ema) at that site; without them on ``choose_strategy``'s
-pick, its regret measured on the labeled sites and the drift test. The cost is the calibration
-(ECE) change and the class that loses most recall; a site's significant losses are named even when
-the pooled view calls them noise.
+strategy against the model's own statistics (ema) at that site; without them on the policy
+(``choose_strategy`` or a fixed rule) that lost least on the labeled sites, each treated as unlabeled,
+and the drift test. The cost is the calibration (ECE) change and the class that loses most recall; a
+site's significant losses are named even when the pooled view calls them noise.
 """
 
 from __future__ import annotations
