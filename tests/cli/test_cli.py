@@ -675,3 +675,12 @@ def test_out_is_the_output_flag_errors_name_flags_and_suggest_the_closest_name(t
     with pytest.raises(ValueError, match=r"unknown source 'site_bb'; known sources: \['site_a', 'site_b'\]; did you "
                                          r"mean 'site_b'\?"):
         sb.data.from_folder(tmp_path / "data").source_id("site_bb")
+
+
+def test_strategies_help_states_what_one_grouping_costs():
+    # batch:B and per-batch prior:N are scored over 5 groupings: both helps say what each costs against a plain
+    # forward (benchmarks/bench_groupings.py), one figure for both strategies
+    sub = _subparsers(build_parser())
+    for cmd in ("matrix", "report"):
+        text = " ".join(sub[cmd].format_help().split())
+        assert re.search(r"a batch:B or prior:N grouping costs about 1\.\d+-1\.\d+x a plain forward", text), text
