@@ -26,7 +26,7 @@ from shiftbn._lock import model_lock
 from shiftbn._torch import Inputs, autocast, batch_chunks, device_of, iter_inputs, outputs_in_order
 from shiftbn.bn import BNLayer, PopulationStats, bn_layers, buffer_stats
 from shiftbn.bn.hooks import observe_bn_inputs
-from shiftbn.bn.moments import Workspace, batch_moments
+from shiftbn.bn.moments import Workspace, batch_moments, fast_batch_moments
 from shiftbn.bn.population import Population
 from shiftbn.bn.reduce import RunningMoments
 from shiftbn.bn.state import ModelSnapshot
@@ -87,9 +87,9 @@ def _mixed_normalization(model: nn.Module, layers: list[BNLayer], source: Popula
 
 
 def _mixer(source: PopulationStats, prior: float, measure: dict | None):
-    # per forward of the matrix's per-batch prior:N, every BN call needs a float64 copy of its input and the
+    # per forward of the matrix's per-batch prior:N, every BN call needs a scratch copy of its input and the
     # source statistics as tensors: one reused buffer and one conversion per layer instead of a fresh
-    # allocation (page faults) and a numpy -> tensor conversion per call; the values are the same
+    # allocation (page faults) and a numpy -> tensor conversion per call
     space = Workspace()
     held: dict[tuple[str, torch.device], _Source] = {}
 
@@ -100,8 +100,12 @@ def _mixer(source: PopulationStats, prior: float, measure: dict | None):
                                          torch.as_tensor(src.var, dtype=torch.float64, device=device))
         return held[name, device]
 
+    # the per-batch form reads each batch's moments in three float32 passes (fast_batch_moments, within ~1e-7 of
+    # the float64 copy); the few-shot form (measure) returns its statistics to the user: exact float64 moments
+    moments = batch_moments if measure is not None else fast_batch_moments
+
     def mix(layer: BNLayer, k: int, x: torch.Tensor) -> None:
-        count, mean, m2 = batch_moments(x, space)
+        count, mean, m2 = moments(x, space)
         mixed_mean, mixed_var = _mix(source_of(layer.name, mean.device), mean, m2 / count,
                                      prior_weight(prior, x.shape[0]))
         layer.module.running_mean.copy_(mixed_mean)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -200,11 +201,57 @@ def batch_moments(x: torch.Tensor, workspace: Workspace | None = None) -> tuple[
     return count, mean, torch.linalg.vector_norm(xd, 2, dim=2).square_().sum(0)
 
 
+def fast_batch_moments(x: torch.Tensor, workspace: Workspace | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count, mean and M2 of a BN input over all axes but 1, as ``batch_moments``, from float32 passes.
+
+    Why: per-batch strategies (``prior:N``) need every batch's moments in every forward; three
+    float32 passes (no float64 copy) cost about half of ``batch_moments`` and as much as BN's own
+    statistics. Per (sample, channel) float32 sums give the mean in float64; M2 comes from the float32
+    deviations around that mean rounded to float32, corrected to the exact mean: within ~1e-7
+    (relative) of ``batch_moments``, also for inputs with a large offset (1e4). Inputs of any other
+    dtype (float64, float16, bfloat16) go through ``batch_moments``.
+
+    Args:
+        x: a BN input (N, C, *), any float dtype and device; not modified.
+        workspace: a ``Workspace`` whose buffers are reused for the deviations (default: fresh ones).
+
+    Returns:
+        ``(count, mean, m2)``: int values per channel, and (C,) float64 tensors on ``x``'s device.
+
+    Example:
+        >>> count, mean, m2 = fast_batch_moments(torch.tensor([[1.0, 10.0], [3.0, 10.0]]))
+        >>> count, mean.tolist(), m2.tolist()
+        (2, [2.0, 10.0], [2.0, 0.0])
+    """
+    if x.dtype != torch.float32 or x.dim() < 2:
+        return batch_moments(x, workspace)
+    n, c = x.shape[0], x.shape[1]
+    count = x.numel() // c
+    xv = x.detach().reshape(n, c, -1)
+    mean = xv.sum(2).double().sum(0) / count
+    rounded = mean.float()
+    dev = workspace.scratch(xv.shape, torch.float32, x.device) if workspace is not None else torch.empty_like(xv)
+    torch.sub(xv, rounded.view(1, -1, 1), out=dev)
+    # sum((x - r)^2) = M2 + count * (mean - r)^2 for the rounded mean r
+    squares = torch.linalg.vector_norm(dev, 2, dim=2).double().square_().sum(0)
+    return count, mean, (squares - count * (mean - rounded.double()).square_()).clamp_min_(0)
+
+
 class Workspace:
-    """One growing float64 buffer, shared by successive ``batch_moments`` calls on a device."""
+    """Growing buffers (one per dtype and device), shared by successive ``batch_moments`` calls."""
 
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
+        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def scratch(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` in a reused buffer of ``dtype`` on ``device`` (valid until the
+        next call for that dtype and device)."""
+        n = math.prod(shape)
+        buf = self._scratch.get((dtype, device))
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[dtype, device] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """A float64 copy of ``x`` in the shared buffer (valid until the next call)."""

@@ -34,8 +34,9 @@ def register(sub) -> None:
                    metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*). Cost: "
                                         "one pass over the evaluation samples per strategy (stats:* one per source), "
                                         "except that batch:B, per-batch prior:N and tent are scored over 5 seeded "
-                                        "groupings, one pass each (:k=1 for one); a batch:B grouping costs about a "
-                                        "plain forward, a prior:N one about 1.2x, tent a backward pass more")
+                                        "groupings, one pass each (:k=1 for one); a batch:B or prior:N grouping costs "
+                                        "about 1.0-1.3x a plain forward (it reads every BN input once more for the "
+                                        "batch's statistics), a tent one a backward pass more")
     m.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
                    help="metric names, listed below (default: the task's, read from the labels: accuracy for class "
                         "labels, dice hd95 for masks)")

@@ -74,3 +74,28 @@ def test_batch_moments_any_memory_layout_with_and_without_workspace():
             np.testing.assert_allclose(mean.numpy(), ref.mean(0), rtol=1e-12)
             np.testing.assert_allclose(m2.numpy() / count, ref.var(0), rtol=1e-12)
     assert x.is_contiguous(memory_format=torch.channels_last)  # the input is left as it was
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("shape", [(64, 3, 5, 5), (40, 6), (7, 4, 9), (2, 3, 1, 1)])
+def test_fast_batch_moments_match_float64_within_1e6(offset, shape):
+    # fast_batch_moments (three float32 passes) against the float64 two-pass reference, any rank, contiguous or
+    # channels-last, with and without a workspace reused across shapes; the input is left as it was
+    from shiftbn.bn.moments import fast_batch_moments
+
+    g = torch.Generator().manual_seed(2)
+    x = 3.0 * torch.randn(*shape, generator=g) + offset
+    ref = x.double().movedim(1, -1).reshape(-1, shape[1]).numpy()
+    ws = Workspace()
+    layouts = [x] + ([x.to(memory_format=torch.channels_last)] if x.dim() == 4 else [])
+    for xi in layouts:
+        before = xi.clone()
+        for w in (None, ws, ws):
+            count, mean, m2 = fast_batch_moments(xi, w)
+            assert count == ref.shape[0] and mean.dtype == m2.dtype == torch.float64
+            np.testing.assert_allclose(mean.numpy(), ref.mean(0), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(m2.numpy() / count, ref.var(0), rtol=1e-6, atol=1e-9)
+        assert torch.equal(xi, before)
+    for dtype in (torch.float64, torch.bfloat16):  # other dtypes: the exact float64 path
+        xd = x.to(dtype)
+        assert all(torch.equal(a, b) for a, b in zip(fast_batch_moments(xd)[1:], batch_moments(xd)[1:], strict=True))

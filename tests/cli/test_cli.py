@@ -689,3 +689,12 @@ def test_num_samples_below_two_is_one_error_line_and_few_samples_one_warning_lin
     assert warned == ["shiftbn matrix: warning: BN statistics from fewer than 16 samples (site_a: 3, site_b: 3) are "
                       "noisy; their matrix cells are doubtful: calibrate on more samples (num_samples / "
                       "--num-samples, calibration / --calibration)"], warned
+
+
+def test_strategies_help_states_what_one_grouping_costs():
+    # batch:B and per-batch prior:N are scored over 5 groupings: both helps say what each costs against a plain
+    # forward (benchmarks/bench_groupings.py), one figure for both strategies
+    sub = _subparsers(build_parser())
+    for cmd in ("matrix", "report"):
+        text = " ".join(sub[cmd].format_help().split())
+        assert re.search(r"a batch:B or prior:N grouping costs about 1\.\d+-1\.\d+x a plain forward", text), text
