@@ -46,6 +46,9 @@ def choose_strategy(
     Why: ATC (Garg et al. 2022) predicts accuracy from unlabeled data once a confidence threshold is
     fitted on labeled data; fitted per candidate on the labeled sites under that candidate, it
     ranks candidates on the new site. The site's labels are masked before anything is computed.
+    Measured (analyses/README.md §7a, §11d): it rules bad candidates out but has not beaten the best
+    fixed rule ("always prior:16" or "always target"), and on real shift it lost to it by 11.7 points;
+    ``shiftbn report`` measures both on the labeled sites and recommends the better.
 
     Args:
         model: the trained network (not changed).
