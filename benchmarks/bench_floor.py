@@ -15,7 +15,7 @@ Data: ``--png``: N RGB 64x64 PNGs over 4 sites, 2 classes (``/tmp/shiftbn_data/p
 Model: ``SmallCNN(in_channels=3, num_classes=2)`` (three conv-BN-ReLU blocks; weights random, seed 0).
 
 Run: python benchmarks/bench_floor.py [--png 2000] [--camelyon 20000] [--sizes 2 5 7] [--repeats 3]
-     [--threads 1] [--report]
+     [--threads 1] [--report] [--uncached] [--work DIR]
 """
 
 from __future__ import annotations
@@ -144,9 +144,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="time shiftbn report (S = 5) too")
     ap.add_argument("--uncached", action="store_true", help="also time matrix with --cache-mb 0 --cache-disk-mb 0")
+    ap.add_argument("--work", type=Path, default=WORK,
+                    help=f"folder for the weights and the run folders; one per concurrent run (default: {WORK})")
     args = ap.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
-    weights = WORK / "W.pt"
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    weights = work / "W.pt"
     from shiftbn.studies.models import SmallCNN
 
     torch.save(SmallCNN(in_channels=3, num_classes=2).state_dict(), weights)
@@ -163,7 +166,7 @@ def main() -> None:
     for name, data, n in sets:
         jobs = [("matrix", s) for s in args.sizes] + ([("report", 5)] if args.report else [])
         for verb, s in jobs:
-            out = WORK / f"{verb}_{name}_{s}"
+            out = work / f"{verb}_{name}_{s}"
             cmd = [sys.executable, "-m", "shiftbn", verb, *MODEL, "--weights", str(weights), "--data", str(data),
                    "--strategies", *STRATEGIES[s], "--threads", str(args.threads), "--no-ci", "--no-progress",
                    "--quiet", "--out", str(out)]
