@@ -8,6 +8,7 @@ from torch import nn
 import shiftbn as sb
 from shiftbn.data.arrays import ArrayDataset
 from shiftbn.studies.ghost import ghost_norm, ghost_ready
+from shiftbn.studies.minibatch import exact_batches, outputs_of_batches
 from shiftbn.studies.models import MLP, SmallCNN
 from shiftbn.studies.training import train
 
@@ -85,3 +86,23 @@ def test_training_with_ghost_batches_calls_the_model_once_per_sgd_batch_with_the
     train(wrapped, ds, steps=5, batch_size=32, ghost_batch=4, lr=0.05, progress=False)
     for (name, a), b in zip(fast.state_dict().items(), slow.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)  # float32 rounding, 5 steps
+
+
+def test_grouped_evaluation_batches_give_the_per_batch_outputs_and_leave_the_model_alone():
+    # exact_batches with a topped-up last batch (50 = 6 x 8 + 2): one grouped pass == one call per batch
+    torch.manual_seed(1)
+    net = MLP(6, 3, hidden=5).double()
+    net.train(False)
+    x = torch.randn(50, 6, dtype=torch.float64) * 2
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = exact_batches(50, 8, seed=3)
+    calls = []
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    fast = outputs_of_batches(net, x, batches)
+    assert len(calls) == 1  # one pass, not one call per batch (7)
+    hook.remove()
+    slow = outputs_of_batches(nn.Sequential(net, nn.Dropout(0.0)), x, batches)  # not ghost_ready: per batch
+    torch.testing.assert_close(fast, slow.to(fast.dtype), atol=1e-6, rtol=1e-6)
+    assert not net.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
