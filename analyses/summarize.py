@@ -240,6 +240,7 @@ SECTIONS = {"held_out": held_out, "batch_composition": batch_composition, "ema_v
             "batch_composition_c": lambda rows: batch_composition(rows, "batch_composition_c (fashion-mnist-c)"),
             "normalization_batch": normalization_batch,
             "normalization_batch_digits": lambda rows: normalization_batch(rows, "normalization_batch_digits"),
+            "normalization_batch_converged": lambda rows: normalization_batch(rows, "normalization_batch_converged"),
             "shared_domains": shared_domains, "leakage": leakage,
             "leakage_probe": leakage_probe,
             "strategy_choice": lambda rows: choice(rows, "strategy_choice (digits-labs)"),

@@ -15,6 +15,7 @@ from shiftbn._log import bars_wanted
 from shiftbn._torch import device_of
 from shiftbn.data.tagged import SourceTaggedDataset, require_tagged
 from shiftbn.samplers import SourceBatchSampler
+from shiftbn.studies.ghost import ghost_norm, ghost_ready
 
 
 def train(
@@ -71,6 +72,8 @@ def train(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     device = device_of(model)
+    # one call with BN over groups gives what one call per ghost batch gives, for the models ghost_ready knows
+    grouped = ghost_batch is not None and ghost_batch < batch_size and ghost_ready(model)
     model.train()
     rows, step, epoch = [], 0, 0
     with tqdm(total=steps, desc="train", disable=not bars_wanted(progress)) as bar:
@@ -80,8 +83,12 @@ def train(
             for x, y, _ in loader:
                 y = y["mask"] if isinstance(y, Mapping) else y
                 x, y = x.to(device), torch.as_tensor(y, device=device).long()
-                chunks = range(0, len(x), ghost_batch or len(x))
-                logits = torch.cat([model(x[i : i + (ghost_batch or len(x))]) for i in chunks])
+                if grouped and len(x) % ghost_batch == 0:
+                    with ghost_norm(model, ghost_batch):
+                        logits = model(x)
+                else:
+                    chunks = range(0, len(x), ghost_batch or len(x))
+                    logits = torch.cat([model(x[i : i + (ghost_batch or len(x))]) for i in chunks])
                 loss = nn.functional.cross_entropy(logits, y)
                 if segmentation and dice_weight:
                     loss = loss + dice_weight * _soft_dice_loss(logits, y)
