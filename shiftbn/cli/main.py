@@ -13,6 +13,7 @@ import shiftbn._log as _log
 import shiftbn.cli.dist as dist
 from shiftbn._version import __version__
 from shiftbn.cli import demo, matrix, merge, monitor, recalibrate, report, run, stats
+from shiftbn.cli._malloc import keep_freed_memory
 from shiftbn.cli._parser import EPILOG, Parser
 from shiftbn.cli._renamed import old_spelling_notes
 from shiftbn.cli._user import describe, first_line
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     and how to see the traceback (``SHIFTBN_DEBUG=1`` re-raises every error). A command may return
     its own status (``monitor``: 1 on an alert).
     """
+    if argv is None:  # the shiftbn process itself (console script, python -m shiftbn), not a caller's program
+        keep_freed_memory()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
