@@ -150,7 +150,8 @@ def test_cycle_finder_can_fail():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-CLI_SHARED = {"__init__", "main", "_user", "_parser", "_renamed", "types", "dist", "_malloc"}  # every other cli/ module: a command
+# every other cli/ module: a command
+CLI_SHARED = {"__init__", "main", "_user", "_parser", "_renamed", "types", "dist", "_malloc"}
 CLI_PRIVATE_FROM = {"_user", "_parser", "types"}  # the shared helpers a command may take private names from
 
 
