@@ -18,9 +18,7 @@ class Info(ctypes.Structure):
                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Info
-import torch
-x = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB: above glibc's largest mmap threshold
-x.fill_(1)
+x = bytearray(64 << 20)  # 64 MiB from malloc: above glibc's largest mmap threshold
 print(kept, libc.mallinfo2().hblkhd >= (64 << 20))
 """
 

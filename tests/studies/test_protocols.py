@@ -58,7 +58,14 @@ def test_every_protocol_has_a_spec():
     assert {load_spec(p).protocol for p in SPECS} == set(STUDIES)
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+# specs whose protocol's quick run another spec covers in make test (their data differs, their code does not):
+# in make test-slow, to keep make test under 5 minutes
+SLOW_SPECS = {"batch_composition_collections", "ema_vs_precise_collections", "strategy_choice_collections",
+              "normalization_batch_converged"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_SPECS else p
+                                  for p in SPECS], ids=[p.stem for p in SPECS])
 def test_quick_study_schema_determinism_and_no_mutation(path):
     if _needs_fashion(path) and not FASHION_DEBIAN_ROOT.exists():
         pytest.skip(FASHION_MISSING)
@@ -86,6 +93,7 @@ def test_held_out_target_rescues_the_shifted_lab():
     assert set(df["eval_source"]) == set(ds.source_names)
 
 
+@pytest.mark.slow  # a 15 s end-to-end training run; make test-slow
 def test_single_source_training_needs_per_source_statistics():
     ds = sb.load("digits-labs")
     study = BatchComposition(train=TrainConfig(model={"name": "SmallCNN", "width": 8}, steps=150), modes=["single"],
