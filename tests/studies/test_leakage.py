@@ -123,6 +123,7 @@ def test_study_validates_bags_and_arms():
         make_study("normalization_batch_size", {"ghost_sizes": [2, 3], "batch_size": 32})
 
 
+@pytest.mark.slow  # a 14 s end-to-end training run; make test-slow
 def test_grouped_bags_leak_and_shuffling_closes_the_gap():
     # MLP on tabular blobs with a per-bag offset three times the data's spread: normalizing each bag by
     # itself removes the offset (own batches good), population statistics do not; shuffled BN
