@@ -43,3 +43,26 @@ def pick(times: dict[str, dict[str, list[float]]], clock: str, stat: str) -> dic
     """One number per function: the fastest (``"min"``) or median round of ``clock`` ("wall"/"cpu")."""
     f = dict(PICKS)[stat]
     return {k: f(v[clock]) for k, v in times.items()}
+
+
+def eval_floors(model, xs: list) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The two eval-mode ``no_grad`` forward floors over the batches ``xs``: with the model's BN buffers as they
+    are, and with a copy whose buffers hold the data's population statistics (PreciseBN over ``xs``), since
+    max-pooling's time depends on the activations it sees and initial buffers (mean 0, var 1) give activations
+    no normalized network sees."""
+    import copy
+
+    import torch
+
+    import shiftbn as sb
+
+    trained = copy.deepcopy(model)
+    sb.precise_bn(trained, xs, num_samples=None, progress=False)
+
+    def run(m) -> None:
+        m.eval()
+        with torch.no_grad():
+            for x in xs:
+                m(x)
+
+    return (lambda: run(model)), (lambda: run(trained))

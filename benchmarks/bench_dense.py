@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import itertools
 import math
 import os
@@ -45,7 +44,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _timing import PICKS, interleaved, pick
+from _timing import PICKS, eval_floors, interleaved, pick
 
 import shiftbn as sb
 from shiftbn.bn import native
@@ -131,18 +130,7 @@ def _summary(part: str, times: dict, figures: dict[str, Callable[[dict[str, floa
 def part_stats(model, batches, repeats, device) -> None:
     xs = [b[0] for b in batches]
 
-    def floor():
-        with torch.no_grad():
-            for x in xs:
-                model(x)
-
-    trained = copy.deepcopy(model)
-    sb.precise_bn(trained, xs, num_samples=None, progress=False)
-
-    def floor_pop():
-        with torch.no_grad():
-            for x in xs:
-                trained(x)
+    floor, floor_pop = eval_floors(model, xs)
 
     fns = {"floor": floor, "floor_pop": floor_pop,
            "batch": lambda: sb.collect_stats(model, batches, mode="batch", progress=False),

@@ -39,7 +39,7 @@ import sys
 
 import numpy as np
 import torch
-from _timing import PICKS, interleaved, pick
+from _timing import PICKS, eval_floors, interleaved, pick
 from resnets import resnet18, resnet50
 from torch import nn
 
@@ -123,22 +123,9 @@ def main() -> None:
           f"{args.sources} sources; {args.repeats} interleaved rounds; device "
           + (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"))
 
-    def floor():
-        m = model.eval()
-        with torch.no_grad():
-            for x in xs:
-                m(x)
-
-    # the same forward with BN buffers holding the data's population statistics, as a trained model's:
-    # max-pooling's time depends on the activations it sees (up to 25 % per op here), and the initial
-    # buffers (mean 0, var 1) give activations no normalized network sees
-    trained = copy.deepcopy(model)
-    sb.precise_bn(trained, xs, num_samples=None, progress=False)
-
-    def floor_pop():
-        with torch.no_grad():
-            for x in xs:
-                trained(x)
+    # the forward with the initial BN buffers and with the data's population statistics (max-pooling's time
+    # depends on the activations it sees: up to 25 % per op here)
+    floor, floor_pop = eval_floors(model, xs)
 
     def compiled():
         with _compiled_only(True):
