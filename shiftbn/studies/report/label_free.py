@@ -91,10 +91,9 @@ def validate_chooser(model: nn.Module, ds: SourceTaggedDataset, labeled: Sequenc
                             calibration=parts, seed=seed, keep_outputs=kept)
         y = parts[1].subset(site).labels  # the true labels, masked for the chooser
         measured = {name: float(np.mean(kept[name, site].argmax(axis=1) == y)) for name in t["strategy"]}
-        pick = t.loc[t["chosen"], "strategy"].iloc[0]
-        val.regret[site] = 100 * (max(measured.values()) - measured[pick])
         for name, value in measured.items():
             val.rule_regret.setdefault(name, {})[site] = 100 * (max(measured.values()) - value)
+        val.regret[site] = val.rule_regret[t.loc[t["chosen"], "strategy"].iloc[0]][site]  # the chooser's pick's
         for row in t.itertuples():
             errors.setdefault(row.strategy, []).append(abs(row.pred_accuracy - measured[row.strategy]))
     val.atc_error = {k: float(np.mean(v)) for k, v in errors.items()}
