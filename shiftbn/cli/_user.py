@@ -122,6 +122,17 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="no phase lines and no progress bars on stderr (results and errors still print)")
 
 
+EVAL_BATCH = 256
+
+
+def add_eval_batch_option(p: argparse.ArgumentParser) -> None:
+    """``--eval-batch-size``: samples per evaluation forward of the commands that score strategies."""
+    p.add_argument("--eval-batch-size", type=cli_types.count_type("sample"), default=EVAL_BATCH, metavar="N",
+                   help="samples (or volumes) per evaluation forward; the numbers do not depend on it, the memory "
+                        f"does: lower it for large images or 3-D volumes (default: {EVAL_BATCH}; the statistics' "
+                        "batches are --batch-size, and batch:B, prior:N and tent group test samples by their own B)")
+
+
 CACHE_MB = 1024
 
 
@@ -440,7 +451,7 @@ def _seg_data(args, loader):
     if given and any(is_nifti(p) for p in ds.base.images):
         raise ValueError(f"{given[0]} is applied to 2-D image files only, and --data holds NIfTI volumes (read as "
                          f"stored); drop {given[0]} and normalize inside the model")
-    if args.command in ("matrix", "report"):  # cases are evaluated in batches of up to 256, whatever --batch-size
+    if args.command in ("matrix", "report"):  # strategies that group test cases (batch:B, prior:N) batch them
         pooled = [s for s in ds.source_names if s not in set(getattr(args, "held_out", []))] \
             if "precise" in (getattr(args, "strategies", None) or []) else []
         check_one_shape(ds, f"resample or crop them to one shape (shiftbn {args.command} evaluates several cases "
@@ -460,11 +471,13 @@ def _check_batch_memory(args) -> None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
         return
-    need = args.batch_size * (args.channels or 3) * args.image_size**2 * 4
+    flag, size = max((("--batch-size", args.batch_size),
+                      ("--eval-batch-size", getattr(args, "eval_batch_size", 0))), key=lambda fs: fs[1])
+    need = size * (args.channels or 3) * args.image_size**2 * 4
     if need > total // 2:
-        raise ValueError(f"--image-size {args.image_size} with --batch-size {args.batch_size}: one batch of float32 "
+        raise ValueError(f"--image-size {args.image_size} with {flag} {size}: one batch of float32 "
                          f"images takes {need / 2**30:.1f} GiB, more than half of this machine's "
-                         f"{total / 2**30:.1f} GiB; lower --image-size or --batch-size")
+                         f"{total / 2**30:.1f} GiB; lower --image-size or {flag}")
 
 
 def stats_files(args):

@@ -29,6 +29,7 @@ def register(sub) -> None:
     user.add_user_options(m)
     user.add_run_options(m)
     user.add_cache_options(m)
+    user.add_eval_batch_option(m)
     # the default list is marked, so --stats can tell it from a user's choice
     m.add_argument("--strategies", nargs="+", default=_Default(["ema", "precise", "target", "stats:*"]),
                    metavar="SPEC", help="strategy specs, grammar below (default: ema precise target stats:*). Cost: "
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> None:
                 user.check_sources(named, ds.sources_present, "--strategies stats:SOURCE")
                 table = cross_source_matrix(model, once, args.strategies, args.metrics, train_sources=trains,
                                             calibration=0.5 if args.calibration is None else args.calibration,
-                                            stats_batch_size=args.batch_size, num_samples=args.num_samples,
+                                            batch_size=args.eval_batch_size, stats_batch_size=args.batch_size,
+                                            num_samples=args.num_samples,
                                             seed=args.seed, ci=level, n_boot=args.n_boot,
                                             progress=user.progress(args), amp=args.amp, forward=forward)
     if dist.writer():
@@ -187,7 +189,8 @@ def _from_files(model, ds, stats, args, level, forward=None):
     seg = task == "segmentation"  # scored per case as outputs stream; labels are the case positions
     ctx = AdaptContext(model=model, source_stats_fn=lambda: stats, calibration_inputs=no_calibration,
                        eval_inputs=parts.__getitem__, train_sources=trains, eval_sources=evals,
-                       seed=args.seed, amp=args.amp, progress=user.progress(args), task=task,
+                       batch_size=args.eval_batch_size, seed=args.seed, amp=args.amp, progress=user.progress(args),
+                       task=task,
                        runner=Runner(forward=forward, reduce=case_scorer(metrics) if seg else None))
     plan = MatrixPlan(ds, ds, strategies, evals, trains)
     labels = {s: np.arange(len(p)) if seg else p.labels for s, p in parts.items()}

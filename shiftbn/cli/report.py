@@ -25,6 +25,7 @@ def register(sub) -> None:
     user.add_user_options(p)
     user.add_run_options(p)
     user.add_cache_options(p)
+    user.add_eval_batch_option(p)
     user.add_held_out_option(p, "build_report(held_out=[...])")
     p.add_argument("--unlabeled", nargs="+", default=[], metavar="SOURCE",
                    help="sources whose labels are not used: no label metric for them, a label-free panel instead "
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> None:
         with user.cached_data(args, ds) as once:
             report = build_report(model, once, user.out_folder(args.out), held_out=args.held_out,
                                   strategies=args.strategies, calibration=args.calibration, ci=level,
-                                  n_boot=args.n_boot, stats_batch_size=args.batch_size, num_samples=args.num_samples,
+                                  n_boot=args.n_boot, batch_size=args.eval_batch_size,
+                                  stats_batch_size=args.batch_size, num_samples=args.num_samples,
                                   seed=args.seed, amp=args.amp, progress=user.progress(args),
                                   unlabeled=args.unlabeled, provenance=provenance(args),
                                   command=recalibrate_command(args), forward=forward)

@@ -56,6 +56,22 @@ def test_image_size_that_would_not_fit_in_memory_is_refused_before_reading(tmp_p
     assert ds[0][0].shape == (1, 6, 6)
 
 
+def test_the_evaluation_batch_counts_for_the_memory_check_and_is_named(tmp_path):
+    from shiftbn.cli._user import add_eval_batch_option
+
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "a.png")
+    m = tmp_path / "m.csv"
+    pd.DataFrame({"path": ["a.png"], "label": [0], "source": ["a"]}).to_csv(m, index=False)
+    p = argparse.ArgumentParser()
+    add_user_options(p)
+    add_eval_batch_option(p)
+    args = p.parse_args(["--model", "m:f", "--weights", "w.pt", "--data", str(m), "--image-size", "8192",
+                         "--eval-batch-size", "100000"])
+    with pytest.raises(ValueError, match=r"--image-size 8192 with --eval-batch-size 100000: .*lower --image-size or "
+                                         r"--eval-batch-size"):
+        load_data(args)
+
+
 def test_broken_image_symlinks_are_skipped_and_listed_or_refused_under_strict(tmp_path, monkeypatch, capsys):
     write_user_project(tmp_path, "usernet_links", (("site_a", 40, 3), ("site_b", 150, 3)))
     folder = tmp_path / "data" / "site_a" / "neg"

@@ -26,6 +26,12 @@ FORWARD = textwrap.dedent('''
         return torch.cat([model(part) for part in torch.tensor_split(x, 2)])
 
 
+    def counted(model, x):
+        """The plain forward, recording each batch's size."""
+        CALLS.append(len(x))
+        return model(x)
+
+
     def broken(model, x):
         raise RuntimeError("my forward is broken")
 
@@ -125,6 +131,24 @@ def test_matrix_defaults_to_dice_and_hd95_with_case_intervals(root, capsys):
     assert table.loc[table["metric"] == "dice", "value"].between(0, 1).all()
     printed = capsys.readouterr().out
     assert "dice [95% interval]:" in printed and "hd95 [95% interval]:" in printed
+
+
+def test_matrix_evaluates_in_batches_of_eval_batch_size_with_the_same_numbers(root):
+    import segfwd_mod
+
+    tables = {}
+    for size in ("1", "256"):
+        segfwd_mod.CALLS.clear()
+        out = root / f"matrix_eval_{size}"
+        assert main(["matrix", *_user(root, "--strategies", "ema", "target", "--no-ci", "--eval-batch-size", size,
+                                      "--forward", "segfwd_mod:counted", "--out", str(out))]) == 0
+        tables[size] = pd.read_csv(out / "matrix.csv")
+        # statistics: batches of --batch-size 4 over each site's 2 calibration volumes; evaluation: 2 strategies x 2
+        # sites x 2 volumes, one at a time with --eval-batch-size 1
+        evaluation = 8 if size == "1" else 4
+        assert sorted(segfwd_mod.CALLS).count(int(size) if size == "1" else 2) >= evaluation, segfwd_mod.CALLS
+    assert segfwd_mod.CALLS.count(1) == 0  # 256: each site's 2 evaluation volumes in one batch
+    np.testing.assert_allclose(tables["1"]["value"], tables["256"]["value"], rtol=1e-4, atol=1e-4)
 
 
 def test_matrix_refuses_a_classification_metric_for_masks(root, capsys):
