@@ -41,8 +41,10 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     """Recompute (or load) the statistics and write the new checkpoint."""
     from shiftbn._io import atomic_save_torch
+    from shiftbn.evaluate.matrix import check_num_samples
     from shiftbn.sites import recalibrate
 
+    check_num_samples(args.num_samples, "--num-samples")  # before the model and data load
     if args.out is None:
         raise ValueError("recalibrate writes a new checkpoint: give its path with --out FILE")
     user.check_output(args.out, [args.weights], args.force, "recalibrate")

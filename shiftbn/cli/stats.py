@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> None:
     """Collect the statistics; write the tables (or the file) and print the W2 shift per layer and source."""
     from shiftbn._io import atomic_write_text
     from shiftbn.bn import collect_stats, stats_shift
+    from shiftbn.evaluate.matrix import check_num_samples
     from shiftbn.sites.files import check_min_count
 
+    check_num_samples(args.num_samples, "--num-samples")  # before the model and data load
     to_file = _writes_file(args)
     if not to_file:
         user.check_out(args.out)

@@ -680,10 +680,11 @@ def test_out_is_the_output_flag_errors_name_flags_and_suggest_the_closest_name(t
 def test_num_samples_below_two_is_one_error_line_and_few_samples_one_warning_line(tmp_path, monkeypatch, capsys):
     common = _tiny_project(tmp_path, "fewnet")
     monkeypatch.chdir(tmp_path)
-    for cmd in ("matrix", "report"):
-        err = _one_line_error(capsys, main([cmd, *common, "--num-samples", "1", "--no-progress", "--out", cmd]))
+    for cmd in ("matrix", "report", "stats", "recalibrate"):
+        extra = ["--target", "site_a", "--out", "r.pt"] if cmd == "recalibrate" else ["--out", cmd]
+        err = _one_line_error(capsys, main([cmd, *common, "--num-samples", "1", "--no-progress", *extra]))
         assert "--num-samples must be >= 2 samples per source" in err and "leave --num-samples out" in err, err
-        assert not (tmp_path / cmd).exists()
+        assert not (tmp_path / cmd).exists() and not (tmp_path / "r.pt").exists()
     assert main(["matrix", *common, "--num-samples", "3", "--strategies", "target", "--no-ci", "--out", "few"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warned == ["shiftbn matrix: warning: BN statistics from fewer than 16 samples (site_a: 3, site_b: 3) are "
