@@ -50,7 +50,8 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 class FigureSpec:
     """How a study's table is drawn: bars or lines of ``value`` over ``x``, coloured by ``hue``,
     one panel per ``col``; ``where`` keeps rows whose column equals the value (``metric`` is
-    always filtered to the first metric)."""
+    always filtered to the first metric). ``{source}`` in ``title`` and ``xlabel`` becomes the
+    data's word for a source (``"lab"``, ``"collection"``, ``"hospital"``)."""
 
     kind: Literal["bars", "lines"]
     x: str

@@ -39,8 +39,8 @@ class HeldOutSources(Study):
     name = "held_out_sources"
     axis = "held_out"
     figure = FigureSpec("bars", x="held_out", hue="strategy", where=(("is_held_out", True),),
-                        title="Held-out lab performance by recalibration strategy",
-                        xlabel="held-out lab (never seen in training)")
+                        title="Held-out {source} performance by recalibration strategy",
+                        xlabel="held-out {source} (never seen in training)")
 
     held_out: Sequence[str] | None = None
     sampler_mode: SamplerMode = "random"

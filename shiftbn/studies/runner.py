@@ -48,7 +48,7 @@ def run_study(spec: StudySpec, run: RunFolder | None, *, quick: bool = False, pr
         run.write_results(table)
         from shiftbn.studies.report import save, study_figure
 
-        save(study_figure(study.figure, table), run.path / "figure.png")
+        save(study_figure(study.figure, table, word=ds.source_word), run.path / "figure.png")
     return table
 
 

@@ -148,8 +148,8 @@ class SegHeldOutSites(Study):
     name = "seg_held_out_sites"
     axis = "held_out"
     figure = FigureSpec("bars", x="held_out", hue="strategy", col="mode", where=(("is_held_out", True),),
-                        title="Held-out site: mean Dice per case by strategy",
-                        xlabel="held-out site (never seen in training)")
+                        title="Held-out {source}: mean Dice per case by strategy",
+                        xlabel="held-out {source} (never seen in training)")
     default_train = TrainConfig(model={"name": "UNet2d", "width": 8}, steps=150, batch_size=16, lr=0.05)
 
     held_out: Sequence[str] | None = None

@@ -34,8 +34,8 @@ class StrategyChoice(Study):
     name = "strategy_choice"
     axis = "held_out"
     figure = FigureSpec("bars", x="held_out", hue="strategy",
-                        title="True accuracy of each candidate on the held-out lab",
-                        xlabel="held-out lab (chosen for without its labels)")
+                        title="True accuracy of each candidate on the held-out {source}",
+                        xlabel="held-out {source} (chosen for without its labels)")
 
     held_out: Sequence[str] | None = None
     candidates: Sequence[str] = ("ema", "precise", "target", "prior:16")

@@ -173,6 +173,18 @@ def test_heatmap_has_a_colour_bar_and_marks_held_out_sites():
     assert "[0.85, 0.95]" in [t.get_text().split("\n")[1] for t in fig.axes[0].texts]
 
 
+def test_study_figures_call_a_source_what_the_data_calls_it():
+    from shiftbn.studies import HeldOutSources
+    from shiftbn.studies.report import study_figure
+
+    table = pd.DataFrame({"held_out": ["a", "b"], "is_held_out": [True, True], "strategy": ["ema", "ema"],
+                          "metric": ["accuracy"] * 2, "value": [0.5, 0.7]})
+    fig = study_figure(HeldOutSources.figure, table, word="collection")
+    assert fig._suptitle.get_text() == "Held-out collection performance by recalibration strategy"
+    assert fig.axes[0].get_xlabel() == "held-out collection (never seen in training)"
+    matplotlib.pyplot.close(fig)
+
+
 def test_sample_images_are_scaled_per_lab():
     import shiftbn as sb
 

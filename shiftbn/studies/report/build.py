@@ -129,7 +129,7 @@ def render_report(out_dir: str | Path, *, title: str, meta: dict[str, str], matr
     figures.update(extra.figures)
     figures["Layer shift profile (W2 to pooled statistics)"] = (shift_profile(w2, word=word), "shift_profile.png")
     if heldout is not None:
-        figures[f"Held-out {words}"] = (heldout_bars(heldout), "heldout.png")
+        figures[f"Held-out {words}"] = (heldout_bars(heldout, word=word), "heldout.png")
     elif captions.get(f"Held-out {words}"):  # not run: the section keeps its heading and says how to get it
         figures[f"Held-out {words}"] = (None, None)
     if ema is not None:

@@ -80,9 +80,9 @@ def ema_curves(curves: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
     return study_figure(EmaVsPrecise.figure, curves, metric)
 
 
-def heldout_bars(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
-    """Accuracy on each held-out lab, by strategy."""
-    return study_figure(HeldOutSources.figure, table, metric)
+def heldout_bars(table: pd.DataFrame, metric: str = "accuracy", word: str = "source") -> plt.Figure:
+    """Accuracy on each held-out source, by strategy; ``word``: what the titles call a source."""
+    return study_figure(HeldOutSources.figure, table, metric, word=word)
 
 
 def lab_samples(ds: SourceTaggedDataset, per_lab: int = 6, seed: int = 0, word: str | None = None) -> plt.Figure:
@@ -123,9 +123,11 @@ def save(fig: plt.Figure, path) -> None:
     plt.close(fig)
 
 
-def study_figure(spec: FigureSpec, table: pd.DataFrame, metric: str | None = None) -> plt.Figure:
+def study_figure(spec: FigureSpec, table: pd.DataFrame, metric: str | None = None, word: str = "source"
+                 ) -> plt.Figure:
     """A study's figure as its ``FigureSpec`` declares it (error bars: sd over the rows averaged, i.e.
-    over sources and seeds). ``metric``: default the table's first metric."""
+    over sources and seeds). ``metric``: default the table's first metric; ``word``: what the title and
+    axis call a source (the data's ``source_word``)."""
     data = table
     for col, value in spec.where:
         data = data[data[col].astype(type(value)) == value]
@@ -141,9 +143,9 @@ def study_figure(spec: FigureSpec, table: pd.DataFrame, metric: str | None = Non
             g.set(xscale="log")
             for ax in g.axes.flat:
                 ax.set_xscale("log", base=2)
-    g.set_axis_labels(spec.xlabel or spec.x.replace("_", " "), metric)
+    g.set_axis_labels((spec.xlabel or spec.x.replace("_", " ")).replace("{source}", word), metric)
     if g.legend is not None:
         sns.move_legend(g, "upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(6, len(g.legend.texts)),
                         frameon=False, title=None)
-    g.figure.suptitle(spec.title, y=1.04)
+    g.figure.suptitle(spec.title.replace("{source}", word), y=1.04)
     return g.figure
