@@ -16,7 +16,18 @@ from torch.utils.data import TensorDataset
 
 import shiftbn as sb
 
-TIMEOUT_S = 60
+
+def hang_limit(seconds: float = 60.0) -> float:
+    """A deadline that tells a hang from a slow machine: ``seconds`` on an idle one, scaled by the load per
+    CPU (at most 5x), so a run slowed by other work (a load of 10 on 2 cores) is not reported as hung."""
+    try:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # no load average on this system
+        load = 1.0
+    return seconds * min(5.0, max(1.0, load))
+
+
+TIMEOUT_S = hang_limit()
 
 
 def free_port() -> int:
@@ -67,10 +78,11 @@ def _entry(rank, world, port, out_dir, fn_name, module, env):
 
 def run_ranks(fn, tmp_path, world: int = 2, env: dict | None = None, allow_death: bool = False) -> list:
     """Run ``fn(rank, world, out_dir) -> picklable`` on ``world`` gloo ranks; each rank's result (None
-    for a rank that wrote none when ``allow_death``). Fails, instead of hanging, past TIMEOUT_S."""
+    for a rank that wrote none when ``allow_death``). Fails, instead of hanging, past ``hang_limit()``."""
     ctx = mp.start_processes(_entry, args=(world, free_port(), str(tmp_path), fn.__name__, fn.__module__,
                                            env or {}), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
+    limit = hang_limit()  # the load now, not at collection
+    deadline = time.monotonic() + limit
     if allow_death:  # wait on each process: ctx.join() would SIGTERM the others as soon as one dies
         for p in ctx.processes:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -81,7 +93,7 @@ def run_ranks(fn, tmp_path, world: int = 2, env: dict | None = None, allow_death
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-        raise AssertionError(f"{fn.__name__} did not finish within {TIMEOUT_S} s on {world} ranks (a rank hung)")
+        raise AssertionError(f"{fn.__name__} did not finish within {limit:.0f} s on {world} ranks (a rank hung)")
     out = []
     for r in range(world):
         path = tmp_path / f"{fn.__name__}.rank{r}.pkl"

@@ -14,8 +14,9 @@ import torch.multiprocessing as mp
 import shiftbn as sb
 from shiftbn.bn.moments import SourceStats
 from tests.bn.test_bn_distributed import _batches, _model
+from tests.distributed_helpers import hang_limit
 
-TIMEOUT_S = 60
+TIMEOUT_S = hang_limit()
 
 
 def _free_port():
@@ -71,16 +72,17 @@ def _worker(rank, world, port, out_dir, names):
 
 def _run(tmp_path, names):
     """Two gloo ranks run the scenarios (spawned: a fork of a process whose torch already ran on
-    several threads can hang in its first convolution); fails (instead of hanging) past TIMEOUT_S."""
+    several threads can hang in its first convolution); fails (instead of hanging) past ``hang_limit()``."""
     ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), names), nprocs=2, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
+    limit = hang_limit()
+    deadline = time.monotonic() + limit
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            raise AssertionError(f"distributed collect_stats did not finish within {TIMEOUT_S} s (a rank hung)")
+            raise AssertionError(f"distributed collect_stats did not finish within {limit:.0f} s (a rank hung)")
     out = {}
     for name in names:
         out[name] = []
