@@ -3,24 +3,26 @@
 import warnings
 
 from shiftbn.adapt.context import AdaptContext
+from shiftbn.adapt.grouped import (
+    DEFAULT_GROUPINGS,
+    BatchStats,
+    Grouped,
+    Prior,
+    Tent,
+    TentOffline,
+    grouping_seed,
+)
 from shiftbn.adapt.prior import prior_batch_logits, prior_stats
 from shiftbn.adapt.spec import GRAMMAR, expand_strategies, parse_strategy, register_strategy
 from shiftbn.adapt.strategies import (
-    DEFAULT_GROUPINGS,
     EMA,
-    BatchStats,
-    Grouped,
     PerSource,
     Precise,
-    Prior,
     StatsFrom,
     StatsFromEach,
     Strategy,
     Target,
-    Tent,
-    TentOffline,
     check_source_name,
-    grouping_seed,
 )
 from shiftbn.adapt.tent import tent_offline_logits, tent_online_logits
 

@@ -12,19 +12,21 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 from shiftbn._names import GRAMMAR as GRAMMAR  # re-exported: the grammar lives in a torch-free module
-from shiftbn.adapt.strategies import (
+from shiftbn.adapt.grouped import (
     DEFAULT_GROUPINGS,
-    EMA,
     BatchStats,
+    Prior,
+    Tent,
+    TentOffline,
+)
+from shiftbn.adapt.strategies import (
+    EMA,
     PerSource,
     Precise,
-    Prior,
     StatsFrom,
     StatsFromEach,
     Strategy,
     Target,
-    Tent,
-    TentOffline,
 )
 
 StrategyFactory = Callable[[str | None], Strategy]
