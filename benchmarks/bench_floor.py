@@ -139,7 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--png", type=int, default=2000, help="PNG files of the folder (0: skip)")
     ap.add_argument("--camelyon", type=int, default=0, help="rows of the Camelyon-shaped set (0: skip)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 5, 7], choices=sorted(STRATEGIES))
+    ap.add_argument("--sizes", type=int, nargs="*", default=[2, 5, 7], choices=sorted(STRATEGIES),
+                    help="matrix runs by strategy count (none with --report: the report alone)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="time shiftbn report (S = 5) too")
