@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=WORK,
                     help=f"folder for the weights and the run folders; one per concurrent run (default: {WORK})")
     args = ap.parse_args()
+    if not args.sizes and not args.report:
+        ap.error("--sizes with no value times nothing: give sizes (2 5 7) or add --report")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     weights = work / "W.pt"

@@ -22,12 +22,10 @@ def hang_limit(seconds: float = 60.0) -> float:
     CPU (at most 5x), so a run slowed by other work (a load of 10 on 2 cores) is not reported as hung."""
     try:
         load = os.getloadavg()[0] / (os.cpu_count() or 1)
-    except OSError:  # no load average on this system
+    except (AttributeError, OSError):  # no load average on this system (Windows has no os.getloadavg)
         load = 1.0
     return seconds * min(5.0, max(1.0, load))
 
-
-TIMEOUT_S = hang_limit()
 
 
 def free_port() -> int:
@@ -66,7 +64,7 @@ def _entry(rank, world, port, out_dir, fn_name, module, env):
     fn = getattr(importlib.import_module(module), fn_name)
     if env.get("NO_INIT") != "1":
         dist.init_process_group("gloo", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=float(env.get("PG_TIMEOUT", TIMEOUT_S))))
+                                timeout=timedelta(seconds=float(env["PG_TIMEOUT"])))
     try:
         result = fn(rank, world, out_dir)
         with open(os.path.join(out_dir, f"{fn_name}.rank{rank}.pkl"), "wb") as f:
@@ -79,9 +77,10 @@ def _entry(rank, world, port, out_dir, fn_name, module, env):
 def run_ranks(fn, tmp_path, world: int = 2, env: dict | None = None, allow_death: bool = False) -> list:
     """Run ``fn(rank, world, out_dir) -> picklable`` on ``world`` gloo ranks; each rank's result (None
     for a rank that wrote none when ``allow_death``). Fails, instead of hanging, past ``hang_limit()``."""
-    ctx = mp.start_processes(_entry, args=(world, free_port(), str(tmp_path), fn.__name__, fn.__module__,
-                                           env or {}), nprocs=world, join=False, start_method="spawn")
-    limit = hang_limit()  # the load now, not at collection
+    limit = hang_limit()  # the load now, not at collection; the ranks' process group times out with it
+    env = {"PG_TIMEOUT": str(limit), **(env or {})}
+    ctx = mp.start_processes(_entry, args=(world, free_port(), str(tmp_path), fn.__name__, fn.__module__, env),
+                             nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + limit
     if allow_death:  # wait on each process: ctx.join() would SIGTERM the others as soon as one dies
         for p in ctx.processes:

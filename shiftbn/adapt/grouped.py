@@ -1,8 +1,9 @@
 """Strategies whose outputs depend on how the test samples are grouped into batches.
 
-``batch:B`` (prediction-time batch statistics), per-batch ``prior:N`` and few-shot ``prior:N@n``,
-online ``tent`` and offline ``tent-offline``: each is scored over ``groupings`` seeded groupings
-(``grouping_seed``), and the matrix reports the mean over them and their spread. The fixed-statistics
+``batch:B`` (prediction-time batch statistics), per-batch ``prior:N`` and online ``tent`` are
+``Grouped``: each is scored over ``groupings`` seeded groupings (``grouping_seed``), and the matrix
+reports the mean over them and their spread. Few-shot ``prior:N@n`` and offline ``tent-offline``
+live here too, as their per-batch forms' siblings, but are scored once. The fixed-statistics
 strategies and the ``Strategy`` protocol are in ``shiftbn.adapt.strategies``.
 """
 

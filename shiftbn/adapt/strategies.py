@@ -50,7 +50,7 @@ class Strategy:
     column) and override ``stats_source`` and ``bn_stats`` (fixed statistics) or ``logits`` (anything
     else); they declare what they read with ``stats_sources``, ``calibration_sources`` and the class
     attribute ``needs_precise``; ``cross_source = True`` marks cells of the cross-source matrix;
-    ``groupings`` > 1 (see ``Grouped``) scores outputs that depend on how samples are batched.
+    ``groupings`` > 1 (see ``shiftbn.adapt.Grouped``) scores outputs that depend on how samples are batched.
 
     Args:
         None.

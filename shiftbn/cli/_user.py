@@ -130,7 +130,8 @@ def add_eval_batch_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=cli_types.count_type("sample"), default=EVAL_BATCH, metavar="N",
                    help="samples (or volumes) per evaluation forward; the numbers do not depend on it, the memory "
                         f"does: lower it for large images or 3-D volumes (default: {EVAL_BATCH}; the statistics' "
-                        "batches are --batch-size, and batch:B, prior:N and tent group test samples by their own B)")
+                        "batches are --batch-size, except prior:N@n's few-shot ones, which are these; batch:B, "
+                        "prior:N and tent group test samples by their own B)")
 
 
 CACHE_MB = 1024
@@ -451,12 +452,13 @@ def _seg_data(args, loader):
     if given and any(is_nifti(p) for p in ds.base.images):
         raise ValueError(f"{given[0]} is applied to 2-D image files only, and --data holds NIfTI volumes (read as "
                          f"stored); drop {given[0]} and normalize inside the model")
-    if args.command in ("matrix", "report"):  # strategies that group test cases (batch:B, prior:N) batch them
+    if args.command in ("matrix", "report"):  # evaluation forwards, groupings and overlays stack cases
         pooled = [s for s in ds.source_names if s not in set(getattr(args, "held_out", []))] \
             if "precise" in (getattr(args, "strategies", None) or []) else []
-        check_one_shape(ds, f"resample or crop them to one shape (shiftbn {args.command} evaluates several cases "
-                            "per batch)", pooled, "drop precise from --strategies, or resample or crop the volumes "
-                            "to one shape")
+        why = (f"resample or crop them to one shape (shiftbn {args.command} stacks cases into batches: "
+               "--eval-batch-size, the groupings of batch:B and prior:N, the overlays)")
+        check_one_shape(ds, why, pooled, "drop precise from --strategies, or resample or crop the volumes to one "
+                        "shape")
     elif args.batch_size > 1:
         check_one_shape(ds, "use --batch-size 1, or resample or crop them to one shape")
     return ds

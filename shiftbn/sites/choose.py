@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from shiftbn._forward import Forward
 from shiftbn.adapt import AdaptContext, Strategy
 from shiftbn.bn import BNStats, PopulationStats, buffer_stats, split_site
 from shiftbn.bn.shift import w2
@@ -40,6 +41,7 @@ def choose_strategy(
     amp: bool = False,
     progress: bool = False,
     keep_outputs: dict | None = None,
+    forward: Forward | None = None,
 ) -> pd.DataFrame:
     """Rank ``candidates`` for ``site`` without its labels; the top one is ``chosen``.
 
@@ -67,6 +69,9 @@ def choose_strategy(
             ATC was fitted where the normalization matched the data this well, and collapsed outputs
             (stored statistics far from the site's) are confidently wrong, which ATC cannot see.
         keep_outputs: a dict filled with ``(strategy, source) -> (N, K)`` logits of the eval parts.
+        forward: ``forward(model, x) -> logits`` for a model that is not called as ``model(x)`` (as
+            ``cross_source_matrix``'s).
+
     Returns:
         One row per candidate: ``site, strategy, stats_source, pred_accuracy`` (ATC, fraction in [0, 1]),
         ``labeled_accuracy`` (the candidate on the labeled sites), ``atc_threshold, confidence``
@@ -93,7 +98,7 @@ def choose_strategy(
         cal, data = calibration, _masked(ds, site)
     plan = prepare(data, candidates, calibration=cal, train_sources=labeled, eval_sources=[site, *labeled], seed=seed)
     ctx, labels = collect(model, plan, batch_size=batch_size, stats_batch_size=stats_batch_size, seed=seed, amp=amp,
-                          progress=progress)
+                          progress=progress, forward=forward)
     for s in labeled:
         if (labels[s] < 0).any():
             raise ValueError(f"labeled site {s!r} has unlabeled samples (label -1); give labels or leave it out")

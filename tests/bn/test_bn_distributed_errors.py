@@ -16,8 +16,6 @@ from shiftbn.bn.moments import SourceStats
 from tests.bn.test_bn_distributed import _batches, _model
 from tests.distributed_helpers import hang_limit
 
-TIMEOUT_S = hang_limit()
-
 
 def _free_port():
     with socket.socket() as s:
@@ -54,11 +52,11 @@ SCENARIOS = {
 }
 
 
-def _worker(rank, world, port, out_dir, names):
+def _worker(rank, world, port, out_dir, names, limit):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=limit))
     try:
         for name in names:
             data, kwargs = SCENARIOS[name]
@@ -73,9 +71,9 @@ def _worker(rank, world, port, out_dir, names):
 def _run(tmp_path, names):
     """Two gloo ranks run the scenarios (spawned: a fork of a process whose torch already ran on
     several threads can hang in its first convolution); fails (instead of hanging) past ``hang_limit()``."""
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), names), nprocs=2, join=False,
+    limit = hang_limit()  # the parent's deadline and the ranks' process-group timeout alike
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), names, limit), nprocs=2, join=False,
                              start_method="spawn")
-    limit = hang_limit()
     deadline = time.monotonic() + limit
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

@@ -127,3 +127,19 @@ def test_the_reading_says_dice_as_a_score_and_hd95_in_mm_lower_better():
     assert "the largest gain over the stored statistics (ema) is target's (-5.50 mm, 95% paired interval -7.00 " \
            "to -4.00 mm)" in text, text
     assert "0.5%" not in text and "% dice" not in text and "% hd95" not in text and "points" not in text, text
+
+
+def test_every_forward_of_the_report_takes_at_most_the_evaluation_batch(tmp_path):
+    """At ``batch_size=1`` (``--eval-batch-size 1``, for volumes that fit one at a time) no forward of the
+    report, the overlays' included, stacks two cases."""
+    ds = sb.load("seg-sites-2d", n=4, size=16, sites=2)
+    model = unet2d(width=4).eval()
+    calls = []
+
+    def forward(m, x):
+        calls.append(len(x))
+        return m(x)
+
+    build_report(model, ds, tmp_path, strategies=["ema", "target"], ci=None, batch_size=1, stats_batch_size=1,
+                 progress=False, forward=forward)
+    assert calls and set(calls) == {1}, sorted(set(calls))

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import shiftbn as sb  # noqa: E402
@@ -331,3 +332,36 @@ def _user_model_and_data(root):
     model.load_state_dict(torch.load(root / "w.pt"))
     ds = sb.data.from_folder(root / "data")
     return model.eval(), ds.subset(["site_a", "site_b", "site_c"])
+
+
+def test_build_report_runs_the_label_free_chooser_and_drift_through_the_users_forward(tmp_path):
+    """A model called as ``model({"x": x})``: the chooser and the drift monitor of the unlabeled site's
+    panel go through ``forward`` as the matrix does, and every table equals the plain model's."""
+    from torch import nn
+
+    from shiftbn.studies.models import MLP
+    from shiftbn.studies.report import build_report
+
+    class Keyed(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, batch: dict) -> torch.Tensor:
+            return self.inner(batch["x"])
+
+    ds = _blobs_with_unlabeled(unlabel=False)
+    plain = MLP(4, 3, hidden=8).eval()
+    keyed = Keyed(plain).eval()
+    opts = {"held_out": ["lab_3"], "unlabeled": ["lab_3"], "strategies": ["ema", "target"], "n_boot": 20,
+            "progress": False, "batch_size": 7, "stats_batch_size": 5}
+    build_report(plain, ds, tmp_path / "plain", **opts)
+    build_report(keyed, ds, tmp_path / "keyed", forward=lambda m, x: m({"x": x}), **opts)
+    for name in ("matrix.csv", "shift.csv", "comparisons.csv"):  # layer names differ by the wrapper's "inner."
+        keyed_table = pd.read_csv(tmp_path / "keyed" / name).replace(r"^inner\.", "", regex=True)
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "plain" / name), keyed_table)
+    decided = [json.loads((tmp_path / d / "report.json").read_text().replace("inner.", ""))["decisions"]
+               for d in ("plain", "keyed")]
+    assert decided[0] == decided[1]
+    unlabeled = [d for d in decided[0] if d["source"] == "lab_3"]
+    assert len(unlabeled) == 1 and "drift" in json.dumps(unlabeled[0]).lower(), unlabeled

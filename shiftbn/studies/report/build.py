@@ -354,7 +354,8 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     word = ds.source_word
     names, labels = kept.strategies, kept.labels
     k = next(iter(everything.outputs.values())).shape[1]
-    panels = _label_free(model, ds, everything, status, trains, shift, calibration, seed, word)
+    run = {"batch_size": batch_size, "stats_batch_size": stats_batch_size, "amp": amp, "forward": forward}
+    panels = _label_free(model, ds, everything, status, trains, shift, calibration, seed, word, run)
     prov = dict(provenance) if provenance is not None else default_provenance(model, ds)
     prov.setdefault("date", datetime.date.today().isoformat())
     prov.setdefault("shiftbn_version", __version__)
@@ -415,7 +416,8 @@ def _segmentation_figures(model, ctx, plan, kept: Outputs, scores, word: str, fo
     atomic_write_text(out / "cases.csv", cases.to_csv(index=False))
     shown_strategies = seg.overlay_strategies(kept.strategies)
     parts = {s: plan.evaluation.subset(s) for s in plan.eval_sources}
-    shown = seg.overlay_cases(model, ctx, parts, shown_strategies, forward=forward)
+    shown = seg.overlay_cases(model, ctx, parts, shown_strategies, forward=forward,
+                              batch_size=ctx.batch_size)
     dice = {key: case_values("dice", rows) for key, rows in kept.outputs.items()}
     dist = SEG_DISTRIBUTIONS.format(word=word)
     figures = {dist: (seg.case_distributions(cases, scores, word), "cases.png"),
@@ -480,18 +482,20 @@ def ece_changes(outputs: Outputs, *, n_boot: int = 1000, level: float = 0.95, se
     return pd.DataFrame(rows)
 
 
-def _label_free(model, ds, everything: Outputs, status, trains, shift, calibration, seed, word) -> dict:
-    """The label-free panel of every site without labels (none: an empty dict)."""
+def _label_free(model, ds, everything: Outputs, status, trains, shift, calibration, seed, word, run) -> dict:
+    """The label-free panel of every site without labels (none: an empty dict); ``run``: the report's
+    batch sizes, ``amp`` and ``forward``, which the chooser and the drift monitor run with too."""
     unl = [s for s, v in status.items() if v == "none"]
     if not unl:
         return {}
     full = {s for s in ds.sources_present if (ds.subset(s).labels >= 0).all()}
     labeled = [s for s in trains if s in full]
     candidates = [n for n in everything.strategies]
-    validation = validate_chooser(model, ds, labeled, candidates, calibration=calibration, seed=seed)
+    validation = validate_chooser(model, ds, labeled, candidates, calibration=calibration, seed=seed, run=run)
     return {site: label_free_panel(model, ds, site, outputs=everything.outputs, strategies=everything.strategies,
                                    labeled=labeled, candidates=candidates, shift=shift, validation=validation,
-                                   calibration=calibration, seed=seed, class_names=ds.class_names, word=word)
+                                   calibration=calibration, seed=seed, class_names=ds.class_names, word=word,
+                                   run=run)
             for site in unl}
 
 

@@ -11,8 +11,9 @@ unlabeled in turn.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -76,9 +77,10 @@ class LabelFree:
 
 
 def validate_chooser(model: nn.Module, ds: SourceTaggedDataset, labeled: Sequence[str], candidates: Sequence[str], *,
-                     calibration: float, seed: int = 0) -> Validation:
+                     calibration: float, seed: int = 0, run: Mapping[str, Any] | None = None) -> Validation:
     """Treat each labeled site as unlabeled in turn (the others labeled): the chooser's regret there and
-    ATC's error per candidate. Needs two labeled sites (fewer: nothing is validated)."""
+    ATC's error per candidate. Needs two labeled sites (fewer: nothing is validated). ``run``: the
+    report's ``batch_size``, ``stats_batch_size``, ``amp`` and ``forward``, passed to ``choose_strategy``."""
     labeled = list(labeled)
     val = Validation(labeled)
     if len(labeled) < 2:
@@ -88,7 +90,7 @@ def validate_chooser(model: nn.Module, ds: SourceTaggedDataset, labeled: Sequenc
     for site in labeled:
         kept: dict = {}
         t = choose_strategy(model, ds, site, candidates, labeled=[s for s in labeled if s != site],
-                            calibration=parts, seed=seed, keep_outputs=kept)
+                            calibration=parts, seed=seed, keep_outputs=kept, **(run or {}))
         y = parts[1].subset(site).labels  # the true labels, masked for the chooser
         measured = {name: float(np.mean(kept[name, site].argmax(axis=1) == y)) for name in t["strategy"]}
         for name, value in measured.items():
@@ -110,18 +112,20 @@ def _parts(ds: SourceTaggedDataset, calibration: float, seed: int) -> tuple[Sour
 def label_free_panel(model: nn.Module, ds: SourceTaggedDataset, site: str, *, outputs: dict, strategies: Sequence[str],
                      labeled: Sequence[str], candidates: Sequence[str], shift: pd.DataFrame, validation: Validation,
                      calibration: float, seed: int = 0, class_names: Sequence[str] | None = None,
-                     word: str = "source") -> LabelFree:
+                     word: str = "source", run: Mapping[str, Any] | None = None) -> LabelFree:
     """The panel for one unlabeled ``site``; ``outputs``: the report's kept ``(strategy, site) -> logits``.
 
     ``labeled``: the fully labeled sites (the chooser's ATC is fitted there); ``shift``: ``stats_shift``
-    rows. The model is not changed.
+    rows; ``run``: the report's ``batch_size``, ``stats_batch_size``, ``amp`` and ``forward``, used by
+    the chooser and the drift monitor. The model is not changed.
     """
+    run = dict(run or {})
     profile = shift[(shift["source"] == site) & (shift["metric"] == "w2")][["layer", "depth", "value"]]
     profile = profile.rename(columns={"value": "w2_to_pooled"}).sort_values("depth").reset_index(drop=True)
     choice = None
     if labeled:
         choice = choose_strategy(model, ds, site, candidates, labeled=labeled,
-                                 calibration=_parts(ds, calibration, seed), seed=seed)
+                                 calibration=_parts(ds, calibration, seed), seed=seed, **run)
     rows = []
     base = outputs.get(("ema", site))
     for name in strategies:
@@ -137,7 +141,8 @@ def label_free_panel(model: nn.Module, ds: SourceTaggedDataset, site: str, *, ou
                "atc_estimate": _atc_cell(choice, name, validation, word)}
         rows.append(row)
     indicators = pd.DataFrame(rows)
-    drift = _drift(model, ds, site, labeled, calibration, seed)
+    monitor_run = {k: run[k] for k in ("batch_size", "amp", "forward") if k in run}
+    drift = _drift(model, ds, site, labeled, calibration, seed, monitor_run)
     chosen, why = _why(choice, validation, drift, site, word)
     return LabelFree(site, profile, indicators, drift, chosen, why)
 
@@ -165,7 +170,7 @@ def _atc_cell(choice: pd.DataFrame | None, name: str, validation: Validation, wo
 
 
 def _drift(model: nn.Module, ds: SourceTaggedDataset, site: str, reference: Sequence[str], calibration: float,
-           seed: int) -> pd.DataFrame | None:
+           seed: int, run: Mapping[str, Any]) -> pd.DataFrame | None:
     """One row: the site's evaluation part scored by a monitor fitted on the reference sites' calibration part."""
     if not reference:
         return None
@@ -174,7 +179,7 @@ def _drift(model: nn.Module, ds: SourceTaggedDataset, site: str, reference: Sequ
     part = evaluation.subset(site)
     if len(ref) < 2 or len(part) < 2:
         return None
-    r = DriftMonitor(model, ref.without_labels(list(reference)), n_null=200, seed=seed).score(part)
+    r = DriftMonitor(model, ref.without_labels(list(reference)), n_null=200, seed=seed, **run).score(part)
     layers = r.layers[r.layers["layer"] != "(all layers)"]
     top = layers.loc[layers["z"].idxmax()]
     return pd.DataFrame([{"reference": ", ".join(reference), "n": r.n, "score_z": r.score, "p_value": r.p_value,

@@ -98,9 +98,10 @@ def _middle(a: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def overlay_cases(model: nn.Module, ctx: AdaptContext, eval_parts: Mapping[str, object], strategies: Sequence[str],
-                  *, per_source: int = 2, forward=None) -> list[dict]:
+                  *, per_source: int = 2, forward=None, batch_size: int = 256) -> list[dict]:
     """Prediction and ground truth (middle slice for 3-D) of the first ``per_source`` cases of each source,
-    under each strategy; one pass over those cases only, the model restored by ``use_stats``."""
+    under each strategy; one pass over those cases only, ``batch_size`` cases per forward (the report's
+    ``--eval-batch-size``), the model restored by ``use_stats``."""
     device = device_of(model)
     runner = Runner(forward=forward)
     picks = {s: [part[i] for i in range(min(per_source, len(part)))] for s, part in eval_parts.items()}
@@ -109,6 +110,7 @@ def overlay_cases(model: nn.Module, ctx: AdaptContext, eval_parts: Mapping[str, 
         if not items:
             continue
         x = torch.stack([torch.as_tensor(item[0]) for item in items])
+        chunks = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
         preds = {}
         for strategy in strategies:
             stats = _stats_of(ctx, strategy, source)
@@ -116,12 +118,12 @@ def overlay_cases(model: nn.Module, ctx: AdaptContext, eval_parts: Mapping[str, 
                 was = model.training
                 model.eval()
                 try:
-                    out = runner.outputs(model, x, device)
+                    out = torch.cat([runner.outputs(model, c, device) for c in chunks])
                 finally:
                     model.train(was)
             else:
                 with use_stats(model, stats):
-                    out = runner.outputs(model, x, device)
+                    out = torch.cat([runner.outputs(model, c, device) for c in chunks])
             preds[strategy] = out.argmax(1).cpu().numpy()
         for i, item in enumerate(items):
             image = torch.as_tensor(item[0]).float().numpy()
