@@ -10,12 +10,17 @@ CPU time from ``RUSAGE_CHILDREN``); the floor's start-up is a subprocess that im
 imports, loads the model and lists the files; its decode pass and forwards run in this process. Rounds
 alternate command and floor; min and median of rounds, wall and CPU (user + sys) time.
 
+Memory policy: the ``shiftbn`` command keeps freed memory in glibc's heap (``shiftbn/cli/_malloc.py``);
+this process applies the same policy before timing the floor, so the floor does not pay the page faults
+of fresh ``mmap`` blocks that the command avoids (in a fresh process without it, the floor's forwards on
+96x96 batches took 1.9x the CPU, half of it system time). ``--floor-only`` times the floor alone.
+
 Data: ``--png``: N RGB 64x64 PNGs over 4 sites, 2 classes (``/tmp/shiftbn_data/png_floor``, made once);
 ``--camelyon N``: the first N rows of the Camelyon-shaped set (``make_camelyon_like.py``, 96x96).
 Model: ``SmallCNN(in_channels=3, num_classes=2)`` (three conv-BN-ReLU blocks; weights random, seed 0).
 
 Run: python benchmarks/bench_floor.py [--png 2000] [--camelyon 20000] [--sizes 2 5 7] [--repeats 3]
-     [--threads 1] [--report] [--uncached] [--work DIR]
+     [--threads 1] [--report] [--uncached] [--floor-only] [--work DIR]
 """
 
 from __future__ import annotations
@@ -145,11 +150,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="time shiftbn report (S = 5) too")
     ap.add_argument("--uncached", action="store_true", help="also time matrix with --cache-mb 0 --cache-disk-mb 0")
+    ap.add_argument("--floor-only", action="store_true", help="time the floor alone (to check a floor)")
     ap.add_argument("--work", type=Path, default=WORK,
                     help=f"folder for the weights and the run folders; one per concurrent run (default: {WORK})")
     args = ap.parse_args()
     if not args.sizes and not args.report:
         ap.error("--sizes with no value times nothing: give sizes (2 5 7) or add --report")
+    from shiftbn.cli._malloc import keep_freed_memory
+
+    kept = keep_freed_memory()  # the command's memory policy, for the floor timed in this process
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     weights = work / "W.pt"
@@ -162,7 +171,7 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "?")
     print(f"machine: {platform.machine()} {cpu}, nproc {os.cpu_count()}, {args.threads} torch thread(s) "
           f"(--threads, OMP_NUM_THREADS), torch {torch.__version__}; load at start {os.getloadavg()[0]:.1f}; "
-          f"{args.repeats} interleaved rounds")
+          f"{args.repeats} interleaved rounds; freed memory kept for the floor: {kept}")
     sets = ([("png", png_folder(args.png), args.png)] if args.png else []) + \
         ([("camelyon", camelyon(args.camelyon), args.camelyon)] if args.camelyon else [])
     rows = []
@@ -175,6 +184,8 @@ def main() -> None:
                    "--quiet", "--out", str(out)]
             fns = {"command": lambda cmd=cmd: run_child(cmd, env),
                    "floor": lambda s=s, data=data: floor(data, weights, STRATEGIES[s], env, args.threads)}
+            if args.floor_only:
+                fns["command"] = lambda: (float("nan"), float("nan"))
             if args.uncached and verb == "matrix":
                 fns["uncached"] = lambda cmd=cmd: run_child([*cmd, "--cache-mb", "0", "--cache-disk-mb", "0"], env)
             times = {k: [] for k in fns}

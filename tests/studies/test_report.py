@@ -318,3 +318,37 @@ def test_report_skips_a_one_image_site_naming_it(tmp_path, monkeypatch, capsys):
     with pytest.warns(UserWarning, match="site_c"):
         assert main([*args[:-1], "rep3", "--held-out", "site_c", "site_b", "site_a"]) == 2
     assert "--held-out names every source" in capsys.readouterr().err
+
+
+def test_the_report_computes_each_sources_statistics_once_for_the_shift_profile_and_target(tmp_path, monkeypatch):
+    """The shift profile and ``target`` read the same calibration statistics: one pass for both (and one for
+    ``precise``), and stats.json holds exactly what ``collect_stats`` gives on the calibration split."""
+    import shiftbn as sb
+    import shiftbn.evaluate.matrix as matrix_module
+    import shiftbn.studies.report.build as build_module
+    from shiftbn.bn.moments import SourceStats
+    from shiftbn.evaluate import prepare
+    from shiftbn.studies.models import MLP
+    from shiftbn.studies.report import build_report
+
+    ds = sb.load("blobs-labs", n=160, n_features=4)
+    model = MLP(4, 3, hidden=8).eval()
+    passes = []
+    real = matrix_module.collect_stats
+
+    def counted(*args, **kwargs):
+        passes.append(kwargs.get("by_source", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(matrix_module, "collect_stats", counted)
+    monkeypatch.setattr(build_module, "collect_stats", counted, raising=False)  # a pass of the report's own
+    build_report(model, ds, tmp_path, strategies=["ema", "target", "precise"], ci=None, stats_batch_size=8,
+                 progress=False)
+    assert passes == [True, False]  # per source (shift profile and target), then precise's pooled pass
+    written = SourceStats.from_dict(json.loads((tmp_path / "stats.json").read_text()))
+    want = real(model, prepare(ds, ["ema"], calibration=0.5, seed=0).calibration, batch_size=8, progress=False)
+    assert list(written) == list(want)
+    for src in want:
+        for layer, m in want[src].items():
+            np.testing.assert_array_equal(written[src][layer].mean, m.mean)
+            np.testing.assert_array_equal(written[src][layer].var, m.var)

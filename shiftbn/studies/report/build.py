@@ -21,7 +21,7 @@ from torch import nn
 from shiftbn._io import atomic_write_text
 from shiftbn._version import __version__
 from shiftbn.adapt import parse_strategy
-from shiftbn.bn import collect_stats, stats_shift
+from shiftbn.bn import stats_shift
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.evaluate import collect, paired_table, pooled_table, prepare, score, summarize
 from shiftbn.evaluate.matrix import calibration_split
@@ -332,10 +332,6 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
     if not trains:
         raise ValueError(f"--held-out names every source ({held}); leave at least one source the model was trained "
                          "on")
-    stats = collect_stats(model, prepare(ds, ["ema"], calibration=calibration, seed=seed).calibration,
-                          batch_size=stats_batch_size, num_samples=num_samples, seed=seed, amp=amp, progress=progress,
-                          forward=forward)
-    shift = stats_shift(stats, metric="all")
     if all(parse_strategy(s).cross_source for s in ([strategies] if isinstance(strategies, str) else strategies)):
         raise ValueError("the report needs at least one strategy that is not stats:<source> (e.g. ema, target)")
     scores = tuple(DEFAULT_METRICS["segmentation"]) if dense else ("accuracy",)
@@ -344,6 +340,8 @@ def build_report(model: nn.Module, ds: SourceTaggedDataset, out: str | Path, *, 
                                                 batch_size=batch_size, stats_batch_size=stats_batch_size,
                                                 num_samples=num_samples, seed=seed, amp=amp, progress=progress,
                                                 forward=forward)
+    stats = ctx.stats  # the calibration part's per-source statistics: target's, computed once for both
+    shift = stats_shift(stats, metric="all")
     status = labels_status(everything.labels)
     kept = _labeled_part(everything, status)
     level = ci if ci is not None else 0.95
