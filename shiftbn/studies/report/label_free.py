@@ -119,7 +119,7 @@ def label_free_panel(model: nn.Module, ds: SourceTaggedDataset, site: str, *, ou
     rows; ``run``: the report's ``batch_size``, ``stats_batch_size``, ``amp`` and ``forward``, used by
     the chooser and the drift monitor. The model is not changed.
     """
-    run = dict(run or {})
+    run = run or {}
     profile = shift[(shift["source"] == site) & (shift["metric"] == "w2")][["layer", "depth", "value"]]
     profile = profile.rename(columns={"value": "w2_to_pooled"}).sort_values("depth").reset_index(drop=True)
     choice = None

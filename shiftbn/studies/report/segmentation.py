@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from shiftbn._forward import Runner
-from shiftbn._torch import device_of
+from shiftbn._torch import forward_batches
 from shiftbn.adapt import AdaptContext
 from shiftbn.bn import use_stats
 from shiftbn.evaluate.dense import case_values
@@ -102,7 +102,6 @@ def overlay_cases(model: nn.Module, ctx: AdaptContext, eval_parts: Mapping[str, 
     """Prediction and ground truth (middle slice for 3-D) of the first ``per_source`` cases of each source,
     under each strategy; one pass over those cases only, ``batch_size`` cases per forward (the report's
     ``--eval-batch-size``), the model restored by ``use_stats``."""
-    device = device_of(model)
     runner = Runner(forward=forward)
     picks = {s: [part[i] for i in range(min(per_source, len(part)))] for s, part in eval_parts.items()}
     shown = []
@@ -110,7 +109,6 @@ def overlay_cases(model: nn.Module, ctx: AdaptContext, eval_parts: Mapping[str, 
         if not items:
             continue
         x = torch.stack([torch.as_tensor(item[0]) for item in items])
-        chunks = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
         preds = {}
         for strategy in strategies:
             stats = _stats_of(ctx, strategy, source)
@@ -118,12 +116,12 @@ def overlay_cases(model: nn.Module, ctx: AdaptContext, eval_parts: Mapping[str, 
                 was = model.training
                 model.eval()
                 try:
-                    out = torch.cat([runner.outputs(model, c, device) for c in chunks])
+                    out = forward_batches(model, x, batch_size, runner=runner)
                 finally:
                     model.train(was)
             else:
                 with use_stats(model, stats):
-                    out = torch.cat([runner.outputs(model, c, device) for c in chunks])
+                    out = forward_batches(model, x, batch_size, runner=runner)
             preds[strategy] = out.argmax(1).cpu().numpy()
         for i, item in enumerate(items):
             image = torch.as_tensor(item[0]).float().numpy()
