@@ -4,7 +4,8 @@ Why: grouping-dependent strategies are scored over 5 seeded groupings by default
 evaluation passes of a five-strategy matrix), so each grouping should cost about one plain forward
 of the same samples in the same batch size. Inputs: a preloaded tensor and a dataset (a
 ``SourceTaggedDataset`` over a ``TensorDataset``, read through the DataLoader as the matrix reads a
-cached dataset). Plain = ``model.eval()`` + ``no_grad`` forwards over contiguous batches of B of the
+cached dataset). "batch training kernel" is the same grouping through PyTorch's training-mode
+BN kernel (how ``batch:B`` ran before it normalized with its measured moments). Plain = ``model.eval()`` + ``no_grad`` forwards over contiguous batches of B of the
 preloaded tensor. CPU time of this process (and wall), min and median of interleaved rounds.
 
 Run: python benchmarks/bench_groupings.py [--n 1000] [--size 64] [--batch 64] [--repeats 5] [--threads 1]
@@ -21,7 +22,8 @@ from _timing import PICKS, interleaved, pick
 from torch.utils.data import TensorDataset
 
 import shiftbn as sb
-from shiftbn._torch import batch_stats_logits
+from shiftbn._torch import batch_chunks
+from shiftbn.bn.batchstats import batch_stats_logits, normalizing_with
 from shiftbn.adapt.prior import prior_batch_logits
 from shiftbn.studies.models import SmallCNN
 
@@ -46,7 +48,16 @@ def main() -> None:
         for i in range(0, args.n, b):
             model(x[i:i + b])
 
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    @torch.no_grad()
+    def training_kernel():  # batch:B as it was in 0.1.0: PyTorch's training-mode BN kernel, same batches
+        with normalizing_with(model, [], lambda *a: None, native=bns):
+            for idx in batch_chunks(args.n, b, 1):
+                model(x[idx])
+
     fns = {"plain": plain,
+           "batch training kernel": training_kernel,
            "batch tensor": lambda: batch_stats_logits(model, x, b, 1),
            "batch dataset": lambda: batch_stats_logits(model, ds, b, 1),
            "prior tensor": lambda: prior_batch_logits(model, x, 16, b, 1),

@@ -2,7 +2,7 @@
 whose length is checked as they are read.
 
 Why: evaluation, strategies, protocols and training all run a model over a tensor in batches; one
-copy of that loop (and of the prediction-time BN forward) keeps them consistent. Imports torch,
+copy of that loop keeps them consistent. Imports torch,
 numpy, tqdm and the bottom-layer ``_lock``/``_log`` only.
 """
 
@@ -17,12 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from shiftbn._forward import PLAIN, Runner
-from shiftbn._lock import model_lock
 from shiftbn._log import bars_wanted
 
 
@@ -291,7 +289,7 @@ def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: boo
         raise ValueError("no inputs to evaluate: the data is empty")
     device = device_of(model)
     outs = []
-    with autocast(device, amp), _bar(len(data), desc, progress) as bar:
+    with autocast(device, amp), progress_bar(len(data), desc, progress) as bar:
         chunks = _chunks(len(data), batch_size)
         for idx, (x, t) in zip(chunks, iter_batches(data, chunks), strict=True):
             with explained_errors(model, x):
@@ -300,33 +298,10 @@ def forward_batches(model: nn.Module, data: Inputs, batch_size: int, *, amp: boo
     return torch.cat(outs)
 
 
-def _bar(total: int, desc: str, progress: bool) -> tqdm:
+def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
     """One progress line for a pass over ``total`` samples (rate and ETA), drawn only on a terminal."""
     return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, mininterval=1.0,
                 disable=not bars_wanted(progress))
-
-
-@contextmanager
-def _batch_statistics(model: nn.Module) -> Iterator[None]:
-    """Every BN module normalizes with the statistics of its current batch and updates no buffer.
-
-    BN in training mode with ``track_running_stats`` off uses batch statistics and leaves the
-    running buffers alone; every other module is in eval mode. All flags are restored on exit; the
-    model's lock is held throughout.
-    """
-    with model_lock(model):
-        flags = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
-        try:
-            model.eval()
-            for m in model.modules():
-                if isinstance(m, _BatchNorm):
-                    m.training, m.track_running_stats = True, False
-            yield
-        finally:
-            for m, training, track in flags:
-                m.training = training
-                if track is not None:
-                    m.track_running_stats = track
 
 
 def batch_chunks(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -346,52 +321,6 @@ def outputs_in_order(data: Inputs, chunks: list[torch.Tensor], forward: Callable
         if out is None:
             out = torch.empty((len(data), *part.shape[1:]))
         out[idx] = part
-    return out
-
-
-@torch.no_grad()
-def batch_stats_logits(model: nn.Module, data: Inputs, batch_size: int, seed: int, *,
-                       amp: bool = False, progress: bool = False, desc: str = "batch statistics",
-                       part: tuple[int, int] | None = None, runner: Runner = PLAIN) -> torch.Tensor:
-    """Outputs with every BN layer normalizing each batch by its own statistics (prediction-time BN).
-
-    Samples of ``data`` (N of them) are shuffled with ``seed`` into the batches ``batch_chunks``
-    makes (near-equal, at most ``batch_size``; one sample is refused only where a BN layer would get
-    one value per channel); outputs (N, K) float32 come back in the original order. The model is left
-    as it was (flags restored, buffers never written). ``part=(world, rank)``: run only batches
-    ``rank, rank + world, ...`` (each batch whole) and return their outputs in the order of
-    ``torch.cat(batch_chunks(...)[rank::world])`` (possibly none: (0, ...) when K is unknown, shape (0,)).
-    ``runner``: the user's forward and the per-batch reduction.
-    """
-    n = len(data)
-    if n == 0:
-        raise ValueError("no inputs to evaluate: the data is empty")
-    chunks = batch_chunks(n, batch_size, seed)
-    if part is not None:
-        chunks = chunks[part[1]::part[0]]
-        if not chunks:
-            return torch.empty(0)
-    device = device_of(model)
-    out: torch.Tensor | None = None
-    pos = 0
-    with _batch_statistics(model), autocast(device, amp), _bar(sum(map(len, chunks)), desc, progress) as bar:
-        for idx, (x, t) in zip(chunks, iter_batches(data, chunks), strict=True):
-            try:
-                with explained_errors(model, x):
-                    part_out = runner.keep(runner.outputs(model, x, device), t).float()
-            except ValueError as e:  # BN in training refuses one value per channel (one sample, no positions)
-                if "more than 1 value per channel" not in str(e):
-                    raise
-                raise ValueError(f"a batch of {len(idx)} sample(s) gives a BN layer one value per channel, which "
-                                 "batch statistics cannot normalize; use at least 2 samples per batch") from e
-            if out is None:
-                out = torch.empty((n if part is None else sum(map(len, chunks)), *part_out.shape[1:]))
-            if part is None:
-                out[idx] = part_out
-            else:
-                out[pos:pos + len(idx)] = part_out
-                pos += len(idx)
-            bar.update(len(idx))
     return out
 
 

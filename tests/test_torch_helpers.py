@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 import shiftbn as sb
-from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
+from shiftbn._torch import forward_batches, stack_inputs
+from shiftbn.bn.batchstats import batch_stats_logits
 from shiftbn.studies.models import SmallCNN
 from tests.helpers import assert_same_state, state_of
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shiftbn._torch import Inputs, batch_stats_logits, concat_inputs
+from shiftbn._torch import Inputs, concat_inputs
 from shiftbn.adapt.context import AdaptContext
 from shiftbn.adapt.prior import check_prior, prior_batch_logits, prior_stats, take_samples
 from shiftbn.adapt.strategies import Strategy
 from shiftbn.adapt.tent import check_lr, tent_offline_logits, tent_online_logits
+from shiftbn.bn.batchstats import batch_stats_logits
 
 DEFAULT_GROUPINGS = 5
 """Seeded groupings of the test samples a grouping-dependent strategy is scored over by default."""

@@ -12,8 +12,6 @@ update, unbiased by count/(count-1), count = samples x spatial positions per cha
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -25,7 +23,8 @@ from shiftbn._forward import PLAIN, Forward, Runner
 from shiftbn._lock import model_lock
 from shiftbn._torch import Inputs, autocast, batch_chunks, device_of, iter_inputs, outputs_in_order
 from shiftbn.bn import BNLayer, PopulationStats, bn_layers, buffer_stats
-from shiftbn.bn.hooks import observe_bn_inputs
+from shiftbn.bn.batchstats import normalizing_with
+from shiftbn.bn.hooks import OnInput, observe_bn_inputs
 from shiftbn.bn.moments import Workspace, batch_moments, fast_batch_moments
 from shiftbn.bn.population import Population
 from shiftbn.bn.reduce import RunningMoments
@@ -67,26 +66,11 @@ def _mix(src: Population | _Source, mean: torch.Tensor, var: torch.Tensor,
     return w * sm + (1 - w) * mean, w * sv + (1 - w) * var
 
 
-@contextmanager
-def _mixed_normalization(model: nn.Module, layers: list[BNLayer], source: PopulationStats, prior: float,
-                         measure: dict[str, Population] | None = None) -> Iterator[None]:
-    """Every BN call normalizes with N/(N+n) source + n/(N+n) statistics of its own input (n = samples).
-
-    The pre-hook writes the mix into the buffers the (eval-mode) module then normalizes with, so the
-    layers below see activations normalized as at inference. ``measure``: filled with each module's
-    mixed statistics. Flags and buffers are restored on exit.
-    """
-    with model_lock(model):
-        snap = ModelSnapshot(model, layers)
-        try:
-            model.eval()
-            with observe_bn_inputs(model, layers, _mixer(source, prior, measure)):
-                yield
-        finally:
-            snap.restore()
-
-
-def _mixer(source: PopulationStats, prior: float, measure: dict | None):
+def _mixer(source: PopulationStats, prior: float, measure: dict[str, Population] | None) -> OnInput:
+    """The hook of prior-weighted BN: each BN call normalizes with N/(N+n) source + n/(N+n) statistics of its
+    own input (n = samples), written into the buffers the eval-mode module then normalizes with (see
+    ``normalizing_with``), so the layers below see activations normalized as at inference. ``measure``:
+    filled with each module's mixed statistics."""
     # per forward of the matrix's per-batch prior:N, every BN call needs a scratch copy of its input and the
     # source statistics as tensors: one reused buffer and one conversion per layer instead of a fresh
     # allocation (page faults) and a numpy -> tensor conversion per call
@@ -159,7 +143,7 @@ def prior_batch_logits(model: nn.Module, data: Inputs, prior: float, batch_size:
     source = source_stats_of(model, f"prior:{prior:g}")
     layers = bn_layers(model)
     device = device_of(model)
-    with _mixed_normalization(model, layers, source, prior), autocast(device, amp):
+    with normalizing_with(model, layers, _mixer(source, prior, None)), autocast(device, amp):
         return outputs_in_order(data, batch_chunks(n, batch_size, seed), lambda x: runner.outputs(model, x, device),
                                 runner)
 
@@ -213,7 +197,7 @@ def prior_stats(model: nn.Module, data: Inputs, prior: float, *, batch_size: int
     runner = Runner(forward=forward)
     if n <= batch_size:
         measured: dict[str, Population] = {}
-        with _mixed_normalization(model, layers, source, prior, measured), autocast(device, amp):
+        with normalizing_with(model, layers, _mixer(source, prior, measured)), autocast(device, amp):
             runner.outputs(model, next(iter_inputs(data, [range(n)])), device)
         return PopulationStats({layer.name: measured[layer.name] for layer in layers if layer.name in measured}, n)
     return _layer_by_layer(model, layers, data, source, prior, batch_size, amp, runner)

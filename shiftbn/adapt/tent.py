@@ -23,11 +23,11 @@ from shiftbn._torch import (
     Inputs,
     autocast,
     batch_chunks,
-    batch_stats_logits,
     device_of,
     outputs_in_order,
     take_inputs,
 )
+from shiftbn.bn.batchstats import batch_stats_logits
 
 
 def check_lr(lr: float) -> float:

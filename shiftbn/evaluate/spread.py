@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from shiftbn._torch import Inputs, batch_chunks, batch_stats_logits
+from shiftbn._torch import Inputs, batch_chunks
 from shiftbn.adapt import AdaptContext, BatchStats, Prior, Strategy, Tent, TentOffline
 from shiftbn.adapt.grouped import grouping_seed
 from shiftbn.adapt.strategies import fixed_stats_logits
+from shiftbn.bn.batchstats import batch_stats_logits
 from shiftbn.bn.distributed import RankSync
 from shiftbn.data.tagged import SourceTaggedDataset
 

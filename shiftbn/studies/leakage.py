@@ -11,8 +11,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from shiftbn._torch import batch_stats_logits, forward_batches, stack_inputs
+from shiftbn._torch import forward_batches, stack_inputs
 from shiftbn.bn import freeze_bn, precise_bn
+from shiftbn.bn.batchstats import batch_stats_logits
 from shiftbn.data.tagged import SourceTaggedDataset
 from shiftbn.studies.bags import Bags, make_bags
 from shiftbn.studies.base import FigureSpec, Study, TrainConfig

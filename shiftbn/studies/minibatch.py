@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shiftbn._torch import batch_stats_logits
+from shiftbn.bn.batchstats import batch_stats_logits
 from shiftbn.studies.ghost import ghost_norm, ghost_ready
 
 

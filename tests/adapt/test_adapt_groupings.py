@@ -6,8 +6,9 @@ import torch
 
 import shiftbn as sb
 from shiftbn._names import STATS_LABELS
-from shiftbn._torch import batch_stats_logits, stack_inputs
+from shiftbn._torch import stack_inputs
 from shiftbn.adapt import grouping_seed
+from shiftbn.bn.batchstats import batch_stats_logits
 from shiftbn.evaluate import cross_source_matrix
 from shiftbn.evaluate.metrics import metric_value
 from shiftbn.studies.models import MLP

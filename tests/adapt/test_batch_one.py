@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import shiftbn as sb
-from shiftbn._torch import batch_stats_logits
 from shiftbn.adapt import BatchStats, Tent
+from shiftbn.bn.batchstats import batch_stats_logits
 
 
 def _conv():

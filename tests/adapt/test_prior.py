@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import shiftbn as sb
-from shiftbn._torch import batch_stats_logits
 from shiftbn.adapt import Prior, parse_strategy, prior_batch_logits, prior_stats
+from shiftbn.bn.batchstats import batch_stats_logits
 from tests.helpers import assert_same_state, state_of
 
 

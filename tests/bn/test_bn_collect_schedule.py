@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import shiftbn as sb
-from shiftbn._torch import batch_stats_logits
+from shiftbn.bn.batchstats import batch_stats_logits
 from shiftbn.bn.reduce import RunningMoments
 from tests.helpers import assert_same_state, reference_moments, state_of
 

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 import shiftbn as sb
-from shiftbn._torch import batch_stats_logits, forward_batches
+from shiftbn._torch import forward_batches
 from shiftbn.bn import collect_stats, precise_bn
+from shiftbn.bn.batchstats import batch_stats_logits
 from tests.helpers import assert_same_state, state_of
 
 
