@@ -18,9 +18,12 @@ of fresh ``mmap`` blocks that the command avoids (in a fresh process without it,
 Data: ``--png``: N RGB 64x64 PNGs over 4 sites, 2 classes (``/tmp/shiftbn_data/png_floor``, made once);
 ``--camelyon N``: the first N rows of the Camelyon-shaped set (``make_camelyon_like.py``, 96x96).
 Model: ``SmallCNN(in_channels=3, num_classes=2)`` (three conv-BN-ReLU blocks; weights random, seed 0).
+``--device cuda``: the command runs with ``--device cuda`` and the floor's forwards run there too (each
+batch moved to the device as the command moves it, synchronized before the clock stops); read the wall
+figures then: CPU time is the host's share.
 
 Run: python benchmarks/bench_floor.py [--png 2000] [--camelyon 20000] [--sizes 2 5 7] [--repeats 3]
-     [--threads 1] [--report] [--uncached] [--floor-only] [--work DIR]
+     [--threads 1] [--report] [--uncached] [--floor-only] [--device cpu|cuda] [--work DIR]
 """
 
 from __future__ import annotations
@@ -106,14 +109,16 @@ def run_child(cmd: list[str], env: dict) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def floor(data: Path, weights: Path, strategies: list[str], env: dict, threads: int) -> tuple[float, float]:
+def floor(data: Path, weights: Path, strategies: list[str], env: dict, threads: int,
+          device: str = "cpu") -> tuple[float, float]:
     """Start-up (a subprocess) + one decode pass + the unavoidable forwards on preloaded tensors."""
     startup = ("import torch, shiftbn.cli.main, shiftbn.evaluate, shiftbn.adapt; "
                "from shiftbn.cli import _user; from shiftbn.studies.models import SmallCNN; "
                f"m = SmallCNN(in_channels=3, num_classes=2); m.load_state_dict(torch.load({str(weights)!r})); "
                f"ds = _user.load_data(_user.argparse.Namespace(data=__import__('pathlib').Path({str(data)!r}), "
                "normalize=None, transform=None, channels=None, image_size=None, batch_size=64, path_col='path', "
-               "label_col='label', source_col='source', allow_outside=False, strict=False))")
+               "label_col='label', source_col='source', allow_outside=False, strict=False)); "
+               f"torch.zeros(1, device={device!r})")  # the command starts the device's runtime (CUDA) too
     wall0, cpu0 = run_child([sys.executable, "-c", startup], env)
     from shiftbn.cli import _user
     from shiftbn.studies.models import SmallCNN
@@ -122,7 +127,7 @@ def floor(data: Path, weights: Path, strategies: list[str], env: dict, threads: 
     c0, t0 = time.process_time(), time.perf_counter()
     model = SmallCNN(in_channels=3, num_classes=2)
     model.load_state_dict(torch.load(weights))
-    model.eval()
+    model.to(device).eval()
     ds = _user.load_data(argparse.Namespace(data=data, normalize=None, transform=None, channels=None,
                                             image_size=None, batch_size=64, path_col="path", label_col="label",
                                             source_col="source", allow_outside=False, strict=False))
@@ -133,10 +138,12 @@ def floor(data: Path, weights: Path, strategies: list[str], env: dict, threads: 
     with torch.no_grad():
         for _ in range(n_stats):
             for i in range(0, len(cal), 64):
-                model(cal[i:i + 64])
+                model(cal[i:i + 64].to(device))
         for b in evals:
             for i in range(0, len(ev), b):
-                model(ev[i:i + b])
+                model(ev[i:i + b].to(device))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return wall0 + time.perf_counter() - t0, cpu0 + time.process_time() - c0
 
 
@@ -151,6 +158,7 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="time shiftbn report (S = 5) too")
     ap.add_argument("--uncached", action="store_true", help="also time matrix with --cache-mb 0 --cache-disk-mb 0")
     ap.add_argument("--floor-only", action="store_true", help="time the floor alone (to check a floor)")
+    ap.add_argument("--device", default="cpu", help="where the command and the floor run (cpu, cuda)")
     ap.add_argument("--work", type=Path, default=WORK,
                     help=f"folder for the weights and the run folders; one per concurrent run (default: {WORK})")
     args = ap.parse_args()
@@ -171,7 +179,7 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "?")
     print(f"machine: {platform.machine()} {cpu}, nproc {os.cpu_count()}, {args.threads} torch thread(s) "
           f"(--threads, OMP_NUM_THREADS), torch {torch.__version__}; load at start {os.getloadavg()[0]:.1f}; "
-          f"{args.repeats} interleaved rounds; freed memory kept for the floor: {kept}")
+          f"{args.repeats} interleaved rounds; freed memory kept for the floor: {kept}; device {args.device}")
     sets = ([("png", png_folder(args.png), args.png)] if args.png else []) + \
         ([("camelyon", camelyon(args.camelyon), args.camelyon)] if args.camelyon else [])
     rows = []
@@ -181,9 +189,10 @@ def main() -> None:
             out = work / f"{verb}_{name}_{s}"
             cmd = [sys.executable, "-m", "shiftbn", verb, *MODEL, "--weights", str(weights), "--data", str(data),
                    "--strategies", *STRATEGIES[s], "--threads", str(args.threads), "--no-ci", "--no-progress",
-                   "--quiet", "--out", str(out)]
+                   "--quiet", "--device", args.device, "--out", str(out)]
             fns = {"command": lambda cmd=cmd: run_child(cmd, env),
-                   "floor": lambda s=s, data=data: floor(data, weights, STRATEGIES[s], env, args.threads)}
+                   "floor": lambda s=s, data=data: floor(data, weights, STRATEGIES[s], env, args.threads,
+                                                                         args.device)}
             if args.floor_only:
                 fns["command"] = lambda: (float("nan"), float("nan"))
             if args.uncached and verb == "matrix":

@@ -5,8 +5,9 @@ evaluation passes of a five-strategy matrix), so each grouping should cost about
 of the same samples in the same batch size. Inputs: a preloaded tensor and a dataset (a
 ``SourceTaggedDataset`` over a ``TensorDataset``, read through the DataLoader as the matrix reads a
 cached dataset). "batch training kernel" is the same grouping through PyTorch's training-mode
-BN kernel (how ``batch:B`` ran before it normalized with its measured moments). Plain = ``model.eval()`` + ``no_grad`` forwards over contiguous batches of B of the
-preloaded tensor. CPU time of this process (and wall), min and median of interleaved rounds.
+BN kernel (how ``batch:B`` ran before it normalized with its measured moments). Plain =
+``model.eval()`` + ``no_grad`` forwards over contiguous batches of B of the preloaded tensor. CPU time
+of this process (and wall), min and median of interleaved rounds.
 
 Run: python benchmarks/bench_groupings.py [--n 1000] [--size 64] [--batch 64] [--repeats 5] [--threads 1]
 """
@@ -23,8 +24,8 @@ from torch.utils.data import TensorDataset
 
 import shiftbn as sb
 from shiftbn._torch import batch_chunks
-from shiftbn.bn.batchstats import batch_stats_logits, normalizing_with
 from shiftbn.adapt.prior import prior_batch_logits
+from shiftbn.bn.batchstats import batch_stats_logits, normalizing_with
 from shiftbn.studies.models import SmallCNN
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call: the correctness tests that need CUDA, then the ratio benchmarks
-# (statistics vs eval forward: ResNet-50 at batch 256 and the 3-D U-Net; the matrix vs its bare loop),
+# (statistics vs eval forward: ResNet-50 at batch 256 and the 3-D U-Net; the matrix vs its bare loop
+# and vs its floor),
 # each under a timeout, one table at the end. A few minutes on one GPU.
 # Installs nothing: runs .venv/bin/python when present, else python3 (or $PY), with this checkout's shiftbn.
 # A failing or timed-out step is marked in the table; the others still run; exit status 1 if any failed.
@@ -75,6 +76,8 @@ if ((DRY)); then
   step dense-unet3d 300 '^summary' 3 "$PY" benchmarks/bench_dense.py --device "$DEV" --threads 1 --size 16 \
     --batches 2 --roi 12 --repeats 1
   step matrix 300 '^wall' 2 "$PY" benchmarks/bench_matrix.py --device "$DEV" --sources 2 --per-source 40 --repeats 1
+  step matrix-floor 300 '^data|^png .* wall ' 3 "$PY" benchmarks/bench_floor.py --device "$DEV" --png 200 --sizes 2 \
+    --repeats 1 --work "$LOGS/floor"
 else
   step cuda-tests 300 '(passed|failed|skipped|error)' 2 "${PYTEST[@]}" tests/bn/test_cuda.py
   # the C kernel as this host's CPU builds it (AVX-512 hosts take its 8-lane path)
@@ -84,9 +87,8 @@ else
   step dense-unet3d 300 '^summary' 6 "$PY" benchmarks/bench_dense.py --device cuda --threads 1 4 --size 96 \
     --batches 4 --batch-size 2 --roi 64 --repeats 5
   step matrix 300 '^wall' 2 "$PY" benchmarks/bench_matrix.py --device cuda --sources 5 20 --per-source 300 --repeats 3
-  if [[ -f benchmarks/bench_floor.py ]] && "$PY" benchmarks/bench_floor.py --help 2>/dev/null | grep -q -- --device; then
-    step matrix-floor 420 '(ratio|floor)' 4 "$PY" benchmarks/bench_floor.py --device cuda
-  fi
+  step matrix-floor 420 '^data|^png .* wall ' 6 "$PY" benchmarks/bench_floor.py --device cuda --png 2000 --sizes 2 5 \
+    --repeats 2 --work "$LOGS/floor"
 fi
 
 echo

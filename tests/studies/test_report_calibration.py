@@ -41,3 +41,19 @@ def test_reliability_panels_show_each_bins_sample_count():
     want = [*reliability_points(logits, y)["n"], *reliability_points(other, y)["n"]]
     assert heights == want and sum(heights) == 100
     plt.close(fig)
+
+
+def test_confusion_figure_does_not_draw_the_figure_once_per_site(monkeypatch):
+    # seaborn's heatmap drew the whole canvas for each panel: quadratic in the number of sites
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    draws = []
+    real = FigureCanvasAgg.draw
+    monkeypatch.setattr(FigureCanvasAgg, "draw", lambda self, *a, **k: (draws.append(1), real(self, *a, **k))[1])
+    sites = [f"s{i}" for i in range(6)]
+    outputs, labels = {}, {}
+    for i, site in enumerate(sites):
+        labels[site], outputs[("ema", site)] = _outputs(3, 40 + i)
+    fig = confusion_figure(outputs, labels, sites, "ema")
+    assert len(draws) <= 1 and len([ax for ax in fig.axes if ax.get_title()]) == 6
+    plt.close(fig)
