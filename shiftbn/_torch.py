@@ -2,8 +2,8 @@
 whose length is checked as they are read.
 
 Why: evaluation, strategies, protocols and training all run a model over a tensor in batches; one
-copy of that loop keeps them consistent. Imports torch,
-numpy, tqdm and the bottom-layer ``_lock``/``_log`` only.
+copy of that loop keeps them consistent. Imports torch, numpy, tqdm and the bottom-layer
+``_forward``/``_log`` only.
 """
 
 from __future__ import annotations

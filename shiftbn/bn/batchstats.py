@@ -1,13 +1,17 @@
 """Prediction-time BN: outputs with every BN call normalized by the statistics of its own batch.
 
-Why: ``batch:B``, Tent's predictions and the leakage and mini-batch studies score a model whose BN
-layers use each test batch's own statistics. PyTorch's training-mode kernel does that natively, but on
-the CPU it costs 2.5-4x the eval-mode kernel (``benchmarks/bench_groupings.py``). Here each BN
-call's moments are read in three float32 passes (``fast_batch_moments``), written into the layer's
-running buffers and normalized by the eval-mode kernel: the same outputs (within ~1e-6) in less time.
-The buffers are put back bit for bit afterwards. Layers this cannot serve (no running buffers, lazy,
-half-precision buffers, or on an accelerator, where cuDNN's training kernel is one fused pass) keep
-the training-mode kernel.
+Why: ``batch:B`` and the leakage and mini-batch studies score a model whose BN layers use each test
+batch's own statistics. PyTorch's training-mode kernel does that natively, but on the CPU it costs
+2.5-4x the eval-mode kernel (``benchmarks/bench_groupings.py``). Here each BN call's moments are read
+in three float32 passes (``fast_batch_moments``), written into the layer's running buffers and
+normalized by the eval-mode kernel: the same outputs up to float32 rounding of the statistics (within
+1e-5 on ordinary activations; inputs with a large offset against their spread, e.g. 1e4 +- 1, are
+ill-conditioned in float32 for both kernels alike), in less time. The buffers are put back bit for bit
+afterwards; a forward that reads a BN layer's running buffers itself sees the batch's moments there.
+Layers this cannot serve keep the training-mode kernel: BN classes with their own ``forward`` (they may
+change the input the hook sees), layers without running buffers, with lazy, half-precision,
+non-contiguous or inference-mode buffers or parameters of another dtype, layers off the CPU (cuDNN's
+training kernel is one fused pass), and every layer while gradients are enabled.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from shiftbn._torch import (
     progress_bar,
 )
 from shiftbn.bn.hooks import OnInput, observe_bn_inputs
-from shiftbn.bn.layers import BNLayer
+from shiftbn.bn.layers import TORCH_BN_FORWARDS, BNLayer
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import Workspace, fast_batch_moments
 from shiftbn.bn.state import ModelSnapshot
@@ -86,21 +90,31 @@ def _all_bn(model: nn.Module) -> list[BNLayer]:
 
 
 def _measurable(m: _BatchNorm) -> bool:
-    """Whether the moments path serves BN module ``m``: float32/float64 running buffers on the CPU."""
+    """Whether the moments path serves BN module ``m``: torch's own forward (what the pre-hook sees is what
+    the kernel normalizes), writable float32/float64 running buffers on the CPU, and affine parameters of
+    the buffers' dtype (the eval-mode kernel refuses a mix)."""
+    if type(m).forward not in TORCH_BN_FORWARDS or "forward" in vars(m):
+        return False
     bufs = (m.running_mean, m.running_var)
-    return all(b is not None and not is_lazy(b) and b.dtype in (torch.float32, torch.float64)
-               and b.device.type == "cpu" for b in bufs)
+    if not all(b is not None and not is_lazy(b) and b.dtype in (torch.float32, torch.float64)
+               and b.device.type == "cpu" and b.is_contiguous() and not b.is_inference() for b in bufs):
+        return False
+    return all(p is None or p.dtype == bufs[0].dtype for p in (m.weight, m.bias))
 
 
 def _own_moments() -> OnInput:
     space = Workspace()  # one scratch buffer for every call: no fresh allocation (page faults) per layer
 
     def own(layer: BNLayer, k: int, x: torch.Tensor) -> None:
+        bn = layer.module
+        bn._check_input_dim(x)  # torch's own message for an input of the wrong rank
+        if x.numel() == 0 or x.shape[1] != bn.running_mean.numel():
+            return  # nothing to normalize, or the wrong channel count: the kernel says so in its own words
         count, mean, m2 = fast_batch_moments(x, space)
         if count < 2:
             raise ValueError(f"expected {ONE_VALUE} in BN layer {layer.name!r}, got input size {tuple(x.shape)}")
-        layer.module.running_mean.copy_(mean)
-        layer.module.running_var.copy_(m2 / count)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(m2 / count)
 
     return own
 
@@ -109,7 +123,8 @@ def _own_moments() -> OnInput:
 def batch_statistics(model: nn.Module) -> Iterator[None]:
     """Every BN call normalizes with the statistics of its own input; no buffer or flag is left changed.
 
-    Why: the one switch to prediction-time BN; see the module's docstring for the two kernels.
+    Why: the one switch to prediction-time BN; see the module's docstring for the two kernels (chosen
+    when the block is entered: enter it under ``torch.no_grad()`` for the faster one).
 
     Args:
         model: any module (BN layers or none).
@@ -120,15 +135,16 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
         >>> x = torch.randn(6, 4)
-        >>> with batch_statistics(model):
+        >>> with torch.no_grad(), batch_statistics(model):
         ...     out = model(x)
         >>> expected = nn.functional.batch_norm(model[0](x), None, None, model[1].weight, model[1].bias, True)
         >>> torch.allclose(out, expected, atol=1e-6), model[1].running_mean.tolist()
         (True, [0.0, 0.0, 0.0])
     """
     layers = _all_bn(model)
-    fast = [layer for layer in layers if _measurable(layer.module)]
-    native = [layer.module for layer in layers if not _measurable(layer.module)]
+    # with gradients on, the moments would be constants to autograd: PyTorch's kernel differentiates them
+    fast = [] if torch.is_grad_enabled() else [layer for layer in layers if _measurable(layer.module)]
+    native = [layer.module for layer in layers if layer not in fast]
     with normalizing_with(model, fast, _own_moments(), native=native):
         yield
 

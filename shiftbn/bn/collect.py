@@ -496,9 +496,9 @@ class _NativeForward:
         self.module = module
         own = type(module).forward
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
+        def forward(input: torch.Tensor) -> torch.Tensor:  # torch's parameter name: bn(input=x) works too
             acc = pending.pop(name, None)
-            return own(module, x) if acc is None else acc.add_native(x, module)
+            return own(module, input) if acc is None else acc.add_native(input, module)
 
         module.forward = forward
 

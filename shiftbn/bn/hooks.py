@@ -66,7 +66,9 @@ class BNInputHooks:
         self._reset = model.register_forward_pre_hook(lambda module, args: self.calls.clear())
         try:
             for layer in layers:
-                self._handles[layer.name] = layer.module.register_forward_pre_hook(self._hook(layer))
+                # with kwargs: a BN module called as bn(input=x) is observed too
+                self._handles[layer.name] = layer.module.register_forward_pre_hook(self._hook(layer),
+                                                                                   with_kwargs=True)
         except BaseException:
             self.remove()
             raise
@@ -74,12 +76,13 @@ class BNInputHooks:
     def _hook(self, layer: BNLayer):
         name = layer.name
 
-        def hook(module: nn.Module, args: tuple) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             k = self.calls.get(name, 0)
             self.calls[name] = k + 1
             self._order.setdefault(name)
             # the module called: a deep copy of the model carries this hook to its own copy of the layer
-            self.on_input(layer if module is layer.module else BNLayer(name, layer.depth, module), k, args[0])
+            x = args[0] if args else kwargs["input"]
+            self.on_input(layer if module is layer.module else BNLayer(name, layer.depth, module), k, x)
             if self.stop_after == name:
                 raise _StopForward
 

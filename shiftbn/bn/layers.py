@@ -14,6 +14,11 @@ from shiftbn._torch import device_of as device_of  # re-exported: one helper for
 
 _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm)
 
+TORCH_BN_FORWARDS = frozenset({nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward,
+                               nn.SyncBatchNorm.forward})
+"""The ``forward`` functions of torch's own BN classes: a module whose class has another one (timm's
+``BatchNormAct2d``, a ghost BN) may change its input before it normalizes."""
+
 
 @dataclass(frozen=True)
 class BNLayer:

@@ -85,20 +85,27 @@ class ModelSnapshot:
         for m, momentum, track in self.bn:
             m.momentum = momentum
             m.track_running_stats = track
+        first: BaseException | None = None
         with torch.no_grad():
             for m, bufs, copies, non_persistent in self.buffers:
                 for k in [k for k in m._buffers if k not in bufs]:
                     del m._buffers[k]
                 for k, t in bufs.items():
                     m._buffers[k] = t
-                    if copies[k] is None:
+                    # an inference tensor cannot have been written in place outside inference mode
+                    if copies[k] is None or (t.is_inference() and not torch.is_inference_mode_enabled()):
                         continue
-                    if t.shape == copies[k].shape:
-                        t.copy_(copies[k])
-                    else:  # resized in place by the block: take the saved tensor's storage back
-                        t.set_(copies[k])
+                    try:
+                        if t.shape == copies[k].shape:
+                            t.copy_(copies[k])
+                        else:  # resized in place by the block: take the saved tensor's storage back
+                            t.set_(copies[k])
+                    except RuntimeError as e:  # restore every other buffer before reporting it
+                        first = first or e
                 m._non_persistent_buffers_set.clear()
                 m._non_persistent_buffers_set.update(non_persistent)
+        if first is not None:
+            raise first
 
 
 def _check_stats_type(stats: object, verb: str) -> None:

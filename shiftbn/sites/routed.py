@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from shiftbn.bn.collect import collect_stats
-from shiftbn.bn.layers import bn_layers, check_materialized
+from shiftbn.bn.layers import TORCH_BN_FORWARDS, bn_layers, check_materialized
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import BNStats, brief_repr
 from shiftbn.bn.population import PopulationStats
@@ -228,12 +228,9 @@ class _RouteBatchNorm(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_TORCH_FORWARDS = {nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward, nn.SyncBatchNorm.forward}
-
-
 def _own_forward(bn: _BatchNorm) -> bool:
     """Whether ``bn``'s class overrides torch's BN forward (then it is kept and routed inside)."""
-    return type(bn).forward not in _TORCH_FORWARDS
+    return type(bn).forward not in TORCH_BN_FORWARDS
 
 
 class _PlainBN(_BatchNorm):

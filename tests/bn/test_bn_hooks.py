@@ -4,12 +4,13 @@ import io
 import pathlib
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import shiftbn as sb
-from shiftbn.bn import CollectOptions, bn_layers, observe_bn_inputs
+from shiftbn.bn import COLLECT_MODES, CollectOptions, bn_layers, observe_bn_inputs
 from shiftbn.studies.models import SharedHeadNet
 
 
@@ -122,3 +123,23 @@ def test_the_package_itself_emits_no_deprecation_warning():
         warnings.simplefilter("error", DeprecationWarning)
         sb.collect_stats(model, data, progress=False, mode="sequential")
         sb.precise_bn(model, data, progress=False)
+
+
+def test_a_bn_called_by_keyword_is_observed():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(input=self.lin(x))
+
+    torch.manual_seed(0)
+    model = Keyword()
+    x = torch.randn(10, 3)
+    h = model.lin(x).detach().double()
+    for mode in COLLECT_MODES:
+        stats = sb.collect_stats(model, [x], by_source=False, mode=mode, progress=False)["pooled"]["bn"]
+        np.testing.assert_allclose(stats.mean, h.mean(0).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(stats.var, h.var(0, unbiased=False).numpy(), rtol=1e-6)
