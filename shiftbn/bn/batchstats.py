@@ -35,7 +35,7 @@ from shiftbn._torch import (
     progress_bar,
 )
 from shiftbn.bn.hooks import OnInput, observe_bn_inputs
-from shiftbn.bn.layers import TORCH_BN_FORWARDS, BNLayer
+from shiftbn.bn.layers import TORCH_BN_FORWARDS, BNLayer, all_bn_layers
 from shiftbn.bn.lock import model_lock
 from shiftbn.bn.moments import Workspace, fast_batch_moments
 from shiftbn.bn.state import ModelSnapshot
@@ -72,7 +72,7 @@ def normalizing_with(model: nn.Module, layers: Sequence[BNLayer], on_input: OnIn
         (True, True)
     """
     with model_lock(model):
-        snap = ModelSnapshot(model, _all_bn(model))
+        snap = ModelSnapshot(model, all_bn_layers(model))
         try:
             model.eval()
             for m in native:
@@ -81,12 +81,6 @@ def normalizing_with(model: nn.Module, layers: Sequence[BNLayer], on_input: OnIn
                 yield
         finally:
             snap.restore()
-
-
-def _all_bn(model: nn.Module) -> list[BNLayer]:
-    """Every BN module of ``model`` (none is fine: unlike ``bn_layers``, nothing is refused or warned)."""
-    named = [(name or "<root>", m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-    return [BNLayer(name, depth, m) for depth, (name, m) in enumerate(named)]
 
 
 def _measurable(m: _BatchNorm) -> bool:
@@ -141,7 +135,7 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
         >>> torch.allclose(out, expected, atol=1e-6), model[1].running_mean.tolist()
         (True, [0.0, 0.0, 0.0])
     """
-    layers = _all_bn(model)
+    layers = all_bn_layers(model)
     # with gradients on, the moments would be constants to autograd: PyTorch's kernel differentiates them
     fast = [] if torch.is_grad_enabled() else [layer for layer in layers if _measurable(layer.module)]
     native = [layer.module for layer in layers if layer not in fast]

@@ -74,12 +74,8 @@ def bn_layers(model: nn.Module) -> list[BNLayer]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    found, others = [], []
-    for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm):
-            found.append(BNLayer(name or "<root>", len(found), m))
-        elif isinstance(m, _OTHER_NORMS):
-            others.append(f"{name} ({type(m).__name__})")
+    found = all_bn_layers(model)
+    others = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if isinstance(m, _OTHER_NORMS)]
     if others:
         warnings.warn(
             "normalization layers that are not BatchNorm keep no population statistics and are left "
@@ -89,6 +85,28 @@ def bn_layers(model: nn.Module) -> list[BNLayer]:
     if not found:
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer; shiftbn recalibrates BN statistics only")
     return found
+
+
+def all_bn_layers(model: nn.Module) -> list[BNLayer]:
+    """The BN modules ``bn_layers`` finds, without its checks: none is an empty list, other norms pass silently.
+
+    Why: a verb that only switches how BN layers normalize (``batch_statistics``) runs any model, with
+    BN layers or without.
+
+    Args:
+        model: a ``torch.nn.Module``.
+
+    Returns:
+        A list of ``BNLayer`` (name, depth, module), in ``model.named_modules()`` order.
+
+    Example:
+        >>> [layer.name for layer in all_bn_layers(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))]
+        ['1']
+        >>> all_bn_layers(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)))
+        []
+    """
+    named = [(name or "<root>", m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    return [BNLayer(name, depth, m) for depth, (name, m) in enumerate(named)]
 
 
 def cycle_positions(model: nn.Module) -> list[tuple[nn.Module, int]]:
